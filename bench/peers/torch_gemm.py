@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Peer for `radix-sparse bench gemm`: torch.matmul on the same shapes, timed the same way
+(CUDA events around each call, warm-up, median of many runs, random inputs).
+
+Y[M,N] = X[M,K] @ W[N,K]^T, as a Linear layer and as our BLayout::NK.
+Prints one JSON line per shape (fields as bench/record.py reads them)."""
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def default_shapes():
+    shapes = [(8192, 8192, 8192)]
+    for m in (1, 64, 256, 4096):
+        for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)):
+            shapes.append((m, n, k))
+    return shapes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", action="append", default=[], help="MxNxK")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--json", help="append JSON lines here")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shape] or default_shapes()
+    torch.manual_seed(7)
+    rows = []
+    for m, n, k in shapes:
+        x = torch.empty(m, k, device="cuda", dtype=dtype).uniform_(-1, 1)
+        w = torch.empty(n, k, device="cuda", dtype=dtype).uniform_(-1, 1)
+        for _ in range(args.warmup):
+            torch.matmul(x, w.t())
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(args.runs):
+            start.record()
+            torch.matmul(x, w.t())
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        ms = statistics.median(times)
+        tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
+        print(f"torch {m}x{n}x{k}: {ms:.4f} ms {tflops:.1f} TFLOP/s", flush=True)
+        rows.append({
+            "benchmark": "gemm", "shape": f"M={m} N={n} K={k} {args.dtype}",
+            "peer": f"torch {torch.__version__} matmul (cuBLAS)", "value": tflops,
+            "unit": "TFLOP/s", "median_ms": ms, "device": torch.cuda.get_device_name(),
+        })
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

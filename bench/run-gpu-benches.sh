@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs every benchmark beside its peer on the GPU host, from inside the GPU bundle
+# (scripts/gpu-bundle.sh puts this file at gpu-bundle/run-gpu-benches.sh), and writes the
+# paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
+#   run-gpu-benches.sh [gemm] [attention] [decode]     (default: all)
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+rs="$here/radix-sparse"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+results="$out/results.jsonl"
+phases="${*:-gemm attention decode}"
+record() { python3 "$here/bench/record.py" --out "$results" "$@" >/dev/null; }
+
+for phase in $phases; do
+case $phase in
+gemm)
+  rm -f "$out/g_ours.jsonl" "$out/g_peer.jsonl"
+  "$rs" bench gemm --json "$out/g_ours.jsonl"
+  python3 "$here/bench/torch_gemm.py" --json "$out/g_peer.jsonl"
+  record --ours "$out/g_ours.jsonl" --peer "$out/g_peer.jsonl" --command "radix-sparse bench gemm; bench/peers/torch_gemm.py"
+  ;;
+attention)
+  # The shapes the prefill issue records: the seed shape (f16/bf16, causal or not),
+  # B=8 H=32 S=4096 D=128 causal, and GQA Hq=32 Hkv=8 D=128 S=4096 causal.
+  while read -r args; do
+    rm -f "$out/a_ours.jsonl" "$out/a_fa2.jsonl" "$out/a_cudnn.jsonl"
+    "$rs" bench attention $args --json "$out/a_ours.jsonl"
+    python3 "$here/bench/torch_sdpa.py" --backend flash $args --json "$out/a_fa2.jsonl"
+    python3 "$here/bench/torch_sdpa.py" --backend cudnn $args --json "$out/a_cudnn.jsonl"
+    record --ours "$out/a_ours.jsonl" --peer "$out/a_fa2.jsonl" --peer "$out/a_cudnn.jsonl" \
+      --command "radix-sparse bench attention $args; bench/peers/torch_sdpa.py --backend flash|cudnn $args"
+  done <<'SHAPES'
+--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16
+--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16 --causal
+--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype bf16
+--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype bf16 --causal
+--batch 8 --heads 32 --seq-len 4096 --head-dim 128 --dtype bf16 --causal
+--batch 8 --heads 32 --kv-heads 8 --seq-len 4096 --head-dim 128 --dtype bf16 --causal
+SHAPES
+  ;;
+decode)
+  rm -f "$out/d_ours.jsonl"
+  "$rs" bench decode --json "$out/d_ours.jsonl"
+  record --ours "$out/d_ours.jsonl" --command "radix-sparse bench decode" \
+    --note "bandwidth = (K+V bytes read + Q,O bytes) / median time; ratio = fraction of the copy bandwidth"
+  ;;
+sweep)
+  # Tile shapes for the prefill kernel, to choose defaults.
+  for args in "--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16" \
+              "--batch 8 --heads 32 --seq-len 4096 --head-dim 128 --dtype bf16 --causal"; do
+    "$rs" bench attention $args --tiles 4,1,64 --tiles 4,2,64 --tiles 8,1,64 --tiles 8,2,64 --tiles 4,1,128 --tiles 4,2,32 --runs 10
+  done
+  ;;
+esac
+done
+[ -f "$results" ] && cat "$results"

@@ -1,0 +1,116 @@
+//! `bench gemm`: our cuBLASLt wrapper on bf16 GEMMs, timed with CUDA events (median of
+//! many runs after warm-up), on random inputs. Peer: bench/peers/torch_gemm.py.
+
+use clap::Args;
+use half::{bf16, f16};
+use radix_gpu::{BLayout, DType, Device, Gemm, HalfFloat, time_runs};
+use rand::{Rng, SeedableRng};
+
+use super::{Measurement, progress, write_json};
+
+#[derive(Args)]
+pub struct GemmArgs {
+    /// Shapes as MxNxK (repeatable); default: 8192³ and Llama-3-8B decode/prefill shapes.
+    #[arg(long = "shape")]
+    shapes: Vec<String>,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    /// Append one JSON line per shape here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// 8192³, then M ∈ {1, 64, 256, 4096} against Llama-3-8B's (K, N): the square
+/// projections, the MLP up (gate/up) and down projections.
+pub fn default_shapes() -> Vec<(usize, usize, usize)> {
+    let mut shapes = vec![(8192, 8192, 8192)];
+    for m in [1, 64, 256, 4096] {
+        for (k, n) in [(4096, 4096), (4096, 14336), (14336, 4096)] {
+            shapes.push((m, n, k));
+        }
+    }
+    shapes
+}
+
+fn parse_shape(s: &str) -> anyhow::Result<(usize, usize, usize)> {
+    let dims: Vec<usize> = s
+        .split(['x', 'X'])
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("bad shape {s:?}: expected MxNxK"))?;
+    match dims[..] {
+        [m, n, k] if m > 0 && n > 0 && k > 0 => Ok((m, n, k)),
+        _ => anyhow::bail!("bad shape {s:?}: expected MxNxK with positive sizes"),
+    }
+}
+
+pub fn run(args: GemmArgs) -> anyhow::Result<()> {
+    let shapes = if args.shapes.is_empty() {
+        default_shapes()
+    } else {
+        args.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?
+    };
+    match args.dtype {
+        DType::BF16 => run_typed::<bf16>(&args, &shapes),
+        DType::F16 => run_typed::<f16>(&args, &shapes),
+        other => anyhow::bail!("bench gemm takes bf16 or f16, not {other}"),
+    }
+}
+
+fn run_typed<T: HalfFloat>(
+    args: &GemmArgs,
+    shapes: &[(usize, usize, usize)],
+) -> anyhow::Result<()> {
+    let device = Device::open(0)?;
+    let gemm = Gemm::new(&device)?;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut random = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
+        let host: Vec<T> = (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
+        Ok(device.upload(&host)?)
+    };
+    let bar = progress(shapes.len(), "gemm");
+    let mut rows = Vec::new();
+    println!("{:<28} {:>10} {:>10}", "shape (MxNxK)", "median ms", "TFLOP/s");
+    for &(m, n, k) in shapes {
+        let a = random(m * k)?;
+        let b = random(n * k)?;
+        let mut out = device.alloc::<T>(m * n)?;
+        let t = time_runs(&device, args.warmup, args.runs, |_| {
+            gemm.matmul::<T, T>(m, n, k, &a, &b, BLayout::NK, None, 0.0, &mut out)
+        })?;
+        let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
+        let shape = format!("M={m} N={n} K={k} {}", T::DTYPE);
+        bar.suspend(|| {
+            println!("{:<28} {:>10.4} {:>10.1}", format!("{m}x{n}x{k}"), t.median_ms, tflops)
+        });
+        rows.push(Measurement {
+            benchmark: "gemm".into(),
+            shape,
+            ours: tflops,
+            unit: "TFLOP/s".into(),
+            median_ms: t.median_ms,
+            device: device.info().name.clone(),
+            extra: None,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    write_json(args.json.as_ref(), &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_shapes_and_lists_defaults() {
+        assert_eq!(parse_shape("1x4096x14336").unwrap(), (1, 4096, 14336));
+        assert!(parse_shape("1x2").is_err());
+        assert!(parse_shape("0x2x3").is_err());
+        assert_eq!(default_shapes().len(), 13);
+    }
+}

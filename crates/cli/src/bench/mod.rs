@@ -1,0 +1,65 @@
+//! `radix-sparse bench ...`: GPU benchmarks. Each prints a table and, with `--json`,
+//! writes one JSON object per measured shape for bench/record.py to pair with its peer.
+
+mod attention;
+mod decode;
+mod gemm;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde::Serialize;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// cuBLASLt GEMM throughput on Llama-3-8B shapes and 8192³.
+    Gemm(gemm::GemmArgs),
+    /// Prefill attention (tensor cores) on equal-length sequences; default the seed shape.
+    Attention(attention::AttentionArgs),
+    /// Paged decode attention bandwidth beside a device-to-device copy.
+    Decode(decode::DecodeArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Gemm(args) => gemm::run(args),
+        BenchCommand::Attention(args) => attention::run(args),
+        BenchCommand::Decode(args) => decode::run(args),
+    }
+}
+
+/// One measured shape, as bench/record.py reads it.
+#[derive(Serialize)]
+pub struct Measurement {
+    pub benchmark: String,
+    pub shape: String,
+    pub ours: f64,
+    pub unit: String,
+    pub median_ms: f64,
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
+}
+
+/// Appends measurements as JSON lines to `path` (when given).
+pub fn write_json(path: Option<&PathBuf>, rows: &[Measurement]) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    for row in rows {
+        writeln!(f, "{}", serde_json::to_string(row)?)?;
+    }
+    Ok(())
+}
+
+/// A progress bar for long benchmarks, hidden when stderr is not a terminal.
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

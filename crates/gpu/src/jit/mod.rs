@@ -1,0 +1,302 @@
+//! Kernel JIT: embedded `.cu` sources compiled by NVRTC for the device's architecture at
+//! first use, cached on disk and in memory, loaded once per device.
+//!
+//! The cache key is a SHA-256 of the preprocessed source, the compile options (defines
+//! included), the NVRTC version and the target architecture; any change to any of
+//! them compiles anew.
+
+mod cache;
+mod nvrtc;
+mod source;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+use sha2::{Digest, Sha256};
+
+pub use cache::{CACHE_DIR_ENV, default_cache_dir};
+pub use source::{SourceFile, preprocess};
+
+use crate::arch::Arch;
+use crate::device::Device;
+use crate::error::{DriverCall, GpuError, Result};
+use crate::libs;
+
+/// One compilable specialisation: a kernel family's source, its headers, and the
+/// compile-time knobs (dtype, head_dim, flags) as `-D` defines.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    pub source: SourceFile,
+    pub headers: &'static [SourceFile],
+    pub defines: Vec<(String, String)>,
+    /// Oldest architecture the source supports (Hopper-only sources say sm_90a).
+    pub min_arch: Arch,
+}
+
+impl KernelSpec {
+    pub fn new(source: SourceFile, headers: &'static [SourceFile]) -> Self {
+        Self { source, headers, defines: Vec::new(), min_arch: Arch::SM80 }
+    }
+
+    pub fn define(mut self, name: &str, value: impl ToString) -> Self {
+        self.defines.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn min_arch(mut self, arch: Arch) -> Self {
+        self.min_arch = arch;
+        self
+    }
+
+    /// Readable name built from the knobs, e.g. `prefill.cu[DTYPE=bf16,HEAD_DIM=128]`.
+    pub fn label(&self) -> String {
+        let knobs: Vec<String> = self.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{}[{}]", self.source.path, knobs.join(","))
+    }
+
+    pub fn supports(&self, arch: Arch) -> bool {
+        if self.min_arch.specific { arch == self.min_arch } else { arch.sm() >= self.min_arch.sm() }
+    }
+
+    fn options(&self, arch: Arch) -> Vec<String> {
+        let mut opts = vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".to_string(),
+            "-lineinfo".to_string(),
+            // Register and spill counts land in the log, which `kernels compile -v` shows.
+            "--ptxas-options=--verbose".to_string(),
+        ];
+        opts.extend(self.defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+        opts
+    }
+}
+
+/// A compiled image and what produced it.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub key: String,
+    pub cubin: Arc<Vec<u8>>,
+    pub log: Arc<String>,
+    pub from_disk: bool,
+}
+
+/// The compiler front: NVRTC plus the disk and memory caches.
+pub struct Jit {
+    cache_dir: Option<PathBuf>,
+    memory: Mutex<HashMap<String, Compiled>>,
+    /// Loaded kernels by (device, spec label, arch, function): the per-launch fast path,
+    /// which neither preprocesses nor hashes the source.
+    kernels: Mutex<HashMap<(usize, String, Arch, String), Kernel>>,
+}
+
+impl Jit {
+    /// `cache_dir: None` disables the disk cache (the memory cache always works).
+    pub fn new(cache_dir: Option<PathBuf>) -> Self {
+        Self { cache_dir, memory: Mutex::new(HashMap::new()), kernels: Mutex::new(HashMap::new()) }
+    }
+
+    /// A JIT with the default cache folder (see `default_cache_dir`).
+    pub fn with_default_cache() -> Self {
+        Self::new(default_cache_dir())
+    }
+
+    pub fn cache_dir(&self) -> Option<&PathBuf> {
+        self.cache_dir.as_ref()
+    }
+
+    /// Compiles `spec` for `arch`, or returns the cached image. Needs NVRTC, no GPU.
+    pub fn compile(&self, spec: &KernelSpec, arch: Arch) -> Result<Compiled> {
+        if !spec.supports(arch) {
+            return Err(GpuError::Invalid(format!(
+                "{} needs {} and cannot be built for {arch}",
+                spec.label(),
+                spec.min_arch
+            )));
+        }
+        let source = preprocess(&spec.source, spec.headers)?;
+        let options = spec.options(arch);
+        let (major, minor) = libs::nvrtc_version()?;
+        let key = cache_key(&spec.label(), &source, &options, (major, minor), arch);
+
+        if let Some(hit) = self.memory.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(hit.clone());
+        }
+        let stem = spec.source.path.trim_end_matches(".cu").replace('/', "_");
+        let compiled = match self.cache_dir.as_ref().and_then(|d| cache::read(d, &stem, &key)) {
+            Some(cubin) => Compiled {
+                key: key.clone(),
+                cubin: Arc::new(cubin),
+                log: Arc::new(String::new()),
+                from_disk: true,
+            },
+            None => {
+                let started = std::time::Instant::now();
+                let out = nvrtc::compile_to_cubin(
+                    &spec.label(),
+                    spec.source.path,
+                    &source,
+                    &arch.to_string(),
+                    &options,
+                )?;
+                tracing::debug!(
+                    kernel = %spec.label(), %arch, ms = started.elapsed().as_millis() as u64,
+                    "compiled with NVRTC"
+                );
+                if let Some(Err(e)) =
+                    self.cache_dir.as_ref().map(|dir| cache::write(dir, &stem, &key, &out.cubin))
+                {
+                    tracing::warn!("kernel cache not written: {e}");
+                }
+                Compiled {
+                    key: key.clone(),
+                    cubin: Arc::new(out.cubin),
+                    log: Arc::new(out.log),
+                    from_disk: false,
+                }
+            }
+        };
+        self.memory.lock().unwrap_or_else(|e| e.into_inner()).insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Function `name` of `spec` on `device`, compiled and loaded at the first call and
+    /// looked up by the spec's label afterwards (labels name a source and its defines).
+    pub fn kernel(&self, device: &Device, spec: &KernelSpec, name: &str) -> Result<Kernel> {
+        let key = (device.info().ordinal, spec.label(), device.arch(), name.to_string());
+        if let Some(k) = self.kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(k.clone());
+        }
+        let kernel = self.load(device, spec)?.function(name)?;
+        self.kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, kernel.clone());
+        Ok(kernel)
+    }
+
+    /// Compiles (or fetches) `spec` for `device`'s architecture and loads it there.
+    pub fn load(&self, device: &Device, spec: &KernelSpec) -> Result<Module> {
+        let compiled = self.compile(spec, device.arch())?;
+        let module = device.load_module(&compiled.key, &compiled.cubin)?;
+        Ok(Module { module, device: device.clone(), label: spec.label() })
+    }
+}
+
+fn cache_key(
+    label: &str,
+    source: &str,
+    options: &[String],
+    nvrtc: (i32, i32),
+    arch: Arch,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        label,
+        source,
+        &options.join("\u{1f}"),
+        &format!("nvrtc {}.{}", nvrtc.0, nvrtc.1),
+        &arch.to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A module loaded on one device.
+pub struct Module {
+    module: Arc<CudaModule>,
+    device: Device,
+    label: String,
+}
+
+impl Module {
+    pub fn function(&self, name: &str) -> Result<Kernel> {
+        let func = self
+            .module
+            .load_function(name)
+            .map_err(|source| GpuError::Driver { call: "cuModuleGetFunction", source });
+        let func =
+            func.map_err(|e| GpuError::Invalid(format!("{}: kernel {name}: {e}", self.label)))?;
+        Ok(Kernel { func, device: self.device.clone(), name: name.to_string() })
+    }
+}
+
+/// One `__global__` function, ready to launch on its device's stream.
+#[derive(Clone)]
+pub struct Kernel {
+    func: CudaFunction,
+    device: Device,
+    name: String,
+}
+
+impl Kernel {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Lets the kernel use `bytes` of dynamic shared memory (needed past 48 KiB).
+    pub fn set_max_dynamic_smem(&self, bytes: usize) -> Result<()> {
+        let max = self.device.info().max_shared_per_block;
+        if bytes > max {
+            return Err(GpuError::Invalid(format!(
+                "{} wants {bytes} bytes of shared memory; the device allows {max}",
+                self.name
+            )));
+        }
+        self.func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .call("cuFuncSetAttribute")
+    }
+
+    pub fn num_regs(&self) -> Result<i32> {
+        self.func.num_regs().call("cuFuncGetAttribute")
+    }
+
+    /// Launches with one parameter struct passed by value (`__grid_constant__` on the
+    /// device side).
+    ///
+    /// # Safety
+    /// `P` must match the kernel's parameter layout exactly, every device pointer in it
+    /// must be valid for the accesses the kernel makes with these launch dimensions, and
+    /// the buffers must stay alive until the stream has run the kernel.
+    pub unsafe fn launch<P: DeviceRepr>(&self, cfg: LaunchConfig, params: &P) -> Result<()> {
+        let stream = self.device.stream();
+        let mut builder = stream.launch_builder(&self.func);
+        builder.arg(params);
+        // SAFETY: forwarded to the caller (see above).
+        unsafe { builder.launch(cfg) }
+            .map(|_| ())
+            .map_err(|source| GpuError::Driver { call: "cuLaunchKernel", source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_changes_with_every_input() {
+        let base = cache_key("k", "src", &["-a".into()], (13, 0), Arch::SM90A);
+        assert_eq!(base.len(), 32);
+        assert_eq!(base, cache_key("k", "src", &["-a".into()], (13, 0), Arch::SM90A));
+        assert_ne!(base, cache_key("k", "src2", &["-a".into()], (13, 0), Arch::SM90A));
+        assert_ne!(base, cache_key("k", "src", &["-b".into()], (13, 0), Arch::SM90A));
+        assert_ne!(base, cache_key("k", "src", &["-a".into()], (13, 1), Arch::SM90A));
+        assert_ne!(base, cache_key("k", "src", &["-a".into()], (13, 0), Arch::SM80));
+    }
+
+    #[test]
+    fn labels_and_arch_support() {
+        const SRC: SourceFile = SourceFile { path: "x.cu", code: "" };
+        let spec = KernelSpec::new(SRC, &[]).define("DTYPE", "bf16").define("HEAD_DIM", 128);
+        assert_eq!(spec.label(), "x.cu[DTYPE=bf16,HEAD_DIM=128]");
+        assert!(spec.supports(Arch::SM80) && spec.supports(Arch::SM90A));
+        let hopper = spec.min_arch(Arch::SM90A);
+        assert!(!hopper.supports(Arch::SM80) && hopper.supports(Arch::SM90A));
+    }
+}

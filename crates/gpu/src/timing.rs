@@ -1,0 +1,97 @@
+//! CUDA-event timing: warm up, then the median of many timed runs.
+
+use cudarc::driver::CudaEvent;
+use cudarc::driver::sys::CUevent_flags;
+
+use crate::device::Device;
+use crate::error::{DriverCall, Result};
+
+/// A pair of timing events recorded on the device's stream.
+pub struct GpuTimer {
+    device: Device,
+    start: CudaEvent,
+    stop: CudaEvent,
+}
+
+impl GpuTimer {
+    pub fn new(device: &Device) -> Result<Self> {
+        let ev = || device.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        Ok(Self {
+            device: device.clone(),
+            start: ev().call("cuEventCreate")?,
+            stop: ev().call("cuEventCreate")?,
+        })
+    }
+
+    pub fn start(&self) -> Result<()> {
+        self.start.record(self.device.stream()).call("cuEventRecord")
+    }
+
+    /// Records the stop event, waits for it and returns milliseconds since `start`.
+    pub fn stop_ms(&self) -> Result<f32> {
+        self.stop.record(self.device.stream()).call("cuEventRecord")?;
+        self.stop.synchronize().call("cuEventSynchronize")?;
+        self.start.elapsed_ms(&self.stop).call("cuEventElapsedTime")
+    }
+}
+
+/// Summary of repeated timings, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timings {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub mean_ms: f64,
+    pub runs: usize,
+}
+
+impl Timings {
+    pub fn from_samples(mut samples: Vec<f64>) -> Timings {
+        assert!(!samples.is_empty(), "no timing samples");
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median =
+            if n % 2 == 1 { samples[n / 2] } else { 0.5 * (samples[n / 2 - 1] + samples[n / 2]) };
+        Timings {
+            median_ms: median,
+            min_ms: samples[0],
+            mean_ms: samples.iter().sum::<f64>() / n as f64,
+            runs: n,
+        }
+    }
+}
+
+/// Runs `f` `warmup` times, then times `runs` runs one by one with events.
+/// `f` only enqueues work; each run is timed from its first to its last launch.
+pub fn time_runs(
+    device: &Device,
+    warmup: usize,
+    runs: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Timings> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    device.synchronize()?;
+    let timer = GpuTimer::new(device)?;
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs.max(1) {
+        timer.start()?;
+        f(warmup + i)?;
+        samples.push(timer.stop_ms()? as f64);
+    }
+    Ok(Timings::from_samples(samples))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let t = Timings::from_samples(vec![3.0, 1.0, 2.0]);
+        assert_eq!((t.median_ms, t.min_ms, t.runs), (2.0, 1.0, 3));
+        let t = Timings::from_samples(vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(t.median_ms, 2.5);
+        assert_eq!(t.mean_ms, 2.5);
+    }
+}

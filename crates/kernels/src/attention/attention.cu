@@ -1,0 +1,487 @@
+// Attention over ragged batches on tensor cores (FlashAttention-2 style), for prefill
+// and decode alike.
+//
+// Rows of a block are (query token, query head of one GQA group) pairs: row r of a
+// sequence is token r / GROUP, head kv_head * GROUP + r % GROUP. All rows of a block use
+// one kv head, so each K/V tile is read from memory once for its whole group, and a
+// decode step (one token, GROUP heads) fills a tile with GROUP rows.
+//
+// One block runs one work item (planned on the host, see attention/plan.rs): a tile of
+// BM rows of one sequence against keys [kv_begin, kv_end), for one kv head (grid.y).
+// Items of a sequence split along the keys write fp32 partial outputs and their
+// log-sum-exp; attention_merge combines them.
+//
+// Per block: Q tile -> shared (cp.async) -> registers (ldmatrix); K/V tiles of BN keys
+// double-buffered in shared memory with cp.async; S = Q Kᵀ and O += P V with
+// mma.sync m16n8k16 (fp32 accumulation); the online softmax stays in registers, in the
+// exp2 domain with the scale folded in; P goes from the S accumulators straight into A
+// fragments (their layouts coincide). Shared tiles are XOR-swizzled by 16-byte chunk so
+// ldmatrix reads 8 rows without bank conflicts.
+#include "common/types.cuh"
+#include "common/mma.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef NUM_WARPS
+#define NUM_WARPS 4
+#endif
+#ifndef M_TILES
+#define M_TILES 1
+#endif
+#ifndef BLOCK_N
+#define BLOCK_N 64
+#endif
+#ifndef PAGED
+#define PAGED 0
+#endif
+
+constexpr int D = HEAD_DIM;
+constexpr int WARPS = NUM_WARPS;
+constexpr int THREADS = WARPS * 32;
+constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
+constexpr int WARP_ROWS = 16 * MT;
+constexpr int BM = WARP_ROWS * WARPS;  // rows per block
+constexpr int BN = BLOCK_N;          // keys per K/V tile
+constexpr int DC = D / 8;            // 16-byte chunks per row
+constexpr int DK = D / 16;           // k16 steps over head_dim (Q Kᵀ)
+constexpr int NT = BN / 8;           // n8 tiles of S
+constexpr int ON = D / 8;            // n8 tiles of O
+constexpr int PK = BN / 16;          // k16 steps over keys (P V)
+// Q fragments live in registers when they are few; otherwise each tile re-reads them.
+constexpr bool Q_IN_REGS = MT * DK <= 8;
+constexpr float LN2 = 0.6931471805599453f;
+#define NEG_INF __int_as_float(0xff800000)
+
+static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16");
+static_assert((BN * DC) % THREADS == 0 && (BM * DC) % THREADS == 0, "tiles split evenly");
+
+// One unit of work; mirrors WorkItem in plan.rs.
+struct WorkItem {
+  int batch;        // sequence; < 0 marks padding (nothing to do)
+  int q_tile;       // which BM-row tile of the sequence's rows
+  int kv_begin;     // keys [kv_begin, kv_end) of this item (before causal clipping)
+  int kv_end;
+  int partial_row;  // < 0: write O directly; else this split's first partial row
+  int reserved;
+};
+
+// Mirrors AttentionParams in launch.rs (8-byte fields first, then 4-byte ones).
+struct AttentionParams {
+  const elem_t* q;            // [total_q, q_stride] rows; head h at h * D
+  const elem_t* k;            // contiguous: [total_kv, kv_stride]; paged: [pages, Hkv, page_size, D]
+  const elem_t* v;
+  elem_t* o;                  // [total_q, o_stride]
+  float* lse;                 // [total_q, Hq] natural-log LSE, or null
+  float* partial_o;           // [partial rows, Hq, D] for split items
+  float* partial_lse;         // [partial rows, Hq]
+  const int* qo_indptr;       // [batch + 1]
+  const int* kv_indptr;       // contiguous: token offsets; paged: page offsets, [batch + 1]
+  const int* kv_indices;      // paged: page ids
+  const int* kv_last_page_len;  // paged: [batch]
+  const WorkItem* work;       // [grid.x]
+  long long q_stride;
+  long long o_stride;
+  long long kv_stride;        // contiguous only: elements between tokens
+  int num_qo_heads;
+  int num_kv_heads;
+  int group;                  // num_qo_heads / num_kv_heads
+  int page_size;
+  int page_shift;             // log2(page_size)
+  int causal;
+  float scale_log2;           // softmax scale * log2(e)
+  int reserved;
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows, D] tile.
+__device__ __forceinline__ u32 swz(int row, int chunk) {
+  return (u32)(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ int seq_kv_len(const AttentionParams& p, int b) {
+  int n = p.kv_indptr[b + 1] - p.kv_indptr[b];
+#if PAGED
+  return n == 0 ? 0 : (n - 1) * p.page_size + p.kv_last_page_len[b];
+#else
+  return n;
+#endif
+}
+
+// Each thread copies one fixed 16-byte chunk column (c = tid % DC) of rows r0, r0 + RSTEP,
+// ... of every tile. RSTEP is a multiple of 8, so a row's swizzle (row & 7) is the same for
+// all of a thread's rows and its shared-memory offsets advance by a constant: the copy
+// loops carry no per-row address arithmetic beyond one multiply-add (and, paged, one
+// page-id load).
+constexpr int RSTEP = THREADS / DC;
+constexpr int KV_ITERS = BN / RSTEP;
+constexpr int Q_ITERS = BM / RSTEP;
+static_assert(THREADS % DC == 0 && RSTEP % 8 == 0, "rows per copy step must be a multiple of 8");
+static_assert(BN % RSTEP == 0 && BM % RSTEP == 0, "tiles split evenly into copy steps");
+
+struct KvCursor {
+#if PAGED
+  const int* pages;    // this sequence's page ids
+  long long head_off;  // kvh * page_size * D + chunk * 8
+  long long page_stride;
+#else
+  long long base;      // first key's element offset + kvh * D + chunk * 8
+#endif
+  int r0;              // this thread's first row within a tile
+  u32 s_off;           // its swizzled byte offset within a tile
+  int kv_stop;
+};
+
+__device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvCursor& cur, int tile_start,
+                                             u32 sk, u32 sv) {
+#pragma unroll
+  for (int it = 0; it < KV_ITERS; ++it) {
+    int key = tile_start + cur.r0 + it * RSTEP;
+    bool valid = key < cur.kv_stop;
+    int kk = min(key, cur.kv_stop - 1);  // keep the (unread) address inside the sequence
+#if PAGED
+    long long off = (long long)__ldg(cur.pages + (kk >> p.page_shift)) * cur.page_stride + cur.head_off +
+                    (long long)(kk & (p.page_size - 1)) * D;
+#else
+    long long off = cur.base + (long long)kk * p.kv_stride;
+#endif
+    u32 dst = cur.s_off + it * RSTEP * D * 2;
+    cp_async_16(sk + dst, p.k + off, valid);
+    cp_async_16(sv + dst, p.v + off, valid);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_kernel(const __grid_constant__ AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const WorkItem w = p.work[blockIdx.x];
+  if (w.batch < 0) return;
+  const int b = w.batch, kvh = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const int qo_start = p.qo_indptr[b];
+  const int q_len = p.qo_indptr[b + 1] - qo_start;
+  const int rows = q_len * p.group;
+  const int row0 = w.q_tile * BM;  // first row of this tile
+  if (row0 >= rows) return;
+  const int kv_len = seq_kv_len(p, b);
+
+  // Keys this item reads: its split range, clipped to what the last row may see.
+  int kv_stop = min(w.kv_end, kv_len);
+  const int causal_shift = kv_len - q_len;  // row token t sees keys <= t + causal_shift
+  if (p.causal) {
+    int last_t = (min(rows, row0 + BM) - 1) / p.group;
+    kv_stop = min(kv_stop, last_t + causal_shift + 1);
+  }
+  const int n_tiles = kv_stop > w.kv_begin ? (kv_stop - w.kv_begin + BN - 1) / BN : 0;
+  // Keys every row of the tile may see (no causal mask needed at or below it).
+  const int first_t = row0 / p.group;
+  const int mask_free_end = p.causal ? first_t + causal_shift + 1 : kv_stop;
+
+  const u32 sq = smem_addr(smem);
+  const u32 sk0 = sq + BM * D * 2;
+  const u32 sv0 = sk0 + 2 * BN * D * 2;
+  const u32 stage_bytes = BN * D * 2;
+  const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
+  const u32 s_off = swz(r0, chunk);
+
+  // Q tile: rows past the sequence read as zeros.
+#pragma unroll
+  for (int it = 0; it < Q_ITERS; ++it) {
+    int gr = min(row0 + r0 + it * RSTEP, rows - 1);
+    int t = gr / p.group, g = gr - t * p.group;
+    const elem_t* src = p.q + (long long)(qo_start + t) * p.q_stride + (long long)(kvh * p.group + g) * D + chunk * 8;
+    cp_async_16(sq + s_off + it * RSTEP * D * 2, src, row0 + r0 + it * RSTEP < rows);
+  }
+  KvCursor cur;
+  cur.r0 = r0;
+  cur.s_off = s_off;
+  cur.kv_stop = kv_stop;
+#if PAGED
+  cur.pages = p.kv_indices + p.kv_indptr[b];
+  cur.page_stride = (long long)p.num_kv_heads * p.page_size * D;
+  cur.head_off = (long long)kvh * p.page_size * D + chunk * 8;
+#else
+  cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + chunk * 8;
+#endif
+  if (n_tiles > 0) load_kv_tile(p, cur, w.kv_begin, sk0, sv0);
+  cp_async_commit();
+
+  // Warps whose rows all lie past the sequence only help load.
+  const bool warp_active = row0 + warp * WARP_ROWS < rows;
+  const int wrow = warp * WARP_ROWS;  // first row of this warp within the tile
+
+  float o_acc[MT][ON][4];
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < ON; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o_acc[mt][n][i] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = NEG_INF;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
+  u32 q_frag[Q_IN_REGS ? MT : 1][Q_IN_REGS ? DK : 1][4];
+  // One past the last key each of this thread's rows may see (its token's causal limit).
+  int row_limit[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int gr = row0 + wrow + mt * 16 + lane / 4 + half * 8;
+      row_limit[mt][half] = p.causal ? min(kv_stop, gr / p.group + causal_shift + 1) : kv_stop;
+    }
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int tile_start = w.kv_begin + j * BN;
+    // Tile j landed (issued one iteration ago); after this barrier every warp is also done
+    // with tile j - 1, so its stage can take tile j + 1 while we compute on tile j.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (j + 1 < n_tiles) {
+      u32 st = ((j + 1) & 1) * stage_bytes;
+      load_kv_tile(p, cur, tile_start + BN, sk0 + st, sv0 + st);
+      cp_async_commit();
+    }
+    const u32 sk = sk0 + (j & 1) * stage_bytes, sv = sv0 + (j & 1) * stage_bytes;
+
+    if (warp_active) {
+      if constexpr (Q_IN_REGS) {
+        if (j == 0) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kk = 0; kk < DK; ++kk)
+              ldmatrix_x4(q_frag[mt][kk][0], q_frag[mt][kk][1], q_frag[mt][kk][2], q_frag[mt][kk][3],
+                          sq + swz(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
+        }
+      }
+      // S = Q Kᵀ
+      float s[MT][NT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) s[mt][n][i] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < DK; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (Q_IN_REGS) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[mt][kk][i];
+          } else {
+            ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
+                        sq + swz(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+          u32 b0, b1, b2, b3;
+          ldmatrix_x4(b0, b1, b2, b3, sk + swz(n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<elem_t>(s[mt][n], a[mt], b0, b1);
+            mma_16816<elem_t>(s[mt][n + 1], a[mt], b2, b3);
+          }
+        }
+      }
+
+      // Mask keys past the end of this item and, when causal, keys after a row's token.
+      const bool need_mask = tile_start + BN > min(kv_stop, mask_free_end);
+      if (need_mask) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            int limit = row_limit[mt][half] - tile_start - (lane % 4) * 2;  // relative to column 0
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (n * 8 + e >= limit) s[mt][n][half * 2 + e] = NEG_INF;
+          }
+      }
+
+      // Online softmax in the exp2 domain.
+      float alpha[MT][2];
+      bool rescale = false;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float mx = NEG_INF;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][half * 2], s[mt][n][half * 2 + 1]));
+          mx = warp_max4(mx) * p.scale_log2;
+          float m_new = fmaxf(m_run[mt][half], mx);
+          // A row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+          float m_use = m_new == NEG_INF ? 0.f : m_new;
+          alpha[mt][half] = fast_exp2(m_run[mt][half] - m_use);
+          rescale |= m_new != m_run[mt][half];
+          float sum = 0.f;
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float pv = fast_exp2(fmaf(s[mt][n][half * 2 + e], p.scale_log2, -m_use));
+              s[mt][n][half * 2 + e] = pv;
+              sum += pv;
+            }
+          l_run[mt][half] = l_run[mt][half] * alpha[mt][half] + sum;
+          m_run[mt][half] = m_new;
+        }
+      // Rescale O only when some row of the warp raised its max: one warp-uniform branch,
+      // taken less and less often as keys go by.
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int n = 0; n < ON; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o_acc[mt][n][i] *= alpha[mt][i / 2];
+      }
+
+      // O += P V: the S accumulators of n8 tiles 2kk, 2kk+1 are the A fragment of k16 step kk.
+#pragma unroll
+      for (int kk = 0; kk < PK; ++kk) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = pack2<elem_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          a[mt][1] = pack2<elem_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          a[mt][2] = pack2<elem_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          a[mt][3] = pack2<elem_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int n = 0; n < ON; n += 2) {
+          u32 b0, b1, b2, b3;
+          ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<elem_t>(o_acc[mt][n], a[mt], b0, b1);
+            mma_16816<elem_t>(o_acc[mt][n + 1], a[mt], b2, b3);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: normalise, then write O (or the fp32 partial) and the LSE.
+  const bool partial = w.partial_row >= 0;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float l = warp_sum4(l_run[mt][half]);
+      float inv = l > 0.f ? 1.f / l : 0.f;
+      int r = wrow + mt * 16 + lane / 4 + half * 8;
+      int gr = row0 + r;
+      bool valid = warp_active && gr < rows;
+      int t = valid ? gr / p.group : 0;
+      int head = kvh * p.group + (valid ? gr % p.group : 0);
+      float lse = l > 0.f ? (m_run[mt][half] + __log2f(l)) * LN2 : NEG_INF;
+#pragma unroll
+      for (int n = 0; n < ON; ++n) {
+        float x0 = o_acc[mt][n][half * 2] * inv, x1 = o_acc[mt][n][half * 2 + 1] * inv;
+        int col = n * 8 + (lane % 4) * 2;
+        if (partial) {
+          if (valid) {
+            float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + col;
+            asm volatile("st.global.v2.f32 [%0], {%1,%2};\n" ::"l"(dst), "f"(x0), "f"(x1));
+          }
+        } else {
+          // Stage through the (now idle) Q tile so global stores are 16 bytes wide.
+          u32 addr = sq + swz(r, n) + (lane % 4) * 4;
+          u32 packed = pack2<elem_t>(x0, x1);
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed));
+        }
+      }
+      if (valid && lane % 4 == 0) {
+        if (partial) {
+          p.partial_lse[(long long)(w.partial_row + t) * p.num_qo_heads + head] = lse;
+        } else if (p.lse) {
+          p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = lse;
+        }
+      }
+    }
+  if (!partial) {
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < Q_ITERS; ++it) {
+      int gr = row0 + r0 + it * RSTEP;
+      if (gr >= rows) break;  // rows only grow with `it`
+      int t = gr / p.group, head = kvh * p.group + gr % p.group;
+      u32 v0, v1, v2, v3;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                   : "r"(sq + s_off + it * RSTEP * D * 2));
+      elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + chunk * 8;
+      asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3));
+    }
+  }
+}
+
+// Combines the split items of each (token, head): o = Σ w_s o_s / Σ w_s with
+// w_s = exp(lse_s - max lse), lse = max + log Σ w_s. Mirrors MergeItem in plan.rs.
+struct MergeItem {
+  int out_token;    // row of O / LSE
+  int first_row;    // partial row of split 0 for this token
+  int num_splits;
+  int split_stride; // partial rows between consecutive splits (the sequence's q_len)
+};
+
+struct MergeParams {
+  const float* partial_o;
+  const float* partial_lse;
+  elem_t* o;
+  float* lse;                // or null
+  const MergeItem* items;
+  long long o_stride;
+  int num_qo_heads;
+  int reserved;
+};
+
+// grid (items, num_qo_heads), 32 threads: lane handles D/32 consecutive dims.
+extern "C" __global__ void __launch_bounds__(32) attention_merge(const __grid_constant__ MergeParams p) {
+  const MergeItem it = p.items[blockIdx.x];
+  if (it.num_splits <= 0) return;
+  const int head = blockIdx.y, lane = threadIdx.x;
+  constexpr int PER = D / 32;
+  float mx = NEG_INF;
+  for (int s = 0; s < it.num_splits; ++s) {
+    long long row = it.first_row + (long long)s * it.split_stride;
+    mx = fmaxf(mx, p.partial_lse[row * p.num_qo_heads + head]);
+  }
+  float acc[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) acc[i] = 0.f;
+  float wsum = 0.f;
+  if (mx != NEG_INF) {
+    for (int s = 0; s < it.num_splits; ++s) {
+      long long row = it.first_row + (long long)s * it.split_stride;
+      float l = p.partial_lse[row * p.num_qo_heads + head];
+      float wgt = fast_exp2((l - mx) * 1.4426950408889634f);
+      wsum += wgt;
+      const float* src = p.partial_o + (row * p.num_qo_heads + head) * D + lane * PER;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) acc[i] += wgt * src[i];
+    }
+  }
+  float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  elem_t* dst = p.o + (long long)it.out_token * p.o_stride + (long long)head * D + lane * PER;
+#pragma unroll
+  for (int i = 0; i < PER; i += 2) *(u32*)(dst + i) = pack2<elem_t>(acc[i] * inv, acc[i + 1] * inv);
+  if (p.lse && lane == 0) {
+    p.lse[(long long)it.out_token * p.num_qo_heads + head] = wsum > 0.f ? mx + __logf(wsum) : NEG_INF;
+  }
+}
+
+static_assert(sizeof(AttentionParams) == 152, "AttentionParams mirrors launch.rs");
+static_assert(sizeof(MergeParams) == 56, "MergeParams mirrors launch.rs");
+static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

@@ -1,0 +1,306 @@
+//! Launching attention: a batch is planned once (`AttentionBatch::new`, per engine step)
+//! and run for every layer (`AttentionBatch::run`).
+
+use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
+use radix_gpu::{Device, DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, ensure};
+
+use super::SOURCE;
+use super::batch::{AttentionShape, BatchMeta, KvSource};
+use super::plan::{MergeItem, Plan, TileConfig, WorkItem, plan};
+use crate::{HEADERS, dtype_define};
+
+/// Mirrors `AttentionParams` in attention.cu field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AttentionParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    partial_o: u64,
+    partial_lse: u64,
+    qo_indptr: u64,
+    kv_indptr: u64,
+    kv_indices: u64,
+    kv_last_page_len: u64,
+    work: u64,
+    q_stride: i64,
+    o_stride: i64,
+    kv_stride: i64,
+    num_qo_heads: i32,
+    num_kv_heads: i32,
+    group: i32,
+    page_size: i32,
+    page_shift: i32,
+    causal: i32,
+    scale_log2: f32,
+    reserved: i32,
+}
+
+// SAFETY: plain data mirroring the kernel's parameter struct.
+unsafe impl DeviceRepr for AttentionParams {}
+
+/// Mirrors `MergeParams` in attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MergeParams {
+    partial_o: u64,
+    partial_lse: u64,
+    o: u64,
+    lse: u64,
+    items: u64,
+    o_stride: i64,
+    num_qo_heads: i32,
+    reserved: i32,
+}
+
+// SAFETY: plain data mirroring the kernel's parameter struct.
+unsafe impl DeviceRepr for MergeParams {}
+
+/// The kernel specialisation for a dtype, head dim, KV source and tile shape.
+pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
+    KernelSpec::new(SOURCE, HEADERS)
+        .define("DTYPE", dtype_define::<T>())
+        .define("HEAD_DIM", head_dim)
+        .define("PAGED", paged as u32)
+        .define("NUM_WARPS", tiles.num_warps)
+        .define("M_TILES", tiles.m_tiles)
+        .define("BLOCK_N", tiles.block_n)
+}
+
+/// One planned batch with its metadata on the device, ready to run for every layer.
+pub struct AttentionBatch {
+    device: Device,
+    shape: AttentionShape,
+    tiles: TileConfig,
+    meta: BatchMeta,
+    plan: Plan,
+    qo_indptr: DeviceBuffer<i32>,
+    kv_indptr: DeviceBuffer<i32>,
+    kv_indices: DeviceBuffer<i32>,
+    kv_last_page_len: DeviceBuffer<i32>,
+    work: DeviceBuffer<i32>,
+    merge: DeviceBuffer<i32>,
+    partial_o: DeviceBuffer<f32>,
+    partial_lse: DeviceBuffer<f32>,
+}
+
+impl AttentionBatch {
+    /// Validates the shape, plans the work (splitting keys when the batch alone cannot
+    /// fill the GPU) and uploads the metadata. `tiles: None` picks them from the batch.
+    pub fn new(
+        device: &Device,
+        shape: AttentionShape,
+        meta: BatchMeta,
+        tiles: Option<TileConfig>,
+    ) -> Result<Self> {
+        Self::with_options(device, shape, meta, tiles, None)
+    }
+
+    /// As `new`, with the number of blocks below which keys are split (default 2 × SMs).
+    pub fn with_options(
+        device: &Device,
+        shape: AttentionShape,
+        meta: BatchMeta,
+        tiles: Option<TileConfig>,
+        target_blocks: Option<usize>,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
+        let tiles = tiles.unwrap_or_else(|| TileConfig::choose(max_rows));
+        let smem = tiles.smem_bytes(shape.head_dim, 2);
+        ensure!(
+            smem <= device.info().max_shared_per_block,
+            "tiles {tiles:?} need {smem} bytes of shared memory; the device allows {}",
+            device.info().max_shared_per_block
+        );
+        let target_blocks = target_blocks.unwrap_or(2 * device.info().sm_count as usize);
+        let plan = plan(
+            &meta.q_lens,
+            &meta.kv_lens,
+            shape.group(),
+            shape.num_kv_heads,
+            tiles,
+            target_blocks,
+            256,
+        );
+        let upload = |v: &[i32]| device.upload(if v.is_empty() { &[0] } else { v });
+        let (kv_indptr, kv_indices, last) = match &meta.kv {
+            KvSource::Contiguous { kv_indptr } => (upload(kv_indptr)?, upload(&[])?, upload(&[])?),
+            KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, .. } => {
+                (upload(kv_indptr)?, upload(kv_indices)?, upload(kv_last_page_len)?)
+            }
+        };
+        let work: Vec<i32> = plan
+            .work
+            .iter()
+            .flat_map(|w| [w.batch, w.q_tile, w.kv_begin, w.kv_end, w.partial_row, w.reserved])
+            .collect();
+        let merge: Vec<i32> = plan
+            .merge
+            .iter()
+            .flat_map(|m| [m.out_token, m.first_row, m.num_splits, m.split_stride])
+            .collect();
+        let partial = plan.partial_rows * shape.num_qo_heads;
+        Ok(Self {
+            device: device.clone(),
+            qo_indptr: upload(&meta.qo_indptr)?,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len: last,
+            work: upload(&work)?,
+            merge: upload(&merge)?,
+            partial_o: device.alloc(partial.max(1) * shape.head_dim)?,
+            partial_lse: device.alloc(partial.max(1))?,
+            shape,
+            tiles,
+            meta,
+            plan,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn meta(&self) -> &BatchMeta {
+        &self.meta
+    }
+
+    pub fn tiles(&self) -> TileConfig {
+        self.tiles
+    }
+
+    /// Runs attention for one layer. `q` and `o` are `[total_q, num_qo_heads, head_dim]`;
+    /// `k`/`v` are `[total_kv, num_kv_heads, head_dim]` (contiguous) or the layer's page
+    /// pool `[num_pages, num_kv_heads, page_size, head_dim]`; `lse`, if given, receives
+    /// the natural-log LSE per (token, head), `[total_q, num_qo_heads]`.
+    pub fn run<T: HalfFloat>(
+        &self,
+        jit: &Jit,
+        q: &DeviceBuffer<T>,
+        k: &DeviceBuffer<T>,
+        v: &DeviceBuffer<T>,
+        o: &mut DeviceBuffer<T>,
+        lse: Option<&mut DeviceBuffer<f32>>,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let d = s.head_dim;
+        let total_q = self.meta.total_q();
+        let row = s.num_qo_heads * d;
+        ensure!(
+            q.len() == total_q * row,
+            "q holds {} elements, expected total_q {total_q} x {} heads x {d}",
+            q.len(),
+            s.num_qo_heads
+        );
+        ensure!(
+            o.len() == total_q * row,
+            "o holds {} elements, expected total_q {total_q} x {} heads x {d}",
+            o.len(),
+            s.num_qo_heads
+        );
+        let kv_elems = match &self.meta.kv {
+            KvSource::Contiguous { kv_indptr } => {
+                *kv_indptr.last().unwrap() as usize * s.num_kv_heads * d
+            }
+            KvSource::Paged { page_size, num_pages, .. } => {
+                num_pages * s.num_kv_heads * page_size * d
+            }
+        };
+        ensure!(k.len() == kv_elems, "k holds {} elements, expected {kv_elems}", k.len());
+        ensure!(v.len() == kv_elems, "v holds {} elements, expected {kv_elems}", v.len());
+        if let Some(l) = &lse {
+            ensure!(
+                l.len() == total_q * s.num_qo_heads,
+                "lse holds {} elements, expected {}",
+                l.len(),
+                total_q * s.num_qo_heads
+            );
+        }
+        for buf in [k.device(), v.device(), o.device()] {
+            ensure!(
+                buf.info().ordinal == q.device().info().ordinal,
+                "attention buffers live on different GPUs"
+            );
+        }
+        if self.plan.work.is_empty() || total_q == 0 {
+            return Ok(());
+        }
+        let (page_size, paged) = match &self.meta.kv {
+            KvSource::Paged { page_size, .. } => (*page_size, true),
+            KvSource::Contiguous { .. } => (1, false),
+        };
+        let spec = spec::<T>(d, paged, self.tiles);
+        let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
+        let smem = self.tiles.smem_bytes(d, 2);
+        kernel.set_max_dynamic_smem(smem)?;
+        let lse_ptr = match lse {
+            Some(l) => l.ptr_mut(),
+            None => 0,
+        };
+        let params = AttentionParams {
+            q: q.ptr(),
+            k: k.ptr(),
+            v: v.ptr(),
+            o: o.ptr_mut(),
+            lse: lse_ptr,
+            partial_o: self.partial_o.ptr(),
+            partial_lse: self.partial_lse.ptr(),
+            qo_indptr: self.qo_indptr.ptr(),
+            kv_indptr: self.kv_indptr.ptr(),
+            kv_indices: self.kv_indices.ptr(),
+            kv_last_page_len: self.kv_last_page_len.ptr(),
+            work: self.work.ptr(),
+            q_stride: row as i64,
+            o_stride: row as i64,
+            kv_stride: (s.num_kv_heads * d) as i64,
+            num_qo_heads: s.num_qo_heads as i32,
+            num_kv_heads: s.num_kv_heads as i32,
+            group: s.group() as i32,
+            page_size: page_size as i32,
+            page_shift: page_size.trailing_zeros() as i32,
+            causal: s.causal as i32,
+            scale_log2: s.scale * std::f32::consts::LOG2_E,
+            reserved: 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (self.plan.work.len() as u32, s.num_kv_heads as u32, 1),
+            block_dim: (self.tiles.threads(), 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above
+        // against the validated metadata, which the work list only indexes within.
+        unsafe { kernel.launch(cfg, &params) }?;
+
+        if !self.plan.merge.is_empty() {
+            let merge = jit.kernel(&self.device, &spec, "attention_merge")?;
+            let params = MergeParams {
+                partial_o: self.partial_o.ptr(),
+                partial_lse: self.partial_lse.ptr(),
+                o: params.o,
+                lse: lse_ptr,
+                items: self.merge.ptr(),
+                o_stride: row as i64,
+                num_qo_heads: s.num_qo_heads as i32,
+                reserved: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (self.plan.merge.len() as u32, s.num_qo_heads as u32, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: merge items index partial rows the plan sized the buffers for, and
+            // output tokens < total_q.
+            unsafe { merge.launch(cfg, &params) }?;
+        }
+        Ok(())
+    }
+}
+
+// Keep the host structs the size the kernels expect.
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 152);
+const _: () = assert!(std::mem::size_of::<MergeParams>() == 56);
+const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
+const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

@@ -1,0 +1,18 @@
+//! Attention on tensor cores for prefill and decode: ragged batches, causal (bottom-right
+//! aligned) or not, GQA, K/V contiguous or paged through a CSR page table, split-KV with
+//! a log-sum-exp merge. See attention.cu for the kernel's design.
+
+mod batch;
+mod launch;
+mod plan;
+mod reference;
+
+pub use batch::{AttentionShape, BatchMeta, KvSource};
+pub use launch::{AttentionBatch, spec};
+pub use plan::{MergeItem, Plan, TileConfig, WorkItem, plan};
+pub use reference::{Reference, attention_reference};
+
+use radix_gpu::SourceFile;
+
+pub const SOURCE: SourceFile =
+    SourceFile { path: "attention/attention.cu", code: include_str!("attention.cu") };

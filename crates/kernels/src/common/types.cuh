@@ -1,0 +1,69 @@
+// Element types and conversions, written with PTX so kernels need no CUDA headers:
+// NVRTC alone compiles them (no toolkit include folder on the user's machine).
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+// 16-bit floats as raw bits. Arithmetic happens in f32 or on tensor cores.
+struct half_t { u16 bits; };
+struct bfloat16_t { u16 bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(half_t x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+__device__ __forceinline__ float to_float(bfloat16_t x) {
+  return __uint_as_float(((u32)x.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ half_t from_float<half_t>(float f) {
+  half_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+  return h;
+}
+template <> __device__ __forceinline__ bfloat16_t from_float<bfloat16_t>(float f) {
+  bfloat16_t b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(f));
+  return b;
+}
+
+// Two floats packed into one 32-bit register of two 16-bit values, `lo` in the low half
+// (the operand order tensor-core fragments expect).
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<half_t>(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <> __device__ __forceinline__ u32 pack2<bfloat16_t>(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// The two halves of a packed register back to floats.
+template <typename T> __device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi);
+template <> __device__ __forceinline__ void unpack2<half_t>(u32 v, float& lo, float& hi) {
+  half_t a{(u16)(v & 0xffff)}, b{(u16)(v >> 16)};
+  lo = to_float(a);
+  hi = to_float(b);
+}
+template <> __device__ __forceinline__ void unpack2<bfloat16_t>(u32 v, float& lo, float& hi) {
+  lo = __uint_as_float(v << 16);
+  hi = __uint_as_float(v & 0xffff0000u);
+}
+
+// DTYPE is defined by the launcher (-DDTYPE=...): the element type of one specialisation.
+#define RS_F16 1
+#define RS_BF16 2
+#if defined(DTYPE) && DTYPE == RS_F16
+typedef half_t elem_t;
+#elif defined(DTYPE) && DTYPE == RS_BF16
+typedef bfloat16_t elem_t;
+#endif

@@ -1,0 +1,75 @@
+//! radix-sparse's CUDA kernels. Each family is a folder with its `.cu` source, its Rust
+//! launcher (shape checks, then one `unsafe` launch) and its CPU reference; shared device
+//! code lives in `common/*.cuh`. Sources are embedded in the binary and compiled by
+//! NVRTC at first use (see `radix_gpu::jit`).
+
+pub mod attention;
+pub mod smoke;
+
+use radix_gpu::{DType, Element, HalfFloat, KernelSpec, SourceFile};
+
+/// Headers every kernel may `#include "common/..."`.
+pub const HEADERS: &[SourceFile] = &[
+    SourceFile { path: "common/types.cuh", code: include_str!("common/types.cuh") },
+    SourceFile { path: "common/mma.cuh", code: include_str!("common/mma.cuh") },
+];
+
+/// The `-DDTYPE=` value for element type `T` (see common/types.cuh).
+pub fn dtype_define<T: HalfFloat>() -> &'static str {
+    match T::DTYPE {
+        DType::F16 => "RS_F16",
+        DType::BF16 => "RS_BF16",
+        _ => unreachable!("HalfFloat is only f16 and bf16"),
+    }
+}
+
+/// Every specialisation the project ships, for `radix-sparse kernels compile` and CI.
+pub fn catalog() -> Vec<KernelSpec> {
+    use radix_gpu::half::{bf16, f16};
+    let mut specs = vec![smoke::spec::<f16>(), smoke::spec::<bf16>()];
+    for head_dim in [64, 128] {
+        for tiles in [attention::TileConfig::PREFILL, attention::TileConfig::DECODE] {
+            for paged in [false, true] {
+                specs.push(attention::spec::<f16>(head_dim, paged, tiles));
+                specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
+            }
+        }
+    }
+    specs.sort_by_key(|s| s.label());
+    specs
+}
+
+/// Relative error ‖out − ref‖ / ‖ref‖, with NaN/inf in `out` reported as infinite error.
+pub fn relative_error<T: Element>(out: &[T], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "relative_error: length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (o, r) in out.iter().zip(reference) {
+        let o = o.to_f64();
+        if !o.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_flags_nan_and_measures_distance() {
+        assert_eq!(relative_error(&[1.0f32, 2.0], &[1.0, 2.0]), 0.0);
+        assert!(relative_error(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+        let e = relative_error(&[1.1f32, 0.0], &[1.0, 0.0]);
+        assert!((e - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn catalog_sources_preprocess() {
+        for spec in catalog() {
+            radix_gpu::jit::preprocess(&spec.source, spec.headers).unwrap();
+        }
+    }
+}

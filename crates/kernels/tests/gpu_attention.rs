@@ -1,0 +1,293 @@
+//! GPU tests of the attention kernel (`--features cuda`) against the f64 CPU reference:
+//! every dtype / head_dim / causal / GQA combination, contiguous and paged K/V (page sizes
+//! 1, 16 and 64, pages shuffled, subsets of pages), ragged batches with lengths off the
+//! tile sizes, q_len = 1, kv_len = 1, q shorter than kv, and split-KV decode.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use radix_gpu::{Device, Element, HalfFloat, Jit, require_gpu};
+use radix_kernels::attention::{
+    AttentionBatch, AttentionShape, BatchMeta, KvSource, attention_reference,
+};
+use radix_kernels::relative_error;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+fn random<T: Element>(rng: &mut SmallRng, len: usize) -> Vec<T> {
+    (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
+}
+
+fn tol<T: HalfFloat>() -> f64 {
+    if T::DTYPE == radix_gpu::DType::BF16 { 1e-2 } else { 2e-3 }
+}
+
+/// How K/V are stored for a case.
+#[derive(Clone, Copy, Debug)]
+enum Kv {
+    Contiguous,
+    /// page size; pages shuffled in a pool with spare pages.
+    Paged(usize),
+    /// page size; the table lists every other page of each sequence (a sparse subset).
+    Subset(usize),
+}
+
+struct Case {
+    q_lens: Vec<usize>,
+    kv_lens: Vec<usize>,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    causal: bool,
+    kv: Kv,
+}
+
+/// Builds the metadata and a K/V store for a case. For `Subset`, `kv_lens` are the
+/// lengths the kernel sees (the listed pages), which the table defines.
+fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<T>) {
+    let row = c.hkv * c.d;
+    match c.kv {
+        Kv::Contiguous => {
+            let mut indptr = vec![0i32];
+            for &l in &c.kv_lens {
+                indptr.push(indptr.last().unwrap() + l as i32);
+            }
+            let total = *indptr.last().unwrap() as usize;
+            (
+                KvSource::Contiguous { kv_indptr: indptr },
+                random(rng, total * row),
+                random(rng, total * row),
+            )
+        }
+        Kv::Paged(ps) | Kv::Subset(ps) => {
+            let subset = matches!(c.kv, Kv::Subset(_));
+            // Pages each sequence owns (a subset table lists every other one of twice as many).
+            let owned: Vec<usize> =
+                c.kv_lens.iter().map(|&l| l.div_ceil(ps) * if subset { 2 } else { 1 }).collect();
+            let num_pages = owned.iter().sum::<usize>() + 7;
+            let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+            ids.shuffle(rng);
+            let mut indptr = vec![0i32];
+            let mut indices = Vec::new();
+            let mut last = Vec::new();
+            let mut next = 0;
+            for (b, &l) in c.kv_lens.iter().enumerate() {
+                let seq_pages = &ids[next..next + owned[b]];
+                next += owned[b];
+                let listed: Vec<i32> = if subset {
+                    seq_pages.iter().step_by(2).copied().collect()
+                } else {
+                    seq_pages.to_vec()
+                };
+                indices.extend_from_slice(&listed);
+                indptr.push(indices.len() as i32);
+                last.push((l - (listed.len() - 1) * ps) as i32);
+            }
+            let pool = num_pages * c.hkv * ps * c.d;
+            let kv = KvSource::Paged {
+                page_size: ps,
+                num_pages,
+                kv_indptr: indptr,
+                kv_indices: indices,
+                kv_last_page_len: last,
+            };
+            (kv, random(rng, pool), random(rng, pool))
+        }
+    }
+}
+
+fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let shape = AttentionShape::new(c.hq, c.hkv, c.d, c.causal);
+    let mut qo = vec![0i32];
+    for &l in &c.q_lens {
+        qo.push(qo.last().unwrap() + l as i32);
+    }
+    let total_q = *qo.last().unwrap() as usize;
+    let (kv, k, v) = build_kv::<T>(&mut rng, c);
+    let meta = BatchMeta::new(qo, kv, c.causal).unwrap();
+    let q: Vec<T> = random(&mut rng, total_q * c.hq * c.d);
+
+    let batch = AttentionBatch::new(dev, shape, meta.clone(), None).unwrap();
+    let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
+    let mut o = dev.alloc::<T>(q.len()).unwrap();
+    let mut lse = dev.alloc::<f32>(total_q * c.hq).unwrap();
+    o.fill_bytes(0xFF).unwrap();
+    lse.fill_bytes(0xFF).unwrap();
+    batch.run(jit, &dq, &dk, &dv, &mut o, Some(&mut lse)).unwrap();
+    let got = o.to_vec().unwrap();
+    let got_lse = lse.to_vec().unwrap();
+
+    let want = attention_reference(&shape, &meta, &q, &k, &v);
+    let err = relative_error(&got, &want.o);
+    let lse_err = got_lse
+        .iter()
+        .zip(&want.lse)
+        .map(|(g, w)| if g.is_finite() { (*g as f64 - w).abs() } else { f64::INFINITY })
+        .fold(0.0, f64::max);
+    let what = format!(
+        "{} d={} hq={} hkv={} causal={} kv={:?} q_lens={:?} kv_lens={:?} splits={}",
+        T::DTYPE,
+        c.d,
+        c.hq,
+        c.hkv,
+        c.causal,
+        c.kv,
+        c.q_lens,
+        c.kv_lens,
+        batch.plan().merge.len()
+    );
+    assert!(err <= tol::<T>(), "{what}: rel err {err:.3e}");
+    assert!(lse_err <= 1e-3, "{what}: lse err {lse_err:.3e}");
+}
+
+fn both_dtypes(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
+    run_case::<f16>(dev, jit, c, seed);
+    run_case::<bf16>(dev, jit, c, seed);
+}
+
+#[test]
+fn prefill_contiguous_every_combination() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut seed = 0;
+    for d in [64, 128] {
+        for (hq, hkv) in [(4, 4), (8, 2), (8, 1)] {
+            for causal in [false, true] {
+                seed += 1;
+                // Mixed lengths: 1, off-tile sizes, q shorter than kv (a suffix).
+                let c = Case {
+                    q_lens: vec![1, 17, 130, 64, 5],
+                    kv_lens: vec![1, 17, 200, 333, 70],
+                    hq,
+                    hkv,
+                    d,
+                    causal,
+                    kv: Kv::Contiguous,
+                };
+                both_dtypes(&dev, &jit, &c, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_paged_shuffled_pages() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut seed = 100;
+    for ps in [1, 16, 64] {
+        for d in [64, 128] {
+            for causal in [false, true] {
+                seed += 1;
+                let c = Case {
+                    q_lens: vec![3, 100, 1, 257],
+                    kv_lens: vec![3, 129, 64, 300],
+                    hq: 8,
+                    hkv: 2,
+                    d,
+                    causal,
+                    kv: Kv::Paged(ps),
+                };
+                both_dtypes(&dev, &jit, &c, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn long_prefill_matches() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let c = Case {
+        q_lens: vec![1500],
+        kv_lens: vec![2048],
+        hq: 4,
+        hkv: 4,
+        d: 128,
+        causal: true,
+        kv: Kv::Paged(16),
+    };
+    both_dtypes(&dev, &jit, &c, 7);
+}
+
+#[test]
+fn decode_split_kv_and_small_q() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut seed = 200;
+    for d in [64, 128] {
+        for (hq, hkv) in [(32, 8), (8, 8), (16, 2)] {
+            for q_len in [1, 4] {
+                seed += 1;
+                // One long sequence forces a split; mixed batch splits some sequences only.
+                for kv_lens in [vec![20000], vec![5000, 1, 300, 4099]] {
+                    let c = Case {
+                        q_lens: vec![q_len; kv_lens.len()],
+                        kv_lens: kv_lens.iter().map(|&l: &usize| l.max(q_len)).collect(),
+                        hq,
+                        hkv,
+                        d,
+                        causal: true,
+                        kv: Kv::Paged(16),
+                    };
+                    both_dtypes(&dev, &jit, &c, seed);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_over_a_subset_of_pages() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    for (i, ps) in [1usize, 16, 64].into_iter().enumerate() {
+        let c = Case {
+            q_lens: vec![1, 1, 1],
+            kv_lens: vec![ps * 40 + 3, ps * 3, 1],
+            hq: 32,
+            hkv: 8,
+            d: 128,
+            causal: false,
+            kv: Kv::Subset(ps),
+        };
+        both_dtypes(&dev, &jit, &c, 300 + i as u64);
+    }
+}
+
+#[test]
+fn decode_large_batch() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(9);
+    let kv_lens: Vec<usize> = (0..256).map(|_| rng.random_range(1..2000)).collect();
+    let c = Case {
+        q_lens: vec![1; 256],
+        kv_lens,
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        causal: true,
+        kv: Kv::Paged(16),
+    };
+    both_dtypes(&dev, &jit, &c, 400);
+}
+
+#[test]
+fn rejects_wrong_buffer_sizes() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let shape = AttentionShape::new(4, 2, 64, true);
+    let meta =
+        BatchMeta::new(vec![0, 3], KvSource::Contiguous { kv_indptr: vec![0, 5] }, true).unwrap();
+    let batch = AttentionBatch::new(&dev, shape, meta, None).unwrap();
+    let q = dev.alloc_zeros::<bf16>(3 * 4 * 64).unwrap();
+    let k = dev.alloc_zeros::<bf16>(5 * 2 * 64).unwrap();
+    let short = dev.alloc_zeros::<bf16>(4 * 2 * 64).unwrap();
+    let mut o = dev.alloc_zeros::<bf16>(3 * 4 * 64).unwrap();
+    assert!(batch.run(&jit, &q, &k, &k, &mut o, None).is_ok());
+    assert!(batch.run(&jit, &q, &short, &k, &mut o, None).is_err());
+    assert!(batch.run(&jit, &short, &k, &k, &mut o, None).is_err());
+    let mut bad_lse = dev.alloc_zeros::<f32>(5).unwrap();
+    assert!(batch.run(&jit, &q, &k, &k, &mut o, Some(&mut bad_lse)).is_err());
+}
