@@ -4,6 +4,8 @@
 //! NVRTC at first use (see `radix_gpu::jit`).
 
 pub mod attention;
+pub mod kv_append;
+pub mod rope;
 pub mod smoke;
 
 use radix_gpu::{DType, Element, HalfFloat, KernelSpec, SourceFile};
@@ -34,6 +36,10 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
             }
         }
+    }
+    for head_dim in [64, 128] {
+        specs.push(kv_append::spec::<f16>(head_dim));
+        specs.push(kv_append::spec::<bf16>(head_dim));
     }
     specs.sort_by_key(|s| s.label());
     specs

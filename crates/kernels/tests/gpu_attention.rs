@@ -238,6 +238,21 @@ fn decode_split_kv_and_small_q() {
 }
 
 #[test]
+fn decode_64k_context_and_batch_mixes() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    // Batch 1 at 64K, and a mixed batch from 1 to 64K keys; both split across SMs.
+    for (i, kv_lens) in [vec![65536], vec![65536, 1, 4097, 31000]].into_iter().enumerate() {
+        let c = Case {
+            q_lens: vec![1; kv_lens.len()],
+            kv_lens,
+            hq: 32, hkv: 8, d: 128, causal: true, kv: Kv::Paged(16),
+        };
+        run_case::<bf16>(&dev, &jit, &c, 500 + i as u64);
+    }
+}
+
+#[test]
 fn decode_over_a_subset_of_pages() {
     let dev = require_gpu();
     let jit = Jit::new(None);

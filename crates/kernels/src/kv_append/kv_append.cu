@@ -1,0 +1,100 @@
+// Appending new tokens to the paged KV cache, with rotary position embedding.
+//
+// kv_append: one block per new token. Reads the token's fused QKV projection row
+// [q heads | k heads | v heads] x HEAD_DIM, rotates q and k (HF "rotate_half" RoPE: dims i
+// and i + D/2 form a pair, angle = position * inv_freq[i] computed in f32 as HF does),
+// writes the rotated q to q_out and k, v to their slot of the layer's page pool
+// [pages, kv_heads, page_size, D] (HND).
+//
+// key_bounds: one block per (touched page, kv head). Recomputes the element-wise min and
+// max of the page's filled keys from the pool, so bounds stay right however many steps
+// fill a page, with no atomics and no reset to order.
+#include "common/types.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+constexpr int D = HEAD_DIM;
+constexpr int HALF = D / 2;
+
+struct AppendParams {
+  const elem_t* qkv;        // [tokens, qkv_stride]
+  elem_t* q_out;            // [tokens, num_qo_heads, D]
+  elem_t* k_pool;           // [pages, num_kv_heads, page_size, D]
+  elem_t* v_pool;
+  const int* positions;     // [tokens]
+  const int* slots;         // [tokens] page * page_size + offset
+  const float* inv_freq;    // [D / 2]
+  long long qkv_stride;     // elements between tokens of qkv
+  int num_tokens;
+  int num_qo_heads;
+  int num_kv_heads;
+  int page_size;
+};
+
+__device__ __forceinline__ void rope_pair(float x1, float x2, float c, float s, float& y1, float& y2) {
+  y1 = x1 * c - x2 * s;
+  y2 = x2 * c + x1 * s;
+}
+
+extern "C" __global__ void kv_append(const __grid_constant__ AppendParams p) {
+  const int t = blockIdx.x;
+  if (t >= p.num_tokens) return;
+  const elem_t* row = p.qkv + (long long)t * p.qkv_stride;
+  const float pos = (float)p.positions[t];
+  const int slot = p.slots[t];
+  const int page = slot / p.page_size, off = slot - page * p.page_size;
+  const int hq = p.num_qo_heads, hkv = p.num_kv_heads;
+
+  // Rotated pairs of q and k heads: (head, i) with i < D/2.
+  for (int idx = threadIdx.x; idx < (hq + hkv) * HALF; idx += blockDim.x) {
+    int head = idx / HALF, i = idx - head * HALF;
+    float s, c;
+    sincosf(pos * p.inv_freq[i], &s, &c);
+    const elem_t* src = row + head * D;
+    float y1, y2;
+    rope_pair(to_float(src[i]), to_float(src[i + HALF]), c, s, y1, y2);
+    elem_t* dst;
+    if (head < hq) {
+      dst = p.q_out + ((long long)t * hq + head) * D;
+    } else {
+      int kh = head - hq;
+      dst = p.k_pool + (((long long)page * hkv + kh) * p.page_size + off) * D;
+    }
+    dst[i] = from_float<elem_t>(y1);
+    dst[i + HALF] = from_float<elem_t>(y2);
+  }
+  // v heads: copied as they are.
+  for (int idx = threadIdx.x; idx < hkv * D; idx += blockDim.x) {
+    int vh = idx / D, d = idx - vh * D;
+    p.v_pool[(((long long)page * hkv + vh) * p.page_size + off) * D + d] = row[(hq + hkv) * D + idx];
+  }
+}
+
+struct BoundsParams {
+  const elem_t* k_pool;     // [pages, num_kv_heads, page_size, D]
+  float* bounds;            // [pages, num_kv_heads, 2, D]: min then max
+  const int* pages;         // [num_touched] page ids
+  const int* filled;        // [num_touched] filled slots of each page (1..=page_size)
+  int num_touched;
+  int num_kv_heads;
+  int page_size;
+  int reserved;
+};
+
+// grid (num_touched, num_kv_heads), D threads: thread d scans dim d of the filled slots.
+extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
+  const int i = blockIdx.x, kh = blockIdx.y, d = threadIdx.x;
+  if (i >= p.num_touched || d >= D) return;
+  const long long page = p.pages[i];
+  const elem_t* k = p.k_pool + ((page * p.num_kv_heads + kh) * p.page_size) * D + d;
+  float lo = to_float(k[0]), hi = lo;
+  for (int s = 1; s < p.filled[i]; ++s) {
+    float x = to_float(k[(long long)s * D]);
+    lo = fminf(lo, x);
+    hi = fmaxf(hi, x);
+  }
+  float* b = p.bounds + (page * p.num_kv_heads + kh) * 2 * D;
+  b[d] = lo;
+  b[D + d] = hi;
+}

@@ -1,0 +1,268 @@
+//! KV append with RoPE (q and k rotated in the same launch) and per-page key bounds.
+//! See kv_append.cu.
+
+mod reference;
+
+use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
+use radix_gpu::{DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
+
+pub use reference::{append_reference, key_bounds_reference};
+
+use crate::{HEADERS, dtype_define};
+
+pub const SOURCE: SourceFile =
+    SourceFile { path: "kv_append/kv_append.cu", code: include_str!("kv_append.cu") };
+
+pub fn spec<T: HalfFloat>(head_dim: usize) -> KernelSpec {
+    KernelSpec::new(SOURCE, HEADERS).define("DTYPE", dtype_define::<T>()).define("HEAD_DIM", head_dim)
+}
+
+/// Shape of the page pool of one layer and of the heads appended to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolShape {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub num_qo_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl PoolShape {
+    pub fn pool_elems(&self) -> usize {
+        self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
+    }
+
+    pub fn bounds_elems(&self) -> usize {
+        self.num_pages * self.num_kv_heads * 2 * self.head_dim
+    }
+
+    /// Elements of one token's fused QKV row: q, k and v heads.
+    pub fn qkv_row(&self) -> usize {
+        (self.num_qo_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(matches!(self.head_dim, 64 | 128), "head_dim {} not supported (64 or 128)", self.head_dim);
+        ensure!(self.num_kv_heads > 0 && self.num_qo_heads > 0, "need query and kv heads");
+        ensure!(
+            self.page_size.is_power_of_two() && self.page_size <= 128,
+            "page_size {} must be a power of two in 1..=128",
+            self.page_size
+        );
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AppendParams {
+    qkv: u64,
+    q_out: u64,
+    k_pool: u64,
+    v_pool: u64,
+    positions: u64,
+    slots: u64,
+    inv_freq: u64,
+    qkv_stride: i64,
+    num_tokens: i32,
+    num_qo_heads: i32,
+    num_kv_heads: i32,
+    page_size: i32,
+}
+// SAFETY: plain data mirroring AppendParams in kv_append.cu.
+unsafe impl DeviceRepr for AppendParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BoundsParams {
+    k_pool: u64,
+    bounds: u64,
+    pages: u64,
+    filled: u64,
+    num_touched: i32,
+    num_kv_heads: i32,
+    page_size: i32,
+    reserved: i32,
+}
+// SAFETY: plain data mirroring BoundsParams in kv_append.cu.
+unsafe impl DeviceRepr for BoundsParams {}
+
+/// The host-side description of one append: the new tokens' positions and slots.
+pub struct AppendBatch<'a> {
+    pub positions: &'a [i32],
+    pub slots: &'a [i32],
+}
+
+impl AppendBatch<'_> {
+    /// Checks positions and slots against the pool.
+    pub fn validate(&self, shape: &PoolShape) -> Result<()> {
+        ensure!(
+            self.positions.len() == self.slots.len(),
+            "{} positions for {} slots",
+            self.positions.len(),
+            self.slots.len()
+        );
+        let slots = (shape.num_pages * shape.page_size) as i64;
+        if let Some(bad) = self.slots.iter().find(|&&s| s < 0 || s as i64 >= slots) {
+            return Err(radix_gpu::GpuError::Invalid(format!(
+                "slot {bad} outside the pool's {slots} slots"
+            )));
+        }
+        if let Some(bad) = self.positions.iter().find(|&&p| p < 0) {
+            return Err(radix_gpu::GpuError::Invalid(format!("negative position {bad}")));
+        }
+        Ok(())
+    }
+
+    /// The pages these slots touch with how far each is filled afterwards (highest slot
+    /// offset + 1), for `key_bounds`. Assumes a page's earlier slots are filled already
+    /// (pages fill in order), which is how the scheduler hands them out.
+    pub fn touched_pages(&self, page_size: usize) -> (Vec<i32>, Vec<i32>) {
+        let mut touched: Vec<(i32, i32)> = self
+            .slots
+            .iter()
+            .map(|&s| (s / page_size as i32, s % page_size as i32 + 1))
+            .collect();
+        touched.sort_unstable();
+        let mut pages = Vec::new();
+        let mut filled = Vec::new();
+        for (p, f) in touched {
+            if pages.last() == Some(&p) {
+                *filled.last_mut().unwrap() = f; // sorted: the last is the largest
+            } else {
+                pages.push(p);
+                filled.push(f);
+            }
+        }
+        (pages, filled)
+    }
+}
+
+/// Device buffers an append reads besides the activations: positions, slots, the RoPE
+/// frequency table and the touched-page list for the bounds.
+pub struct AppendInputs {
+    pub positions: DeviceBuffer<i32>,
+    pub slots: DeviceBuffer<i32>,
+    pub inv_freq: DeviceBuffer<f32>,
+    pub touched_pages: DeviceBuffer<i32>,
+    pub touched_filled: DeviceBuffer<i32>,
+    pub num_tokens: usize,
+    pub num_touched: usize,
+}
+
+impl AppendInputs {
+    pub fn upload(
+        device: &radix_gpu::Device,
+        shape: &PoolShape,
+        batch: &AppendBatch,
+        inv_freq: &[f32],
+    ) -> Result<Self> {
+        shape.validate()?;
+        batch.validate(shape)?;
+        ensure!(inv_freq.len() == shape.head_dim / 2, "inv_freq has {} entries, want head_dim/2", inv_freq.len());
+        let (pages, filled) = batch.touched_pages(shape.page_size);
+        let up = |v: &[i32]| device.upload(if v.is_empty() { &[0] } else { v });
+        Ok(Self {
+            positions: up(batch.positions)?,
+            slots: up(batch.slots)?,
+            inv_freq: device.upload(inv_freq)?,
+            num_touched: pages.len(),
+            touched_pages: up(&pages)?,
+            touched_filled: up(&filled)?,
+            num_tokens: batch.positions.len(),
+        })
+    }
+}
+
+/// Rotates q and k of every new token, writes q to `q_out` and k, v into the pool, then
+/// refreshes the key bounds of every touched page.
+#[allow(clippy::too_many_arguments)]
+pub fn append<T: HalfFloat>(
+    jit: &Jit,
+    shape: &PoolShape,
+    inputs: &AppendInputs,
+    qkv: &DeviceBuffer<T>,
+    q_out: &mut DeviceBuffer<T>,
+    k_pool: &mut DeviceBuffer<T>,
+    v_pool: &mut DeviceBuffer<T>,
+    bounds: Option<&mut DeviceBuffer<f32>>,
+) -> Result<()> {
+    shape.validate()?;
+    let n = inputs.num_tokens;
+    ensure!(qkv.len() == n * shape.qkv_row(), "qkv holds {} elements, expected {n} x {}", qkv.len(), shape.qkv_row());
+    ensure!(
+        q_out.len() == n * shape.num_qo_heads * shape.head_dim,
+        "q_out holds {} elements, expected {}",
+        q_out.len(),
+        n * shape.num_qo_heads * shape.head_dim
+    );
+    ensure!(k_pool.len() == shape.pool_elems() && v_pool.len() == shape.pool_elems(), "K/V pools must hold {} elements", shape.pool_elems());
+    if let Some(b) = &bounds {
+        ensure!(b.len() == shape.bounds_elems(), "key bounds hold {} elements, expected {}", b.len(), shape.bounds_elems());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let device = qkv.device();
+    let spec = spec::<T>(shape.head_dim);
+    let kernel = jit.kernel(device, &spec, "kv_append")?;
+    let params = AppendParams {
+        qkv: qkv.ptr(),
+        q_out: q_out.ptr_mut(),
+        k_pool: k_pool.ptr_mut(),
+        v_pool: v_pool.ptr_mut(),
+        positions: inputs.positions.ptr(),
+        slots: inputs.slots.ptr(),
+        inv_freq: inputs.inv_freq.ptr(),
+        qkv_stride: shape.qkv_row() as i64,
+        num_tokens: n as i32,
+        num_qo_heads: shape.num_qo_heads as i32,
+        num_kv_heads: shape.num_kv_heads as i32,
+        page_size: shape.page_size as i32,
+    };
+    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: sizes checked above; slots were validated against the pool on upload.
+    unsafe { kernel.launch(cfg, &params) }?;
+
+    if let Some(bounds) = bounds {
+        let kernel = jit.kernel(device, &spec, "key_bounds")?;
+        let params = BoundsParams {
+            k_pool: k_pool.ptr(),
+            bounds: bounds.ptr_mut(),
+            pages: inputs.touched_pages.ptr(),
+            filled: inputs.touched_filled.ptr(),
+            num_touched: inputs.num_touched as i32,
+            num_kv_heads: shape.num_kv_heads as i32,
+            page_size: shape.page_size as i32,
+            reserved: 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (inputs.num_touched as u32, shape.num_kv_heads as u32, 1),
+            block_dim: (shape.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: touched pages come from validated slots; bounds sized above.
+        unsafe { kernel.launch(cfg, &params) }?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touched_pages_take_the_highest_offset() {
+        let b = AppendBatch { positions: &[0, 1, 2, 3], slots: &[33, 32, 34, 5] };
+        assert_eq!(b.touched_pages(16), (vec![0, 2], vec![6, 3]));
+    }
+
+    #[test]
+    fn rejects_slots_outside_the_pool() {
+        let shape = PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
+        assert!(AppendBatch { positions: &[0], slots: &[32] }.validate(&shape).is_err());
+        assert!(AppendBatch { positions: &[-1], slots: &[3] }.validate(&shape).is_err());
+        assert!(AppendBatch { positions: &[0, 1], slots: &[3] }.validate(&shape).is_err());
+        assert!(AppendBatch { positions: &[7], slots: &[31] }.validate(&shape).is_ok());
+    }
+}

@@ -1,0 +1,138 @@
+//! GPU tests of KV append with RoPE and of the per-page key bounds (`--features cuda`),
+//! element by element against the f64 reference.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use radix_gpu::{DType, Element, HalfFloat, Jit, require_gpu};
+use radix_kernels::kv_append::{AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_reference};
+use radix_kernels::rope::{Llama3Scaling, RopeConfig};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+fn random<T: Element>(rng: &mut SmallRng, len: usize) -> Vec<T> {
+    (0..len).map(|_| T::from_f64(rng.random_range(-2.0..2.0))).collect()
+}
+
+/// |got - want| within one rounding of the dtype at |want| plus a small absolute slack.
+fn assert_close<T: HalfFloat>(what: &str, got: &[T], want: &[f64]) {
+    let eps = if T::DTYPE == DType::BF16 { 1.0 / 128.0 } else { 1.0 / 1024.0 };
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let g = g.to_f64();
+        assert!(g.is_finite(), "{what}[{i}] = {g}");
+        assert!((g - w).abs() <= eps * w.abs() + 1e-3, "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed: u64) {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let shape = PoolShape { num_pages: 40, page_size, num_qo_heads: 8, num_kv_heads: 2, head_dim };
+    let inv_freq = rope.inv_freq();
+    let mut k_pool: Vec<T> = random(&mut rng, shape.pool_elems());
+    let mut v_pool: Vec<T> = random(&mut rng, shape.pool_elems());
+    let (dk_init, dv_init) = (k_pool.clone(), v_pool.clone());
+    let mut dk = dev.upload(&k_pool).unwrap();
+    let mut dv = dev.upload(&v_pool).unwrap();
+    let mut bounds = dev.alloc::<f32>(shape.bounds_elems()).unwrap();
+    bounds.fill_bytes(0xFF).unwrap();
+
+    // Two sequences on shuffled pages, filled over three steps (prefill chunk, then two
+    // decode-like steps), so pages fill across launches.
+    let mut pages: Vec<usize> = (0..shape.num_pages).collect();
+    pages.shuffle(&mut rng);
+    let seq_pages = [&pages[..10], &pages[10..20]];
+    let start_pos = [0usize, 100_000]; // a long position too: RoPE angles far from zero
+    let mut filled = [0usize; 2];
+    let mut all_touched = std::collections::BTreeMap::new();
+    for step_len in [page_size + 3, 1, 2] {
+        let (mut positions, mut slots) = (Vec::new(), Vec::new());
+        for s in 0..2 {
+            for _ in 0..step_len {
+                let tok = filled[s];
+                let page = seq_pages[s][tok / page_size];
+                positions.push((start_pos[s] + tok) as i32);
+                slots.push((page * page_size + tok % page_size) as i32);
+                all_touched.insert(page, tok % page_size + 1);
+                filled[s] += 1;
+            }
+        }
+        let n = positions.len();
+        let qkv: Vec<T> = random(&mut rng, n * shape.qkv_row());
+        let batch = AppendBatch { positions: &positions, slots: &slots };
+        let inputs = AppendInputs::upload(&dev, &shape, &batch, &inv_freq).unwrap();
+        let dqkv = dev.upload(&qkv).unwrap();
+        let mut q_out = dev.alloc::<T>(n * shape.num_qo_heads * head_dim).unwrap();
+        q_out.fill_bytes(0xFF).unwrap();
+        append(&jit, &shape, &inputs, &dqkv, &mut q_out, &mut dk, &mut dv, Some(&mut bounds)).unwrap();
+
+        let (want_q, want_k, want_v) =
+            append_reference(&shape, &qkv, &positions, &slots, &inv_freq, &k_pool, &v_pool);
+        let got_k = dk.to_vec().unwrap();
+        let got_v = dv.to_vec().unwrap();
+        assert_close(&format!("q_out {}", T::DTYPE), &q_out.to_vec().unwrap(), &want_q);
+        assert_close("k_pool", &got_k, &want_k);
+        assert_close("v_pool", &got_v, &want_v);
+        k_pool = got_k;
+        v_pool = got_v;
+    }
+    // Slots never written are untouched.
+    let written: std::collections::HashSet<usize> = (0..2)
+        .flat_map(|s| (0..filled[s]).map(move |t| seq_pages[s][t / page_size] * page_size + t % page_size))
+        .collect();
+    let d = head_dim;
+    for slot in (0..shape.num_pages * page_size).filter(|s| !written.contains(s)) {
+        let (page, off) = (slot / page_size, slot % page_size);
+        for kh in 0..shape.num_kv_heads {
+            let at = ((page * shape.num_kv_heads + kh) * page_size + off) * d;
+            assert!(k_pool[at..at + d].iter().zip(&dk_init[at..at + d]).all(|(a, b)| a.to_f64() == b.to_f64()));
+            assert!(v_pool[at..at + d].iter().zip(&dv_init[at..at + d]).all(|(a, b)| a.to_f64() == b.to_f64()));
+        }
+    }
+    // Bounds of every touched page cover exactly its filled keys (from the stored values).
+    let pool64: Vec<f64> = k_pool.iter().map(|x| x.to_f64()).collect();
+    let got = bounds.to_vec().unwrap();
+    for (&page, &fill) in &all_touched {
+        for kh in 0..shape.num_kv_heads {
+            let (lo, hi) = key_bounds_reference(&shape, &pool64, page, kh, fill);
+            let at = (page * shape.num_kv_heads + kh) * 2 * d;
+            for j in 0..d {
+                assert_eq!(got[at + j] as f64, lo[j], "min page {page} head {kh} dim {j}");
+                assert_eq!(got[at + d + j] as f64, hi[j], "max page {page} head {kh} dim {j}");
+            }
+        }
+    }
+}
+
+#[test]
+fn append_rope_and_bounds_match_reference() {
+    let llama3 = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+    let mut seed = 0;
+    for head_dim in [64, 128] {
+        for page_size in [1, 16, 64] {
+            for scaling in [None, Some(llama3)] {
+                seed += 1;
+                let rope = RopeConfig { head_dim, theta: 500000.0, llama3: scaling };
+                case::<bf16>(head_dim, page_size, rope, seed);
+                case::<f16>(head_dim, page_size, rope, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn append_rejects_bad_input() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let shape = PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
+    let inv = RopeConfig { head_dim: 64, theta: 10000.0, llama3: None }.inv_freq();
+    let bad = AppendBatch { positions: &[0], slots: &[40] };
+    assert!(AppendInputs::upload(&dev, &shape, &bad, &inv).is_err());
+    let ok = AppendBatch { positions: &[0], slots: &[3] };
+    let inputs = AppendInputs::upload(&dev, &shape, &ok, &inv).unwrap();
+    let qkv = dev.alloc_zeros::<bf16>(shape.qkv_row()).unwrap();
+    let mut q = dev.alloc_zeros::<bf16>(4 * 64).unwrap();
+    let mut k = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();
+    let mut v = dev.alloc_zeros::<bf16>(shape.pool_elems() - 1).unwrap();
+    assert!(append(&jit, &shape, &inputs, &qkv, &mut q, &mut k, &mut v, None).is_err());
+}
