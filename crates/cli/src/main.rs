@@ -2,6 +2,8 @@
 
 mod bench;
 mod doctor;
+mod engine_args;
+mod generate;
 mod kernels;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text for one prompt, streamed to the terminal.
+    Generate(generate::GenerateArgs),
     /// Report the GPU, driver, CUDA libraries and kernel cache this machine has.
     Doctor,
     /// List or compile the embedded CUDA kernels (compiling needs NVRTC, not a GPU).
@@ -35,6 +39,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
         Command::Doctor => doctor::run(),
         Command::Kernels(cmd) => kernels::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -25,9 +25,8 @@ impl RopeConfig {
     /// `original_max / high_freq_factor` kept, those between blended smoothly).
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim as f32;
-        let base: Vec<f32> = (0..self.head_dim / 2)
-            .map(|i| 1.0f32 / self.theta.powf((2 * i) as f32 / d))
-            .collect();
+        let base: Vec<f32> =
+            (0..self.head_dim / 2).map(|i| 1.0f32 / self.theta.powf((2 * i) as f32 / d)).collect();
         let Some(s) = self.llama3 else { return base };
         let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
         let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;

@@ -246,7 +246,11 @@ fn decode_64k_context_and_batch_mixes() {
         let c = Case {
             q_lens: vec![1; kv_lens.len()],
             kv_lens,
-            hq: 32, hkv: 8, d: 128, causal: true, kv: Kv::Paged(16),
+            hq: 32,
+            hkv: 8,
+            d: 128,
+            causal: true,
+            kv: Kv::Paged(16),
         };
         run_case::<bf16>(&dev, &jit, &c, 500 + i as u64);
     }

@@ -4,7 +4,9 @@
 
 use half::{bf16, f16};
 use radix_gpu::{DType, Element, HalfFloat, Jit, require_gpu};
-use radix_kernels::kv_append::{AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_reference};
+use radix_kernels::kv_append::{
+    AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_reference,
+};
 use radix_kernels::rope::{Llama3Scaling, RopeConfig};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
@@ -64,7 +66,8 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
         let dqkv = dev.upload(&qkv).unwrap();
         let mut q_out = dev.alloc::<T>(n * shape.num_qo_heads * head_dim).unwrap();
         q_out.fill_bytes(0xFF).unwrap();
-        append(&jit, &shape, &inputs, &dqkv, &mut q_out, &mut dk, &mut dv, Some(&mut bounds)).unwrap();
+        append(&jit, &shape, &inputs, &dqkv, &mut q_out, &mut dk, &mut dv, Some(&mut bounds))
+            .unwrap();
 
         let (want_q, want_k, want_v) =
             append_reference(&shape, &qkv, &positions, &slots, &inv_freq, &k_pool, &v_pool);
@@ -78,15 +81,27 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
     }
     // Slots never written are untouched.
     let written: std::collections::HashSet<usize> = (0..2)
-        .flat_map(|s| (0..filled[s]).map(move |t| seq_pages[s][t / page_size] * page_size + t % page_size))
+        .flat_map(|s| {
+            (0..filled[s]).map(move |t| seq_pages[s][t / page_size] * page_size + t % page_size)
+        })
         .collect();
     let d = head_dim;
     for slot in (0..shape.num_pages * page_size).filter(|s| !written.contains(s)) {
         let (page, off) = (slot / page_size, slot % page_size);
         for kh in 0..shape.num_kv_heads {
             let at = ((page * shape.num_kv_heads + kh) * page_size + off) * d;
-            assert!(k_pool[at..at + d].iter().zip(&dk_init[at..at + d]).all(|(a, b)| a.to_f64() == b.to_f64()));
-            assert!(v_pool[at..at + d].iter().zip(&dv_init[at..at + d]).all(|(a, b)| a.to_f64() == b.to_f64()));
+            assert!(
+                k_pool[at..at + d]
+                    .iter()
+                    .zip(&dk_init[at..at + d])
+                    .all(|(a, b)| a.to_f64() == b.to_f64())
+            );
+            assert!(
+                v_pool[at..at + d]
+                    .iter()
+                    .zip(&dv_init[at..at + d])
+                    .all(|(a, b)| a.to_f64() == b.to_f64())
+            );
         }
     }
     // Bounds of every touched page cover exactly its filled keys (from the stored values).
@@ -106,7 +121,12 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
 
 #[test]
 fn append_rope_and_bounds_match_reference() {
-    let llama3 = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+    let llama3 = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
     let mut seed = 0;
     for head_dim in [64, 128] {
         for page_size in [1, 16, 64] {
@@ -124,7 +144,8 @@ fn append_rope_and_bounds_match_reference() {
 fn append_rejects_bad_input() {
     let dev = require_gpu();
     let jit = Jit::new(None);
-    let shape = PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
+    let shape =
+        PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
     let inv = RopeConfig { head_dim: 64, theta: 10000.0, llama3: None }.inv_freq();
     let bad = AppendBatch { positions: &[0], slots: &[40] };
     assert!(AppendInputs::upload(&dev, &shape, &bad, &inv).is_err());

@@ -14,7 +14,9 @@ pub const SOURCE: SourceFile =
     SourceFile { path: "kv_append/kv_append.cu", code: include_str!("kv_append.cu") };
 
 pub fn spec<T: HalfFloat>(head_dim: usize) -> KernelSpec {
-    KernelSpec::new(SOURCE, HEADERS).define("DTYPE", dtype_define::<T>()).define("HEAD_DIM", head_dim)
+    KernelSpec::new(SOURCE, HEADERS)
+        .define("DTYPE", dtype_define::<T>())
+        .define("HEAD_DIM", head_dim)
 }
 
 /// Shape of the page pool of one layer and of the heads appended to it.
@@ -42,7 +44,11 @@ impl PoolShape {
     }
 
     fn validate(&self) -> Result<()> {
-        ensure!(matches!(self.head_dim, 64 | 128), "head_dim {} not supported (64 or 128)", self.head_dim);
+        ensure!(
+            matches!(self.head_dim, 64 | 128),
+            "head_dim {} not supported (64 or 128)",
+            self.head_dim
+        );
         ensure!(self.num_kv_heads > 0 && self.num_qo_heads > 0, "need query and kv heads");
         ensure!(
             self.page_size.is_power_of_two() && self.page_size <= 128,
@@ -118,11 +124,8 @@ impl AppendBatch<'_> {
     /// offset + 1), for `key_bounds`. Assumes a page's earlier slots are filled already
     /// (pages fill in order), which is how the scheduler hands them out.
     pub fn touched_pages(&self, page_size: usize) -> (Vec<i32>, Vec<i32>) {
-        let mut touched: Vec<(i32, i32)> = self
-            .slots
-            .iter()
-            .map(|&s| (s / page_size as i32, s % page_size as i32 + 1))
-            .collect();
+        let mut touched: Vec<(i32, i32)> =
+            self.slots.iter().map(|&s| (s / page_size as i32, s % page_size as i32 + 1)).collect();
         touched.sort_unstable();
         let mut pages = Vec::new();
         let mut filled = Vec::new();
@@ -159,7 +162,11 @@ impl AppendInputs {
     ) -> Result<Self> {
         shape.validate()?;
         batch.validate(shape)?;
-        ensure!(inv_freq.len() == shape.head_dim / 2, "inv_freq has {} entries, want head_dim/2", inv_freq.len());
+        ensure!(
+            inv_freq.len() == shape.head_dim / 2,
+            "inv_freq has {} entries, want head_dim/2",
+            inv_freq.len()
+        );
         let (pages, filled) = batch.touched_pages(shape.page_size);
         let up = |v: &[i32]| device.upload(if v.is_empty() { &[0] } else { v });
         Ok(Self {
@@ -189,16 +196,30 @@ pub fn append<T: HalfFloat>(
 ) -> Result<()> {
     shape.validate()?;
     let n = inputs.num_tokens;
-    ensure!(qkv.len() == n * shape.qkv_row(), "qkv holds {} elements, expected {n} x {}", qkv.len(), shape.qkv_row());
+    ensure!(
+        qkv.len() == n * shape.qkv_row(),
+        "qkv holds {} elements, expected {n} x {}",
+        qkv.len(),
+        shape.qkv_row()
+    );
     ensure!(
         q_out.len() == n * shape.num_qo_heads * shape.head_dim,
         "q_out holds {} elements, expected {}",
         q_out.len(),
         n * shape.num_qo_heads * shape.head_dim
     );
-    ensure!(k_pool.len() == shape.pool_elems() && v_pool.len() == shape.pool_elems(), "K/V pools must hold {} elements", shape.pool_elems());
+    ensure!(
+        k_pool.len() == shape.pool_elems() && v_pool.len() == shape.pool_elems(),
+        "K/V pools must hold {} elements",
+        shape.pool_elems()
+    );
     if let Some(b) = &bounds {
-        ensure!(b.len() == shape.bounds_elems(), "key bounds hold {} elements, expected {}", b.len(), shape.bounds_elems());
+        ensure!(
+            b.len() == shape.bounds_elems(),
+            "key bounds hold {} elements, expected {}",
+            b.len(),
+            shape.bounds_elems()
+        );
     }
     if n == 0 {
         return Ok(());
@@ -220,7 +241,8 @@ pub fn append<T: HalfFloat>(
         num_kv_heads: shape.num_kv_heads as i32,
         page_size: shape.page_size as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: sizes checked above; slots were validated against the pool on upload.
     unsafe { kernel.launch(cfg, &params) }?;
 
@@ -259,7 +281,13 @@ mod tests {
 
     #[test]
     fn rejects_slots_outside_the_pool() {
-        let shape = PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
+        let shape = PoolShape {
+            num_pages: 2,
+            page_size: 16,
+            num_qo_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+        };
         assert!(AppendBatch { positions: &[0], slots: &[32] }.validate(&shape).is_err());
         assert!(AppendBatch { positions: &[-1], slots: &[3] }.validate(&shape).is_err());
         assert!(AppendBatch { positions: &[0, 1], slots: &[3] }.validate(&shape).is_err());

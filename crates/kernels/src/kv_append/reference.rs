@@ -16,14 +16,17 @@ pub fn append_reference<T: Element>(
     k_pool: &[T],
     v_pool: &[T],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (hq, hkv, d, ps) = (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim, shape.page_size);
+    let (hq, hkv, d, ps) =
+        (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim, shape.page_size);
     let row = shape.qkv_row();
     let mut q_out = vec![0.0; positions.len() * hq * d];
     let mut k: Vec<f64> = k_pool.iter().map(|x| x.to_f64()).collect();
     let mut v: Vec<f64> = v_pool.iter().map(|x| x.to_f64()).collect();
     for (t, (&pos, &slot)) in positions.iter().zip(slots).enumerate() {
         let (page, off) = (slot as usize / ps, slot as usize % ps);
-        let head = |h: usize| -> Vec<f64> { qkv[t * row + h * d..][..d].iter().map(|x| x.to_f64()).collect() };
+        let head = |h: usize| -> Vec<f64> {
+            qkv[t * row + h * d..][..d].iter().map(|x| x.to_f64()).collect()
+        };
         for h in 0..hq {
             let mut x = head(h);
             rotate_head(&mut x, pos as usize, inv_freq);
@@ -41,7 +44,13 @@ pub fn append_reference<T: Element>(
 }
 
 /// Min and max of the first `filled` keys of `page`, kv head `kh`, per dim.
-pub fn key_bounds_reference(shape: &PoolShape, k_pool: &[f64], page: usize, kh: usize, filled: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn key_bounds_reference(
+    shape: &PoolShape,
+    k_pool: &[f64],
+    page: usize,
+    kh: usize,
+    filled: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let (d, ps) = (shape.head_dim, shape.page_size);
     let base = (page * shape.num_kv_heads + kh) * ps * d;
     let mut lo = vec![f64::INFINITY; d];

@@ -1,0 +1,73 @@
+//! `radix-sparse generate`: one prompt, streamed to the terminal.
+
+use std::io::Write;
+
+use clap::Args;
+use radix_engine::{EngineHandle, Request};
+use radix_model::ChatMessage;
+
+use crate::engine_args::{ModelArgs, SamplingArgs};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.sampling.max_tokens >= 1, "--max-tokens must be at least 1");
+    let (engine, name) = args.model.build_engine()?;
+    let tokenizer = engine.tokenizer().clone();
+    let text = if args.chat {
+        let source = radix_model::ModelSource::open(&args.model.model)?;
+        source
+            .chat_template
+            .render(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }], true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text, !args.chat)?;
+    let handle = EngineHandle::spawn(engine, name);
+    let mut req = Request::new(prompt, args.sampling.params(), args.sampling.stop());
+    req.logprobs = false;
+    let started = std::time::Instant::now();
+    let (_id, mut rx) = handle.submit(req)?;
+    let mut out = std::io::stdout().lock();
+    let mut first_token = None;
+    let mut last = None;
+    while let Some(o) = rx.blocking_recv() {
+        first_token.get_or_insert_with(|| started.elapsed());
+        out.write_all(o.text.as_bytes())?;
+        out.flush()?;
+        let done = o.finish.is_some();
+        last = Some(o);
+        if done {
+            break;
+        }
+    }
+    writeln!(out)?;
+    handle.shutdown();
+    if let Some(o) = last {
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {}, first token {:.0} ms, {:.1} tokens/s]",
+            o.prompt_tokens,
+            o.completion_tokens,
+            o.finish.as_ref().map_or("?", |f| f.as_openai()),
+            first_token.unwrap_or_default().as_secs_f64() * 1e3,
+            o.completion_tokens as f64 / secs
+        );
+        if let Some(radix_engine::FinishReason::Error(e)) = o.finish {
+            anyhow::bail!("generation failed: {e}");
+        }
+    }
+    Ok(())
+}

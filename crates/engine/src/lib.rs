@@ -1,0 +1,20 @@
+//! radix-sparse's engine: requests with sampling parameters and stop rules, a
+//! continuous-batching scheduler with chunked prefill, prefix reuse through the radix
+//! cache, page allocation with eviction and preemption, incremental detokenizing and
+//! streaming, metrics. `Engine` is the synchronous core; `EngineHandle` runs it on a
+//! thread for the server and the CLI.
+
+mod detokenize;
+mod engine;
+mod handle;
+mod metrics;
+mod request;
+mod runner;
+mod sequence;
+
+pub use detokenize::{Detokenized, Detokenizer};
+pub use engine::{Engine, EngineConfig, EngineError};
+pub use handle::{EngineHandle, EngineInfo};
+pub use metrics::EngineStats;
+pub use request::{FinishReason, Output, Request, RequestId, StopConfig};
+pub use runner::Runner;

@@ -1,0 +1,28 @@
+//! Engine counters and gauges, updated after each step and read by the server.
+
+/// A snapshot of the engine's state and totals.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    /// Tokens (prompt + output) of running requests.
+    pub tokens_in_flight: usize,
+    pub pages_total: usize,
+    pub pages_free: usize,
+    pub pages_cached: usize,
+    pub cache_hit_tokens: u64,
+    pub cache_miss_tokens: u64,
+    pub requests_finished: u64,
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+impl EngineStats {
+    /// Fraction of matched prompt tokens served by the prefix cache.
+    pub fn cache_hit_rate(&self) -> f64 {
+        let total = self.cache_hit_tokens + self.cache_miss_tokens;
+        if total == 0 { 0.0 } else { self.cache_hit_tokens as f64 / total as f64 }
+    }
+}

@@ -1,0 +1,93 @@
+//! What a client asks for and what comes back.
+
+use radix_model::SamplingParams;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "req-{}", self.0)
+    }
+}
+
+/// When generation stops (besides abort).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StopConfig {
+    /// Output tokens at most.
+    pub max_tokens: usize,
+    /// Text that ends the output (not included in it).
+    pub stop_strings: Vec<String>,
+    /// Tokens that end the output (not included in its text).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for StopConfig {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// One generation request, already tokenized.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopConfig,
+    /// Report the log-probability of each sampled token.
+    pub logprobs: bool,
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, sampling: SamplingParams, stop: StopConfig) -> Self {
+        Self { prompt, sampling, stop, logprobs: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the model's context length.
+    Length,
+    /// Aborted by the client (or its connection closed).
+    Abort,
+    /// The engine could not run it (the message says why).
+    Error(String),
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason` string.
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Abort => "abort",
+            Self::Error(_) => "error",
+        }
+    }
+}
+
+/// A streamed piece of a request's output. The last one has `finish` set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    pub id: RequestId,
+    /// New text since the previous output (valid UTF-8; may be empty).
+    pub text: String,
+    /// Tokens sampled since the previous output.
+    pub token_ids: Vec<u32>,
+    /// Log-probabilities of `token_ids`, when asked for.
+    pub logprobs: Vec<f32>,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache (not recomputed).
+    pub cached_tokens: usize,
+}

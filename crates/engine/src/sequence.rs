@@ -1,0 +1,92 @@
+//! A request inside the engine: its tokens, the pages holding their KV, and its output
+//! state.
+
+use radix_kv::{NodeId, PageId};
+use radix_model::{SamplingParams, TokenCounts};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::detokenize::Detokenizer;
+use crate::request::{Output, Request, RequestId, StopConfig};
+
+pub(crate) struct Sequence {
+    pub id: RequestId,
+    /// Prompt, then the sampled tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopConfig,
+    pub logprobs: bool,
+    /// Tokens whose KV is in `pages` (the rest still has to be computed).
+    pub computed: usize,
+    /// `pages[i]` holds tokens `i * page_size ..`; may run ahead of `computed`.
+    pub pages: Vec<PageId>,
+    /// `pages[..shared]` belong to the radix cache (locked through `node`); the rest are
+    /// this sequence's own.
+    pub shared: usize,
+    pub node: Option<NodeId>,
+    /// Prompt tokens the prefix cache served at first admission.
+    pub cached_tokens: usize,
+    /// Admission order; preemption takes the newest first.
+    pub arrival: u64,
+    pub counts: TokenCounts,
+    pub rng: StdRng,
+    pub detok: Detokenizer,
+    pub sink: UnboundedSender<Output>,
+    pub preempted: u32,
+    /// Tokens scheduled in the current step (0: not scheduled).
+    pub step_len: usize,
+}
+
+impl Sequence {
+    pub fn new(id: RequestId, req: Request, arrival: u64, sink: UnboundedSender<Output>) -> Self {
+        let rng = match req.sampling.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self {
+            id,
+            counts: TokenCounts::new(&req.prompt),
+            detok: Detokenizer::new(req.prompt.len(), req.stop.stop_strings.clone()),
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            sampling: req.sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            computed: 0,
+            pages: Vec::new(),
+            shared: 0,
+            node: None,
+            cached_tokens: 0,
+            arrival,
+            rng,
+            sink,
+            preempted: 0,
+            step_len: 0,
+        }
+    }
+
+    pub fn num_output(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to compute before the next sample (1 when decoding).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// An output message with usage numbers filled in.
+    pub fn output(&self, text: String, token_ids: Vec<u32>, logprobs: Vec<f32>) -> Output {
+        Output {
+            id: self.id,
+            text,
+            token_ids,
+            logprobs,
+            finish: None,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.num_output(),
+            cached_tokens: self.cached_tokens,
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Engine behaviour on the CPU backend with synthetic:tiny: greedy outputs do not depend
+//! on the prefix cache, chunking, batching or preemption; pages all come back; seeded
+//! sampling reproduces; stop rules and validation.
+
+use std::sync::Arc;
+
+use radix_engine::{
+    Engine, EngineConfig, EngineError, FinishReason, Output, Request, RequestId, StopConfig,
+};
+use radix_model::{CpuBackend, ModelSource, SamplingParams};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+fn engine(cfg: EngineConfig) -> Engine {
+    let source = ModelSource::open("synthetic:tiny").unwrap();
+    let model = source.load(CpuBackend::new()).unwrap();
+    Engine::new(Box::new(model), Arc::new(source.tokenizer), cfg).unwrap()
+}
+
+fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
+    Request::new(
+        prompt.to_vec(),
+        SamplingParams::greedy(),
+        StopConfig { max_tokens, ignore_eos: true, ..Default::default() },
+    )
+}
+
+/// Runs `reqs` to completion (all submitted up front) and returns each one's outputs.
+fn run(e: &mut Engine, reqs: Vec<Request>) -> Vec<Vec<Output>> {
+    let mut rxs: Vec<UnboundedReceiver<Output>> = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        let (tx, rx) = unbounded_channel();
+        e.add(RequestId(i as u64), r, tx).unwrap();
+        rxs.push(rx);
+    }
+    let mut steps = 0;
+    while e.has_work() {
+        e.step();
+        e.check_invariants().unwrap();
+        steps += 1;
+        assert!(steps < 10_000, "engine did not finish");
+    }
+    rxs.into_iter()
+        .map(|mut rx| {
+            let mut outs = Vec::new();
+            while let Ok(o) = rx.try_recv() {
+                outs.push(o);
+            }
+            outs
+        })
+        .collect()
+}
+
+fn tokens(outs: &[Output]) -> Vec<u32> {
+    outs.iter().flat_map(|o| o.token_ids.clone()).collect()
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    // Shared prefixes (the cache matters), lengths on and off page boundaries.
+    let base: Vec<u32> = (0..70u32).map(|i| (i * 7 + 3) % 250).collect();
+    vec![
+        base[..40].to_vec(),
+        base.clone(),
+        [&base[..33], &[9, 9, 9][..]].concat(),
+        vec![5],
+        (0..150u32).map(|i| (i * 13) % 256).collect(),
+        base[..16].to_vec(),
+    ]
+}
+
+fn all_pages_back(e: &Engine) {
+    assert_eq!(e.reclaimable_pages(), e.config().num_pages, "pages leaked");
+    assert_eq!(e.stats().running + e.stats().waiting, 0);
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn greedy_outputs_do_not_depend_on_cache_chunking_batching_or_preemption() {
+    let reqs = || prompts().iter().map(|p| greedy(p, 24)).collect::<Vec<_>>();
+    // Reference: each request alone, no cache, no chunking, plenty of pages.
+    let alone: Vec<Vec<u32>> = prompts()
+        .iter()
+        .map(|p| {
+            let mut e = engine(EngineConfig {
+                prefix_cache: false,
+                chunked_prefill: false,
+                ..Default::default()
+            });
+            tokens(&run(&mut e, vec![greedy(p, 24)])[0])
+        })
+        .collect();
+    assert!(alone.iter().all(|t| t.len() == 24));
+    let configs = [
+        ("batched, cache", EngineConfig::default()),
+        ("batched, no cache", EngineConfig { prefix_cache: false, ..Default::default() }),
+        (
+            "chunked by 16",
+            EngineConfig { max_batched_tokens: 16, max_running: 8, ..Default::default() },
+        ),
+        (
+            "unchunked",
+            EngineConfig {
+                chunked_prefill: false,
+                max_batched_tokens: 64,
+                max_running: 8,
+                ..Default::default()
+            },
+        ),
+        ("page size 1", EngineConfig { page_size: 1, num_pages: 4096, ..Default::default() }),
+        // 24 pages of 16 hold 384 tokens: less than the batch needs, so requests preempt.
+        (
+            "tiny pool",
+            EngineConfig {
+                num_pages: 24,
+                max_batched_tokens: 64,
+                max_running: 8,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, cfg) in configs {
+        let mut e = engine(cfg);
+        let outs = run(&mut e, reqs());
+        for (i, o) in outs.iter().enumerate() {
+            assert_eq!(tokens(o), alone[i], "{name}: request {i}");
+            assert_eq!(o.last().unwrap().finish, Some(FinishReason::Length), "{name}");
+        }
+        if name == "tiny pool" {
+            assert!(e.stats().preemptions > 0, "the tiny pool should force preemption");
+        }
+        all_pages_back(&e);
+    }
+}
+
+#[test]
+fn a_second_identical_prompt_is_served_from_the_cache() {
+    let mut e = engine(EngineConfig::default());
+    let p: Vec<u32> = (0..100).collect();
+    let first = run(&mut e, vec![greedy(&p, 8)]);
+    let second = run(&mut e, vec![greedy(&p, 8)]);
+    assert_eq!(tokens(&first[0]), tokens(&second[0]));
+    assert_eq!(first[0][0].cached_tokens, 0);
+    assert_eq!(second[0][0].cached_tokens, 96); // 6 full pages of 16; the last token is recomputed
+    all_pages_back(&e);
+}
+
+#[test]
+fn seeded_sampling_reproduces_and_differs_across_seeds() {
+    let sample = |seed| {
+        let mut e = engine(EngineConfig::default());
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 50,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        let req = Request::new(
+            vec![1, 2, 3],
+            params,
+            StopConfig { max_tokens: 32, ignore_eos: true, ..Default::default() },
+        );
+        tokens(&run(&mut e, vec![req])[0])
+    };
+    assert_eq!(sample(7), sample(7));
+    assert_ne!(sample(7), sample(8));
+}
+
+#[test]
+fn abort_and_disconnect_free_pages() {
+    let mut e = engine(EngineConfig::default());
+    let (tx, mut rx) = unbounded_channel();
+    e.add(RequestId(1), greedy(&[1; 40], 1000), tx).unwrap();
+    let (tx2, rx2) = unbounded_channel();
+    e.add(RequestId(2), greedy(&[2; 40], 1000), tx2).unwrap();
+    for _ in 0..3 {
+        e.step();
+    }
+    assert!(e.abort(RequestId(1)));
+    drop(rx2); // request 2's client goes away: aborted at its next output
+    for _ in 0..3 {
+        e.step();
+    }
+    let mut last = None;
+    while let Ok(o) = rx.try_recv() {
+        last = Some(o);
+    }
+    assert_eq!(last.unwrap().finish, Some(FinishReason::Abort));
+    assert!(!e.has_work());
+    all_pages_back(&e);
+}
+
+#[test]
+fn stop_rules() {
+    let mut e = engine(EngineConfig::default());
+    // Find what greedy generates, then stop on a token and on a string from it.
+    let free = tokens(&run(&mut e, vec![greedy(&[10, 20, 30], 12)])[0]);
+    let stop_tok = free[5];
+    let first = free.iter().position(|&t| t == stop_tok).unwrap();
+    let req = Request::new(
+        vec![10, 20, 30],
+        SamplingParams::greedy(),
+        StopConfig {
+            max_tokens: 12,
+            stop_token_ids: vec![stop_tok],
+            ignore_eos: true,
+            ..Default::default()
+        },
+    );
+    let outs = run(&mut e, vec![req]);
+    assert_eq!(tokens(&outs[0]), free[..=first].to_vec());
+    assert_eq!(outs[0].last().unwrap().finish, Some(FinishReason::Stop));
+
+    let tok = e.tokenizer().clone();
+    let text = tok.decode(&free, true).unwrap();
+    if let Some(stop) = text.get(3..5).filter(|s| !s.contains('\u{FFFD}')) {
+        let req = Request::new(
+            vec![10, 20, 30],
+            SamplingParams::greedy(),
+            StopConfig {
+                max_tokens: 12,
+                stop_strings: vec![stop.to_string()],
+                ignore_eos: true,
+                ..Default::default()
+            },
+        );
+        let outs = run(&mut e, vec![req]);
+        let got: String = outs[0].iter().map(|o| o.text.as_str()).collect();
+        assert!(!got.contains(stop), "{got:?} contains the stop string {stop:?}");
+        assert!(text.starts_with(&got), "{got:?} is not a prefix of {text:?}");
+        assert_eq!(outs[0].last().unwrap().finish, Some(FinishReason::Stop));
+    }
+    all_pages_back(&e);
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_reason() {
+    let e = engine(EngineConfig { max_model_len: Some(64), ..Default::default() });
+    let cases = [
+        (greedy(&[], 4), "empty"),
+        (greedy(&[1; 60], 10), "context length"),
+        (greedy(&[1, 2], 0), "max_tokens"),
+        (greedy(&[400], 2), "vocabulary"),
+        (
+            Request::new(
+                vec![1],
+                SamplingParams { top_p: 1.5, ..Default::default() },
+                StopConfig::default(),
+            ),
+            "top_p",
+        ),
+    ];
+    for (req, want) in cases {
+        match e.validate(&req) {
+            Err(EngineError::Invalid(m)) => {
+                assert!(m.contains(want), "{m:?} should mention {want:?}")
+            }
+            other => panic!("expected an error mentioning {want:?}, got {other:?}"),
+        }
+    }
+    let mut e = engine(EngineConfig { max_waiting: 1, ..Default::default() });
+    let (tx, _rx) = unbounded_channel();
+    e.add(RequestId(1), greedy(&[1], 2), tx.clone()).unwrap();
+    assert!(matches!(e.add(RequestId(2), greedy(&[1], 2), tx), Err(EngineError::QueueFull(1))));
+}
+
+#[test]
+fn outputs_stream_valid_text_and_usage() {
+    let mut e = engine(EngineConfig::default());
+    let tok = e.tokenizer().clone();
+    let prompt = tok.encode("hello", true).unwrap();
+    let outs = run(&mut e, vec![greedy(&prompt, 16)]);
+    let text: String = outs[0].iter().map(|o| o.text.as_str()).collect();
+    let all = tokens(&outs[0]);
+    // Bytes that are not UTF-8 come out as U+FFFD, as a full decode shows them.
+    assert_eq!(text, tok.decode(&all, true).unwrap());
+    let last = outs[0].last().unwrap();
+    assert_eq!((last.prompt_tokens, last.completion_tokens), (prompt.len(), 16));
+}

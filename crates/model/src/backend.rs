@@ -1,0 +1,111 @@
+//! The backend contract: the ops a Llama forward needs, over the paged KV pool.
+//!
+//! A backend owns its memory (weights, activations, the KV pool). The model calls
+//! `begin_step` once per engine step with the step's host metadata, then the ops layer by
+//! layer. The CPU backend (`cpu`) is the reference the CUDA backend is tested against;
+//! both implement every op with the same semantics.
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::tensor::HostTensor;
+
+/// One step's batch, as the scheduler planned it: the tokens to compute and where their
+/// KV goes and comes from. Sequence b's queries are the last `q_len(b)` tokens of its KV
+/// (which already includes this step's tokens): the causal mask is bottom-right aligned.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInput<'a> {
+    pub tokens: &'a [u32],
+    /// Absolute position of each token (RoPE).
+    pub positions: &'a [i32],
+    /// KV slot of each token: `page * page_size + offset`.
+    pub slots: &'a [i32],
+    pub qo_indptr: &'a [i32],
+    pub kv_indptr: &'a [i32],
+    pub kv_indices: &'a [i32],
+    pub kv_last_page_len: &'a [i32],
+    /// Token rows whose logits are needed (the last token of each sequence that samples).
+    pub logit_rows: &'a [u32],
+}
+
+impl StepInput<'_> {
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.qo_indptr.len().saturating_sub(1)
+    }
+}
+
+/// An activation matrix `[rows, cols]` in backend memory.
+pub trait Activation {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+}
+
+pub trait Backend {
+    type Act: Activation;
+    type Weight;
+
+    fn name(&self) -> String;
+
+    /// Moves a weight to the backend (in the backend's chosen dtype).
+    fn upload(&mut self, tensor: &HostTensor) -> Result<Self::Weight>;
+
+    /// Allocates the KV pool: `num_pages` pages of `page_size` tokens for every layer.
+    fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()>;
+
+    /// Makes the step's metadata available to the ops that follow.
+    fn begin_step(&mut self, step: &StepInput) -> Result<()>;
+
+    /// An activation of `rows x cols` (contents unspecified).
+    fn act(&mut self, rows: usize, cols: usize) -> Result<Self::Act>;
+
+    /// `out[t] = table[tokens[t]]`.
+    fn embed(&mut self, table: &Self::Weight, out: &mut Self::Act) -> Result<()>;
+
+    /// `out = x / rms(x) * w`, row by row.
+    fn rms_norm(
+        &mut self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// `residual += delta; out = rms_norm(residual)` (the residual stream update fused
+    /// with the next norm).
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Self::Act,
+        delta: &Self::Act,
+        w: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// `out = x · wᵀ (+ bias)` with `w` stored `[out_features, in_features]`.
+    fn linear(
+        &mut self,
+        x: &Self::Act,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// From the fused `[tokens, q|k|v]` projection: rotates q and k by their positions,
+    /// writes k and v into layer `layer`'s pages at the step's slots, returns q in `q`.
+    fn rope_append(&mut self, layer: usize, qkv: &Self::Act, q: &mut Self::Act) -> Result<()>;
+
+    /// Attention of the step's queries over layer `layer`'s KV through the page table.
+    fn attention(&mut self, layer: usize, q: &Self::Act, out: &mut Self::Act) -> Result<()>;
+
+    /// `out = silu(gate) * up` from the fused `[tokens, gate|up]` projection.
+    fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+
+    /// `out[i] = x[logit_rows[i]]`.
+    fn gather_logit_rows(&mut self, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
+
+    /// Copies an activation to the host as f32 (logits).
+    fn read(&mut self, x: &Self::Act) -> Result<Vec<f32>>;
+}

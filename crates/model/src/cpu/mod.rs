@@ -1,0 +1,342 @@
+//! The CPU backend: f32 compute over f32/bf16/f16 weights, several threads (rayon), an f32
+//! KV pool in the shared HND layout. It is the reference the CUDA backend is tested
+//! against, so every op is written the plain way.
+
+mod attention;
+mod linear;
+
+use radix_kernels::rope::RopeConfig;
+
+use crate::backend::{Activation, Backend, StepInput};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::tensor::{HostData, HostTensor};
+
+/// An f32 activation matrix.
+#[derive(Clone, Debug)]
+pub struct CpuAct {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Activation for CpuAct {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl CpuAct {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight in its checkpoint dtype, converted to f32 block by block as it is used.
+pub struct CpuWeight {
+    pub data: HostData,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One layer's KV pages, `[num_pages, num_kv_heads, page_size, head_dim]` each.
+struct LayerKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The step metadata, copied in `begin_step`.
+#[derive(Default)]
+struct Step {
+    tokens: Vec<u32>,
+    positions: Vec<i32>,
+    slots: Vec<i32>,
+    qo_indptr: Vec<i32>,
+    kv_indptr: Vec<i32>,
+    kv_indices: Vec<i32>,
+    kv_last_page_len: Vec<i32>,
+    logit_rows: Vec<u32>,
+}
+
+pub struct CpuBackend {
+    kv: Vec<LayerKv>,
+    num_pages: usize,
+    page_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+    step: Step,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self {
+            kv: Vec::new(),
+            num_pages: 0,
+            page_size: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            inv_freq: Vec::new(),
+            step: Step::default(),
+        }
+    }
+
+    fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+        if cond { Ok(()) } else { Err(ModelError::Invalid(msg())) }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn rope_inv_freq(rope: &RopeConfig) -> Vec<f32> {
+    rope.inv_freq()
+}
+
+impl Backend for CpuBackend {
+    type Act = CpuAct;
+    type Weight = CpuWeight;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&mut self, t: &HostTensor) -> Result<CpuWeight> {
+        let (rows, cols) = t.matrix_dims();
+        Ok(CpuWeight { data: t.data.clone(), rows, cols })
+    }
+
+    fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()> {
+        let per_layer = num_pages * cfg.num_kv_heads * page_size * cfg.head_dim;
+        self.kv = (0..cfg.num_layers)
+            .map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] })
+            .collect();
+        self.num_pages = num_pages;
+        self.page_size = page_size;
+        self.num_heads = cfg.num_heads;
+        self.num_kv_heads = cfg.num_kv_heads;
+        self.head_dim = cfg.head_dim;
+        self.inv_freq = rope_inv_freq(&cfg.rope);
+        Ok(())
+    }
+
+    fn begin_step(&mut self, s: &StepInput) -> Result<()> {
+        let n = s.tokens.len();
+        Self::check(s.positions.len() == n && s.slots.len() == n, || {
+            format!(
+                "step has {n} tokens but {} positions and {} slots",
+                s.positions.len(),
+                s.slots.len()
+            )
+        })?;
+        let capacity = (self.num_pages * self.page_size) as i32;
+        Self::check(s.slots.iter().all(|&x| (0..capacity).contains(&x)), || {
+            format!("a slot lies outside the KV pool of {capacity} slots")
+        })?;
+        Self::check(s.kv_indices.iter().all(|&p| (0..self.num_pages as i32).contains(&p)), || {
+            format!("a page id lies outside the pool of {} pages", self.num_pages)
+        })?;
+        Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
+            "a logit row is past the step's tokens".into()
+        })?;
+        let st = &mut self.step;
+        for (dst, src) in [
+            (&mut st.positions, s.positions),
+            (&mut st.slots, s.slots),
+            (&mut st.qo_indptr, s.qo_indptr),
+            (&mut st.kv_indptr, s.kv_indptr),
+            (&mut st.kv_indices, s.kv_indices),
+            (&mut st.kv_last_page_len, s.kv_last_page_len),
+        ] {
+            dst.clear();
+            dst.extend_from_slice(src);
+        }
+        st.tokens.clear();
+        st.tokens.extend_from_slice(s.tokens);
+        st.logit_rows.clear();
+        st.logit_rows.extend_from_slice(s.logit_rows);
+        Ok(())
+    }
+
+    fn act(&mut self, rows: usize, cols: usize) -> Result<CpuAct> {
+        Ok(CpuAct { data: vec![0.0; rows * cols], rows, cols })
+    }
+
+    fn embed(&mut self, table: &CpuWeight, out: &mut CpuAct) -> Result<()> {
+        Self::check(out.rows == self.step.tokens.len() && out.cols == table.cols, || {
+            "embed: shape mismatch".into()
+        })?;
+        for (t, &id) in self.step.tokens.iter().enumerate() {
+            Self::check((id as usize) < table.rows, || {
+                format!("token id {id} is outside the vocabulary of {}", table.rows)
+            })?;
+            table.data.read_f32(
+                id as usize * table.cols,
+                &mut out.data[t * out.cols..(t + 1) * out.cols],
+            );
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, x: &CpuAct, w: &CpuWeight, eps: f32, out: &mut CpuAct) -> Result<()> {
+        Self::check(x.cols == w.rows * w.cols && out.cols == x.cols && out.rows == x.rows, || {
+            "rms_norm: shape mismatch".into()
+        })?;
+        let weight = w.data.to_f32();
+        for r in 0..x.rows {
+            norm_row(x.row(r), &weight, eps, &mut out.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut CpuAct,
+        delta: &CpuAct,
+        w: &CpuWeight,
+        eps: f32,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        Self::check(residual.data.len() == delta.data.len(), || {
+            "add_rms_norm: shape mismatch".into()
+        })?;
+        residual.data.iter_mut().zip(&delta.data).for_each(|(r, d)| *r += d);
+        self.rms_norm(residual, w, eps, out)
+    }
+
+    fn linear(
+        &mut self,
+        x: &CpuAct,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        Self::check(x.cols == w.cols && out.rows == x.rows && out.cols == w.rows, || {
+            format!(
+                "linear: x [{}, {}] · w [{}, {}]ᵀ into [{}, {}]",
+                x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
+            )
+        })?;
+        let bias = bias.map(|b| b.data.to_f32());
+        if let Some(b) = &bias {
+            Self::check(b.len() == w.rows, || "linear: bias length".into())?;
+        }
+        linear::matmul_nt(&x.data, x.rows, x.cols, &w.data, w.rows, bias.as_deref(), &mut out.data);
+        Ok(())
+    }
+
+    fn rope_append(&mut self, layer: usize, qkv: &CpuAct, q: &mut CpuAct) -> Result<()> {
+        let (hq, hkv, d, ps) = (self.num_heads, self.num_kv_heads, self.head_dim, self.page_size);
+        Self::check(
+            qkv.cols == (hq + 2 * hkv) * d
+                && q.cols == hq * d
+                && q.rows == qkv.rows
+                && layer < self.kv.len(),
+            || "rope_append: shape mismatch".into(),
+        )?;
+        let kv = &mut self.kv[layer];
+        for t in 0..qkv.rows {
+            let row = qkv.row(t);
+            let pos = self.step.positions[t] as f32;
+            let slot = self.step.slots[t] as usize;
+            let (page, off) = (slot / ps, slot % ps);
+            for h in 0..hq {
+                rotate(
+                    &row[h * d..(h + 1) * d],
+                    pos,
+                    &self.inv_freq,
+                    &mut q.data[(t * hq + h) * d..][..d],
+                );
+            }
+            for kh in 0..hkv {
+                let at = ((page * hkv + kh) * ps + off) * d;
+                rotate(&row[(hq + kh) * d..][..d], pos, &self.inv_freq, &mut kv.k[at..at + d]);
+                kv.v[at..at + d].copy_from_slice(&row[(hq + hkv + kh) * d..][..d]);
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, layer: usize, q: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        Self::check(out.rows == q.rows && out.cols == q.cols && layer < self.kv.len(), || {
+            "attention: shape mismatch".into()
+        })?;
+        let kv = &self.kv[layer];
+        let s = &self.step;
+        let geometry = attention::Geometry {
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            page_size: self.page_size,
+        };
+        attention::paged_attention(
+            &geometry,
+            attention::Table {
+                qo_indptr: &s.qo_indptr,
+                kv_indptr: &s.kv_indptr,
+                kv_indices: &s.kv_indices,
+                kv_last_page_len: &s.kv_last_page_len,
+            },
+            &q.data,
+            &kv.k,
+            &kv.v,
+            &mut out.data,
+        )
+    }
+
+    fn silu_mul(&mut self, gate_up: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        let inter = out.cols;
+        Self::check(gate_up.cols == 2 * inter && gate_up.rows == out.rows, || {
+            "silu_mul: shape mismatch".into()
+        })?;
+        for r in 0..out.rows {
+            let (g, u) = gate_up.row(r).split_at(inter);
+            for ((o, &g), &u) in out.data[r * inter..(r + 1) * inter].iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        Ok(())
+    }
+
+    fn gather_logit_rows(&mut self, x: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        Self::check(out.rows == self.step.logit_rows.len() && out.cols == x.cols, || {
+            "gather: shape mismatch".into()
+        })?;
+        for (i, &r) in self.step.logit_rows.iter().enumerate() {
+            out.data[i * x.cols..(i + 1) * x.cols].copy_from_slice(x.row(r as usize));
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, x: &CpuAct) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}
+
+/// RMSNorm of one row, in f32 as transformers computes it.
+fn norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// "rotate_half" RoPE of one head, angles and products in f32 (as transformers does).
+fn rotate(x: &[f32], pos: f32, inv_freq: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let angle = pos * inv_freq[i];
+        let (s, c) = (angle.sin(), angle.cos());
+        out[i] = x[i] * c - x[i + half] * s;
+        out[i + half] = x[i + half] * c + x[i] * s;
+    }
+}

@@ -1,0 +1,26 @@
+//! Llama-family models for radix-sparse: Hugging Face configs and safetensors weights,
+//! tokenizers and chat templates, synthetic models, sampling, the forward pass written once
+//! over the `Backend` ops, and the CPU backend.
+
+pub mod backend;
+pub mod chat;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+pub mod synthetic;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{Activation, Backend, StepInput};
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig};
+pub use cpu::CpuBackend;
+pub use error::{ModelError, Result};
+pub use loader::ModelSource;
+pub use model::LlamaModel;
+pub use sampling::{Sampled, SamplingParams, TokenCounts};
+pub use tokenizer::Tokenizer;

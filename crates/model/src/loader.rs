@@ -1,0 +1,113 @@
+//! Resolving a model argument (`synthetic:NAME` or a Hugging Face folder) into its
+//! config, tokenizer, chat template and weight source, then loading it onto a backend
+//! with a progress bar.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::Backend;
+use crate::chat::ChatTemplate;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::model::LlamaModel;
+use crate::synthetic::{self, SyntheticWeights};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{SafetensorsSource, WeightSource};
+
+/// Everything about a model except its weights on a backend.
+pub struct ModelSource {
+    /// The name clients use (`synthetic:tiny`, or the folder's name).
+    pub name: String,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+    pub weights: Box<dyn WeightSource>,
+}
+
+impl ModelSource {
+    /// `synthetic:NAME` or a path to a Hugging Face model folder.
+    pub fn open(spec: &str) -> Result<Self> {
+        if let Some(name) = spec.strip_prefix("synthetic:") {
+            return Ok(Self {
+                name: spec.to_string(),
+                config: synthetic::config(name)?,
+                tokenizer: Tokenizer::Bytes,
+                chat_template: ChatTemplate::plain(),
+                weights: Box::new(SyntheticWeights),
+            });
+        }
+        let dir = PathBuf::from(spec);
+        if !dir.is_dir() {
+            return Err(ModelError::bad_file(
+                &dir,
+                "is not a folder (expected a Hugging Face model folder or synthetic:NAME)",
+            ));
+        }
+        Self::open_dir(&dir)
+    }
+
+    fn open_dir(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(ModelError::Config(format!(
+                "the tokenizer has {} tokens but the model only {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let chat_template = ChatTemplate::from_dir(dir)?.unwrap_or_else(ChatTemplate::plain);
+        let weights = Box::new(SafetensorsSource::open(dir)?);
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self { name, config, tokenizer, chat_template, weights })
+    }
+
+    /// Loads the weights onto `backend`, showing a progress bar on a terminal.
+    pub fn load<B: Backend>(&self, backend: B) -> Result<LlamaModel<B>> {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {pos}/{len} tensors {elapsed}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(self.name.clone());
+        tracing::info!(model = %self.name, params = self.config.num_params(), backend = %backend.name(), source = %self.weights.describe(), "loading");
+        let model = LlamaModel::load(
+            self.config.clone(),
+            backend,
+            self.weights.as_ref(),
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?;
+        bar.finish_and_clear();
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_malformed_folders_name_the_problem() {
+        let err = ModelSource::open("/nonexistent/model").err().unwrap().to_string();
+        assert!(err.contains("not a folder"), "{err}");
+        let dir = std::env::temp_dir().join(format!("rs-model-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = ModelSource::open(dir.to_str().unwrap()).err().unwrap().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::write(dir.join("config.json"), "{not json").unwrap();
+        let err = ModelSource::open(dir.to_str().unwrap()).err().unwrap().to_string();
+        assert!(err.contains("config.json") && err.contains("key must be a string"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = ModelSource::open("synthetic:nope").err().unwrap().to_string();
+        assert!(err.contains("synthetic:tiny"), "{err}");
+    }
+}

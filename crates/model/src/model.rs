@@ -1,0 +1,158 @@
+//! The Llama forward pass, written once over `Backend` ops.
+
+use crate::backend::{Backend, StepInput};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::tensor::HostTensor;
+use crate::weights::WeightSource;
+
+/// One decoder layer's weights, projections fused: q|k|v and gate|up.
+pub struct LayerWeights<W> {
+    pub input_norm: W,
+    pub qkv: W,
+    pub qkv_bias: Option<W>,
+    pub o_proj: W,
+    pub post_norm: W,
+    pub gate_up: W,
+    pub down: W,
+}
+
+pub struct ModelWeights<W> {
+    pub embed: W,
+    pub layers: Vec<LayerWeights<W>>,
+    pub final_norm: W,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<W>,
+}
+
+/// A model on a backend: config, weights and the backend that runs it.
+pub struct LlamaModel<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    pub weights: ModelWeights<B::Weight>,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Reads every tensor from `source` (HF names), fuses q|k|v and gate|up, uploads them.
+    /// `progress` is called with (tensors done, total).
+    pub fn load(
+        config: ModelConfig,
+        mut backend: B,
+        source: &dyn WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, q, kv, inter) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
+        let total = 2 + c.num_layers + usize::from(!c.tie_word_embeddings);
+        let mut done = 0;
+        let mut tick = |n: &mut usize| {
+            *n += 1;
+            progress(*n, total);
+        };
+        let embed =
+            backend.upload(&source.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
+        tick(&mut done);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let t = |name: &str, shape: &[usize]| source.tensor(&format!("{p}.{name}"), shape);
+            let qkv = HostTensor::stack_rows(&[
+                &t("self_attn.q_proj.weight", &[q, h])?,
+                &t("self_attn.k_proj.weight", &[kv, h])?,
+                &t("self_attn.v_proj.weight", &[kv, h])?,
+            ]);
+            let qkv_bias = if c.qkv_bias {
+                let b = HostTensor::stack_rows(&[
+                    &t("self_attn.q_proj.bias", &[q])?,
+                    &t("self_attn.k_proj.bias", &[kv])?,
+                    &t("self_attn.v_proj.bias", &[kv])?,
+                ]);
+                Some(backend.upload(&b)?)
+            } else {
+                None
+            };
+            let gate_up = HostTensor::stack_rows(&[
+                &t("mlp.gate_proj.weight", &[inter, h])?,
+                &t("mlp.up_proj.weight", &[inter, h])?,
+            ]);
+            layers.push(LayerWeights {
+                input_norm: backend.upload(&t("input_layernorm.weight", &[h])?)?,
+                qkv: backend.upload(&qkv)?,
+                qkv_bias,
+                o_proj: backend.upload(&t("self_attn.o_proj.weight", &[h, q])?)?,
+                post_norm: backend.upload(&t("post_attention_layernorm.weight", &[h])?)?,
+                gate_up: backend.upload(&gate_up)?,
+                down: backend.upload(&t("mlp.down_proj.weight", &[h, inter])?)?,
+            });
+            tick(&mut done);
+        }
+        let final_norm = backend.upload(&source.tensor("model.norm.weight", &[h])?)?;
+        tick(&mut done);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            if !source.contains("lm_head.weight") {
+                return Err(ModelError::Weights(
+                    "lm_head.weight is missing and tie_word_embeddings is false".into(),
+                ));
+            }
+            let w = backend.upload(&source.tensor("lm_head.weight", &[c.vocab_size, h])?)?;
+            tick(&mut done);
+            Some(w)
+        };
+        Ok(Self { config, backend, weights: ModelWeights { embed, layers, final_norm, lm_head } })
+    }
+
+    /// Runs one step and returns the logits of the step's logit rows,
+    /// `[logit_rows.len(), vocab_size]`, row-major.
+    pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>> {
+        let n = step.num_tokens();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let c = &self.config;
+        let (b, w) = (&mut self.backend, &self.weights);
+        b.begin_step(step)?;
+        let mut residual = b.act(n, c.hidden_size)?;
+        let mut normed = b.act(n, c.hidden_size)?;
+        let mut qkv = b.act(n, c.qkv_size())?;
+        let mut q = b.act(n, c.q_size())?;
+        let mut attn = b.act(n, c.q_size())?;
+        let mut delta = b.act(n, c.hidden_size)?;
+        let mut gate_up = b.act(n, 2 * c.intermediate_size)?;
+        let mut mlp = b.act(n, c.intermediate_size)?;
+
+        b.embed(&w.embed, &mut residual)?;
+        for (i, layer) in w.layers.iter().enumerate() {
+            if i == 0 {
+                b.rms_norm(&residual, &layer.input_norm, c.rms_norm_eps, &mut normed)?;
+            } else {
+                b.add_rms_norm(
+                    &mut residual,
+                    &delta,
+                    &layer.input_norm,
+                    c.rms_norm_eps,
+                    &mut normed,
+                )?;
+            }
+            b.linear(&normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut qkv)?;
+            b.rope_append(i, &qkv, &mut q)?;
+            b.attention(i, &q, &mut attn)?;
+            b.linear(&attn, &layer.o_proj, None, &mut delta)?;
+            b.add_rms_norm(&mut residual, &delta, &layer.post_norm, c.rms_norm_eps, &mut normed)?;
+            b.linear(&normed, &layer.gate_up, None, &mut gate_up)?;
+            b.silu_mul(&gate_up, &mut mlp)?;
+            b.linear(&mlp, &layer.down, None, &mut delta)?;
+        }
+        b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
+        let rows = step.logit_rows.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut last = b.act(rows, c.hidden_size)?;
+        b.gather_logit_rows(&normed, &mut last)?;
+        let mut logits = b.act(rows, c.vocab_size)?;
+        b.linear(&last, w.lm_head.as_ref().unwrap_or(&w.embed), None, &mut logits)?;
+        b.read(&logits)
+    }
+}

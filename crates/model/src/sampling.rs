@@ -1,0 +1,286 @@
+//! Sampling from logits: greedy, temperature, top-k, top-p, min-p, and repetition /
+//! frequency / presence penalties, with vLLM's semantics.
+
+use rand::Rng;
+
+/// Per-request sampling parameters (OpenAI / vLLM names and defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability sums to at least this (1 = off).
+    pub top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
+    /// > 1 discourages tokens seen in the prompt or output (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtracted once per earlier occurrence in the output (0 = off).
+    pub frequency_penalty: f32,
+    /// Subtracted once if the token occurred in the output (0 = off).
+    pub presence_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = [
+            ("temperature", self.temperature),
+            ("top_p", self.top_p),
+            ("min_p", self.min_p),
+            ("repetition_penalty", self.repetition_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ];
+        if let Some((name, v)) = finite.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{name} must be a finite number, got {v}"));
+        }
+        if self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty)
+            || !(-2.0..=2.0).contains(&self.presence_penalty)
+        {
+            return Err("frequency_penalty and presence_penalty must be in [-2, 2]".into());
+        }
+        Ok(())
+    }
+
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
+}
+
+/// Token counts a request has seen, for penalties.
+#[derive(Clone, Debug, Default)]
+pub struct TokenCounts {
+    /// Tokens of the prompt (repetition penalty only).
+    pub prompt: std::collections::HashSet<u32>,
+    /// Occurrences of each token in the output so far.
+    pub output: std::collections::HashMap<u32, u32>,
+}
+
+impl TokenCounts {
+    pub fn new(prompt: &[u32]) -> Self {
+        Self { prompt: prompt.iter().copied().collect(), output: Default::default() }
+    }
+
+    pub fn add_output(&mut self, token: u32) {
+        *self.output.entry(token).or_default() += 1;
+    }
+}
+
+/// The sampled token and its log-probability under the unmodified logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// Samples one token from `logits` (modified in place by penalties and temperature).
+/// The log-probability is of the unmodified distribution, as OpenAI reports it.
+pub fn sample(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    counts: &TokenCounts,
+    rng: &mut impl Rng,
+) -> Sampled {
+    let log_z = log_sum_exp(logits);
+    // Greedy without penalties leaves the logits as they are; otherwise keep a copy.
+    let untouched = params.is_greedy() && !params.has_penalties();
+    let raw = (!untouched).then(|| logits.to_vec());
+    apply_penalties(logits, params, counts);
+    let token =
+        if params.is_greedy() { argmax(logits) } else { sample_filtered(logits, params, rng) };
+    let raw_logit = raw.as_ref().map_or(logits[token as usize], |r| r[token as usize]);
+    Sampled { token, logprob: raw_logit - log_z }
+}
+
+fn apply_penalties(logits: &mut [f32], p: &SamplingParams, counts: &TokenCounts) {
+    if p.repetition_penalty != 1.0 {
+        let seen = counts.prompt.iter().chain(counts.output.keys());
+        for &t in seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        for (&t, &n) in &counts.output {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+            }
+        }
+    }
+}
+
+/// Highest logit, lowest index on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln()
+}
+
+fn sample_filtered(logits: &mut [f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    for l in logits.iter_mut() {
+        *l /= p.temperature;
+    }
+    // Candidates sorted by logit, descending (ties by index for determinism).
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| {
+        logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+    });
+    if p.top_k > 0 {
+        order.truncate(p.top_k);
+    }
+    let max = logits[order[0] as usize];
+    let mut probs: Vec<f32> = order.iter().map(|&t| (logits[t as usize] - max).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    if p.min_p > 0.0 {
+        let floor = p.min_p * probs[0];
+        let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+        probs.truncate(keep);
+    }
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, &x) in probs.iter().enumerate() {
+            cum += x;
+            if cum >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+    }
+    let total: f32 = probs.iter().sum();
+    let mut u = rng.random::<f32>() * total;
+    for (i, &x) in probs.iter().enumerate() {
+        if u < x {
+            return order[i];
+        }
+        u -= x;
+    }
+    order[probs.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_its_logprob() {
+        let mut l = vec![0.0, 3.0, 1.0, 3.0];
+        let s = sample(
+            &mut l,
+            &SamplingParams::greedy(),
+            &TokenCounts::default(),
+            &mut rand::rngs::StdRng::seed_from_u64(0),
+        );
+        assert_eq!(s.token, 1);
+        let z = (1.0f32 + 2.0 * 3f32.exp() + 1f32.exp()).ln();
+        assert!((s.logprob - (3.0 - z)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seeds_reproduce() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin()).collect();
+        let p = SamplingParams { top_k: 1, ..Default::default() };
+        let mut l = logits.clone();
+        assert_eq!(
+            sample(&mut l, &p, &TokenCounts::default(), &mut rand::rng()).token,
+            argmax(&logits)
+        );
+        let p =
+            SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(3), ..Default::default() };
+        let draw = |seed| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            (0..20)
+                .map(|_| sample(&mut logits.clone(), &p, &TokenCounts::default(), &mut rng).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // Token 0 has ~88% of the mass at temperature 1.
+        let logits = vec![4.0, 2.0, 0.0, -2.0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for p in [
+            SamplingParams { top_p: 0.5, ..Default::default() },
+            SamplingParams { min_p: 0.5, ..Default::default() },
+        ] {
+            for _ in 0..100 {
+                assert_eq!(
+                    sample(&mut logits.clone(), &p, &TokenCounts::default(), &mut rng).token,
+                    0
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_follow_vllm() {
+        let mut counts = TokenCounts::new(&[0]);
+        counts.add_output(1);
+        counts.add_output(1);
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::greedy()
+        };
+        let mut l = vec![4.0, -1.0, 3.0];
+        apply_penalties(&mut l, &p, &counts);
+        assert_eq!(l, vec![2.0, -2.0 - 1.0 - 0.25, 3.0]);
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! Host tensors: what loaders produce and backends upload.
+
+use half::{bf16, f16};
+
+/// Element storage of a host tensor, in the dtype the checkpoint holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl HostData {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::BF16(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Self::F32(_) => "f32",
+            Self::BF16(_) => "bf16",
+            Self::F16(_) => "f16",
+        }
+    }
+
+    /// Converts `[start, start + out.len())` to f32 into `out`.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            Self::F32(v) => out.copy_from_slice(&v[start..end]),
+            Self::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Self::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read_f32(0, &mut out);
+        out
+    }
+
+    /// Concatenates tensors of one dtype (fused projections); f32 if they differ.
+    pub fn concat(parts: &[&HostData]) -> HostData {
+        let same = |f: fn(&HostData) -> bool| parts.iter().all(|p| f(p));
+        if same(|p| matches!(p, Self::BF16(_))) {
+            Self::BF16(
+                parts
+                    .iter()
+                    .flat_map(|p| match p {
+                        Self::BF16(v) => v.clone(),
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            )
+        } else if same(|p| matches!(p, Self::F16(_))) {
+            Self::F16(
+                parts
+                    .iter()
+                    .flat_map(|p| match p {
+                        Self::F16(v) => v.clone(),
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            )
+        } else {
+            Self::F32(parts.iter().flat_map(|p| p.to_f32()).collect())
+        }
+    }
+}
+
+/// A named-shape tensor on the host: a matrix `[rows, cols]` or a vector `[len]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+impl HostTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// `[rows, cols]` of a matrix, `[1, len]` of a vector.
+    pub fn matrix_dims(&self) -> (usize, usize) {
+        match self.shape[..] {
+            [r, c] => (r, c),
+            [n] => (1, n),
+            _ => (1, self.numel()),
+        }
+    }
+
+    /// Stacks matrices with equal column counts row-wise (q|k|v, gate|up), or
+    /// concatenates vectors (their biases).
+    pub fn stack_rows(parts: &[&HostTensor]) -> HostTensor {
+        let data = HostData::concat(&parts.iter().map(|p| &p.data).collect::<Vec<_>>());
+        if parts.iter().all(|p| p.shape.len() == 1) {
+            return HostTensor { shape: vec![data.len()], data };
+        }
+        let cols = parts[0].matrix_dims().1;
+        debug_assert!(parts.iter().all(|p| p.matrix_dims().1 == cols));
+        let rows: usize = parts.iter().map(|p| p.matrix_dims().0).sum();
+        HostTensor { shape: vec![rows, cols], data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_and_converts() {
+        let a = HostTensor { shape: vec![1, 2], data: HostData::BF16(vec![bf16::ONE, bf16::ZERO]) };
+        let b = HostTensor { shape: vec![2, 2], data: HostData::F32(vec![1.0, 2.0, 3.0, 4.0]) };
+        let s = HostTensor::stack_rows(&[&a, &b]);
+        assert_eq!(s.shape, vec![3, 2]);
+        assert_eq!(s.data, HostData::F32(vec![1.0, 0.0, 1.0, 2.0, 3.0, 4.0]));
+        let s2 = HostTensor::stack_rows(&[&a, &a]);
+        assert!(matches!(s2.data, HostData::BF16(_)));
+    }
+}
