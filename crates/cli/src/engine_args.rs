@@ -63,16 +63,16 @@ impl ModelArgs {
     }
 
     /// Loads the model onto the chosen device and builds the engine.
-    pub fn build_engine(&self) -> anyhow::Result<(Engine, String)> {
+    pub fn build_engine(&self) -> anyhow::Result<BuiltEngine> {
         let source = ModelSource::open(&self.model)?;
-        let name = source.name.clone();
         let runner: Box<dyn radix_engine::Runner> = match self.device {
             Device::Cpu => Box::new(source.load(CpuBackend::new())?),
             Device::Cuda => anyhow::bail!(
                 "--device cuda: the CUDA backend is not part of this build yet; use --device cpu"
             ),
         };
-        let engine = Engine::new(runner, Arc::new(source.tokenizer), self.engine_config())?;
+        let ModelSource { name, tokenizer, chat_template, .. } = source;
+        let engine = Engine::new(runner, Arc::new(tokenizer), self.engine_config())?;
         tracing::info!(
             model = %name,
             backend = %engine.runner().backend_name(),
@@ -81,8 +81,16 @@ impl ModelArgs {
             max_model_len = engine.max_model_len(),
             "engine ready"
         );
-        Ok((engine, name))
+        Ok(BuiltEngine { engine, name, chat_template })
     }
+}
+
+/// An engine with what clients need besides it.
+pub struct BuiltEngine {
+    pub engine: Engine,
+    /// The model name clients use.
+    pub name: String,
+    pub chat_template: radix_model::ChatTemplate,
 }
 
 /// Sampling and stop options shared by `generate` and `bench`.

@@ -24,20 +24,18 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.sampling.max_tokens >= 1, "--max-tokens must be at least 1");
-    let (engine, name) = args.model.build_engine()?;
+    let built = args.model.build_engine()?;
+    let (engine, name) = (built.engine, built.name);
     let tokenizer = engine.tokenizer().clone();
     let text = if args.chat {
-        let source = radix_model::ModelSource::open(&args.model.model)?;
-        source
-            .chat_template
-            .render(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }], true)?
+        let user = ChatMessage { role: "user".into(), content: args.prompt.clone() };
+        built.chat_template.render(&[user], true)?
     } else {
         args.prompt.clone()
     };
     let prompt = tokenizer.encode(&text, !args.chat)?;
     let handle = EngineHandle::spawn(engine, name);
-    let mut req = Request::new(prompt, args.sampling.params(), args.sampling.stop());
-    req.logprobs = false;
+    let req = Request::new(prompt, args.sampling.params(), args.sampling.stop());
     let started = std::time::Instant::now();
     let (_id, mut rx) = handle.submit(req)?;
     let mut out = std::io::stdout().lock();

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use radix_kv::{PagePool, PageTableBuilder, RadixCache};
-use radix_model::{StepInput, Tokenizer, sampling};
+use radix_model::{SampleRequest, Sampled, StepInput, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::EngineStats;
@@ -251,7 +251,7 @@ impl Engine {
             return false;
         }
         match self.execute(&plan) {
-            Ok(mut logits) => self.process(&plan, &mut logits),
+            Ok(sampled) => self.process(&plan, &sampled),
             Err(e) => {
                 // A failed step fails the requests in it; the engine goes on.
                 tracing::error!("step failed: {e}");
@@ -412,8 +412,9 @@ impl Engine {
         self.waiting.push_front(seq);
     }
 
-    /// Builds the step's batch and runs the model; returns the logits of sampling rows.
-    fn execute(&mut self, plan: &[Scheduled]) -> Result<Vec<f32>, String> {
+    /// Builds the step's batch, runs the model and samples every sequence that reached
+    /// its last token (in plan order).
+    fn execute(&mut self, plan: &[Scheduled]) -> Result<Vec<Sampled>, String> {
         self.table.clear();
         self.tokens.clear();
         self.positions.clear();
@@ -440,12 +441,23 @@ impl Engine {
             kv_last_page_len: t.kv_last_page_len(),
             logit_rows: &self.logit_rows,
         };
-        self.runner.forward(&step).map_err(|e| e.to_string())
+        self.runner.forward(&step).map_err(|e| e.to_string())?;
+        let requests: Vec<SampleRequest> = plan
+            .iter()
+            .map(|s| &self.running[s.index])
+            .filter(|seq| seq.computed + seq.step_len == seq.tokens.len())
+            .map(|seq| SampleRequest {
+                params: &seq.sampling,
+                counts: &seq.counts,
+                seed: seq.seed,
+                index: seq.num_output() as u64,
+            })
+            .collect();
+        self.runner.sample(&requests).map_err(|e| e.to_string())
     }
 
     /// Advances the scheduled sequences past the step: samples, stops, streams.
-    fn process(&mut self, plan: &[Scheduled], logits: &mut [f32]) {
-        let vocab = self.runner.config().vocab_size;
+    fn process(&mut self, plan: &[Scheduled], sampled: &[Sampled]) {
         let mut row = 0;
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
         for s in plan {
@@ -458,9 +470,8 @@ impl Engine {
             if prefilling && self.cfg.prefix_cache {
                 cache_computed(&mut self.cache, &mut self.pool, seq, self.cfg.page_size);
             }
-            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
+            let sampled = sampled[row];
             row += 1;
-            let sampled = sampling::sample(row_logits, &seq.sampling, &seq.counts, &mut seq.rng);
             let token = sampled.token;
             seq.tokens.push(token);
             seq.counts.add_output(token);

@@ -1,15 +1,17 @@
 //! What the engine needs from a model: run a step, know its shape. Object-safe, so the
 //! engine is not generic over the backend.
 
-use radix_model::{Backend, LlamaModel, ModelConfig, StepInput};
+use radix_model::{Backend, LlamaModel, ModelConfig, SampleRequest, Sampled, StepInput};
 
 pub trait Runner: Send {
     fn config(&self) -> &ModelConfig;
     fn backend_name(&self) -> String;
     /// Allocates the KV pool once, before the first step.
     fn init_kv(&mut self, num_pages: usize, page_size: usize) -> radix_model::Result<()>;
-    /// Logits `[step.logit_rows.len(), vocab]`.
-    fn forward(&mut self, step: &StepInput) -> radix_model::Result<Vec<f32>>;
+    /// Runs the step up to the logits of `step.logit_rows` (kept on the backend).
+    fn forward(&mut self, step: &StepInput) -> radix_model::Result<()>;
+    /// One token per logits row of the last `forward`.
+    fn sample(&mut self, requests: &[SampleRequest]) -> radix_model::Result<Vec<Sampled>>;
 }
 
 impl<B: Backend + Send> Runner for LlamaModel<B>
@@ -29,7 +31,11 @@ where
         self.backend.init_kv(&cfg, num_pages, page_size)
     }
 
-    fn forward(&mut self, step: &StepInput) -> radix_model::Result<Vec<f32>> {
+    fn forward(&mut self, step: &StepInput) -> radix_model::Result<()> {
         LlamaModel::forward(self, step)
+    }
+
+    fn sample(&mut self, requests: &[SampleRequest]) -> radix_model::Result<Vec<Sampled>> {
+        LlamaModel::sample(self, requests)
     }
 }

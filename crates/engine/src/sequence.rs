@@ -3,8 +3,6 @@
 
 use radix_kv::{NodeId, PageId};
 use radix_model::{SamplingParams, TokenCounts};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::detokenize::Detokenizer;
@@ -31,7 +29,8 @@ pub(crate) struct Sequence {
     /// Admission order; preemption takes the newest first.
     pub arrival: u64,
     pub counts: TokenCounts,
-    pub rng: StdRng,
+    /// Fixes the sampler's random numbers (the request's seed, or one drawn at arrival).
+    pub seed: u64,
     pub detok: Detokenizer,
     pub sink: UnboundedSender<Output>,
     pub preempted: u32,
@@ -41,10 +40,7 @@ pub(crate) struct Sequence {
 
 impl Sequence {
     pub fn new(id: RequestId, req: Request, arrival: u64, sink: UnboundedSender<Output>) -> Self {
-        let rng = match req.sampling.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
+        let seed = req.sampling.seed.unwrap_or_else(rand::random);
         Self {
             id,
             counts: TokenCounts::new(&req.prompt),
@@ -60,7 +56,7 @@ impl Sequence {
             node: None,
             cached_tokens: 0,
             arrival,
-            rng,
+            seed,
             sink,
             preempted: 0,
             step_len: 0,

@@ -7,6 +7,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
 
 /// One step's batch, as the scheduler planned it: the tokens to compute and where their
@@ -106,6 +107,13 @@ pub trait Backend {
     /// `out[i] = x[logit_rows[i]]`.
     fn gather_logit_rows(&mut self, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
 
-    /// Copies an activation to the host as f32 (logits).
-    fn read(&mut self, x: &Self::Act) -> Result<Vec<f32>>;
+    /// `logits = x · headᵀ` in f32, kept by the backend for `sample` / `read_logits`.
+    fn logits(&mut self, x: &Self::Act, head: &Self::Weight) -> Result<()>;
+
+    /// Samples one token per logits row (`requests[i]` for row i). Only the tokens (and
+    /// their log-probabilities) come back to the host.
+    fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>>;
+
+    /// The last logits, `[rows, vocab]` row-major (tests and debugging).
+    fn read_logits(&mut self) -> Result<Vec<f32>>;
 }

@@ -22,5 +22,5 @@ pub use cpu::CpuBackend;
 pub use error::{ModelError, Result};
 pub use loader::ModelSource;
 pub use model::LlamaModel;
-pub use sampling::{Sampled, SamplingParams, TokenCounts};
+pub use sampling::{SampleRequest, Sampled, SamplingParams, TokenCounts};
 pub use tokenizer::Tokenizer;

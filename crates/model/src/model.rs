@@ -3,6 +3,7 @@
 use crate::backend::{Backend, StepInput};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
 use crate::weights::WeightSource;
 
@@ -103,12 +104,11 @@ impl<B: Backend> LlamaModel<B> {
         Ok(Self { config, backend, weights: ModelWeights { embed, layers, final_norm, lm_head } })
     }
 
-    /// Runs one step and returns the logits of the step's logit rows,
-    /// `[logit_rows.len(), vocab_size]`, row-major.
-    pub fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>> {
+    /// Runs one step up to the logits of the step's logit rows (kept by the backend).
+    pub fn forward(&mut self, step: &StepInput) -> Result<()> {
         let n = step.num_tokens();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let c = &self.config;
         let (b, w) = (&mut self.backend, &self.weights);
@@ -147,12 +147,27 @@ impl<B: Backend> LlamaModel<B> {
         b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
         let rows = step.logit_rows.len();
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let mut last = b.act(rows, c.hidden_size)?;
         b.gather_logit_rows(&normed, &mut last)?;
-        let mut logits = b.act(rows, c.vocab_size)?;
-        b.linear(&last, w.lm_head.as_ref().unwrap_or(&w.embed), None, &mut logits)?;
-        b.read(&logits)
+        b.logits(&last, w.lm_head.as_ref().unwrap_or(&w.embed))
+    }
+
+    /// Samples the logit rows of the last `forward`.
+    pub fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>> {
+        if requests.is_empty() {
+            return Ok(Vec::new()); // a step of prefill chunks only: no logits were made
+        }
+        self.backend.sample(requests)
+    }
+
+    /// `forward`, then the logits on the host, `[logit_rows.len(), vocab_size]`.
+    pub fn forward_logits(&mut self, step: &StepInput) -> Result<Vec<f32>> {
+        if step.logit_rows.is_empty() || step.tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.forward(step)?;
+        self.backend.read_logits()
     }
 }

@@ -1,8 +1,6 @@
 //! Sampling from logits: greedy, temperature, top-k, top-p, min-p, and repetition /
 //! frequency / presence penalties, with vLLM's semantics.
 
-use rand::Rng;
-
 /// Per-request sampling parameters (OpenAI / vLLM names and defaults).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -112,21 +110,50 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
+/// What a backend needs to sample one logits row.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleRequest<'a> {
+    pub params: &'a SamplingParams,
+    pub counts: &'a TokenCounts,
+    /// The request's seed (its own, or one drawn when it arrived).
+    pub seed: u64,
+    /// Which output token this is (0 for the first): with `seed`, it fixes the random
+    /// numbers, so a seeded request samples the same tokens however it is batched.
+    pub index: u64,
+}
+
+impl SampleRequest<'_> {
+    /// The uniform in [0, 1) for this draw (`salt` tells several draws apart).
+    pub fn uniform(&self, salt: u64) -> f32 {
+        uniform(self.seed, self.index, salt)
+    }
+}
+
+/// A counter-based uniform in [0, 1): a hash of (seed, index, salt), so draws do not
+/// depend on the order requests are served in. The CUDA sampler uses the same hash.
+pub fn uniform(seed: u64, index: u64, salt: u64) -> f32 {
+    let mut z =
+        seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// Samples one token from `logits` (modified in place by penalties and temperature).
 /// The log-probability is of the unmodified distribution, as OpenAI reports it.
-pub fn sample(
-    logits: &mut [f32],
-    params: &SamplingParams,
-    counts: &TokenCounts,
-    rng: &mut impl Rng,
-) -> Sampled {
+pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
+    let params = req.params;
     let log_z = log_sum_exp(logits);
     // Greedy without penalties leaves the logits as they are; otherwise keep a copy.
     let untouched = params.is_greedy() && !params.has_penalties();
     let raw = (!untouched).then(|| logits.to_vec());
-    apply_penalties(logits, params, counts);
-    let token =
-        if params.is_greedy() { argmax(logits) } else { sample_filtered(logits, params, rng) };
+    apply_penalties(logits, params, req.counts);
+    let token = if params.is_greedy() {
+        argmax(logits)
+    } else {
+        sample_filtered(logits, params, req.uniform(0))
+    };
     let raw_logit = raw.as_ref().map_or(logits[token as usize], |r| r[token as usize]);
     Sampled { token, logprob: raw_logit - log_z }
 }
@@ -165,7 +192,7 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
     max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln()
 }
 
-fn sample_filtered(logits: &mut [f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
+fn sample_filtered(logits: &mut [f32], p: &SamplingParams, u: f32) -> u32 {
     for l in logits.iter_mut() {
         *l /= p.temperature;
     }
@@ -199,7 +226,7 @@ fn sample_filtered(logits: &mut [f32], p: &SamplingParams, rng: &mut impl Rng) -
         probs.truncate(keep);
     }
     let total: f32 = probs.iter().sum();
-    let mut u = rng.random::<f32>() * total;
+    let mut u = u * total;
     for (i, &x) in probs.iter().enumerate() {
         if u < x {
             return order[i];
@@ -212,17 +239,21 @@ fn sample_filtered(logits: &mut [f32], p: &SamplingParams, rng: &mut impl Rng) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+
+    fn req<'a>(
+        params: &'a SamplingParams,
+        counts: &'a TokenCounts,
+        seed: u64,
+        index: u64,
+    ) -> SampleRequest<'a> {
+        SampleRequest { params, counts, seed, index }
+    }
 
     #[test]
     fn greedy_takes_the_argmax_and_reports_its_logprob() {
         let mut l = vec![0.0, 3.0, 1.0, 3.0];
-        let s = sample(
-            &mut l,
-            &SamplingParams::greedy(),
-            &TokenCounts::default(),
-            &mut rand::rngs::StdRng::seed_from_u64(0),
-        );
+        let (p, c) = (SamplingParams::greedy(), TokenCounts::default());
+        let s = sample(&mut l, &req(&p, &c, 0, 0));
         assert_eq!(s.token, 1);
         let z = (1.0f32 + 2.0 * 3f32.exp() + 1f32.exp()).ln();
         assert!((s.logprob - (3.0 - z)).abs() < 1e-5);
@@ -231,39 +262,42 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_reproduce() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.7).sin()).collect();
+        let c = TokenCounts::default();
         let p = SamplingParams { top_k: 1, ..Default::default() };
-        let mut l = logits.clone();
-        assert_eq!(
-            sample(&mut l, &p, &TokenCounts::default(), &mut rand::rng()).token,
-            argmax(&logits)
-        );
-        let p =
-            SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(3), ..Default::default() };
+        assert_eq!(sample(&mut logits.clone(), &req(&p, &c, 9, 0)).token, argmax(&logits));
+        let p = SamplingParams { temperature: 0.8, top_p: 0.9, ..Default::default() };
         let draw = |seed| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             (0..20)
-                .map(|_| sample(&mut logits.clone(), &p, &TokenCounts::default(), &mut rng).token)
+                .map(|i| sample(&mut logits.clone(), &req(&p, &c, seed, i)).token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
     }
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         // Token 0 has ~88% of the mass at temperature 1.
         let logits = vec![4.0, 2.0, 0.0, -2.0];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let c = TokenCounts::default();
         for p in [
             SamplingParams { top_p: 0.5, ..Default::default() },
             SamplingParams { min_p: 0.5, ..Default::default() },
         ] {
-            for _ in 0..100 {
-                assert_eq!(
-                    sample(&mut logits.clone(), &p, &TokenCounts::default(), &mut rng).token,
-                    0
-                );
+            for i in 0..100 {
+                assert_eq!(sample(&mut logits.clone(), &req(&p, &c, 1, i)).token, 0);
             }
         }
+    }
+
+    #[test]
+    fn uniforms_are_spread_and_distinct() {
+        let u: Vec<f32> = (0..1000).map(|i| uniform(7, i, 0)).collect();
+        assert!(u.iter().all(|x| (0.0..1.0).contains(x)));
+        let mean = u.iter().sum::<f32>() / 1000.0;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
+        assert_ne!(uniform(7, 0, 0), uniform(8, 0, 0));
+        assert_ne!(uniform(7, 0, 0), uniform(7, 0, 1));
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Sequence {
             kv_last_page_len: &[last],
             logit_rows: rows,
         };
-        let logits = model.forward(&step).unwrap();
+        let logits = model.forward_logits(&step).unwrap();
         self.computed = total;
         logits
     }

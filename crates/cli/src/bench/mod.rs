@@ -2,6 +2,7 @@
 //! writes one JSON object per measured shape for bench/record.py to pair with its peer.
 
 mod attention;
+pub mod dataset;
 mod decode;
 mod gemm;
 

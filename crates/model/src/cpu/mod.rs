@@ -10,6 +10,7 @@ use radix_kernels::rope::RopeConfig;
 use crate::backend::{Activation, Backend, StepInput};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::sampling::{self, SampleRequest, Sampled};
 use crate::tensor::{HostData, HostTensor};
 
 /// An f32 activation matrix.
@@ -70,6 +71,9 @@ pub struct CpuBackend {
     head_dim: usize,
     inv_freq: Vec<f32>,
     step: Step,
+    /// The last logits, `[logit_rows, vocab]`.
+    logits: Vec<f32>,
+    vocab: usize,
 }
 
 impl CpuBackend {
@@ -83,6 +87,8 @@ impl CpuBackend {
             head_dim: 0,
             inv_freq: Vec::new(),
             step: Step::default(),
+            logits: Vec::new(),
+            vocab: 0,
         }
     }
 
@@ -316,8 +322,33 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn read(&mut self, x: &CpuAct) -> Result<Vec<f32>> {
-        Ok(x.data.clone())
+    fn logits(&mut self, x: &CpuAct, head: &CpuWeight) -> Result<()> {
+        Self::check(x.cols == head.cols, || "logits: shape mismatch".into())?;
+        self.logits.resize(x.rows * head.rows, 0.0);
+        linear::matmul_nt(&x.data, x.rows, x.cols, &head.data, head.rows, None, &mut self.logits);
+        self.vocab = head.rows;
+        Ok(())
+    }
+
+    fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>> {
+        let vocab = self.vocab;
+        Self::check(vocab > 0 && requests.len() * vocab == self.logits.len(), || {
+            format!(
+                "sample: {} requests for {} logits rows",
+                requests.len(),
+                self.logits.len() / vocab.max(1)
+            )
+        })?;
+        Ok(self
+            .logits
+            .chunks_mut(vocab)
+            .zip(requests)
+            .map(|(row, req)| sampling::sample(row, req))
+            .collect())
+    }
+
+    fn read_logits(&mut self) -> Result<Vec<f32>> {
+        Ok(self.logits.clone())
     }
 }
 

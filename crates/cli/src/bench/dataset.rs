@@ -1,0 +1,132 @@
+//! Benchmark workloads: what to send and how much to generate.
+//!
+//! - `synthetic-sharegpt`: input and output lengths drawn (fixed seed) from log-normal
+//!   distributions with ShareGPT's means after vLLM's filtering, about 220 input and 200
+//!   output tokens per request with long tails: ln(len) ~ N(mu, 0.9²) with
+//!   mu = ln(mean) - 0.9²/2, clipped to [4, 1024]. Prompts are random printable-ASCII
+//!   token ids (below 128, so they exist in every byte-level or BPE vocabulary's base).
+//! - `random:IN:OUT`: every request has IN input and OUT output tokens.
+//! - a path to a ShareGPT JSON file (`[{"conversations": [{"from": "human", "value":
+//!   ...}, {"from": "gpt", "value": ...}]}]`): the first human turn is the prompt, the
+//!   length of the reply (in tokenizer tokens) the output length, filtered as vLLM does
+//!   (prompt and reply at least 4 tokens, prompt at most 1024, total at most 2048).
+
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, LogNormal};
+
+/// One benchmark request.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub prompt: Vec<u32>,
+    pub output_len: usize,
+}
+
+pub const SHAREGPT_MEAN_INPUT: f64 = 220.0;
+pub const SHAREGPT_MEAN_OUTPUT: f64 = 200.0;
+const SIGMA: f64 = 0.9;
+
+/// Loads `n` samples of `spec` (see the module docs).
+pub fn load(
+    spec: &str,
+    n: usize,
+    tokenizer: &radix_model::Tokenizer,
+    seed: u64,
+) -> anyhow::Result<Vec<Sample>> {
+    anyhow::ensure!(n > 0, "--num-prompts must be at least 1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let random_prompt = |rng: &mut rand::rngs::StdRng, len: usize| -> Vec<u32> {
+        (0..len).map(|_| rng.random_range(32u32..127)).collect()
+    };
+    if spec == "synthetic-sharegpt" {
+        let input = LogNormal::new(SHAREGPT_MEAN_INPUT.ln() - SIGMA * SIGMA / 2.0, SIGMA)?;
+        let output = LogNormal::new(SHAREGPT_MEAN_OUTPUT.ln() - SIGMA * SIGMA / 2.0, SIGMA)?;
+        return Ok((0..n)
+            .map(|_| {
+                let i = (input.sample(&mut rng).round() as usize).clamp(4, 1024);
+                let o = (output.sample(&mut rng).round() as usize).clamp(4, 1024);
+                Sample { prompt: random_prompt(&mut rng, i), output_len: o }
+            })
+            .collect());
+    }
+    if let Some(rest) = spec.strip_prefix("random:") {
+        let (i, o) = rest
+            .split_once(':')
+            .and_then(|(i, o)| Some((i.parse::<usize>().ok()?, o.parse::<usize>().ok()?)))
+            .filter(|&(i, o)| i > 0 && o > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "bad dataset {spec:?}: expected random:IN:OUT with positive lengths"
+                )
+            })?;
+        return Ok((0..n)
+            .map(|_| Sample { prompt: random_prompt(&mut rng, i), output_len: o })
+            .collect());
+    }
+    let text = std::fs::read_to_string(spec)
+        .map_err(|e| anyhow::anyhow!("dataset {spec}: {e} (expected synthetic-sharegpt, random:IN:OUT or a ShareGPT JSON file)"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("dataset {spec}: {e}"))?;
+    let mut out = Vec::new();
+    for conv in json.as_array().into_iter().flatten() {
+        let turns = conv["conversations"].as_array();
+        let (Some(human), Some(reply)) = (
+            turns.and_then(|t| t.first()).and_then(|t| t["value"].as_str()),
+            turns.and_then(|t| t.get(1)).and_then(|t| t["value"].as_str()),
+        ) else {
+            continue;
+        };
+        let prompt = tokenizer.encode(human, true)?;
+        let output_len = tokenizer.encode(reply, false)?.len();
+        if prompt.len() < 4
+            || output_len < 4
+            || prompt.len() > 1024
+            || prompt.len() + output_len > 2048
+        {
+            continue;
+        }
+        out.push(Sample { prompt, output_len });
+        if out.len() == n {
+            break;
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "dataset {spec}: no usable conversations");
+    if out.len() < n {
+        tracing::warn!(
+            "dataset {spec} has {} usable conversations, fewer than the {n} asked for",
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_sharegpt_has_sharegpt_like_means_and_is_fixed() {
+        let tok = radix_model::Tokenizer::Bytes;
+        let a = load("synthetic-sharegpt", 1000, &tok, 0).unwrap();
+        let b = load("synthetic-sharegpt", 1000, &tok, 0).unwrap();
+        assert_eq!(
+            a.iter().map(|s| s.output_len).collect::<Vec<_>>(),
+            b.iter().map(|s| s.output_len).collect::<Vec<_>>()
+        );
+        let mean_in = a.iter().map(|s| s.prompt.len()).sum::<usize>() as f64 / 1000.0;
+        let mean_out = a.iter().map(|s| s.output_len).sum::<usize>() as f64 / 1000.0;
+        assert!((180.0..260.0).contains(&mean_in), "{mean_in}");
+        assert!((160.0..240.0).contains(&mean_out), "{mean_out}");
+        assert!(a.iter().any(|s| s.prompt.len() > 600), "long tail");
+    }
+
+    #[test]
+    fn random_and_errors() {
+        let tok = radix_model::Tokenizer::Bytes;
+        let r = load("random:100:7", 3, &tok, 0).unwrap();
+        assert!(r.iter().all(|s| s.prompt.len() == 100 && s.output_len == 7));
+        assert!(load("random:0:7", 3, &tok, 0).is_err());
+        assert!(
+            load("/nope.json", 3, &tok, 0).unwrap_err().to_string().contains("synthetic-sharegpt")
+        );
+    }
+}
