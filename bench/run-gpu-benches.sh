@@ -45,6 +45,27 @@ decode)
   record --ours "$out/d_ours.jsonl" --command "radix-sparse bench decode" \
     --note "bandwidth = (K+V bytes read + Q,O bytes) / median time; ratio = fraction of the copy bandwidth"
   ;;
+offline)
+  # Published peers (not measured here): SGLang and vLLM serving Llama-3.1-8B on one H100
+  # over 1,000 ShareGPT prompts (SGLang's v0.2 benchmark post).
+  for ds in synthetic-sharegpt random:1024:1024; do
+    rm -f "$out/o_ours.jsonl" "$out/o_sglang.jsonl" "$out/o_vllm.jsonl"
+    "$rs" bench offline --model synthetic:llama3-8b --dataset "$ds" --num-prompts "${OFFLINE_PROMPTS:-1000}" --device cuda --json "$out/o_ours.jsonl"
+    python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+for line in open(f"{out}/o_ours.jsonl"):
+    r = json.loads(line)
+    for name, value in (("o_sglang", 16215), ("o_vllm", 12553)):
+        peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": value, "unit": r["unit"],
+                "peer": f"{name[2:]} (published: Llama-3.1-8B, 1,000 ShareGPT prompts, one H100; not measured here)"}
+        open(f"{out}/{name}.jsonl", "a").write(json.dumps(peer) + "\n")
+PY
+    record --ours "$out/o_ours.jsonl" --peer "$out/o_sglang.jsonl" --peer "$out/o_vllm.jsonl" \
+      --command "radix-sparse bench offline --model synthetic:llama3-8b --dataset $ds --device cuda" \
+      --note "peer figures are published numbers for a real Llama-3.1-8B on ShareGPT, not measured in this run"
+  done
+  ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.
   for args in "--batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16" \

@@ -4,14 +4,27 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use radix_engine::{Engine, EngineConfig};
-use radix_model::{CpuBackend, ModelSource};
+use radix_model::{CpuBackend, CudaBackend, ModelSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
+    /// CUDA when a GPU is found, else the CPU.
+    Auto,
     /// The CPU backend (runs anywhere).
     Cpu,
-    /// An NVIDIA GPU.
+    /// An NVIDIA GPU (GPU 0).
     Cuda,
+}
+
+impl Device {
+    /// `Auto` made concrete.
+    pub fn resolve(self) -> Device {
+        match self {
+            Device::Auto if radix_gpu::Device::count().unwrap_or(0) > 0 => Device::Cuda,
+            Device::Auto => Device::Cpu,
+            d => d,
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -20,20 +33,23 @@ pub struct ModelArgs {
     #[arg(long, default_value = "synthetic:tiny")]
     pub model: String,
     /// Where the model runs.
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     /// Tokens per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: usize,
-    /// KV pages in the pool.
-    #[arg(long, default_value_t = 4096)]
-    pub kv_pages: usize,
-    /// Tokens computed per step at most.
-    #[arg(long, default_value_t = 2048)]
-    pub max_batched_tokens: usize,
-    /// Requests running at once at most.
-    #[arg(long, default_value_t = 64)]
-    pub max_running: usize,
+    /// KV pages in the pool (default: CPU 4096; CUDA what --mem-fraction leaves).
+    #[arg(long)]
+    pub kv_pages: Option<usize>,
+    /// CUDA: fraction of GPU memory for weights, activations and the KV pool together.
+    #[arg(long, default_value_t = 0.85)]
+    pub mem_fraction: f64,
+    /// Tokens computed per step at most (default: CPU 2048, CUDA 8192).
+    #[arg(long)]
+    pub max_batched_tokens: Option<usize>,
+    /// Requests running at once at most (default: CPU 64, CUDA 1024).
+    #[arg(long)]
+    pub max_running: Option<usize>,
     /// Requests waiting at most (more get 429).
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
@@ -49,12 +65,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn engine_config(&self) -> EngineConfig {
+    /// The engine limits for `device` (already resolved) and a KV pool of `num_pages`.
+    pub fn engine_config(&self, device: Device, num_pages: usize) -> EngineConfig {
+        let gpu = device == Device::Cuda;
         EngineConfig {
             page_size: self.page_size,
-            num_pages: self.kv_pages,
-            max_batched_tokens: self.max_batched_tokens,
-            max_running: self.max_running,
+            num_pages,
+            max_batched_tokens: self.max_batched_tokens.unwrap_or(if gpu { 8192 } else { 2048 }),
+            max_running: self.max_running.unwrap_or(if gpu { 1024 } else { 64 }),
             max_waiting: self.max_waiting,
             prefix_cache: !self.no_prefix_cache,
             chunked_prefill: !self.no_chunked_prefill,
@@ -64,25 +82,90 @@ impl ModelArgs {
 
     /// Loads the model onto the chosen device and builds the engine.
     pub fn build_engine(&self) -> anyhow::Result<BuiltEngine> {
-        let source = ModelSource::open(&self.model)?;
-        let runner: Box<dyn radix_engine::Runner> = match self.device {
-            Device::Cpu => Box::new(source.load(CpuBackend::new())?),
-            Device::Cuda => anyhow::bail!(
-                "--device cuda: the CUDA backend is not part of this build yet; use --device cpu"
-            ),
-        };
-        let ModelSource { name, tokenizer, chat_template, .. } = source;
-        let engine = Engine::new(runner, Arc::new(tokenizer), self.engine_config())?;
+        let loaded = self.load_runner()?;
+        let engine = Engine::new(
+            loaded.runner,
+            Arc::new(loaded.tokenizer),
+            self.engine_config(loaded.device, loaded.num_pages),
+        )?;
         tracing::info!(
-            model = %name,
+            model = %loaded.name,
             backend = %engine.runner().backend_name(),
-            kv_pages = self.kv_pages,
-            kv_tokens = self.kv_pages * self.page_size,
+            kv_pages = loaded.num_pages,
+            kv_tokens = loaded.num_pages * self.page_size,
             max_model_len = engine.max_model_len(),
             "engine ready"
         );
-        Ok(BuiltEngine { engine, name, chat_template })
+        Ok(BuiltEngine { engine, name: loaded.name, chat_template: loaded.chat_template })
     }
+
+    /// Loads the model onto the chosen device and sizes its KV pool.
+    pub fn load_runner(&self) -> anyhow::Result<LoadedRunner> {
+        let source = ModelSource::open(&self.model)?;
+        let device = self.device.resolve();
+        let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
+            Device::Cuda => {
+                let model = source.load(CudaBackend::new(0)?)?;
+                let pages = match self.kv_pages {
+                    Some(p) => p,
+                    None => self.kv_pages_from_memory(&model.backend, &source.config)?,
+                };
+                (Box::new(model), pages)
+            }
+            _ => (Box::new(source.load(CpuBackend::new())?), self.kv_pages.unwrap_or(4096)),
+        };
+        let ModelSource { name, tokenizer, chat_template, .. } = source;
+        Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
+    }
+
+    /// KV pages that fit in `mem_fraction` of the GPU once the weights are loaded, keeping
+    /// room for the largest step's activations and logits.
+    fn kv_pages_from_memory(
+        &self,
+        backend: &CudaBackend,
+        cfg: &radix_model::ModelConfig,
+    ) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            self.mem_fraction > 0.0 && self.mem_fraction < 1.0,
+            "--mem-fraction must be in (0, 1)"
+        );
+        let (free, total) = backend.device().mem_info()?;
+        let used = total - free;
+        let tokens = self.max_batched_tokens.unwrap_or(8192);
+        let rows = self.max_running.unwrap_or(1024);
+        // bf16 activations of one step (residual, normed, qkv, q, attn, delta, gate|up, mlp)
+        // plus f32 logits, cuBLASLt and attention workspaces: a generous upper bound.
+        let h = cfg.hidden_size;
+        let act = tokens * (4 * h + 2 * cfg.qkv_size() + 3 * cfg.intermediate_size) * 2;
+        let reserve = act + rows * cfg.vocab_size * 4 + (512 << 20);
+        let budget = (total as f64 * self.mem_fraction) as usize;
+        let kv = budget.checked_sub(used + reserve).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after loading the weights (--mem-fraction {})",
+                used as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64,
+                self.mem_fraction
+            )
+        })?;
+        let pages = kv / CudaBackend::kv_bytes_per_page(cfg, self.page_size);
+        tracing::info!(
+            kv_gib = kv as f64 / (1u64 << 30) as f64,
+            pages,
+            tokens = pages * self.page_size,
+            "KV pool sized from free GPU memory"
+        );
+        Ok(pages)
+    }
+}
+
+/// A model loaded on a device, before an engine wraps it.
+pub struct LoadedRunner {
+    pub runner: Box<dyn radix_engine::Runner>,
+    pub num_pages: usize,
+    pub device: Device,
+    pub name: String,
+    pub tokenizer: radix_model::Tokenizer,
+    pub chat_template: radix_model::ChatTemplate,
 }
 
 /// An engine with what clients need besides it.

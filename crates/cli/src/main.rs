@@ -5,6 +5,7 @@ mod doctor;
 mod engine_args;
 mod generate;
 mod kernels;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI API (completions, chat, streaming) over HTTP.
+    Serve(serve::ServeArgs),
     /// Generate text for one prompt, streamed to the terminal.
     Generate(generate::GenerateArgs),
     /// Report the GPU, driver, CUDA libraries and kernel cache this machine has.
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Doctor => doctor::run(),
         Command::Kernels(cmd) => kernels::run(cmd),

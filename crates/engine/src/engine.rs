@@ -170,6 +170,12 @@ impl Engine {
         self.runner.as_ref()
     }
 
+    /// Ends the engine and hands the model back (to run it under another configuration).
+    /// Requests still queued or running are dropped with it.
+    pub fn into_runner(self) -> Box<dyn Runner> {
+        self.runner
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }
@@ -245,13 +251,22 @@ impl Engine {
 
     /// Runs one step. Returns false when there was nothing to do.
     pub fn step(&mut self) -> bool {
+        let t0 = std::time::Instant::now();
         let plan = self.schedule();
         if plan.is_empty() {
             self.refresh_stats();
             return false;
         }
-        match self.execute(&plan) {
-            Ok(sampled) => self.process(&plan, &sampled),
+        let t1 = std::time::Instant::now();
+        let result = self.execute(&plan);
+        let t2 = std::time::Instant::now();
+        self.stats.schedule_secs += (t1 - t0).as_secs_f64();
+        self.stats.forward_secs += (t2 - t1).as_secs_f64();
+        match result {
+            Ok(sampled) => {
+                self.process(&plan, &sampled);
+                self.stats.process_secs += t2.elapsed().as_secs_f64();
+            }
             Err(e) => {
                 // A failed step fails the requests in it; the engine goes on.
                 tracing::error!("step failed: {e}");
@@ -543,6 +558,7 @@ impl Engine {
         s.running = self.running.len();
         s.tokens_in_flight = self.running.iter().map(|q| q.tokens.len()).sum();
         s.pages_free = self.pool.free_pages();
+        s.peak_pages_used = s.peak_pages_used.max(s.pages_total - s.pages_free);
         s.pages_cached = m.cached_pages;
         s.cache_hit_tokens = m.hit_tokens;
         s.cache_miss_tokens = m.miss_tokens;

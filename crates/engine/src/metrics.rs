@@ -17,6 +17,14 @@ pub struct EngineStats {
     pub generation_tokens_total: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Most pages ever in use (running requests and the cache) after a step.
+    pub peak_pages_used: usize,
+    /// Seconds spent scheduling and building batches (host).
+    pub schedule_secs: f64,
+    /// Seconds in the model's forward and sampling (the GPU's share, with launch overhead).
+    pub forward_secs: f64,
+    /// Seconds applying results: stop rules, detokenizing, streaming (host).
+    pub process_secs: f64,
 }
 
 impl EngineStats {

@@ -27,6 +27,17 @@ impl GpuTimer {
         self.start.record(self.device.stream()).call("cuEventRecord")
     }
 
+    /// Records the stop event without waiting (read it later with `elapsed_ms`).
+    pub fn record_stop(&self) -> Result<()> {
+        self.stop.record(self.device.stream()).call("cuEventRecord")
+    }
+
+    /// Milliseconds between the recorded start and stop; waits for the stop event.
+    pub fn elapsed_ms(&self) -> Result<f32> {
+        self.stop.synchronize().call("cuEventSynchronize")?;
+        self.start.elapsed_ms(&self.stop).call("cuEventElapsedTime")
+    }
+
     /// Records the stop event, waits for it and returns milliseconds since `start`.
     pub fn stop_ms(&self) -> Result<f32> {
         self.stop.record(self.device.stream()).call("cuEventRecord")?;

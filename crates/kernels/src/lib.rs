@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod kv_append;
+pub mod ops;
 pub mod rope;
 pub mod smoke;
 
@@ -37,6 +38,9 @@ pub fn catalog() -> Vec<KernelSpec> {
             }
         }
     }
+    specs.push(ops::ops_spec::<f16>());
+    specs.push(ops::ops_spec::<bf16>());
+    specs.push(ops::sampling_spec());
     for head_dim in [64, 128] {
         specs.push(kv_append::spec::<f16>(head_dim));
         specs.push(kv_append::spec::<bf16>(head_dim));

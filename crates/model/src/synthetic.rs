@@ -80,22 +80,24 @@ pub struct SyntheticWeights;
 
 impl WeightSource for SyntheticWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        use rayon::prelude::*;
         let numel: usize = shape.iter().product();
-        let mut state = fnv1a(name.as_bytes());
+        let seed = fnv1a(name.as_bytes());
         let is_norm = name.ends_with("norm.weight");
         let cols = *shape.last().unwrap_or(&1);
         let scale = if is_norm { 0.05 } else { 1.0 / (cols as f32).sqrt() };
         // The output head favours printable ASCII (bytes 32..127), so what the tiny
         // model writes is readable text rather than broken UTF-8.
         let head = name == "lm_head.weight";
+        // Element i is a hash of (name, i): any order, any number of threads, same values.
         let data = (0..numel)
+            .into_par_iter()
             .map(|i| {
+                let mut state = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let u = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
                 let mut x = (2.0 * u - 1.0) * scale;
-                if head && !(32..127).contains(&(i / cols)) {
-                    x *= 0.1;
-                } else if head {
-                    x *= 4.0;
+                if head {
+                    x *= if (32..127).contains(&(i / cols)) { 4.0 } else { 0.1 };
                 }
                 bf16::from_f32(if is_norm { 1.0 + x } else { x })
             })

@@ -5,6 +5,9 @@ mod attention;
 pub mod dataset;
 mod decode;
 mod gemm;
+mod offline;
+mod serve;
+mod step;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +23,12 @@ pub enum BenchCommand {
     Attention(attention::AttentionArgs),
     /// Paged decode attention bandwidth beside a device-to-device copy.
     Decode(decode::DecodeArgs),
+    /// Offline throughput: a whole dataset through the engine at once.
+    Offline(offline::OfflineArgs),
+    /// One decode step of a full batch, split by op, against its memory floor (CUDA).
+    Step(step::StepArgs),
+    /// Online serving benchmark of a running server (throughput, TTFT, TPOT, ITL).
+    Serve(serve::ServeBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -27,6 +36,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Gemm(args) => gemm::run(args),
         BenchCommand::Attention(args) => attention::run(args),
         BenchCommand::Decode(args) => decode::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Offline(args) => offline::run(args),
+        BenchCommand::Step(args) => step::run(args),
     }
 }
 

@@ -219,15 +219,17 @@ impl Module {
             .map_err(|source| GpuError::Driver { call: "cuModuleGetFunction", source });
         let func =
             func.map_err(|e| GpuError::Invalid(format!("{}: kernel {name}: {e}", self.label)))?;
-        Ok(Kernel { func, device: self.device.clone(), name: name.to_string() })
+        Ok(Kernel { func, ordinal: self.device.info().ordinal, name: name.to_string() })
     }
 }
 
-/// One `__global__` function, ready to launch on its device's stream.
+/// One `__global__` function of a loaded module. Launches go to the stream of the device
+/// passed in, which must be the one the arguments live on (every `Device` of one GPU
+/// shares the context the module was loaded into).
 #[derive(Clone)]
 pub struct Kernel {
     func: CudaFunction,
-    device: Device,
+    ordinal: usize,
     name: String,
 }
 
@@ -237,8 +239,8 @@ impl Kernel {
     }
 
     /// Lets the kernel use `bytes` of dynamic shared memory (needed past 48 KiB).
-    pub fn set_max_dynamic_smem(&self, bytes: usize) -> Result<()> {
-        let max = self.device.info().max_shared_per_block;
+    pub fn set_max_dynamic_smem(&self, device: &Device, bytes: usize) -> Result<()> {
+        let max = device.info().max_shared_per_block;
         if bytes > max {
             return Err(GpuError::Invalid(format!(
                 "{} wants {bytes} bytes of shared memory; the device allows {max}",
@@ -257,15 +259,28 @@ impl Kernel {
         self.func.num_regs().call("cuFuncGetAttribute")
     }
 
-    /// Launches with one parameter struct passed by value (`__grid_constant__` on the
-    /// device side).
+    /// Launches on `device`'s stream with one parameter struct passed by value
+    /// (`__grid_constant__` on the device side).
     ///
     /// # Safety
     /// `P` must match the kernel's parameter layout exactly, every device pointer in it
     /// must be valid for the accesses the kernel makes with these launch dimensions, and
     /// the buffers must stay alive until the stream has run the kernel.
-    pub unsafe fn launch<P: DeviceRepr>(&self, cfg: LaunchConfig, params: &P) -> Result<()> {
-        let stream = self.device.stream();
+    pub unsafe fn launch<P: DeviceRepr>(
+        &self,
+        device: &Device,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        if device.info().ordinal != self.ordinal {
+            return Err(GpuError::Invalid(format!(
+                "{} was loaded on GPU {} but launched on GPU {}",
+                self.name,
+                self.ordinal,
+                device.info().ordinal
+            )));
+        }
+        let stream = device.stream();
         let mut builder = stream.launch_builder(&self.func);
         builder.arg(params);
         // SAFETY: forwarded to the caller (see above).

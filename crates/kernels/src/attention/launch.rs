@@ -235,7 +235,7 @@ impl AttentionBatch {
         let spec = spec::<T>(d, paged, self.tiles);
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
         let smem = self.tiles.smem_bytes(d, 2);
-        kernel.set_max_dynamic_smem(smem)?;
+        kernel.set_max_dynamic_smem(&self.device, smem)?;
         let lse_ptr = match lse {
             Some(l) => l.ptr_mut(),
             None => 0,
@@ -272,7 +272,7 @@ impl AttentionBatch {
         };
         // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above
         // against the validated metadata, which the work list only indexes within.
-        unsafe { kernel.launch(cfg, &params) }?;
+        unsafe { kernel.launch(&self.device, cfg, &params) }?;
 
         if !self.plan.merge.is_empty() {
             let merge = jit.kernel(&self.device, &spec, "attention_merge")?;
@@ -293,7 +293,7 @@ impl AttentionBatch {
             };
             // SAFETY: merge items index partial rows the plan sized the buffers for, and
             // output tokens < total_q.
-            unsafe { merge.launch(cfg, &params) }?;
+            unsafe { merge.launch(&self.device, cfg, &params) }?;
         }
         Ok(())
     }

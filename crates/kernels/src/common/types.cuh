@@ -6,6 +6,9 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
+// 16 bytes moved as one (vectorised global and shared accesses).
+struct __align__(16) vec16 { u32 x, y, z, w; };
+
 // 16-bit floats as raw bits. Arithmetic happens in f32 or on tensor cores.
 struct half_t { u16 bits; };
 struct bfloat16_t { u16 bits; };

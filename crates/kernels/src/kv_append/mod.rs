@@ -244,7 +244,7 @@ pub fn append<T: HalfFloat>(
     let cfg =
         LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: sizes checked above; slots were validated against the pool on upload.
-    unsafe { kernel.launch(cfg, &params) }?;
+    unsafe { kernel.launch(device, cfg, &params) }?;
 
     if let Some(bounds) = bounds {
         let kernel = jit.kernel(device, &spec, "key_bounds")?;
@@ -264,7 +264,7 @@ pub fn append<T: HalfFloat>(
             shared_mem_bytes: 0,
         };
         // SAFETY: touched pages come from validated slots; bounds sized above.
-        unsafe { kernel.launch(cfg, &params) }?;
+        unsafe { kernel.launch(device, cfg, &params) }?;
     }
     Ok(())
 }

@@ -48,7 +48,7 @@ pub fn affine<T: HalfFloat>(
         shared_mem_bytes: 0,
     };
     // SAFETY: params mirrors the kernel's struct; x and out hold n elements each.
-    unsafe { kernel.launch(cfg, &params) }
+    unsafe { kernel.launch(device, cfg, &params) }
 }
 
 /// CPU reference of `affine`, in f64.

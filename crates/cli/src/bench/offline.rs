@@ -1,0 +1,155 @@
+//! `bench offline`: every prompt of a dataset through the engine at once (ignore_eos,
+//! each prompt's own output length), as vLLM's and SGLang's offline throughput
+//! benchmarks do; reports throughput, peak KV pages and where the time went.
+
+use clap::Args;
+use radix_engine::{Request, RequestId, StopConfig};
+use radix_model::SamplingParams;
+
+use super::dataset;
+use super::{Measurement, progress, write_json};
+use crate::engine_args::ModelArgs;
+
+#[derive(Args)]
+pub struct OfflineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// synthetic-sharegpt, random:IN:OUT, or a ShareGPT JSON file.
+    #[arg(long, default_value = "synthetic-sharegpt")]
+    dataset: String,
+    #[arg(long, default_value_t = 1000)]
+    num_prompts: usize,
+    /// Sampling temperature (vLLM's benchmark samples at 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run the dataset once per value of --max-running listed here (comma-separated),
+    /// loading the model once.
+    #[arg(long, value_delimiter = ',')]
+    sweep_max_running: Vec<usize>,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+pub fn run(mut args: OfflineArgs) -> anyhow::Result<()> {
+    args.model.max_waiting = args.model.max_waiting.max(args.num_prompts);
+    let loaded = args.model.load_runner()?;
+    let tokenizer = std::sync::Arc::new(loaded.tokenizer);
+    let name = loaded.name;
+    let mut runner = Some(loaded.runner);
+    let sweep: Vec<Option<usize>> = if args.sweep_max_running.is_empty() {
+        vec![args.model.max_running]
+    } else {
+        args.sweep_max_running.iter().map(|&m| Some(m)).collect()
+    };
+    for max_running in sweep {
+        let mut cfg = args.model.engine_config(loaded.device, loaded.num_pages);
+        if let Some(m) = max_running {
+            cfg.max_running = m;
+            cfg.max_batched_tokens = cfg.max_batched_tokens.max(m);
+        }
+        let engine = radix_engine::Engine::new(
+            runner.take().expect("runner is back"),
+            tokenizer.clone(),
+            cfg,
+        )?;
+        runner = Some(run_once(&args, engine, &name)?.into_runner());
+    }
+    Ok(())
+}
+
+fn run_once(
+    args: &OfflineArgs,
+    mut engine: radix_engine::Engine,
+    name: &str,
+) -> anyhow::Result<radix_engine::Engine> {
+    let samples = dataset::load(&args.dataset, args.num_prompts, engine.tokenizer(), args.seed)?;
+    let n = samples.len();
+    let input_tokens: usize = samples.iter().map(|s| s.prompt.len()).sum();
+    let output_tokens: usize = samples.iter().map(|s| s.output_len).sum();
+    let mut sinks = Vec::with_capacity(n);
+    for (i, s) in samples.into_iter().enumerate() {
+        let sampling = SamplingParams {
+            temperature: args.temperature,
+            seed: Some(args.seed + i as u64),
+            ..Default::default()
+        };
+        let stop = StopConfig { max_tokens: s.output_len, ignore_eos: true, ..Default::default() };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.add(RequestId(i as u64), Request::new(s.prompt, sampling, stop), tx)?;
+        sinks.push(rx);
+    }
+    let bar = progress(n, "offline");
+    let started = std::time::Instant::now();
+    let before = engine.stats().clone();
+    while engine.has_work() {
+        engine.step();
+        bar.set_position(engine.stats().requests_finished - before.requests_finished);
+        for rx in &mut sinks {
+            while rx.try_recv().is_ok() {}
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let st = engine.stats();
+    let generated = (st.generation_tokens_total - before.generation_tokens_total) as usize;
+    anyhow::ensure!(
+        generated == output_tokens,
+        "generated {generated} tokens, expected {output_tokens}"
+    );
+    let out_tps = output_tokens as f64 / secs;
+    let total_tps = (input_tokens + output_tokens) as f64 / secs;
+    let busy = st.forward_secs - before.forward_secs;
+    let host = (st.schedule_secs - before.schedule_secs) + (st.process_secs - before.process_secs);
+    let max_running = engine.config().max_running;
+    println!("model {name} on {}, max running {max_running}", engine.runner().backend_name());
+    println!(
+        "dataset {} ({n} requests, {input_tokens} input and {output_tokens} output tokens)",
+        args.dataset
+    );
+    println!("duration          {secs:.2} s in {} steps", st.steps - before.steps);
+    println!("requests/s        {:.2}", n as f64 / secs);
+    println!("input tokens/s    {:.0}", input_tokens as f64 / secs);
+    println!("output tokens/s   {out_tps:.0}");
+    println!("total tokens/s    {total_tps:.0}");
+    println!(
+        "peak KV pages     {} of {} ({} tokens each)",
+        st.peak_pages_used,
+        st.pages_total,
+        engine.config().page_size
+    );
+    println!("preemptions       {}", st.preemptions - before.preemptions);
+    println!(
+        "time split        forward+sample {busy:.2} s ({:.0}%), host scheduling and output {host:.2} s ({:.0}%)",
+        100.0 * busy / secs,
+        100.0 * host / secs
+    );
+    let shape = format!("{} n={n} {name} max_running={max_running}", args.dataset);
+    write_json(
+        args.json.as_ref(),
+        &[Measurement {
+            benchmark: "offline_throughput".into(),
+            shape,
+            ours: out_tps,
+            unit: "output tok/s".into(),
+            median_ms: secs * 1e3,
+            device: engine.runner().backend_name(),
+            extra: Some(serde_json::json!({
+                "requests_per_s": n as f64 / secs,
+                "input_tok_s": input_tokens as f64 / secs,
+                "total_tok_s": total_tps,
+                "duration_s": secs,
+                "steps": st.steps - before.steps,
+                "peak_kv_pages": st.peak_pages_used,
+                "kv_pages": st.pages_total,
+                "preemptions": st.preemptions - before.preemptions,
+                "forward_sample_s": busy,
+                "host_s": host,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            })),
+        }],
+    )?;
+    Ok(engine)
+}

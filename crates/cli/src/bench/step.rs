@@ -1,0 +1,171 @@
+//! `bench step`: the time of one decode step of a full batch, split into GEMMs,
+//! attention, KV append, norms, sampling, the other small ops and host gaps, beside the
+//! step's floor: (weight bytes + KV bytes read) / the device-copy bandwidth of this run.
+
+use clap::Args;
+use radix_model::{
+    Backend, CudaBackend, LlamaModel, ModelSource, SampleRequest, SamplingParams, StepInput,
+    TokenCounts,
+};
+
+use super::decode::copy_bandwidth;
+use super::{Measurement, write_json};
+
+#[derive(Args)]
+pub struct StepArgs {
+    #[arg(long, default_value = "synthetic:llama3-8b")]
+    model: String,
+    /// Requests decoding together.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Tokens already in each request's KV cache.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    page_size: usize,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+pub fn run(a: StepArgs) -> anyhow::Result<()> {
+    let source = ModelSource::open(&a.model)?;
+    let cfg = source.config.clone();
+    let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
+    let ps = a.page_size;
+    let per_seq = (a.context + a.steps + 1).div_ceil(ps);
+    model.backend.init_kv(&cfg, a.batch * per_seq, ps)?;
+    let copy_bw = copy_bandwidth(model.backend.device())?;
+
+    // Sequence b owns pages b*per_seq..; the CSR table of sequences `ids`, `len` tokens each.
+    let table = |ids: &[usize], len: usize| -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+        let pages = len.div_ceil(ps);
+        let indices: Vec<i32> =
+            ids.iter().flat_map(|&b| (0..pages).map(move |p| (b * per_seq + p) as i32)).collect();
+        let indptr: Vec<i32> = (0..=ids.len()).map(|i| (i * pages) as i32).collect();
+        let last = vec![(len - (pages - 1) * ps) as i32; ids.len()];
+        (indptr, indices, last)
+    };
+    let slot = |b: usize, pos: usize| ((b * per_seq + pos / ps) * ps + pos % ps) as i32;
+    // Fill every context with prefill chunks of about 8K tokens.
+    let seqs_per_chunk = (8192 / a.context.max(1)).max(1);
+    for first in (0..a.batch).step_by(seqs_per_chunk) {
+        let ids: Vec<usize> = (first..(first + seqs_per_chunk).min(a.batch)).collect();
+        let tokens: Vec<u32> = ids
+            .iter()
+            .flat_map(|&b| (0..a.context).map(move |p| ((b * 31 + p * 7) % 1000 + 10) as u32))
+            .collect();
+        let positions: Vec<i32> = ids.iter().flat_map(|_| 0..a.context as i32).collect();
+        let slots: Vec<i32> =
+            ids.iter().flat_map(|&b| (0..a.context).map(move |p| slot(b, p))).collect();
+        let qo: Vec<i32> = (0..=ids.len()).map(|i| (i * a.context) as i32).collect();
+        let (indptr, indices, last) = table(&ids, a.context);
+        let step = StepInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            qo_indptr: &qo,
+            kv_indptr: &indptr,
+            kv_indices: &indices,
+            kv_last_page_len: &last,
+            logit_rows: &[],
+        };
+        model.forward(&step)?;
+    }
+
+    let params = SamplingParams::greedy();
+    let counts = TokenCounts::default();
+    let requests: Vec<SampleRequest> = (0..a.batch)
+        .map(|b| SampleRequest { params: &params, counts: &counts, seed: b as u64, index: 0 })
+        .collect();
+    let mut walls = Vec::new();
+    for s in 0..=a.steps {
+        if s == 1 {
+            model.backend.set_profiling(true); // the first decode step warms up
+        }
+        let ctx = a.context + s;
+        let tokens: Vec<u32> = (0..a.batch).map(|b| ((b + s) % 1000 + 10) as u32).collect();
+        let positions = vec![(ctx - 1) as i32; a.batch];
+        let slots: Vec<i32> = (0..a.batch).map(|b| slot(b, ctx - 1)).collect();
+        let qo: Vec<i32> = (0..=a.batch as i32).collect();
+        let all: Vec<usize> = (0..a.batch).collect();
+        let (indptr, indices, last) = table(&all, ctx);
+        let rows: Vec<u32> = (0..a.batch as u32).collect();
+        let step = StepInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            qo_indptr: &qo,
+            kv_indptr: &indptr,
+            kv_indices: &indices,
+            kv_last_page_len: &last,
+            logit_rows: &rows,
+        };
+        let t = std::time::Instant::now();
+        model.forward(&step)?;
+        model.sample(&requests)?;
+        if s >= 1 {
+            walls.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let times = model.backend.op_times().expect("profiling is on");
+    let n = a.steps as f64;
+    walls.sort_by(f64::total_cmp);
+    let wall = walls.iter().sum::<f64>() / n;
+    let gpu = times.total_ms() / n;
+    let weight_bytes = cfg.num_params() as f64 * 2.0;
+    let kv_bytes = a.batch as f64
+        * (a.context as f64 + n / 2.0)
+        * CudaBackend::kv_bytes_per_page(&cfg, 1) as f64;
+    let floor_ms = (weight_bytes + kv_bytes) / copy_bw * 1e3;
+    println!(
+        "decode step: batch {} at context ~{}, {} on {}",
+        a.batch,
+        a.context,
+        a.model,
+        model.backend.name()
+    );
+    println!("  wall per step      {wall:8.3} ms   ({:.0} tok/s)", a.batch as f64 / wall * 1e3);
+    for (name, ms) in [
+        ("GEMMs", times.gemm_ms),
+        ("attention", times.attention_ms),
+        ("KV append", times.kv_append_ms),
+        ("norms", times.norm_ms),
+        ("sampling", times.sample_ms),
+        ("other ops", times.other_ms),
+    ] {
+        println!("  {name:<18} {:8.3} ms", ms / n);
+    }
+    println!("  host gaps          {:8.3} ms", wall - gpu);
+    println!(
+        "  floor              {floor_ms:8.3} ms   (weights {:.1} GB + KV {:.1} GB at {:.0} GB/s copy)",
+        weight_bytes / 1e9,
+        kv_bytes / 1e9,
+        copy_bw / 1e9
+    );
+    write_json(
+        a.json.as_ref(),
+        &[Measurement {
+            benchmark: "decode_step_breakdown".into(),
+            shape: format!("{} batch={} context={}", a.model, a.batch, a.context),
+            ours: wall,
+            unit: "ms".into(),
+            median_ms: walls[walls.len() / 2],
+            device: model.backend.name(),
+            extra: Some(serde_json::json!({
+                "gemm_ms": times.gemm_ms / n,
+                "attention_ms": times.attention_ms / n,
+                "kv_append_ms": times.kv_append_ms / n,
+                "norm_ms": times.norm_ms / n,
+                "sample_ms": times.sample_ms / n,
+                "other_ms": times.other_ms / n,
+                "host_gap_ms": wall - gpu,
+                "floor_ms": floor_ms,
+                "copy_gbps": copy_bw / 1e9,
+                "weight_gb": weight_bytes / 1e9,
+                "kv_gb": kv_bytes / 1e9,
+            })),
+        }],
+    )
+}

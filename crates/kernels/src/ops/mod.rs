@@ -1,0 +1,295 @@
+//! Launchers of the small ops (ops.cu) and of the GPU sampler (sampling.cu), with their
+//! CPU references.
+
+mod reference;
+
+use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
+use radix_gpu::{DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
+
+pub use reference::{rms_norm_reference, silu_mul_reference};
+
+use crate::{HEADERS, dtype_define};
+
+pub const OPS: SourceFile = SourceFile { path: "ops/ops.cu", code: include_str!("ops.cu") };
+pub const SAMPLING: SourceFile =
+    SourceFile { path: "ops/sampling.cu", code: include_str!("sampling.cu") };
+
+pub fn ops_spec<T: HalfFloat>() -> KernelSpec {
+    KernelSpec::new(OPS, HEADERS).define("DTYPE", dtype_define::<T>())
+}
+
+pub fn sampling_spec() -> KernelSpec {
+    KernelSpec::new(SAMPLING, HEADERS)
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+macro_rules! params {
+    ($name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct $name { $($field: $ty),* }
+        // SAFETY: plain data mirroring the struct of the same name in the .cu source.
+        unsafe impl DeviceRepr for $name {}
+    };
+}
+
+params!(EmbedParams {
+    table: u64,
+    ids: u64,
+    out: u64,
+    rows: i32,
+    hidden: i32,
+    vocab: i32,
+    reserved: i32
+});
+params!(NormParams {
+    residual: u64,
+    delta: u64,
+    weight: u64,
+    out: u64,
+    rows: i32,
+    hidden: i32,
+    eps: f32,
+    reserved: i32
+});
+params!(SiluParams { gate_up: u64, out: u64, rows: i32, inter: i32 });
+params!(GatherParams { x: u64, rows: u64, out: u64, count: i32, cols: i32 });
+params!(SampleParams {
+    logits: u64,
+    params: u64,
+    tokens: u64,
+    logprobs: u64,
+    rows: i32,
+    vocab: i32
+});
+
+/// `out[r] = table[ids[r]]`; ids must lie in `0..vocab` (checked by the caller's tokenizer
+/// and the engine; the kernel clamps so it never reads out of bounds).
+pub fn embed<T: HalfFloat>(
+    jit: &Jit,
+    table: &DeviceBuffer<T>,
+    ids: &DeviceBuffer<i32>,
+    rows: usize,
+    hidden: usize,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    ensure!(hidden.is_multiple_of(8) && hidden > 0, "hidden size {hidden} must be a positive multiple of 8");
+    ensure!(table.len().is_multiple_of(hidden), "embedding table is not [vocab, {hidden}]");
+    ensure!(
+        ids.len() >= rows && out.len() >= rows * hidden,
+        "embed: buffers too small for {rows} rows"
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(table.device(), &ops_spec::<T>(), "embed")?;
+    let p = EmbedParams {
+        table: table.ptr(),
+        ids: ids.ptr(),
+        out: out.ptr_mut(),
+        rows: rows as i32,
+        hidden: hidden as i32,
+        vocab: (table.len() / hidden) as i32,
+        reserved: 0,
+    };
+    // SAFETY: sizes checked above; ids are clamped to the table in the kernel.
+    unsafe { k.launch(table.device(), rows_cfg(rows, 256), &p) }
+}
+
+/// `out = x / rms(x) * weight`, row by row.
+pub fn rms_norm<T: HalfFloat>(
+    jit: &Jit,
+    x: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    ensure!(x.len() >= rows * hidden, "rms_norm: input too small for {rows} x {hidden}");
+    // SAFETY: without a delta the kernel only reads `x` through its residual pointer.
+    unsafe { launch_norm(jit, x.ptr(), None, weight, rows, hidden, eps, out) }
+}
+
+/// `residual += delta` (stored rounded), then `out = residual / rms(residual) * weight`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm<T: HalfFloat>(
+    jit: &Jit,
+    residual: &mut DeviceBuffer<T>,
+    delta: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    let n = rows * hidden;
+    ensure!(
+        residual.len() >= n && delta.len() >= n,
+        "add_rms_norm: inputs too small for {rows} x {hidden}"
+    );
+    // SAFETY: `residual` is borrowed mutably for the launch.
+    unsafe { launch_norm(jit, residual.ptr_mut(), Some(delta), weight, rows, hidden, eps, out) }
+}
+
+/// # Safety
+/// `residual` must point at `rows * hidden` elements, writable when `delta` is given.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_norm<T: HalfFloat>(
+    jit: &Jit,
+    residual: u64,
+    delta: Option<&DeviceBuffer<T>>,
+    weight: &DeviceBuffer<T>,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    ensure!(
+        weight.len() == hidden,
+        "norm weight holds {} elements, hidden is {hidden}",
+        weight.len()
+    );
+    ensure!(out.len() >= rows * hidden, "rms_norm: output too small for {rows} x {hidden}");
+    if rows == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(weight.device(), &ops_spec::<T>(), "rms_norm")?;
+    let p = NormParams {
+        residual,
+        delta: delta.map_or(0, |d| d.ptr()),
+        weight: weight.ptr(),
+        out: out.ptr_mut(),
+        rows: rows as i32,
+        hidden: hidden as i32,
+        eps,
+        reserved: 0,
+    };
+    // SAFETY: sizes checked here and by the callers.
+    unsafe { k.launch(weight.device(), rows_cfg(rows, 256), &p) }
+}
+
+/// `out = silu(gate) * up` from `[rows, gate | up]`.
+pub fn silu_mul<T: HalfFloat>(
+    jit: &Jit,
+    gate_up: &DeviceBuffer<T>,
+    rows: usize,
+    inter: usize,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    ensure!(
+        gate_up.len() >= rows * 2 * inter && out.len() >= rows * inter,
+        "silu_mul: buffers too small"
+    );
+    if rows * inter == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(gate_up.device(), &ops_spec::<T>(), "silu_mul")?;
+    let p = SiluParams {
+        gate_up: gate_up.ptr(),
+        out: out.ptr_mut(),
+        rows: rows as i32,
+        inter: inter as i32,
+    };
+    let blocks = ((rows * inter).div_ceil(256)).min(65535) as u32;
+    let cfg =
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: sizes checked above.
+    unsafe { k.launch(gate_up.device(), cfg, &p) }
+}
+
+/// `out[i] = x[rows[i]]` for `count` rows of `cols`; `rows[i] < x.len() / cols` is the
+/// caller's promise (checked on the host when the row list was made).
+pub fn gather_rows<T: HalfFloat>(
+    jit: &Jit,
+    x: &DeviceBuffer<T>,
+    rows: &DeviceBuffer<i32>,
+    count: usize,
+    cols: usize,
+    out: &mut DeviceBuffer<T>,
+) -> Result<()> {
+    ensure!(cols.is_multiple_of(8), "gather_rows: {cols} columns is not a multiple of 8");
+    ensure!(rows.len() >= count && out.len() >= count * cols, "gather_rows: buffers too small");
+    if count == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(x.device(), &ops_spec::<T>(), "gather_rows")?;
+    let p = GatherParams {
+        x: x.ptr(),
+        rows: rows.ptr(),
+        out: out.ptr_mut(),
+        count: count as i32,
+        cols: cols as i32,
+    };
+    // SAFETY: sizes checked above; row indices are the caller's checked promise.
+    unsafe { k.launch(x.device(), rows_cfg(count, 128), &p) }
+}
+
+/// One row's sampling parameters, as sampling.cu reads them (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SampleRow {
+    /// <= 0: greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub top_k: i32,
+    pub seed: u64,
+    pub index: u64,
+}
+
+impl SampleRow {
+    /// The row as 8 u32 words, for upload.
+    pub fn words(&self) -> [u32; 8] {
+        [
+            self.temperature.to_bits(),
+            self.top_p.to_bits(),
+            self.min_p.to_bits(),
+            self.top_k as u32,
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+            self.index as u32,
+            (self.index >> 32) as u32,
+        ]
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<SampleRow>() == 32);
+
+/// Samples one token per row of `logits` (`[rows, vocab]` f32) with `params` (8 words per
+/// row, see `SampleRow::words`); writes tokens and their raw log-probabilities.
+pub fn sample_rows(
+    jit: &Jit,
+    logits: &DeviceBuffer<f32>,
+    params: &DeviceBuffer<u32>,
+    rows: usize,
+    vocab: usize,
+    tokens: &mut DeviceBuffer<i32>,
+    logprobs: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    ensure!(
+        logits.len() >= rows * vocab && params.len() >= rows * 8,
+        "sample_rows: inputs too small for {rows} rows"
+    );
+    ensure!(
+        tokens.len() >= rows && logprobs.len() >= rows,
+        "sample_rows: outputs too small for {rows} rows"
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(logits.device(), &sampling_spec(), "sample_rows")?;
+    let p = SampleParams {
+        logits: logits.ptr(),
+        params: params.ptr(),
+        tokens: tokens.ptr_mut(),
+        logprobs: logprobs.ptr_mut(),
+        rows: rows as i32,
+        vocab: vocab as i32,
+    };
+    // SAFETY: sizes checked above.
+    unsafe { k.launch(logits.device(), rows_cfg(rows, 1024), &p) }
+}

@@ -1,0 +1,168 @@
+// The small ops of a Llama layer around the GEMMs and attention: embedding lookup, RMSNorm
+// (alone, or fused with the residual add), SiLU·mul of the fused gate|up projection, and
+// gathering the rows that need logits. Activations are elem_t, math in f32.
+#include "common/types.cuh"
+
+struct EmbedParams {
+  const elem_t* table;  // [vocab, hidden]
+  const int* ids;       // [rows]
+  elem_t* out;          // [rows, hidden]
+  int rows;
+  int hidden;
+  int vocab;
+  int reserved;
+};
+
+// grid rows, block 256: copies a row in 16-byte pieces (hidden % 8 == 0).
+extern "C" __global__ void embed(const __grid_constant__ EmbedParams p) {
+  const int r = blockIdx.x;
+  int id = p.ids[r];
+  id = id < 0 ? 0 : (id >= p.vocab ? p.vocab - 1 : id);  // the host validated ids; never read out of bounds
+  const vec16* src = (const vec16*)(p.table + (long long)id * p.hidden);
+  vec16* dst = (vec16*)(p.out + (long long)r * p.hidden);
+  for (int i = threadIdx.x; i < p.hidden / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+struct NormParams {
+  elem_t* residual;     // [rows, hidden]: updated in place when delta is set
+  const elem_t* delta;  // [rows, hidden] or null (plain RMSNorm of residual)
+  const elem_t* weight; // [hidden]
+  elem_t* out;          // [rows, hidden]
+  int rows;
+  int hidden;
+  float eps;
+  int reserved;
+};
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < (int)blockDim.x / 32; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// Eight elements of a 16-byte vector as floats, and back.
+__device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) {
+  vec16 v = *(const vec16*)p;
+  unpack2<elem_t>(v.x, f[0], f[1]);
+  unpack2<elem_t>(v.y, f[2], f[3]);
+  unpack2<elem_t>(v.z, f[4], f[5]);
+  unpack2<elem_t>(v.w, f[6], f[7]);
+}
+__device__ __forceinline__ void store8(elem_t* p, const float (&f)[8]) {
+  vec16 v;
+  v.x = pack2<elem_t>(f[0], f[1]);
+  v.y = pack2<elem_t>(f[2], f[3]);
+  v.z = pack2<elem_t>(f[4], f[5]);
+  v.w = pack2<elem_t>(f[6], f[7]);
+  *(vec16*)p = v;
+}
+
+constexpr int NORM_THREADS = 256;
+constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: hidden <= 8192
+
+// grid rows, block 256. residual (+= delta, rounded to elem_t as the stream is stored),
+// then out = residual / rms(residual) * weight. Rows of up to 8192 elements (a multiple of
+// 8) stay in registers between the two passes; longer ones are read twice.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid_constant__ NormParams p) {
+  __shared__ float scratch[32];
+  const long long base = (long long)blockIdx.x * p.hidden;
+  const int nvec = p.hidden / 8;
+  if (p.hidden % 8 == 0 && nvec <= NORM_THREADS * NORM_VECS) {
+    float x[NORM_VECS][8];
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+      const int v = threadIdx.x + j * NORM_THREADS;
+      if (v >= nvec) break;
+      load8(p.residual + base + v * 8, x[j]);
+      if (p.delta) {
+        float d[8];
+        load8(p.delta + base + v * 8, d);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[j][e] = to_float(from_float<elem_t>(x[j][e] + d[e]));  // as stored
+        store8(p.residual + base + v * 8, x[j]);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sq += x[j][e] * x[j][e];
+    }
+    const float inv = rsqrtf(block_sum(sq, scratch) / p.hidden + p.eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+      const int v = threadIdx.x + j * NORM_THREADS;
+      if (v >= nvec) break;
+      float w[8], y[8];
+      load8(p.weight + v * 8, w);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) y[e] = x[j][e] * inv * w[e];
+      store8(p.out + base + v * 8, y);
+    }
+    return;
+  }
+  float sq = 0.f;
+  for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    float x = to_float(p.residual[base + i]);
+    if (p.delta) {
+      elem_t sum = from_float<elem_t>(x + to_float(p.delta[base + i]));
+      p.residual[base + i] = sum;
+      x = to_float(sum);
+    }
+    sq += x * x;
+  }
+  const float inv = rsqrtf(block_sum(sq, scratch) / p.hidden + p.eps);
+  for (int i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    // Each thread rereads only the elements it wrote itself.
+    float x = to_float(p.residual[base + i]);
+    p.out[base + i] = from_float<elem_t>(x * inv * to_float(p.weight[i]));
+  }
+}
+
+struct SiluParams {
+  const elem_t* gate_up;  // [rows, 2 * inter]: gate then up
+  elem_t* out;            // [rows, inter]
+  int rows;
+  int inter;
+};
+
+// Eight outputs per thread when `inter` is a multiple of 8 (16-byte loads and stores).
+extern "C" __global__ void silu_mul(const __grid_constant__ SiluParams p) {
+  if (p.inter % 8 == 0) {
+    const long long vecs = (long long)p.rows * (p.inter / 8);
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < vecs; v += (long long)gridDim.x * blockDim.x) {
+      long long r = v / (p.inter / 8), c = (v - r * (p.inter / 8)) * 8;
+      float g[8], u[8], y[8];
+      load8(p.gate_up + r * 2 * p.inter + c, g);
+      load8(p.gate_up + r * 2 * p.inter + p.inter + c, u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) y[e] = g[e] / (1.f + __expf(-g[e])) * u[e];
+      store8(p.out + r * p.inter + c, y);
+    }
+    return;
+  }
+  const long long n = (long long)p.rows * p.inter;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    long long r = i / p.inter, c = i - r * p.inter;
+    float g = to_float(p.gate_up[r * 2 * p.inter + c]);
+    float u = to_float(p.gate_up[r * 2 * p.inter + p.inter + c]);
+    p.out[i] = from_float<elem_t>(g / (1.f + __expf(-g)) * u);
+  }
+}
+
+struct GatherParams {
+  const elem_t* x;  // [n, cols]
+  const int* rows;  // [count]
+  elem_t* out;      // [count, cols]
+  int count;
+  int cols;
+};
+
+extern "C" __global__ void gather_rows(const __grid_constant__ GatherParams p) {
+  const int i = blockIdx.x;
+  const vec16* src = (const vec16*)(p.x + (long long)p.rows[i] * p.cols);
+  vec16* dst = (vec16*)(p.out + (long long)i * p.cols);
+  for (int c = threadIdx.x; c < p.cols / 8; c += blockDim.x) dst[c] = src[c];
+}

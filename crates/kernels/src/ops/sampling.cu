@@ -1,0 +1,136 @@
+// Sampling on the GPU, one block per logits row; only token ids (and log-probabilities)
+// go back to the host.
+//
+// Greedy: argmax. Otherwise the Gumbel-max trick: argmax(l/T + g) with g = -ln(-ln u)
+// is a sample of softmax(l/T); u comes from a counter hash of (seed, index, token), the
+// same as the CPU's `uniform`, so a seeded request draws the same way however it is
+// batched. top-k, top-p and min-p become one logit threshold tau (found by bisection over
+// block reductions), and the argmax runs over logits >= tau: an exact sample of the
+// truncated, renormalised distribution. Log-probabilities are of the raw logits.
+#include "common/types.cuh"
+
+struct SampleRow {
+  float temperature;  // <= 0: greedy
+  float top_p;        // 1: off
+  float min_p;        // 0: off
+  int top_k;          // 0: off
+  unsigned long long seed;
+  unsigned long long index;
+};
+
+struct SampleParams {
+  const float* logits;  // [rows, vocab]
+  const SampleRow* params;
+  int* tokens;          // [rows]
+  float* logprobs;      // [rows]
+  int rows;
+  int vocab;
+};
+
+constexpr int THREADS = 1024;
+
+__device__ __forceinline__ float uniform01(unsigned long long seed, unsigned long long index, unsigned long long salt) {
+  unsigned long long z = seed ^ (index * 0x9E3779B97F4A7C15ull) ^ (salt * 0xD1B54A32D192ED03ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+__device__ float reduce_max(float v, float* s) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = s[0];
+  for (int w = 1; w < THREADS / 32; ++w) r = fmaxf(r, s[w]);
+  __syncthreads();
+  return r;
+}
+
+__device__ float reduce_sum(float v, float* s) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = 0.f;
+  for (int w = 0; w < THREADS / 32; ++w) r += s[w];
+  __syncthreads();
+  return r;
+}
+
+// (value, index) argmax, lowest index on ties.
+__device__ void reduce_argmax(float& v, int& idx, float* sv, int* si) {
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+  }
+  if (threadIdx.x % 32 == 0) { sv[threadIdx.x / 32] = v; si[threadIdx.x / 32] = idx; }
+  __syncthreads();
+  v = sv[0]; idx = si[0];
+  for (int w = 1; w < THREADS / 32; ++w)
+    if (sv[w] > v || (sv[w] == v && si[w] < idx)) { v = sv[w]; idx = si[w]; }
+  __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_constant__ SampleParams p) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int r = blockIdx.x;
+  const SampleRow prm = p.params[r];
+  const float* l = p.logits + (long long)r * p.vocab;
+  const bool greedy = prm.temperature <= 0.f;
+  const float t = greedy ? 1.f : prm.temperature;
+
+  float m = -__int_as_float(0x7f800000);
+  for (int i = threadIdx.x; i < p.vocab; i += THREADS) m = fmaxf(m, l[i]);
+  m = reduce_max(m, sv);
+  float z = 0.f;
+  for (int i = threadIdx.x; i < p.vocab; i += THREADS) z += __expf(l[i] - m);
+  const float log_z = m + __logf(reduce_sum(z, sv));
+
+  // Threshold tau on logits: everything below it is filtered out.
+  float tau = -__int_as_float(0x7f800000);
+  if (!greedy) {
+    if (prm.min_p > 0.f) tau = fmaxf(tau, m + t * __logf(prm.min_p));
+    if (prm.top_k > 0 && prm.top_k < p.vocab) {
+      // Largest tau with count(l >= tau) >= k, by bisection between m - 64T and m.
+      float lo = m - 64.f * t, hi = m;
+      for (int it = 0; it < 28; ++it) {
+        float mid = 0.5f * (lo + hi);
+        float c = 0.f;
+        for (int i = threadIdx.x; i < p.vocab; i += THREADS) c += l[i] >= mid ? 1.f : 0.f;
+        if (reduce_sum(c, sv) >= (float)prm.top_k) lo = mid; else hi = mid;
+      }
+      tau = fmaxf(tau, lo);
+    }
+    if (prm.top_p < 1.f) {
+      // Mass of what survives so far, then the largest tau keeping >= top_p of it.
+      float mass = 0.f;
+      for (int i = threadIdx.x; i < p.vocab; i += THREADS) mass += l[i] >= tau ? __expf((l[i] - m) / t) : 0.f;
+      const float target = prm.top_p * reduce_sum(mass, sv);
+      float lo = fmaxf(tau, m - 64.f * t), hi = m;
+      for (int it = 0; it < 28; ++it) {
+        float mid = 0.5f * (lo + hi);
+        float s = 0.f;
+        for (int i = threadIdx.x; i < p.vocab; i += THREADS) s += l[i] >= mid ? __expf((l[i] - m) / t) : 0.f;
+        if (reduce_sum(s, sv) >= target) lo = mid; else hi = mid;
+      }
+      tau = fmaxf(tau, lo);
+    }
+  }
+
+  float best = -__int_as_float(0x7f800000);
+  int best_i = p.vocab;
+  for (int i = threadIdx.x; i < p.vocab; i += THREADS) {
+    float x = l[i];
+    if (x < tau) continue;
+    float score = greedy ? x : x / t - __logf(-__logf(fmaxf(uniform01(prm.seed, prm.index, (unsigned long long)i + 1), 1e-20f)));
+    if (score > best || (score == best && i < best_i)) { best = score; best_i = i; }
+  }
+  reduce_argmax(best, best_i, sv, si);
+  if (threadIdx.x == 0) {
+    int tok = best_i < p.vocab ? best_i : 0;
+    p.tokens[r] = tok;
+    p.logprobs[r] = l[tok] - log_z;
+  }
+}

@@ -1,0 +1,119 @@
+//! `/v1/chat/completions` responses: the full response and stream chunks.
+
+use radix_engine::Output;
+use radix_model::Tokenizer;
+
+use crate::api::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
+    ChatMessageOut, ChatTokenLogprob, Usage, UsageField,
+};
+use crate::completions::token_texts;
+use crate::generation::{Collected, Meta};
+
+fn logprobs(tokenizer: &Tokenizer, ids: &[u32], lps: &[f32]) -> ChatLogprobs {
+    let content = token_texts(tokenizer, ids)
+        .into_iter()
+        .zip(lps)
+        .map(|(token, &logprob)| ChatTokenLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob,
+            top_logprobs: Vec::new(),
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+pub fn response(c: Collected, tokenizer: &Tokenizer) -> ChatCompletion {
+    let logprobs_on = c.meta.logprobs;
+    let choices = c
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, ch)| ChatChoice {
+            index,
+            logprobs: logprobs_on.then(|| logprobs(tokenizer, &ch.token_ids, &ch.logprobs)),
+            message: ChatMessageOut { role: "assistant", content: ch.text },
+            finish_reason: ch.finish,
+        })
+        .collect();
+    ChatCompletion {
+        id: c.meta.id,
+        object: "chat.completion",
+        created: c.meta.created,
+        model: c.meta.model,
+        choices,
+        usage: c.usage,
+    }
+}
+
+/// Per-choice state of a chat stream.
+#[derive(Default, Clone)]
+pub struct ChunkState {
+    sent_role: bool,
+}
+
+fn chunk_of(meta: &Meta, choice: ChatChunkChoice) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: meta.id.clone(),
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: vec![choice],
+        usage: if meta.include_usage { UsageField::Null } else { UsageField::Absent },
+    }
+}
+
+/// The stream chunks for one output: the first output of a choice is preceded by one
+/// carrying the role, as OpenAI does.
+pub fn chunks(
+    meta: &Meta,
+    index: usize,
+    o: &Output,
+    state: &mut ChunkState,
+    tokenizer: &Tokenizer,
+) -> Vec<ChatCompletionChunk> {
+    let mut out = Vec::with_capacity(2);
+    if !state.sent_role {
+        state.sent_role = true;
+        out.push(chunk_of(
+            meta,
+            ChatChunkChoice {
+                index,
+                delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                logprobs: None,
+                finish_reason: None,
+            },
+        ));
+    }
+    let reports_logprobs = meta.logprobs && !o.token_ids.is_empty();
+    if o.text.is_empty() && o.finish.is_none() && !reports_logprobs {
+        return out;
+    }
+    let delta = if o.text.is_empty() && o.finish.is_some() {
+        ChatDelta::default()
+    } else {
+        ChatDelta { role: None, content: Some(o.text.clone()) }
+    };
+    out.push(chunk_of(
+        meta,
+        ChatChunkChoice {
+            index,
+            delta,
+            logprobs: meta.logprobs.then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs)),
+            finish_reason: o.finish.as_ref().map(|f| f.as_openai()),
+        },
+    ));
+    out
+}
+
+pub fn usage_chunk(meta: &Meta, usage: Usage) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: meta.id.clone(),
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: meta.model.clone(),
+        choices: Vec::new(),
+        usage: UsageField::Some(usage),
+    }
+}

@@ -1,0 +1,620 @@
+//! Request bodies to engine requests: a pure function of the bytes and the model (no
+//! engine, no I/O), so it can be fuzzed. Every wrong input is an `ApiError` (400) naming
+//! the field; nothing here panics.
+//!
+//! Accepted (OpenAI, plus vLLM's extras): `model`, `prompt` (string, list of strings,
+//! token ids, list of token-id lists) or `messages`, `max_tokens` (chat also
+//! `max_completion_tokens`), `n`, `stop`, `temperature`, `top_p`, `seed`,
+//! `presence_penalty`, `frequency_penalty`, `stream`, `stream_options.include_usage`,
+//! `logprobs` (the sampled token's only), `top_k`, `min_p`, `repetition_penalty`,
+//! `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`. Unknown fields are
+//! ignored (clients send extras); things asked for that we cannot honour (`echo`,
+//! `suffix`, `best_of` > n, `logit_bias`, top alternatives in log-probabilities, tools,
+//! non-text content, JSON response formats) are refused with 400.
+
+use radix_engine::{Request, StopConfig};
+use radix_model::{ChatMessage, ChatTemplate, SamplingParams, Tokenizer};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// Choices per prompt at most.
+pub const MAX_N: usize = 128;
+/// Choices per request at most (prompts × n).
+pub const MAX_CHOICES: usize = 1024;
+/// Stop strings at most.
+pub const MAX_STOP: usize = 16;
+/// Completions' default `max_tokens` (OpenAI's).
+pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+/// What the parser needs to know about the served model.
+pub struct ModelContext<'a> {
+    pub model_name: &'a str,
+    pub tokenizer: &'a Tokenizer,
+    pub chat_template: &'a ChatTemplate,
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// A validated request: one engine request per choice.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Report the sampled tokens' log-probabilities.
+    pub logprobs: bool,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Tokens of each prompt.
+    pub prompt_lens: Vec<usize>,
+    /// One per choice, in choice order: choice `i` answers prompt `i / n`.
+    pub requests: Vec<Request>,
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Parses a `/v1/completions` body.
+pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<Plan> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    let model = parse_model(&f, ctx)?;
+    let prompts = parse_prompt(&f, ctx)?;
+    refuse_unsupported_completion(&f)?;
+    let logprobs = match f.int("logprobs")? {
+        None => false,
+        Some(0) => true,
+        Some(n) if n < 0 => return Err(ApiError::invalid("logprobs must be >= 0", "logprobs")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "only logprobs=0 is supported (the sampled token's log-probability; \
+                 alternatives are not computed)",
+                "logprobs",
+            ));
+        }
+    };
+    let max_tokens = f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens"));
+    build(Endpoint::Completions, &f, ctx, model, prompts, max_tokens, logprobs)
+}
+
+/// Parses a `/v1/chat/completions` body (renders the chat template).
+pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<Plan> {
+    let obj = parse_object(body)?;
+    let f = Fields(&obj);
+    let model = parse_model(&f, ctx)?;
+    let messages = parse_messages(&f)?;
+    let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
+    refuse_unsupported_chat(&f)?;
+    let text = ctx
+        .chat_template
+        .render(&messages, add_generation_prompt)
+        .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+    // Templates write BOS themselves where the model wants it.
+    let prompt = ctx
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid(format!("tokenizing the messages: {e}"), "messages"))?;
+    let logprobs = f.bool("logprobs")?.unwrap_or(false);
+    match f.int("top_logprobs")? {
+        None | Some(0) => {}
+        Some(n) if n < 0 => {
+            return Err(ApiError::invalid("top_logprobs must be >= 0", "top_logprobs"));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "top_logprobs > 0 is not supported (alternatives are not computed)",
+                "top_logprobs",
+            ));
+        }
+    }
+    let max_tokens = match f.max_tokens("max_completion_tokens")? {
+        Some(m) => Some((m, "max_completion_tokens")),
+        None => f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens")),
+    };
+    build(Endpoint::Chat, &f, ctx, model, vec![prompt], max_tokens, logprobs)
+}
+
+/// `model`: optional (the served model), and if given, the served model's name.
+fn parse_model(f: &Fields, ctx: &ModelContext) -> Result<String> {
+    match f.string("model")? {
+        Some(m) if m != ctx.model_name => Err(ApiError::UnknownModel(m.to_string())),
+        _ => Ok(ctx.model_name.to_string()),
+    }
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_no_param(format!("malformed JSON in the request body: {e}"))
+    })?;
+    match value {
+        Value::Object(obj) => Ok(obj),
+        other => Err(ApiError::invalid_no_param(format!(
+            "the request body must be a JSON object, got {}",
+            type_name(&other)
+        ))),
+    }
+}
+
+/// Sampling, stop rules, n, streaming; then one engine request per choice.
+fn build(
+    endpoint: Endpoint,
+    f: &Fields,
+    ctx: &ModelContext,
+    model: String,
+    prompts: Vec<Vec<u32>>,
+    max_tokens: Option<(u64, &'static str)>,
+    logprobs: bool,
+) -> Result<Plan> {
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => {
+            if !stream {
+                return Err(ApiError::invalid(
+                    "stream_options is only allowed with stream: true",
+                    "stream_options",
+                ));
+            }
+            Fields(o)
+                .bool("include_usage")
+                .map_err(|_| {
+                    ApiError::invalid(
+                        "stream_options.include_usage must be a boolean",
+                        "stream_options",
+                    )
+                })?
+                .unwrap_or(false)
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("stream_options must be an object, got {}", type_name(other)),
+                "stream_options",
+            ));
+        }
+    };
+    let n = match f.uint("n")? {
+        None => 1,
+        Some(n) if (1..=MAX_N as u64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(format!("n must be in 1..={MAX_N}, got {n}"), "n"));
+        }
+    };
+    if let Some(best_of) = f.uint("best_of")?
+        && best_of != n as u64
+        && best_of != 1
+    {
+        return Err(ApiError::invalid("best_of other than n is not supported", "best_of"));
+    }
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            format!(
+                "{} prompts × n={n} is more than {MAX_CHOICES} choices in one request",
+                prompts.len()
+            ),
+            "n",
+        ));
+    }
+    let sampling = parse_sampling(f)?;
+    let stop = parse_stop(f, ctx)?;
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
+    let prompt_param = match endpoint {
+        Endpoint::Completions => "prompt",
+        Endpoint::Chat => "messages",
+    };
+    let mut requests = Vec::with_capacity(prompts.len() * n);
+    let mut prompt_lens = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let len = prompt.len();
+        if len == 0 {
+            return Err(ApiError::invalid("the prompt is empty (no tokens)", prompt_param));
+        }
+        if len >= ctx.max_model_len {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt has {len} tokens; this model's context length is {} tokens, \
+                     which leaves no room to generate",
+                    ctx.max_model_len
+                ),
+                prompt_param,
+            ));
+        }
+        let room = ctx.max_model_len - len;
+        let max_tokens = match max_tokens {
+            Some((m, param)) if m > room as u64 => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "this model's context length is {} tokens, but {} were asked for \
+                         ({len} in the prompt, {m} to generate); reduce max_tokens or the prompt",
+                        ctx.max_model_len,
+                        len as u128 + m as u128
+                    ),
+                    param,
+                ));
+            }
+            Some((m, _)) => m as usize,
+            None => match endpoint {
+                Endpoint::Completions => DEFAULT_COMPLETION_MAX_TOKENS.min(room),
+                Endpoint::Chat => room,
+            },
+        };
+        prompt_lens.push(len);
+        for i in 0..n {
+            let mut sampling = sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let stop = StopConfig {
+                max_tokens,
+                stop_strings: stop.0.clone(),
+                stop_token_ids: stop.1.clone(),
+                ignore_eos,
+            };
+            let mut req = Request::new(prompt.clone(), sampling, stop);
+            req.logprobs = logprobs;
+            requests.push(req);
+        }
+    }
+    Ok(Plan { endpoint, model, stream, include_usage, logprobs, n, prompt_lens, requests })
+}
+
+fn parse_sampling(f: &Fields) -> Result<SamplingParams> {
+    let d = SamplingParams::default();
+    let temperature = f.number("temperature")?.unwrap_or(d.temperature as f64);
+    if temperature < 0.0 {
+        return Err(ApiError::invalid("temperature must be >= 0", "temperature"));
+    }
+    let top_p = f.number("top_p")?.unwrap_or(d.top_p as f64);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p must be in (0, 1]", "top_p"));
+    }
+    let top_k = match f.int("top_k")? {
+        None => 0,
+        Some(k) if (-1..=0).contains(&k) => 0,
+        Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+        Some(_) => return Err(ApiError::invalid("top_k must be -1, 0 (off) or positive", "top_k")),
+    };
+    let min_p = f.number("min_p")?.unwrap_or(d.min_p as f64);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid("min_p must be in [0, 1]", "min_p"));
+    }
+    let repetition_penalty = f.number("repetition_penalty")?.unwrap_or(d.repetition_penalty as f64);
+    if repetition_penalty <= 0.0 {
+        return Err(ApiError::invalid("repetition_penalty must be > 0", "repetition_penalty"));
+    }
+    let penalty = |name: &'static str| -> Result<f64> {
+        let v = f.number(name)?.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::invalid(format!("{name} must be in [-2, 2]"), name));
+        }
+        Ok(v)
+    };
+    let frequency_penalty = penalty("frequency_penalty")?;
+    let presence_penalty = penalty("presence_penalty")?;
+    let seed = match f.get("seed") {
+        None => None,
+        Some(v) => Some(match (v.as_u64(), v.as_i64()) {
+            (Some(s), _) => s,
+            (None, Some(s)) => s as u64,
+            _ => return Err(ApiError::invalid("seed must be an integer", "seed")),
+        }),
+    };
+    let p = SamplingParams {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k,
+        min_p: min_p as f32,
+        repetition_penalty: repetition_penalty as f32,
+        frequency_penalty: frequency_penalty as f32,
+        presence_penalty: presence_penalty as f32,
+        seed,
+    };
+    // Ranges in f64 can still overflow f32 (temperature 1e300).
+    p.validate().map_err(ApiError::invalid_no_param)?;
+    Ok(p)
+}
+
+/// Stop strings and stop token ids.
+fn parse_stop(f: &Fields, ctx: &ModelContext) -> Result<(Vec<String>, Vec<u32>)> {
+    let strings = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(ApiError::invalid(
+                    format!(
+                        "stop must be a string or a list of strings, found {}",
+                        type_name(other)
+                    ),
+                    "stop",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("stop must be a string or a list of strings, got {}", type_name(other)),
+                "stop",
+            ));
+        }
+    };
+    if strings.len() > MAX_STOP {
+        return Err(ApiError::invalid(format!("at most {MAX_STOP} stop strings"), "stop"));
+    }
+    if strings.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop strings must not be empty", "stop"));
+    }
+    let ids = match f.get("stop_token_ids") {
+        None => Vec::new(),
+        Some(v) => token_ids(v, ctx.vocab_size, "stop_token_ids")?,
+    };
+    Ok((strings, ids))
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids or a list of such lists.
+fn parse_prompt(f: &Fields, ctx: &ModelContext) -> Result<Vec<Vec<u32>>> {
+    let encode = |text: &str| {
+        ctx.tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::invalid(format!("tokenizing the prompt: {e}"), "prompt"))
+    };
+    let wrong = || {
+        ApiError::invalid(
+            "prompt must be a string, a list of strings, a list of token ids or a list of \
+             lists of token ids",
+            "prompt",
+        )
+    };
+    match f.get("prompt") {
+        None => Err(ApiError::invalid("prompt is required", "prompt")),
+        Some(Value::String(s)) => Ok(vec![encode(s)?]),
+        Some(all @ Value::Array(list)) => {
+            let Some(first) = list.first() else {
+                return Err(ApiError::invalid("prompt must not be an empty list", "prompt"));
+            };
+            if list.len() > MAX_CHOICES {
+                return Err(ApiError::invalid(
+                    format!("at most {MAX_CHOICES} prompts per request"),
+                    "prompt",
+                ));
+            }
+            match first {
+                Value::String(_) => {
+                    list.iter().map(|v| v.as_str().ok_or_else(wrong).and_then(encode)).collect()
+                }
+                Value::Number(_) => Ok(vec![token_ids(all, ctx.vocab_size, "prompt")?]),
+                Value::Array(_) => list
+                    .iter()
+                    .map(|v| {
+                        let ids = token_ids(v, ctx.vocab_size, "prompt")?;
+                        if ids.is_empty() {
+                            return Err(ApiError::invalid(
+                                "a token-id prompt must not be empty",
+                                "prompt",
+                            ));
+                        }
+                        Ok(ids)
+                    })
+                    .collect(),
+                _ => Err(wrong()),
+            }
+        }
+        Some(_) => Err(wrong()),
+    }
+}
+
+/// A JSON list of token ids within the vocabulary.
+fn token_ids(v: &Value, vocab: usize, param: &'static str) -> Result<Vec<u32>> {
+    let Value::Array(list) = v else {
+        return Err(ApiError::invalid(format!("{param} must be a list of token ids"), param));
+    };
+    list.iter()
+        .map(|t| match t.as_u64() {
+            Some(id) if id < vocab as u64 => Ok(id as u32),
+            Some(id) => Err(ApiError::invalid(
+                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+                param,
+            )),
+            None => Err(ApiError::invalid(
+                format!("{param} must hold non-negative integer token ids, found {t}"),
+                param,
+            )),
+        })
+        .collect()
+}
+
+/// `messages`: a non-empty list of `{role, content}`; content is a string, null, or a
+/// list of `{"type": "text", "text": ...}` parts (joined with newlines).
+fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>> {
+    let list = match f.get("messages") {
+        None => return Err(ApiError::invalid("messages is required", "messages")),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("messages must be a list, got {}", type_name(other)),
+                "messages",
+            ));
+        }
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty", "messages"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let bad =
+                |what: String| ApiError::invalid(format!("messages[{i}]: {what}"), "messages");
+            let Value::Object(m) = m else {
+                return Err(bad(format!("must be an object, got {}", type_name(m))));
+            };
+            let role = match m.get("role") {
+                Some(Value::String(r)) if !r.is_empty() => r.clone(),
+                _ => return Err(bad("role must be a non-empty string".into())),
+            };
+            let content = match m.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for part in parts {
+                        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+                            (Some("text"), _) => {
+                                return Err(bad("a text part needs a string `text`".into()));
+                            }
+                            (Some(kind), _) => {
+                                return Err(bad(format!(
+                                    "content parts of type {kind:?} are not supported (text only)"
+                                )));
+                            }
+                            (None, _) => {
+                                return Err(bad("content parts need a `type`".into()));
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+                Some(other) => {
+                    return Err(bad(format!(
+                        "content must be a string, a list of parts or null, got {}",
+                        type_name(other)
+                    )));
+                }
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn refuse_unsupported_completion(f: &Fields) -> Result<()> {
+    if f.bool("echo")?.unwrap_or(false) {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    match f.get("suffix") {
+        None => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(_) => return Err(ApiError::invalid("suffix is not supported", "suffix")),
+    }
+    refuse_logit_bias(f)
+}
+
+fn refuse_unsupported_chat(f: &Fields) -> Result<()> {
+    match f.get("tools") {
+        None => {}
+        Some(Value::Array(t)) if t.is_empty() => {}
+        Some(_) => return Err(ApiError::invalid("tool calling is not supported", "tools")),
+    }
+    match f.get("response_format") {
+        None => {}
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "only response_format {\"type\": \"text\"} is supported",
+                "response_format",
+            ));
+        }
+    }
+    refuse_logit_bias(f)
+}
+
+fn refuse_logit_bias(f: &Fields) -> Result<()> {
+    match f.get("logit_bias") {
+        None => Ok(()),
+        Some(Value::Object(o)) if o.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::invalid("logit_bias is not supported", "logit_bias")),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Typed access to a JSON object's fields; null counts as absent (as OpenAI treats it).
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn wrong(key: &'static str, want: &str, got: &Value) -> ApiError {
+        ApiError::invalid(format!("{key} must be {want}, got {}", type_name(got)), key)
+    }
+
+    fn bool(&self, key: &'static str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(Self::wrong(key, "a boolean", v)),
+        }
+    }
+
+    fn string(&self, key: &'static str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(Self::wrong(key, "a string", v)),
+        }
+    }
+
+    /// A finite number.
+    fn number(&self, key: &'static str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(x)) => match x.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(ApiError::invalid(format!("{key} must be a finite number"), key)),
+            },
+            Some(v) => Err(Self::wrong(key, "a number", v)),
+        }
+    }
+
+    /// An integer (any sign, within i64).
+    fn int(&self, key: &'static str) -> Result<Option<i64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(x)) => match x.as_i64() {
+                Some(i) => Ok(Some(i)),
+                None if x.as_u64().is_some() => Ok(Some(i64::MAX)),
+                None => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
+            },
+            Some(v) => Err(Self::wrong(key, "an integer", v)),
+        }
+    }
+
+    /// `max_tokens`: an integer >= 1.
+    fn max_tokens(&self, key: &'static str) -> Result<Option<u64>> {
+        match self.int(key)? {
+            None => Ok(None),
+            Some(m) if m >= 1 => Ok(Some(m as u64)),
+            Some(m) => Err(ApiError::invalid(format!("{key} must be at least 1, got {m}"), key)),
+        }
+    }
+
+    /// A non-negative integer.
+    fn uint(&self, key: &'static str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(x)) => match (x.as_u64(), x.as_i64()) {
+                (Some(u), _) => Ok(Some(u)),
+                (None, Some(_)) => {
+                    Err(ApiError::invalid(format!("{key} must be a non-negative integer"), key))
+                }
+                _ => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
+            },
+            Some(v) => Err(Self::wrong(key, "an integer", v)),
+        }
+    }
+}

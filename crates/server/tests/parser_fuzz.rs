@@ -1,0 +1,198 @@
+//! Property tests of the request parser: random bytes, random JSON, and valid requests
+//! with fields replaced by random values never panic; every refusal is a 400 with an
+//! OpenAI error body; every accepted request fits the model.
+
+use proptest::prelude::*;
+use radix_model::{ChatTemplate, Tokenizer};
+use radix_server::ApiError;
+use radix_server::validate::{self, ModelContext, Plan};
+use serde_json::{Map, Value, json};
+
+const VOCAB: usize = 320;
+const MAX_LEN: usize = 512;
+
+fn check(result: Result<Plan, ApiError>) {
+    match result {
+        Ok(plan) => {
+            assert!(!plan.requests.is_empty());
+            assert_eq!(plan.requests.len(), plan.prompt_lens.len() * plan.n);
+            for (i, r) in plan.requests.iter().enumerate() {
+                assert!(!r.prompt.is_empty());
+                assert_eq!(r.prompt.len(), plan.prompt_lens[i / plan.n]);
+                assert!(r.stop.max_tokens >= 1);
+                assert!(r.prompt.len() + r.stop.max_tokens <= MAX_LEN);
+                assert!(r.prompt.iter().all(|&t| (t as usize) < VOCAB));
+                assert!(r.sampling.validate().is_ok());
+            }
+        }
+        Err(e) => {
+            assert_eq!(e.status().as_u16(), 400, "{e}");
+            let body = serde_json::to_value(e.body()).unwrap();
+            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+        }
+    }
+}
+
+fn parse_both(body: &[u8]) {
+    let tokenizer = Tokenizer::Bytes;
+    let template = ChatTemplate::plain();
+    let ctx = ModelContext {
+        model_name: "synthetic:tiny",
+        tokenizer: &tokenizer,
+        chat_template: &template,
+        vocab_size: VOCAB,
+        max_model_len: MAX_LEN,
+    };
+    check(validate::parse_completion(body, &ctx));
+    check(validate::parse_chat(body, &ctx));
+}
+
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|i| json!(i)),
+        any::<u64>().prop_map(|u| json!(u)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        (-3i64..600).prop_map(|i| json!(i)),
+        (-1.0f64..3.0).prop_map(|f| json!(f)),
+        ".{0,12}".prop_map(Value::String),
+        Just(json!("user")),
+        Just(json!("text")),
+        Just(json!("synthetic:tiny")),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((key(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// Field names the parser knows, and some it does not.
+fn key() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        "model",
+        "prompt",
+        "messages",
+        "role",
+        "content",
+        "type",
+        "text",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stop",
+        "temperature",
+        "top_p",
+        "seed",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "logprobs",
+        "top_logprobs",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "stop_token_ids",
+        "echo",
+        "suffix",
+        "best_of",
+        "logit_bias",
+        "tools",
+        "response_format",
+        "add_generation_prompt",
+        "user",
+        "other",
+    ])
+    .prop_map(str::to_string)
+}
+
+fn valid_completion() -> Value {
+    json!({"model": "synthetic:tiny", "prompt": "hello", "max_tokens": 8, "n": 2,
+           "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ["x"], "stream": true,
+           "stream_options": {"include_usage": true}, "logprobs": 0})
+}
+
+fn valid_chat() -> Value {
+    json!({"model": "synthetic:tiny", "max_tokens": 8,
+           "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+           "temperature": 0.0, "logprobs": true, "stop": "\n"})
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        parse_both(&bytes);
+    }
+
+    #[test]
+    fn random_json_never_panics(v in any_json()) {
+        parse_both(v.to_string().as_bytes());
+    }
+
+    #[test]
+    fn random_objects_never_panic(fields in prop::collection::vec((key(), any_json()), 0..10)) {
+        let obj: Map<String, Value> = fields.into_iter().collect();
+        parse_both(Value::Object(obj).to_string().as_bytes());
+    }
+
+    /// Valid requests with one to three fields replaced (or removed).
+    #[test]
+    fn mutated_valid_requests_never_panic(
+        chat in any::<bool>(),
+        edits in prop::collection::vec((key(), prop::option::of(any_json())), 1..4),
+    ) {
+        let mut v = if chat { valid_chat() } else { valid_completion() };
+        let obj = v.as_object_mut().unwrap();
+        for (k, value) in edits {
+            match value {
+                Some(x) => { obj.insert(k, x); }
+                None => { obj.remove(&k); }
+            }
+        }
+        parse_both(v.to_string().as_bytes());
+    }
+
+    /// Truncations of valid bodies (malformed JSON).
+    #[test]
+    fn truncated_bodies_are_400(cut in 0usize..200, chat in any::<bool>()) {
+        let body = if chat { valid_chat() } else { valid_completion() }.to_string();
+        let cut = cut.min(body.len().saturating_sub(1));
+        parse_both(&body.as_bytes()[..cut]);
+    }
+}
+
+#[test]
+fn the_valid_examples_parse() {
+    let tokenizer = Tokenizer::Bytes;
+    let template = ChatTemplate::plain();
+    let ctx = ModelContext {
+        model_name: "synthetic:tiny",
+        tokenizer: &tokenizer,
+        chat_template: &template,
+        vocab_size: VOCAB,
+        max_model_len: MAX_LEN,
+    };
+    let p = validate::parse_completion(valid_completion().to_string().as_bytes(), &ctx).unwrap();
+    assert_eq!((p.n, p.requests.len(), p.stream, p.include_usage), (2, 2, true, true));
+    assert_eq!(p.requests[0].prompt.len(), 6);
+    assert_eq!(p.requests[1].sampling.seed, Some(4));
+    let p = validate::parse_chat(valid_chat().to_string().as_bytes(), &ctx).unwrap();
+    assert_eq!(p.requests[0].stop.stop_strings, vec!["\n".to_string()]);
+    assert!(p.logprobs && !p.stream);
+    // Chat without max_tokens: up to the context.
+    let mut v = valid_chat();
+    v.as_object_mut().unwrap().remove("max_tokens");
+    let p = validate::parse_chat(v.to_string().as_bytes(), &ctx).unwrap();
+    let r = &p.requests[0];
+    assert_eq!(r.prompt.len() + r.stop.max_tokens, MAX_LEN);
+}
