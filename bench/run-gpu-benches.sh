@@ -9,7 +9,7 @@ rs="$here/radix-sparse"
 out="${OUT:-$here/out}"
 mkdir -p "$out"
 results="$out/results.jsonl"
-phases="${*:-gemm attention decode}"
+phases="${*:-gemm attention decode step offline}"
 record() { python3 "$here/bench/record.py" --out "$results" "$@" >/dev/null; }
 
 for phase in $phases; do
@@ -65,6 +65,12 @@ PY
       --command "radix-sparse bench offline --model synthetic:llama3-8b --dataset $ds --device cuda" \
       --note "peer figures are published numbers for a real Llama-3.1-8B on ShareGPT, not measured in this run"
   done
+  ;;
+step)
+  rm -f "$out/s_ours.jsonl"
+  "$rs" bench step --batch 256 --context 512 --json "$out/s_ours.jsonl"
+  record --ours "$out/s_ours.jsonl" --command "radix-sparse bench step --batch 256 --context 512" \
+    --note "no peer: the step's floor (weights + KV bytes over the copy bandwidth of this run) is in extra.floor_ms"
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.

@@ -76,7 +76,10 @@ pub fn embed<T: HalfFloat>(
     hidden: usize,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
-    ensure!(hidden.is_multiple_of(8) && hidden > 0, "hidden size {hidden} must be a positive multiple of 8");
+    ensure!(
+        hidden.is_multiple_of(8) && hidden > 0,
+        "hidden size {hidden} must be a positive multiple of 8"
+    );
     ensure!(table.len().is_multiple_of(hidden), "embedding table is not [vocab, {hidden}]");
     ensure!(
         ids.len() >= rows && out.len() >= rows * hidden,
