@@ -46,14 +46,6 @@ struct StepState {
     attention: AttentionBatch,
 }
 
-struct Dims {
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    page_size: usize,
-    num_pages: usize,
-}
-
 /// GPU time per op category, from events around every op (when profiling is on).
 #[derive(Clone, Debug, Default)]
 pub struct OpTimes {
@@ -98,7 +90,8 @@ pub struct CudaBackend {
     device: Device,
     jit: Jit,
     gemm: Gemm,
-    dims: Option<Dims>,
+    /// The KV pool's shape (and the heads appended to it), once `init_kv` ran.
+    pool: Option<PoolShape>,
     inv_freq: Vec<f32>,
     kv: Vec<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
     step: Option<StepState>,
@@ -116,7 +109,7 @@ impl CudaBackend {
             device,
             jit: Jit::with_default_cache(),
             gemm,
-            dims: None,
+            pool: None,
             inv_freq: Vec::new(),
             kv: Vec::new(),
             step: None,
@@ -183,10 +176,8 @@ impl CudaBackend {
         2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * 2
     }
 
-    fn dims(&self) -> Result<&Dims> {
-        self.dims
-            .as_ref()
-            .ok_or_else(|| ModelError::Invalid("the KV pool is not initialised".into()))
+    fn pool(&self) -> Result<PoolShape> {
+        self.pool.ok_or_else(|| ModelError::Invalid("the KV pool is not initialised".into()))
     }
 
     fn step(&self) -> Result<&StepState> {
@@ -232,19 +223,19 @@ impl Backend for CudaBackend {
             self.kv
                 .push((self.device.alloc_zeros(per_layer)?, self.device.alloc_zeros(per_layer)?));
         }
-        self.dims = Some(Dims {
-            num_heads: cfg.num_heads,
+        self.pool = Some(PoolShape {
+            num_pages,
+            page_size,
+            num_qo_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            page_size,
-            num_pages,
         });
         self.inv_freq = cfg.rope.inv_freq();
         Ok(())
     }
 
     fn begin_step(&mut self, s: &StepInput) -> Result<()> {
-        let d = self.dims()?;
+        let pool = self.pool()?;
         let n = s.tokens.len();
         Self::check(s.positions.len() == n && s.slots.len() == n, || {
             "step: positions/slots do not match tokens".into()
@@ -252,13 +243,6 @@ impl Backend for CudaBackend {
         Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
             "a logit row is past the step's tokens".into()
         })?;
-        let pool = PoolShape {
-            num_pages: d.num_pages,
-            page_size: d.page_size,
-            num_qo_heads: d.num_heads,
-            num_kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-        };
         let append = AppendInputs::upload(
             &self.device,
             &pool,
@@ -268,15 +252,15 @@ impl Backend for CudaBackend {
         let meta = BatchMeta::new(
             s.qo_indptr.to_vec(),
             KvSource::Paged {
-                page_size: d.page_size,
-                num_pages: d.num_pages,
+                page_size: pool.page_size,
+                num_pages: pool.num_pages,
                 kv_indptr: s.kv_indptr.to_vec(),
                 kv_indices: s.kv_indices.to_vec(),
                 kv_last_page_len: s.kv_last_page_len.to_vec(),
             },
             true,
         )?;
-        let shape = AttentionShape::new(d.num_heads, d.num_kv_heads, d.head_dim, true);
+        let shape = AttentionShape::new(pool.num_qo_heads, pool.num_kv_heads, pool.head_dim, true);
         let attention = AttentionBatch::new(&self.device, shape, meta, None)?;
         let ids: Vec<i32> = s.tokens.iter().map(|&t| t as i32).collect();
         let rows: Vec<i32> = s.logit_rows.iter().map(|&r| r as i32).collect();
@@ -371,14 +355,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope_append(&mut self, layer: usize, qkv: &GpuAct, q: &mut GpuAct) -> Result<()> {
-        let d = self.dims()?;
-        let pool = PoolShape {
-            num_pages: d.num_pages,
-            page_size: d.page_size,
-            num_qo_heads: d.num_heads,
-            num_kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-        };
+        let pool = self.pool()?;
         self.timed(Op::KvAppend, |b| {
             let st =
                 b.step.as_ref().ok_or_else(|| ModelError::Invalid("no step has begun".into()))?;
