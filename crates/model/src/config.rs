@@ -105,6 +105,13 @@ impl ModelConfig {
         } else {
             &json["rope_scaling"]
         })?;
+        // Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) equals full
+        // attention while the context fits the window: cap the context at the window.
+        let max_pos = json["max_position_embeddings"].as_u64().unwrap_or(4096) as usize;
+        let window = json["sliding_window"]
+            .as_u64()
+            .filter(|_| architecture == Architecture::Mistral || json["use_sliding_window"] == true)
+            .map(|w| w as usize);
         let cfg = ModelConfig {
             architecture,
             vocab_size: int("vocab_size")?,
@@ -116,8 +123,7 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: json["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
             rope: RopeConfig { head_dim, theta, llama3 },
-            max_position_embeddings: json["max_position_embeddings"].as_u64().unwrap_or(4096)
-                as usize,
+            max_position_embeddings: window.map_or(max_pos, |w| w.min(max_pos)),
             tie_word_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2
                 || json["attention_bias"].as_bool().unwrap_or(false),
@@ -261,6 +267,16 @@ mod tests {
         let c = ModelConfig::from_json(&j).unwrap();
         assert_eq!(c.rope.theta, 500000.0);
         assert_eq!(c.rope.llama3.unwrap().factor, 8.0);
+    }
+
+    #[test]
+    fn a_sliding_window_caps_the_context() {
+        let mut j = llama();
+        j["architectures"] = json!(["MistralForCausalLM"]);
+        j["sliding_window"] = json!(4096);
+        assert_eq!(ModelConfig::from_json(&j).unwrap().max_position_embeddings, 4096);
+        j["sliding_window"] = Value::Null;
+        assert_eq!(ModelConfig::from_json(&j).unwrap().max_position_embeddings, 131072);
     }
 
     #[test]
