@@ -65,25 +65,6 @@ impl Tokenizer {
             Self::Bytes => synthetic::EOS as usize + 1,
         }
     }
-
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        match self {
-            Self::Hf(t) => t.token_to_id(token),
-            Self::Bytes => None,
-        }
-    }
-
-    pub fn token_text(&self, id: u32) -> Option<String> {
-        match self {
-            Self::Hf(t) => t.id_to_token(id),
-            Self::Bytes => match id {
-                synthetic::BOS => Some("<bos>".into()),
-                synthetic::EOS => Some("<eos>".into()),
-                b if b < 256 => Some(String::from_utf8_lossy(&[b as u8]).into_owned()),
-                _ => None,
-            },
-        }
-    }
 }
 
 #[cfg(test)]

@@ -219,7 +219,12 @@ impl Module {
             .map_err(|source| GpuError::Driver { call: "cuModuleGetFunction", source });
         let func =
             func.map_err(|e| GpuError::Invalid(format!("{}: kernel {name}: {e}", self.label)))?;
-        Ok(Kernel { func, ordinal: self.device.info().ordinal, name: name.to_string() })
+        Ok(Kernel {
+            func,
+            ordinal: self.device.info().ordinal,
+            name: name.to_string(),
+            smem_allowed: Default::default(),
+        })
     }
 }
 
@@ -231,6 +236,9 @@ pub struct Kernel {
     func: CudaFunction,
     ordinal: usize,
     name: String,
+    /// Dynamic shared memory already allowed (shared by the memoised clones), so a launch
+    /// per layer does not repeat the driver call.
+    smem_allowed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Kernel {
@@ -240,6 +248,10 @@ impl Kernel {
 
     /// Lets the kernel use `bytes` of dynamic shared memory (needed past 48 KiB).
     pub fn set_max_dynamic_smem(&self, device: &Device, bytes: usize) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if bytes <= self.smem_allowed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let max = device.info().max_shared_per_block;
         if bytes > max {
             return Err(GpuError::Invalid(format!(
@@ -252,11 +264,9 @@ impl Kernel {
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 bytes as i32,
             )
-            .call("cuFuncSetAttribute")
-    }
-
-    pub fn num_regs(&self) -> Result<i32> {
-        self.func.num_regs().call("cuFuncGetAttribute")
+            .call("cuFuncSetAttribute")?;
+        self.smem_allowed.fetch_max(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Launches on `device`'s stream with one parameter struct passed by value

@@ -147,10 +147,6 @@ impl BatchMeta {
     pub fn total_q(&self) -> usize {
         *self.qo_indptr.last().unwrap() as usize
     }
-
-    pub fn is_paged(&self) -> bool {
-        matches!(self.kv, KvSource::Paged { .. })
-    }
 }
 
 fn invalid<T>(msg: String) -> Result<T> {

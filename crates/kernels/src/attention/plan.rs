@@ -20,12 +20,6 @@ pub struct WorkItem {
     pub reserved: i32,
 }
 
-impl WorkItem {
-    /// An item that does nothing (pads a fixed-size work list, e.g. under CUDA graphs).
-    pub const PADDING: WorkItem =
-        WorkItem { batch: -1, q_tile: 0, kv_begin: 0, kv_end: 0, partial_row: -1, reserved: 0 };
-}
-
 /// One (token, all heads) whose splits the merge pass combines; mirrors `MergeItem`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
