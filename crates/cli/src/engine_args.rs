@@ -62,6 +62,9 @@ pub struct ModelArgs {
     /// Compute each prompt in one step instead of chunks.
     #[arg(long)]
     pub no_chunked_prefill: bool,
+    /// CUDA: run every step eagerly, without CUDA graphs for decode.
+    #[arg(long)]
+    pub disable_cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -105,7 +108,23 @@ impl ModelArgs {
         let device = self.device.resolve();
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
             Device::Cuda => {
-                let model = source.load(CudaBackend::new(0)?)?;
+                let mut model = source.load(CudaBackend::new(0)?)?;
+                // Memory plan: the weights are in; the workspace for the largest step
+                // comes next; the KV pool gets what is left.
+                let limits = self.engine_config(Device::Cuda, 0);
+                let max_seqs = limits.max_running.min(limits.max_batched_tokens);
+                let ws = model.backend.reserve_workspace(
+                    &source.config,
+                    limits.max_batched_tokens,
+                    max_seqs,
+                )?;
+                let graphs = if self.disable_cuda_graphs { 0 } else { max_seqs };
+                model.backend.set_graph_max_batch(graphs);
+                tracing::info!(
+                    workspace_mib = ws >> 20,
+                    cuda_graph_max_batch = graphs,
+                    "CUDA step workspace reserved"
+                );
                 let pages = match self.kv_pages {
                     Some(p) => p,
                     None => self.kv_pages_from_memory(&model.backend, &source.config)?,
@@ -118,8 +137,8 @@ impl ModelArgs {
         Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
     }
 
-    /// KV pages that fit in `mem_fraction` of the GPU once the weights are loaded, keeping
-    /// room for the largest step's activations and logits.
+    /// KV pages that fit in `mem_fraction` of the GPU once the weights and the step
+    /// workspace are allocated.
     fn kv_pages_from_memory(
         &self,
         backend: &CudaBackend,
@@ -131,17 +150,12 @@ impl ModelArgs {
         );
         let (free, total) = backend.device().mem_info()?;
         let used = total - free;
-        let tokens = self.max_batched_tokens.unwrap_or(8192);
-        let rows = self.max_running.unwrap_or(1024);
-        // bf16 activations of one step (residual, normed, qkv, q, attn, delta, gate|up, mlp)
-        // plus f32 logits, cuBLASLt and attention workspaces: a generous upper bound.
-        let h = cfg.hidden_size;
-        let act = tokens * (4 * h + 2 * cfg.qkv_size() + 3 * cfg.intermediate_size) * 2;
-        let reserve = act + rows * cfg.vocab_size * 4 + (512 << 20);
+        // Headroom for CUDA graphs, module images and the driver's own allocations.
+        let reserve = 512usize << 20;
         let budget = (total as f64 * self.mem_fraction) as usize;
         let kv = budget.checked_sub(used + reserve).ok_or_else(|| {
             anyhow::anyhow!(
-                "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after loading the weights (--mem-fraction {})",
+                "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after loading the weights and the step workspace (--mem-fraction {})",
                 used as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64,
                 self.mem_fraction

@@ -120,6 +120,15 @@ impl Engine {
         runner
             .init_kv(cfg.num_pages, cfg.page_size)
             .map_err(|e| EngineError::Config(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let warm = runner.warm_up().map_err(|e| EngineError::Config(format!("warm-up: {e}")))?;
+        if warm > 0 {
+            tracing::info!(
+                steps = warm,
+                secs = started.elapsed().as_secs_f64(),
+                "warmed up (decode CUDA graphs captured)"
+            );
+        }
         let model_len = runner.config().max_position_embeddings;
         let max_model_len = cfg
             .max_model_len
@@ -261,7 +270,16 @@ impl Engine {
         let result = self.execute(&plan);
         let t2 = std::time::Instant::now();
         self.stats.schedule_secs += (t1 - t0).as_secs_f64();
-        self.stats.forward_secs += (t2 - t1).as_secs_f64();
+        let secs = (t2 - t1).as_secs_f64();
+        self.stats.forward_secs += secs;
+        if plan.iter().all(|s| s.len == 1) {
+            let class = EngineStats::decode_class(plan.len());
+            self.stats.decode_steps[class] += 1;
+            self.stats.decode_secs[class] += secs;
+        } else {
+            self.stats.prefill_steps += 1;
+            self.stats.prefill_secs += secs;
+        }
         match result {
             Ok(sampled) => {
                 self.process(&plan, &sampled);

@@ -25,9 +25,26 @@ pub struct EngineStats {
     pub forward_secs: f64,
     /// Seconds applying results: stop rules, detokenizing, streaming (host).
     pub process_secs: f64,
+    /// Steps with prompt tokens in them (prefill chunks, with any decodes beside them)
+    /// and their forward seconds.
+    pub prefill_steps: u64,
+    pub prefill_secs: f64,
+    /// Decode-only steps by batch size (1-64, 65-256, 257 and more) and their forward
+    /// seconds: where a run's time goes.
+    pub decode_steps: [u64; 3],
+    pub decode_secs: [f64; 3],
 }
 
 impl EngineStats {
+    /// Class of a decode batch of `n` in `decode_steps` / `decode_secs`.
+    pub fn decode_class(n: usize) -> usize {
+        match n {
+            0..=64 => 0,
+            65..=256 => 1,
+            _ => 2,
+        }
+    }
+
     /// Fraction of matched prompt tokens served by the prefix cache.
     pub fn cache_hit_rate(&self) -> f64 {
         let total = self.cache_hit_tokens + self.cache_miss_tokens;

@@ -8,6 +8,8 @@ pub trait Runner: Send {
     fn backend_name(&self) -> String;
     /// Allocates the KV pool once, before the first step.
     fn init_kv(&mut self, num_pages: usize, page_size: usize) -> radix_model::Result<()>;
+    /// Warm-up after `init_kv` (CUDA graphs are captured here); returns steps run.
+    fn warm_up(&mut self) -> radix_model::Result<usize>;
     /// Runs the step up to the logits of `step.logit_rows` (kept on the backend).
     fn forward(&mut self, step: &StepInput) -> radix_model::Result<()>;
     /// One token per logits row of the last `forward`.
@@ -29,6 +31,10 @@ where
     fn init_kv(&mut self, num_pages: usize, page_size: usize) -> radix_model::Result<()> {
         let cfg = self.config.clone();
         self.backend.init_kv(&cfg, num_pages, page_size)
+    }
+
+    fn warm_up(&mut self) -> radix_model::Result<usize> {
+        LlamaModel::warm_up(self)
     }
 
     fn forward(&mut self, step: &StepInput) -> radix_model::Result<()> {

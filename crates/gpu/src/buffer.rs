@@ -1,5 +1,7 @@
 //! Device buffers typed by element, with checked host<->device copies.
 
+use std::mem::ManuallyDrop;
+
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use crate::device::Device;
@@ -10,14 +12,54 @@ use crate::error::{DriverCall, Result};
 /// A device allocation of `len` elements of `T`, owned by one device's stream.
 ///
 /// Every operation is ordered on that stream; reads back to the host synchronise it.
+///
+/// A buffer either owns its allocation or is a view of part of another's (`view`): a
+/// workspace carved into activations whose addresses stay put, which is what lets a CUDA
+/// graph captured once replay over them.
 pub struct DeviceBuffer<T: Element> {
-    slice: CudaSlice<T>,
+    slice: ManuallyDrop<CudaSlice<T>>,
     device: Device,
+    owned: bool,
+}
+
+impl<T: Element> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: the slice is taken once, here, and never used again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        if self.owned {
+            drop(slice); // frees, ordered on the stream
+        } else {
+            slice.leak(); // a view: the parent owns the memory
+        }
+    }
 }
 
 impl<T: Element> DeviceBuffer<T> {
     pub(crate) fn new(slice: CudaSlice<T>, device: Device) -> Self {
-        Self { slice, device }
+        Self { slice: ManuallyDrop::new(slice), device, owned: true }
+    }
+
+    /// A buffer over elements `offset..offset + len` of this one, without a copy.
+    ///
+    /// # Safety
+    /// The view does not keep this buffer alive: the caller must drop every view before
+    /// the buffer it came from (or, if work using it is queued, before that memory is
+    /// reused: the stream orders a later free after it).
+    pub unsafe fn view(&self, offset: usize, len: usize) -> Result<DeviceBuffer<T>> {
+        ensure!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len()),
+            "view of {len} elements at offset {offset} past a buffer of {}",
+            self.len()
+        );
+        let ptr = self.ptr() + (offset * std::mem::size_of::<T>()) as u64;
+        // SAFETY: the range lies inside this allocation (checked above); `owned: false`
+        // makes the drop leak instead of free.
+        let slice = unsafe { self.device.stream().upgrade_device_ptr::<T>(ptr, len) };
+        Ok(DeviceBuffer {
+            slice: ManuallyDrop::new(slice),
+            device: self.device.clone(),
+            owned: false,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -96,7 +138,7 @@ impl<T: Element> DeviceBuffer<T> {
             return Ok(());
         }
         let stream = self.device.stream();
-        stream.memcpy_dtoh(&self.slice, dst).call("cuMemcpyDtoHAsync")?;
+        stream.memcpy_dtoh(&*self.slice, dst).call("cuMemcpyDtoHAsync")?;
         stream.synchronize().call("cuStreamSynchronize")
     }
 
@@ -118,7 +160,7 @@ impl<T: Element> DeviceBuffer<T> {
             return Ok(());
         }
         let stream = self.device.stream().clone();
-        stream.memcpy_dtod(&src.slice, &mut self.slice).call("cuMemcpyDtoDAsync")
+        stream.memcpy_dtod(&*src.slice, &mut *self.slice).call("cuMemcpyDtoDAsync")
     }
 
     /// Sets every byte to `byte`: 0 to clear, 0xFF to poison (0xFFFF is NaN in f16 and bf16).

@@ -7,6 +7,7 @@
 //! - `GpuTimer`, `time_runs`: CUDA-event timing.
 //! - `jit`: `.cu` sources compiled by NVRTC for the device's architecture, cached on disk.
 //! - `Gemm`: cuBLASLt matmul with cached plans.
+//! - `Graph`: CUDA graph capture and replay; `PinnedStaging`: async uploads.
 //! - `GpuError`: the one error type; it names the call that failed.
 
 pub mod arch;
@@ -15,8 +16,10 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
+pub mod graph;
 pub mod jit;
 pub mod libs;
+pub mod staging;
 pub mod timing;
 
 pub use arch::Arch;
@@ -25,7 +28,9 @@ pub use device::{Device, DeviceInfo, require_gpu};
 pub use dtype::{DType, Element, HalfFloat};
 pub use error::{GpuError, Result};
 pub use gemm::{BLayout, Gemm, GemmShape};
+pub use graph::Graph;
 pub use jit::{Jit, Kernel, KernelSpec, Module, SourceFile};
+pub use staging::PinnedStaging;
 pub use timing::{GpuTimer, Timings, time_runs};
 
 /// Re-exported so kernel crates can implement `DeviceRepr` for their parameter structs

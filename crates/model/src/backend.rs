@@ -38,6 +38,63 @@ impl StepInput<'_> {
     }
 }
 
+/// A step that owns its arrays (warm-up steps a backend asks the model to run).
+#[derive(Clone, Debug, Default)]
+pub struct OwnedStep {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub slots: Vec<i32>,
+    pub qo_indptr: Vec<i32>,
+    pub kv_indptr: Vec<i32>,
+    pub kv_indices: Vec<i32>,
+    pub kv_last_page_len: Vec<i32>,
+    pub logit_rows: Vec<u32>,
+}
+
+impl OwnedStep {
+    pub fn as_input(&self) -> StepInput<'_> {
+        StepInput {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            slots: &self.slots,
+            qo_indptr: &self.qo_indptr,
+            kv_indptr: &self.kv_indptr,
+            kv_indices: &self.kv_indices,
+            kv_last_page_len: &self.kv_last_page_len,
+            logit_rows: &self.logit_rows,
+        }
+    }
+}
+
+/// How the ops of a step run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    /// Each op runs as it is called.
+    Eager,
+    /// The ops are recorded (a CUDA graph) and run at `end_step`.
+    Record,
+    /// The backend already ran the whole forward up to the logits (a graph replay):
+    /// skip the ops.
+    Replayed,
+}
+
+/// How `begin_step` will run a step: its mode and the rows of its activations, which
+/// may exceed the step's own when the backend pads it (to replay a CUDA graph of a
+/// larger batch); the extra rows are computed and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    pub mode: StepMode,
+    pub tokens: usize,
+    pub logit_rows: usize,
+}
+
+impl StepPlan {
+    /// A step run eagerly as it is.
+    pub fn eager(step: &StepInput) -> Self {
+        Self { mode: StepMode::Eager, tokens: step.num_tokens(), logit_rows: step.logit_rows.len() }
+    }
+}
+
 /// An activation matrix `[rows, cols]` in backend memory.
 pub trait Activation {
     fn rows(&self) -> usize;
@@ -56,8 +113,21 @@ pub trait Backend {
     /// Allocates the KV pool: `num_pages` pages of `page_size` tokens for every layer.
     fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()>;
 
-    /// Makes the step's metadata available to the ops that follow.
-    fn begin_step(&mut self, step: &StepInput) -> Result<()>;
+    /// Makes the step's metadata available to the ops that follow, and says how the
+    /// step runs and how many rows its activations have (a backend may pad a step).
+    fn begin_step(&mut self, step: &StepInput) -> Result<StepPlan>;
+
+    /// Steps to run (twice each) before serving, after `init_kv`: a CUDA backend warms up
+    /// and captures its decode graphs with them. They touch no page the engine owns.
+    fn warm_up_steps(&self) -> Vec<OwnedStep> {
+        Vec::new()
+    }
+
+    /// Called after the ops of a step that began in `StepMode::Record`, also when one of
+    /// them failed: ends the recording and runs what was recorded.
+    fn end_step(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// An activation of `rows x cols` (contents unspecified).
     fn act(&mut self, rows: usize, cols: usize) -> Result<Self::Act>;

@@ -16,7 +16,7 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Activation, Backend, StepInput};
+pub use backend::{Activation, Backend, OwnedStep, StepInput, StepMode, StepPlan};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use cpu::CpuBackend;

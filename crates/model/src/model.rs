@@ -1,6 +1,6 @@
 //! The Llama forward pass, written once over `Backend` ops.
 
-use crate::backend::{Backend, StepInput};
+use crate::backend::{Backend, StepInput, StepMode, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
@@ -106,13 +106,39 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Runs one step up to the logits of the step's logit rows (kept by the backend).
     pub fn forward(&mut self, step: &StepInput) -> Result<()> {
-        let n = step.num_tokens();
-        if n == 0 {
+        if step.num_tokens() == 0 {
             return Ok(());
         }
+        let plan = self.backend.begin_step(step)?;
+        match plan.mode {
+            StepMode::Replayed => Ok(()),
+            StepMode::Eager => self.run_ops(&plan),
+            StepMode::Record => {
+                let ran = self.run_ops(&plan);
+                match (ran, self.backend.end_step()) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Ok(())) => Ok(()),
+                    (Ok(()), Err(e)) => {
+                        // The recording did not run: run the step as it comes instead.
+                        tracing::warn!("CUDA graph capture failed ({e}); running eagerly");
+                        let plan = self.backend.begin_step(step)?;
+                        match plan.mode {
+                            StepMode::Eager => self.run_ops(&plan),
+                            mode => Err(ModelError::Invalid(format!(
+                                "backend asked for {mode:?} after a failed capture"
+                            ))),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ops of one step, after `begin_step` planned it.
+    fn run_ops(&mut self, plan: &StepPlan) -> Result<()> {
+        let n = plan.tokens;
         let c = &self.config;
         let (b, w) = (&mut self.backend, &self.weights);
-        b.begin_step(step)?;
         let mut residual = b.act(n, c.hidden_size)?;
         let mut normed = b.act(n, c.hidden_size)?;
         let mut qkv = b.act(n, c.qkv_size())?;
@@ -145,13 +171,24 @@ impl<B: Backend> LlamaModel<B> {
             b.linear(&mlp, &layer.down, None, &mut delta)?;
         }
         b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
-        let rows = step.logit_rows.len();
+        let rows = plan.logit_rows;
         if rows == 0 {
             return Ok(());
         }
         let mut last = b.act(rows, c.hidden_size)?;
         b.gather_logit_rows(&normed, &mut last)?;
         b.logits(&last, w.lm_head.as_ref().unwrap_or(&w.embed))
+    }
+
+    /// Runs the backend's warm-up steps (see `Backend::warm_up_steps`); returns how many.
+    pub fn warm_up(&mut self) -> Result<usize> {
+        let steps = self.backend.warm_up_steps();
+        for step in &steps {
+            for _ in 0..2 {
+                self.forward(&step.as_input())?;
+            }
+        }
+        Ok(steps.len())
     }
 
     /// Samples the logit rows of the last `forward`.

@@ -125,6 +125,21 @@ fn run_once(
         100.0 * busy / secs,
         100.0 * host / secs
     );
+    let prefill_secs = st.prefill_secs - before.prefill_secs;
+    let prefill_steps = st.prefill_steps - before.prefill_steps;
+    let classes = ["1-64", "65-256", "257+"];
+    let decode: Vec<(u64, f64)> = (0..3)
+        .map(|c| {
+            (st.decode_steps[c] - before.decode_steps[c], st.decode_secs[c] - before.decode_secs[c])
+        })
+        .collect();
+    println!("steps with prompt tokens {prefill_steps:5}  {prefill_secs:7.2} s");
+    for (class, (steps, secs)) in classes.iter().zip(&decode) {
+        println!(
+            "decode steps, batch {class:<6} {steps:5}  {secs:7.2} s  ({:.2} ms each)",
+            1e3 * secs / (*steps).max(1) as f64
+        );
+    }
     let shape = format!("{} n={n} {name} max_running={max_running}", args.dataset);
     write_json(
         args.json.as_ref(),
@@ -146,6 +161,14 @@ fn run_once(
                 "preemptions": st.preemptions - before.preemptions,
                 "forward_sample_s": busy,
                 "host_s": host,
+                "prefill_steps": prefill_steps,
+                "prefill_s": prefill_secs,
+                "decode_steps_by_batch": {
+                    "1-64": decode[0].0, "65-256": decode[1].0, "257+": decode[2].0,
+                },
+                "decode_s_by_batch": {
+                    "1-64": decode[0].1, "65-256": decode[1].1, "257+": decode[2].1,
+                },
                 "input_tokens": input_tokens,
                 "output_tokens": output_tokens,
             })),

@@ -69,6 +69,58 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("BLOCK_N", tiles.block_n)
 }
 
+/// The device arrays an attention batch reads: owned by the batch, or views of a step
+/// workspace that a CUDA graph replays over.
+pub struct AttentionBuffers {
+    pub qo_indptr: DeviceBuffer<i32>,
+    pub kv_indptr: DeviceBuffer<i32>,
+    pub kv_indices: DeviceBuffer<i32>,
+    pub kv_last_page_len: DeviceBuffer<i32>,
+    /// `Plan::work_words`.
+    pub work: DeviceBuffer<i32>,
+    /// `Plan::merge_words`.
+    pub merge: DeviceBuffer<i32>,
+    /// `partial_rows x num_qo_heads x head_dim` (at least one element).
+    pub partial_o: DeviceBuffer<f32>,
+    /// `partial_rows x num_qo_heads` (at least one element).
+    pub partial_lse: DeviceBuffer<f32>,
+}
+
+/// The tiles and the work of a batch, planned on the host alone (no device work).
+pub fn plan_batch(
+    device: &Device,
+    shape: &AttentionShape,
+    meta: &BatchMeta,
+    tiles: Option<TileConfig>,
+    target_blocks: Option<usize>,
+) -> Result<(TileConfig, Plan)> {
+    shape.validate()?;
+    let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
+    let tiles = tiles.unwrap_or_else(|| TileConfig::choose(max_rows));
+    let smem = tiles.smem_bytes(shape.head_dim, 2);
+    ensure!(
+        smem <= device.info().max_shared_per_block,
+        "tiles {tiles:?} need {smem} bytes of shared memory; the device allows {}",
+        device.info().max_shared_per_block
+    );
+    let target_blocks = target_blocks.unwrap_or_else(|| default_target_blocks(device));
+    let plan = plan(
+        &meta.q_lens,
+        &meta.kv_lens,
+        shape.group(),
+        shape.num_kv_heads,
+        tiles,
+        target_blocks,
+        256,
+    );
+    Ok((tiles, plan))
+}
+
+/// Blocks below which keys are split: two per SM.
+pub fn default_target_blocks(device: &Device) -> usize {
+    2 * device.info().sm_count as usize
+}
+
 /// One planned batch with its metadata on the device, ready to run for every layer.
 pub struct AttentionBatch {
     device: Device,
@@ -76,14 +128,7 @@ pub struct AttentionBatch {
     tiles: TileConfig,
     meta: BatchMeta,
     plan: Plan,
-    qo_indptr: DeviceBuffer<i32>,
-    kv_indptr: DeviceBuffer<i32>,
-    kv_indices: DeviceBuffer<i32>,
-    kv_last_page_len: DeviceBuffer<i32>,
-    work: DeviceBuffer<i32>,
-    merge: DeviceBuffer<i32>,
-    partial_o: DeviceBuffer<f32>,
-    partial_lse: DeviceBuffer<f32>,
+    buffers: AttentionBuffers,
 }
 
 impl AttentionBatch {
@@ -106,58 +151,61 @@ impl AttentionBatch {
         tiles: Option<TileConfig>,
         target_blocks: Option<usize>,
     ) -> Result<Self> {
-        shape.validate()?;
-        let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
-        let tiles = tiles.unwrap_or_else(|| TileConfig::choose(max_rows));
-        let smem = tiles.smem_bytes(shape.head_dim, 2);
-        ensure!(
-            smem <= device.info().max_shared_per_block,
-            "tiles {tiles:?} need {smem} bytes of shared memory; the device allows {}",
-            device.info().max_shared_per_block
-        );
-        let target_blocks = target_blocks.unwrap_or(2 * device.info().sm_count as usize);
-        let plan = plan(
-            &meta.q_lens,
-            &meta.kv_lens,
-            shape.group(),
-            shape.num_kv_heads,
-            tiles,
-            target_blocks,
-            256,
-        );
+        let (tiles, plan) = plan_batch(device, &shape, &meta, tiles, target_blocks)?;
         let upload = |v: &[i32]| device.upload(if v.is_empty() { &[0] } else { v });
-        let (kv_indptr, kv_indices, last) = match &meta.kv {
+        let (kv_indptr, kv_indices, kv_last_page_len) = match &meta.kv {
             KvSource::Contiguous { kv_indptr } => (upload(kv_indptr)?, upload(&[])?, upload(&[])?),
             KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, .. } => {
                 (upload(kv_indptr)?, upload(kv_indices)?, upload(kv_last_page_len)?)
             }
         };
-        let work: Vec<i32> = plan
-            .work
-            .iter()
-            .flat_map(|w| [w.batch, w.q_tile, w.kv_begin, w.kv_end, w.partial_row, w.reserved])
-            .collect();
-        let merge: Vec<i32> = plan
-            .merge
-            .iter()
-            .flat_map(|m| [m.out_token, m.first_row, m.num_splits, m.split_stride])
-            .collect();
         let partial = plan.partial_rows * shape.num_qo_heads;
-        Ok(Self {
-            device: device.clone(),
+        let buffers = AttentionBuffers {
             qo_indptr: upload(&meta.qo_indptr)?,
             kv_indptr,
             kv_indices,
-            kv_last_page_len: last,
-            work: upload(&work)?,
-            merge: upload(&merge)?,
+            kv_last_page_len,
+            work: upload(&plan.work_words().collect::<Vec<_>>())?,
+            merge: upload(&plan.merge_words().collect::<Vec<_>>())?,
             partial_o: device.alloc(partial.max(1) * shape.head_dim)?,
             partial_lse: device.alloc(partial.max(1))?,
-            shape,
-            tiles,
-            meta,
-            plan,
-        })
+        };
+        Self::from_parts(device, shape, meta, tiles, plan, buffers)
+    }
+
+    /// A batch over arrays already on the device: `buffers` must hold `meta` and `plan`
+    /// as `new` would upload them (checked by size here; contents are the caller's).
+    pub fn from_parts(
+        device: &Device,
+        shape: AttentionShape,
+        meta: BatchMeta,
+        tiles: TileConfig,
+        plan: Plan,
+        buffers: AttentionBuffers,
+    ) -> Result<Self> {
+        shape.validate()?;
+        let b = &buffers;
+        let batch = meta.batch();
+        let partial = plan.partial_rows * shape.num_qo_heads;
+        let (indices, lasts) = match &meta.kv {
+            KvSource::Contiguous { .. } => (0, 0),
+            KvSource::Paged { kv_indices, kv_last_page_len, .. } => {
+                (kv_indices.len(), kv_last_page_len.len())
+            }
+        };
+        ensure!(
+            b.qo_indptr.len() > batch
+                && b.kv_indptr.len() > batch
+                && b.kv_indices.len() >= indices
+                && b.kv_last_page_len.len() >= lasts
+                && b.work.len() >= 6 * plan.work.len()
+                && b.merge.len() >= 4 * plan.merge.len()
+                && b.partial_o.len() >= partial * shape.head_dim
+                && b.partial_lse.len() >= partial,
+            "attention buffers too small for a batch of {batch} with {} work items",
+            plan.work.len()
+        );
+        Ok(Self { device: device.clone(), shape, tiles, meta, plan, buffers })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -246,13 +294,13 @@ impl AttentionBatch {
             v: v.ptr(),
             o: o.ptr_mut(),
             lse: lse_ptr,
-            partial_o: self.partial_o.ptr(),
-            partial_lse: self.partial_lse.ptr(),
-            qo_indptr: self.qo_indptr.ptr(),
-            kv_indptr: self.kv_indptr.ptr(),
-            kv_indices: self.kv_indices.ptr(),
-            kv_last_page_len: self.kv_last_page_len.ptr(),
-            work: self.work.ptr(),
+            partial_o: self.buffers.partial_o.ptr(),
+            partial_lse: self.buffers.partial_lse.ptr(),
+            qo_indptr: self.buffers.qo_indptr.ptr(),
+            kv_indptr: self.buffers.kv_indptr.ptr(),
+            kv_indices: self.buffers.kv_indices.ptr(),
+            kv_last_page_len: self.buffers.kv_last_page_len.ptr(),
+            work: self.buffers.work.ptr(),
             q_stride: row as i64,
             o_stride: row as i64,
             kv_stride: (s.num_kv_heads * d) as i64,
@@ -277,11 +325,11 @@ impl AttentionBatch {
         if !self.plan.merge.is_empty() {
             let merge = jit.kernel(&self.device, &spec, "attention_merge")?;
             let params = MergeParams {
-                partial_o: self.partial_o.ptr(),
-                partial_lse: self.partial_lse.ptr(),
+                partial_o: self.buffers.partial_o.ptr(),
+                partial_lse: self.buffers.partial_lse.ptr(),
                 o: params.o,
                 lse: lse_ptr,
-                items: self.merge.ptr(),
+                items: self.buffers.merge.ptr(),
                 o_stride: row as i64,
                 num_qo_heads: s.num_qo_heads as i32,
                 reserved: 0,

@@ -8,8 +8,8 @@ mod plan;
 mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
-pub use launch::{AttentionBatch, spec};
-pub use plan::{MergeItem, Plan, TileConfig, WorkItem, plan};
+pub use launch::{AttentionBatch, AttentionBuffers, default_target_blocks, plan_batch, spec};
+pub use plan::{MergeItem, Plan, TileConfig, WorkItem, decode_work_bound, plan};
 pub use reference::{Reference, attention_reference};
 
 use radix_gpu::SourceFile;

@@ -98,6 +98,52 @@ pub struct Plan {
     pub partial_rows: usize,
 }
 
+impl Plan {
+    /// The work list as the kernel reads it, 6 words per item.
+    pub fn work_words(&self) -> impl Iterator<Item = i32> + '_ {
+        self.work
+            .iter()
+            .flat_map(|w| [w.batch, w.q_tile, w.kv_begin, w.kv_end, w.partial_row, w.reserved])
+    }
+
+    /// The merge list as the merge kernel reads it, 4 words per item.
+    pub fn merge_words(&self) -> impl Iterator<Item = i32> + '_ {
+        self.merge.iter().flat_map(|m| [m.out_token, m.first_row, m.num_splits, m.split_stride])
+    }
+
+    /// Pads the lists to exactly `work` and `merge` items with items the kernels skip, so
+    /// that a launch captured in a CUDA graph (whose grid is fixed) covers any plan that
+    /// fits. Fails if the plan is already longer.
+    pub fn pad_to(&mut self, work: usize, merge: usize) -> Result<(), String> {
+        if self.work.len() > work || self.merge.len() > merge {
+            return Err(format!(
+                "plan of {} work and {} merge items does not fit {work} and {merge}",
+                self.work.len(),
+                self.merge.len()
+            ));
+        }
+        self.work.resize(work, WorkItem { batch: -1, ..WorkItem::default() });
+        self.merge.resize(merge, MergeItem { num_splits: 0, ..MergeItem::default() });
+        Ok(())
+    }
+}
+
+/// The most work items `plan` makes for `batch` sequences of one query token each: one
+/// tile per sequence when unsplit; when split, chunks of `c` tiles with
+/// `c >= floor(tile_work / wanted) > tile_work / (2 wanted)` (or `tile_work < wanted`),
+/// so fewer than `2 wanted` chunks plus one partial chunk per sequence.
+pub fn decode_work_bound(
+    batch: usize,
+    group: usize,
+    num_kv_heads: usize,
+    tiles: TileConfig,
+    target_blocks: usize,
+) -> usize {
+    let q_tiles = group.div_ceil(tiles.block_m()).max(1);
+    let wanted = target_blocks.div_ceil(num_kv_heads.max(1)).max(1);
+    batch * q_tiles + 2 * wanted * q_tiles
+}
+
 /// Plans a batch: `q_lens[b]` query tokens against `kv_lens[b]` keys.
 ///
 /// `target_blocks` is how many blocks keep the GPU busy (e.g. 2 × SMs); splitting happens
@@ -210,6 +256,33 @@ mod tests {
         let mut rows: Vec<i32> = p.work.iter().map(|w| w.partial_row).collect();
         rows.sort();
         assert_eq!(rows, (0..splits as i32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn decode_plans_stay_within_the_bound_and_pad() {
+        let mut rng = 7u64;
+        for batch in [1usize, 2, 3, 8, 31, 32, 33, 64, 200] {
+            for _ in 0..20 {
+                let kv: Vec<usize> = (0..batch)
+                    .map(|_| {
+                        rng =
+                            rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        1 + (rng >> 33) as usize % 70_000
+                    })
+                    .collect();
+                let q = vec![1; batch];
+                let mut p = plan(&q, &kv, 4, 8, TILES, 264, 256);
+                let bound = decode_work_bound(batch, 4, 8, TILES, 264);
+                assert!(p.work.len() <= bound, "{} items > bound {bound}", p.work.len());
+                assert!(p.merge.len() <= batch);
+                p.pad_to(bound, batch).unwrap();
+                assert_eq!(p.work.len(), bound);
+                assert!(p.work.iter().skip_while(|w| w.batch >= 0).all(|w| w.batch < 0));
+                assert!(p.merge.iter().filter(|m| m.num_splits == 0).count() <= batch);
+            }
+        }
+        let mut p = plan(&[1], &[100], 4, 8, TILES, 264, 256);
+        assert!(p.pad_to(0, 0).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod linear;
 
 use radix_kernels::rope::RopeConfig;
 
-use crate::backend::{Activation, Backend, StepInput};
+use crate::backend::{Activation, Backend, StepInput, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
@@ -134,7 +134,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn begin_step(&mut self, s: &StepInput) -> Result<()> {
+    fn begin_step(&mut self, s: &StepInput) -> Result<StepPlan> {
         let n = s.tokens.len();
         Self::check(s.positions.len() == n && s.slots.len() == n, || {
             format!(
@@ -169,7 +169,7 @@ impl Backend for CpuBackend {
         st.tokens.extend_from_slice(s.tokens);
         st.logit_rows.clear();
         st.logit_rows.extend_from_slice(s.logit_rows);
-        Ok(())
+        Ok(StepPlan::eager(s))
     }
 
     fn act(&mut self, rows: usize, cols: usize) -> Result<CpuAct> {

@@ -1,14 +1,28 @@
 //! The CUDA backend: bf16 weights and activations, f32 logits; cuBLASLt GEMMs, our
 //! attention (prefill and paged decode in one launch per layer), KV append with RoPE, and
 //! the small ops and the sampler from radix-kernels. Mirrors the CPU backend op by op.
+//!
+//! Memory is planned once: weights, one workspace for the largest step (`workspace`),
+//! then the KV pool. Decode steps run as CUDA graphs, one per batch-size bucket
+//! (`graphs`): the host uploads the step's metadata in one copy and launches the graph.
+
+mod graphs;
+mod workspace;
 
 use half::bf16;
-use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, Jit};
-use radix_kernels::attention::{AttentionBatch, AttentionShape, BatchMeta, KvSource};
+use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, Jit, graph};
+use radix_kernels::attention::{
+    AttentionBatch, AttentionBuffers, AttentionShape, BatchMeta, KvSource, decode_work_bound,
+    default_target_blocks, plan_batch,
+};
 use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape};
 use radix_kernels::ops::{self, SampleRow};
 
-use crate::backend::{Activation, Backend, StepInput};
+use self::graphs::{
+    BucketGraph, Graphs, all_buckets, bucket_for, is_decode_step, pad_step, scratch_step,
+};
+use self::workspace::{ActShape, Caps, Workspace};
+use crate::backend::{Activation, Backend, OwnedStep, StepInput, StepMode, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
@@ -37,11 +51,13 @@ pub struct GpuWeight {
     pub cols: usize,
 }
 
-/// What `begin_step` uploads for the ops of one step.
+/// The ops' view of one step's metadata (views of the workspace).
 struct StepState {
     tokens: DeviceBuffer<i32>,
     logit_rows: DeviceBuffer<i32>,
+    /// Logit rows computed (padding included) and those the caller asked for.
     num_logit_rows: usize,
+    real_logit_rows: usize,
     append: AppendInputs,
     attention: AttentionBatch,
 }
@@ -94,9 +110,18 @@ pub struct CudaBackend {
     pool: Option<PoolShape>,
     inv_freq: Vec<f32>,
     kv: Vec<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
+    inv_freq_dev: Option<DeviceBuffer<f32>>,
+    act_shape: Option<ActShape>,
+    workspace: Option<Workspace>,
     step: Option<StepState>,
-    logits: Option<DeviceBuffer<f32>>,
-    logit_shape: (usize, usize),
+    /// Rows and vocab of the logits in the workspace; `None` before `logits` ran.
+    logit_shape: Option<(usize, usize)>,
+    graphs: Graphs,
+    /// Largest decode batch replayed from a graph; 0 turns graphs off.
+    graph_max_batch: usize,
+    /// The bucket being captured between `begin_step` and `end_step`.
+    capturing: Option<usize>,
+    padded: OwnedStep,
 }
 
 impl CudaBackend {
@@ -112,10 +137,83 @@ impl CudaBackend {
             pool: None,
             inv_freq: Vec::new(),
             kv: Vec::new(),
+            inv_freq_dev: None,
+            act_shape: None,
+            workspace: None,
             step: None,
-            logits: None,
-            logit_shape: (0, 0),
+            logit_shape: None,
+            graphs: Graphs::default(),
+            graph_max_batch: 256,
+            capturing: None,
+            padded: OwnedStep::default(),
         })
+    }
+
+    /// Decode batches up to `max_batch` sequences run as CUDA graphs; 0 turns them off.
+    pub fn set_graph_max_batch(&mut self, max_batch: usize) {
+        if max_batch != self.graph_max_batch {
+            self.graphs = Graphs::default();
+        }
+        self.graph_max_batch = max_batch;
+    }
+
+    /// (graphs captured, graph replays) so far.
+    pub fn graph_stats(&self) -> (usize, u64) {
+        (self.graphs.captured, self.graphs.replayed)
+    }
+
+    /// Allocates the workspace for steps of up to `max_tokens` tokens and `max_seqs`
+    /// sequences, so that the memory left for the KV pool is known. Returns its bytes.
+    pub fn reserve_workspace(
+        &mut self,
+        cfg: &ModelConfig,
+        max_tokens: usize,
+        max_seqs: usize,
+    ) -> Result<usize> {
+        let shape = act_shape(cfg);
+        self.act_shape = Some(shape);
+        let target = default_target_blocks(&self.device);
+        let decode_work = decode_work_bound(
+            max_seqs,
+            cfg.num_heads / cfg.num_kv_heads.max(1),
+            cfg.num_kv_heads,
+            radix_kernels::attention::TileConfig::DECODE,
+            target,
+        );
+        let caps = Caps {
+            tokens: max_tokens.max(max_seqs),
+            seqs: max_seqs,
+            logit_rows: max_seqs,
+            work_items: decode_work.max(max_tokens),
+            merge_items: max_seqs,
+            partial_rows: decode_work,
+            kv_indices: max_tokens.max(max_seqs) * 4,
+        };
+        self.ensure_workspace(&caps)?;
+        Ok(self.workspace.as_ref().map_or(0, |w| w.device_bytes()))
+    }
+
+    /// Grows the workspace to cover `need`; growing drops the captured graphs, which
+    /// point into the old one.
+    fn ensure_workspace(&mut self, need: &Caps) -> Result<()> {
+        if self.workspace.as_ref().is_some_and(|w| w.caps.covers(need)) {
+            return Ok(());
+        }
+        let shape = self.act_shape.ok_or_else(|| {
+            ModelError::Invalid("the workspace needs the model shape: call init_kv first".into())
+        })?;
+        let caps = self.workspace.as_ref().map_or(*need, |w| w.caps.grown_to(need));
+        self.step = None; // its views point into the old workspace
+        self.workspace = None;
+        self.graphs = Graphs::default();
+        let ws = Workspace::new(&self.device, &shape, caps)?;
+        tracing::debug!(?caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
+        self.workspace = Some(ws);
+        Ok(())
+    }
+
+    fn workspace(&mut self) -> Result<&mut Workspace> {
+        self.workspace.as_mut().ok_or_else(|| ModelError::Invalid("no step has begun".into()))
     }
 
     pub fn device(&self) -> &Device {
@@ -171,6 +269,115 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Plans the step, writes its metadata into the workspace (one pinned upload) and
+    /// sets up the ops' views of it. `bucket`: pad the attention work to that graph's.
+    fn stage_step(&mut self, s: &StepInput, real_rows: usize, bucket: Option<usize>) -> Result<()> {
+        let pool = self.pool()?;
+        let (n, batch, rows) = (s.tokens.len(), s.batch_size(), s.logit_rows.len());
+        let append_batch = AppendBatch { positions: s.positions, slots: s.slots };
+        append_batch.validate(&pool)?;
+        let (pages, filled) = append_batch.touched_pages(pool.page_size);
+        let meta = BatchMeta::new(
+            s.qo_indptr.to_vec(),
+            KvSource::Paged {
+                page_size: pool.page_size,
+                num_pages: pool.num_pages,
+                kv_indptr: s.kv_indptr.to_vec(),
+                kv_indices: s.kv_indices.to_vec(),
+                kv_last_page_len: s.kv_last_page_len.to_vec(),
+            },
+            true,
+        )?;
+        let shape = AttentionShape::new(pool.num_qo_heads, pool.num_kv_heads, pool.head_dim, true);
+        let (tiles, mut plan) = plan_batch(&self.device, &shape, &meta, None, None)?;
+        if let Some(b) = bucket {
+            let bound = decode_work_bound(
+                b,
+                shape.group(),
+                shape.num_kv_heads,
+                tiles,
+                default_target_blocks(&self.device),
+            );
+            plan.pad_to(bound, b).map_err(ModelError::Invalid)?;
+        }
+        let need = Caps {
+            tokens: n,
+            seqs: batch,
+            logit_rows: rows,
+            work_items: plan.work.len(),
+            merge_items: plan.merge.len(),
+            partial_rows: plan.partial_rows,
+            kv_indices: s.kv_indices.len(),
+        };
+        self.ensure_workspace(&need)?;
+        let inv_freq = self
+            .inv_freq_dev
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("the KV pool is not initialised".into()))?;
+        // SAFETY: the step state holding this view is dropped before `init_kv` replaces it.
+        let inv_freq = unsafe { inv_freq.view(0, inv_freq.len()) }?;
+        let ws = self.workspace.as_mut().expect("ensured above");
+        ws.reset_acts();
+        let l = ws.layout;
+        {
+            let h = ws.staging.write()?;
+            let put = |h: &mut [i32], off: usize, src: &mut dyn Iterator<Item = i32>| {
+                for (d, v) in h[off..].iter_mut().zip(src) {
+                    *d = v;
+                }
+            };
+            put(h, l.tokens, &mut s.tokens.iter().map(|&t| t as i32));
+            put(h, l.positions, &mut s.positions.iter().copied());
+            put(h, l.slots, &mut s.slots.iter().copied());
+            put(h, l.logit_rows, &mut s.logit_rows.iter().map(|&r| r as i32));
+            put(h, l.qo_indptr, &mut s.qo_indptr.iter().copied());
+            put(h, l.kv_indptr, &mut s.kv_indptr.iter().copied());
+            put(h, l.kv_last_page_len, &mut s.kv_last_page_len.iter().copied());
+            put(h, l.touched_pages, &mut pages.iter().copied());
+            put(h, l.touched_filled, &mut filled.iter().copied());
+            put(h, l.work, &mut plan.work_words());
+            put(h, l.merge, &mut plan.merge_words());
+            put(h, l.kv_indices, &mut s.kv_indices.iter().copied());
+        }
+        ws.staging.upload_prefix(l.kv_indices + s.kv_indices.len(), &mut ws.meta)?;
+        let partial = plan.partial_rows.max(1) * shape.num_qo_heads;
+        let v = |off: usize, len: usize| ws.meta_view(off, len);
+        let append = AppendInputs {
+            positions: v(l.positions, n)?,
+            slots: v(l.slots, n)?,
+            inv_freq,
+            touched_pages: v(l.touched_pages, pages.len())?,
+            touched_filled: v(l.touched_filled, pages.len())?,
+            num_tokens: n,
+            num_touched: pages.len(),
+        };
+        // SAFETY: as for the metadata views (see `Workspace::meta_view`).
+        let (partial_o, partial_lse) = unsafe {
+            (ws.partial_o.view(0, partial * shape.head_dim)?, ws.partial_lse.view(0, partial)?)
+        };
+        let buffers = AttentionBuffers {
+            qo_indptr: v(l.qo_indptr, batch + 1)?,
+            kv_indptr: v(l.kv_indptr, batch + 1)?,
+            kv_indices: v(l.kv_indices, s.kv_indices.len())?,
+            kv_last_page_len: v(l.kv_last_page_len, batch)?,
+            work: v(l.work, 6 * plan.work.len())?,
+            merge: v(l.merge, 4 * plan.merge.len())?,
+            partial_o,
+            partial_lse,
+        };
+        let attention =
+            AttentionBatch::from_parts(&self.device, shape, meta, tiles, plan, buffers)?;
+        self.step = Some(StepState {
+            tokens: v(l.tokens, n)?,
+            logit_rows: v(l.logit_rows, rows)?,
+            num_logit_rows: rows,
+            real_logit_rows: real_rows,
+            append,
+            attention,
+        });
+        Ok(())
+    }
+
     /// Bytes of KV one page takes over all layers (K and V, bf16).
     pub fn kv_bytes_per_page(cfg: &ModelConfig, page_size: usize) -> usize {
         2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * 2
@@ -186,6 +393,20 @@ impl CudaBackend {
 
     fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
         if cond { Ok(()) } else { Err(ModelError::Invalid(msg())) }
+    }
+}
+
+/// The model sizes the workspace is planned from.
+fn act_shape(cfg: &ModelConfig) -> ActShape {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    ActShape {
+        // residual, normed, delta (h each); qkv; q and attn; gate|up and mlp (3i): what
+        // `LlamaModel::forward` takes per token.
+        per_token: 3 * h + cfg.qkv_size() + 2 * cfg.q_size() + 3 * i,
+        hidden: h,
+        vocab: cfg.vocab_size,
+        num_qo_heads: cfg.num_heads,
+        head_dim: cfg.head_dim,
     }
 }
 
@@ -217,24 +438,35 @@ impl Backend for CudaBackend {
                 cfg.head_dim
             )
         })?;
-        let per_layer = num_pages * cfg.num_kv_heads * page_size * cfg.head_dim;
+        // One page past the engine's: the scratch page padding rows of a graph write to.
+        let pages = num_pages + 1;
+        let per_layer = pages * cfg.num_kv_heads * page_size * cfg.head_dim;
+        self.graphs = Graphs::default(); // they point into the old pool
+        self.step = None;
         self.kv.clear();
         for _ in 0..cfg.num_layers {
             self.kv
                 .push((self.device.alloc_zeros(per_layer)?, self.device.alloc_zeros(per_layer)?));
         }
         self.pool = Some(PoolShape {
-            num_pages,
+            num_pages: pages,
             page_size,
             num_qo_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
         });
         self.inv_freq = cfg.rope.inv_freq();
+        self.inv_freq_dev = Some(self.device.upload(&self.inv_freq)?);
+        self.act_shape = Some(act_shape(cfg));
+        if let Some(caps) = self.workspace.as_ref().map(|w| w.caps) {
+            // A page table as large as the pool, so that decode graphs captured now are
+            // not dropped when contexts grow.
+            self.ensure_workspace(&Caps { kv_indices: pages + caps.seqs, ..caps })?;
+        }
         Ok(())
     }
 
-    fn begin_step(&mut self, s: &StepInput) -> Result<()> {
+    fn begin_step(&mut self, s: &StepInput) -> Result<StepPlan> {
         let pool = self.pool()?;
         let n = s.tokens.len();
         Self::check(s.positions.len() == n && s.slots.len() == n, || {
@@ -243,40 +475,81 @@ impl Backend for CudaBackend {
         Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
             "a logit row is past the step's tokens".into()
         })?;
-        let append = AppendInputs::upload(
-            &self.device,
-            &pool,
-            &AppendBatch { positions: s.positions, slots: s.slots },
-            &self.inv_freq,
-        )?;
-        let meta = BatchMeta::new(
-            s.qo_indptr.to_vec(),
-            KvSource::Paged {
-                page_size: pool.page_size,
-                num_pages: pool.num_pages,
-                kv_indptr: s.kv_indptr.to_vec(),
-                kv_indices: s.kv_indices.to_vec(),
-                kv_last_page_len: s.kv_last_page_len.to_vec(),
-            },
-            true,
-        )?;
-        let shape = AttentionShape::new(pool.num_qo_heads, pool.num_kv_heads, pool.head_dim, true);
-        let attention = AttentionBatch::new(&self.device, shape, meta, None)?;
-        let ids: Vec<i32> = s.tokens.iter().map(|&t| t as i32).collect();
-        let rows: Vec<i32> = s.logit_rows.iter().map(|&r| r as i32).collect();
-        let up = |v: &[i32]| self.device.upload(if v.is_empty() { &[0] } else { v });
-        self.step = Some(StepState {
-            tokens: up(&ids)?,
-            logit_rows: up(&rows)?,
-            num_logit_rows: rows.len(),
-            append,
-            attention,
-        });
-        Ok(())
+        self.step = None;
+        self.logit_shape = None;
+        let bucket = if self.profiler.is_none() && is_decode_step(s) {
+            bucket_for(n, self.graph_max_batch)
+        } else {
+            None
+        };
+        if let Some(b) = bucket
+            && matches!(self.graphs.buckets.get(&b), Some(BucketGraph::Failed))
+        {
+            return self.stage_step(s, s.logit_rows.len(), None).map(|()| StepPlan::eager(s));
+        }
+        let mut padded = std::mem::take(&mut self.padded);
+        let staged = match bucket {
+            Some(b) => {
+                let scratch = (pool.num_pages - 1) as i32;
+                pad_step(&mut padded, s, b, scratch, pool.page_size);
+                self.stage_step(&padded.as_input(), s.logit_rows.len(), Some(b))
+            }
+            None => self.stage_step(s, s.logit_rows.len(), None),
+        };
+        self.padded = padded;
+        staged?;
+        let Some(b) = bucket else { return Ok(StepPlan::eager(s)) };
+        let plan = |mode| StepPlan { mode, tokens: b, logit_rows: b };
+        match self.graphs.buckets.get(&b) {
+            None => {
+                self.graphs.buckets.insert(b, BucketGraph::Warm);
+                Ok(plan(StepMode::Eager))
+            }
+            Some(BucketGraph::Warm) => {
+                graph::begin_capture(&self.device)?;
+                self.capturing = Some(b);
+                Ok(plan(StepMode::Record))
+            }
+            Some(BucketGraph::Ready(g)) => {
+                g.launch()?;
+                self.graphs.replayed += 1;
+                let vocab = self.act_shape.map_or(0, |a| a.vocab);
+                self.logit_shape = Some((b, vocab));
+                Ok(plan(StepMode::Replayed))
+            }
+            Some(BucketGraph::Failed) => unreachable!("handled above"),
+        }
+    }
+
+    fn warm_up_steps(&self) -> Vec<OwnedStep> {
+        let Some(pool) = self.pool else { return Vec::new() };
+        let scratch = (pool.num_pages - 1) as i32;
+        all_buckets(self.graph_max_batch)
+            .into_iter()
+            .filter(|b| !self.graphs.buckets.contains_key(b))
+            .map(|b| scratch_step(b, scratch, pool.page_size))
+            .collect()
+    }
+
+    fn end_step(&mut self) -> Result<()> {
+        let Some(b) = self.capturing.take() else { return Ok(()) };
+        match graph::end_capture(&self.device).and_then(|g| g.launch().map(|()| g)) {
+            Ok(g) => {
+                self.graphs.buckets.insert(b, BucketGraph::Ready(g));
+                self.graphs.captured += 1;
+                tracing::debug!(bucket = b, "captured a decode CUDA graph");
+                Ok(())
+            }
+            Err(e) => {
+                // The recorded work never ran; this bucket runs eagerly from now on.
+                self.graphs.buckets.insert(b, BucketGraph::Failed);
+                Err(e.into())
+            }
+        }
     }
 
     fn act(&mut self, rows: usize, cols: usize) -> Result<GpuAct> {
-        Ok(GpuAct { buf: self.device.alloc((rows * cols).max(1))?, rows, cols })
+        Ok(GpuAct { buf: self.workspace()?.take_act(rows * cols)?, rows, cols })
     }
 
     fn embed(&mut self, table: &GpuWeight, out: &mut GpuAct) -> Result<()> {
@@ -397,7 +670,13 @@ impl Backend for CudaBackend {
 
     fn logits(&mut self, x: &GpuAct, head: &GpuWeight) -> Result<()> {
         Self::check(x.cols == head.cols, || "logits: shape mismatch".into())?;
-        let mut logits = self.device.alloc::<f32>(x.rows * head.rows)?;
+        let ws = self.workspace()?;
+        let len = x.rows * head.rows;
+        Self::check(len <= ws.logits.len(), || {
+            format!("logits of {} rows do not fit the workspace", x.rows)
+        })?;
+        // SAFETY: a view of the workspace used only within this call.
+        let mut logits = unsafe { ws.logits.view(0, len) }?;
         self.timed(Op::Gemm, |b| {
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,
@@ -411,20 +690,21 @@ impl Backend for CudaBackend {
                 &mut logits,
             )?)
         })?;
-        self.logits = Some(logits);
-        self.logit_shape = (x.rows, head.rows);
+        self.logit_shape = Some((x.rows, head.rows));
         Ok(())
     }
 
     fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>> {
-        let (rows, vocab) = self.logit_shape;
-        Self::check(self.logits.is_some(), || "sample before logits".into())?;
+        let (_, vocab) =
+            self.logit_shape.ok_or_else(|| ModelError::Invalid("sample before logits".into()))?;
+        let rows = self.step()?.real_logit_rows;
         Self::check(requests.len() == rows, || {
             format!("sample: {} requests for {rows} logits rows", requests.len())
         })?;
-        let words: Vec<u32> = requests
-            .iter()
-            .flat_map(|r| {
+        let ws = self.workspace.as_mut().expect("a step has begun");
+        {
+            let staged = ws.sample_staging.write()?;
+            let words = requests.iter().flat_map(|r| {
                 let p = r.params;
                 SampleRow {
                     temperature: if p.is_greedy() { 0.0 } else { p.temperature },
@@ -435,21 +715,27 @@ impl Backend for CudaBackend {
                     index: r.index,
                 }
                 .words()
-            })
-            .collect();
-        let params = self.device.upload(&words)?;
-        let mut tokens = self.device.alloc::<i32>(rows)?;
-        let mut logprobs = self.device.alloc::<f32>(rows)?;
-        let logits = self.logits.take().expect("checked above");
-        let sampled = self.timed(Op::Sample, |b| {
+            });
+            for (d, w) in staged.iter_mut().zip(words) {
+                *d = w;
+            }
+        }
+        ws.sample_staging.upload_prefix(rows * 8, &mut ws.sample_params)?;
+        // SAFETY: views of the workspace used only within this call.
+        let (logits, params, mut tokens, mut logprobs) = unsafe {
+            (
+                ws.logits.view(0, rows * vocab)?,
+                ws.sample_params.view(0, rows * 8)?,
+                ws.sampled_tokens.view(0, rows)?,
+                ws.sampled_logprobs.view(0, rows)?,
+            )
+        };
+        self.timed(Op::Sample, |b| {
             Ok(ops::sample_rows(&b.jit, &logits, &params, rows, vocab, &mut tokens, &mut logprobs)?)
-        });
-        self.logits = Some(logits);
-        sampled?;
+        })?;
         let tokens = tokens.to_vec()?;
         let logprobs = logprobs.to_vec()?;
         self.collect_times()?;
-        let logits = self.logits.as_ref().expect("put back above");
         let mut out: Vec<Sampled> = tokens
             .iter()
             .zip(&logprobs)
@@ -467,9 +753,10 @@ impl Backend for CudaBackend {
     }
 
     fn read_logits(&mut self) -> Result<Vec<f32>> {
-        match &self.logits {
-            Some(l) => Ok(l.to_vec()?),
-            None => Ok(Vec::new()),
-        }
+        let Some((_, vocab)) = self.logit_shape else { return Ok(Vec::new()) };
+        let rows = self.step()?.real_logit_rows;
+        let ws = self.workspace()?;
+        // SAFETY: a view of the workspace used only within this call.
+        Ok(unsafe { ws.logits.view(0, rows * vocab) }?.to_vec()?)
     }
 }

@@ -1,0 +1,71 @@
+//! Pinned host staging for asynchronous uploads.
+//!
+//! Step metadata is written into page-locked host memory and copied with one async
+//! copy; an event recorded after the copy tells when the host may write again, so the
+//! host never waits on a copy it does not need to.
+
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
+
+use crate::buffer::DeviceBuffer;
+use crate::device::Device;
+use crate::dtype::Element;
+use crate::ensure;
+use crate::error::{DriverCall, Result};
+
+/// `len` elements of page-locked host memory, uploaded by `upload_prefix`.
+pub struct PinnedStaging<T: Element> {
+    host: PinnedHostSlice<T>,
+    device: Device,
+    /// Recorded after the last copy out of `host`.
+    copied: Option<CudaEvent>,
+}
+
+impl<T: Element + cudarc::driver::ValidAsZeroBits> PinnedStaging<T> {
+    pub fn new(device: &Device, len: usize) -> Result<Self> {
+        // SAFETY: the memory is written through `write` before any copy reads it.
+        let host = unsafe { device.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }
+            .call("cuMemHostAlloc")?;
+        Ok(Self { host, device: device.clone(), copied: None })
+    }
+
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.len() == 0
+    }
+
+    /// The host memory to fill, once the previous upload out of it has completed.
+    pub fn write(&mut self) -> Result<&mut [T]> {
+        if let Some(e) = self.copied.take() {
+            e.synchronize().call("cuEventSynchronize")?;
+        }
+        self.host.as_mut_slice().call("cuEventSynchronize")
+    }
+
+    /// Queues a copy of the first `len` elements into the start of `dst`.
+    pub fn upload_prefix(&mut self, len: usize, dst: &mut DeviceBuffer<T>) -> Result<()> {
+        ensure!(
+            len <= self.len() && len <= dst.len(),
+            "staged upload of {len} elements: staging holds {}, destination {}",
+            self.len(),
+            dst.len()
+        );
+        if len == 0 {
+            return Ok(());
+        }
+        let stream = self.device.stream();
+        let src = self.host.as_slice().call("cuEventSynchronize")?;
+        let dst_ptr = dst.ptr_mut();
+        // SAFETY: `src` is pinned host memory of at least `len` elements that is not
+        // written again before `copied` completes (`write` waits for it); `dst` holds at
+        // least `len` elements (checked above).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst_ptr, &src[..len], stream.cu_stream())
+        }
+        .call("cuMemcpyHtoDAsync")?;
+        self.copied = Some(stream.record_event(None).call("cuEventRecord")?);
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! The CUDA backend's step workspace: memory allocated once and reused by every step.
+//!
+//! - Activations are carved out of one arena by a bump pointer that `begin_step` resets,
+//!   so a step of the same shape gets the same addresses every time: what lets a CUDA
+//!   graph captured once replay over them.
+//! - Step metadata (token ids, positions, slots, the CSR page table, the attention work
+//!   list, ...) goes into a pinned host buffer in a fixed layout and reaches the device
+//!   in one asynchronous copy.
+//! - Logits, the split-KV partials and the sampler's outputs have fixed buffers too.
+//!
+//! Capacities grow when a step needs more (which invalidates captured graphs); the
+//! memory plan reserves the largest step up front (`CudaBackend::reserve_workspace`).
+
+use half::bf16;
+use radix_gpu::{Device, DeviceBuffer, PinnedStaging};
+
+use crate::error::{ModelError, Result};
+
+/// Elements the arena aligns every activation to (512 bytes of bf16): vector loads and
+/// cuBLASLt's preferred alignment.
+const ACT_ALIGN: usize = 256;
+/// Activations the forward takes per step besides the per-token ones (the gathered
+/// logit rows), for the alignment slack.
+const ACTS_PER_STEP: usize = 9;
+
+/// How much one step may hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub tokens: usize,
+    pub seqs: usize,
+    pub logit_rows: usize,
+    pub work_items: usize,
+    pub merge_items: usize,
+    pub partial_rows: usize,
+    pub kv_indices: usize,
+}
+
+impl Caps {
+    /// True when every capacity of `self` covers `need`.
+    pub fn covers(&self, need: &Caps) -> bool {
+        self.tokens >= need.tokens
+            && self.seqs >= need.seqs
+            && self.logit_rows >= need.logit_rows
+            && self.work_items >= need.work_items
+            && self.merge_items >= need.merge_items
+            && self.partial_rows >= need.partial_rows
+            && self.kv_indices >= need.kv_indices
+    }
+
+    /// The larger of each; the page table and the work list get headroom, since they
+    /// grow step by step as contexts lengthen.
+    pub fn grown_to(&self, need: &Caps) -> Caps {
+        let grow = |have: usize, want: usize| if want > have { want + want / 2 } else { have };
+        Caps {
+            tokens: self.tokens.max(need.tokens),
+            seqs: self.seqs.max(need.seqs),
+            logit_rows: self.logit_rows.max(need.logit_rows),
+            work_items: grow(self.work_items, need.work_items),
+            merge_items: self.merge_items.max(need.merge_items),
+            partial_rows: grow(self.partial_rows, need.partial_rows),
+            kv_indices: grow(self.kv_indices, need.kv_indices),
+        }
+    }
+}
+
+/// Offsets (in i32 words) of each metadata array; each starts on a 16-byte boundary.
+/// The page table comes last so that one copy of a prefix uploads all that is used.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetaLayout {
+    pub tokens: usize,
+    pub positions: usize,
+    pub slots: usize,
+    pub logit_rows: usize,
+    pub qo_indptr: usize,
+    pub kv_indptr: usize,
+    pub kv_last_page_len: usize,
+    pub touched_pages: usize,
+    pub touched_filled: usize,
+    pub work: usize,
+    pub merge: usize,
+    pub kv_indices: usize,
+    pub total: usize,
+}
+
+impl MetaLayout {
+    fn new(c: &Caps) -> Self {
+        let mut at = 0usize;
+        let mut take = |len: usize| {
+            let off = at;
+            at += len.max(1).next_multiple_of(4);
+            off
+        };
+        let mut l = MetaLayout {
+            tokens: take(c.tokens),
+            positions: take(c.tokens),
+            slots: take(c.tokens),
+            logit_rows: take(c.logit_rows),
+            qo_indptr: take(c.seqs + 1),
+            kv_indptr: take(c.seqs + 1),
+            kv_last_page_len: take(c.seqs),
+            touched_pages: take(c.tokens),
+            touched_filled: take(c.tokens),
+            work: take(6 * c.work_items),
+            merge: take(4 * c.merge_items),
+            kv_indices: take(c.kv_indices),
+            total: 0,
+        };
+        l.total = at;
+        l
+    }
+}
+
+/// The model sizes the workspace depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct ActShape {
+    /// Elements of the activations one token needs in one forward.
+    pub per_token: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub num_qo_heads: usize,
+    pub head_dim: usize,
+}
+
+pub struct Workspace {
+    pub caps: Caps,
+    pub layout: MetaLayout,
+    acts: DeviceBuffer<bf16>,
+    act_used: usize,
+    pub meta: DeviceBuffer<i32>,
+    pub staging: PinnedStaging<i32>,
+    pub partial_o: DeviceBuffer<f32>,
+    pub partial_lse: DeviceBuffer<f32>,
+    pub logits: DeviceBuffer<f32>,
+    pub sample_params: DeviceBuffer<u32>,
+    pub sample_staging: PinnedStaging<u32>,
+    pub sampled_tokens: DeviceBuffer<i32>,
+    pub sampled_logprobs: DeviceBuffer<f32>,
+}
+
+impl Workspace {
+    pub fn new(device: &Device, shape: &ActShape, caps: Caps) -> Result<Self> {
+        let layout = MetaLayout::new(&caps);
+        let acts = caps.tokens * shape.per_token
+            + caps.logit_rows * shape.hidden
+            + ACTS_PER_STEP * ACT_ALIGN;
+        let partial = caps.partial_rows.max(1) * shape.num_qo_heads;
+        let rows = caps.logit_rows.max(1);
+        Ok(Self {
+            caps,
+            layout,
+            acts: device.alloc(acts)?,
+            act_used: 0,
+            meta: device.alloc(layout.total)?,
+            staging: PinnedStaging::new(device, layout.total)?,
+            partial_o: device.alloc(partial * shape.head_dim)?,
+            partial_lse: device.alloc(partial)?,
+            logits: device.alloc(rows * shape.vocab)?,
+            sample_params: device.alloc(rows * 8)?,
+            sample_staging: PinnedStaging::new(device, rows * 8)?,
+            sampled_tokens: device.alloc(rows)?,
+            sampled_logprobs: device.alloc(rows)?,
+        })
+    }
+
+    /// Bytes of device memory the workspace holds.
+    pub fn device_bytes(&self) -> usize {
+        self.acts.num_bytes()
+            + self.meta.num_bytes()
+            + self.partial_o.num_bytes()
+            + self.partial_lse.num_bytes()
+            + self.logits.num_bytes()
+            + self.sample_params.num_bytes()
+            + self.sampled_tokens.num_bytes()
+            + self.sampled_logprobs.num_bytes()
+    }
+
+    /// Frees the activations of the previous step.
+    pub fn reset_acts(&mut self) {
+        self.act_used = 0;
+    }
+
+    /// The next `len` activation elements.
+    pub fn take_act(&mut self, len: usize) -> Result<DeviceBuffer<bf16>> {
+        let len = len.max(1);
+        if self.act_used + len > self.acts.len() {
+            return Err(ModelError::Invalid(format!(
+                "activation workspace exhausted: {} + {len} elements of {} (a step larger than \
+                 the workspace was sized for)",
+                self.act_used,
+                self.acts.len()
+            )));
+        }
+        // SAFETY: every activation is dropped before the next `begin_step`, the only place
+        // the arena is replaced (and a replaced arena is freed in stream order).
+        let view = unsafe { self.acts.view(self.act_used, len) }?;
+        self.act_used += len.next_multiple_of(ACT_ALIGN);
+        Ok(view)
+    }
+
+    /// A view of `len` metadata words at `offset`.
+    pub fn meta_view(&self, offset: usize, len: usize) -> Result<DeviceBuffer<i32>> {
+        // SAFETY: views of the metadata live in the step state, which `begin_step` drops
+        // before it replaces the workspace.
+        Ok(unsafe { self.meta.view(offset, len) }?)
+    }
+}
