@@ -34,6 +34,7 @@ for line in sys.stdin:
         print("bundled", dest)
 ' "$out"
 
+cp -r crates/model/tests/fixtures "$out/fixtures"
 cp bench/record.py "$out/bench/"
 cp bench/peers/*.py "$out/bench/"
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"

@@ -5,6 +5,8 @@ set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 logs="${OUT:-$here/gpu-test-logs}"
 mkdir -p "$logs"
+# The HF parity fixtures travel in the bundle (tests otherwise look in the source tree).
+export RADIX_SPARSE_FIXTURES="${RADIX_SPARSE_FIXTURES:-$here/fixtures}"
 pass=0; fail=0; failed=()
 for t in "$here"/tests/*; do
   name="$(basename "$t")"

@@ -1,7 +1,10 @@
-//! The CUDA backend against the CPU backend (`--features cuda`) on synthetic:tiny: logits
-//! within bf16 tolerance through prefill and decode steps of a mixed batch, and the same
-//! greedy token wherever the CPU's top two logits are clearly apart.
+//! The CUDA backend (`--features cuda`) against the CPU backend on synthetic:tiny (logits
+//! within bf16 tolerance through prefill and decode steps of a mixed batch, the same
+//! greedy token wherever the CPU's top two logits are clearly apart), against
+//! transformers on the head_dim-64 fixture, and graph replay against eager execution.
 #![cfg(feature = "cuda")]
+
+mod common;
 
 use radix_model::{Backend, CpuBackend, CudaBackend, LlamaModel, ModelSource, StepInput};
 
@@ -140,4 +143,16 @@ fn graph_replay_matches_eager_execution() {
     assert_eq!(captured, 2, "one graph per bucket (8 and 4)");
     assert!(replayed >= 4, "only {replayed} replays");
     assert_eq!(eager.backend.graph_stats(), (0, 0));
+}
+
+/// The CUDA backend (bf16, decode through CUDA graphs) against transformers on the
+/// head_dim-64 fixture: logits within bf16 tolerance, and transformers' greedy token at
+/// every step (teacher-forced; the fixture keeps every margin >= 0.05).
+#[test]
+fn cuda_matches_transformers_on_the_hd64_fixture() {
+    common::check(
+        "tiny-llama-hd64",
+        || CudaBackend::new(0).unwrap(),
+        common::Tolerance { logits: 2e-2, free_running: false },
+    );
 }

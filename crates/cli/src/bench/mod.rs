@@ -6,6 +6,7 @@ pub mod dataset;
 mod decode;
 mod gemm;
 mod offline;
+mod roofline;
 mod serve;
 mod step;
 

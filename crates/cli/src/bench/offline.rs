@@ -7,6 +7,7 @@ use radix_engine::{Request, RequestId, StopConfig};
 use radix_model::SamplingParams;
 
 use super::dataset;
+use super::roofline::roofline;
 use super::{Measurement, progress, write_json};
 use crate::engine_args::ModelArgs;
 
@@ -28,6 +29,13 @@ pub struct OfflineArgs {
     /// loading the model once.
     #[arg(long, value_delimiter = ',')]
     sweep_max_running: Vec<usize>,
+    /// Roofline: device-copy bandwidth in GB/s (an H100 SXM measures about 2990).
+    #[arg(long, default_value_t = 2990.0)]
+    roofline_copy_gbps: f64,
+    /// Roofline: dense bf16 GEMM rate in TFLOP/s (cuBLASLt reaches 740-790 on the
+    /// H100 at Llama-3-8B shapes, bench gemm).
+    #[arg(long, default_value_t = 750.0)]
+    roofline_tflops: f64,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -68,6 +76,14 @@ fn run_once(
     let n = samples.len();
     let input_tokens: usize = samples.iter().map(|s| s.prompt.len()).sum();
     let output_tokens: usize = samples.iter().map(|s| s.output_len).sum();
+    let lens: Vec<(usize, usize)> =
+        samples.iter().map(|s| (s.prompt.len(), s.output_len)).collect();
+    let roof = roofline(
+        engine.runner().config(),
+        &lens,
+        args.roofline_copy_gbps * 1e9,
+        args.roofline_tflops * 1e12,
+    );
     let mut sinks = Vec::with_capacity(n);
     for (i, s) in samples.into_iter().enumerate() {
         let sampling = SamplingParams {
@@ -140,6 +156,19 @@ fn run_once(
             1e3 * secs / (*steps).max(1) as f64
         );
     }
+    let on_gpu = engine.runner().backend_name().starts_with("cuda");
+    if on_gpu {
+        println!(
+            "roofline          {:.2} s (prefill {:.2}, decode {:.2}) = {:.0} output tok/s at {:.0} GB/s and {:.0} TFLOP/s; this run reached {:.0}% of it",
+            roof.total_s(),
+            roof.prefill_s,
+            roof.decode_s,
+            output_tokens as f64 / roof.total_s(),
+            args.roofline_copy_gbps,
+            args.roofline_tflops,
+            100.0 * roof.total_s() / secs
+        );
+    }
     let shape = format!("{} n={n} {name} max_running={max_running}", args.dataset);
     write_json(
         args.json.as_ref(),
@@ -161,6 +190,10 @@ fn run_once(
                 "preemptions": st.preemptions - before.preemptions,
                 "forward_sample_s": busy,
                 "host_s": host,
+                "roofline_s": roof.total_s(),
+                "roofline_prefill_s": roof.prefill_s,
+                "roofline_decode_s": roof.decode_s,
+                "roofline_out_tok_s": output_tokens as f64 / roof.total_s(),
                 "prefill_steps": prefill_steps,
                 "prefill_s": prefill_secs,
                 "decode_steps_by_batch": {
