@@ -6,6 +6,10 @@
 //!   mu = ln(mean) - 0.9²/2, clipped to [4, 1024]. Prompts are random printable-ASCII
 //!   token ids (below 128, so they exist in every byte-level or BPE vocabulary's base).
 //! - `random:IN:OUT`: every request has IN input and OUT output tokens.
+//! - `lengths:FILE`: the (input, output) lengths listed in FILE, `{"lengths": [[in, out],
+//!   ...]}`, with random prompts: `bench/datasets/sharegpt-1000.json` holds 1,000 real
+//!   ShareGPT requests sampled as SGLang's benchmark does (`tools/sharegpt_lengths.py`),
+//!   for models without a matching tokenizer (the synthetic ones).
 //! - a path to a ShareGPT JSON file (`[{"conversations": [{"from": "human", "value":
 //!   ...}, {"from": "gpt", "value": ...}]}]`): the first human turn is the prompt, the
 //!   length of the reply (in tokenizer tokens) the output length, filtered as vLLM does
@@ -62,6 +66,36 @@ pub fn load(
             .map(|_| Sample { prompt: random_prompt(&mut rng, i), output_len: o })
             .collect());
     }
+    if let Some(path) = spec.strip_prefix("lengths:") {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("dataset {path}: {e}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("dataset {path}: {e}"))?;
+        let pairs = json["lengths"].as_array().ok_or_else(|| {
+            anyhow::anyhow!("dataset {path}: expected {{\"lengths\": [[input, output], ...]}}")
+        })?;
+        let mut out = Vec::new();
+        for (i, pair) in pairs.iter().take(n).enumerate() {
+            let len = |k: usize| pair.get(k).and_then(|v| v.as_u64()).filter(|&x| x > 0);
+            let (Some(input), Some(output)) = (len(0), len(1)) else {
+                anyhow::bail!(
+                    "dataset {path}: entry {i} is not [input, output] with positive lengths"
+                );
+            };
+            out.push(Sample {
+                prompt: random_prompt(&mut rng, input as usize),
+                output_len: output as usize,
+            });
+        }
+        anyhow::ensure!(!out.is_empty(), "dataset {path}: no lengths");
+        if out.len() < n {
+            tracing::warn!(
+                "dataset {path} has {} requests, fewer than the {n} asked for",
+                out.len()
+            );
+        }
+        return Ok(out);
+    }
     let text = std::fs::read_to_string(spec)
         .map_err(|e| anyhow::anyhow!("dataset {spec}: {e} (expected synthetic-sharegpt, random:IN:OUT or a ShareGPT JSON file)"))?;
     let json: serde_json::Value =
@@ -102,6 +136,26 @@ pub fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_files_give_their_lengths_and_reject_bad_entries() {
+        let tok = radix_model::Tokenizer::Bytes;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/datasets/sharegpt-1000.json");
+        let s = load(&format!("lengths:{path}"), 1000, &tok, 0).unwrap();
+        assert_eq!(s.len(), 1000);
+        let outputs: usize = s.iter().map(|x| x.output_len).sum();
+        assert!((150_000..300_000).contains(&outputs), "{outputs}");
+        assert!(s.iter().all(|x| x.prompt.len() <= 1024 && x.prompt.len() + x.output_len <= 2048));
+        let dir = std::env::temp_dir().join(format!("radix-lengths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"lengths": [[3, 0]]}"#).unwrap();
+        let err = load(&format!("lengths:{}", bad.display()), 1, &tok, 0).unwrap_err();
+        assert!(err.to_string().contains("entry 0"), "{err}");
+        std::fs::write(&bad, "[1, 2]").unwrap();
+        assert!(load(&format!("lengths:{}", bad.display()), 1, &tok, 0).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn synthetic_sharegpt_has_sharegpt_like_means_and_is_fixed() {

@@ -110,6 +110,28 @@ mod tests {
         assert!((10_000.0..16_200.0).contains(&tps), "{tps}");
     }
 
+    /// The same for 1,000 real ShareGPT requests (bench/datasets/sharegpt-1000.json,
+    /// cl100k token counts): its tail is longer still (outputs up to 1,395 tokens).
+    #[test]
+    fn real_sharegpt_lengths_roofline_on_the_h100() {
+        let c = cfg();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/datasets/sharegpt-1000.json");
+        let samples = crate::bench::dataset::load(
+            &format!("lengths:{path}"),
+            1000,
+            &radix_model::Tokenizer::Bytes,
+            0,
+        )
+        .unwrap();
+        let lens: Vec<(usize, usize)> =
+            samples.iter().map(|s| (s.prompt.len(), s.output_len)).collect();
+        let out: usize = lens.iter().map(|l| l.1).sum();
+        let r = roofline(&c, &lens, 2990e9, 750e12);
+        let tps = out as f64 / r.total_s();
+        eprintln!("ShareGPT-lengths roofline: {:.2} s, {tps:.0} out tok/s", r.total_s());
+        assert!((10_000.0..16_200.0).contains(&tps), "{tps}");
+    }
+
     #[test]
     fn a_long_tail_costs_weight_reads() {
         let c = cfg();
