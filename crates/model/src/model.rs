@@ -180,13 +180,26 @@ impl<B: Backend> LlamaModel<B> {
         b.logits(&last, w.lm_head.as_ref().unwrap_or(&w.embed))
     }
 
-    /// Runs the backend's warm-up steps (see `Backend::warm_up_steps`); returns how many.
+    /// Runs the backend's warm-up steps (see `Backend::warm_up_steps`) twice each, and
+    /// samples their logits once, so that kernels compile and graphs are captured before
+    /// serving; returns how many steps.
     pub fn warm_up(&mut self) -> Result<usize> {
         let steps = self.backend.warm_up_steps();
+        let params = crate::sampling::SamplingParams::default();
+        let counts = crate::sampling::TokenCounts::default();
         for step in &steps {
             for _ in 0..2 {
                 self.forward(&step.as_input())?;
             }
+            let requests: Vec<SampleRequest> = (0..step.logit_rows.len())
+                .map(|i| SampleRequest {
+                    params: &params,
+                    counts: &counts,
+                    seed: 0,
+                    index: i as u64,
+                })
+                .collect();
+            self.sample(&requests)?;
         }
         Ok(steps.len())
     }

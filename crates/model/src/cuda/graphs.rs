@@ -103,6 +103,23 @@ pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> Owned
     out
 }
 
+/// One sequence of `len` tokens, all written to the scratch page (slots wrap around it)
+/// and read back through it listed `len / page_size` times: a prefill that touches no
+/// page of the engine's, for warm-up.
+pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> OwnedStep {
+    let pages = len.div_ceil(page_size);
+    OwnedStep {
+        tokens: vec![0; len],
+        positions: (0..len as i32).collect(),
+        slots: (0..len).map(|i| scratch_page * page_size as i32 + (i % page_size) as i32).collect(),
+        qo_indptr: vec![0, len as i32],
+        kv_indptr: vec![0, pages as i32],
+        kv_indices: vec![scratch_page; pages],
+        kv_last_page_len: vec![(len - (pages - 1) * page_size) as i32],
+        logit_rows: vec![len as u32 - 1],
+    }
+}
+
 /// A bucket's graph: seen once (its eager run compiled the kernels and chose the GEMM
 /// algorithms), then captured on the next step of that size.
 pub enum BucketGraph {
@@ -164,6 +181,10 @@ mod tests {
         assert_eq!(w.slots, vec![144; 3]);
         assert!(is_decode_step(&w.as_input()));
         assert_eq!(all_buckets(20), vec![1, 2, 4, 8, 16, 20]);
+        let p = scratch_prefill(40, 9, 16);
+        assert_eq!((p.kv_indices.len(), p.kv_last_page_len[0]), (3, 8));
+        assert!(p.slots.iter().all(|&s| (144..160).contains(&s)));
+        assert!(!is_decode_step(&p.as_input()));
         let prefill = StepInput { qo_indptr: &[0, 2], logit_rows: &[1], ..s };
         assert!(!is_decode_step(&prefill));
     }

@@ -19,7 +19,8 @@ use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape};
 use radix_kernels::ops::{self, SampleRow};
 
 use self::graphs::{
-    BucketGraph, Graphs, all_buckets, bucket_for, is_decode_step, pad_step, scratch_step,
+    BucketGraph, Graphs, all_buckets, bucket_for, is_decode_step, pad_step, scratch_prefill,
+    scratch_step,
 };
 use self::workspace::{ActShape, Caps, Workspace};
 use crate::backend::{Activation, Backend, OwnedStep, StepInput, StepMode, StepPlan};
@@ -524,10 +525,16 @@ impl Backend for CudaBackend {
     fn warm_up_steps(&self) -> Vec<OwnedStep> {
         let Some(pool) = self.pool else { return Vec::new() };
         let scratch = (pool.num_pages - 1) as i32;
-        all_buckets(self.graph_max_batch)
-            .into_iter()
-            .filter(|b| !self.graphs.buckets.contains_key(b))
-            .map(|b| scratch_step(b, scratch, pool.page_size))
+        // A prefill first (its attention tiles and the sampler compile here, not in the
+        // first request's step), then every decode bucket's graph.
+        let prefill = scratch_prefill(256, scratch, pool.page_size);
+        std::iter::once(prefill)
+            .chain(
+                all_buckets(self.graph_max_batch)
+                    .into_iter()
+                    .filter(|b| !self.graphs.buckets.contains_key(b))
+                    .map(|b| scratch_step(b, scratch, pool.page_size)),
+            )
             .collect()
     }
 
