@@ -126,7 +126,7 @@ impl Engine {
             tracing::info!(
                 steps = warm,
                 secs = started.elapsed().as_secs_f64(),
-                "warmed up (decode CUDA graphs captured)"
+                "warm-up done (kernels compiled; decode CUDA graphs captured unless disabled)"
             );
         }
         let model_len = runner.config().max_position_embeddings;
