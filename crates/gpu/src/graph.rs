@@ -21,18 +21,6 @@ pub struct Graph {
 unsafe impl Send for Graph {}
 
 impl Graph {
-    /// Records everything `record` queues on `device`'s stream (nothing runs), then
-    /// instantiates it. `record` must not synchronise the stream, allocate with stream
-    /// order or read results back: those fail under capture. The capture is ended even
-    /// when `record` fails, so the stream is usable again either way.
-    pub fn capture<T>(device: &Device, record: impl FnOnce() -> Result<T>) -> Result<(Graph, T)> {
-        begin_capture(device)?;
-        let recorded = record();
-        let ended = end_capture(device);
-        let value = recorded?;
-        Ok((ended?, value))
-    }
-
     /// Queues one replay on the stream it was captured on.
     pub fn launch(&self) -> Result<()> {
         self.graph.launch().call("cuGraphLaunch")
@@ -45,8 +33,10 @@ impl std::fmt::Debug for Graph {
     }
 }
 
-/// Starts recording `device`'s stream. Every `begin_capture` must be followed by an
-/// `end_capture`, also when the work in between fails, or the stream stays unusable.
+/// Starts recording `device`'s stream: what is queued until `end_capture` is recorded,
+/// not run. The work in between must not synchronise the stream, allocate in stream
+/// order or read results back (those fail under capture). Every `begin_capture` must be
+/// followed by an `end_capture`, also when that work fails, or the stream stays unusable.
 pub fn begin_capture(device: &Device) -> Result<()> {
     // Relaxed: kernels compiled or loaded for the first time during the capture (a
     // module load is not a stream operation) must not invalidate it.

@@ -5,8 +5,6 @@
 mod attention;
 mod linear;
 
-use radix_kernels::rope::RopeConfig;
-
 use crate::backend::{Activation, Backend, StepInput, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -103,10 +101,6 @@ impl Default for CpuBackend {
     }
 }
 
-fn rope_inv_freq(rope: &RopeConfig) -> Vec<f32> {
-    rope.inv_freq()
-}
-
 impl Backend for CpuBackend {
     type Act = CpuAct;
     type Weight = CpuWeight;
@@ -130,7 +124,7 @@ impl Backend for CpuBackend {
         self.num_heads = cfg.num_heads;
         self.num_kv_heads = cfg.num_kv_heads;
         self.head_dim = cfg.head_dim;
-        self.inv_freq = rope_inv_freq(&cfg.rope);
+        self.inv_freq = cfg.rope.inv_freq();
         Ok(())
     }
 

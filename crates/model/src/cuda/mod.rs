@@ -109,14 +109,14 @@ pub struct CudaBackend {
     gemm: Gemm,
     /// The KV pool's shape (and the heads appended to it), once `init_kv` ran.
     pool: Option<PoolShape>,
-    inv_freq: Vec<f32>,
     kv: Vec<(DeviceBuffer<bf16>, DeviceBuffer<bf16>)>,
     inv_freq_dev: Option<DeviceBuffer<f32>>,
     act_shape: Option<ActShape>,
     workspace: Option<Workspace>,
     step: Option<StepState>,
-    /// Rows and vocab of the logits in the workspace; `None` before `logits` ran.
-    logit_shape: Option<(usize, usize)>,
+    /// Vocab of the logits in the workspace (their rows are the step's logit rows);
+    /// `None` until this step's logits exist.
+    logit_vocab: Option<usize>,
     graphs: Graphs,
     /// Largest decode batch replayed from a graph; 0 turns graphs off.
     graph_max_batch: usize,
@@ -136,13 +136,12 @@ impl CudaBackend {
             jit: Jit::with_default_cache(),
             gemm,
             pool: None,
-            inv_freq: Vec::new(),
             kv: Vec::new(),
             inv_freq_dev: None,
             act_shape: None,
             workspace: None,
             step: None,
-            logit_shape: None,
+            logit_vocab: None,
             graphs: Graphs::default(),
             graph_max_batch: 256,
             capturing: None,
@@ -456,8 +455,7 @@ impl Backend for CudaBackend {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
         });
-        self.inv_freq = cfg.rope.inv_freq();
-        self.inv_freq_dev = Some(self.device.upload(&self.inv_freq)?);
+        self.inv_freq_dev = Some(self.device.upload(&cfg.rope.inv_freq())?);
         self.act_shape = Some(act_shape(cfg));
         if let Some(caps) = self.workspace.as_ref().map(|w| w.caps) {
             // A page table as large as the pool, so that decode graphs captured now are
@@ -477,7 +475,7 @@ impl Backend for CudaBackend {
             "a logit row is past the step's tokens".into()
         })?;
         self.step = None;
-        self.logit_shape = None;
+        self.logit_vocab = None;
         let bucket = if self.profiler.is_none() && is_decode_step(s) {
             bucket_for(n, self.graph_max_batch)
         } else {
@@ -515,7 +513,7 @@ impl Backend for CudaBackend {
                 g.launch()?;
                 self.graphs.replayed += 1;
                 let vocab = self.act_shape.map_or(0, |a| a.vocab);
-                self.logit_shape = Some((b, vocab));
+                self.logit_vocab = Some(vocab);
                 Ok(plan(StepMode::Replayed))
             }
             Some(BucketGraph::Failed) => unreachable!("handled above"),
@@ -697,13 +695,13 @@ impl Backend for CudaBackend {
                 &mut logits,
             )?)
         })?;
-        self.logit_shape = Some((x.rows, head.rows));
+        self.logit_vocab = Some(head.rows);
         Ok(())
     }
 
     fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>> {
-        let (_, vocab) =
-            self.logit_shape.ok_or_else(|| ModelError::Invalid("sample before logits".into()))?;
+        let vocab =
+            self.logit_vocab.ok_or_else(|| ModelError::Invalid("sample before logits".into()))?;
         let rows = self.step()?.real_logit_rows;
         Self::check(requests.len() == rows, || {
             format!("sample: {} requests for {rows} logits rows", requests.len())
@@ -760,7 +758,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_logits(&mut self) -> Result<Vec<f32>> {
-        let Some((_, vocab)) = self.logit_shape else { return Ok(Vec::new()) };
+        let Some(vocab) = self.logit_vocab else { return Ok(Vec::new()) };
         let rows = self.step()?.real_logit_rows;
         let ws = self.workspace()?;
         // SAFETY: a view of the workspace used only within this call.
