@@ -6,7 +6,7 @@
 
 use clap::Args;
 use radix_model::{
-    Backend, CudaBackend, LlamaModel, ModelSource, SampleRequest, SamplingParams, StepInput,
+    Backend, CudaBackend, LlamaModel, ModelSource, OwnedStep, SampleRequest, SamplingParams,
     TokenCounts,
 };
 
@@ -62,19 +62,18 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         let positions: Vec<i32> = ids.iter().flat_map(|_| 0..a.context as i32).collect();
         let slots: Vec<i32> =
             ids.iter().flat_map(|&b| (0..a.context).map(move |p| slot(b, p))).collect();
-        let qo: Vec<i32> = (0..=ids.len()).map(|i| (i * a.context) as i32).collect();
-        let (indptr, indices, last) = table(&ids, a.context);
-        let step = StepInput {
-            tokens: &tokens,
-            positions: &positions,
-            slots: &slots,
-            qo_indptr: &qo,
-            kv_indptr: &indptr,
-            kv_indices: &indices,
-            kv_last_page_len: &last,
-            logit_rows: &[],
+        let (kv_indptr, kv_indices, kv_last_page_len) = table(&ids, a.context);
+        let step = OwnedStep {
+            tokens,
+            positions,
+            slots,
+            qo_indptr: (0..=ids.len()).map(|i| (i * a.context) as i32).collect(),
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            logit_rows: Vec::new(),
         };
-        model.forward(&step)?;
+        model.forward(&step.as_input())?;
     }
 
     let params = SamplingParams::greedy();
@@ -96,25 +95,20 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
             model.backend.set_profiling(false);
         }
         let ctx = a.context + s;
-        let tokens: Vec<u32> = (0..a.batch).map(|b| ((b + s) % 1000 + 10) as u32).collect();
-        let positions = vec![(ctx - 1) as i32; a.batch];
-        let slots: Vec<i32> = (0..a.batch).map(|b| slot(b, ctx - 1)).collect();
-        let qo: Vec<i32> = (0..=a.batch as i32).collect();
         let all: Vec<usize> = (0..a.batch).collect();
-        let (indptr, indices, last) = table(&all, ctx);
-        let rows: Vec<u32> = (0..a.batch as u32).collect();
-        let step = StepInput {
-            tokens: &tokens,
-            positions: &positions,
-            slots: &slots,
-            qo_indptr: &qo,
-            kv_indptr: &indptr,
-            kv_indices: &indices,
-            kv_last_page_len: &last,
-            logit_rows: &rows,
+        let (kv_indptr, kv_indices, kv_last_page_len) = table(&all, ctx);
+        let step = OwnedStep {
+            tokens: (0..a.batch).map(|b| ((b + s) % 1000 + 10) as u32).collect(),
+            positions: vec![(ctx - 1) as i32; a.batch],
+            slots: (0..a.batch).map(|b| slot(b, ctx - 1)).collect(),
+            qo_indptr: (0..=a.batch as i32).collect(),
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            logit_rows: (0..a.batch as u32).collect(),
         };
         let t = std::time::Instant::now();
-        model.forward(&step)?;
+        model.forward(&step.as_input())?;
         model.sample(&requests)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if (1..=a.steps).contains(&s) {
