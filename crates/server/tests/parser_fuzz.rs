@@ -34,7 +34,8 @@ fn check(result: Result<Plan, ApiError>) {
     }
 }
 
-fn parse_both(body: &[u8]) {
+/// Runs `f` with the context the parsers see: synthetic:tiny's byte tokenizer.
+fn with_ctx<R>(f: impl FnOnce(&ModelContext) -> R) -> R {
     let tokenizer = Tokenizer::Bytes;
     let template = ChatTemplate::plain();
     let ctx = ModelContext {
@@ -44,8 +45,14 @@ fn parse_both(body: &[u8]) {
         vocab_size: VOCAB,
         max_model_len: MAX_LEN,
     };
-    check(validate::parse_completion(body, &ctx));
-    check(validate::parse_chat(body, &ctx));
+    f(&ctx)
+}
+
+fn parse_both(body: &[u8]) {
+    with_ctx(|ctx| {
+        check(validate::parse_completion(body, ctx));
+        check(validate::parse_chat(body, ctx));
+    })
 }
 
 fn any_json() -> impl Strategy<Value = Value> {
@@ -173,26 +180,19 @@ proptest! {
 
 #[test]
 fn the_valid_examples_parse() {
-    let tokenizer = Tokenizer::Bytes;
-    let template = ChatTemplate::plain();
-    let ctx = ModelContext {
-        model_name: "synthetic:tiny",
-        tokenizer: &tokenizer,
-        chat_template: &template,
-        vocab_size: VOCAB,
-        max_model_len: MAX_LEN,
-    };
-    let p = validate::parse_completion(valid_completion().to_string().as_bytes(), &ctx).unwrap();
-    assert_eq!((p.n, p.requests.len(), p.stream, p.include_usage), (2, 2, true, true));
-    assert_eq!(p.requests[0].prompt.len(), 6);
-    assert_eq!(p.requests[1].sampling.seed, Some(4));
-    let p = validate::parse_chat(valid_chat().to_string().as_bytes(), &ctx).unwrap();
-    assert_eq!(p.requests[0].stop.stop_strings, vec!["\n".to_string()]);
-    assert!(p.logprobs && !p.stream);
-    // Chat without max_tokens: up to the context.
-    let mut v = valid_chat();
-    v.as_object_mut().unwrap().remove("max_tokens");
-    let p = validate::parse_chat(v.to_string().as_bytes(), &ctx).unwrap();
-    let r = &p.requests[0];
-    assert_eq!(r.prompt.len() + r.stop.max_tokens, MAX_LEN);
+    with_ctx(|ctx| {
+        let p = validate::parse_completion(valid_completion().to_string().as_bytes(), ctx).unwrap();
+        assert_eq!((p.n, p.requests.len(), p.stream, p.include_usage), (2, 2, true, true));
+        assert_eq!(p.requests[0].prompt.len(), 6);
+        assert_eq!(p.requests[1].sampling.seed, Some(4));
+        let p = validate::parse_chat(valid_chat().to_string().as_bytes(), ctx).unwrap();
+        assert_eq!(p.requests[0].stop.stop_strings, vec!["\n".to_string()]);
+        assert!(p.logprobs && !p.stream);
+        // Chat without max_tokens: up to the context.
+        let mut v = valid_chat();
+        v.as_object_mut().unwrap().remove("max_tokens");
+        let p = validate::parse_chat(v.to_string().as_bytes(), ctx).unwrap();
+        let r = &p.requests[0];
+        assert_eq!(r.prompt.len() + r.stop.max_tokens, MAX_LEN);
+    })
 }
