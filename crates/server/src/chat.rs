@@ -25,7 +25,7 @@ fn logprobs(tokenizer: &Tokenizer, ids: &[u32], lps: &[f32]) -> ChatLogprobs {
 }
 
 pub fn response(c: Collected, tokenizer: &Tokenizer) -> ChatCompletion {
-    let logprobs_on = c.meta.logprobs;
+    let logprobs_on = c.meta.shape.logprobs;
     let choices = c
         .choices
         .into_iter()
@@ -41,7 +41,7 @@ pub fn response(c: Collected, tokenizer: &Tokenizer) -> ChatCompletion {
         id: c.meta.id,
         object: "chat.completion",
         created: c.meta.created,
-        model: c.meta.model,
+        model: c.meta.shape.model,
         choices,
         usage: c.usage,
     }
@@ -58,9 +58,9 @@ fn chunk_of(meta: &Meta, choice: ChatChunkChoice) -> ChatCompletionChunk {
         id: meta.id.clone(),
         object: "chat.completion.chunk",
         created: meta.created,
-        model: meta.model.clone(),
+        model: meta.shape.model.clone(),
         choices: vec![choice],
-        usage: if meta.include_usage { UsageField::Null } else { UsageField::Absent },
+        usage: if meta.shape.include_usage { UsageField::Null } else { UsageField::Absent },
     }
 }
 
@@ -86,7 +86,7 @@ pub fn chunks(
             },
         ));
     }
-    let reports_logprobs = meta.logprobs && !o.token_ids.is_empty();
+    let reports_logprobs = meta.shape.logprobs && !o.token_ids.is_empty();
     if o.text.is_empty() && o.finish.is_none() && !reports_logprobs {
         return out;
     }
@@ -100,7 +100,7 @@ pub fn chunks(
         ChatChunkChoice {
             index,
             delta,
-            logprobs: meta.logprobs.then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs)),
+            logprobs: meta.shape.logprobs.then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs)),
             finish_reason: o.finish.as_ref().map(|f| f.as_openai()),
         },
     ));
@@ -112,7 +112,7 @@ pub fn usage_chunk(meta: &Meta, usage: Usage) -> ChatCompletionChunk {
         id: meta.id.clone(),
         object: "chat.completion.chunk",
         created: meta.created,
-        model: meta.model.clone(),
+        model: meta.shape.model.clone(),
         choices: Vec::new(),
         usage: UsageField::Some(usage),
     }

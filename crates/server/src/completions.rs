@@ -32,7 +32,7 @@ fn logprobs(
 }
 
 pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
-    let logprobs_on = c.meta.logprobs;
+    let logprobs_on = c.meta.shape.logprobs;
     let choices = c
         .choices
         .into_iter()
@@ -48,7 +48,7 @@ pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
         id: c.meta.id,
         object: "text_completion",
         created: c.meta.created,
-        model: c.meta.model,
+        model: c.meta.shape.model,
         choices,
         usage: UsageField::Some(c.usage),
     }
@@ -68,25 +68,26 @@ pub fn chunk(
     state: &mut ChunkState,
     tokenizer: &Tokenizer,
 ) -> Option<Completion> {
-    let reports_logprobs = meta.logprobs && !o.token_ids.is_empty();
+    let reports_logprobs = meta.shape.logprobs && !o.token_ids.is_empty();
     if o.text.is_empty() && o.finish.is_none() && !reports_logprobs {
         return None;
     }
     let logprobs = meta
+        .shape
         .logprobs
         .then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs, &mut state.text_offset));
     Some(Completion {
         id: meta.id.clone(),
         object: "text_completion",
         created: meta.created,
-        model: meta.model.clone(),
+        model: meta.shape.model.clone(),
         choices: vec![CompletionChoice {
             index,
             text: o.text.clone(),
             logprobs,
             finish_reason: o.finish.as_ref().map(|f| f.as_openai()),
         }],
-        usage: if meta.include_usage { UsageField::Null } else { UsageField::Absent },
+        usage: if meta.shape.include_usage { UsageField::Null } else { UsageField::Absent },
     })
 }
 
@@ -96,7 +97,7 @@ pub fn usage_chunk(meta: &Meta, usage: crate::api::Usage) -> Completion {
         id: meta.id.clone(),
         object: "text_completion",
         created: meta.created,
-        model: meta.model.clone(),
+        model: meta.shape.model.clone(),
         choices: Vec::new(),
         usage: UsageField::Some(usage),
     }

@@ -15,24 +15,18 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::api::Usage;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::validate::{Endpoint, Plan};
+use crate::validate::{Endpoint, Plan, ResponseShape};
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Option<Output>)> + Send>>;
 
 /// What the response writers need to know about the request.
 #[derive(Clone, Debug)]
 pub struct Meta {
-    pub endpoint: Endpoint,
     /// `cmpl-...` or `chatcmpl-...`.
     pub id: String,
     /// Unix seconds.
     pub created: u64,
-    pub model: String,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub logprobs: bool,
-    pub n: usize,
-    pub prompt_lens: Vec<usize>,
+    pub shape: ResponseShape,
 }
 
 /// The submitted requests of one HTTP request.
@@ -60,21 +54,15 @@ impl Generation {
         plan: Plan,
         started: Instant,
     ) -> Result<Self, ApiError> {
-        let prefix = match plan.endpoint {
+        let prefix = match plan.shape.endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",
         };
         let choices = plan.requests.len();
         let meta = Meta {
-            endpoint: plan.endpoint,
             id: format!("{prefix}-{:032x}", rand::random::<u128>()),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            model: plan.model,
-            stream: plan.stream,
-            include_usage: plan.include_usage,
-            logprobs: plan.logprobs,
-            n: plan.n,
-            prompt_lens: plan.prompt_lens,
+            shape: plan.shape,
         };
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut generation = Self {
@@ -162,10 +150,10 @@ impl Generation {
 
     /// Usage of the whole request: each prompt counted once, every choice's output.
     pub fn usage(&self) -> Usage {
-        let prompt = self.meta.prompt_lens.iter().sum();
+        let prompt = self.meta.shape.prompt_lens.iter().sum();
         let completion = self.completion_tokens.iter().sum();
         // Cached tokens of each prompt's first choice.
-        let cached = self.cached_tokens.iter().step_by(self.meta.n.max(1)).sum();
+        let cached = self.cached_tokens.iter().step_by(self.meta.shape.n.max(1)).sum();
         Usage::new(prompt, completion, cached)
     }
 

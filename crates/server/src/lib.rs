@@ -215,7 +215,7 @@ async fn generate(
     .await
     .map_err(|e| ApiError::Internal(format!("request task failed: {e}")))??;
     let tokenizer = app.handle.info().tokenizer.clone();
-    if generation.meta.stream {
+    if generation.meta.shape.stream {
         return Ok(sse::respond(generation, tokenizer));
     }
     let collected = generation.collect().await?;

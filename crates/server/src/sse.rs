@@ -70,9 +70,9 @@ impl Streamer {
             self.done = true;
             self.generation.record_usage();
             let meta = &self.generation.meta;
-            if meta.include_usage {
+            if meta.shape.include_usage {
                 let usage = self.generation.usage();
-                events.push(match meta.endpoint {
+                events.push(match meta.shape.endpoint {
                     Endpoint::Completions => json_event(&completions::usage_chunk(meta, usage)),
                     Endpoint::Chat => json_event(&chat::usage_chunk(meta, usage)),
                 });
@@ -84,7 +84,7 @@ impl Streamer {
 
     fn chunks(&mut self, index: usize, out: &Output) -> Vec<Event> {
         let meta = &self.generation.meta;
-        match meta.endpoint {
+        match meta.shape.endpoint {
             Endpoint::Completions => {
                 let state = &mut self.completion_state[index];
                 completions::chunk(meta, index, out, state, &self.tokenizer)

@@ -42,9 +42,10 @@ pub enum Endpoint {
     Chat,
 }
 
-/// A validated request: one engine request per choice.
+/// What a validated request says about its response; the response writers keep it (in
+/// `generation::Meta`) once the engine requests are submitted.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub struct ResponseShape {
     pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
@@ -55,6 +56,12 @@ pub struct Plan {
     pub n: usize,
     /// Tokens of each prompt.
     pub prompt_lens: Vec<usize>,
+}
+
+/// A validated request: one engine request per choice.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub shape: ResponseShape,
     /// One per choice, in choice order: choice `i` answers prompt `i / n`.
     pub requests: Vec<Request>,
 }
@@ -259,7 +266,10 @@ fn build(
             requests.push(req);
         }
     }
-    Ok(Plan { endpoint, model, stream, include_usage, logprobs, n, prompt_lens, requests })
+    Ok(Plan {
+        shape: ResponseShape { endpoint, model, stream, include_usage, logprobs, n, prompt_lens },
+        requests,
+    })
 }
 
 fn parse_sampling(f: &Fields) -> Result<SamplingParams> {

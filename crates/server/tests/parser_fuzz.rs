@@ -15,10 +15,10 @@ fn check(result: Result<Plan, ApiError>) {
     match result {
         Ok(plan) => {
             assert!(!plan.requests.is_empty());
-            assert_eq!(plan.requests.len(), plan.prompt_lens.len() * plan.n);
+            assert_eq!(plan.requests.len(), plan.shape.prompt_lens.len() * plan.shape.n);
             for (i, r) in plan.requests.iter().enumerate() {
                 assert!(!r.prompt.is_empty());
-                assert_eq!(r.prompt.len(), plan.prompt_lens[i / plan.n]);
+                assert_eq!(r.prompt.len(), plan.shape.prompt_lens[i / plan.shape.n]);
                 assert!(r.stop.max_tokens >= 1);
                 assert!(r.prompt.len() + r.stop.max_tokens <= MAX_LEN);
                 assert!(r.prompt.iter().all(|&t| (t as usize) < VOCAB));
@@ -182,12 +182,15 @@ proptest! {
 fn the_valid_examples_parse() {
     with_ctx(|ctx| {
         let p = validate::parse_completion(valid_completion().to_string().as_bytes(), ctx).unwrap();
-        assert_eq!((p.n, p.requests.len(), p.stream, p.include_usage), (2, 2, true, true));
+        assert_eq!(
+            (p.shape.n, p.requests.len(), p.shape.stream, p.shape.include_usage),
+            (2, 2, true, true)
+        );
         assert_eq!(p.requests[0].prompt.len(), 6);
         assert_eq!(p.requests[1].sampling.seed, Some(4));
         let p = validate::parse_chat(valid_chat().to_string().as_bytes(), ctx).unwrap();
         assert_eq!(p.requests[0].stop.stop_strings, vec!["\n".to_string()]);
-        assert!(p.logprobs && !p.stream);
+        assert!(p.shape.logprobs && !p.shape.stream);
         // Chat without max_tokens: up to the context.
         let mut v = valid_chat();
         v.as_object_mut().unwrap().remove("max_tokens");
