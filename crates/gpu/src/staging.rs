@@ -20,6 +20,15 @@ pub struct PinnedStaging<T: Element> {
     copied: Option<CudaEvent>,
 }
 
+impl<T: Element> Drop for PinnedStaging<T> {
+    fn drop(&mut self) {
+        // The host memory is freed after this: an upload still reading it must finish.
+        if let Some(e) = self.copied.take() {
+            let _ = e.synchronize();
+        }
+    }
+}
+
 impl<T: Element + cudarc::driver::ValidAsZeroBits> PinnedStaging<T> {
     pub fn new(device: &Device, len: usize) -> Result<Self> {
         // SAFETY: the memory is written through `write` before any copy reads it.

@@ -202,12 +202,17 @@ impl CudaBackend {
         let shape = self.act_shape.ok_or_else(|| {
             ModelError::Invalid("the workspace needs the model shape: call init_kv first".into())
         })?;
-        let caps = self.workspace.as_ref().map_or(*need, |w| w.caps.grown_to(need));
-        self.step = None; // its views point into the old workspace
-        self.workspace = None;
+        self.step = None; // its views point into the workspace as it is
         self.graphs = Graphs::default();
-        let ws = Workspace::new(&self.device, &shape, caps)?;
-        tracing::debug!(?caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
+        let ws = match self.workspace.take() {
+            Some(mut ws) => {
+                let caps = ws.caps.grown_to(need);
+                ws.grow(&self.device, &shape, caps)?;
+                ws
+            }
+            None => Workspace::new(&self.device, &shape, *need)?,
+        };
+        tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
         self.workspace = Some(ws);
         Ok(())
     }

@@ -137,29 +137,93 @@ pub struct Workspace {
     pub sampled_logprobs: DeviceBuffer<f32>,
 }
 
+/// Elements of each workspace buffer for some capacities.
+struct Sizes {
+    acts: usize,
+    meta: usize,
+    partial_o: usize,
+    partial_lse: usize,
+    logits: usize,
+    /// Sampler parameter words (8 per row).
+    sample_words: usize,
+    rows: usize,
+}
+
+impl Sizes {
+    fn of(shape: &ActShape, caps: &Caps, layout: &MetaLayout) -> Self {
+        let partial = caps.partial_rows.max(1) * shape.num_qo_heads;
+        let rows = caps.logit_rows.max(1);
+        Sizes {
+            acts: caps.tokens * shape.per_token
+                + caps.logit_rows * shape.hidden
+                + ACTS_PER_STEP * ACT_ALIGN,
+            meta: layout.total,
+            partial_o: partial * shape.head_dim,
+            partial_lse: partial,
+            logits: rows * shape.vocab,
+            sample_words: rows * 8,
+            rows,
+        }
+    }
+}
+
+/// Replaces `buf` by a buffer of `len` elements if it holds fewer.
+fn fit<T: radix_gpu::Element>(
+    device: &Device,
+    buf: &mut DeviceBuffer<T>,
+    len: usize,
+) -> Result<()> {
+    if buf.len() < len {
+        *buf = device.alloc(len)?;
+    }
+    Ok(())
+}
+
 impl Workspace {
     pub fn new(device: &Device, shape: &ActShape, caps: Caps) -> Result<Self> {
         let layout = MetaLayout::new(&caps);
-        let acts = caps.tokens * shape.per_token
-            + caps.logit_rows * shape.hidden
-            + ACTS_PER_STEP * ACT_ALIGN;
-        let partial = caps.partial_rows.max(1) * shape.num_qo_heads;
-        let rows = caps.logit_rows.max(1);
+        let n = Sizes::of(shape, &caps, &layout);
         Ok(Self {
             caps,
             layout,
-            acts: device.alloc(acts)?,
+            acts: device.alloc(n.acts)?,
             act_used: 0,
-            meta: device.alloc(layout.total)?,
-            staging: PinnedStaging::new(device, layout.total)?,
-            partial_o: device.alloc(partial * shape.head_dim)?,
-            partial_lse: device.alloc(partial)?,
-            logits: device.alloc(rows * shape.vocab)?,
-            sample_params: device.alloc(rows * 8)?,
-            sample_staging: PinnedStaging::new(device, rows * 8)?,
-            sampled_tokens: device.alloc(rows)?,
-            sampled_logprobs: device.alloc(rows)?,
+            meta: device.alloc(n.meta)?,
+            staging: PinnedStaging::new(device, n.meta)?,
+            partial_o: device.alloc(n.partial_o)?,
+            partial_lse: device.alloc(n.partial_lse)?,
+            logits: device.alloc(n.logits)?,
+            sample_params: device.alloc(n.sample_words)?,
+            sample_staging: PinnedStaging::new(device, n.sample_words)?,
+            sampled_tokens: device.alloc(n.rows)?,
+            sampled_logprobs: device.alloc(n.rows)?,
         })
+    }
+
+    /// Raises the capacities to `caps`, reallocating only the buffers that must grow (a
+    /// longer page table does not move the activation arena). The metadata layout
+    /// changes, so views and graphs made before are stale.
+    pub fn grow(&mut self, device: &Device, shape: &ActShape, caps: Caps) -> Result<()> {
+        let layout = MetaLayout::new(&caps);
+        let n = Sizes::of(shape, &caps, &layout);
+        fit(device, &mut self.acts, n.acts)?;
+        fit(device, &mut self.meta, n.meta)?;
+        if self.staging.len() < n.meta {
+            self.staging = PinnedStaging::new(device, n.meta)?;
+        }
+        fit(device, &mut self.partial_o, n.partial_o)?;
+        fit(device, &mut self.partial_lse, n.partial_lse)?;
+        fit(device, &mut self.logits, n.logits)?;
+        fit(device, &mut self.sample_params, n.sample_words)?;
+        if self.sample_staging.len() < n.sample_words {
+            self.sample_staging = PinnedStaging::new(device, n.sample_words)?;
+        }
+        fit(device, &mut self.sampled_tokens, n.rows)?;
+        fit(device, &mut self.sampled_logprobs, n.rows)?;
+        self.caps = caps;
+        self.layout = layout;
+        self.act_used = 0;
+        Ok(())
     }
 
     /// Bytes of device memory the workspace holds.
