@@ -43,6 +43,10 @@ def main():
                 if p is None and copy and o["unit"] == "GB/s":
                     # Bandwidth benchmarks carry their peer, a device copy timed in the same run.
                     p = {"peer": "device-to-device copy of 1 GiB (cuMemcpyDtoD), same run", "value": copy}
+                dense = (o.get("extra") or {}).get("dense_us")
+                if p is None and dense and o["unit"] == "us":
+                    # Sparse decode carries its peer: our dense decode kernel, same run.
+                    p = {"peer": "radix-sparse dense decode attention, same run", "value": dense}
                 ratio = None
                 if p and o["ours"] and p["value"]:
                     ratio = (p["value"] / o["ours"]) if o["unit"] in TIME_UNITS else (o["ours"] / p["value"])

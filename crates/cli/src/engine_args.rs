@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use radix_engine::{Engine, EngineConfig};
+use radix_engine::{Engine, EngineConfig, SparseConfig};
+use radix_model::Backend;
 use radix_model::{CpuBackend, CudaBackend, ModelSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -65,6 +66,45 @@ pub struct ModelArgs {
     /// CUDA: run every step eagerly, without CUDA graphs for decode.
     #[arg(long)]
     pub disable_cuda_graphs: bool,
+    #[command(flatten)]
+    pub sparse: SparseArgs,
+}
+
+/// Query-aware sparse paging (Quest) for long-context decode.
+#[derive(Args, Clone, Debug)]
+pub struct SparseArgs {
+    /// Turns sparse paging on with this default budget: a fraction of each sequence's
+    /// pages in (0, 1] (1 = dense) or a token count above 1. Requests may set their own
+    /// (`sparse_budget`). Off by default: no key bounds are kept.
+    #[arg(long)]
+    pub sparse_budget: Option<radix_kv::SparseBudget>,
+    /// Sparse paging: the first layers attend densely.
+    #[arg(long, default_value_t = radix_kv::SparsePolicy::default().dense_layers)]
+    pub sparse_dense_layers: usize,
+    /// Sparse paging: contexts shorter than this attend densely.
+    #[arg(long, default_value_t = radix_kv::SparsePolicy::default().min_context_tokens)]
+    pub sparse_min_context: usize,
+    /// Sparse paging: leading pages always kept (attention sinks).
+    #[arg(long, default_value_t = radix_kv::SparsePolicy::default().sink_pages)]
+    pub sparse_sink_pages: usize,
+    /// Sparse paging: trailing pages always kept (recent tokens).
+    #[arg(long, default_value_t = radix_kv::SparsePolicy::default().window_pages)]
+    pub sparse_window_pages: usize,
+}
+
+impl SparseArgs {
+    pub fn config(&self) -> Option<SparseConfig> {
+        self.sparse_budget.map(|budget| SparseConfig { budget, policy: self.policy() })
+    }
+
+    pub fn policy(&self) -> radix_kv::SparsePolicy {
+        radix_kv::SparsePolicy {
+            sink_pages: self.sparse_sink_pages,
+            window_pages: self.sparse_window_pages.max(1),
+            min_context_tokens: self.sparse_min_context,
+            dense_layers: self.sparse_dense_layers,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -80,6 +120,7 @@ impl ModelArgs {
             prefix_cache: !self.no_prefix_cache,
             chunked_prefill: !self.no_chunked_prefill,
             max_model_len: self.max_model_len,
+            sparse: self.sparse.config(),
         }
     }
 
@@ -109,6 +150,9 @@ impl ModelArgs {
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
             Device::Cuda => {
                 let mut model = source.load(CudaBackend::new(0)?)?;
+                // Sparse paging sizes the workspace (selection tables) and the pages (key
+                // bounds), so it is set before either.
+                model.backend.set_sparse(self.sparse.config().map(|s| s.policy))?;
                 // Memory plan: the weights are in; the workspace for the largest step
                 // comes next; the KV pool gets what is left.
                 let limits = self.engine_config(Device::Cuda, 0);
@@ -161,7 +205,7 @@ impl ModelArgs {
                 self.mem_fraction
             )
         })?;
-        let pages = kv / CudaBackend::kv_bytes_per_page(cfg, self.page_size);
+        let pages = kv / backend.page_bytes(cfg, self.page_size);
         tracing::info!(
             kv_gib = kv as f64 / (1u64 << 30) as f64,
             pages,

@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use radix_kv::{PagePool, PageTableBuilder, RadixCache};
+use radix_kv::{PagePool, PageTableBuilder, RadixCache, SparseBudget, SparsePolicy};
 use radix_model::{SampleRequest, Sampled, StepInput, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -45,6 +45,17 @@ pub struct EngineConfig {
     pub chunked_prefill: bool,
     /// Longest sequence (prompt + output); `None` takes the model's.
     pub max_model_len: Option<usize>,
+    /// Query-aware sparse paging for long-context decode; `None`: off (dense always,
+    /// and requests may not ask for it).
+    pub sparse: Option<SparseConfig>,
+}
+
+/// Sparse paging, engine-wide: the default budget of requests that name none, and what
+/// stays dense.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseConfig {
+    pub budget: SparseBudget,
+    pub policy: SparsePolicy,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +69,7 @@ impl Default for EngineConfig {
             prefix_cache: true,
             chunked_prefill: true,
             max_model_len: None,
+            sparse: None,
         }
     }
 }
@@ -89,6 +101,7 @@ pub struct Engine {
     tokens: Vec<u32>,
     positions: Vec<i32>,
     logit_rows: Vec<u32>,
+    kv_keep: Vec<i32>,
 }
 
 /// One sequence's share of a step.
@@ -115,7 +128,13 @@ impl Engine {
                 cfg.max_batched_tokens, cfg.max_running
             ));
         }
+        if let Some(sp) = &cfg.sparse {
+            sp.policy.validate().map_err(EngineError::Config)?;
+        }
         let pool = PagePool::new(cfg.num_pages, cfg.page_size)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        runner
+            .set_sparse(cfg.sparse.map(|s| s.policy))
             .map_err(|e| EngineError::Config(e.to_string()))?;
         runner
             .init_kv(cfg.num_pages, cfg.page_size)
@@ -160,6 +179,7 @@ impl Engine {
             tokens: Vec::new(),
             positions: Vec::new(),
             logit_rows: Vec::new(),
+            kv_keep: Vec::new(),
         })
     }
 
@@ -213,6 +233,11 @@ impl Engine {
                 req.stop.max_tokens,
                 self.max_model_len
             ));
+        }
+        if req.sparse_budget.is_some() && self.cfg.sparse.is_none() {
+            return bad("sparse_budget needs sparse paging: start the engine with a sparse \
+                        budget (--sparse-budget)"
+                .into());
         }
         req.sampling.validate().map_err(EngineError::Invalid)
     }
@@ -452,11 +477,25 @@ impl Engine {
         self.tokens.clear();
         self.positions.clear();
         self.logit_rows.clear();
+        self.kv_keep.clear();
+        let (mut dense_pages, mut read_pages, mut scored_pages) = (0usize, 0usize, 0usize);
         for s in plan {
             let seq = &self.running[s.index];
             let upto = seq.computed + s.len;
             let pages = &seq.pages[..upto.div_ceil(self.cfg.page_size)];
             self.table.push_seq(pages, upto, s.len).map_err(|e| e.to_string())?;
+            if let Some(sp) = &self.cfg.sparse {
+                let budget = seq.sparse_budget.unwrap_or(sp.budget);
+                // Only decode rows attend sparsely.
+                let keep = match s.len {
+                    1 => sp.policy.pages_to_keep(budget, upto, self.cfg.page_size),
+                    _ => None,
+                };
+                self.kv_keep.push(keep.unwrap_or(0) as i32);
+                dense_pages += pages.len();
+                read_pages += keep.unwrap_or(pages.len());
+                scored_pages += if keep.is_some() { pages.len() } else { 0 };
+            }
             self.tokens.extend_from_slice(&seq.tokens[seq.computed..upto]);
             self.positions.extend(seq.computed as i32..upto as i32);
             if upto == seq.tokens.len() {
@@ -473,8 +512,12 @@ impl Engine {
             kv_indices: t.kv_indices(),
             kv_last_page_len: t.kv_last_page_len(),
             logit_rows: &self.logit_rows,
+            kv_keep: &self.kv_keep,
         };
         self.runner.forward(&step).map_err(|e| e.to_string())?;
+        if let Some(sp) = self.cfg.sparse {
+            self.count_kv_reads(sp.policy, dense_pages, read_pages, scored_pages);
+        }
         let requests: Vec<SampleRequest> = plan
             .iter()
             .map(|s| &self.running[s.index])
@@ -487,6 +530,21 @@ impl Engine {
             })
             .collect();
         self.runner.sample(&requests).map_err(|e| e.to_string())
+    }
+
+    /// Adds a step's KV reads (bf16), dense and with sparse selection, to the stats:
+    /// `dense` and `kept` pages per layer of the step's sequences, and the `scored` pages
+    /// whose key bounds the selection reads; the first layers read all pages.
+    fn count_kv_reads(&mut self, policy: SparsePolicy, dense: usize, kept: usize, scored: usize) {
+        let c = self.runner.config();
+        let page = 2 * c.num_kv_heads * self.cfg.page_size * c.head_dim * 2;
+        let bounds = c.num_kv_heads * 2 * c.head_dim * 2;
+        let layers = c.num_layers;
+        let dense_layers = policy.dense_layers.min(layers);
+        let sparse_layers = layers - dense_layers;
+        self.stats.kv_read_dense_bytes += (dense * layers * page) as u64;
+        self.stats.kv_read_bytes += ((dense * dense_layers + kept * sparse_layers) * page
+            + scored * sparse_layers * bounds) as u64;
     }
 
     /// Advances the scheduled sequences past the step: samples, stops, streams.

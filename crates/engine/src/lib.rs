@@ -13,8 +13,9 @@ mod runner;
 mod sequence;
 
 pub use detokenize::{Detokenized, Detokenizer};
-pub use engine::{Engine, EngineConfig, EngineError};
+pub use engine::{Engine, EngineConfig, EngineError, SparseConfig};
 pub use handle::{EngineHandle, EngineInfo};
 pub use metrics::EngineStats;
+pub use radix_kv::{SparseBudget, SparsePolicy};
 pub use request::{FinishReason, Output, Request, RequestId, StopConfig};
 pub use runner::Runner;

@@ -33,6 +33,10 @@ pub struct EngineStats {
     /// seconds: where a run's time goes.
     pub decode_steps: [u64; 3],
     pub decode_secs: [f64; 3],
+    /// Sparse paging: bytes of KV (K and V, all layers) the steps' attention would read
+    /// densely, and what it reads with page selection (key bounds for scoring included).
+    pub kv_read_dense_bytes: u64,
+    pub kv_read_bytes: u64,
 }
 
 impl EngineStats {

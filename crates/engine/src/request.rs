@@ -1,5 +1,6 @@
 //! What a client asks for and what comes back.
 
+use radix_kv::SparseBudget;
 use radix_model::SamplingParams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,11 +44,14 @@ pub struct Request {
     pub stop: StopConfig,
     /// Report the log-probability of each sampled token.
     pub logprobs: bool,
+    /// Sparse paging budget for this request's decode steps (the engine's default when
+    /// `None`); needs an engine started with sparse paging.
+    pub sparse_budget: Option<SparseBudget>,
 }
 
 impl Request {
     pub fn new(prompt: Vec<u32>, sampling: SamplingParams, stop: StopConfig) -> Self {
-        Self { prompt, sampling, stop, logprobs: false }
+        Self { prompt, sampling, stop, logprobs: false, sparse_budget: None }
     }
 }
 

@@ -1,11 +1,14 @@
 //! What the engine needs from a model: run a step, know its shape. Object-safe, so the
 //! engine is not generic over the backend.
 
+use radix_kv::SparsePolicy;
 use radix_model::{Backend, LlamaModel, ModelConfig, SampleRequest, Sampled, StepInput};
 
 pub trait Runner: Send {
     fn config(&self) -> &ModelConfig;
     fn backend_name(&self) -> String;
+    /// Turns sparse paging on (before `init_kv`, which then keeps key bounds).
+    fn set_sparse(&mut self, policy: Option<SparsePolicy>) -> radix_model::Result<()>;
     /// Allocates the KV pool once, before the first step.
     fn init_kv(&mut self, num_pages: usize, page_size: usize) -> radix_model::Result<()>;
     /// Warm-up after `init_kv` (CUDA graphs are captured here); returns steps run.
@@ -26,6 +29,10 @@ where
 
     fn backend_name(&self) -> String {
         self.backend.name()
+    }
+
+    fn set_sparse(&mut self, policy: Option<SparsePolicy>) -> radix_model::Result<()> {
+        self.backend.set_sparse(policy)
     }
 
     fn init_kv(&mut self, num_pages: usize, page_size: usize) -> radix_model::Result<()> {

@@ -36,6 +36,8 @@ pub(crate) struct Sequence {
     pub preempted: u32,
     /// Tokens scheduled in the current step (0: not scheduled).
     pub step_len: usize,
+    /// The request's own sparse budget (else the engine's).
+    pub sparse_budget: Option<radix_kv::SparseBudget>,
 }
 
 impl Sequence {
@@ -60,6 +62,7 @@ impl Sequence {
             sink,
             preempted: 0,
             step_len: 0,
+            sparse_budget: req.sparse_budget,
         }
     }
 

@@ -1,11 +1,12 @@
 //! Engine behaviour on the CPU backend with synthetic:tiny: greedy outputs do not depend
 //! on the prefix cache, chunking, batching or preemption; pages all come back; seeded
-//! sampling reproduces; stop rules and validation.
+//! sampling reproduces; stop rules and validation; sparse paging.
 
 use std::sync::Arc;
 
 use radix_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Output, Request, RequestId, StopConfig,
+    Engine, EngineConfig, EngineError, FinishReason, Output, Request, RequestId, SparseBudget,
+    SparseConfig, SparsePolicy, StopConfig,
 };
 use radix_model::{CpuBackend, ModelSource, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -275,4 +276,84 @@ fn outputs_stream_valid_text_and_usage() {
     assert_eq!(text, tok.decode(&all, true).unwrap());
     let last = outs[0].last().unwrap();
     assert_eq!((last.prompt_tokens, last.completion_tokens), (prompt.len(), 16));
+}
+
+// Sparse paging (Quest) on the CPU backend: synthetic:tiny has 2 layers, so with
+// `dense_layers: 1` the second attends sparsely.
+
+fn sparse(budget: SparseBudget) -> Option<SparseConfig> {
+    let policy = SparsePolicy { min_context_tokens: 64, dense_layers: 1, ..Default::default() };
+    Some(SparseConfig { budget, policy })
+}
+
+fn long_prompts() -> Vec<Vec<u32>> {
+    (0..3u32).map(|k| (0..300u32).map(|i| (i * 31 + k * 17 + 5) % 256).collect()).collect()
+}
+
+#[test]
+fn sparse_engine_runs_long_prompts_and_reads_less_kv() {
+    let mut e =
+        engine(EngineConfig { sparse: sparse(SparseBudget::Fraction(0.3)), ..Default::default() });
+    let outs = run(&mut e, long_prompts().iter().map(|p| greedy(p, 8)).collect());
+    for o in &outs {
+        assert_eq!(tokens(o).len(), 8);
+        assert_eq!(o.last().unwrap().finish, Some(FinishReason::Length));
+    }
+    let s = e.stats();
+    assert!(s.kv_read_bytes > 0 && s.kv_read_dense_bytes > 0, "{s:?}");
+    assert!(s.kv_read_bytes < s.kv_read_dense_bytes, "{s:?}");
+    all_pages_back(&e);
+}
+
+#[test]
+fn sparse_budget_one_matches_dense() {
+    let reqs = || long_prompts().iter().map(|p| greedy(p, 8)).collect::<Vec<_>>();
+    let mut dense = engine(EngineConfig::default());
+    let want: Vec<Vec<u32>> = run(&mut dense, reqs()).iter().map(|o| tokens(o)).collect();
+    let mut e = engine(EngineConfig { sparse: sparse(SparseBudget::DENSE), ..Default::default() });
+    let got: Vec<Vec<u32>> = run(&mut e, reqs()).iter().map(|o| tokens(o)).collect();
+    assert_eq!(got, want);
+    // Dense reads all pages: no selection, no key bounds.
+    let s = e.stats();
+    assert_eq!(s.kv_read_bytes, s.kv_read_dense_bytes, "{s:?}");
+    all_pages_back(&e);
+}
+
+#[test]
+fn request_sparse_budgets_need_a_sparse_engine() {
+    let mut req = greedy(&long_prompts()[0], 8);
+    req.sparse_budget = Some(SparseBudget::Tokens(64));
+    let mut e = engine(EngineConfig::default());
+    match e.validate(&req) {
+        Err(EngineError::Invalid(m)) => assert!(m.contains("sparse"), "{m:?}"),
+        other => panic!("expected an Invalid error mentioning sparse, got {other:?}"),
+    }
+    let (tx, _rx) = unbounded_channel();
+    assert!(
+        matches!(e.add(RequestId(1), req.clone(), tx), Err(EngineError::Invalid(m)) if m.contains("sparse"))
+    );
+    // A sparse engine takes the request's own budget.
+    let mut e = engine(EngineConfig { sparse: sparse(SparseBudget::DENSE), ..Default::default() });
+    e.validate(&req).unwrap();
+    let outs = run(&mut e, vec![req]);
+    assert_eq!(tokens(&outs[0]).len(), 8);
+    let s = e.stats();
+    assert!(s.kv_read_bytes < s.kv_read_dense_bytes, "{s:?}");
+    all_pages_back(&e);
+}
+
+#[test]
+fn sparse_policies_without_a_window_are_refused() {
+    let source = ModelSource::open("synthetic:tiny").unwrap();
+    let model = source.load(CpuBackend::new()).unwrap();
+    let policy = SparsePolicy { window_pages: 0, ..Default::default() };
+    let cfg = EngineConfig {
+        sparse: Some(SparseConfig { budget: SparseBudget::Fraction(0.3), policy }),
+        ..Default::default()
+    };
+    match Engine::new(Box::new(model), Arc::new(source.tokenizer), cfg) {
+        Err(EngineError::Config(m)) => assert!(m.contains("window_pages"), "{m:?}"),
+        Err(e) => panic!("expected a Config error, got {e:?}"),
+        Ok(_) => panic!("a policy without window pages was accepted"),
+    }
 }

@@ -8,6 +8,7 @@ pub mod kv_append;
 pub mod ops;
 pub mod rope;
 pub mod smoke;
+pub mod sparse;
 
 use radix_gpu::{DType, Element, HalfFloat, KernelSpec, SourceFile};
 
@@ -44,6 +45,11 @@ pub fn catalog() -> Vec<KernelSpec> {
     for head_dim in [64, 128] {
         specs.push(kv_append::spec::<f16>(head_dim));
         specs.push(kv_append::spec::<bf16>(head_dim));
+        // Llama's groups (8B: 4, 70B: 8) and MHA.
+        for group in [1, 4, 8] {
+            specs.push(sparse::spec::<f16>(head_dim, group));
+            specs.push(sparse::spec::<bf16>(head_dim, group));
+        }
     }
     specs.sort_by_key(|s| s.label());
     specs

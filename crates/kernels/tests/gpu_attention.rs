@@ -89,6 +89,7 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
                 kv_indptr: indptr,
                 kv_indices: indices,
                 kv_last_page_len: last,
+                head_tables: false,
             };
             (kv, random(rng, pool), random(rng, pool))
         }

@@ -36,7 +36,7 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
     let (dk_init, dv_init) = (k_pool.clone(), v_pool.clone());
     let mut dk = dev.upload(&k_pool).unwrap();
     let mut dv = dev.upload(&v_pool).unwrap();
-    let mut bounds = dev.alloc::<f32>(shape.bounds_elems()).unwrap();
+    let mut bounds = dev.alloc::<T>(shape.bounds_elems()).unwrap();
     bounds.fill_bytes(0xFF).unwrap();
 
     // Two sequences on shuffled pages, filled over three steps (prefill chunk, then two
@@ -112,8 +112,8 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
             let (lo, hi) = key_bounds_reference(&shape, &pool64, page, kh, fill);
             let at = (page * shape.num_kv_heads + kh) * 2 * d;
             for j in 0..d {
-                assert_eq!(got[at + j] as f64, lo[j], "min page {page} head {kh} dim {j}");
-                assert_eq!(got[at + d + j] as f64, hi[j], "max page {page} head {kh} dim {j}");
+                assert_eq!(got[at + j].to_f64(), lo[j], "min page {page} head {kh} dim {j}");
+                assert_eq!(got[at + d + j].to_f64(), hi[j], "max page {page} head {kh} dim {j}");
             }
         }
     }

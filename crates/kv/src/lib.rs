@@ -11,6 +11,7 @@
 //!   for pages in use and LRU eviction of unlocked leaves. Its module doc,
 //!   [`radix`], states who frees which page when.
 //! * [`KvLayout`]: the HND pool layout every kernel uses, documented in [`layout`].
+//! * [`SparsePolicy`] / [`SparseBudget`]: how many pages a sparse decode step keeps.
 //!
 //! # One request's pages, end to end
 //!
@@ -56,9 +57,11 @@ pub mod layout;
 pub mod page_table;
 pub mod pool;
 pub mod radix;
+pub mod sparse;
 
 pub use error::{KvError, Result};
 pub use layout::{KeyBound, KvLayout};
 pub use page_table::{PageTable, PageTableBuilder};
 pub use pool::{MAX_PAGE_SIZE, PageId, PagePool, PageState, PoolCounts};
 pub use radix::{CacheMetrics, InsertResult, MatchResult, NodeId, PrefixMatch, RadixCache};
+pub use sparse::{SparseBudget, SparsePolicy};

@@ -5,6 +5,8 @@
 //! layer. The CPU backend (`cpu`) is the reference the CUDA backend is tested against;
 //! both implement every op with the same semantics.
 
+use radix_kv::SparsePolicy;
+
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::sampling::{SampleRequest, Sampled};
@@ -26,6 +28,10 @@ pub struct StepInput<'a> {
     pub kv_last_page_len: &'a [i32],
     /// Token rows whose logits are needed (the last token of each sequence that samples).
     pub logit_rows: &'a [u32],
+    /// Sparse paging (`Backend::set_sparse`): pages each sequence attends to in the
+    /// sparse layers (`SparsePolicy::pages_to_keep`; 0, or all of its pages: dense).
+    /// Empty: the whole step is dense.
+    pub kv_keep: &'a [i32],
 }
 
 impl StepInput<'_> {
@@ -49,6 +55,7 @@ pub struct OwnedStep {
     pub kv_indices: Vec<i32>,
     pub kv_last_page_len: Vec<i32>,
     pub logit_rows: Vec<u32>,
+    pub kv_keep: Vec<i32>,
 }
 
 impl OwnedStep {
@@ -62,6 +69,7 @@ impl OwnedStep {
             kv_indices: &self.kv_indices,
             kv_last_page_len: &self.kv_last_page_len,
             logit_rows: &self.logit_rows,
+            kv_keep: &self.kv_keep,
         }
     }
 }
@@ -109,6 +117,11 @@ pub trait Backend {
 
     /// Moves a weight to the backend (in the backend's chosen dtype).
     fn upload(&mut self, tensor: &HostTensor) -> Result<Self::Weight>;
+
+    /// Turns query-aware sparse paging on with `policy` (or off with `None`). Call it
+    /// before `init_kv`: the per-page key bounds are allocated with the pool and kept
+    /// by every append. Steps then pass `StepInput::kv_keep`.
+    fn set_sparse(&mut self, policy: Option<SparsePolicy>) -> Result<()>;
 
     /// Allocates the KV pool: `num_pages` pages of `page_size` tokens for every layer.
     fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()>;

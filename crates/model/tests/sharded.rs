@@ -24,6 +24,7 @@ fn logits(dir: &Path) -> Vec<f32> {
         kv_indices: &[0],
         kv_last_page_len: &[5],
         logit_rows: &[4],
+        kv_keep: &[],
     };
     model.forward_logits(&step).unwrap()
 }

@@ -184,6 +184,19 @@ impl Metrics {
         counter(&mut out, "radix_engine_steps_total", "Engine steps run.", s.steps as f64);
         counter(
             &mut out,
+            "radix_sparse_kv_read_bytes_total",
+            "Bytes of KV attention read with sparse page selection (key bounds included); \
+             0 while sparse paging is off.",
+            s.kv_read_bytes as f64,
+        );
+        counter(
+            &mut out,
+            "radix_sparse_kv_read_dense_bytes_total",
+            "Bytes of KV the same steps' attention reads densely (sparse paging on).",
+            s.kv_read_dense_bytes as f64,
+        );
+        counter(
+            &mut out,
             "radix_prefix_cache_hit_tokens_total",
             "Prompt tokens served from the prefix cache.",
             s.cache_hit_tokens as f64,

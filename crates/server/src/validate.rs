@@ -7,12 +7,14 @@
 //! `max_completion_tokens`), `n`, `stop`, `temperature`, `top_p`, `seed`,
 //! `presence_penalty`, `frequency_penalty`, `stream`, `stream_options.include_usage`,
 //! `logprobs` (the sampled token's only), `top_k`, `min_p`, `repetition_penalty`,
-//! `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`. Unknown fields are
+//! `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`, and radix-sparse's
+//! `sparse_budget` (sparse paging: a fraction of pages in (0, 1] or a token count; the
+//! engine refuses it when sparse paging is off). Unknown fields are
 //! ignored (clients send extras); things asked for that we cannot honour (`echo`,
 //! `suffix`, `best_of` > n, `logit_bias`, top alternatives in log-probabilities, tools,
 //! non-text content, JSON response formats) are refused with 400.
 
-use radix_engine::{Request, StopConfig};
+use radix_engine::{Request, SparseBudget, StopConfig};
 use radix_model::{ChatMessage, ChatTemplate, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
@@ -211,6 +213,11 @@ fn build(
     let sampling = parse_sampling(f)?;
     let stop = parse_stop(f, ctx)?;
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
+    let sparse_budget = f
+        .number("sparse_budget")?
+        .map(SparseBudget::from_number)
+        .transpose()
+        .map_err(|e| ApiError::invalid(e, "sparse_budget"))?;
     let prompt_param = match endpoint {
         Endpoint::Completions => "prompt",
         Endpoint::Chat => "messages",
@@ -263,6 +270,7 @@ fn build(
             };
             let mut req = Request::new(prompt.clone(), sampling, stop);
             req.logprobs = logprobs;
+            req.sparse_budget = sparse_budget;
             requests.push(req);
         }
     }

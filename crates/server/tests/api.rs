@@ -389,6 +389,32 @@ async fn errors_are_openai_json_with_the_right_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_budget_needs_sparse_paging() {
+    // The test engine runs without sparse paging: the engine refuses the field.
+    let s = server().await;
+    let c = reqwest::Client::new();
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    for (route, body) in [
+        ("/v1/completions", json!({"prompt": "a", "max_tokens": 2, "sparse_budget": 0.25})),
+        ("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 2, "sparse_budget": 64})),
+    ] {
+        let (status, r) = post(&c, &s, route, &body).await;
+        assert_eq!(status, 400, "{route}: {r}");
+        assert_eq!(r["error"]["type"], "invalid_request_error", "{r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains("sparse"), "{r}");
+    }
+    // A budget out of range is the parser's 400, naming the field.
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a", "sparse_budget": 0})).await;
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "sparse_budget", "{r}");
+    // Without the field the same request runs.
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_key_models_health() {
     let s = start(
         engine_config(),

@@ -3,6 +3,7 @@
 //! OpenAI error body; every accepted request fits the model.
 
 use proptest::prelude::*;
+use radix_engine::SparseBudget;
 use radix_model::{ChatTemplate, Tokenizer};
 use radix_server::ApiError;
 use radix_server::validate::{self, ModelContext, Plan};
@@ -115,6 +116,7 @@ fn key() -> impl Strategy<Value = String> {
         "tools",
         "response_format",
         "add_generation_prompt",
+        "sparse_budget",
         "user",
         "other",
     ])
@@ -197,5 +199,40 @@ fn the_valid_examples_parse() {
         let p = validate::parse_chat(v.to_string().as_bytes(), ctx).unwrap();
         let r = &p.requests[0];
         assert_eq!(r.prompt.len() + r.stop.max_tokens, MAX_LEN);
+    })
+}
+
+#[test]
+fn sparse_budgets_parse_as_fractions_or_tokens() {
+    with_ctx(|ctx| {
+        let budget = |x: Value, chat: bool| {
+            let mut v = if chat { valid_chat() } else { valid_completion() };
+            v.as_object_mut().unwrap().insert("sparse_budget".into(), x);
+            let body = v.to_string();
+            let p = if chat {
+                validate::parse_chat(body.as_bytes(), ctx)
+            } else {
+                validate::parse_completion(body.as_bytes(), ctx)
+            };
+            p.map(|p| p.requests.iter().map(|r| r.sparse_budget).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            budget(json!(0.25), false).unwrap(),
+            vec![Some(SparseBudget::Fraction(0.25)); 2]
+        );
+        assert_eq!(budget(json!(4096), false).unwrap(), vec![Some(SparseBudget::Tokens(4096)); 2]);
+        assert_eq!(budget(json!(1), true).unwrap(), vec![Some(SparseBudget::DENSE)]);
+        assert_eq!(budget(json!(0.5), true).unwrap(), vec![Some(SparseBudget::Fraction(0.5))]);
+        // Absent or null: the engine's default.
+        assert_eq!(budget(Value::Null, false).unwrap(), vec![None; 2]);
+        for bad in [json!(0), json!(-1), json!(1.5), json!("x"), json!([0.5]), json!(true)] {
+            for chat in [false, true] {
+                let e = budget(bad.clone(), chat).unwrap_err();
+                assert_eq!(e.status().as_u16(), 400, "{bad}: {e}");
+                let body = serde_json::to_value(e.body()).unwrap();
+                assert_eq!(body["error"]["param"], "sparse_budget", "{bad}: {body}");
+                assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}: {body}");
+            }
+        }
     })
 }

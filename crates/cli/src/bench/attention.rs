@@ -85,6 +85,7 @@ fn run_typed<T: HalfFloat>(a: &AttentionArgs) -> anyhow::Result<()> {
                 kv_indptr: (0..=b).map(|i| (i * per_seq) as i32).collect(),
                 kv_indices: ids,
                 kv_last_page_len: vec![(s - (per_seq - 1) * ps) as i32; b],
+                head_tables: false,
             };
             (kv, num_pages * hkv * ps * d)
         }

@@ -1,6 +1,10 @@
 //! `bench decode`: paged decode attention (one query token per request) over shuffled
 //! pages, timed with CUDA events, reported as achieved bandwidth beside a device-to-device
 //! copy timed in the same run (the peer: what the memory system moves).
+//!
+//! With `--sparse-budget`, each case also runs sparse paging at those budgets: page
+//! scoring and selection plus attention over the selected pages, timed together, beside
+//! the dense kernel of the same run.
 
 use clap::Args;
 use half::{bf16, f16};
@@ -36,6 +40,10 @@ pub struct DecodeArgs {
     runs: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Sparse paging budgets to time beside dense (fractions of pages, or token counts),
+    /// e.g. `--sparse-budget 0.1,0.2,0.3,0.5`. Default cases then: 1@32768, 32@32768.
+    #[arg(long, value_delimiter = ',')]
+    sparse_budget: Vec<radix_kv::SparseBudget>,
 }
 
 fn parse_case(s: &str) -> anyhow::Result<Vec<usize>> {
@@ -73,8 +81,13 @@ pub fn copy_bandwidth(device: &Device) -> anyhow::Result<f64> {
 }
 
 fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
+    let defaults: &[&str] = if a.sparse_budget.is_empty() {
+        &["64@4096", "256@1024", "1@65536", "mixed:16:512:32768"]
+    } else {
+        &["1@32768", "32@32768"]
+    };
     let cases: Vec<(String, Vec<usize>)> = if a.cases.is_empty() {
-        ["64@4096", "256@1024", "1@65536", "mixed:16:512:32768"]
+        defaults
             .iter()
             .map(|c| Ok((c.to_string(), parse_case(c)?)))
             .collect::<anyhow::Result<_>>()?
@@ -107,17 +120,23 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
             kv_indptr: indptr,
             kv_indices: ids,
             kv_last_page_len: last,
+            head_tables: false,
         };
         let meta = BatchMeta::new((0..=b as i32).collect(), kv, true)?;
         let pool = num_pages * hkv * ps * d;
-        let mut random = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
-            let host: Vec<T> = (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
+        // Random values, a 16M-element block repeated for large pools (the timing does not
+        // depend on them; generating gigabytes on the host would).
+        let block: Vec<T> =
+            (0..(1usize << 24)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
+        let random = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
+            let host: Vec<T> = block.iter().copied().cycle().take(len).collect();
             Ok(device.upload(&host)?)
         };
         let q = random(b * hq * d)?;
         let k = random(pool)?;
         let v = random(pool)?;
         let mut o = device.alloc::<T>(b * hq * d)?;
+        let sparse_meta = (!a.sparse_budget.is_empty()).then(|| meta.clone());
         let batch = AttentionBatch::with_options(&device, shape, meta, None, a.target_blocks)?;
         let t =
             time_runs(&device, a.warmup, a.runs, |_| batch.run(&jit, &q, &k, &v, &mut o, None))?;
@@ -134,7 +153,7 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         );
         rows.push(Measurement {
             benchmark: "attention_decode".into(),
-            shape: label,
+            shape: label.clone(),
             ours: bw / 1e9,
             unit: "GB/s".into(),
             median_ms: t.median_ms,
@@ -146,8 +165,168 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 "kv_tokens": tokens,
             })),
         });
+        if let Some(meta) = sparse_meta {
+            let bounds = random(num_pages * hkv * 2 * d)?;
+            for &budget in &a.sparse_budget {
+                let dense_us = t.median_ms * 1e3;
+                let row =
+                    time_sparse(&device, &jit, a, &meta, budget, &q, &k, &v, &bounds, &mut o)?;
+                let Some(st) = row else {
+                    println!("{label} sparse {budget}: dense at this budget (nothing to select)");
+                    continue;
+                };
+                let us = st.us;
+                println!(
+                    "{label} sparse {budget}: {us:.1} us with selection (keeps {:.1}% of pages; \
+                     alone: scoring {:.1} us, selection {:.1} us, attention {:.1} us) vs dense \
+                     {dense_us:.1} us: {:.2}x",
+                    100.0 * st.kept_fraction,
+                    st.score_us,
+                    st.pick_us,
+                    st.attention_us,
+                    dense_us / us
+                );
+                rows.push(Measurement {
+                    benchmark: "attention_decode_sparse".into(),
+                    shape: format!("{label} budget={budget}"),
+                    ours: us,
+                    unit: "us".into(),
+                    median_ms: us * 1e-3,
+                    device: device.info().name.clone(),
+                    extra: Some(serde_json::json!({
+                        "dense_us": dense_us,
+                        "speedup": dense_us / us,
+                        "pages_kept_fraction": st.kept_fraction,
+                        "score_us": st.score_us,
+                        "select_us": st.pick_us,
+                        "attention_us": st.attention_us,
+                    })),
+                });
+            }
+        }
     }
     write_json(a.json.as_ref(), &rows)
+}
+
+/// Median times of one sparse decode attention.
+struct SparseTiming {
+    /// Scoring, selection and attention back to back.
+    us: f64,
+    score_us: f64,
+    pick_us: f64,
+    attention_us: f64,
+    kept_fraction: f64,
+}
+
+/// Times page scoring + selection + attention over the selected pages for `budget`,
+/// with the default sparse policy (1 sink page, 2 window pages). Returns the median
+/// microseconds and the fraction of pages kept, or `None` if every sequence stays dense.
+#[allow(clippy::too_many_arguments)]
+fn time_sparse<T: HalfFloat>(
+    device: &Device,
+    jit: &Jit,
+    a: &DecodeArgs,
+    meta: &BatchMeta,
+    budget: radix_kv::SparseBudget,
+    q: &radix_gpu::DeviceBuffer<T>,
+    k: &radix_gpu::DeviceBuffer<T>,
+    v: &radix_gpu::DeviceBuffer<T>,
+    bounds: &radix_gpu::DeviceBuffer<T>,
+    o: &mut radix_gpu::DeviceBuffer<T>,
+) -> anyhow::Result<Option<SparseTiming>> {
+    use radix_kernels::sparse::{
+        SelectBuffers, SelectSizes, SparseShape, Stages, select, select_stages, sparse_indptr,
+    };
+    let KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, num_pages, .. } = &meta.kv
+    else {
+        anyhow::bail!("sparse paging needs a paged batch");
+    };
+    let policy = radix_kv::SparsePolicy::default();
+    let keep: Vec<i32> = meta
+        .kv_lens
+        .iter()
+        .map(|&l| policy.pages_to_keep(budget, l, a.page_size).unwrap_or(0) as i32)
+        .collect();
+    if keep.iter().all(|&k| k == 0) {
+        return Ok(None);
+    }
+    let sshape = SparseShape {
+        num_qo_heads: a.heads,
+        num_kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        sink_pages: policy.sink_pages,
+        window_pages: policy.window_pages,
+    };
+    let indptr = sparse_indptr(kv_indptr, &keep, &sshape).map_err(anyhow::Error::msg)?;
+    let entries = *indptr.last().unwrap() as usize;
+    let batch = keep.len();
+    let mut bufs = SelectBuffers {
+        qo_indptr: device.upload(&meta.qo_indptr)?,
+        kv_indptr: device.upload(kv_indptr)?,
+        kv_indices: device.upload(kv_indices)?,
+        keep: device.upload(&keep)?,
+        out_indptr: device.upload(&indptr)?,
+        out_indices: device.alloc(entries)?,
+        scores: device.alloc(kv_indices.len() * a.kv_heads)?,
+    };
+    let sizes = SelectSizes { batch, dense_pages: kv_indices.len(), sparse_entries: entries };
+    // The attention batch over the per-head tables the selection writes (its host copy
+    // of the page ids is a placeholder: the kernel reads the device's).
+    let smeta = BatchMeta::new(
+        meta.qo_indptr.clone(),
+        KvSource::Paged {
+            page_size: a.page_size,
+            num_pages: *num_pages,
+            kv_indptr: indptr,
+            kv_indices: vec![0; entries],
+            kv_last_page_len: kv_last_page_len.clone(),
+            head_tables: true,
+        },
+        true,
+    )?;
+    let shape = AttentionShape::new(a.heads, a.kv_heads, a.head_dim, true);
+    let (tiles, plan) =
+        radix_kernels::attention::plan_batch(device, &shape, &smeta, None, a.target_blocks)?;
+    let partial = plan.partial_rows * a.heads;
+    // SAFETY: a view of the selection's output, which outlives the batch below.
+    let tables = unsafe { bufs.out_indices.view(0, entries) }?;
+    let buffers = radix_kernels::attention::AttentionBuffers {
+        qo_indptr: device.upload(&meta.qo_indptr)?,
+        kv_indptr: device.upload(&bufs.out_indptr.to_vec()?)?,
+        kv_indices: tables,
+        kv_last_page_len: device.upload(kv_last_page_len)?,
+        work: device.upload(&plan.work_words().collect::<Vec<_>>())?,
+        merge: device.upload(&plan.merge_words().collect::<Vec<_>>())?,
+        partial_o: device.alloc(partial.max(1) * a.head_dim)?,
+        partial_lse: device.alloc(partial.max(1))?,
+    };
+    let sparse = AttentionBatch::from_parts(device, shape, smeta, tiles, plan, buffers)?;
+    let t = time_runs(device, a.warmup, a.runs, |_| {
+        select(jit, &sshape, &sizes, q, bounds, &mut bufs)?;
+        sparse.run(jit, q, k, v, o, None)
+    })?;
+    // The parts alone: scoring, selection, and attention over the selected pages.
+    let mut stage = |stages| {
+        time_runs(device, a.warmup, a.runs, |_| {
+            select_stages(jit, &sshape, &sizes, q, bounds, &mut bufs, stages)
+        })
+    };
+    let t_score = stage(Stages::Score)?;
+    let t_pick = stage(Stages::Pick)?;
+    let t_attn = time_runs(device, a.warmup, a.runs, |_| sparse.run(jit, q, k, v, o, None))?;
+    let kept: usize = keep
+        .iter()
+        .zip(&meta.kv_lens)
+        .map(|(&k, &l)| if k > 0 { k as usize } else { l.div_ceil(a.page_size) })
+        .sum();
+    let total: usize = meta.kv_lens.iter().map(|l| l.div_ceil(a.page_size)).sum();
+    Ok(Some(SparseTiming {
+        us: t.median_ms * 1e3,
+        score_us: t_score.median_ms * 1e3,
+        pick_us: t_pick.median_ms * 1e3,
+        attention_us: t_attn.median_ms * 1e3,
+        kept_fraction: kept as f64 / total as f64,
+    }))
 }
 
 #[cfg(test)]

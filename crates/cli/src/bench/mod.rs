@@ -8,6 +8,7 @@ mod gemm;
 mod offline;
 mod roofline;
 mod serve;
+mod sparse_quality;
 mod step;
 
 use std::io::Write;
@@ -30,6 +31,9 @@ pub enum BenchCommand {
     Step(step::StepArgs),
     /// Online serving benchmark of a running server (throughput, TTFT, TPOT, ITL).
     Serve(serve::ServeBenchArgs),
+    /// Quality of sparse paging on the CPU backend: the softmax mass and attention
+    /// error of the pages Quest keeps, per budget, for one prompt.
+    SparseQuality(sparse_quality::SparseQualityArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -40,6 +44,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Offline(args) => offline::run(args),
         BenchCommand::Step(args) => step::run(args),
+        BenchCommand::SparseQuality(args) => sparse_quality::run(args),
     }
 }
 

@@ -156,6 +156,17 @@ fn run_once(
             1e3 * secs / (*steps).max(1) as f64
         );
     }
+    let kv_dense = (st.kv_read_dense_bytes - before.kv_read_dense_bytes) as f64;
+    let kv_read = (st.kv_read_bytes - before.kv_read_bytes) as f64;
+    if kv_dense > 0.0 {
+        println!(
+            "sparse paging     budget {}: attention read {:.1} GB of KV (with key bounds) where dense reads {:.1} GB ({:.0}% less)",
+            engine.config().sparse.map_or("off".into(), |s| s.budget.to_string()),
+            kv_read / 1e9,
+            kv_dense / 1e9,
+            100.0 * (1.0 - kv_read / kv_dense)
+        );
+    }
     let on_gpu = engine.runner().backend_name().starts_with("cuda");
     if on_gpu {
         println!(
@@ -194,6 +205,9 @@ fn run_once(
                 "roofline_prefill_s": roof.prefill_s,
                 "roofline_decode_s": roof.decode_s,
                 "roofline_out_tok_s": output_tokens as f64 / roof.total_s(),
+                "sparse_budget": engine.config().sparse.map(|s| s.budget.to_string()),
+                "kv_read_gb": kv_read / 1e9,
+                "kv_read_dense_gb": kv_dense / 1e9,
                 "prefill_steps": prefill_steps,
                 "prefill_s": prefill_secs,
                 "decode_steps_by_batch": {

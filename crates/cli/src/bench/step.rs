@@ -72,6 +72,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
             kv_indices,
             kv_last_page_len,
             logit_rows: Vec::new(),
+            kv_keep: Vec::new(),
         };
         model.forward(&step.as_input())?;
     }
@@ -106,6 +107,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
             kv_indices,
             kv_last_page_len,
             logit_rows: (0..a.batch as u32).collect(),
+            kv_keep: Vec::new(),
         };
         let t = std::time::Instant::now();
         model.forward(&step.as_input())?;

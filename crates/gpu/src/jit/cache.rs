@@ -36,7 +36,11 @@ pub fn write(dir: &Path, stem: &str, key: &str, cubin: &[u8]) -> Result<()> {
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let target = path(dir, stem, key);
-    let tmp = dir.join(format!(".{stem}-{key}.{}.tmp", std::process::id()));
+    // Unique per writer, threads included: two threads compiling the same kernel must not
+    // share a temporary file (one would rename the other's half-written cubin into place).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{stem}-{key}.{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, cubin).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &target).map_err(io(&target))
 }
@@ -51,6 +55,29 @@ mod tests {
         assert!(read(&dir, "k", "abc").is_none());
         write(&dir, "k", "abc", b"cubin").unwrap();
         assert_eq!(read(&dir, "k", "abc").unwrap(), b"cubin");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Threads of one process writing the same entry at once (tests compiling the same
+    /// kernel in parallel) never leave, nor let a reader see, a mix of two writes.
+    #[test]
+    fn concurrent_writers_never_mix_their_bytes() {
+        let dir = std::env::temp_dir().join(format!("rs-cache-race-{}", std::process::id()));
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let dir = &dir;
+                s.spawn(move || {
+                    let body = vec![t; 1 << 18];
+                    for _ in 0..10 {
+                        write(dir, "k", "same", &body).unwrap();
+                        if let Some(got) = read(dir, "k", "same") {
+                            assert_eq!(got.len(), 1 << 18);
+                            assert!(got.iter().all(|&b| b == got[0]), "mixed cubin read back");
+                        }
+                    }
+                });
+            }
+        });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

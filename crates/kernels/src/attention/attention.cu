@@ -78,6 +78,7 @@ struct AttentionParams {
   float* partial_lse;         // [partial rows, Hq]
   const int* qo_indptr;       // [batch + 1]
   const int* kv_indptr;       // contiguous: token offsets; paged: page offsets, [batch + 1]
+                              // (head_tables: [batch * num_kv_heads + 1], row b * Hkv + kvh)
   const int* kv_indices;      // paged: page ids
   const int* kv_last_page_len;  // paged: [batch]
   const WorkItem* work;       // [grid.x]
@@ -91,7 +92,7 @@ struct AttentionParams {
   int page_shift;             // log2(page_size)
   int causal;
   float scale_log2;           // softmax scale * log2(e)
-  int reserved;
+  int head_tables;            // paged: each kv head of a sequence has its own page table
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows, D] tile.
@@ -99,8 +100,19 @@ __device__ __forceinline__ u32 swz(int row, int chunk) {
   return (u32)(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ int seq_kv_len(const AttentionParams& p, int b) {
-  int n = p.kv_indptr[b + 1] - p.kv_indptr[b];
+// Row of the page table of sequence b's kv head kvh: per-head tables (sparse selection)
+// give every kv head of a sequence its own subset of pages, all of one length.
+__device__ __forceinline__ int table_row(const AttentionParams& p, int b, int kvh) {
+#if PAGED
+  return p.head_tables ? b * p.num_kv_heads + kvh : b;
+#else
+  return b;
+#endif
+}
+
+__device__ __forceinline__ int seq_kv_len(const AttentionParams& p, int b, int kvh) {
+  const int r = table_row(p, b, kvh);
+  int n = p.kv_indptr[r + 1] - p.kv_indptr[r];
 #if PAGED
   return n == 0 ? 0 : (n - 1) * p.page_size + p.kv_last_page_len[b];
 #else
@@ -164,7 +176,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const int rows = q_len * p.group;
   const int row0 = w.q_tile * BM;  // first row of this tile
   if (row0 >= rows) return;
-  const int kv_len = seq_kv_len(p, b);
+  const int kv_len = seq_kv_len(p, b, kvh);
 
   // Keys this item reads: its split range, clipped to what the last row may see.
   int kv_stop = min(w.kv_end, kv_len);
@@ -198,7 +210,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   cur.s_off = s_off;
   cur.kv_stop = kv_stop;
 #if PAGED
-  cur.pages = p.kv_indices + p.kv_indptr[b];
+  cur.pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
   cur.page_stride = (long long)p.num_kv_heads * p.page_size * D;
   cur.head_off = (long long)kvh * p.page_size * D + chunk * 8;
 #else

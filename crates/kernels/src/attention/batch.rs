@@ -14,12 +14,18 @@ pub enum KvSource {
     /// through a CSR page table: sequence b owns pages
     /// `kv_indices[kv_indptr[b]..kv_indptr[b+1]]` in order, its last page holding
     /// `kv_last_page_len[b]` tokens. The table may list any subset of a sequence's pages.
+    ///
+    /// With `head_tables`, every kv head of a sequence has its own table (the pages a
+    /// sparse selection kept for it): `kv_indptr` has `batch × num_kv_heads + 1` entries,
+    /// row `b × num_kv_heads + h` for sequence b's kv head h. All heads of a sequence
+    /// list the same number of pages and share `kv_last_page_len[b]`.
     Paged {
         page_size: usize,
         num_pages: usize,
         kv_indptr: Vec<i32>,
         kv_indices: Vec<i32>,
         kv_last_page_len: Vec<i32>,
+        head_tables: bool,
     },
 }
 
@@ -82,14 +88,33 @@ impl BatchMeta {
                 check_batch("kv_indptr", kv_indptr, batch)?;
                 lengths("kv_indptr", kv_indptr)?
             }
-            KvSource::Paged { page_size, num_pages, kv_indptr, kv_indices, kv_last_page_len } => {
+            KvSource::Paged {
+                page_size,
+                num_pages,
+                kv_indptr,
+                kv_indices,
+                kv_last_page_len,
+                head_tables,
+            } => {
                 if !page_size.is_power_of_two() || *page_size > 128 {
                     return invalid(format!(
                         "page_size {page_size} must be a power of two in 1..=128"
                     ));
                 }
-                check_batch("kv_indptr", kv_indptr, batch)?;
-                let pages = lengths("kv_indptr", kv_indptr)?;
+                let rows = kv_indptr.len().saturating_sub(1);
+                let heads = if *head_tables && batch > 0 { rows / batch } else { 1 };
+                check_batch("kv_indptr", kv_indptr, batch * heads)?;
+                let all = lengths("kv_indptr", kv_indptr)?;
+                let mut pages = Vec::with_capacity(batch);
+                for b in 0..batch {
+                    let row = &all[b * heads..(b + 1) * heads];
+                    if row.iter().any(|&n| n != row[0]) {
+                        return invalid(format!(
+                            "sequence {b}: its kv heads' page tables differ in length {row:?}"
+                        ));
+                    }
+                    pages.push(row[0]);
+                }
                 let total = *kv_indptr.last().unwrap() as usize;
                 if kv_indices.len() != total {
                     return invalid(format!(
@@ -195,6 +220,7 @@ mod tests {
             kv_indptr: indptr,
             kv_indices: indices,
             kv_last_page_len: last,
+            head_tables: false,
         }
     }
 

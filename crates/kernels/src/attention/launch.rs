@@ -35,7 +35,7 @@ pub(crate) struct AttentionParams {
     page_shift: i32,
     causal: i32,
     scale_log2: f32,
-    reserved: i32,
+    head_tables: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -187,15 +187,15 @@ impl AttentionBatch {
         let b = &buffers;
         let batch = meta.batch();
         let partial = plan.partial_rows * shape.num_qo_heads;
-        let (indices, lasts) = match &meta.kv {
-            KvSource::Contiguous { .. } => (0, 0),
-            KvSource::Paged { kv_indices, kv_last_page_len, .. } => {
-                (kv_indices.len(), kv_last_page_len.len())
+        let (indptr, indices, lasts) = match &meta.kv {
+            KvSource::Contiguous { kv_indptr } => (kv_indptr.len(), 0, 0),
+            KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, .. } => {
+                (kv_indptr.len(), kv_indices.len(), kv_last_page_len.len())
             }
         };
         ensure!(
             b.qo_indptr.len() > batch
-                && b.kv_indptr.len() > batch
+                && b.kv_indptr.len() >= indptr
                 && b.kv_indices.len() >= indices
                 && b.kv_last_page_len.len() >= lasts
                 && b.work.len() >= 6 * plan.work.len()
@@ -276,9 +276,9 @@ impl AttentionBatch {
         if self.plan.work.is_empty() || total_q == 0 {
             return Ok(());
         }
-        let (page_size, paged) = match &self.meta.kv {
-            KvSource::Paged { page_size, .. } => (*page_size, true),
-            KvSource::Contiguous { .. } => (1, false),
+        let (page_size, paged, head_tables) = match &self.meta.kv {
+            KvSource::Paged { page_size, head_tables, .. } => (*page_size, true, *head_tables),
+            KvSource::Contiguous { .. } => (1, false, false),
         };
         let spec = spec::<T>(d, paged, self.tiles);
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
@@ -311,7 +311,7 @@ impl AttentionBatch {
             page_shift: page_size.trailing_zeros() as i32,
             causal: s.causal as i32,
             scale_log2: s.scale * std::f32::consts::LOG2_E,
-            reserved: 0,
+            head_tables: head_tables as i32,
         };
         let cfg = LaunchConfig {
             grid_dim: (self.plan.work.len() as u32, s.num_kv_heads as u32, 1),

@@ -21,8 +21,9 @@ fn kv_offset(shape: &AttentionShape, meta: &BatchMeta, b: usize, kvh: usize, key
         KvSource::Contiguous { kv_indptr } => {
             ((kv_indptr[b] as usize + key) * shape.num_kv_heads + kvh) * d
         }
-        KvSource::Paged { page_size, kv_indptr, kv_indices, .. } => {
-            let page = kv_indices[kv_indptr[b] as usize + key / page_size] as usize;
+        KvSource::Paged { page_size, kv_indptr, kv_indices, head_tables, .. } => {
+            let row = if *head_tables { b * shape.num_kv_heads + kvh } else { b };
+            let page = kv_indices[kv_indptr[row] as usize + key / page_size] as usize;
             ((page * shape.num_kv_heads + kvh) * page_size + key % page_size) * d
         }
     }

@@ -8,7 +8,8 @@
 //
 // key_bounds: one block per (touched page, kv head). Recomputes the element-wise min and
 // max of the page's filled keys from the pool, so bounds stay right however many steps
-// fill a page, with no atomics and no reset to order.
+// fill a page, with no atomics and no reset to order. Bounds are stored in the KV dtype
+// (the min and max of elem_t values are elem_t values), halving what sparse scoring reads.
 #include "common/types.cuh"
 
 #ifndef HEAD_DIM
@@ -73,7 +74,7 @@ extern "C" __global__ void kv_append(const __grid_constant__ AppendParams p) {
 
 struct BoundsParams {
   const elem_t* k_pool;     // [pages, num_kv_heads, page_size, D]
-  float* bounds;            // [pages, num_kv_heads, 2, D]: min then max
+  elem_t* bounds;           // [pages, num_kv_heads, 2, D]: min then max (exact: keys are elem_t)
   const int* pages;         // [num_touched] page ids
   const int* filled;        // [num_touched] filled slots of each page (1..=page_size)
   int num_touched;
@@ -94,7 +95,7 @@ extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  float* b = p.bounds + (page * p.num_kv_heads + kh) * 2 * D;
-  b[d] = lo;
-  b[D + d] = hi;
+  elem_t* b = p.bounds + (page * p.num_kv_heads + kh) * 2 * D;
+  b[d] = from_float<elem_t>(lo);  // lo and hi are elem_t values: the round trip is exact
+  b[D + d] = from_float<elem_t>(hi);
 }

@@ -192,7 +192,7 @@ pub fn append<T: HalfFloat>(
     q_out: &mut DeviceBuffer<T>,
     k_pool: &mut DeviceBuffer<T>,
     v_pool: &mut DeviceBuffer<T>,
-    bounds: Option<&mut DeviceBuffer<f32>>,
+    bounds: Option<&mut DeviceBuffer<T>>,
 ) -> Result<()> {
     shape.validate()?;
     let n = inputs.num_tokens;

@@ -1,6 +1,12 @@
 //! Attention over the paged KV pool on the CPU: one task per (sequence, query head),
 //! causal mask aligned bottom-right (queries are the last tokens of their sequence).
+//!
+//! Sparse paging (Quest): a decode query may attend to a subset of its sequence's pages,
+//! chosen per kv head by `sparse_heads` from the element-wise key bounds of each page
+//! (`key_bounds`), the kernels' f64 score reference and their selection order.
 
+use radix_kernels::sparse::{page_score_reference, select_reference};
+use radix_kv::SparsePolicy;
 use rayon::prelude::*;
 
 use super::linear::dot;
@@ -20,9 +26,93 @@ pub struct Table<'a> {
     pub kv_last_page_len: &'a [i32],
 }
 
+/// The pages each (sequence, kv head) attends to, `[batch × num_kv_heads]`: positions
+/// in the sequence's page list, ascending; `None` is all of them (dense).
+pub type HeadPages = Vec<Option<Vec<usize>>>;
+
+/// Element-wise min and max over the keys `[filled, head_dim]` of one page and kv head:
+/// Quest's bounds, in f64 (exact copies of the f32 keys).
+pub fn key_bounds(keys: &[f32], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut lo = vec![f64::INFINITY; head_dim];
+    let mut hi = vec![f64::NEG_INFINITY; head_dim];
+    for key in keys.chunks(head_dim) {
+        for ((l, h), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(key) {
+            *l = l.min(x as f64);
+            *h = h.max(x as f64);
+        }
+    }
+    (lo, hi)
+}
+
+/// Quest's choice for one (sequence, kv head): each page's bound of q·k summed over the
+/// group's queries `q_group` (`[group, head_dim]`, RoPE applied), computed in f64 and
+/// rounded to f32 as the kernel stores it, then the kernel's selection of `keep` pages.
+/// Returns positions in the page list, ascending.
+pub fn select_pages(
+    q_group: &[f32],
+    bounds: &[(Vec<f64>, Vec<f64>)],
+    keep: usize,
+    policy: &SparsePolicy,
+) -> Vec<usize> {
+    let q: Vec<f64> = q_group.iter().map(|&x| x as f64).collect();
+    let scores: Vec<f32> =
+        bounds.iter().map(|(lo, hi)| page_score_reference(&q, lo, hi) as f32).collect();
+    select_reference(&scores, keep, policy.sink_pages, policy.window_pages)
+}
+
+/// The sparse choice of one layer: for each sequence with one query and
+/// `0 < keep[b] < pages`, per kv head, the pages `select_pages` keeps; `None` elsewhere.
+/// `q` is `[tokens, num_heads, head_dim]`, `k` the layer's key pool.
+pub fn sparse_heads(
+    g: &Geometry,
+    t: &Table,
+    keep: &[i32],
+    policy: &SparsePolicy,
+    q: &[f32],
+    k: &[f32],
+) -> Result<HeadPages> {
+    let batch = keep.len();
+    if t.qo_indptr.len() != batch + 1
+        || t.kv_indptr.len() != batch + 1
+        || t.kv_last_page_len.len() != batch
+    {
+        return Err(ModelError::Invalid("attention: page table does not match the batch".into()));
+    }
+    let (hq, hkv, d, ps) = (g.num_heads, g.num_kv_heads, g.head_dim, g.page_size);
+    let group = hq / hkv;
+    Ok((0..batch * hkv)
+        .into_par_iter()
+        .map(|job| {
+            let (b, kvh) = (job / hkv, job % hkv);
+            let q_len = t.qo_indptr[b + 1] - t.qo_indptr[b];
+            let pages = &t.kv_indices[t.kv_indptr[b] as usize..t.kv_indptr[b + 1] as usize];
+            let n = pages.len();
+            let k_b = keep[b].max(0) as usize;
+            if q_len != 1 || k_b == 0 || k_b >= n {
+                return None;
+            }
+            let bounds: Vec<(Vec<f64>, Vec<f64>)> = pages
+                .iter()
+                .enumerate()
+                .map(|(p, &page)| {
+                    let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
+                    let at = (page as usize * hkv + kvh) * ps * d;
+                    key_bounds(&k[at..at + filled * d], d)
+                })
+                .collect();
+            let row = t.qo_indptr[b] as usize;
+            let q_group = &q[(row * hq + kvh * group) * d..][..group * d];
+            Some(select_pages(q_group, &bounds, k_b, policy))
+        })
+        .collect())
+}
+
+/// Attention of the step's queries; `heads` (from `sparse_heads`) narrows a decode
+/// query to the chosen pages of its kv head (the last page keeps `kv_last_page_len`).
 pub fn paged_attention(
     g: &Geometry,
     t: Table,
+    heads: Option<&HeadPages>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -32,8 +122,11 @@ pub fn paged_attention(
     if t.kv_indptr.len() != batch + 1 || t.kv_last_page_len.len() != batch {
         return Err(ModelError::Invalid("attention: page table does not match the batch".into()));
     }
-    let (hq, d, ps) = (g.num_heads, g.head_dim, g.page_size);
-    let group = hq / g.num_kv_heads;
+    if heads.is_some_and(|h| h.len() != batch * g.num_kv_heads) {
+        return Err(ModelError::Invalid("attention: sparse tables do not match the batch".into()));
+    }
+    let (hq, hkv, d, ps) = (g.num_heads, g.num_kv_heads, g.head_dim, g.page_size);
+    let group = hq / hkv;
     let scale = 1.0 / (d as f32).sqrt();
     let results: Vec<(usize, usize, Vec<f32>)> = (0..batch * hq)
         .into_par_iter()
@@ -43,28 +136,37 @@ pub fn paged_attention(
             let q0 = t.qo_indptr[b] as usize;
             let q_len = t.qo_indptr[b + 1] as usize - q0;
             let pages = &t.kv_indices[t.kv_indptr[b] as usize..t.kv_indptr[b + 1] as usize];
-            let kv_len = match pages.len() {
-                0 => 0,
-                n => (n - 1) * ps + t.kv_last_page_len[b] as usize,
+            let n = pages.len();
+            let chosen: Vec<usize> = match heads.and_then(|s| s[b * hkv + kvh].as_ref()) {
+                Some(sel) => sel.clone(),
+                None => (0..n).collect(),
             };
-            let key_at =
-                |j: usize| ((pages[j / ps] as usize * g.num_kv_heads + kvh) * ps + j % ps) * d;
+            // Offsets of the keys (and values) attended to, in sequence order.
+            let keys: Vec<usize> = chosen
+                .iter()
+                .flat_map(|&p| {
+                    let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
+                    let base = (pages[p] as usize * hkv + kvh) * ps;
+                    (0..filled).map(move |o| (base + o) * d)
+                })
+                .collect();
+            let kv_len = keys.len();
             let mut rows = vec![0.0f32; q_len * d];
             let mut scores = vec![0.0f32; kv_len];
             for i in 0..q_len {
                 let qrow = &q[((q0 + i) * hq + h) * d..][..d];
                 let visible = (kv_len + i + 1).saturating_sub(q_len).min(kv_len);
                 let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate().take(visible) {
-                    *s = dot(qrow, &k[key_at(j)..key_at(j) + d]) * scale;
+                for (s, &at) in scores.iter_mut().zip(&keys).take(visible) {
+                    *s = dot(qrow, &k[at..at + d]) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0.0f32;
                 let orow = &mut rows[i * d..(i + 1) * d];
-                for (j, s) in scores.iter().enumerate().take(visible) {
+                for (s, &at) in scores.iter().zip(&keys).take(visible) {
                     let p = (s - max).exp();
                     sum += p;
-                    for (o, x) in orow.iter_mut().zip(&v[key_at(j)..key_at(j) + d]) {
+                    for (o, x) in orow.iter_mut().zip(&v[at..at + d]) {
                         *o += p * x;
                     }
                 }
@@ -82,4 +184,69 @@ pub fn paged_attention(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sparse_attention_is_dense_attention_over_the_chosen_pages() {
+        // One decode query of 4 heads (2 kv heads), 10 pages of 4 (the last holds 3),
+        // stored out of order in a pool of 12 pages.
+        let g = Geometry { num_heads: 4, num_kv_heads: 2, head_dim: 8, page_size: 4 };
+        let pool = 12 * g.num_kv_heads * g.page_size * g.head_dim;
+        let (k, v) = (values(pool, 1), values(pool, 2));
+        let q = values(g.num_heads * g.head_dim, 3);
+        let pages: Vec<i32> = vec![7, 2, 9, 0, 11, 4, 1, 8, 3, 6];
+        let table = || Table {
+            qo_indptr: &[0, 1],
+            kv_indptr: &[0, 10],
+            kv_indices: &pages,
+            kv_last_page_len: &[3],
+        };
+        let policy = SparsePolicy { sink_pages: 1, window_pages: 2, ..SparsePolicy::default() };
+        let heads = sparse_heads(&g, &table(), &[5], &policy, &q, &k).unwrap();
+        let mut sparse = vec![0.0; q.len()];
+        paged_attention(&g, table(), Some(&heads), &q, &k, &v, &mut sparse).unwrap();
+        for (kvh, chosen) in heads.iter().enumerate() {
+            let chosen = chosen.as_ref().unwrap();
+            assert_eq!(chosen.len(), 5);
+            assert!(chosen.starts_with(&[0]) && chosen.ends_with(&[8, 9]), "{chosen:?}");
+            // Dense attention over a table of only the chosen pages: the same numbers.
+            let sub: Vec<i32> = chosen.iter().map(|&p| pages[p]).collect();
+            let t = Table {
+                qo_indptr: &[0, 1],
+                kv_indptr: &[0, 5],
+                kv_indices: &sub,
+                kv_last_page_len: &[3],
+            };
+            let mut dense = vec![0.0; q.len()];
+            paged_attention(&g, t, None, &q, &k, &v, &mut dense).unwrap();
+            let heads_of = kvh * 2 * g.head_dim..(kvh + 1) * 2 * g.head_dim;
+            assert_eq!(sparse[heads_of.clone()], dense[heads_of]);
+        }
+        // Keeping every page, or a prefill query, is dense.
+        assert_eq!(sparse_heads(&g, &table(), &[10], &policy, &q, &k).unwrap(), vec![None, None]);
+        assert_eq!(sparse_heads(&g, &table(), &[0], &policy, &q, &k).unwrap(), vec![None, None]);
+    }
+
+    #[test]
+    fn bounds_are_the_elementwise_extremes() {
+        let (lo, hi) = key_bounds(&[1.0, -2.0, 0.5, 3.0, -1.0, 0.0], 2);
+        assert_eq!((lo, hi), (vec![-1.0, -2.0], vec![1.0, 3.0]));
+    }
 }

@@ -1,9 +1,15 @@
 //! The CPU backend: f32 compute over f32/bf16/f16 weights, several threads (rayon), an f32
 //! KV pool in the shared HND layout. It is the reference the CUDA backend is tested
 //! against, so every op is written the plain way.
+//!
+//! With `set_sparse`, decode queries of the sparse layers attend to the pages Quest picks
+//! (`attention::sparse_heads`). With `set_probe`, the backend keeps each layer's rotated
+//! queries of the last step for quality studies (`probe_queries`, `page_kv`).
 
 mod attention;
 mod linear;
+
+pub use attention::{key_bounds, select_pages};
 
 use crate::backend::{Activation, Backend, StepInput, StepPlan};
 use crate::config::ModelConfig;
@@ -58,6 +64,7 @@ struct Step {
     kv_indices: Vec<i32>,
     kv_last_page_len: Vec<i32>,
     logit_rows: Vec<u32>,
+    kv_keep: Vec<i32>,
 }
 
 pub struct CpuBackend {
@@ -72,6 +79,11 @@ pub struct CpuBackend {
     /// The last logits, `[logit_rows, vocab]`.
     logits: Vec<f32>,
     vocab: usize,
+    /// Sparse paging, when on (`Backend::set_sparse`).
+    sparse: Option<radix_kv::SparsePolicy>,
+    /// With `set_probe(true)`: per layer, the rotated queries of the last token of each
+    /// sequence of the last step, `[batch, num_heads × head_dim]` (empty: not recorded).
+    probe: Option<Vec<Vec<f32>>>,
 }
 
 impl CpuBackend {
@@ -87,11 +99,65 @@ impl CpuBackend {
             step: Step::default(),
             logits: Vec::new(),
             vocab: 0,
+            sparse: None,
+            probe: None,
         }
+    }
+
+    /// Records (or stops recording) each layer's rotated queries of every step's last
+    /// tokens, read back with `probe_queries`.
+    pub fn set_probe(&mut self, on: bool) {
+        self.probe = on.then(Vec::new);
+    }
+
+    /// Layer `layer`'s rotated queries (RoPE applied, as attention saw them) of the last
+    /// token of each sequence of the last step, `[batch, num_heads × head_dim]`; `None`
+    /// unless the probe is on and that layer ran.
+    pub fn probe_queries(&self, layer: usize) -> Option<&[f32]> {
+        let rows = self.probe.as_ref()?.get(layer)?;
+        (!rows.is_empty()).then_some(rows.as_slice())
+    }
+
+    /// Keys and values of page `page` of layer `layer`'s pool, each
+    /// `[num_kv_heads, page_size, head_dim]` (keys rotated); `None` outside the pool.
+    pub fn page_kv(&self, layer: usize, page: usize) -> Option<(&[f32], &[f32])> {
+        let kv = self.kv.get(layer)?;
+        if page >= self.num_pages {
+            return None;
+        }
+        let n = self.num_kv_heads * self.page_size * self.head_dim;
+        Some((&kv.k[page * n..(page + 1) * n], &kv.v[page * n..(page + 1) * n]))
     }
 
     fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
         if cond { Ok(()) } else { Err(ModelError::Invalid(msg())) }
+    }
+
+    /// `kv_keep` is empty or one count per sequence, none negative; with sparse paging on,
+    /// a sparse count holds at least the sink and window pages (as the CUDA backend
+    /// requires). Without sparse paging the counts are ignored.
+    fn check_keep(&self, s: &StepInput) -> Result<()> {
+        let batch = s.batch_size();
+        Self::check(s.kv_keep.is_empty() || s.kv_keep.len() == batch, || {
+            format!("kv_keep has {} entries for a batch of {batch} sequences", s.kv_keep.len())
+        })?;
+        Self::check(s.kv_keep.iter().all(|&k| k >= 0), || "kv_keep has a negative count".into())?;
+        let Some(policy) = &self.sparse else { return Ok(()) };
+        let forced = policy.sink_pages + policy.window_pages;
+        for (b, &keep) in s.kv_keep.iter().enumerate() {
+            let pages = match (s.kv_indptr.get(b), s.kv_indptr.get(b + 1)) {
+                (Some(&a), Some(&z)) => (z - a).max(0) as usize,
+                _ => 0,
+            };
+            let keep = keep as usize;
+            Self::check(keep == 0 || keep >= pages || keep >= forced, || {
+                format!(
+                    "sequence {b} keeps {keep} of its {pages} pages, fewer than the {forced} \
+                     sink and window pages"
+                )
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -112,6 +178,14 @@ impl Backend for CpuBackend {
     fn upload(&mut self, t: &HostTensor) -> Result<CpuWeight> {
         let (rows, cols) = t.matrix_dims();
         Ok(CpuWeight { data: t.data.clone(), rows, cols })
+    }
+
+    fn set_sparse(&mut self, policy: Option<radix_kv::SparsePolicy>) -> Result<()> {
+        if let Some(p) = &policy {
+            p.validate().map_err(ModelError::Invalid)?;
+        }
+        self.sparse = policy;
+        Ok(())
     }
 
     fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()> {
@@ -147,6 +221,7 @@ impl Backend for CpuBackend {
         Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
             "a logit row is past the step's tokens".into()
         })?;
+        self.check_keep(s)?;
         let st = &mut self.step;
         for (dst, src) in [
             (&mut st.positions, s.positions),
@@ -163,6 +238,11 @@ impl Backend for CpuBackend {
         st.tokens.extend_from_slice(s.tokens);
         st.logit_rows.clear();
         st.logit_rows.extend_from_slice(s.logit_rows);
+        st.kv_keep.clear();
+        st.kv_keep.extend_from_slice(s.kv_keep);
+        if let Some(layers) = &mut self.probe {
+            layers.iter_mut().for_each(Vec::clear);
+        }
         Ok(StepPlan::eager(s))
     }
 
@@ -277,14 +357,37 @@ impl Backend for CpuBackend {
             head_dim: self.head_dim,
             page_size: self.page_size,
         };
+        let table = || attention::Table {
+            qo_indptr: &s.qo_indptr,
+            kv_indptr: &s.kv_indptr,
+            kv_indices: &s.kv_indices,
+            kv_last_page_len: &s.kv_last_page_len,
+        };
+        if let Some(layers) = &mut self.probe {
+            // A sequence without queries this step (none in practice) records zeros.
+            let row = q.cols;
+            let mut last = vec![0.0f32; s.qo_indptr.len().saturating_sub(1) * row];
+            for (b, w) in s.qo_indptr.windows(2).enumerate() {
+                if w[1] > w[0] {
+                    let t = w[1] as usize - 1;
+                    last[b * row..(b + 1) * row].copy_from_slice(q.row(t));
+                }
+            }
+            if layers.len() <= layer {
+                layers.resize(layer + 1, Vec::new());
+            }
+            layers[layer] = last;
+        }
+        let heads = match &self.sparse {
+            Some(policy) if policy.layer_is_sparse(layer) && !s.kv_keep.is_empty() => Some(
+                attention::sparse_heads(&geometry, &table(), &s.kv_keep, policy, &q.data, &kv.k)?,
+            ),
+            _ => None,
+        };
         attention::paged_attention(
             &geometry,
-            attention::Table {
-                qo_indptr: &s.qo_indptr,
-                kv_indptr: &s.kv_indptr,
-                kv_indices: &s.kv_indices,
-                kv_last_page_len: &s.kv_last_page_len,
-            },
+            table(),
+            heads.as_ref(),
             &q.data,
             &kv.k,
             &kv.v,

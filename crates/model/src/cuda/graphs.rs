@@ -73,6 +73,11 @@ pub fn pad_step(
     out.kv_last_page_len.resize(bucket, 1);
     out.logit_rows.clear();
     out.logit_rows.extend(0..bucket as u32);
+    // Padding rows attend densely (to their one scratch page).
+    copy(&mut out.kv_keep, s.kv_keep);
+    if !s.kv_keep.is_empty() {
+        out.kv_keep.resize(bucket, 0);
+    }
 }
 
 /// Every bucket up to `max_batch`, smallest first.
@@ -98,6 +103,7 @@ pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> Owned
         kv_indices: &[],
         kv_last_page_len: &[],
         logit_rows: &[],
+        kv_keep: &[],
     };
     pad_step(&mut out, &empty, bucket, scratch_page, page_size);
     out
@@ -117,6 +123,7 @@ pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> Owned
         kv_indices: vec![scratch_page; pages],
         kv_last_page_len: vec![(len - (pages - 1) * page_size) as i32],
         logit_rows: vec![len as u32 - 1],
+        kv_keep: Vec::new(),
     }
 }
 
@@ -131,7 +138,8 @@ pub enum BucketGraph {
 
 #[derive(Default)]
 pub struct Graphs {
-    pub buckets: HashMap<usize, BucketGraph>,
+    /// Keyed by (bucket, sparse): a step with sparse layers launches more kernels.
+    pub buckets: HashMap<(usize, bool), BucketGraph>,
     pub captured: usize,
     pub replayed: u64,
 }
@@ -165,6 +173,7 @@ mod tests {
             kv_indices: &[1, 2, 4],
             kv_last_page_len: &[2, 4],
             logit_rows: &[0, 1],
+            kv_keep: &[],
         };
         assert!(is_decode_step(&s));
         let mut p = OwnedStep::default();

@@ -17,6 +17,8 @@ use radix_kernels::attention::{
 };
 use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape};
 use radix_kernels::ops::{self, SampleRow};
+use radix_kernels::sparse::{self as sparse_select, SelectBuffers, SelectSizes, SparseShape};
+use radix_kv::SparsePolicy;
 
 use self::graphs::{
     BucketGraph, Graphs, all_buckets, bucket_for, is_decode_step, pad_step, scratch_prefill,
@@ -60,6 +62,18 @@ struct StepState {
     num_logit_rows: usize,
     real_logit_rows: usize,
     append: AppendInputs,
+    attention: AttentionBatch,
+    /// The sparse layers' selection and attention, when a sequence of the step is sparse.
+    sparse: Option<SparseStep>,
+}
+
+/// A step's sparse paging: per sparse layer, scores and selection write per-head page
+/// tables that `attention` (with `head_tables`) then reads.
+struct SparseStep {
+    policy: SparsePolicy,
+    shape: SparseShape,
+    sizes: SelectSizes,
+    select: SelectBuffers,
     attention: AttentionBatch,
 }
 
@@ -120,9 +134,12 @@ pub struct CudaBackend {
     graphs: Graphs,
     /// Largest decode batch replayed from a graph; 0 turns graphs off.
     graph_max_batch: usize,
-    /// The bucket being captured between `begin_step` and `end_step`.
-    capturing: Option<usize>,
+    /// The graph (bucket, sparse) being captured between `begin_step` and `end_step`.
+    capturing: Option<(usize, bool)>,
     padded: OwnedStep,
+    /// Sparse paging, when on (`Backend::set_sparse`): key bounds per layer beside the pool.
+    sparse: Option<radix_kv::SparsePolicy>,
+    bounds: Vec<DeviceBuffer<bf16>>,
 }
 
 impl CudaBackend {
@@ -146,6 +163,8 @@ impl CudaBackend {
             graph_max_batch: 256,
             capturing: None,
             padded: OwnedStep::default(),
+            sparse: None,
+            bounds: Vec::new(),
         })
     }
 
@@ -173,6 +192,7 @@ impl CudaBackend {
         let shape = act_shape(cfg);
         self.act_shape = Some(shape);
         let target = default_target_blocks(&self.device);
+        let kv_indices = max_tokens.max(max_seqs) * 4;
         let decode_work = decode_work_bound(
             max_seqs,
             cfg.num_heads / cfg.num_kv_heads.max(1),
@@ -187,7 +207,8 @@ impl CudaBackend {
             work_items: decode_work.max(max_tokens),
             merge_items: max_seqs,
             partial_rows: decode_work,
-            kv_indices: max_tokens.max(max_seqs) * 4,
+            kv_indices,
+            sparse_entries: self.sparse_entries(kv_indices, cfg.num_kv_heads),
         };
         self.ensure_workspace(&caps)?;
         Ok(self.workspace.as_ref().map_or(0, |w| w.device_bytes()))
@@ -215,6 +236,11 @@ impl CudaBackend {
         tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
         self.workspace = Some(ws);
         Ok(())
+    }
+
+    /// Sparse table and score entries for a page table of `kv_indices` entries.
+    fn sparse_entries(&self, kv_indices: usize, num_kv_heads: usize) -> usize {
+        if self.sparse.is_some() { kv_indices * num_kv_heads } else { 0 }
     }
 
     fn workspace(&mut self) -> Result<&mut Workspace> {
@@ -290,29 +316,70 @@ impl CudaBackend {
                 kv_indptr: s.kv_indptr.to_vec(),
                 kv_indices: s.kv_indices.to_vec(),
                 kv_last_page_len: s.kv_last_page_len.to_vec(),
+                head_tables: false,
             },
             true,
         )?;
         let shape = AttentionShape::new(pool.num_qo_heads, pool.num_kv_heads, pool.head_dim, true);
         let (tiles, mut plan) = plan_batch(&self.device, &shape, &meta, None, None)?;
-        if let Some(b) = bucket {
-            let bound = decode_work_bound(
-                b,
-                shape.group(),
-                shape.num_kv_heads,
-                tiles,
-                default_target_blocks(&self.device),
-            );
-            plan.pad_to(bound, b).map_err(ModelError::Invalid)?;
-        }
+        let pad = |tiles, plan: &mut radix_kernels::attention::Plan| -> Result<()> {
+            if let Some(b) = bucket {
+                let bound = decode_work_bound(
+                    b,
+                    shape.group(),
+                    shape.num_kv_heads,
+                    tiles,
+                    default_target_blocks(&self.device),
+                );
+                plan.pad_to(bound, b).map_err(ModelError::Invalid)?;
+            }
+            Ok(())
+        };
+        pad(tiles, &mut plan)?;
+        // Sparse paging: the per-head tables' sizes and their attention plan.
+        let sparse_plan = match self.sparse_policy_for(s)? {
+            None => None,
+            Some(policy) => {
+                let sshape = SparseShape {
+                    num_qo_heads: pool.num_qo_heads,
+                    num_kv_heads: pool.num_kv_heads,
+                    head_dim: pool.head_dim,
+                    sink_pages: policy.sink_pages,
+                    window_pages: policy.window_pages,
+                };
+                let indptr = sparse_select::sparse_indptr(s.kv_indptr, s.kv_keep, &sshape)
+                    .map_err(ModelError::Invalid)?;
+                let entries = *indptr.last().unwrap_or(&0) as usize;
+                // Page ids are chosen on the device; the host plans from lengths only.
+                let smeta = BatchMeta::new(
+                    s.qo_indptr.to_vec(),
+                    KvSource::Paged {
+                        page_size: pool.page_size,
+                        num_pages: pool.num_pages,
+                        kv_indptr: indptr,
+                        kv_indices: vec![0; entries],
+                        kv_last_page_len: s.kv_last_page_len.to_vec(),
+                        head_tables: true,
+                    },
+                    true,
+                )?;
+                let (stiles, mut splan) = plan_batch(&self.device, &shape, &smeta, None, None)?;
+                pad(stiles, &mut splan)?;
+                Some((policy, sshape, smeta, stiles, splan, entries))
+            }
+        };
+        let splan_len = |f: fn(&radix_kernels::attention::Plan) -> usize| {
+            sparse_plan.as_ref().map_or(0, |p| f(&p.4))
+        };
         let need = Caps {
             tokens: n,
             seqs: batch,
             logit_rows: rows,
-            work_items: plan.work.len(),
-            merge_items: plan.merge.len(),
-            partial_rows: plan.partial_rows,
+            work_items: plan.work.len().max(splan_len(|p| p.work.len())),
+            merge_items: plan.merge.len().max(splan_len(|p| p.merge.len())),
+            partial_rows: plan.partial_rows.max(splan_len(|p| p.partial_rows)),
             kv_indices: s.kv_indices.len(),
+            sparse_entries: self.sparse_entries(s.kv_indices.len(), pool.num_kv_heads),
         };
         self.ensure_workspace(&need)?;
         let inv_freq = self
@@ -342,10 +409,21 @@ impl CudaBackend {
             put(h, l.touched_filled, &mut filled.iter().copied());
             put(h, l.work, &mut plan.work_words());
             put(h, l.merge, &mut plan.merge_words());
+            if let Some((_, _, smeta, _, splan, _)) = &sparse_plan {
+                put(h, l.keep, &mut s.kv_keep.iter().copied());
+                if let KvSource::Paged { kv_indptr, .. } = &smeta.kv {
+                    put(h, l.sparse_indptr, &mut kv_indptr.iter().copied());
+                }
+                put(h, l.sparse_work, &mut splan.work_words());
+                put(h, l.sparse_merge, &mut splan.merge_words());
+            }
             put(h, l.kv_indices, &mut s.kv_indices.iter().copied());
         }
         ws.staging.upload_prefix(l.kv_indices + s.kv_indices.len(), &mut ws.meta)?;
-        let partial = plan.partial_rows.max(1) * shape.num_qo_heads;
+        // Dense and sparse layers run one after the other: they share the partials, sized
+        // for the larger plan.
+        let partial =
+            plan.partial_rows.max(splan_len(|p| p.partial_rows)).max(1) * shape.num_qo_heads;
         let v = |off: usize, len: usize| ws.meta_view(off, len);
         let append = AppendInputs {
             positions: v(l.positions, n)?,
@@ -372,6 +450,47 @@ impl CudaBackend {
         };
         let attention =
             AttentionBatch::from_parts(&self.device, shape, meta, tiles, plan, buffers)?;
+        let sparse = match sparse_plan {
+            None => None,
+            Some((policy, sshape, smeta, stiles, splan, entries)) => {
+                let rows_h = batch * sshape.num_kv_heads + 1;
+                // SAFETY: as for the metadata views.
+                let (partial_o, partial_lse, tables, scores, tables_w) = unsafe {
+                    (
+                        ws.partial_o.view(0, partial * shape.head_dim)?,
+                        ws.partial_lse.view(0, partial)?,
+                        ws.sparse_indices.view(0, entries.max(1))?,
+                        ws.page_scores
+                            .view(0, (s.kv_indices.len() * sshape.num_kv_heads).max(1))?,
+                        ws.sparse_indices.view(0, entries.max(1))?,
+                    )
+                };
+                let buffers = AttentionBuffers {
+                    qo_indptr: v(l.qo_indptr, batch + 1)?,
+                    kv_indptr: v(l.sparse_indptr, rows_h)?,
+                    kv_indices: tables,
+                    kv_last_page_len: v(l.kv_last_page_len, batch)?,
+                    work: v(l.sparse_work, 6 * splan.work.len())?,
+                    merge: v(l.sparse_merge, 4 * splan.merge.len())?,
+                    partial_o,
+                    partial_lse,
+                };
+                let select = SelectBuffers {
+                    qo_indptr: v(l.qo_indptr, batch + 1)?,
+                    kv_indptr: v(l.kv_indptr, batch + 1)?,
+                    kv_indices: v(l.kv_indices, s.kv_indices.len().max(1))?,
+                    keep: v(l.keep, batch)?,
+                    out_indptr: v(l.sparse_indptr, rows_h)?,
+                    out_indices: tables_w,
+                    scores,
+                };
+                let sizes =
+                    SelectSizes { batch, dense_pages: s.kv_indices.len(), sparse_entries: entries };
+                let attention =
+                    AttentionBatch::from_parts(&self.device, shape, smeta, stiles, splan, buffers)?;
+                Some(SparseStep { policy, shape: sshape, sizes, select, attention })
+            }
+        };
         self.step = Some(StepState {
             tokens: v(l.tokens, n)?,
             logit_rows: v(l.logit_rows, rows)?,
@@ -379,13 +498,49 @@ impl CudaBackend {
             real_logit_rows: real_rows,
             append,
             attention,
+            sparse,
         });
         Ok(())
+    }
+
+    /// The sparse policy when this step has a sequence attending to fewer pages than it
+    /// has (`kv_keep`), after checking `kv_keep` fits the batch.
+    fn sparse_policy_for(&self, s: &StepInput) -> Result<Option<SparsePolicy>> {
+        if s.kv_keep.is_empty() {
+            return Ok(None);
+        }
+        let batch = s.batch_size();
+        Self::check(s.kv_keep.len() == batch, || {
+            format!("kv_keep has {} entries for a batch of {batch}", s.kv_keep.len())
+        })?;
+        let Some(policy) = self.sparse else {
+            return Err(ModelError::Invalid(
+                "kv_keep given but sparse paging is off (set_sparse before init_kv)".into(),
+            ));
+        };
+        let q_lens = s.qo_indptr.windows(2).map(|w| w[1] - w[0]);
+        let pages = s.kv_indptr.windows(2).map(|w| w[1] - w[0]);
+        let mut any = false;
+        for (b, (&k, (q, n))) in s.kv_keep.iter().zip(q_lens.zip(pages)).enumerate() {
+            if k > 0 && k < n {
+                Self::check(q == 1, || {
+                    format!("sequence {b} has {q} queries: only decode rows attend sparsely")
+                })?;
+                any = true;
+            }
+        }
+        Ok(any.then_some(policy))
     }
 
     /// Bytes of KV one page takes over all layers (K and V, bf16).
     pub fn kv_bytes_per_page(cfg: &ModelConfig, page_size: usize) -> usize {
         2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * 2
+    }
+
+    /// As `kv_bytes_per_page`, plus the page's key bounds when sparse paging is on.
+    pub fn page_bytes(&self, cfg: &ModelConfig, page_size: usize) -> usize {
+        let bounds = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2;
+        Self::kv_bytes_per_page(cfg, page_size) + if self.sparse.is_some() { bounds } else { 0 }
     }
 
     fn pool(&self) -> Result<PoolShape> {
@@ -411,6 +566,7 @@ fn act_shape(cfg: &ModelConfig) -> ActShape {
         hidden: h,
         vocab: cfg.vocab_size,
         num_qo_heads: cfg.num_heads,
+        num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
     }
 }
@@ -436,6 +592,14 @@ impl Backend for CudaBackend {
         Ok(GpuWeight { buf: self.device.upload(&to_bf16(&t.data))?, rows, cols })
     }
 
+    fn set_sparse(&mut self, policy: Option<radix_kv::SparsePolicy>) -> Result<()> {
+        if let Some(p) = &policy {
+            p.validate().map_err(ModelError::Invalid)?;
+        }
+        self.sparse = policy;
+        Ok(())
+    }
+
     fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()> {
         Self::check(matches!(cfg.head_dim, 64 | 128), || {
             format!(
@@ -449,9 +613,14 @@ impl Backend for CudaBackend {
         self.graphs = Graphs::default(); // they point into the old pool
         self.step = None;
         self.kv.clear();
+        self.bounds.clear();
         for _ in 0..cfg.num_layers {
             self.kv
                 .push((self.device.alloc_zeros(per_layer)?, self.device.alloc_zeros(per_layer)?));
+            if self.sparse.is_some() {
+                let elems = pages * cfg.num_kv_heads * 2 * cfg.head_dim;
+                self.bounds.push(self.device.alloc_zeros(elems)?);
+            }
         }
         self.pool = Some(PoolShape {
             num_pages: pages,
@@ -465,7 +634,9 @@ impl Backend for CudaBackend {
         if let Some(caps) = self.workspace.as_ref().map(|w| w.caps) {
             // A page table as large as the pool, so that decode graphs captured now are
             // not dropped when contexts grow.
-            self.ensure_workspace(&Caps { kv_indices: pages + caps.seqs, ..caps })?;
+            let kv_indices = pages + caps.seqs;
+            let sparse_entries = self.sparse_entries(kv_indices, cfg.num_kv_heads);
+            self.ensure_workspace(&Caps { kv_indices, sparse_entries, ..caps })?;
         }
         Ok(())
     }
@@ -486,8 +657,10 @@ impl Backend for CudaBackend {
         } else {
             None
         };
+        // Sparse steps launch more kernels: they have graphs of their own.
+        let sparse = self.sparse_policy_for(s)?.is_some();
         if let Some(b) = bucket
-            && matches!(self.graphs.buckets.get(&b), Some(BucketGraph::Failed))
+            && matches!(self.graphs.buckets.get(&(b, sparse)), Some(BucketGraph::Failed))
         {
             return self.stage_step(s, s.logit_rows.len(), None).map(|()| StepPlan::eager(s));
         }
@@ -504,14 +677,14 @@ impl Backend for CudaBackend {
         staged?;
         let Some(b) = bucket else { return Ok(StepPlan::eager(s)) };
         let plan = |mode| StepPlan { mode, tokens: b, logit_rows: b };
-        match self.graphs.buckets.get(&b) {
+        match self.graphs.buckets.get(&(b, sparse)) {
             None => {
-                self.graphs.buckets.insert(b, BucketGraph::Warm);
+                self.graphs.buckets.insert((b, sparse), BucketGraph::Warm);
                 Ok(plan(StepMode::Eager))
             }
             Some(BucketGraph::Warm) => {
                 graph::begin_capture(&self.device)?;
-                self.capturing = Some(b);
+                self.capturing = Some((b, sparse));
                 Ok(plan(StepMode::Record))
             }
             Some(BucketGraph::Ready(g)) => {
@@ -535,7 +708,7 @@ impl Backend for CudaBackend {
             .chain(
                 all_buckets(self.graph_max_batch)
                     .into_iter()
-                    .filter(|b| !self.graphs.buckets.contains_key(b))
+                    .filter(|&b| !self.graphs.buckets.contains_key(&(b, false)))
                     .map(|b| scratch_step(b, scratch, pool.page_size)),
             )
             .collect()
@@ -547,7 +720,7 @@ impl Backend for CudaBackend {
             Ok(g) => {
                 self.graphs.buckets.insert(b, BucketGraph::Ready(g));
                 self.graphs.captured += 1;
-                tracing::debug!(bucket = b, "captured a decode CUDA graph");
+                tracing::debug!(bucket = b.0, sparse = b.1, "captured a decode CUDA graph");
                 Ok(())
             }
             Err(e) => {
@@ -645,17 +818,36 @@ impl Backend for CudaBackend {
             let (k, v) =
                 b.kv.get_mut(layer)
                     .ok_or_else(|| ModelError::Invalid(format!("layer {layer} has no KV pool")))?;
-            Ok(kv_append::append(&b.jit, &pool, &st.append, &qkv.buf, &mut q.buf, k, v, None)?)
+            let bounds = b.bounds.get_mut(layer);
+            Ok(kv_append::append(&b.jit, &pool, &st.append, &qkv.buf, &mut q.buf, k, v, bounds)?)
         })
     }
 
     fn attention(&mut self, layer: usize, q: &GpuAct, out: &mut GpuAct) -> Result<()> {
         self.timed(Op::Attention, |b| {
-            let st = b.step()?;
-            let (k, v) =
-                b.kv.get(layer)
-                    .ok_or_else(|| ModelError::Invalid(format!("layer {layer} has no KV pool")))?;
-            Ok(st.attention.run(&b.jit, &q.buf, k, v, &mut out.buf, None)?)
+            let Self { step, kv, bounds, jit, .. } = b;
+            let st =
+                step.as_mut().ok_or_else(|| ModelError::Invalid("no step has begun".into()))?;
+            let (k, v) = kv
+                .get(layer)
+                .ok_or_else(|| ModelError::Invalid(format!("layer {layer} has no KV pool")))?;
+            match &mut st.sparse {
+                Some(sp) if sp.policy.layer_is_sparse(layer) => {
+                    let bounds = bounds.get(layer).ok_or_else(|| {
+                        ModelError::Invalid(format!("layer {layer} has no key bounds"))
+                    })?;
+                    sparse_select::select(
+                        jit,
+                        &sp.shape,
+                        &sp.sizes,
+                        &q.buf,
+                        bounds,
+                        &mut sp.select,
+                    )?;
+                    Ok(sp.attention.run(jit, &q.buf, k, v, &mut out.buf, None)?)
+                }
+                _ => Ok(st.attention.run(jit, &q.buf, k, v, &mut out.buf, None)?),
+            }
         })
     }
 

@@ -33,6 +33,9 @@ pub struct Caps {
     pub merge_items: usize,
     pub partial_rows: usize,
     pub kv_indices: usize,
+    /// Sparse paging: entries of the per-(sequence, kv head) page tables and of the page
+    /// scores (`kv_indices × num_kv_heads`); 0 when sparse paging is off.
+    pub sparse_entries: usize,
 }
 
 impl Caps {
@@ -45,6 +48,7 @@ impl Caps {
             && self.merge_items >= need.merge_items
             && self.partial_rows >= need.partial_rows
             && self.kv_indices >= need.kv_indices
+            && self.sparse_entries >= need.sparse_entries
     }
 
     /// The larger of each; the page table and the work list get headroom, since they
@@ -59,6 +63,7 @@ impl Caps {
             merge_items: self.merge_items.max(need.merge_items),
             partial_rows: grow(self.partial_rows, need.partial_rows),
             kv_indices: grow(self.kv_indices, need.kv_indices),
+            sparse_entries: grow(self.sparse_entries, need.sparse_entries),
         }
     }
 }
@@ -78,12 +83,19 @@ pub struct MetaLayout {
     pub touched_filled: usize,
     pub work: usize,
     pub merge: usize,
+    /// Sparse paging: pages kept per sequence, the per-head tables' offsets and the
+    /// sparse attention plan (the tables themselves are chosen on the device).
+    pub keep: usize,
+    pub sparse_indptr: usize,
+    pub sparse_work: usize,
+    pub sparse_merge: usize,
     pub kv_indices: usize,
     pub total: usize,
 }
 
 impl MetaLayout {
-    fn new(c: &Caps) -> Self {
+    fn new(c: &Caps, num_kv_heads: usize) -> Self {
+        let sparse = c.sparse_entries > 0;
         let mut at = 0usize;
         let mut take = |len: usize| {
             let off = at;
@@ -102,6 +114,10 @@ impl MetaLayout {
             touched_filled: take(c.tokens),
             work: take(6 * c.work_items),
             merge: take(4 * c.merge_items),
+            keep: take(if sparse { c.seqs } else { 0 }),
+            sparse_indptr: take(if sparse { c.seqs * num_kv_heads + 1 } else { 0 }),
+            sparse_work: take(if sparse { 6 * c.work_items } else { 0 }),
+            sparse_merge: take(if sparse { 4 * c.merge_items } else { 0 }),
             kv_indices: take(c.kv_indices),
             total: 0,
         };
@@ -118,6 +134,7 @@ pub struct ActShape {
     pub hidden: usize,
     pub vocab: usize,
     pub num_qo_heads: usize,
+    pub num_kv_heads: usize,
     pub head_dim: usize,
 }
 
@@ -135,6 +152,9 @@ pub struct Workspace {
     pub sample_staging: PinnedStaging<u32>,
     pub sampled_tokens: DeviceBuffer<i32>,
     pub sampled_logprobs: DeviceBuffer<f32>,
+    /// Sparse paging: the per-head page tables the selection writes, and page scores.
+    pub sparse_indices: DeviceBuffer<i32>,
+    pub page_scores: DeviceBuffer<f32>,
 }
 
 /// Elements of each workspace buffer for some capacities.
@@ -147,6 +167,7 @@ struct Sizes {
     /// Sampler parameter words (8 per row).
     sample_words: usize,
     rows: usize,
+    sparse: usize,
 }
 
 impl Sizes {
@@ -163,6 +184,7 @@ impl Sizes {
             logits: rows * shape.vocab,
             sample_words: rows * 8,
             rows,
+            sparse: caps.sparse_entries.max(1),
         }
     }
 }
@@ -181,7 +203,7 @@ fn fit<T: radix_gpu::Element>(
 
 impl Workspace {
     pub fn new(device: &Device, shape: &ActShape, caps: Caps) -> Result<Self> {
-        let layout = MetaLayout::new(&caps);
+        let layout = MetaLayout::new(&caps, shape.num_kv_heads);
         let n = Sizes::of(shape, &caps, &layout);
         Ok(Self {
             caps,
@@ -197,6 +219,8 @@ impl Workspace {
             sample_staging: PinnedStaging::new(device, n.sample_words)?,
             sampled_tokens: device.alloc(n.rows)?,
             sampled_logprobs: device.alloc(n.rows)?,
+            sparse_indices: device.alloc(n.sparse)?,
+            page_scores: device.alloc(n.sparse)?,
         })
     }
 
@@ -204,7 +228,7 @@ impl Workspace {
     /// longer page table does not move the activation arena). The metadata layout
     /// changes, so views and graphs made before are stale.
     pub fn grow(&mut self, device: &Device, shape: &ActShape, caps: Caps) -> Result<()> {
-        let layout = MetaLayout::new(&caps);
+        let layout = MetaLayout::new(&caps, shape.num_kv_heads);
         let n = Sizes::of(shape, &caps, &layout);
         fit(device, &mut self.acts, n.acts)?;
         fit(device, &mut self.meta, n.meta)?;
@@ -220,6 +244,8 @@ impl Workspace {
         }
         fit(device, &mut self.sampled_tokens, n.rows)?;
         fit(device, &mut self.sampled_logprobs, n.rows)?;
+        fit(device, &mut self.sparse_indices, n.sparse)?;
+        fit(device, &mut self.page_scores, n.sparse)?;
         self.caps = caps;
         self.layout = layout;
         self.act_used = 0;
@@ -236,6 +262,8 @@ impl Workspace {
             + self.sample_params.num_bytes()
             + self.sampled_tokens.num_bytes()
             + self.sampled_logprobs.num_bytes()
+            + self.sparse_indices.num_bytes()
+            + self.page_scores.num_bytes()
     }
 
     /// Frees the activations of the previous step.

@@ -45,6 +45,7 @@ impl Sequence {
             kv_indices: &kv_indices,
             kv_last_page_len: &[last],
             logit_rows: rows,
+            kv_keep: &[],
         };
         let logits = model.forward_logits(&step).unwrap();
         self.computed = total;

@@ -1,0 +1,296 @@
+//! Query-aware page selection for sparse decode (see sparse.cu): per-page scores from the
+//! key bounds, then per-(sequence, kv head) sparse page tables that the attention kernel
+//! reads with `KvSource::Paged { head_tables: true, .. }`.
+//!
+//! The host fixes every table's length (`sparse_indptr`, from the pages to keep per
+//! sequence); the device picks the page ids. A step's metadata is therefore known before
+//! it runs, and a CUDA graph replays any step of its batch size.
+
+mod reference;
+
+use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
+use radix_gpu::{Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Result, SourceFile};
+
+pub use reference::{page_score_reference, scores_reference, select_reference};
+
+use crate::{HEADERS, dtype_define};
+
+pub const SOURCE: SourceFile =
+    SourceFile { path: "sparse/sparse.cu", code: include_str!("sparse.cu") };
+
+/// The specialisation for a dtype, head dim and GQA group (query heads per kv head: the
+/// scoring kernel keeps the group's queries in registers).
+pub fn spec<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
+    KernelSpec::new(SOURCE, HEADERS)
+        .define("DTYPE", dtype_define::<T>())
+        .define("HEAD_DIM", head_dim)
+        .define("GROUP", group)
+}
+
+/// Heads and the pages every sparse table keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseShape {
+    pub num_qo_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Leading pages always kept.
+    pub sink_pages: usize,
+    /// Trailing pages always kept (the last, partly filled page among them).
+    pub window_pages: usize,
+}
+
+impl SparseShape {
+    pub fn group(&self) -> usize {
+        self.num_qo_heads / self.num_kv_heads.max(1)
+    }
+}
+
+/// The per-head sparse table offsets, `[batch × num_kv_heads + 1]`: sequence b's heads
+/// each get `keep[b]` pages when `0 < keep[b] < pages(b)`, else all of their pages.
+/// Rejects a keep below `sink + window` (the kernel would not fit its forced pages).
+pub fn sparse_indptr(
+    kv_indptr: &[i32],
+    keep: &[i32],
+    shape: &SparseShape,
+) -> std::result::Result<Vec<i32>, String> {
+    let batch = kv_indptr.len().saturating_sub(1);
+    if keep.len() != batch {
+        return Err(format!("{} keep counts for a batch of {batch}", keep.len()));
+    }
+    let forced = (shape.sink_pages + shape.window_pages) as i32;
+    let mut out = Vec::with_capacity(batch * shape.num_kv_heads + 1);
+    out.push(0i32);
+    for b in 0..batch {
+        let n = kv_indptr[b + 1] - kv_indptr[b];
+        let k = keep[b];
+        if k > 0 && k < n && k < forced {
+            return Err(format!("sequence {b} keeps {k} pages, fewer than sink + window {forced}"));
+        }
+        let len = if k > 0 && k < n { k } else { n };
+        for _ in 0..shape.num_kv_heads {
+            out.push(out.last().unwrap() + len);
+        }
+    }
+    Ok(out)
+}
+
+/// Mirrors `ScoreParams` in sparse.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScoreParams {
+    q: u64,
+    bounds: u64,
+    scores: u64,
+    qo_indptr: u64,
+    kv_indptr: u64,
+    kv_indices: u64,
+    keep: u64,
+    q_stride: i64,
+    batch: i32,
+    num_kv_heads: i32,
+    group: i32,
+    reserved: i32,
+}
+// SAFETY: plain data mirroring the kernel's struct.
+unsafe impl DeviceRepr for ScoreParams {}
+
+/// Mirrors `SelectParams` in sparse.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SelectParams {
+    scores: u64,
+    kv_indptr: u64,
+    kv_indices: u64,
+    keep: u64,
+    out_indptr: u64,
+    out_indices: u64,
+    batch: i32,
+    num_kv_heads: i32,
+    sink: i32,
+    window: i32,
+}
+// SAFETY: plain data mirroring the kernel's struct.
+unsafe impl DeviceRepr for SelectParams {}
+
+const _: () = assert!(std::mem::size_of::<ScoreParams>() == 80);
+const _: () = assert!(std::mem::size_of::<SelectParams>() == 64);
+
+/// The device arrays of one selection (owned, or views of a step workspace).
+pub struct SelectBuffers {
+    /// `[batch + 1]` query offsets; each sequence's query is its last token.
+    pub qo_indptr: DeviceBuffer<i32>,
+    /// The dense table.
+    pub kv_indptr: DeviceBuffer<i32>,
+    pub kv_indices: DeviceBuffer<i32>,
+    /// `[batch]` pages to keep.
+    pub keep: DeviceBuffer<i32>,
+    /// `sparse_indptr` of the batch, and room for its tables.
+    pub out_indptr: DeviceBuffer<i32>,
+    pub out_indices: DeviceBuffer<i32>,
+    /// f32 scratch: the page scores, head-major `[num_kv_heads, dense pages]`.
+    pub scores: DeviceBuffer<f32>,
+}
+
+/// Sizes the host knows for one selection, checked against the buffers on each run.
+#[derive(Clone, Copy, Debug)]
+pub struct SelectSizes {
+    pub batch: usize,
+    /// Dense pages of the batch (`kv_indptr[batch]`).
+    pub dense_pages: usize,
+    /// Entries of the sparse tables (`sparse_indptr[batch × heads]`).
+    pub sparse_entries: usize,
+}
+
+/// Largest GQA group the scoring kernel takes (its queries live in registers).
+pub const MAX_GROUP: usize = 16;
+
+/// Blocks of the scoring grid: fixed per device (the kernel strides over the work), so
+/// a captured graph covers any number of pages.
+pub fn score_blocks(device: &Device) -> u32 {
+    // One wave: four resident blocks per SM (`__launch_bounds__(256, 4)`).
+    4 * device.info().sm_count
+}
+
+/// Scores the pages of the sequences with `0 < keep < pages` for this layer's queries
+/// `q` (`[tokens, num_qo_heads, head_dim]`, RoPE applied) and key `bounds`
+/// (`[pages, num_kv_heads, 2, head_dim]`), then writes every sequence's per-head table
+/// into `bufs.out_indices`.
+pub fn select<T: HalfFloat>(
+    jit: &Jit,
+    shape: &SparseShape,
+    sizes: &SelectSizes,
+    q: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<T>,
+    bufs: &mut SelectBuffers,
+) -> Result<()> {
+    select_stages(jit, shape, sizes, q, bounds, bufs, Stages::Both)
+}
+
+/// Which kernels of a selection to launch (benchmarks time them apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stages {
+    Both,
+    /// `page_scores` only.
+    Score,
+    /// `select_pages` only (over the scores already in the buffers).
+    Pick,
+}
+
+/// `select`, launching only `stages`.
+pub fn select_stages<T: HalfFloat>(
+    jit: &Jit,
+    shape: &SparseShape,
+    sizes: &SelectSizes,
+    q: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<T>,
+    bufs: &mut SelectBuffers,
+    stages: Stages,
+) -> Result<()> {
+    let (hkv, d) = (shape.num_kv_heads, shape.head_dim);
+    let bad = |m: String| Err(GpuError::Invalid(m));
+    if !matches!(d, 64 | 128) || hkv == 0 || !shape.num_qo_heads.is_multiple_of(hkv) {
+        return bad(format!("sparse selection: bad heads {shape:?}"));
+    }
+    if shape.group() > MAX_GROUP {
+        return bad(format!(
+            "sparse selection takes GQA groups of up to {MAX_GROUP} query heads, not {}",
+            shape.group()
+        ));
+    }
+    if !bounds.len().is_multiple_of(hkv * 2 * d) || !q.len().is_multiple_of(shape.num_qo_heads * d)
+    {
+        return bad("sparse selection: q or bounds have a partial row".into());
+    }
+    let b = sizes.batch;
+    if bufs.qo_indptr.len() <= b
+        || bufs.kv_indptr.len() <= b
+        || bufs.kv_indices.len() < sizes.dense_pages
+        || bufs.keep.len() < b
+        || bufs.out_indptr.len() <= b * hkv
+        || bufs.out_indices.len() < sizes.sparse_entries
+        || bufs.scores.len() < sizes.dense_pages * hkv
+    {
+        return bad(format!("sparse selection buffers too small for {sizes:?}"));
+    }
+    if b == 0 {
+        return Ok(());
+    }
+    let device = q.device();
+    let spec = spec::<T>(d, shape.group());
+    let score = jit.kernel(device, &spec, "page_scores")?;
+    let params = ScoreParams {
+        q: q.ptr(),
+        bounds: bounds.ptr(),
+        scores: bufs.scores.ptr_mut(),
+        qo_indptr: bufs.qo_indptr.ptr(),
+        kv_indptr: bufs.kv_indptr.ptr(),
+        kv_indices: bufs.kv_indices.ptr(),
+        keep: bufs.keep.ptr(),
+        q_stride: (shape.num_qo_heads * d) as i64,
+        batch: b as i32,
+        num_kv_heads: hkv as i32,
+        group: shape.group() as i32,
+        reserved: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (score_blocks(device), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if stages != Stages::Pick {
+        // SAFETY: the caller's tables index pages inside `bounds` (validated on the host
+        // when the step was planned); sizes checked above.
+        unsafe { score.launch(device, cfg, &params) }?;
+    }
+    if stages == Stages::Score {
+        return Ok(());
+    }
+
+    let pick = jit.kernel(device, &spec, "select_pages")?;
+    let params = SelectParams {
+        scores: bufs.scores.ptr(),
+        kv_indptr: bufs.kv_indptr.ptr(),
+        kv_indices: bufs.kv_indices.ptr(),
+        keep: bufs.keep.ptr(),
+        out_indptr: bufs.out_indptr.ptr(),
+        out_indices: bufs.out_indices.ptr_mut(),
+        batch: b as i32,
+        num_kv_heads: hkv as i32,
+        sink: shape.sink_pages as i32,
+        window: shape.window_pages as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (b as u32, hkv as u32, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: out_indptr was built by `sparse_indptr` from the same keep and dense table,
+    // so every block writes inside out_indices (sized above).
+    unsafe { pick.launch(device, cfg, &params) }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> SparseShape {
+        SparseShape {
+            num_qo_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            sink_pages: 1,
+            window_pages: 2,
+        }
+    }
+
+    #[test]
+    fn sparse_tables_take_keep_pages_per_head_or_all_of_them() {
+        // Sequences of 10, 3 and 8 pages; keep 4, 0 (dense) and 8 (= all: dense).
+        let got = sparse_indptr(&[0, 10, 13, 21], &[4, 0, 8], &shape()).unwrap();
+        assert_eq!(got, vec![0, 4, 8, 11, 14, 22, 30]);
+        let err = sparse_indptr(&[0, 10], &[2], &shape()).unwrap_err();
+        assert!(err.contains("sink + window"), "{err}");
+        assert!(sparse_indptr(&[0, 10], &[2, 3], &shape()).is_err());
+    }
+}

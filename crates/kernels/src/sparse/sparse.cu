@@ -1,0 +1,345 @@
+// Query-aware page selection for sparse decode (Quest): score every page of a decoding
+// sequence from its per-page key bounds, then keep the best pages per kv head.
+//
+// page_scores: for page p of sequence b and kv head h, the upper bound of q·k over the
+// page's keys, summed over the query heads g of h's GQA group:
+//     score = Σ_g Σ_d max(q_gd · min_pd, q_gd · max_pd)
+// One warp per (page, kv head): each lane takes D/32 dims of the bounds (bf16/f16, the
+// KV dtype) and of the group's queries, then a warp sum. The grid is fixed and strides
+// over all (page, head) items of the batch, so a CUDA graph captured once covers any
+// step's tables: the work size is read from the device (kv_indptr[batch]).
+//
+// select_pages: one block per (sequence, kv head). Writes that head's sparse page table
+// (ascending positions): the first `sink` pages, the `keep - sink - window` best-scoring
+// pages in between, the last `window` pages. Ties go to the earlier page, so the choice
+// is deterministic. The threshold is found by a radix select over the scores as
+// order-preserving u32 keys (4 passes of 8 bits with a shared histogram), then one
+// ordered compaction. Sequences with keep <= 0 or keep >= their page count (dense) get
+// their whole table copied.
+#include "common/types.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef GROUP
+#define GROUP 4
+#endif
+constexpr int D = HEAD_DIM;
+constexpr int PER_LANE = D / 32;  // 4 or 2 dims per lane
+static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+static_assert(GROUP >= 1 && GROUP <= 16, "GQA group of 1..=16 query heads");
+
+// Mirrors ScoreParams in sparse/mod.rs.
+struct ScoreParams {
+  const elem_t* q;         // [tokens, q_stride]; query head h at h * D (rotated)
+  const elem_t* bounds;    // [pages, Hkv, 2, D]: min then max
+  float* scores;           // [Hkv, kv_indptr[batch]] (head-major)
+  const int* qo_indptr;    // [batch + 1]; a sequence's query is its last token
+  const int* kv_indptr;    // [batch + 1] dense page table
+  const int* kv_indices;
+  const int* keep;         // [batch] pages to keep; <= 0: dense (no scores needed)
+  long long q_stride;
+  int batch;
+  int num_kv_heads;
+  int group;               // must equal GROUP (checked on the host)
+  int reserved;
+};
+
+template <int N> struct Vec;
+template <> struct Vec<4> { typedef uint2 type; };
+template <> struct Vec<2> { typedef u32 type; };
+
+__device__ __forceinline__ void load_lane(const elem_t* src, float (&out)[PER_LANE]) {
+  typedef typename Vec<PER_LANE>::type V;
+  V v = *reinterpret_cast<const V*>(src);
+  const u32* w = reinterpret_cast<const u32*>(&v);
+#pragma unroll
+  for (int i = 0; i < PER_LANE / 2; ++i) unpack2<elem_t>(w[i], out[2 * i], out[2 * i + 1]);
+}
+
+// The sequence owning flat page f of the dense table: the last b with kv_indptr[b] <= f.
+__device__ __forceinline__ int owner(const int* indptr, int batch, int f) {
+  int lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (indptr[mid] <= f) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// A warp scores 32 consecutive pages of the flat table for one kv head: each lane looks
+// up one page's id and owner (in parallel), then the warp walks the pages SCORE_UNROLL at
+// a time, issuing all their bound loads before using any (the pass is bandwidth-bound).
+// GROUP is a compile-time constant so the group's queries live in registers, kept while
+// consecutive pages share a sequence.
+constexpr int SCORE_UNROLL = 8;
+
+// Four blocks per SM (at most 64 registers a thread): the pass is latency-bound below
+// that (measured: 88 registers allowed two blocks, 16 warps per SM, 1.3 TB/s).
+extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_constant__ ScoreParams p) {
+  typedef typename Vec<PER_LANE>::type V;
+  const int lane = threadIdx.x % 32;
+  const int pages_total = p.kv_indptr[p.batch];
+  const int chunks = (pages_total + 31) / 32;
+  const long long warps = (long long)gridDim.x * (blockDim.x / 32);
+  const long long items = (long long)chunks * p.num_kv_heads;
+  for (long long item = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; item < items; item += warps) {
+    const int chunk = (int)(item / p.num_kv_heads), kvh = (int)(item - (long long)chunk * p.num_kv_heads);
+    const int f0 = chunk * 32;
+    // Lane i: page f0 + i, its sequence (-1: none, or dense) and page id.
+    int my_b = -1, my_page = 0;
+    if (f0 + lane < pages_total) {
+      const int b = owner(p.kv_indptr, p.batch, f0 + lane);
+      if (p.keep[b] > 0) {
+        my_b = b;
+        my_page = p.kv_indices[f0 + lane];
+      }
+    }
+    if (__ballot_sync(0xffffffffu, my_b >= 0) == 0) continue;
+    int cur_b = -1;
+    float q[GROUP][PER_LANE];
+    for (int j0 = 0; j0 < 32; j0 += SCORE_UNROLL) {
+      V lo_raw[SCORE_UNROLL], hi_raw[SCORE_UNROLL];
+      int seq[SCORE_UNROLL];
+#pragma unroll
+      for (int u = 0; u < SCORE_UNROLL; ++u) {
+        seq[u] = __shfl_sync(0xffffffffu, my_b, j0 + u);
+        const long long page = __shfl_sync(0xffffffffu, my_page, j0 + u);
+        if (seq[u] < 0) continue;  // uniform over the warp
+        const elem_t* bp = p.bounds + (page * p.num_kv_heads + kvh) * 2 * D + lane * PER_LANE;
+        lo_raw[u] = *reinterpret_cast<const V*>(bp);
+        hi_raw[u] = *reinterpret_cast<const V*>(bp + D);
+      }
+#pragma unroll
+      for (int u = 0; u < SCORE_UNROLL; ++u) {
+        if (seq[u] < 0) continue;
+        if (seq[u] != cur_b) {  // a new sequence: its group's queries
+          cur_b = seq[u];
+          const elem_t* qp = p.q + (long long)(p.qo_indptr[cur_b + 1] - 1) * p.q_stride +
+                             (long long)kvh * GROUP * D + lane * PER_LANE;
+#pragma unroll
+          for (int g = 0; g < GROUP; ++g) load_lane(qp + g * D, q[g]);
+        }
+        float lo[PER_LANE], hi[PER_LANE];
+        const u32* wl = reinterpret_cast<const u32*>(&lo_raw[u]);
+        const u32* wh = reinterpret_cast<const u32*>(&hi_raw[u]);
+#pragma unroll
+        for (int i = 0; i < PER_LANE / 2; ++i) {
+          unpack2<elem_t>(wl[i], lo[2 * i], lo[2 * i + 1]);
+          unpack2<elem_t>(wh[i], hi[2 * i], hi[2 * i + 1]);
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+          for (int i = 0; i < PER_LANE; ++i) acc += fmaxf(q[g][i] * lo[i], q[g][i] * hi[i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        // Head-major, so the selection of one (sequence, head) reads its scores contiguously.
+        if (lane == 0) p.scores[(long long)kvh * pages_total + f0 + j0 + u] = acc;
+      }
+    }
+  }
+}
+
+// Mirrors SelectParams in sparse/mod.rs.
+struct SelectParams {
+  const float* scores;      // [Hkv, kv_indptr[batch]] from page_scores
+  const int* kv_indptr;     // [batch + 1] dense table
+  const int* kv_indices;
+  const int* keep;          // [batch]
+  const int* out_indptr;    // [batch * Hkv + 1] sparse tables (sized on the host)
+  int* out_indices;
+  int batch;
+  int num_kv_heads;
+  int sink;
+  int window;
+};
+
+constexpr int SEL_THREADS = 512;
+// Middle pages whose keys the selection keeps in shared memory (64K tokens of 16-token
+// pages); longer sequences re-read their scores from global memory (L2) on each pass.
+constexpr int KEY_CACHE = 4096;
+constexpr int SEL_WARPS = SEL_THREADS / 32;
+
+// Scores as u32 keys in the same order (NaN sorts lowest).
+__device__ __forceinline__ u32 score_key(float s) {
+  if (s != s) return 0u;
+  u32 u = __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum of `v` over the block; `total` gets the block's sum. Uses `warp_sums`.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < SEL_WARPS; ++w) {
+    int s = warp_sums[w];
+    if (w < warp) before += s;
+    total += s;
+  }
+  __syncthreads();  // warp_sums is reused by the next scan
+  return before + x - v;
+}
+
+extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __grid_constant__ SelectParams p) {
+  __shared__ int hist[256];
+  __shared__ int warp_sums[SEL_WARPS];
+  __shared__ u32 cache[KEY_CACHE];
+  __shared__ u32 s_prefix;
+  __shared__ int s_remaining;
+  const int b = blockIdx.x, kvh = blockIdx.y;
+  if (b >= p.batch) return;
+  const int* pages = p.kv_indices + p.kv_indptr[b];
+  const int n = p.kv_indptr[b + 1] - p.kv_indptr[b];
+  int* out = p.out_indices + p.out_indptr[b * p.num_kv_heads + kvh];
+  const int keep = p.keep[b];
+  if (keep <= 0 || keep >= n || keep < p.sink + p.window) {
+    for (int i = threadIdx.x; i < n; i += SEL_THREADS) out[i] = pages[i];
+    return;
+  }
+  const float* scores = p.scores + (long long)kvh * p.kv_indptr[p.batch] + p.kv_indptr[b];
+  const int mid_begin = p.sink, mid_end = n - p.window;
+  const int k_mid = keep - p.sink - p.window;  // pages to pick among [mid_begin, mid_end)
+  const bool cached = mid_end - mid_begin <= KEY_CACHE;
+  if (cached) {
+    // Four loads in flight per thread (KEY_CACHE = 8 x SEL_THREADS).
+    for (int i0 = mid_begin + threadIdx.x; i0 < mid_end; i0 += 4 * SEL_THREADS) {
+      float v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * SEL_THREADS;
+        v[u] = i < mid_end ? scores[i] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * SEL_THREADS;
+        if (i < mid_end) cache[i - mid_begin] = score_key(v[u]);
+      }
+    }
+  }
+  auto key_at = [&](int i) { return cached ? cache[i - mid_begin] : score_key(scores[i]); };
+
+  // Radix select: the key of the k_mid-th largest middle score, digit by digit.
+  if (threadIdx.x == 0) {
+    s_prefix = 0u;
+    s_remaining = k_mid;
+  }
+  // Bits every middle key shares need no pass: scores of similar magnitude share their
+  // top bits, which would also pile a pass's histogram onto one or two bins.
+  __shared__ u32 s_and, s_or;
+  if (threadIdx.x == 0) {
+    s_and = 0xffffffffu;
+    s_or = 0u;
+  }
+  __syncthreads();
+  {
+    u32 a = 0xffffffffu, o = 0u;
+    for (int i = mid_begin + threadIdx.x; i < mid_end; i += SEL_THREADS) {
+      const u32 key = key_at(i);
+      a &= key;
+      o |= key;
+    }
+    a = __reduce_and_sync(0xffffffffu, a);
+    o = __reduce_or_sync(0xffffffffu, o);
+    if (threadIdx.x % 32 == 0) {
+      atomicAnd(&s_and, a);
+      atomicOr(&s_or, o);
+    }
+  }
+  __syncthreads();
+  const u32 differ = s_and ^ s_or;
+  // Radix passes over 8-bit digits from the highest differing bit down.
+  const int top = differ ? 31 - __clz(differ) : 0;
+  const int first_shift = max(top - 7, 0);
+  u32 mask = first_shift + 8 >= 32 ? 0u : ~0u << (first_shift + 8);
+  // The shared high bits (all of them when every key is equal: no pass runs).
+  if (threadIdx.x == 0) s_prefix = differ ? s_and & mask : s_and;
+  if (k_mid > 0 && differ != 0) {
+    for (int shift = first_shift; shift > -8; shift -= 8) {
+      const int sh = max(shift, 0);
+      const int width = shift >= 0 ? 8 : 8 + shift;  // the last digit may be narrower
+      const u32 dmask = (1u << width) - 1u;
+      for (int i = threadIdx.x; i < 256; i += SEL_THREADS) hist[i] = 0;
+      __syncthreads();
+      const u32 prefix = s_prefix;
+      // Keys of a pass mostly share a few digits (scores of similar magnitude): lanes
+      // with the same digit add once, through their leader.
+      for (int i = mid_begin + threadIdx.x; i < mid_end; i += SEL_THREADS) {
+        const u32 key = key_at(i);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> sh) & dmask], 1);
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        // The digit holding the need-th largest key: lane l owns digits 255 - 8l down to
+        // 255 - 8l - 7; a warp scan gives the count above each lane's digits.
+        const int lane = threadIdx.x, need = s_remaining;
+        int c[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          c[j] = hist[255 - 8 * lane - j];
+          sum += c[j];
+        }
+        int incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        int above = incl - sum;
+        if (above < need && need <= incl) {  // exactly one lane
+          int digit = 255 - 8 * lane - 7;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (above + c[j] >= need) {
+              digit = 255 - 8 * lane - j;
+              break;
+            }
+            above += c[j];
+          }
+          s_prefix = prefix | ((u32)digit << sh);
+          s_remaining = need - above;  // how many keys equal to the threshold to take
+        }
+      }
+      mask |= dmask << sh;
+      __syncthreads();
+      if (sh == 0) break;
+    }
+  }
+  __syncthreads();
+  const u32 thresh = s_prefix;
+  const int take_equal = s_remaining;  // of the keys == thresh, the earliest ones
+
+  for (int i = threadIdx.x; i < p.sink; i += SEL_THREADS) out[i] = pages[i];
+  for (int i = threadIdx.x; i < p.window; i += SEL_THREADS) out[keep - p.window + i] = pages[mid_end + i];
+  // Ordered compaction of the chosen middle pages into out[sink .. keep - window).
+  int written = 0, equal_seen = 0;
+  for (int base = mid_begin; base < mid_end && k_mid > 0; base += SEL_THREADS) {
+    const int i = base + threadIdx.x;
+    u32 key = 0u;
+    bool in = i < mid_end;
+    if (in) key = key_at(i);
+    const int is_eq = in && key == thresh;
+    int eq_total;
+    const int eq_rank = equal_seen + block_exclusive_scan(is_eq, warp_sums, eq_total);
+    const int chosen = in && (key > thresh || (is_eq && eq_rank < take_equal));
+    int chosen_total;
+    const int slot = written + block_exclusive_scan(chosen, warp_sums, chosen_total);
+    if (chosen) out[p.sink + slot] = pages[i];
+    written += chosen_total;
+    equal_seen += eq_total;
+  }
+}
+
+static_assert(sizeof(ScoreParams) == 80, "ScoreParams mirrors sparse/mod.rs");
+static_assert(sizeof(SelectParams) == 64, "SelectParams mirrors sparse/mod.rs");
