@@ -187,6 +187,14 @@ impl AttentionBatch {
         let b = &buffers;
         let batch = meta.batch();
         let partial = plan.partial_rows * shape.num_qo_heads;
+        if let KvSource::Paged { kv_indptr, head_tables: true, .. } = &meta.kv {
+            ensure!(
+                kv_indptr.len() == batch * shape.num_kv_heads + 1,
+                "per-head page tables need batch x num_kv_heads + 1 = {} offsets, got {}",
+                batch * shape.num_kv_heads + 1,
+                kv_indptr.len()
+            );
+        }
         let (indptr, indices, lasts) = match &meta.kv {
             KvSource::Contiguous { kv_indptr } => (kv_indptr.len(), 0, 0),
             KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, .. } => {

@@ -57,6 +57,11 @@ pub fn sparse_indptr(
     if keep.len() != batch {
         return Err(format!("{} keep counts for a batch of {batch}", keep.len()));
     }
+    if shape.window_pages == 0 {
+        return Err(
+            "window_pages must be at least 1: the last, partly filled page stays last".into()
+        );
+    }
     let forced = (shape.sink_pages + shape.window_pages) as i32;
     let mut out = Vec::with_capacity(batch * shape.num_kv_heads + 1);
     out.push(0i32);

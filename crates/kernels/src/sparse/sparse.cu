@@ -37,7 +37,7 @@ struct ScoreParams {
   const int* qo_indptr;    // [batch + 1]; a sequence's query is its last token
   const int* kv_indptr;    // [batch + 1] dense page table
   const int* kv_indices;
-  const int* keep;         // [batch] pages to keep; <= 0: dense (no scores needed)
+  const int* keep;         // [batch] pages to keep; <= 0 or >= pages: dense (no scores)
   long long q_stride;
   int batch;
   int num_kv_heads;
@@ -90,7 +90,8 @@ extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_co
     int my_b = -1, my_page = 0;
     if (f0 + lane < pages_total) {
       const int b = owner(p.kv_indptr, p.batch, f0 + lane);
-      if (p.keep[b] > 0) {
+      const int keep = p.keep[b];
+      if (keep > 0 && keep < p.kv_indptr[b + 1] - p.kv_indptr[b]) {  // sparse rows only
         my_b = b;
         my_page = p.kv_indices[f0 + lane];
       }

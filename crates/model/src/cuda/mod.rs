@@ -307,7 +307,15 @@ impl CudaBackend {
         let (n, batch, rows) = (s.tokens.len(), s.batch_size(), s.logit_rows.len());
         let append_batch = AppendBatch { positions: s.positions, slots: s.slots };
         append_batch.validate(&pool)?;
-        let (pages, filled) = append_batch.touched_pages(pool.page_size);
+        let (mut pages, mut filled) = append_batch.touched_pages(pool.page_size);
+        if let Some(b) = bucket {
+            // The key-bounds launch of a graph is sized at capture: give it the bucket's
+            // count always, padding with the scratch page (identical, harmless rewrites),
+            // so no replay reruns stale entries or skips real ones.
+            let scratch = (pool.num_pages - 1) as i32;
+            pages.resize(b.max(pages.len()), scratch);
+            filled.resize(b.max(filled.len()), 1);
+        }
         let meta = BatchMeta::new(
             s.qo_indptr.to_vec(),
             KvSource::Paged {
@@ -532,6 +540,24 @@ impl CudaBackend {
         Ok(any.then_some(policy))
     }
 
+    /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests).
+    pub fn read_keys(&self, layer: usize) -> Result<Vec<bf16>> {
+        let (k, _) = self
+            .kv
+            .get(layer)
+            .ok_or_else(|| ModelError::Invalid(format!("layer {layer} has no KV pool")))?;
+        Ok(k.to_vec()?)
+    }
+
+    /// Layer `layer`'s key bounds, `[pages, num_kv_heads, 2, head_dim]` (tests; sparse
+    /// paging on).
+    pub fn read_key_bounds(&self, layer: usize) -> Result<Vec<bf16>> {
+        let b = self.bounds.get(layer).ok_or_else(|| {
+            ModelError::Invalid(format!("layer {layer} keeps no key bounds (sparse paging off)"))
+        })?;
+        Ok(b.to_vec()?)
+    }
+
     /// Bytes of KV one page takes over all layers (K and V, bf16).
     pub fn kv_bytes_per_page(cfg: &ModelConfig, page_size: usize) -> usize {
         2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * 2
@@ -596,6 +622,9 @@ impl Backend for CudaBackend {
         if let Some(p) = &policy {
             p.validate().map_err(ModelError::Invalid)?;
         }
+        Self::check(policy.is_none() || self.pool.is_none() || !self.bounds.is_empty(), || {
+            "sparse paging must be turned on before init_kv (the pool keeps no key bounds)".into()
+        })?;
         self.sparse = policy;
         Ok(())
     }
