@@ -7,6 +7,7 @@
 //! (`graphs`): the host uploads the step's metadata in one copy and launches the graph.
 
 mod graphs;
+mod sparse;
 mod workspace;
 
 use half::bf16;
@@ -17,14 +18,15 @@ use radix_kernels::attention::{
 };
 use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape};
 use radix_kernels::ops::{self, SampleRow};
-use radix_kernels::sparse::{self as sparse_select, SelectBuffers, SelectSizes, SparseShape};
+use radix_kernels::sparse as sparse_select;
 use radix_kv::SparsePolicy;
 
 use self::graphs::{
     BucketGraph, Graphs, all_buckets, bucket_for, is_decode_step, pad_step, scratch_prefill,
     scratch_step,
 };
-use self::workspace::{ActShape, Caps, Workspace};
+use self::sparse::{SparsePlan, SparseStep};
+use self::workspace::{ActShape, Caps, Workspace, put};
 use crate::backend::{Activation, Backend, OwnedStep, StepInput, StepMode, StepPlan};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -65,16 +67,6 @@ struct StepState {
     attention: AttentionBatch,
     /// The sparse layers' selection and attention, when a sequence of the step is sparse.
     sparse: Option<SparseStep>,
-}
-
-/// A step's sparse paging: per sparse layer, scores and selection write per-head page
-/// tables that `attention` (with `head_tables`) then reads.
-struct SparseStep {
-    policy: SparsePolicy,
-    shape: SparseShape,
-    sizes: SelectSizes,
-    select: SelectBuffers,
-    attention: AttentionBatch,
 }
 
 /// GPU time per op category, from events around every op (when profiling is on).
@@ -138,7 +130,7 @@ pub struct CudaBackend {
     capturing: Option<(usize, bool)>,
     padded: OwnedStep,
     /// Sparse paging, when on (`Backend::set_sparse`): key bounds per layer beside the pool.
-    sparse: Option<radix_kv::SparsePolicy>,
+    sparse: Option<SparsePolicy>,
     bounds: Vec<DeviceBuffer<bf16>>,
 }
 
@@ -345,39 +337,12 @@ impl CudaBackend {
         };
         pad(tiles, &mut plan)?;
         // Sparse paging: the per-head tables' sizes and their attention plan.
-        let sparse_plan = match self.sparse_policy_for(s)? {
+        let sparse_plan = match sparse::policy_for(self.sparse, s)? {
             None => None,
-            Some(policy) => {
-                let sshape = SparseShape {
-                    num_qo_heads: pool.num_qo_heads,
-                    num_kv_heads: pool.num_kv_heads,
-                    head_dim: pool.head_dim,
-                    sink_pages: policy.sink_pages,
-                    window_pages: policy.window_pages,
-                };
-                let indptr = sparse_select::sparse_indptr(s.kv_indptr, s.kv_keep, &sshape)
-                    .map_err(ModelError::Invalid)?;
-                let entries = *indptr.last().unwrap_or(&0) as usize;
-                // Page ids are chosen on the device; the host plans from lengths only.
-                let smeta = BatchMeta::new(
-                    s.qo_indptr.to_vec(),
-                    KvSource::Paged {
-                        page_size: pool.page_size,
-                        num_pages: pool.num_pages,
-                        kv_indptr: indptr,
-                        kv_indices: vec![0; entries],
-                        kv_last_page_len: s.kv_last_page_len.to_vec(),
-                        head_tables: true,
-                    },
-                    true,
-                )?;
-                let (stiles, mut splan) = plan_batch(&self.device, &shape, &smeta, None, None)?;
-                pad(stiles, &mut splan)?;
-                Some((policy, sshape, smeta, stiles, splan, entries))
-            }
+            Some(policy) => Some(SparsePlan::new(&self.device, &pool, &shape, s, policy, pad)?),
         };
         let splan_len = |f: fn(&radix_kernels::attention::Plan) -> usize| {
-            sparse_plan.as_ref().map_or(0, |p| f(&p.4))
+            sparse_plan.as_ref().map_or(0, |p| f(&p.plan))
         };
         let need = Caps {
             tokens: n,
@@ -401,11 +366,6 @@ impl CudaBackend {
         let l = ws.layout;
         {
             let h = ws.staging.write()?;
-            let put = |h: &mut [i32], off: usize, src: &mut dyn Iterator<Item = i32>| {
-                for (d, v) in h[off..].iter_mut().zip(src) {
-                    *d = v;
-                }
-            };
             put(h, l.tokens, &mut s.tokens.iter().map(|&t| t as i32));
             put(h, l.positions, &mut s.positions.iter().copied());
             put(h, l.slots, &mut s.slots.iter().copied());
@@ -417,13 +377,8 @@ impl CudaBackend {
             put(h, l.touched_filled, &mut filled.iter().copied());
             put(h, l.work, &mut plan.work_words());
             put(h, l.merge, &mut plan.merge_words());
-            if let Some((_, _, smeta, _, splan, _)) = &sparse_plan {
-                put(h, l.keep, &mut s.kv_keep.iter().copied());
-                if let KvSource::Paged { kv_indptr, .. } = &smeta.kv {
-                    put(h, l.sparse_indptr, &mut kv_indptr.iter().copied());
-                }
-                put(h, l.sparse_work, &mut splan.work_words());
-                put(h, l.sparse_merge, &mut splan.merge_words());
+            if let Some(sp) = &sparse_plan {
+                sp.stage(h, &l, s);
             }
             put(h, l.kv_indices, &mut s.kv_indices.iter().copied());
         }
@@ -460,44 +415,7 @@ impl CudaBackend {
             AttentionBatch::from_parts(&self.device, shape, meta, tiles, plan, buffers)?;
         let sparse = match sparse_plan {
             None => None,
-            Some((policy, sshape, smeta, stiles, splan, entries)) => {
-                let rows_h = batch * sshape.num_kv_heads + 1;
-                // SAFETY: as for the metadata views.
-                let (partial_o, partial_lse, tables, scores, tables_w) = unsafe {
-                    (
-                        ws.partial_o.view(0, partial * shape.head_dim)?,
-                        ws.partial_lse.view(0, partial)?,
-                        ws.sparse_indices.view(0, entries.max(1))?,
-                        ws.page_scores
-                            .view(0, (s.kv_indices.len() * sshape.num_kv_heads).max(1))?,
-                        ws.sparse_indices.view(0, entries.max(1))?,
-                    )
-                };
-                let buffers = AttentionBuffers {
-                    qo_indptr: v(l.qo_indptr, batch + 1)?,
-                    kv_indptr: v(l.sparse_indptr, rows_h)?,
-                    kv_indices: tables,
-                    kv_last_page_len: v(l.kv_last_page_len, batch)?,
-                    work: v(l.sparse_work, 6 * splan.work.len())?,
-                    merge: v(l.sparse_merge, 4 * splan.merge.len())?,
-                    partial_o,
-                    partial_lse,
-                };
-                let select = SelectBuffers {
-                    qo_indptr: v(l.qo_indptr, batch + 1)?,
-                    kv_indptr: v(l.kv_indptr, batch + 1)?,
-                    kv_indices: v(l.kv_indices, s.kv_indices.len().max(1))?,
-                    keep: v(l.keep, batch)?,
-                    out_indptr: v(l.sparse_indptr, rows_h)?,
-                    out_indices: tables_w,
-                    scores,
-                };
-                let sizes =
-                    SelectSizes { batch, dense_pages: s.kv_indices.len(), sparse_entries: entries };
-                let attention =
-                    AttentionBatch::from_parts(&self.device, shape, smeta, stiles, splan, buffers)?;
-                Some(SparseStep { policy, shape: sshape, sizes, select, attention })
-            }
+            Some(sp) => Some(sp.into_step(&self.device, ws, s, partial)?),
         };
         self.step = Some(StepState {
             tokens: v(l.tokens, n)?,
@@ -509,35 +427,6 @@ impl CudaBackend {
             sparse,
         });
         Ok(())
-    }
-
-    /// The sparse policy when this step has a sequence attending to fewer pages than it
-    /// has (`kv_keep`), after checking `kv_keep` fits the batch.
-    fn sparse_policy_for(&self, s: &StepInput) -> Result<Option<SparsePolicy>> {
-        if s.kv_keep.is_empty() {
-            return Ok(None);
-        }
-        let batch = s.batch_size();
-        Self::check(s.kv_keep.len() == batch, || {
-            format!("kv_keep has {} entries for a batch of {batch}", s.kv_keep.len())
-        })?;
-        let Some(policy) = self.sparse else {
-            return Err(ModelError::Invalid(
-                "kv_keep given but sparse paging is off (set_sparse before init_kv)".into(),
-            ));
-        };
-        let q_lens = s.qo_indptr.windows(2).map(|w| w[1] - w[0]);
-        let pages = s.kv_indptr.windows(2).map(|w| w[1] - w[0]);
-        let mut any = false;
-        for (b, (&k, (q, n))) in s.kv_keep.iter().zip(q_lens.zip(pages)).enumerate() {
-            if k > 0 && k < n {
-                Self::check(q == 1, || {
-                    format!("sequence {b} has {q} queries: only decode rows attend sparsely")
-                })?;
-                any = true;
-            }
-        }
-        Ok(any.then_some(policy))
     }
 
     /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests).
@@ -618,7 +507,7 @@ impl Backend for CudaBackend {
         Ok(GpuWeight { buf: self.device.upload(&to_bf16(&t.data))?, rows, cols })
     }
 
-    fn set_sparse(&mut self, policy: Option<radix_kv::SparsePolicy>) -> Result<()> {
+    fn set_sparse(&mut self, policy: Option<SparsePolicy>) -> Result<()> {
         if let Some(p) = &policy {
             p.validate().map_err(ModelError::Invalid)?;
         }
@@ -687,7 +576,7 @@ impl Backend for CudaBackend {
             None
         };
         // Sparse steps launch more kernels: they have graphs of their own.
-        let sparse = self.sparse_policy_for(s)?.is_some();
+        let sparse = sparse::policy_for(self.sparse, s)?.is_some();
         if let Some(b) = bucket
             && matches!(self.graphs.buckets.get(&(b, sparse)), Some(BucketGraph::Failed))
         {

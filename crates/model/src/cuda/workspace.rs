@@ -126,6 +126,13 @@ impl MetaLayout {
     }
 }
 
+/// Writes `src` into the staging words from `off` on (the layout sized the region).
+pub fn put(h: &mut [i32], off: usize, src: &mut dyn Iterator<Item = i32>) {
+    for (d, v) in h[off..].iter_mut().zip(src) {
+        *d = v;
+    }
+}
+
 /// The model sizes the workspace depends on.
 #[derive(Clone, Copy, Debug)]
 pub struct ActShape {
