@@ -128,11 +128,9 @@ impl Engine {
                 cfg.max_batched_tokens, cfg.max_running
             ));
         }
-        if let Some(sp) = &cfg.sparse {
-            sp.policy.validate().map_err(EngineError::Config)?;
-        }
         let pool = PagePool::new(cfg.num_pages, cfg.page_size)
             .map_err(|e| EngineError::Config(e.to_string()))?;
+        // The backend validates the policy (a window of at least one page).
         runner
             .set_sparse(cfg.sparse.map(|s| s.policy))
             .map_err(|e| EngineError::Config(e.to_string()))?;

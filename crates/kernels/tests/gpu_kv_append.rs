@@ -105,11 +105,11 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
         }
     }
     // Bounds of every touched page cover exactly its filled keys (from the stored values).
-    let pool64: Vec<f64> = k_pool.iter().map(|x| x.to_f64()).collect();
     let got = bounds.to_vec().unwrap();
     for (&page, &fill) in &all_touched {
         for kh in 0..shape.num_kv_heads {
-            let (lo, hi) = key_bounds_reference(&shape, &pool64, page, kh, fill);
+            let base = (page * shape.num_kv_heads + kh) * shape.page_size * d;
+            let (lo, hi) = key_bounds_reference(&k_pool[base..base + fill * d], d);
             let at = (page * shape.num_kv_heads + kh) * 2 * d;
             for j in 0..d {
                 assert_eq!(got[at + j].to_f64(), lo[j], "min page {page} head {kh} dim {j}");

@@ -10,6 +10,7 @@ use radix_gpu::{Device, DeviceBuffer, Element, HalfFloat, Jit, require_gpu};
 use radix_kernels::attention::{
     AttentionBatch, AttentionShape, BatchMeta, KvSource, attention_reference,
 };
+use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::relative_error;
 use radix_kernels::sparse::{
     SelectBuffers, SelectSizes, SparseShape, scores_reference, select, select_reference,
@@ -47,12 +48,9 @@ fn bounds_of<T: Element>(
         for h in 0..hkv {
             let base = (p * hkv + h) * PS * d;
             let at = (p * hkv + h) * 2 * d;
-            for j in 0..d {
-                let vals = (0..fill).map(|s| k[base + s * d + j].to_f64());
-                let lo = vals.clone().fold(f64::INFINITY, f64::min);
-                let hi = vals.fold(f64::NEG_INFINITY, f64::max);
-                out[at + j] = T::from_f64(lo);
-                out[at + d + j] = T::from_f64(hi);
+            let (lo, hi) = key_bounds_reference(&k[base..base + fill * d], d);
+            for (o, x) in out[at..at + 2 * d].iter_mut().zip(lo.iter().chain(&hi)) {
+                *o = T::from_f64(*x);
             }
         }
     }

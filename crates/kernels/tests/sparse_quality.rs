@@ -9,6 +9,7 @@
 //!   kept share of the exact softmax mass and the output error, per budget, beside an
 //!   oracle that keeps the pages of most mass.
 
+use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::sparse::{page_score_reference, select_reference};
 use radix_kv::{SparseBudget, SparsePolicy};
 use rand::seq::index::sample;
@@ -42,14 +43,7 @@ impl Head {
         self.keys
             .chunks(PAGE_SIZE * HEAD_DIM)
             .map(|page| {
-                let mut lo = vec![f64::INFINITY; HEAD_DIM];
-                let mut hi = vec![f64::NEG_INFINITY; HEAD_DIM];
-                for key in page.chunks(HEAD_DIM) {
-                    for d in 0..HEAD_DIM {
-                        lo[d] = lo[d].min(key[d] as f64);
-                        hi[d] = hi[d].max(key[d] as f64);
-                    }
-                }
+                let (lo, hi) = key_bounds_reference(page, HEAD_DIM);
                 page_score_reference(&self.queries, &lo, &hi) as f32
             })
             .collect()

@@ -6,6 +6,7 @@
 
 mod common;
 
+use radix_kernels::kv_append::key_bounds_reference;
 use radix_kv::{SparseBudget, SparsePolicy};
 use radix_model::{Backend, CpuBackend, CudaBackend, LlamaModel, ModelSource, StepInput};
 
@@ -248,15 +249,13 @@ fn sparse_decode_on_the_gpu() {
                 let page = b * 64 + p;
                 let filled = (len - p * PS).min(PS);
                 for h in 0..hkv {
+                    let base = (page * hkv + h) * PS * hd;
+                    let (lo, hi) = key_bounds_reference(&keys[base..base + filled * hd], hd);
                     for j in 0..hd {
-                        let vals = (0..filled)
-                            .map(|slot| keys[((page * hkv + h) * PS + slot) * hd + j].to_f32());
-                        let lo = vals.clone().fold(f32::INFINITY, f32::min);
-                        let hi = vals.fold(f32::NEG_INFINITY, f32::max);
                         let at = (page * hkv + h) * 2 * hd;
                         assert_eq!(
-                            (bounds[at + j].to_f32(), bounds[at + hd + j].to_f32()),
-                            (lo, hi),
+                            (bounds[at + j].to_f64(), bounds[at + hd + j].to_f64()),
+                            (lo[j], hi[j]),
                             "layer {layer} seq {b} ({} tokens) page {p} head {h} dim {j}",
                             seq.len()
                         );

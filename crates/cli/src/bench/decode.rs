@@ -235,7 +235,7 @@ fn time_sparse<T: HalfFloat>(
     o: &mut radix_gpu::DeviceBuffer<T>,
 ) -> anyhow::Result<Option<SparseTiming>> {
     use radix_kernels::sparse::{
-        SelectBuffers, SelectSizes, SparseShape, Stages, select, select_stages, sparse_indptr,
+        SelectBuffers, SelectSizes, SparseShape, Stages, select, select_stages, sparse_meta,
     };
     let KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, num_pages, .. } = &meta.kv
     else {
@@ -257,7 +257,19 @@ fn time_sparse<T: HalfFloat>(
         sink_pages: policy.sink_pages,
         window_pages: policy.window_pages,
     };
-    let indptr = sparse_indptr(kv_indptr, &keep, &sshape).map_err(anyhow::Error::msg)?;
+    // The attention batch over the per-head tables the selection writes.
+    let smeta = sparse_meta(
+        &sshape,
+        &meta.qo_indptr,
+        kv_indptr,
+        kv_last_page_len,
+        &keep,
+        a.page_size,
+        *num_pages,
+    )?;
+    let KvSource::Paged { kv_indptr: indptr, .. } = &smeta.kv else {
+        unreachable!("sparse_meta builds a paged batch")
+    };
     let entries = *indptr.last().unwrap() as usize;
     let batch = keep.len();
     let mut bufs = SelectBuffers {
@@ -265,25 +277,11 @@ fn time_sparse<T: HalfFloat>(
         kv_indptr: device.upload(kv_indptr)?,
         kv_indices: device.upload(kv_indices)?,
         keep: device.upload(&keep)?,
-        out_indptr: device.upload(&indptr)?,
+        out_indptr: device.upload(indptr)?,
         out_indices: device.alloc(entries)?,
         scores: device.alloc(kv_indices.len() * a.kv_heads)?,
     };
     let sizes = SelectSizes { batch, dense_pages: kv_indices.len(), sparse_entries: entries };
-    // The attention batch over the per-head tables the selection writes (its host copy
-    // of the page ids is a placeholder: the kernel reads the device's).
-    let smeta = BatchMeta::new(
-        meta.qo_indptr.clone(),
-        KvSource::Paged {
-            page_size: a.page_size,
-            num_pages: *num_pages,
-            kv_indptr: indptr,
-            kv_indices: vec![0; entries],
-            kv_last_page_len: kv_last_page_len.clone(),
-            head_tables: true,
-        },
-        true,
-    )?;
     let shape = AttentionShape::new(a.heads, a.kv_heads, a.head_dim, true);
     let (tiles, plan) =
         radix_kernels::attention::plan_batch(device, &shape, &smeta, None, a.target_blocks)?;
@@ -292,7 +290,7 @@ fn time_sparse<T: HalfFloat>(
     let tables = unsafe { bufs.out_indices.view(0, entries) }?;
     let buffers = radix_kernels::attention::AttentionBuffers {
         qo_indptr: device.upload(&meta.qo_indptr)?,
-        kv_indptr: device.upload(&bufs.out_indptr.to_vec()?)?,
+        kv_indptr: device.upload(indptr)?,
         kv_indices: tables,
         kv_last_page_len: device.upload(kv_last_page_len)?,
         work: device.upload(&plan.work_words().collect::<Vec<_>>())?,

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use radix_kernels::kv_append::key_bounds_reference;
+use radix_kernels::relative_error;
 use radix_kv::{SparseBudget, SparsePolicy};
-use radix_model::cpu::{key_bounds, select_pages};
+use radix_model::cpu::select_pages;
 use radix_model::{Backend, CpuBackend, LlamaModel, ModelSource, StepInput};
 use serde::Serialize;
 
@@ -200,6 +202,7 @@ fn measure(a: &SparseQualityArgs) -> anyhow::Result<Report> {
     // The last token, dense, with the probe on.
     model.backend.set_probe(true);
     let dense_logits = forward(&mut model, &tokens, n - 1, n, ps, &[])?;
+    let dense_ref: Vec<f64> = dense_logits.iter().map(|&x| x as f64).collect();
     let sparse_layers: Vec<usize> =
         (0..cfg.num_layers).filter(|&l| policy.layer_is_sparse(l)).collect();
     let seq = Pages { pages, page_size: ps, last_len: n - (pages - 1) * ps };
@@ -232,7 +235,7 @@ fn measure(a: &SparseQualityArgs) -> anyhow::Result<Report> {
             mean_rel_err: mean(&mut all.iter().map(|x| x.1)),
             max_rel_err: all.iter().map(|x| x.1).fold(0.0, f64::max),
             layer_mean_mass: layers.iter().map(|l| mean(&mut l.iter().map(|x| x.0))).collect(),
-            logits_rel_err: rel_err(&logits, &dense_logits),
+            logits_rel_err: relative_error(&logits, &dense_ref),
             top1_agrees: radix_model::sampling::argmax(&logits)
                 == radix_model::sampling::argmax(&dense_logits),
         });
@@ -312,7 +315,7 @@ fn layer_quality(
             let at = h * ps * d;
             keys.extend_from_slice(&k[at..at + filled * d]);
             values.extend_from_slice(&v[at..at + filled * d]);
-            bounds.push(key_bounds(&k[at..at + filled * d], d));
+            bounds.push(key_bounds_reference(&k[at..at + filled * d], d));
         }
         let page_of = |j: usize| j / ps;
         let q_group = &q[h * group * d..(h + 1) * group * d];
@@ -368,12 +371,6 @@ fn rel_err_f64(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
     let den: f64 = want.iter().map(|w| w * w).sum();
     (num / den).sqrt()
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
-    let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-    rel_err_f64(&got, &want)
 }
 
 #[cfg(test)]

@@ -274,6 +274,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bounds_are_the_elementwise_extremes() {
+        let (lo, hi) = key_bounds_reference(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.0], 2);
+        assert_eq!((lo, hi), (vec![-1.0, -2.0], vec![1.0, 3.0]));
+    }
+
+    #[test]
     fn touched_pages_take_the_highest_offset() {
         let b = AppendBatch { positions: &[0, 1, 2, 3], slots: &[33, 32, 34, 5] };
         assert_eq!(b.touched_pages(16), (vec![0, 2], vec![6, 3]));

@@ -43,23 +43,15 @@ pub fn append_reference<T: Element>(
     (q_out, k, v)
 }
 
-/// Min and max of the first `filled` keys of `page`, kv head `kh`, per dim.
-pub fn key_bounds_reference(
-    shape: &PoolShape,
-    k_pool: &[f64],
-    page: usize,
-    kh: usize,
-    filled: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let (d, ps) = (shape.head_dim, shape.page_size);
-    let base = (page * shape.num_kv_heads + kh) * ps * d;
-    let mut lo = vec![f64::INFINITY; d];
-    let mut hi = vec![f64::NEG_INFINITY; d];
-    for s in 0..filled {
-        for j in 0..d {
-            let x = k_pool[base + s * d + j];
-            lo[j] = lo[j].min(x);
-            hi[j] = hi[j].max(x);
+/// Element-wise min and max of the keys `[filled, head_dim]` of one page and kv head:
+/// the per-page key bounds (Quest's), in f64 (exact copies of the keys).
+pub fn key_bounds_reference<T: Element>(keys: &[T], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut lo = vec![f64::INFINITY; head_dim];
+    let mut hi = vec![f64::NEG_INFINITY; head_dim];
+    for key in keys.chunks(head_dim) {
+        for ((l, h), x) in lo.iter_mut().zip(hi.iter_mut()).zip(key) {
+            *l = l.min(x.to_f64());
+            *h = h.max(x.to_f64());
         }
     }
     (lo, hi)

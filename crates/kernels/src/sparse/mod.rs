@@ -13,6 +13,7 @@ use radix_gpu::{Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Resu
 
 pub use reference::{page_score_reference, scores_reference, select_reference};
 
+use crate::attention::{BatchMeta, KvSource};
 use crate::{HEADERS, dtype_define};
 
 pub const SOURCE: SourceFile =
@@ -77,6 +78,35 @@ pub fn sparse_indptr(
         }
     }
     Ok(out)
+}
+
+/// The attention metadata over the per-head tables a selection will write: the offsets
+/// of `sparse_indptr`, the dense table's last-page lengths, and placeholder page ids
+/// (valid, so the host can plan from lengths alone; the kernel reads the device's).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_meta(
+    shape: &SparseShape,
+    qo_indptr: &[i32],
+    kv_indptr: &[i32],
+    kv_last_page_len: &[i32],
+    keep: &[i32],
+    page_size: usize,
+    num_pages: usize,
+) -> Result<BatchMeta> {
+    let indptr = sparse_indptr(kv_indptr, keep, shape).map_err(GpuError::Invalid)?;
+    let entries = *indptr.last().unwrap_or(&0) as usize;
+    BatchMeta::new(
+        qo_indptr.to_vec(),
+        KvSource::Paged {
+            page_size,
+            num_pages,
+            kv_indptr: indptr,
+            kv_indices: vec![0; entries],
+            kv_last_page_len: kv_last_page_len.to_vec(),
+            head_tables: true,
+        },
+        true,
+    )
 }
 
 /// Mirrors `ScoreParams` in sparse.cu.

@@ -3,8 +3,9 @@
 //!
 //! Sparse paging (Quest): a decode query may attend to a subset of its sequence's pages,
 //! chosen per kv head by `sparse_heads` from the element-wise key bounds of each page
-//! (`key_bounds`), the kernels' f64 score reference and their selection order.
+//! (`key_bounds_reference`), the kernels' f64 score reference and their selection order.
 
+use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::sparse::{page_score_reference, select_reference};
 use radix_kv::SparsePolicy;
 use rayon::prelude::*;
@@ -29,20 +30,6 @@ pub struct Table<'a> {
 /// The pages each (sequence, kv head) attends to, `[batch × num_kv_heads]`: positions
 /// in the sequence's page list, ascending; `None` is all of them (dense).
 pub type HeadPages = Vec<Option<Vec<usize>>>;
-
-/// Element-wise min and max over the keys `[filled, head_dim]` of one page and kv head:
-/// Quest's bounds, in f64 (exact copies of the f32 keys).
-pub fn key_bounds(keys: &[f32], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut lo = vec![f64::INFINITY; head_dim];
-    let mut hi = vec![f64::NEG_INFINITY; head_dim];
-    for key in keys.chunks(head_dim) {
-        for ((l, h), &x) in lo.iter_mut().zip(hi.iter_mut()).zip(key) {
-            *l = l.min(x as f64);
-            *h = h.max(x as f64);
-        }
-    }
-    (lo, hi)
-}
 
 /// Quest's choice for one (sequence, kv head): each page's bound of q·k summed over the
 /// group's queries `q_group` (`[group, head_dim]`, RoPE applied), computed in f64 and
@@ -97,7 +84,7 @@ pub fn sparse_heads(
                 .map(|(p, &page)| {
                     let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
                     let at = (page as usize * hkv + kvh) * ps * d;
-                    key_bounds(&k[at..at + filled * d], d)
+                    key_bounds_reference(&k[at..at + filled * d], d)
                 })
                 .collect();
             let row = t.qo_indptr[b] as usize;
@@ -242,11 +229,5 @@ mod tests {
         // Keeping every page, or a prefill query, is dense.
         assert_eq!(sparse_heads(&g, &table(), &[10], &policy, &q, &k).unwrap(), vec![None, None]);
         assert_eq!(sparse_heads(&g, &table(), &[0], &policy, &q, &k).unwrap(), vec![None, None]);
-    }
-
-    #[test]
-    fn bounds_are_the_elementwise_extremes() {
-        let (lo, hi) = key_bounds(&[1.0, -2.0, 0.5, 3.0, -1.0, 0.0], 2);
-        assert_eq!((lo, hi), (vec![-1.0, -2.0], vec![1.0, 3.0]));
     }
 }

@@ -9,7 +9,7 @@
 mod attention;
 mod linear;
 
-pub use attention::{key_bounds, select_pages};
+pub use attention::select_pages;
 
 use crate::backend::{Activation, Backend, StepInput, StepPlan};
 use crate::config::ModelConfig;

@@ -293,8 +293,15 @@ impl CudaBackend {
     }
 
     /// Plans the step, writes its metadata into the workspace (one pinned upload) and
-    /// sets up the ops' views of it. `bucket`: pad the attention work to that graph's.
-    fn stage_step(&mut self, s: &StepInput, real_rows: usize, bucket: Option<usize>) -> Result<()> {
+    /// sets up the ops' views of it. `bucket`: pad the attention work to that graph's;
+    /// `sparse`: the policy when the step has sparse rows (`sparse::policy_for`).
+    fn stage_step(
+        &mut self,
+        s: &StepInput,
+        real_rows: usize,
+        bucket: Option<usize>,
+        sparse: Option<SparsePolicy>,
+    ) -> Result<()> {
         let pool = self.pool()?;
         let (n, batch, rows) = (s.tokens.len(), s.batch_size(), s.logit_rows.len());
         let append_batch = AppendBatch { positions: s.positions, slots: s.slots };
@@ -337,7 +344,7 @@ impl CudaBackend {
         };
         pad(tiles, &mut plan)?;
         // Sparse paging: the per-head tables' sizes and their attention plan.
-        let sparse_plan = match sparse::policy_for(self.sparse, s)? {
+        let sparse_plan = match sparse {
             None => None,
             Some(policy) => Some(SparsePlan::new(&self.device, &pool, &shape, s, policy, pad)?),
         };
@@ -575,21 +582,25 @@ impl Backend for CudaBackend {
         } else {
             None
         };
-        // Sparse steps launch more kernels: they have graphs of their own.
-        let sparse = sparse::policy_for(self.sparse, s)?.is_some();
+        // Sparse steps launch more kernels: they have graphs of their own. (Padding rows
+        // stay dense, so the padded step has the same answer.)
+        let policy = sparse::policy_for(self.sparse, s)?;
+        let sparse = policy.is_some();
         if let Some(b) = bucket
             && matches!(self.graphs.buckets.get(&(b, sparse)), Some(BucketGraph::Failed))
         {
-            return self.stage_step(s, s.logit_rows.len(), None).map(|()| StepPlan::eager(s));
+            return self
+                .stage_step(s, s.logit_rows.len(), None, policy)
+                .map(|()| StepPlan::eager(s));
         }
         let mut padded = std::mem::take(&mut self.padded);
         let staged = match bucket {
             Some(b) => {
                 let scratch = (pool.num_pages - 1) as i32;
                 pad_step(&mut padded, s, b, scratch, pool.page_size);
-                self.stage_step(&padded.as_input(), s.logit_rows.len(), Some(b))
+                self.stage_step(&padded.as_input(), s.logit_rows.len(), Some(b), policy)
             }
-            None => self.stage_step(s, s.logit_rows.len(), None),
+            None => self.stage_step(s, s.logit_rows.len(), None, policy),
         };
         self.padded = padded;
         staged?;

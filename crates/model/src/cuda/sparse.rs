@@ -11,7 +11,7 @@ use radix_kernels::attention::{
     plan_batch,
 };
 use radix_kernels::kv_append::PoolShape;
-use radix_kernels::sparse::{SelectBuffers, SelectSizes, SparseShape, sparse_indptr};
+use radix_kernels::sparse::{SelectBuffers, SelectSizes, SparseShape, sparse_meta};
 use radix_kv::SparsePolicy;
 
 use super::workspace::{MetaLayout, Workspace, put};
@@ -68,8 +68,6 @@ pub(super) struct SparsePlan {
     meta: BatchMeta,
     tiles: TileConfig,
     pub plan: Plan,
-    /// Entries of all the per-head tables.
-    entries: usize,
 }
 
 impl SparsePlan {
@@ -90,34 +88,34 @@ impl SparsePlan {
             sink_pages: policy.sink_pages,
             window_pages: policy.window_pages,
         };
-        let indptr = sparse_indptr(s.kv_indptr, s.kv_keep, &shape).map_err(ModelError::Invalid)?;
-        let entries = *indptr.last().unwrap_or(&0) as usize;
-        // Page ids are chosen on the device; the host plans from lengths only (the ids
-        // here are placeholders that pass validation).
-        let meta = BatchMeta::new(
-            s.qo_indptr.to_vec(),
-            KvSource::Paged {
-                page_size: pool.page_size,
-                num_pages: pool.num_pages,
-                kv_indptr: indptr,
-                kv_indices: vec![0; entries],
-                kv_last_page_len: s.kv_last_page_len.to_vec(),
-                head_tables: true,
-            },
-            true,
+        // Page ids are chosen on the device; the host plans from lengths only.
+        let meta = sparse_meta(
+            &shape,
+            s.qo_indptr,
+            s.kv_indptr,
+            s.kv_last_page_len,
+            s.kv_keep,
+            pool.page_size,
+            pool.num_pages,
         )?;
         let (tiles, mut plan) = plan_batch(device, attention, &meta, None, None)?;
         pad(tiles, &mut plan)?;
-        Ok(Self { policy, shape, meta, tiles, plan, entries })
+        Ok(Self { policy, shape, meta, tiles, plan })
+    }
+
+    /// The per-head tables' offsets, `[batch × num_kv_heads + 1]`.
+    fn offsets(&self) -> &[i32] {
+        match &self.meta.kv {
+            KvSource::Paged { kv_indptr, .. } => kv_indptr,
+            KvSource::Contiguous { .. } => unreachable!("sparse_meta builds a paged batch"),
+        }
     }
 
     /// Writes the sparse metadata (pages kept, table offsets, the plan) into the step's
     /// pinned staging `h` at layout `l`.
     pub fn stage(&self, h: &mut [i32], l: &MetaLayout, s: &StepInput) {
         put(h, l.keep, &mut s.kv_keep.iter().copied());
-        if let KvSource::Paged { kv_indptr, .. } = &self.meta.kv {
-            put(h, l.sparse_indptr, &mut kv_indptr.iter().copied());
-        }
+        put(h, l.sparse_indptr, &mut self.offsets().iter().copied());
         put(h, l.sparse_work, &mut self.plan.work_words());
         put(h, l.sparse_merge, &mut self.plan.merge_words());
     }
@@ -135,7 +133,7 @@ impl SparsePlan {
         let l = ws.layout;
         let v = |off: usize, len: usize| ws.meta_view(off, len);
         let rows_h = batch * hkv + 1;
-        let (dense, entries) = (s.kv_indices.len(), self.entries);
+        let (dense, entries) = (s.kv_indices.len(), *self.offsets().last().unwrap_or(&0) as usize);
         // SAFETY: views of the workspace, which `begin_step` drops (with the step state
         // holding them) before replacing it.
         let (partial_o, partial_lse, tables, tables_w, scores) = unsafe {

@@ -53,12 +53,6 @@ impl Sequence {
     }
 }
 
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| w * w).sum();
-    (num / den).sqrt()
-}
-
 /// How closely a backend must reproduce a fixture.
 pub struct Tolerance {
     /// Relative error of the logits.
@@ -98,7 +92,7 @@ pub fn check<B: Backend>(name: &str, make: impl Fn() -> B, tol: Tolerance) {
         let mut seq = Sequence { tokens: ids.clone(), computed: 0 };
         let got = seq.step(&mut model, &rows);
         for (i, want) in want_rows.iter().enumerate() {
-            let err = rel_err(&got[i * vocab..(i + 1) * vocab], want);
+            let err = radix_kernels::relative_error(&got[i * vocab..(i + 1) * vocab], want);
             assert!(
                 err <= tol.logits,
                 "{name} {prompt:?} position {}: logits rel err {err:.2e}",
