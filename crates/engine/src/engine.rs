@@ -530,13 +530,14 @@ impl Engine {
         self.runner.sample(&requests).map_err(|e| e.to_string())
     }
 
-    /// Adds a step's KV reads (bf16), dense and with sparse selection, to the stats:
+    /// Adds a step's KV reads (bf16 K/V, int8 key-bounds records), dense and with sparse
+    /// selection, to the stats:
     /// `dense` and `kept` pages per layer of the step's sequences, and the `scored` pages
     /// whose key bounds the selection reads; the first layers read all pages.
     fn count_kv_reads(&mut self, policy: SparsePolicy, dense: usize, kept: usize, scored: usize) {
         let c = self.runner.config();
         let page = 2 * c.num_kv_heads * self.cfg.page_size * c.head_dim * 2;
-        let bounds = c.num_kv_heads * 2 * c.head_dim * 2;
+        let bounds = c.num_kv_heads * radix_kv::bounds_record_bytes(c.head_dim);
         let layers = c.num_layers;
         let dense_layers = policy.dense_layers.min(layers);
         let sparse_layers = layers - dense_layers;

@@ -16,6 +16,7 @@ use radix_gpu::{DType, Element, HalfFloat, KernelSpec, SourceFile};
 pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "common/types.cuh", code: include_str!("common/types.cuh") },
     SourceFile { path: "common/mma.cuh", code: include_str!("common/mma.cuh") },
+    SourceFile { path: "common/key_bounds.cuh", code: include_str!("common/key_bounds.cuh") },
 ];
 
 /// The `-DDTYPE=` value for element type `T` (see common/types.cuh).

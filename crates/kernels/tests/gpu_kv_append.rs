@@ -4,8 +4,9 @@
 
 use half::{bf16, f16};
 use radix_gpu::{DType, Element, HalfFloat, Jit, require_gpu};
+use radix_kernels::kv_append::bounds::{decode, record_bytes};
 use radix_kernels::kv_append::{
-    AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_reference,
+    AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_record,
 };
 use radix_kernels::rope::{Llama3Scaling, RopeConfig};
 use rand::seq::SliceRandom;
@@ -36,7 +37,7 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
     let (dk_init, dv_init) = (k_pool.clone(), v_pool.clone());
     let mut dk = dev.upload(&k_pool).unwrap();
     let mut dv = dev.upload(&v_pool).unwrap();
-    let mut bounds = dev.alloc::<T>(shape.bounds_elems()).unwrap();
+    let mut bounds = dev.alloc::<u8>(shape.bounds_bytes()).unwrap();
     bounds.fill_bytes(0xFF).unwrap();
 
     // Two sequences on shuffled pages, filled over three steps (prefill chunk, then two
@@ -104,16 +105,23 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
             );
         }
     }
-    // Bounds of every touched page cover exactly its filled keys (from the stored values).
+    // The bounds record of every touched page is, to the bit, the reference's for its
+    // filled keys (from the stored values), and contains each of those keys.
     let got = bounds.to_vec().unwrap();
+    let rb = record_bytes(d);
     for (&page, &fill) in &all_touched {
         for kh in 0..shape.num_kv_heads {
             let base = (page * shape.num_kv_heads + kh) * shape.page_size * d;
-            let (lo, hi) = key_bounds_reference(&k_pool[base..base + fill * d], d);
-            let at = (page * shape.num_kv_heads + kh) * 2 * d;
-            for j in 0..d {
-                assert_eq!(got[at + j].to_f64(), lo[j], "min page {page} head {kh} dim {j}");
-                assert_eq!(got[at + d + j].to_f64(), hi[j], "max page {page} head {kh} dim {j}");
+            let keys = &k_pool[base..base + fill * d];
+            let at = (page * shape.num_kv_heads + kh) * rb;
+            let record = &got[at..at + rb];
+            assert_eq!(record, &key_bounds_record(keys, d)[..], "page {page} head {kh}");
+            let (lo, hi) = decode(record, d);
+            for key in keys.chunks(d) {
+                for (j, x) in key.iter().enumerate() {
+                    let x = x.to_f64();
+                    assert!(lo[j] <= x && x <= hi[j], "page {page} head {kh} dim {j}: {x}");
+                }
             }
         }
     }

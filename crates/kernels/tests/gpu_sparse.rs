@@ -10,7 +10,8 @@ use radix_gpu::{Device, DeviceBuffer, Element, HalfFloat, Jit, require_gpu};
 use radix_kernels::attention::{
     AttentionBatch, AttentionShape, BatchMeta, KvSource, attention_reference,
 };
-use radix_kernels::kv_append::key_bounds_reference;
+use radix_kernels::kv_append::bounds::{encode, record_bytes};
+use radix_kernels::kv_append::key_bounds_record;
 use radix_kernels::relative_error;
 use radix_kernels::sparse::{
     SelectBuffers, SelectSizes, SparseShape, scores_reference, select, select_reference,
@@ -33,7 +34,8 @@ struct Setup<T> {
     q: Vec<T>,
     k: Vec<T>,
     v: Vec<T>,
-    bounds: Vec<T>,
+    /// A `kv_append::bounds` record per (page, kv head).
+    bounds: Vec<u8>,
 }
 
 fn bounds_of<T: Element>(
@@ -41,17 +43,13 @@ fn bounds_of<T: Element>(
     k: &[T],
     num_pages: usize,
     filled: &[usize],
-) -> Vec<T> {
+) -> Vec<u8> {
     let (hkv, d) = (shape.num_kv_heads, shape.head_dim);
-    let mut out = vec![T::from_f64(0.0); num_pages * hkv * 2 * d];
+    let mut out = Vec::with_capacity(num_pages * hkv * record_bytes(d));
     for (p, &fill) in filled.iter().enumerate().take(num_pages) {
         for h in 0..hkv {
             let base = (p * hkv + h) * PS * d;
-            let at = (p * hkv + h) * 2 * d;
-            let (lo, hi) = key_bounds_reference(&k[base..base + fill * d], d);
-            for (o, x) in out[at..at + 2 * d].iter_mut().zip(lo.iter().chain(&hi)) {
-                *o = T::from_f64(*x);
-            }
+            out.extend(key_bounds_record(&k[base..base + fill * d], d));
         }
     }
     out
@@ -112,7 +110,7 @@ fn run_select<T: HalfFloat>(
         scores,
     };
     let q: DeviceBuffer<T> = dev.upload(&s.q).unwrap();
-    let bounds: DeviceBuffer<T> = dev.upload(&s.bounds).unwrap();
+    let bounds: DeviceBuffer<u8> = dev.upload(&s.bounds).unwrap();
     let sizes = SelectSizes { batch, dense_pages: dense, sparse_entries: entries };
     select(jit, &s.shape, &sizes, &q, &bounds, &mut bufs).unwrap();
     (bufs.scores.to_vec().unwrap(), bufs.out_indices.to_vec().unwrap(), indptr)
@@ -195,15 +193,11 @@ fn wide_score_ranges_select_exactly() {
     let jit = Jit::new(None);
     let mut rng = SmallRng::seed_from_u64(31);
     let mut s = setup::<bf16>(&mut rng, shape(8, 2, 128), &[3000 * PS, 700 * PS], &[900, 200]);
-    for chunk in s.bounds.chunks_mut(2 * 128) {
-        let scale = 10f64.powf(rng.random_range(-6.0..6.0));
-        let key: Vec<f64> = (0..128).map(|_| rng.random_range(-1.0..1.0) * scale).collect();
-        // lo = hi: the score is exactly q·k (either sign).
-        let (lo, hi) = chunk.split_at_mut(128);
-        for ((l, h), &k) in lo.iter_mut().zip(hi.iter_mut()).zip(&key) {
-            *l = bf16::from_f64(k);
-            *h = bf16::from_f64(k);
-        }
+    for chunk in s.bounds.chunks_mut(record_bytes(128)) {
+        let scale = 10f32.powf(rng.random_range(-6.0..6.0));
+        let key: Vec<f32> = (0..128).map(|_| rng.random_range(-1.0..1.0) * scale).collect();
+        // One key per page: the score is q·k up to the rounding (either sign).
+        encode(&key, &key, chunk);
     }
     check_selection(&dev, &jit, &s);
 }
@@ -215,8 +209,8 @@ fn ties_go_to_the_earlier_page() {
     let mut rng = SmallRng::seed_from_u64(9);
     let mut s = setup::<bf16>(&mut rng, shape(4, 1, 64), &[50 * PS], &[10]);
     // Every page the same bounds: all scores tie, so the first middle pages win.
-    let first = s.bounds[..2 * 64].to_vec();
-    for chunk in s.bounds.chunks_mut(2 * 64) {
+    let first = s.bounds[..record_bytes(64)].to_vec();
+    for chunk in s.bounds.chunks_mut(record_bytes(64)) {
         chunk.copy_from_slice(&first);
     }
     let (tables, _) = check_selection(&dev, &jit, &s);

@@ -19,29 +19,29 @@
 //! [`crate::PageTable`]); slot `s` lives at `page = s / page_size`,
 //! `offset = s % page_size`.
 //!
-//! Per-page key bounds (for sparse paging) sit beside K and V, per layer:
+//! Per-page key bounds (for sparse paging) sit beside K and V, per layer, one record of
+//! `2 * head_dim + 16` bytes per (page, kv head):
 //!
 //! ```text
-//! KB[layer] : [num_pages, num_kv_heads, 2, head_dim]     [.., 0, ..] = min, [.., 1, ..] = max
-//! element (page, head, bound, dim) at ((page * num_kv_heads + head) * 2 + bound) * head_dim + dim
+//! KB[layer] : [num_pages, num_kv_heads] records
+//! record    : [lo: i8 × head_dim][hi: i8 × head_dim][exp: i8 × head_dim/8][zeros to 16 B]
+//! bound (page, head, dim) = lo|hi[dim] × 2^exp[dim / 8]
 //! ```
 //!
-//! Bounds are kept in the KV dtype: the min and max of bf16 values are themselves
-//! bf16 values, so nothing is lost and the bounds pass reads half the bytes of fp32.
+//! The element-wise min (`lo`, rounded down) and max (`hi`, rounded up) of the page's keys,
+//! with a power-of-two scale per 8 dims: the bounds still contain every key, and the
+//! scoring pass reads about half the bytes of exact bf16 bounds (272 vs 512 bytes at
+//! D = 128). `radix_kernels::kv_append::bounds` encodes and decodes a record.
 //!
-//! All offsets are in elements, not bytes; multiply by `dtype_bytes` for bytes.
+//! K/V offsets are in elements, not bytes (multiply by `dtype_bytes`); key-bounds
+//! offsets are in bytes.
 
 use crate::error::{KvError, Result};
 use crate::pool::{PageId, validate_page_size};
 
-/// Which per-page key bound.
-#[repr(usize)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyBound {
-    /// Elementwise minimum of the page's keys.
-    Min = 0,
-    /// Elementwise maximum of the page's keys.
-    Max = 1,
+/// Bytes of one (page, kv head) key-bounds record for `head_dim` (module doc).
+pub const fn bounds_record_bytes(head_dim: usize) -> usize {
+    2 * head_dim + 16
 }
 
 /// Shape of the paged KV pool (see the module doc for the exact layout).
@@ -201,30 +201,24 @@ impl KvLayout {
         self.k_offset(PageId(page), head, slot % self.page_size, 0)
     }
 
-    /// Shape of one layer's key-bounds tensor: `[num_pages, num_kv_heads, 2, head_dim]`.
-    pub fn bounds_shape(&self) -> [usize; 4] {
-        [self.num_pages, self.num_kv_heads, 2, self.head_dim]
+    /// Bytes of one (page, kv head) key-bounds record (module doc).
+    pub fn bounds_record_bytes(&self) -> usize {
+        bounds_record_bytes(self.head_dim)
     }
 
-    /// Elements of one layer's key-bounds tensor.
-    pub fn bounds_layer_elems(&self) -> usize {
-        self.num_pages * self.num_kv_heads * 2 * self.head_dim
+    /// Bytes of one layer's key bounds: a record per (page, kv head).
+    pub fn bounds_layer_bytes(&self) -> usize {
+        self.num_pages * self.num_kv_heads * self.bounds_record_bytes()
     }
 
-    /// Element offset of `(page, head, bound, dim)` in one layer's key-bounds tensor,
-    /// or `None` if out of range.
-    pub fn bounds_offset(
-        &self,
-        page: PageId,
-        head: usize,
-        bound: KeyBound,
-        dim: usize,
-    ) -> Option<usize> {
+    /// Byte offset of the `(page, head)` record in one layer's key bounds, or `None` if
+    /// out of range.
+    pub fn bounds_offset(&self, page: PageId, head: usize) -> Option<usize> {
         let page = page.index();
-        if page >= self.num_pages || head >= self.num_kv_heads || dim >= self.head_dim {
+        if page >= self.num_pages || head >= self.num_kv_heads {
             return None;
         }
-        Some(((page * self.num_kv_heads + head) * 2 + bound as usize) * self.head_dim + dim)
+        Some((page * self.num_kv_heads + head) * self.bounds_record_bytes())
     }
 }
 
@@ -290,14 +284,11 @@ mod tests {
     #[test]
     fn bounds_layout() {
         let l = llama8b(4);
-        assert_eq!(l.bounds_shape(), [4, 8, 2, 128]);
-        assert_eq!(l.bounds_offset(PageId(0), 0, KeyBound::Min, 0), Some(0));
-        assert_eq!(l.bounds_offset(PageId(0), 0, KeyBound::Max, 0), Some(128));
-        assert_eq!(l.bounds_offset(PageId(0), 1, KeyBound::Min, 0), Some(256));
-        assert_eq!(
-            l.bounds_offset(PageId(3), 7, KeyBound::Max, 127).map(|o| o + 1),
-            Some(l.bounds_layer_elems())
-        );
-        assert_eq!(l.bounds_offset(PageId(4), 0, KeyBound::Min, 0), None);
+        assert_eq!(l.bounds_record_bytes(), 272);
+        assert_eq!(l.bounds_offset(PageId(0), 0), Some(0));
+        assert_eq!(l.bounds_offset(PageId(0), 1), Some(272));
+        assert_eq!(l.bounds_offset(PageId(1), 0), Some(8 * 272));
+        assert_eq!(l.bounds_offset(PageId(3), 7).map(|o| o + 272), Some(l.bounds_layer_bytes()));
+        assert_eq!(l.bounds_offset(PageId(4), 0), None);
     }
 }

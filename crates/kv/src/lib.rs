@@ -60,7 +60,7 @@ pub mod radix;
 pub mod sparse;
 
 pub use error::{KvError, Result};
-pub use layout::{KeyBound, KvLayout};
+pub use layout::{KvLayout, bounds_record_bytes};
 pub use page_table::{PageTable, PageTableBuilder};
 pub use pool::{MAX_PAGE_SIZE, PageId, PagePool, PageState, PoolCounts};
 pub use radix::{CacheMetrics, InsertResult, MatchResult, NodeId, PrefixMatch, RadixCache};

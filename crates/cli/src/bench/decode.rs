@@ -166,7 +166,7 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
             })),
         });
         if let Some(meta) = sparse_meta {
-            let bounds = random(num_pages * hkv * 2 * d)?;
+            let bounds = random_bounds(&device, num_pages * hkv, d)?;
             for &budget in &a.sparse_budget {
                 let dense_us = t.median_ms * 1e3;
                 let row =
@@ -231,7 +231,7 @@ fn time_sparse<T: HalfFloat>(
     q: &radix_gpu::DeviceBuffer<T>,
     k: &radix_gpu::DeviceBuffer<T>,
     v: &radix_gpu::DeviceBuffer<T>,
-    bounds: &radix_gpu::DeviceBuffer<T>,
+    bounds: &radix_gpu::DeviceBuffer<u8>,
     o: &mut radix_gpu::DeviceBuffer<T>,
 ) -> anyhow::Result<Option<SparseTiming>> {
     use radix_kernels::sparse::{
@@ -325,6 +325,26 @@ fn time_sparse<T: HalfFloat>(
         attention_us: t_attn.median_ms * 1e3,
         kept_fraction: kept as f64 / total as f64,
     }))
+}
+
+/// `records` key-bounds records (`kv_append::bounds`) of random pages (timing only: they
+/// need not match the pool's keys). A few thousand distinct records, repeated.
+fn random_bounds(
+    device: &Device,
+    records: usize,
+    head_dim: usize,
+) -> anyhow::Result<radix_gpu::DeviceBuffer<u8>> {
+    use radix_kernels::kv_append::bounds;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let bytes = bounds::record_bytes(head_dim);
+    let mut block = vec![0u8; 4096 * bytes];
+    for rec in block.chunks_mut(bytes) {
+        let lo: Vec<f32> = (0..head_dim).map(|_| rng.random_range(-2.0..1.0)).collect();
+        let hi: Vec<f32> = lo.iter().map(|l| l + rng.random_range(0.0..1.0)).collect();
+        bounds::encode(&lo, &hi, rec);
+    }
+    let host: Vec<u8> = block.iter().copied().cycle().take(records * bytes).collect();
+    Ok(device.upload(&host)?)
 }
 
 #[cfg(test)]

@@ -8,9 +8,11 @@
 //
 // key_bounds: one block per (touched page, kv head). Recomputes the element-wise min and
 // max of the page's filled keys from the pool, so bounds stay right however many steps
-// fill a page, with no atomics and no reset to order. Bounds are stored in the KV dtype
-// (the min and max of elem_t values are elem_t values), halving what sparse scoring reads.
-#include "common/types.cuh"
+// fill a page, with no atomics and no reset to order. Bounds are stored as int8 rounded
+// outward with a power-of-two scale per 8 dims (kv_append/bounds.rs has the format and its
+// CPU twin): 272 bytes per (page, head) at D = 128 instead of 512 in bf16, so sparse
+// scoring reads half the bytes and the bounds still contain every key.
+#include "common/key_bounds.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -74,7 +76,7 @@ extern "C" __global__ void kv_append(const __grid_constant__ AppendParams p) {
 
 struct BoundsParams {
   const elem_t* k_pool;     // [pages, num_kv_heads, page_size, D]
-  elem_t* bounds;           // [pages, num_kv_heads, 2, D]: min then max (exact: keys are elem_t)
+  unsigned char* bounds;    // [pages, num_kv_heads] records of BOUNDS_RECORD bytes
   const int* pages;         // [num_touched] page ids
   const int* filled;        // [num_touched] filled slots of each page (1..=page_size)
   int num_touched;
@@ -83,10 +85,32 @@ struct BoundsParams {
   int reserved;
 };
 
-// grid (num_touched, num_kv_heads), D threads: thread d scans dim d of the filled slots.
+constexpr int BOUNDS_RECORD = bounds_record_bytes(D);
+static_assert(D / EXP_GROUP <= 16, "exponents fit the record's 16 trailing bytes");
+
+// The smallest e in [EXP_MIN, EXP_MAX] with amax <= 127 * 2^e.
+__device__ __forceinline__ int group_exponent(float amax) {
+  if (amax != amax || amax <= 0.f) return EXP_MIN;
+  if (amax == __int_as_float(0x7f800000)) return EXP_MAX;  // +inf
+  int e = (int)((__float_as_uint(amax) >> 23) & 0xff) - 133;
+  if (e >= EXP_MIN && amax > 127.f * pow2i(e)) e += 1;
+  return min(max(e, EXP_MIN), EXP_MAX);
+}
+
+// x / 2^e rounded down or up, saturated to int8; NaN widest; negatives never round to 0.
+__device__ __forceinline__ signed char quantize(float x, int e, bool up) {
+  if (x != x) return up ? 127 : -128;
+  float r = x * pow2i(-e);
+  r = up ? ceilf(r) : floorf(r);
+  if (!up && r == 0.f && x < 0.f) r = -1.f;
+  return (signed char)fminf(fmaxf(r, -128.f), 127.f);
+}
+
+// grid (num_touched, num_kv_heads), D threads: thread d scans dim d of the filled slots;
+// the 8 lanes of a group agree on its exponent by shuffles.
 extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
   const int i = blockIdx.x, kh = blockIdx.y, d = threadIdx.x;
-  if (i >= p.num_touched || d >= D) return;
+  if (i >= p.num_touched) return;  // uniform over the block
   const long long page = p.pages[i];
   const elem_t* k = p.k_pool + ((page * p.num_kv_heads + kh) * p.page_size) * D + d;
   float lo = to_float(k[0]), hi = lo;
@@ -95,7 +119,13 @@ extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  elem_t* b = p.bounds + (page * p.num_kv_heads + kh) * 2 * D;
-  b[d] = from_float<elem_t>(lo);  // lo and hi are elem_t values: the round trip is exact
-  b[D + d] = from_float<elem_t>(hi);
+  float amax = fmaxf(fabsf(lo), fabsf(hi));
+#pragma unroll
+  for (int o = 1; o < EXP_GROUP; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const int e = group_exponent(amax);
+  unsigned char* rec = p.bounds + (page * p.num_kv_heads + kh) * BOUNDS_RECORD;
+  rec[d] = (unsigned char)quantize(lo, e, false);
+  rec[D + d] = (unsigned char)quantize(hi, e, true);
+  if (d % EXP_GROUP == 0) rec[2 * D + d / EXP_GROUP] = (unsigned char)(signed char)e;
+  if (d < 16 - D / EXP_GROUP) rec[2 * D + D / EXP_GROUP + d] = 0;  // padding
 }

@@ -1,12 +1,13 @@
 //! KV append with RoPE (q and k rotated in the same launch) and per-page key bounds.
-//! See kv_append.cu.
+//! See kv_append.cu; `bounds` has the stored form of the bounds.
 
+pub mod bounds;
 mod reference;
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
 use radix_gpu::{DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
 
-pub use reference::{append_reference, key_bounds_reference};
+pub use reference::{append_reference, key_bounds_record, key_bounds_reference};
 
 use crate::{HEADERS, dtype_define};
 
@@ -34,8 +35,9 @@ impl PoolShape {
         self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
     }
 
-    pub fn bounds_elems(&self) -> usize {
-        self.num_pages * self.num_kv_heads * 2 * self.head_dim
+    /// Bytes of one layer's key bounds: a `bounds::record_bytes` record per (page, kv head).
+    pub fn bounds_bytes(&self) -> usize {
+        self.num_pages * self.num_kv_heads * bounds::record_bytes(self.head_dim)
     }
 
     /// Elements of one token's fused QKV row: q, k and v heads.
@@ -192,7 +194,7 @@ pub fn append<T: HalfFloat>(
     q_out: &mut DeviceBuffer<T>,
     k_pool: &mut DeviceBuffer<T>,
     v_pool: &mut DeviceBuffer<T>,
-    bounds: Option<&mut DeviceBuffer<T>>,
+    bounds: Option<&mut DeviceBuffer<u8>>,
 ) -> Result<()> {
     shape.validate()?;
     let n = inputs.num_tokens;
@@ -215,10 +217,10 @@ pub fn append<T: HalfFloat>(
     );
     if let Some(b) = &bounds {
         ensure!(
-            b.len() == shape.bounds_elems(),
-            "key bounds hold {} elements, expected {}",
+            b.len() == shape.bounds_bytes(),
+            "key bounds hold {} bytes, expected {}",
             b.len(),
-            shape.bounds_elems()
+            shape.bounds_bytes()
         );
     }
     if n == 0 {
@@ -274,9 +276,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bounds_are_the_elementwise_extremes() {
-        let (lo, hi) = key_bounds_reference(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.0], 2);
-        assert_eq!((lo, hi), (vec![-1.0, -2.0], vec![1.0, 3.0]));
+    fn bounds_contain_the_elementwise_extremes() {
+        // Two keys of 8 dims; every value below is a multiple of its group's step (2^-5
+        // for an amax of 3), so the stored bounds are exact.
+        let keys =
+            [1.0f32, -2.0, 0.5, 3.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.25, 1.0, 0.0, 0.0, 0.0, 0.0];
+        let (lo, hi) = key_bounds_reference(&keys, 8);
+        assert_eq!(lo, vec![-1.0, -2.0, 0.25, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(hi, vec![1.0, 0.0, 0.5, 3.0, 0.0, 0.0, 0.0, 0.0]);
+        // Off the grid: rounded outward.
+        let (lo, hi) = key_bounds_reference(&[0.1f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 8);
+        assert!(lo[0] <= 0.1 && hi[0] >= 0.1 && hi[0] - lo[0] < 0.1 / 63.0);
     }
 
     #[test]

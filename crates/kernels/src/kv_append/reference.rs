@@ -3,7 +3,7 @@
 
 use radix_gpu::Element;
 
-use super::PoolShape;
+use super::{PoolShape, bounds};
 use crate::rope::rotate_head;
 
 /// Returns (q_out, k_pool, v_pool) after appending into copies of the given pools.
@@ -43,16 +43,28 @@ pub fn append_reference<T: Element>(
     (q_out, k, v)
 }
 
-/// Element-wise min and max of the keys `[filled, head_dim]` of one page and kv head:
-/// the per-page key bounds (Quest's), in f64 (exact copies of the keys).
-pub fn key_bounds_reference<T: Element>(keys: &[T], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut lo = vec![f64::INFINITY; head_dim];
-    let mut hi = vec![f64::NEG_INFINITY; head_dim];
-    for key in keys.chunks(head_dim) {
+/// The stored key-bounds record (`bounds::encode`) of the keys `[filled, head_dim]` of one
+/// page and kv head: their element-wise min and max, rounded outward to int8.
+pub fn key_bounds_record<T: Element>(keys: &[T], head_dim: usize) -> Vec<u8> {
+    // As the kernel: start from the first key, then f32::min/max, which skip NaN as
+    // fminf/fmaxf do. Keys are f16/bf16 values, exact in f32.
+    let mut keys = keys.chunks(head_dim).map(|k| k.iter().map(|x| x.to_f64() as f32));
+    let mut lo: Vec<f32> = keys.next().map(|k| k.collect()).unwrap_or(vec![0.0; head_dim]);
+    let mut hi = lo.clone();
+    for key in keys {
         for ((l, h), x) in lo.iter_mut().zip(hi.iter_mut()).zip(key) {
-            *l = l.min(x.to_f64());
-            *h = h.max(x.to_f64());
+            *l = l.min(x);
+            *h = h.max(x);
         }
     }
-    (lo, hi)
+    let mut record = vec![0u8; bounds::record_bytes(head_dim)];
+    bounds::encode(&lo, &hi, &mut record);
+    record
+}
+
+/// The per-page key bounds (Quest's) that scoring uses for the keys `[filled, head_dim]`
+/// of one page and kv head: the stored record decoded, `(lo, hi)` in f64. They contain
+/// the keys' element-wise min and max (rounded outward, see `bounds`).
+pub fn key_bounds_reference<T: Element>(keys: &[T], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
+    bounds::decode(&key_bounds_record(keys, head_dim), head_dim)
 }

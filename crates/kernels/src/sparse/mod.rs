@@ -14,6 +14,7 @@ use radix_gpu::{Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Resu
 pub use reference::{page_score_reference, scores_reference, select_reference};
 
 use crate::attention::{BatchMeta, KvSource};
+use crate::kv_append::bounds::record_bytes;
 use crate::{HEADERS, dtype_define};
 
 pub const SOURCE: SourceFile =
@@ -187,15 +188,15 @@ pub fn score_blocks(device: &Device) -> u32 {
 }
 
 /// Scores the pages of the sequences with `0 < keep < pages` for this layer's queries
-/// `q` (`[tokens, num_qo_heads, head_dim]`, RoPE applied) and key `bounds`
-/// (`[pages, num_kv_heads, 2, head_dim]`), then writes every sequence's per-head table
+/// `q` (`[tokens, num_qo_heads, head_dim]`, RoPE applied) and key `bounds` (a
+/// `kv_append::bounds` record per (page, kv head)), then writes every sequence's per-head table
 /// into `bufs.out_indices`.
 pub fn select<T: HalfFloat>(
     jit: &Jit,
     shape: &SparseShape,
     sizes: &SelectSizes,
     q: &DeviceBuffer<T>,
-    bounds: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<u8>,
     bufs: &mut SelectBuffers,
 ) -> Result<()> {
     select_stages(jit, shape, sizes, q, bounds, bufs, Stages::Both)
@@ -217,7 +218,7 @@ pub fn select_stages<T: HalfFloat>(
     shape: &SparseShape,
     sizes: &SelectSizes,
     q: &DeviceBuffer<T>,
-    bounds: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<u8>,
     bufs: &mut SelectBuffers,
     stages: Stages,
 ) -> Result<()> {
@@ -232,7 +233,8 @@ pub fn select_stages<T: HalfFloat>(
             shape.group()
         ));
     }
-    if !bounds.len().is_multiple_of(hkv * 2 * d) || !q.len().is_multiple_of(shape.num_qo_heads * d)
+    if !bounds.len().is_multiple_of(hkv * record_bytes(d))
+        || !q.len().is_multiple_of(shape.num_qo_heads * d)
     {
         return bad("sparse selection: q or bounds have a partial row".into());
     }

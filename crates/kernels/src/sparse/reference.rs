@@ -4,6 +4,7 @@
 use radix_gpu::Element;
 
 use super::SparseShape;
+use crate::kv_append::bounds::{decode, record_bytes};
 
 /// Quest's upper bound of q·k over a page, summed over a GQA group's query heads:
 /// `Σ_g Σ_d max(q_gd · lo_d, q_gd · hi_d)`. `q_group` is `[group, head_dim]`.
@@ -17,11 +18,12 @@ pub fn page_score_reference(q_group: &[f64], lo: &[f64], hi: &[f64]) -> f64 {
 
 /// Scores `[dense pages, num_kv_heads]` of every page of the sequences with
 /// `0 < keep[b]`, from queries `[tokens, num_qo_heads, head_dim]` (each sequence's last
-/// token) and bounds `[pages, num_kv_heads, 2, head_dim]`; other entries are 0.
+/// token) and bounds (a `kv_append::bounds` record per (page, kv head)); other entries
+/// are 0.
 pub fn scores_reference<T: Element>(
     shape: &SparseShape,
     q: &[T],
-    bounds: &[T],
+    bounds: &[u8],
     qo_indptr: &[i32],
     kv_indptr: &[i32],
     kv_indices: &[i32],
@@ -39,9 +41,8 @@ pub fn scores_reference<T: Element>(
             for h in 0..hkv {
                 let qs = (t * shape.num_qo_heads + h * g) * d;
                 let qg: Vec<f64> = q[qs..qs + g * d].iter().map(|x| x.to_f64()).collect();
-                let bs = (page * hkv + h) * 2 * d;
-                let lo: Vec<f64> = bounds[bs..bs + d].iter().map(|x| x.to_f64()).collect();
-                let hi: Vec<f64> = bounds[bs + d..bs + 2 * d].iter().map(|x| x.to_f64()).collect();
+                let rec = (page * hkv + h) * record_bytes(d);
+                let (lo, hi) = decode(&bounds[rec..rec + record_bytes(d)], d);
                 out[f * hkv + h] = page_score_reference(&qg, &lo, &hi);
             }
         }

@@ -3,9 +3,11 @@
 //
 // page_scores: for page p of sequence b and kv head h, the upper bound of q·k over the
 // page's keys, summed over the query heads g of h's GQA group:
-//     score = Σ_g Σ_d max(q_gd · min_pd, q_gd · max_pd)
-// One warp per (page, kv head): each lane takes D/32 dims of the bounds (bf16/f16, the
-// KV dtype) and of the group's queries, then a warp sum. The grid is fixed and strides
+//     score = Σ_g Σ_d max(q_gd · lo_pd, q_gd · hi_pd) = Σ_d (P_d · hi_pd + N_d · lo_pd)
+// with P = Σ_g max(q_g, 0) and N = Σ_g min(q_g, 0): the group folds into two vectors, so
+// a page costs 2 FMAs per dim whatever the group. The bounds are the int8 records of
+// common/key_bounds.cuh. One warp per (page, kv head): each lane takes D/32 dims, scales
+// its partial sum by its dims' exponent, then a warp sum. The grid is fixed and strides
 // over all (page, head) items of the batch, so a CUDA graph captured once covers any
 // step's tables: the work size is read from the device (kv_indptr[batch]).
 //
@@ -16,7 +18,7 @@
 // order-preserving u32 keys (4 passes of 8 bits with a shared histogram), then one
 // ordered compaction. Sequences with keep <= 0 or keep >= their page count (dense) get
 // their whole table copied.
-#include "common/types.cuh"
+#include "common/key_bounds.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -25,14 +27,15 @@
 #define GROUP 4
 #endif
 constexpr int D = HEAD_DIM;
-constexpr int PER_LANE = D / 32;  // 4 or 2 dims per lane
+constexpr int PER_LANE = D / 32;  // 4 or 2 dims per lane: one u32 or u16 of each bound
+constexpr int RECORD = bounds_record_bytes(D);
 static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(GROUP >= 1 && GROUP <= 16, "GQA group of 1..=16 query heads");
 
 // Mirrors ScoreParams in sparse/mod.rs.
 struct ScoreParams {
   const elem_t* q;         // [tokens, q_stride]; query head h at h * D (rotated)
-  const elem_t* bounds;    // [pages, Hkv, 2, D]: min then max
+  const unsigned char* bounds;  // [pages, Hkv] records of RECORD bytes
   float* scores;           // [Hkv, kv_indptr[batch]] (head-major)
   const int* qo_indptr;    // [batch + 1]; a sequence's query is its last token
   const int* kv_indptr;    // [batch + 1] dense page table
@@ -48,6 +51,9 @@ struct ScoreParams {
 template <int N> struct Vec;
 template <> struct Vec<4> { typedef uint2 type; };
 template <> struct Vec<2> { typedef u32 type; };
+template <int N> struct Bytes;
+template <> struct Bytes<4> { typedef u32 type; };
+template <> struct Bytes<2> { typedef u16 type; };
 
 __device__ __forceinline__ void load_lane(const elem_t* src, float (&out)[PER_LANE]) {
   typedef typename Vec<PER_LANE>::type V;
@@ -69,26 +75,32 @@ __device__ __forceinline__ int owner(const int* indptr, int batch, int f) {
 
 // A warp scores 32 consecutive pages of the flat table for one kv head: each lane looks
 // up one page's id and owner (in parallel), then the warp walks the pages SCORE_UNROLL at
-// a time, issuing all their bound loads before using any (the pass is bandwidth-bound).
-// GROUP is a compile-time constant so the group's queries live in registers, kept while
-// consecutive pages share a sequence.
+// a time, issuing all their bound loads before using any. GROUP is a compile-time
+// constant; the folded P and N of the group are kept while consecutive pages share a
+// sequence.
 constexpr int SCORE_UNROLL = 8;
+#ifndef SCORE_CHUNK
+#define SCORE_CHUNK 32
+#endif
+static_assert(SCORE_CHUNK % SCORE_UNROLL == 0 && SCORE_CHUNK <= 32, "chunk of whole rounds");
 
 // Four blocks per SM (at most 64 registers a thread): the pass is latency-bound below
 // that (measured: 88 registers allowed two blocks, 16 warps per SM, 1.3 TB/s).
 extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_constant__ ScoreParams p) {
-  typedef typename Vec<PER_LANE>::type V;
+  typedef typename Bytes<PER_LANE>::type B;
   const int lane = threadIdx.x % 32;
   const int pages_total = p.kv_indptr[p.batch];
-  const int chunks = (pages_total + 31) / 32;
+  const int chunks = (pages_total + SCORE_CHUNK - 1) / SCORE_CHUNK;
   const long long warps = (long long)gridDim.x * (blockDim.x / 32);
   const long long items = (long long)chunks * p.num_kv_heads;
+  // This lane's dims, lane * PER_LANE.., share exponent byte `lane_exp` of the record.
+  const int lane_exp = 2 * D + lane * PER_LANE / EXP_GROUP;
   for (long long item = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; item < items; item += warps) {
     const int chunk = (int)(item / p.num_kv_heads), kvh = (int)(item - (long long)chunk * p.num_kv_heads);
-    const int f0 = chunk * 32;
+    const int f0 = chunk * SCORE_CHUNK;
     // Lane i: page f0 + i, its sequence (-1: none, or dense) and page id.
     int my_b = -1, my_page = 0;
-    if (f0 + lane < pages_total) {
+    if (lane < SCORE_CHUNK && f0 + lane < pages_total) {
       const int b = owner(p.kv_indptr, p.batch, f0 + lane);
       const int keep = p.keep[b];
       if (keep > 0 && keep < p.kv_indptr[b + 1] - p.kv_indptr[b]) {  // sparse rows only
@@ -98,42 +110,51 @@ extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_co
     }
     if (__ballot_sync(0xffffffffu, my_b >= 0) == 0) continue;
     int cur_b = -1;
-    float q[GROUP][PER_LANE];
-    for (int j0 = 0; j0 < 32; j0 += SCORE_UNROLL) {
-      V lo_raw[SCORE_UNROLL], hi_raw[SCORE_UNROLL];
+    float pos[PER_LANE], neg[PER_LANE];
+    for (int j0 = 0; j0 < SCORE_CHUNK; j0 += SCORE_UNROLL) {
+      B lo_raw[SCORE_UNROLL], hi_raw[SCORE_UNROLL];
+      signed char ex[SCORE_UNROLL];
       int seq[SCORE_UNROLL];
 #pragma unroll
       for (int u = 0; u < SCORE_UNROLL; ++u) {
         seq[u] = __shfl_sync(0xffffffffu, my_b, j0 + u);
         const long long page = __shfl_sync(0xffffffffu, my_page, j0 + u);
         if (seq[u] < 0) continue;  // uniform over the warp
-        const elem_t* bp = p.bounds + (page * p.num_kv_heads + kvh) * 2 * D + lane * PER_LANE;
-        lo_raw[u] = *reinterpret_cast<const V*>(bp);
-        hi_raw[u] = *reinterpret_cast<const V*>(bp + D);
+        const unsigned char* rec = p.bounds + (page * p.num_kv_heads + kvh) * RECORD;
+        lo_raw[u] = *reinterpret_cast<const B*>(rec + lane * PER_LANE);
+        hi_raw[u] = *reinterpret_cast<const B*>(rec + D + lane * PER_LANE);
+        ex[u] = (signed char)rec[lane_exp];
       }
 #pragma unroll
       for (int u = 0; u < SCORE_UNROLL; ++u) {
         if (seq[u] < 0) continue;
-        if (seq[u] != cur_b) {  // a new sequence: its group's queries
+        if (seq[u] != cur_b) {  // a new sequence: fold its group's queries
           cur_b = seq[u];
           const elem_t* qp = p.q + (long long)(p.qo_indptr[cur_b + 1] - 1) * p.q_stride +
                              (long long)kvh * GROUP * D + lane * PER_LANE;
 #pragma unroll
-          for (int g = 0; g < GROUP; ++g) load_lane(qp + g * D, q[g]);
-        }
-        float lo[PER_LANE], hi[PER_LANE];
-        const u32* wl = reinterpret_cast<const u32*>(&lo_raw[u]);
-        const u32* wh = reinterpret_cast<const u32*>(&hi_raw[u]);
+          for (int i = 0; i < PER_LANE; ++i) pos[i] = neg[i] = 0.f;
 #pragma unroll
-        for (int i = 0; i < PER_LANE / 2; ++i) {
-          unpack2<elem_t>(wl[i], lo[2 * i], lo[2 * i + 1]);
-          unpack2<elem_t>(wh[i], hi[2 * i], hi[2 * i + 1]);
+          for (int g = 0; g < GROUP; ++g) {
+            float q[PER_LANE];
+            load_lane(qp + g * D, q);
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) {
+              // Not fmaxf/fminf: a NaN query must give a NaN score (ranked last), as
+              // the unfolded sum does.
+              pos[i] += q[i] < 0.f ? 0.f : q[i];
+              neg[i] += q[i] > 0.f ? 0.f : q[i];
+            }
+          }
         }
         float acc = 0.f;
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g)
-#pragma unroll
-          for (int i = 0; i < PER_LANE; ++i) acc += fmaxf(q[g][i] * lo[i], q[g][i] * hi[i]);
+        for (int i = 0; i < PER_LANE; ++i) {
+          const float lo = (float)(signed char)(lo_raw[u] >> (8 * i));
+          const float hi = (float)(signed char)(hi_raw[u] >> (8 * i));
+          acc = fmaf(pos[i], hi, fmaf(neg[i], lo, acc));
+        }
+        acc *= pow2i(ex[u]);  // exact: a power of two
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         // Head-major, so the selection of one (sequence, head) reads its scores contiguously.

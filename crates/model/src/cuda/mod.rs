@@ -16,7 +16,7 @@ use radix_kernels::attention::{
     AttentionBatch, AttentionBuffers, AttentionShape, BatchMeta, KvSource, decode_work_bound,
     default_target_blocks, plan_batch,
 };
-use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape};
+use radix_kernels::kv_append::{self, AppendBatch, AppendInputs, PoolShape, bounds};
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
 use radix_kv::SparsePolicy;
@@ -131,7 +131,7 @@ pub struct CudaBackend {
     padded: OwnedStep,
     /// Sparse paging, when on (`Backend::set_sparse`): key bounds per layer beside the pool.
     sparse: Option<SparsePolicy>,
-    bounds: Vec<DeviceBuffer<bf16>>,
+    bounds: Vec<DeviceBuffer<u8>>,
 }
 
 impl CudaBackend {
@@ -445,9 +445,9 @@ impl CudaBackend {
         Ok(k.to_vec()?)
     }
 
-    /// Layer `layer`'s key bounds, `[pages, num_kv_heads, 2, head_dim]` (tests; sparse
-    /// paging on).
-    pub fn read_key_bounds(&self, layer: usize) -> Result<Vec<bf16>> {
+    /// Layer `layer`'s key bounds, a `kv_append::bounds` record per (page, kv head)
+    /// (tests; sparse paging on).
+    pub fn read_key_bounds(&self, layer: usize) -> Result<Vec<u8>> {
         let b = self.bounds.get(layer).ok_or_else(|| {
             ModelError::Invalid(format!("layer {layer} keeps no key bounds (sparse paging off)"))
         })?;
@@ -461,7 +461,7 @@ impl CudaBackend {
 
     /// As `kv_bytes_per_page`, plus the page's key bounds when sparse paging is on.
     pub fn page_bytes(&self, cfg: &ModelConfig, page_size: usize) -> usize {
-        let bounds = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2;
+        let bounds = cfg.num_layers * cfg.num_kv_heads * bounds::record_bytes(cfg.head_dim);
         Self::kv_bytes_per_page(cfg, page_size) + if self.sparse.is_some() { bounds } else { 0 }
     }
 
@@ -543,8 +543,8 @@ impl Backend for CudaBackend {
             self.kv
                 .push((self.device.alloc_zeros(per_layer)?, self.device.alloc_zeros(per_layer)?));
             if self.sparse.is_some() {
-                let elems = pages * cfg.num_kv_heads * 2 * cfg.head_dim;
-                self.bounds.push(self.device.alloc_zeros(elems)?);
+                let bytes = pages * cfg.num_kv_heads * bounds::record_bytes(cfg.head_dim);
+                self.bounds.push(self.device.alloc_zeros(bytes)?);
             }
         }
         self.pool = Some(PoolShape {
