@@ -165,3 +165,74 @@ fn append_rejects_bad_input() {
     let mut v = dev.alloc_zeros::<bf16>(shape.pool_elems() - 1).unwrap();
     assert!(append(&jit, &shape, &inputs, &qkv, &mut q, &mut k, &mut v, None).is_err());
 }
+
+/// Keys the random cases never produce: subnormals, signed zeros, values near the bf16
+/// maximum beside tiny ones in one exponent group (quotients that underflow), NaN and
+/// infinities. Written at position 0 (RoPE is the identity there), so the stored keys are
+/// known; every stored bounds record must be the CPU encoder's, bit for bit, and contain
+/// every finite key of the dims that hold no infinity.
+#[test]
+fn extreme_keys_get_the_cpu_encoders_bounds() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(77);
+    let groups: [&[f32]; 6] = [
+        &[0.0, -0.0, 1.0e-40, -1.0e-40, 9.2e-41, -3.0e-39],
+        &[3.0e38, -3.0e38, 1.0e-30, -1.0e-38, 0.0],
+        &[f32::NAN, 1.0, -0.5, 0.25],
+        &[f32::INFINITY, f32::NEG_INFINITY, 1.5, -2.0],
+        &[1.0e10, -1.0e10, 1.0e-38, -1.0e-40],
+        &[0.3, -1.7, 1.1, -0.2, 0.9],
+    ];
+    for head_dim in [64, 128] {
+        let shape =
+            PoolShape { num_pages: 3, page_size: 16, num_qo_heads: 2, num_kv_heads: 2, head_dim };
+        let rope = RopeConfig { head_dim, theta: 10000.0, llama3: None };
+        let (hq, hkv, d, ps) = (2, 2, head_dim, 16);
+        let mut dk = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();
+        let mut dv = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();
+        let mut bounds = dev.alloc::<u8>(shape.bounds_bytes()).unwrap();
+        bounds.fill_bytes(0xA5).unwrap();
+        // 16 tokens at position 0 fill page 1.
+        let mut qkv = Vec::new();
+        for _ in 0..ps {
+            qkv.extend((0..hq * d).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))));
+            for _ in 0..hkv {
+                qkv.extend((0..d).map(|j| {
+                    let values = groups[(j / 8) % groups.len()];
+                    bf16::from_f32(values[rng.random_range(0..values.len())])
+                }));
+            }
+            qkv.extend((0..hkv * d).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))));
+        }
+        let positions = vec![0i32; ps];
+        let slots: Vec<i32> = (0..ps as i32).map(|o| ps as i32 + o).collect();
+        let batch = AppendBatch { positions: &positions, slots: &slots };
+        let inputs = AppendInputs::upload(&dev, &shape, &batch, &rope.inv_freq()).unwrap();
+        let mut q_out = dev.alloc::<bf16>(ps * hq * d).unwrap();
+        let dqkv = dev.upload(&qkv).unwrap();
+        append(&jit, &shape, &inputs, &dqkv, &mut q_out, &mut dk, &mut dv, Some(&mut bounds))
+            .unwrap();
+        let keys = dk.to_vec().unwrap();
+        let got = bounds.to_vec().unwrap();
+        let rb = record_bytes(d);
+        for kh in 0..hkv {
+            let page_keys = &keys[(hkv + kh) * ps * d..][..ps * d];
+            let stored_special = page_keys.iter().filter(|x| {
+                let x = x.to_f32();
+                !x.is_finite() || (x != 0.0 && x.abs() < 1.0e-37)
+            });
+            assert!(stored_special.count() > 10, "D {d} head {kh}: the special keys were stored");
+            let record = &got[(hkv + kh) * rb..][..rb];
+            assert_eq!(record, &key_bounds_record(page_keys, d)[..], "D {d} head {kh}");
+            // Dims whose keys reach ±inf are not bounded; every other finite key is.
+            let (lo, hi) = decode(record, d);
+            let dim = |j: usize| page_keys.iter().skip(j).step_by(d).map(|x| x.to_f64());
+            for j in (0..d).filter(|&j| dim(j).all(|x| !x.is_infinite())) {
+                for x in dim(j).filter(|x| x.is_finite()) {
+                    assert!(lo[j] <= x && x <= hi[j], "D {d} head {kh} dim {j}: {x}");
+                }
+            }
+        }
+    }
+}

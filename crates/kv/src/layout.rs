@@ -20,11 +20,11 @@
 //! `offset = s % page_size`.
 //!
 //! Per-page key bounds (for sparse paging) sit beside K and V, per layer, one record of
-//! `2 * head_dim + 16` bytes per (page, kv head):
+//! `bounds_record_bytes(head_dim)` bytes (272 at head_dim 128) per (page, kv head):
 //!
 //! ```text
 //! KB[layer] : [num_pages, num_kv_heads] records
-//! record    : [lo: i8 × head_dim][hi: i8 × head_dim][exp: i8 × head_dim/8][zeros to 16 B]
+//! record    : [lo: i8 × head_dim][hi: i8 × head_dim][exp: i8 × ⌈head_dim/8⌉][zeros to 16 B]
 //! bound (page, head, dim) = lo|hi[dim] × 2^exp[dim / 8]
 //! ```
 //!
@@ -39,9 +39,10 @@
 use crate::error::{KvError, Result};
 use crate::pool::{PageId, validate_page_size};
 
-/// Bytes of one (page, kv head) key-bounds record for `head_dim` (module doc).
+/// Bytes of one (page, kv head) key-bounds record for `head_dim` (module doc): lo and hi,
+/// then one exponent per 8 dims padded to a multiple of 16 bytes.
 pub const fn bounds_record_bytes(head_dim: usize) -> usize {
-    2 * head_dim + 16
+    2 * head_dim + head_dim.div_ceil(8).next_multiple_of(16)
 }
 
 /// Shape of the paged KV pool (see the module doc for the exact layout).

@@ -175,7 +175,7 @@ fn cuda_matches_transformers_on_the_hd64_fixture() {
 /// - sparse decode steps replayed from CUDA graphs match eager sparse steps, also after
 ///   the batch grows within its bucket (5 then 7 sequences, both bucket 8): the graph's
 ///   key-bounds launch still covers every page the step touches, so after the run every
-///   live page's stored bounds are exactly the min/max of its keys;
+///   live page's stored bounds record is, to the bit, the CPU encoder's for its keys;
 /// - they differ from dense (the selection ran) but stay finite.
 #[test]
 fn sparse_decode_on_the_gpu() {

@@ -5,16 +5,19 @@
 //! One record per (page, kv head), `record_bytes(head_dim)` bytes:
 //!
 //! ```text
-//! [lo: i8 × D][hi: i8 × D][exp: i8 × D/8][zero padding to 16 bytes]
+//! [lo: i8 × D][hi: i8 × D][exp: i8 × ceil(D/8)][zero padding to a multiple of 16 bytes]
 //! bound value = q × 2^exp[d / 8]
 //! ```
 //!
-//! `lo` is rounded down and `hi` up, so the decoded bounds still contain every key and
+//! `lo` is rounded down and `hi` up, so the decoded bounds contain every finite key and
 //! Quest's score stays an upper bound of q·k. The record is 272 bytes for D = 128, about
 //! half of the exact bf16 min/max (512): the scoring pass reads half the bytes. A group's
-//! exponent is the smallest that fits its largest magnitude in ±127, so a bound moves by
-//! less than 1/63 of that magnitude; the 8 dims of a group are neighbours under RoPE (the
-//! same frequency band), so their magnitudes are alike.
+//! exponent is the smallest that fits its largest finite magnitude `amax` in ±127, so a
+//! bound moves by less than one step, `max(amax / 63.5, 2^-126)`; the 8 dims of a group
+//! are neighbours under RoPE (the same frequency band), so their magnitudes are alike.
+//! NaN keys are skipped (as fminf/fmaxf skip them); a dim whose min or max is infinite is
+//! not bounded (it takes the widest value, -128 / 127, at the scale of the group's finite
+//! values).
 
 /// Dims that share an exponent.
 pub const EXP_GROUP: usize = 8;
@@ -22,9 +25,10 @@ pub const EXP_GROUP: usize = 8;
 const EXP_MIN: i32 = -126;
 const EXP_MAX: i32 = 126;
 
-/// Bytes of one (page, kv head) record for head dims up to 128.
+/// Bytes of one (page, kv head) record (the kernels take head dims 64 and 128: 144 and
+/// 272 bytes).
 pub const fn record_bytes(head_dim: usize) -> usize {
-    2 * head_dim + 16
+    2 * head_dim + head_dim.div_ceil(EXP_GROUP).next_multiple_of(16)
 }
 
 /// The smallest exponent `e` in `[EXP_MIN, EXP_MAX]` with `amax <= 127 · 2^e`
@@ -51,34 +55,45 @@ pub fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// `x / 2^e` rounded down (`up == false`) or up, saturated to i8. NaN takes the widest
-/// value (-128 or 127). A negative value never rounds to 0, even if the quotient
-/// underflows.
+/// `x / 2^e` rounded down (`up == false`) or up, saturated to i8. A non-finite value
+/// (a NaN min/max: every key of the dim NaN; or an infinite one) takes the widest
+/// (-128 or 127). A nonzero value never rounds to 0, even if the
+/// quotient underflows.
 fn quantize(x: f32, e: i32, up: bool) -> i8 {
-    if x.is_nan() {
+    if !x.is_finite() {
         return if up { 127 } else { -128 };
     }
     let y = x * pow2(-e);
-    let r = if up { y.ceil() } else { y.floor() };
-    let r = if !up && r == 0.0 && x < 0.0 { -1.0 } else { r };
+    let mut r = if up { y.ceil() } else { y.floor() };
+    if r == 0.0 && !up && x < 0.0 {
+        r = -1.0;
+    }
+    if r == 0.0 && up && x > 0.0 {
+        r = 1.0;
+    }
     r.clamp(-128.0, 127.0) as i8
 }
 
-/// Encodes the exact element-wise `lo`/`hi` of a page's keys (`head_dim` each; a
-/// multiple of 8 up to 128) into `out` (`record_bytes(head_dim)` bytes).
+/// `|x|` if finite, else 0 (the exponent follows the finite values only).
+fn finite_abs(x: f32) -> f32 {
+    if x.is_finite() { x.abs() } else { 0.0 }
+}
+
+/// Encodes the exact element-wise `lo`/`hi` of a page's keys (`head_dim` each) into `out`
+/// (`record_bytes(head_dim)` bytes).
 pub fn encode(lo: &[f32], hi: &[f32], out: &mut [u8]) {
     let d = lo.len();
     assert!(
-        d == hi.len() && d.is_multiple_of(EXP_GROUP) && d <= 128 && out.len() == record_bytes(d),
+        d == hi.len() && out.len() == record_bytes(d),
         "key bounds of {d} and {} dims into {} bytes",
         hi.len(),
         out.len()
     );
     out.fill(0);
-    for g in 0..d / EXP_GROUP {
-        let dims = g * EXP_GROUP..(g + 1) * EXP_GROUP;
-        // f32::max ignores NaN, as the kernel's fmaxf does.
-        let amax = dims.clone().fold(0.0f32, |m, j| m.max(lo[j].abs()).max(hi[j].abs()));
+    for g in 0..d.div_ceil(EXP_GROUP) {
+        let dims = g * EXP_GROUP..((g + 1) * EXP_GROUP).min(d);
+        let amax =
+            dims.clone().fold(0.0f32, |m, j| m.max(finite_abs(lo[j])).max(finite_abs(hi[j])));
         let e = group_exponent(amax);
         out[2 * d + g] = e as i8 as u8;
         for j in dims {
@@ -91,6 +106,7 @@ pub fn encode(lo: &[f32], hi: &[f32], out: &mut [u8]) {
 /// The bounds a record stands for: `(lo, hi)`, `head_dim` values each.
 pub fn decode(record: &[u8], head_dim: usize) -> (Vec<f64>, Vec<f64>) {
     let d = head_dim;
+    assert_eq!(record.len(), record_bytes(d), "a key-bounds record of {d} dims");
     let value = |j: usize, b: u8| {
         let e = record[2 * d + j / EXP_GROUP] as i8 as i32;
         (b as i8) as f64 * (e as f64).exp2()
@@ -153,25 +169,44 @@ mod tests {
 
     #[test]
     fn the_pool_layout_agrees_on_the_record_size() {
-        for d in [64, 128] {
+        for d in [64, 96, 100, 128, 256] {
             let layout = radix_kv::KvLayout::new(1, 4, 8, 16, d, 2).unwrap();
             assert_eq!(layout.bounds_record_bytes(), record_bytes(d));
         }
     }
 
     #[test]
-    fn tiny_negatives_and_nan_round_outward() {
+    fn tiny_values_beside_large_ones_and_non_finite_keys_round_outward() {
         let d = 8;
         let mut lo = vec![0.0f32; d];
         let mut hi = vec![0.0f32; d];
-        lo[0] = -1.0e-40;
-        hi[0] = 100.0;
-        lo[1] = f32::NAN;
-        hi[1] = f32::NAN;
+        // The group's step is 2^27: both tiny values underflow to 0 before rounding.
+        (lo[0], hi[0]) = (-1.0e-40, 1.0e-38);
+        (lo[1], hi[1]) = (-1.0e10, 1.0e10);
+        (lo[2], hi[2]) = (f32::NAN, f32::NAN);
+        (lo[3], hi[3]) = (f32::NEG_INFINITY, f32::INFINITY);
         let mut rec = vec![0u8; record_bytes(d)];
         encode(&lo, &hi, &mut rec);
         let (dlo, dhi) = decode(&rec, d);
-        assert!(dlo[0] < 0.0 && dhi[0] >= 100.0);
-        assert_eq!((rec[1] as i8, rec[d + 1] as i8), (-128, 127));
+        assert!(dlo[0] < 0.0 && dhi[0] > 0.0, "{} {}", dlo[0], dhi[0]);
+        assert!(dlo[1] <= -1.0e10 && dhi[1] >= 1.0e10);
+        // Non-finite keys take the widest values and leave the exponent to the others.
+        assert_eq!(rec[2 * d] as i8 as i32, group_exponent(1.0e10));
+        for j in [2, 3] {
+            assert_eq!((rec[j] as i8, rec[d + j] as i8), (-128, 127));
+        }
+    }
+
+    #[test]
+    fn head_dims_off_the_group_size_get_a_partial_group() {
+        assert_eq!((record_bytes(64), record_bytes(128)), (144, 272));
+        assert_eq!((record_bytes(256), record_bytes(96), record_bytes(100)), (544, 208, 216));
+        let d = 100;
+        let lo: Vec<f32> = (0..d).map(|j| -(j as f32) * 0.37).collect();
+        let hi: Vec<f32> = (0..d).map(|j| j as f32 * 0.41 + 0.1).collect();
+        let mut rec = vec![0u8; record_bytes(d)];
+        encode(&lo, &hi, &mut rec);
+        let (dlo, dhi) = decode(&rec, d);
+        assert!((0..d).all(|j| dlo[j] <= lo[j] as f64 && dhi[j] >= hi[j] as f64));
     }
 }

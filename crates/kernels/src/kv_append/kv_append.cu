@@ -97,13 +97,21 @@ __device__ __forceinline__ int group_exponent(float amax) {
   return min(max(e, EXP_MIN), EXP_MAX);
 }
 
-// x / 2^e rounded down or up, saturated to int8; NaN widest; negatives never round to 0.
+// x / 2^e rounded down or up, saturated to int8; non-finite values take the widest;
+// nonzero values never round to 0.
 __device__ __forceinline__ signed char quantize(float x, int e, bool up) {
-  if (x != x) return up ? 127 : -128;
+  if (!(fabsf(x) <= 3.402823466e38f)) return up ? 127 : -128;  // NaN or inf
   float r = x * pow2i(-e);
   r = up ? ceilf(r) : floorf(r);
-  if (!up && r == 0.f && x < 0.f) r = -1.f;
+  if (r == 0.f && !up && x < 0.f) r = -1.f;
+  if (r == 0.f && up && x > 0.f) r = 1.f;
   return (signed char)fminf(fmaxf(r, -128.f), 127.f);
+}
+
+// |x| if finite, else 0: the exponent follows the finite values only.
+__device__ __forceinline__ float finite_abs(float x) {
+  const float a = fabsf(x);
+  return a <= 3.402823466e38f ? a : 0.f;
 }
 
 // grid (num_touched, num_kv_heads), D threads: thread d scans dim d of the filled slots;
@@ -119,7 +127,7 @@ extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  float amax = fmaxf(fabsf(lo), fabsf(hi));
+  float amax = fmaxf(finite_abs(lo), finite_abs(hi));
 #pragma unroll
   for (int o = 1; o < EXP_GROUP; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const int e = group_exponent(amax);

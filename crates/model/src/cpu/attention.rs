@@ -2,8 +2,9 @@
 //! causal mask aligned bottom-right (queries are the last tokens of their sequence).
 //!
 //! Sparse paging (Quest): a decode query may attend to a subset of its sequence's pages,
-//! chosen per kv head by `sparse_heads` from the element-wise key bounds of each page
-//! (`key_bounds_reference`), the kernels' f64 score reference and their selection order.
+//! chosen per kv head by `sparse_heads` from the key bounds of each page as the GPU stores
+//! them (element-wise min/max rounded outward to int8, `key_bounds_reference`), the
+//! kernels' f64 score reference and their selection order.
 
 use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::sparse::{page_score_reference, select_reference};
