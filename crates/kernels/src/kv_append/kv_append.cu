@@ -11,7 +11,7 @@
 // fill a page, with no atomics and no reset to order. Bounds are stored as int8 rounded
 // outward with a power-of-two scale per 8 dims (kv_append/bounds.rs has the format and its
 // CPU twin): 272 bytes per (page, head) at D = 128 instead of 512 in bf16, so sparse
-// scoring reads half the bytes and the bounds still contain every key.
+// scoring reads half the bytes and the bounds still contain every finite key.
 #include "common/key_bounds.cuh"
 
 #ifndef HEAD_DIM
