@@ -8,7 +8,7 @@
 use radix_kv::SparsePolicy;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
 
@@ -41,6 +41,62 @@ impl StepInput<'_> {
 
     pub fn batch_size(&self) -> usize {
         self.qo_indptr.len().saturating_sub(1)
+    }
+
+    /// Checks `kv_keep` against the step and the backend's sparse `policy`, and says
+    /// whether any sequence attends sparsely (`0 < keep < its pages`). Both backends
+    /// call it, so they refuse the same steps:
+    /// - `kv_keep` is empty or one count per sequence, none negative;
+    /// - a sparse row is a decode row (one query) keeping at least the sink and window
+    ///   pages;
+    /// - sparse rows need sparse paging on (`Backend::set_sparse`); other counts (0, or
+    ///   all pages) are dense and allowed either way.
+    pub fn sparse_rows(&self, policy: Option<&SparsePolicy>) -> Result<bool> {
+        if self.kv_keep.is_empty() {
+            return Ok(false);
+        }
+        let bad = |m: String| Err(ModelError::Invalid(m));
+        let batch = self.batch_size();
+        if self.kv_keep.len() != batch {
+            return bad(format!(
+                "kv_keep has {} entries for a batch of {batch} sequences",
+                self.kv_keep.len()
+            ));
+        }
+        let mut any = false;
+        for (b, &keep) in self.kv_keep.iter().enumerate() {
+            if keep < 0 {
+                return bad(format!("kv_keep has a negative count ({keep}) for sequence {b}"));
+            }
+            let span = |v: &[i32]| match (v.get(b), v.get(b + 1)) {
+                (Some(&a), Some(&z)) => (z - a).max(0),
+                _ => 0,
+            };
+            let (queries, pages) = (span(self.qo_indptr), span(self.kv_indptr));
+            if keep == 0 || keep >= pages {
+                continue;
+            }
+            let Some(policy) = policy else {
+                return bad(format!(
+                    "sequence {b} keeps {keep} of its {pages} pages but sparse paging is off \
+                     (set_sparse before init_kv)"
+                ));
+            };
+            if queries != 1 {
+                return bad(format!(
+                    "sequence {b} has {queries} queries: only decode rows attend sparsely"
+                ));
+            }
+            let forced = (policy.sink_pages + policy.window_pages) as i32;
+            if keep < forced {
+                return bad(format!(
+                    "sequence {b} keeps {keep} of its {pages} pages, fewer than the {forced} \
+                     sink and window pages"
+                ));
+            }
+            any = true;
+        }
+        Ok(any)
     }
 }
 

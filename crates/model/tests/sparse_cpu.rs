@@ -86,8 +86,9 @@ fn decode_errors(
 ) -> Vec<f64> {
     let mut dense = model(None);
     let (mut a, mut b) = (Sequence::new(prompt), Sequence::new(prompt));
-    // The prefill passes a keep too: prefill queries always attend densely.
-    assert_eq!(a.step(&mut dense, &[]), b.step(sparse, &keep(b.pages())));
+    // Prefill attends densely (a sparse keep on a prefill row is refused:
+    // `malformed_kv_keep_is_refused_clearly`).
+    assert_eq!(a.step(&mut dense, &[]), b.step(sparse, &[]));
     let mut errors = Vec::new();
     for s in 0..steps {
         let token = 40 + s as u32 * 7;
@@ -165,8 +166,14 @@ fn a_smaller_budget_stays_close_and_a_tiny_one_moves_the_logits() {
 
 #[test]
 fn malformed_kv_keep_is_refused_clearly() {
+    // The same checks as the CUDA backend (`StepInput::sparse_rows`).
     let mut m = model(Some(policy(1)));
     let mut seq = Sequence::new(100);
+    // A prefill row cannot attend sparsely.
+    let err = seq.try_step(&mut m, &[4]).unwrap_err().to_string();
+    assert!(err.contains("100 queries: only decode rows attend sparsely"), "{err}");
+    seq.step(&mut m, &[]);
+    seq.tokens.push(65); // one decode token: 101 tokens, 7 pages
     let err = seq.try_step(&mut m, &[3, 3]).unwrap_err().to_string();
     assert!(err.contains("kv_keep has 2 entries for a batch of 1"), "{err}");
     let err = seq.try_step(&mut m, &[-1]).unwrap_err().to_string();
@@ -174,11 +181,17 @@ fn malformed_kv_keep_is_refused_clearly() {
     // Fewer pages than the sink (1) and the window (2) cannot be honoured.
     let err = seq.try_step(&mut m, &[2]).unwrap_err().to_string();
     assert!(err.contains("keeps 2 of its 7 pages, fewer than the 3 sink and window"), "{err}");
-    // The length is checked with sparse paging off too; the counts are then ignored.
+    seq.step(&mut m, &[3]);
+    // With sparse paging off, sparse rows are refused; dense counts pass.
     let mut dense = model(None);
+    let mut seq = Sequence::new(100);
+    seq.step(&mut dense, &[]);
+    seq.tokens.push(65);
     let err = seq.try_step(&mut dense, &[1, 1]).unwrap_err().to_string();
     assert!(err.contains("kv_keep has 2 entries"), "{err}");
-    seq.try_step(&mut dense, &[2]).unwrap();
+    let err = seq.try_step(&mut dense, &[4]).unwrap_err().to_string();
+    assert!(err.contains("keeps 4 of its 7 pages but sparse paging is off"), "{err}");
+    seq.step(&mut dense, &[7]);
 }
 
 #[test]

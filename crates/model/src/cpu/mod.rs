@@ -132,33 +132,6 @@ impl CpuBackend {
     fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
         if cond { Ok(()) } else { Err(ModelError::Invalid(msg())) }
     }
-
-    /// `kv_keep` is empty or one count per sequence, none negative; with sparse paging on,
-    /// a sparse count holds at least the sink and window pages (as the CUDA backend
-    /// requires). Without sparse paging the counts are ignored.
-    fn check_keep(&self, s: &StepInput) -> Result<()> {
-        let batch = s.batch_size();
-        Self::check(s.kv_keep.is_empty() || s.kv_keep.len() == batch, || {
-            format!("kv_keep has {} entries for a batch of {batch} sequences", s.kv_keep.len())
-        })?;
-        Self::check(s.kv_keep.iter().all(|&k| k >= 0), || "kv_keep has a negative count".into())?;
-        let Some(policy) = &self.sparse else { return Ok(()) };
-        let forced = policy.sink_pages + policy.window_pages;
-        for (b, &keep) in s.kv_keep.iter().enumerate() {
-            let pages = match (s.kv_indptr.get(b), s.kv_indptr.get(b + 1)) {
-                (Some(&a), Some(&z)) => (z - a).max(0) as usize,
-                _ => 0,
-            };
-            let keep = keep as usize;
-            Self::check(keep == 0 || keep >= pages || keep >= forced, || {
-                format!(
-                    "sequence {b} keeps {keep} of its {pages} pages, fewer than the {forced} \
-                     sink and window pages"
-                )
-            })?;
-        }
-        Ok(())
-    }
 }
 
 impl Default for CpuBackend {
@@ -221,7 +194,7 @@ impl Backend for CpuBackend {
         Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
             "a logit row is past the step's tokens".into()
         })?;
-        self.check_keep(s)?;
+        s.sparse_rows(self.sparse.as_ref())?;
         let st = &mut self.step;
         for (dst, src) in [
             (&mut st.positions, s.positions),

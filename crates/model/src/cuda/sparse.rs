@@ -16,7 +16,7 @@ use radix_kv::SparsePolicy;
 
 use super::workspace::{MetaLayout, Workspace, put};
 use crate::backend::StepInput;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// A step's sparse layers: scores and selection write per-head tables that `attention`
 /// (with `head_tables`) then reads.
@@ -28,37 +28,12 @@ pub(super) struct SparseStep {
     pub attention: AttentionBatch,
 }
 
-/// The policy when step `s` has a decode row attending to fewer pages than it has
-/// (`kv_keep`), after checking `kv_keep` fits the batch and names decode rows only.
+/// The policy when step `s` has a sparse row (`StepInput::sparse_rows` checks `kv_keep`).
 pub(super) fn policy_for(
     policy: Option<SparsePolicy>,
     s: &StepInput,
 ) -> Result<Option<SparsePolicy>> {
-    if s.kv_keep.is_empty() {
-        return Ok(None);
-    }
-    let bad = |m: String| Err(ModelError::Invalid(m));
-    let batch = s.batch_size();
-    if s.kv_keep.len() != batch {
-        return bad(format!("kv_keep has {} entries for a batch of {batch}", s.kv_keep.len()));
-    }
-    let Some(policy) = policy else {
-        return bad("kv_keep given but sparse paging is off (set_sparse before init_kv)".into());
-    };
-    let q_lens = s.qo_indptr.windows(2).map(|w| w[1] - w[0]);
-    let pages = s.kv_indptr.windows(2).map(|w| w[1] - w[0]);
-    let mut any = false;
-    for (b, (&k, (q, n))) in s.kv_keep.iter().zip(q_lens.zip(pages)).enumerate() {
-        if k > 0 && k < n {
-            if q != 1 {
-                return bad(format!(
-                    "sequence {b} has {q} queries: only decode rows attend sparsely"
-                ));
-            }
-            any = true;
-        }
-    }
-    Ok(any.then_some(policy))
+    Ok(if s.sparse_rows(policy.as_ref())? { policy } else { None })
 }
 
 /// The host side of a sparse step: its tables' offsets and the attention plan over them.
