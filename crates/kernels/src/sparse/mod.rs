@@ -21,7 +21,7 @@ pub const SOURCE: SourceFile =
     SourceFile { path: "sparse/sparse.cu", code: include_str!("sparse.cu") };
 
 /// The specialisation for a dtype, head dim and GQA group (query heads per kv head: the
-/// scoring kernel keeps the group's queries in registers).
+/// scoring kernel folds the group's queries with a compile-time loop).
 pub fn spec<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
     KernelSpec::new(SOURCE, HEADERS)
         .define("DTYPE", dtype_define::<T>())
@@ -177,7 +177,7 @@ pub struct SelectSizes {
     pub sparse_entries: usize,
 }
 
-/// Largest GQA group the scoring kernel takes (its queries live in registers).
+/// Largest GQA group the scoring kernel takes (one compiled specialisation per group).
 pub const MAX_GROUP: usize = 16;
 
 /// Blocks of the scoring grid: fixed per device (the kernel strides over the work), so

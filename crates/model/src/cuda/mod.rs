@@ -294,7 +294,7 @@ impl CudaBackend {
 
     /// Plans the step, writes its metadata into the workspace (one pinned upload) and
     /// sets up the ops' views of it. `bucket`: pad the attention work to that graph's;
-    /// `sparse`: the policy when the step has sparse rows (`sparse::policy_for`).
+    /// `sparse`: the policy when the step has sparse rows (`StepInput::sparse_rows`).
     fn stage_step(
         &mut self,
         s: &StepInput,
@@ -584,7 +584,7 @@ impl Backend for CudaBackend {
         };
         // Sparse steps launch more kernels: they have graphs of their own. (Padding rows
         // stay dense, so the padded step has the same answer.)
-        let policy = sparse::policy_for(self.sparse, s)?;
+        let policy = if s.sparse_rows(self.sparse.as_ref())? { self.sparse } else { None };
         let sparse = policy.is_some();
         if let Some(b) = bucket
             && matches!(self.graphs.buckets.get(&(b, sparse)), Some(BucketGraph::Failed))

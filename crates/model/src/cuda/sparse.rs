@@ -1,5 +1,5 @@
-//! Sparse paging on the CUDA backend: which steps attend sparsely, the host plan of their
-//! per-(sequence, kv head) page tables, and the device views the sparse layers run over.
+//! Sparse paging on the CUDA backend: the host plan of a sparse step's per-(sequence, kv head)
+//! page tables, and the device views the sparse layers run over.
 //!
 //! The host fixes every table's length (`SparsePolicy::pages_to_keep`, through the
 //! step's `kv_keep`) and plans the attention over them; per sparse layer the device
@@ -26,14 +26,6 @@ pub(super) struct SparseStep {
     pub sizes: SelectSizes,
     pub select: SelectBuffers,
     pub attention: AttentionBatch,
-}
-
-/// The policy when step `s` has a sparse row (`StepInput::sparse_rows` checks `kv_keep`).
-pub(super) fn policy_for(
-    policy: Option<SparsePolicy>,
-    s: &StepInput,
-) -> Result<Option<SparsePolicy>> {
-    Ok(if s.sparse_rows(policy.as_ref())? { policy } else { None })
 }
 
 /// The host side of a sparse step: its tables' offsets and the attention plan over them.
