@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use radix_engine::{Engine, EngineConfig, SparseConfig};
-use radix_model::Backend;
+use radix_model::cuda::MemoryLimits;
 use radix_model::{CpuBackend, CudaBackend, ModelSource};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -43,13 +43,13 @@ pub struct ModelArgs {
     #[arg(long)]
     pub kv_pages: Option<usize>,
     /// CUDA: fraction of GPU memory for weights, activations and the KV pool together.
-    #[arg(long, default_value_t = 0.85)]
+    #[arg(long, default_value_t = 0.85, visible_aliases = ["gpu-memory-utilization", "mem-fraction-static"])]
     pub mem_fraction: f64,
     /// Tokens computed per step at most (default: CPU 2048, CUDA 8192).
-    #[arg(long)]
+    #[arg(long, visible_alias = "max-num-batched-tokens")]
     pub max_batched_tokens: Option<usize>,
     /// Requests running at once at most (default: CPU 64, CUDA 1024).
-    #[arg(long)]
+    #[arg(long, visible_alias = "max-num-seqs")]
     pub max_running: Option<usize>,
     /// Requests waiting at most (more get 429).
     #[arg(long, default_value_t = 1024)]
@@ -58,13 +58,13 @@ pub struct ModelArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Turn off prefix reuse through the radix cache.
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["no-enable-prefix-caching", "disable-radix-cache"])]
     pub no_prefix_cache: bool,
     /// Compute each prompt in one step instead of chunks.
     #[arg(long)]
     pub no_chunked_prefill: bool,
     /// CUDA: run every step eagerly, without CUDA graphs for decode.
-    #[arg(long)]
+    #[arg(long, visible_alias = "enforce-eager")]
     pub disable_cuda_graphs: bool,
     #[command(flatten)]
     pub sparse: SparseArgs,
@@ -100,7 +100,7 @@ impl SparseArgs {
     pub fn policy(&self) -> radix_kv::SparsePolicy {
         radix_kv::SparsePolicy {
             sink_pages: self.sparse_sink_pages,
-            window_pages: self.sparse_window_pages.max(1),
+            window_pages: self.sparse_window_pages,
             min_context_tokens: self.sparse_min_context,
             dense_layers: self.sparse_dense_layers,
         }
@@ -150,69 +150,26 @@ impl ModelArgs {
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
             Device::Cuda => {
                 let mut model = source.load(CudaBackend::new(0)?)?;
-                // Sparse paging sizes the workspace (selection tables) and the pages (key
-                // bounds), so it is set before either.
-                model.backend.set_sparse(self.sparse.config().map(|s| s.policy))?;
-                // Memory plan: the weights are in; the workspace for the largest step
-                // comes next; the KV pool gets what is left.
                 let limits = self.engine_config(Device::Cuda, 0);
-                let max_seqs = limits.max_running.min(limits.max_batched_tokens);
-                let ws = model.backend.reserve_workspace(
+                let plan = model.backend.plan_memory(
                     &source.config,
-                    limits.max_batched_tokens,
-                    max_seqs,
+                    &MemoryLimits {
+                        max_batched_tokens: limits.max_batched_tokens,
+                        max_running: limits.max_running,
+                        page_size: self.page_size,
+                        sparse: limits.sparse.is_some(),
+                        cuda_graphs: !self.disable_cuda_graphs,
+                        mem_fraction: self.mem_fraction,
+                        kv_pages: self.kv_pages,
+                    },
                 )?;
-                let graphs = if self.disable_cuda_graphs { 0 } else { max_seqs };
-                model.backend.set_graph_max_batch(graphs);
-                tracing::info!(
-                    workspace_mib = ws >> 20,
-                    cuda_graph_max_batch = graphs,
-                    "CUDA step workspace reserved"
-                );
-                let pages = match self.kv_pages {
-                    Some(p) => p,
-                    None => self.kv_pages_from_memory(&model.backend, &source.config)?,
-                };
-                (Box::new(model), pages)
+                plan.log();
+                (Box::new(model), plan.kv_pages)
             }
             _ => (Box::new(source.load(CpuBackend::new())?), self.kv_pages.unwrap_or(4096)),
         };
         let ModelSource { name, tokenizer, chat_template, .. } = source;
         Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
-    }
-
-    /// KV pages that fit in `mem_fraction` of the GPU once the weights and the step
-    /// workspace are allocated.
-    fn kv_pages_from_memory(
-        &self,
-        backend: &CudaBackend,
-        cfg: &radix_model::ModelConfig,
-    ) -> anyhow::Result<usize> {
-        anyhow::ensure!(
-            self.mem_fraction > 0.0 && self.mem_fraction < 1.0,
-            "--mem-fraction must be in (0, 1)"
-        );
-        let (free, total) = backend.device().mem_info()?;
-        let used = total - free;
-        // Headroom for CUDA graphs, module images and the driver's own allocations.
-        let reserve = 512usize << 20;
-        let budget = (total as f64 * self.mem_fraction) as usize;
-        let kv = budget.checked_sub(used + reserve).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after loading the weights and the step workspace (--mem-fraction {})",
-                used as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64,
-                self.mem_fraction
-            )
-        })?;
-        let pages = kv / backend.page_bytes(cfg, self.page_size);
-        tracing::info!(
-            kv_gib = kv as f64 / (1u64 << 30) as f64,
-            pages,
-            tokens = pages * self.page_size,
-            "KV pool sized from free GPU memory"
-        );
-        Ok(pages)
     }
 }
 

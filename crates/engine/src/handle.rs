@@ -11,6 +11,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::engine::{Engine, EngineError};
 use crate::metrics::EngineStats;
 use crate::request::{Output, Request, RequestId};
+use crate::rules::RequestRules;
 
 enum Command {
     Add(
@@ -31,7 +32,8 @@ pub struct EngineInfo {
     pub model: ModelConfig,
     pub backend: String,
     pub tokenizer: Arc<Tokenizer>,
-    pub max_model_len: usize,
+    /// What requests are checked against (`rules.max_model_len`: the context length).
+    pub rules: RequestRules,
     pub page_size: usize,
 }
 
@@ -55,7 +57,7 @@ impl EngineHandle {
             model: engine.runner().config().clone(),
             backend: engine.runner().backend_name(),
             tokenizer: engine.tokenizer().clone(),
-            max_model_len: engine.max_model_len(),
+            rules: engine.rules(),
             page_size: engine.config().page_size,
         });
         let shared = stats.clone();

@@ -1,11 +1,11 @@
 //! A request inside the engine: its tokens, the pages holding their KV, and its output
 //! state.
 
-use radix_kv::{NodeId, PageId};
 use radix_model::{SamplingParams, TokenCounts};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::detokenize::Detokenizer;
+use crate::kv_manager::SeqPages;
 use crate::request::{Output, Request, RequestId, StopConfig};
 
 pub(crate) struct Sequence {
@@ -16,14 +16,10 @@ pub(crate) struct Sequence {
     pub sampling: SamplingParams,
     pub stop: StopConfig,
     pub logprobs: bool,
-    /// Tokens whose KV is in `pages` (the rest still has to be computed).
+    /// Tokens whose KV is in its pages (the rest still has to be computed).
     pub computed: usize,
-    /// `pages[i]` holds tokens `i * page_size ..`; may run ahead of `computed`.
-    pub pages: Vec<PageId>,
-    /// `pages[..shared]` belong to the radix cache (locked through `node`); the rest are
-    /// this sequence's own.
-    pub shared: usize,
-    pub node: Option<NodeId>,
+    /// Its KV pages (may run ahead of `computed`), changed only by the `KvManager`.
+    pub kv: SeqPages,
     /// Prompt tokens the prefix cache served at first admission.
     pub cached_tokens: usize,
     /// Admission order; preemption takes the newest first.
@@ -53,9 +49,7 @@ impl Sequence {
             stop: req.stop,
             logprobs: req.logprobs,
             computed: 0,
-            pages: Vec::new(),
-            shared: 0,
-            node: None,
+            kv: SeqPages::default(),
             cached_tokens: 0,
             arrival,
             seed,

@@ -253,6 +253,7 @@ fn bad_requests_are_refused_with_the_reason() {
     for (req, want) in cases {
         match e.validate(&req) {
             Err(EngineError::Invalid(m)) => {
+                let m = m.to_string();
                 assert!(m.contains(want), "{m:?} should mention {want:?}")
             }
             other => panic!("expected an error mentioning {want:?}, got {other:?}"),
@@ -325,12 +326,12 @@ fn request_sparse_budgets_need_a_sparse_engine() {
     req.sparse_budget = Some(SparseBudget::Tokens(64));
     let mut e = engine(EngineConfig::default());
     match e.validate(&req) {
-        Err(EngineError::Invalid(m)) => assert!(m.contains("sparse"), "{m:?}"),
+        Err(EngineError::Invalid(m)) => assert!(m.to_string().contains("sparse"), "{m:?}"),
         other => panic!("expected an Invalid error mentioning sparse, got {other:?}"),
     }
     let (tx, _rx) = unbounded_channel();
     assert!(
-        matches!(e.add(RequestId(1), req.clone(), tx), Err(EngineError::Invalid(m)) if m.contains("sparse"))
+        matches!(e.add(RequestId(1), req.clone(), tx), Err(EngineError::Invalid(m)) if m.to_string().contains("sparse"))
     );
     // A sparse engine takes the request's own budget.
     let mut e = engine(EngineConfig { sparse: sparse(SparseBudget::DENSE), ..Default::default() });

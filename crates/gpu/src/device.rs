@@ -44,7 +44,19 @@ pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: Arc<DeviceInfo>,
-    modules: Arc<Mutex<HashMap<String, Arc<CudaModule>>>>,
+    modules: Arc<Modules>,
+}
+
+/// The modules loaded on a device, by image. Loading and unloading a module are
+/// context-wide calls: both wait for captures in flight (`graph::outside_captures`).
+#[derive(Default)]
+struct Modules(Mutex<HashMap<String, Arc<CudaModule>>>);
+
+impl Drop for Modules {
+    fn drop(&mut self) {
+        let map = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        crate::graph::outside_captures(|| map.clear());
+    }
 }
 
 impl Device {
@@ -72,11 +84,14 @@ impl Device {
                 "asked for GPU {ordinal} but the driver reports {count}"
             )));
         }
-        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
-        // SAFETY: every buffer and launch of this crate goes through `stream`, one stream
-        // per device, so stream order already serialises all accesses.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().call("cuStreamCreate")?;
+        let (ctx, stream) = crate::graph::outside_captures(|| -> Result<_> {
+            let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+            // SAFETY: every buffer and launch of this crate goes through `stream`, one
+            // stream per device, so stream order already serialises all accesses.
+            unsafe { ctx.disable_event_tracking() };
+            let stream = ctx.new_stream().call("cuStreamCreate")?;
+            Ok((ctx, stream))
+        })?;
         let info = Arc::new(query_info(&ctx, ordinal)?);
         Ok(Device { ctx, stream, info, modules: Default::default() })
     }
@@ -128,16 +143,17 @@ impl Device {
 
     /// Loads a compiled module (cubin) once per device; `key` identifies the image.
     pub(crate) fn load_module(&self, key: &str, image: &[u8]) -> Result<Arc<CudaModule>> {
-        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = modules.get(key) {
+        let lock = || self.modules.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = lock().get(key) {
             return Ok(m.clone());
         }
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-            .call("cuModuleLoadData")?;
-        modules.insert(key.to_string(), module.clone());
-        Ok(module)
+        // Loaded without holding the map's lock, which may wait for captures; a thread
+        // that loaded the same image meanwhile wins (ours unloads when dropped).
+        let module = crate::graph::outside_captures(|| {
+            self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+        })
+        .call("cuModuleLoadData")?;
+        Ok(lock().entry(key.to_string()).or_insert(module).clone())
     }
 }
 

@@ -23,6 +23,7 @@ use crate::device::Device;
 use crate::dtype::{DType, Element, HalfFloat};
 use crate::ensure;
 use crate::error::{DriverCall, GpuError, Result};
+use crate::graph;
 use crate::libs::{self, CudaLibrary};
 
 /// How the second operand is stored.
@@ -65,7 +66,7 @@ impl Gemm {
         libs::ensure_loaded(CudaLibrary::CublasLt)?;
         device.context().bind_to_thread().call("cuCtxSetCurrent")?;
         tracing::trace!("cuBLASLt: create handle");
-        let handle = Handle(lt::create_handle().call("cublasLtCreate")?);
+        let handle = Handle(graph::outside_captures(lt::create_handle).call("cublasLtCreate")?);
         tracing::trace!("cuBLASLt: handle created");
         // NVIDIA's guidance: 32 MiB of workspace on Hopper, 4 MiB before it.
         let ws_bytes = if device.arch().is_hopper() { 32 << 20 } else { 4 << 20 };
@@ -132,6 +133,7 @@ impl Gemm {
         out: u64,
     ) -> Result<()> {
         let plan = self.plan(shape)?;
+        let _bias = plan.bias.lock().unwrap_or_else(|e| e.into_inner());
         if shape.bias {
             ensure!(bias != 0, "GEMM shape asks for a bias but none was given");
             // SAFETY: desc is ours and alive; the attribute is a device pointer.
@@ -200,7 +202,8 @@ struct Handle(sys::cublasLtHandle_t);
 impl Drop for Handle {
     fn drop(&mut self) {
         // SAFETY: created by cublasLtCreate, destroyed once; errors on teardown are ignored.
-        let _ = unsafe { lt::destroy_handle(self.0) };
+        // Destroying a handle synchronises the context: not while a capture is in flight.
+        let _ = graph::outside_captures(|| unsafe { lt::destroy_handle(self.0) });
     }
 }
 
@@ -211,6 +214,9 @@ unsafe impl Sync for Handle {}
 
 /// Descriptors, layouts and the chosen algorithm for one `GemmShape`.
 struct Plan {
+    /// Held from setting the bias pointer in `desc` to the matmul that reads it, so two
+    /// threads sharing a `Gemm` cannot swap each other's bias.
+    bias: Mutex<()>,
     desc: sys::cublasLtMatmulDesc_t,
     /// Our `a` ([M,K] row-major) as cuBLASLt's B: column-major K x M.
     layout_a: sys::cublasLtMatrixLayout_t,
@@ -222,7 +228,7 @@ struct Plan {
 }
 
 // SAFETY: the descriptors are immutable after creation except the bias pointer, which is
-// set under the caller's exclusive use of the stream.
+// set and read under the plan's `bias` lock.
 unsafe impl Send for Plan {}
 unsafe impl Sync for Plan {}
 
@@ -237,6 +243,7 @@ impl Plan {
         );
         let out_t = cuda_type(s.output)?;
         let mut plan = Plan {
+            bias: Mutex::new(()),
             desc: std::ptr::null_mut(),
             layout_a: std::ptr::null_mut(),
             layout_b: std::ptr::null_mut(),

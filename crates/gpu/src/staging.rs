@@ -11,10 +11,13 @@ use crate::device::Device;
 use crate::dtype::Element;
 use crate::ensure;
 use crate::error::{DriverCall, Result};
+use crate::graph::{DropOutsideCaptures, outside_captures};
 
-/// `len` elements of page-locked host memory, uploaded by `upload_prefix`.
+/// `len` elements of page-locked host memory, uploaded by `upload_prefix`. Allocating
+/// and freeing pinned memory synchronise the context, so both wait for captures in
+/// flight (`graph::outside_captures`).
 pub struct PinnedStaging<T: Element> {
-    host: PinnedHostSlice<T>,
+    host: DropOutsideCaptures<PinnedHostSlice<T>>,
     device: Device,
     /// Recorded after the last copy out of `host`.
     copied: Option<CudaEvent>,
@@ -32,9 +35,11 @@ impl<T: Element> Drop for PinnedStaging<T> {
 impl<T: Element + cudarc::driver::ValidAsZeroBits> PinnedStaging<T> {
     pub fn new(device: &Device, len: usize) -> Result<Self> {
         // SAFETY: the memory is written through `write` before any copy reads it.
-        let host = unsafe { device.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }
-            .call("cuMemHostAlloc")?;
-        Ok(Self { host, device: device.clone(), copied: None })
+        let host = outside_captures(|| unsafe {
+            device.context().alloc_pinned_with_flags::<T>(len.max(1), 0)
+        })
+        .call("cuMemHostAlloc")?;
+        Ok(Self { host: DropOutsideCaptures::new(host), device: device.clone(), copied: None })
     }
 
     pub fn len(&self) -> usize {

@@ -135,7 +135,7 @@ fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
         c.kv,
         c.q_lens,
         c.kv_lens,
-        batch.plan().merge.len()
+        batch.work().merge.len()
     );
     assert!(err <= tol::<T>(), "{what}: rel err {err:.3e}");
     assert!(lse_err <= 1e-3, "{what}: lse err {lse_err:.3e}");

@@ -4,11 +4,12 @@
 
 use half::{bf16, f16};
 use radix_gpu::{DType, Element, HalfFloat, Jit, require_gpu};
-use radix_kernels::kv_append::bounds::{decode, record_bytes};
+use radix_kernels::kv_append::bounds::decode;
 use radix_kernels::kv_append::{
     AppendBatch, AppendInputs, PoolShape, append, append_reference, key_bounds_record,
 };
 use radix_kernels::rope::{Llama3Scaling, RopeConfig};
+use radix_kv::{KvDtype, KvGeometry, bounds_record_bytes as record_bytes};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
@@ -26,11 +27,24 @@ fn assert_close<T: HalfFloat>(what: &str, got: &[T], want: &[f64]) {
     }
 }
 
+/// One layer of `num_pages` pages of `T`, keeping key bounds.
+fn pool<T: HalfFloat>(
+    num_pages: usize,
+    page_size: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+) -> PoolShape {
+    let dtype = if T::DTYPE == DType::BF16 { KvDtype::BF16 } else { KvDtype::F16 };
+    let kv = KvGeometry::new(1, hkv, page_size, d, dtype, true).unwrap();
+    PoolShape::new(kv, num_pages, hq).unwrap()
+}
+
 fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed: u64) {
     let dev = require_gpu();
     let jit = Jit::new(None);
     let mut rng = SmallRng::seed_from_u64(seed);
-    let shape = PoolShape { num_pages: 40, page_size, num_qo_heads: 8, num_kv_heads: 2, head_dim };
+    let shape = pool::<T>(40, page_size, 8, 2, head_dim);
     let inv_freq = rope.inv_freq();
     let mut k_pool: Vec<T> = random(&mut rng, shape.pool_elems());
     let mut v_pool: Vec<T> = random(&mut rng, shape.pool_elems());
@@ -42,7 +56,7 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
 
     // Two sequences on shuffled pages, filled over three steps (prefill chunk, then two
     // decode-like steps), so pages fill across launches.
-    let mut pages: Vec<usize> = (0..shape.num_pages).collect();
+    let mut pages: Vec<usize> = (0..shape.num_pages()).collect();
     pages.shuffle(&mut rng);
     let seq_pages = [&pages[..10], &pages[10..20]];
     let start_pos = [0usize, 100_000]; // a long position too: RoPE angles far from zero
@@ -65,7 +79,7 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
         let batch = AppendBatch { positions: &positions, slots: &slots };
         let inputs = AppendInputs::upload(&dev, &shape, &batch, &inv_freq).unwrap();
         let dqkv = dev.upload(&qkv).unwrap();
-        let mut q_out = dev.alloc::<T>(n * shape.num_qo_heads * head_dim).unwrap();
+        let mut q_out = dev.alloc::<T>(n * shape.num_qo_heads() * head_dim).unwrap();
         q_out.fill_bytes(0xFF).unwrap();
         append(&jit, &shape, &inputs, &dqkv, &mut q_out, &mut dk, &mut dv, Some(&mut bounds))
             .unwrap();
@@ -87,10 +101,10 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
         })
         .collect();
     let d = head_dim;
-    for slot in (0..shape.num_pages * page_size).filter(|s| !written.contains(s)) {
+    for slot in (0..shape.num_pages() * page_size).filter(|s| !written.contains(s)) {
         let (page, off) = (slot / page_size, slot % page_size);
-        for kh in 0..shape.num_kv_heads {
-            let at = ((page * shape.num_kv_heads + kh) * page_size + off) * d;
+        for kh in 0..shape.num_kv_heads() {
+            let at = ((page * shape.num_kv_heads() + kh) * page_size + off) * d;
             assert!(
                 k_pool[at..at + d]
                     .iter()
@@ -110,10 +124,10 @@ fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed:
     let got = bounds.to_vec().unwrap();
     let rb = record_bytes(d);
     for (&page, &fill) in &all_touched {
-        for kh in 0..shape.num_kv_heads {
-            let base = (page * shape.num_kv_heads + kh) * shape.page_size * d;
+        for kh in 0..shape.num_kv_heads() {
+            let base = (page * shape.num_kv_heads() + kh) * shape.page_size() * d;
             let keys = &k_pool[base..base + fill * d];
-            let at = (page * shape.num_kv_heads + kh) * rb;
+            let at = (page * shape.num_kv_heads() + kh) * rb;
             let record = &got[at..at + rb];
             assert_eq!(record, &key_bounds_record(keys, d)[..], "page {page} head {kh}");
             let (lo, hi) = decode(record, d);
@@ -152,8 +166,7 @@ fn append_rope_and_bounds_match_reference() {
 fn append_rejects_bad_input() {
     let dev = require_gpu();
     let jit = Jit::new(None);
-    let shape =
-        PoolShape { num_pages: 2, page_size: 16, num_qo_heads: 4, num_kv_heads: 2, head_dim: 64 };
+    let shape = pool::<bf16>(2, 16, 4, 2, 64);
     let inv = RopeConfig { head_dim: 64, theta: 10000.0, llama3: None }.inv_freq();
     let bad = AppendBatch { positions: &[0], slots: &[40] };
     assert!(AppendInputs::upload(&dev, &shape, &bad, &inv).is_err());
@@ -163,7 +176,14 @@ fn append_rejects_bad_input() {
     let mut q = dev.alloc_zeros::<bf16>(4 * 64).unwrap();
     let mut k = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();
     let mut v = dev.alloc_zeros::<bf16>(shape.pool_elems() - 1).unwrap();
+    let mut bounds = dev.alloc_zeros::<u8>(shape.bounds_bytes()).unwrap();
+    assert!(
+        append(&jit, &shape, &inputs, &qkv, &mut q, &mut k, &mut v, Some(&mut bounds)).is_err()
+    );
+    // A pool that keeps key bounds refuses an append without them.
+    let mut v = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();
     assert!(append(&jit, &shape, &inputs, &qkv, &mut q, &mut k, &mut v, None).is_err());
+    assert!(append(&jit, &shape, &inputs, &qkv, &mut q, &mut k, &mut v, Some(&mut bounds)).is_ok());
 }
 
 /// Keys the random cases never produce: subnormals, signed zeros, values near the bf16
@@ -185,8 +205,7 @@ fn extreme_keys_get_the_cpu_encoders_bounds() {
         &[0.3, -1.7, 1.1, -0.2, 0.9],
     ];
     for head_dim in [64, 128] {
-        let shape =
-            PoolShape { num_pages: 3, page_size: 16, num_qo_heads: 2, num_kv_heads: 2, head_dim };
+        let shape = pool::<bf16>(3, 16, 2, 2, head_dim);
         let rope = RopeConfig { head_dim, theta: 10000.0, llama3: None };
         let (hq, hkv, d, ps) = (2, 2, head_dim, 16);
         let mut dk = dev.alloc_zeros::<bf16>(shape.pool_elems()).unwrap();

@@ -10,13 +10,14 @@ use radix_gpu::{Device, DeviceBuffer, Element, HalfFloat, Jit, require_gpu};
 use radix_kernels::attention::{
     AttentionBatch, AttentionShape, BatchMeta, KvSource, attention_reference,
 };
-use radix_kernels::kv_append::bounds::{encode, record_bytes};
+use radix_kernels::kv_append::bounds::encode;
 use radix_kernels::kv_append::key_bounds_record;
 use radix_kernels::relative_error;
 use radix_kernels::sparse::{
     SelectBuffers, SelectSizes, SparseShape, scores_reference, select, select_reference,
     sparse_indptr,
 };
+use radix_kv::bounds_record_bytes as record_bytes;
 use radix_kv::{SparseBudget, SparsePolicy};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
@@ -257,7 +258,7 @@ fn attention_over_selected_pages_matches_the_reference() {
     let mut o = dev.alloc::<bf16>(s.q.len()).unwrap();
     o.fill_bytes(0xFF).unwrap();
     let batch_gpu = AttentionBatch::new(&dev, ashape, meta, None).unwrap();
-    assert!(!batch_gpu.plan().merge.is_empty(), "long sequences should split");
+    assert!(!batch_gpu.work().merge.is_empty(), "long sequences should split");
     batch_gpu.run(&jit, &q, &k, &v, &mut o, None).unwrap();
     let err = relative_error(&o.to_vec().unwrap(), &want.o);
     assert!(err <= 1e-2, "sparse attention rel err {err:.3e}");

@@ -13,8 +13,8 @@ pub type Result<T, E = KvError> = std::result::Result<T, E>;
 /// Everything that can go wrong in the KV cache core.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
-    /// `page_size` must be a power of two in `1..=128`.
-    #[error("page_size must be a power of two in 1..=128, got {0}")]
+    /// `page_size` must be a power of two in `1..=MAX_PAGE_SIZE`.
+    #[error("page_size must be a power of two in 1..={max}, got {0}", max = crate::MAX_PAGE_SIZE)]
     InvalidPageSize(usize),
 
     /// A size argument (pool pages, layout dimension, ...) is zero or too large.

@@ -20,7 +20,7 @@
 //! `offset = s % page_size`.
 //!
 //! Per-page key bounds (for sparse paging) sit beside K and V, per layer, one record of
-//! `bounds_record_bytes(head_dim)` bytes (272 at head_dim 128) per (page, kv head):
+//! [`bounds_record_bytes`] bytes (272 at head_dim 128) per (page, kv head):
 //!
 //! ```text
 //! KB[layer] : [num_pages, num_kv_heads] records
@@ -33,98 +33,93 @@
 //! scoring pass reads about half the bytes of exact bf16 bounds (272 vs 512 bytes at
 //! D = 128). `radix_kernels::kv_append::bounds` encodes and decodes a record.
 //!
-//! K/V offsets are in elements, not bytes (multiply by `dtype_bytes`); key-bounds
-//! offsets are in bytes.
+//! [`KvGeometry`] describes one page (layers, kv heads, page size, head dim, dtype, key
+//! bounds); every byte count of the pool derives from it. K/V offsets are in elements,
+//! not bytes (multiply by the dtype's bytes); key-bounds offsets are in bytes.
 
 use crate::error::{KvError, Result};
 use crate::pool::{PageId, validate_page_size};
 
+/// Dims that share one power-of-two exponent in a key-bounds record.
+pub const BOUNDS_EXP_GROUP: usize = 8;
+
 /// Bytes of one (page, kv head) key-bounds record for `head_dim` (module doc): lo and hi,
-/// then one exponent per 8 dims padded to a multiple of 16 bytes.
+/// then one exponent per [`BOUNDS_EXP_GROUP`] dims padded to a multiple of 16 bytes. The
+/// one definition: the kernels get it as the `BOUNDS_RECORD_BYTES` define.
 pub const fn bounds_record_bytes(head_dim: usize) -> usize {
-    2 * head_dim + head_dim.div_ceil(8).next_multiple_of(16)
+    2 * head_dim + head_dim.div_ceil(BOUNDS_EXP_GROUP).next_multiple_of(16)
 }
 
-/// Shape of the paged KV pool (see the module doc for the exact layout).
+/// The element type of a KV pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    /// The CPU backend's pool.
+    F32,
+    BF16,
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub const fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::BF16 | KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// What one page of the KV pool is: layers, kv heads, tokens per page, head dim, element
+/// type, and whether a key-bounds record sits beside each (page, kv head). The one
+/// description of the pool's geometry: backends allocate from it, the memory plan sizes
+/// the pool with it and the engine counts bytes with it. The page count is not part of
+/// it (it is what a memory budget decides).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KvLayout {
+pub struct KvGeometry {
     num_layers: usize,
-    num_pages: usize,
     num_kv_heads: usize,
     page_size: usize,
     head_dim: usize,
-    dtype_bytes: usize,
+    dtype: KvDtype,
+    key_bounds: bool,
 }
 
-impl KvLayout {
-    /// Validates and builds a layout. `page_size` must be a power of two in
-    /// `1..=128`, `dtype_bytes` one of 1, 2, 4, every other dimension non-zero, and
-    /// the whole pool's byte size must fit a `usize`.
+impl KvGeometry {
+    /// Validates and builds a geometry: `page_size` a power of two in
+    /// `1..=MAX_PAGE_SIZE`, every other dimension non-zero, and one page's bytes must fit
+    /// a `usize`.
     pub fn new(
         num_layers: usize,
-        num_pages: usize,
         num_kv_heads: usize,
         page_size: usize,
         head_dim: usize,
-        dtype_bytes: usize,
+        dtype: KvDtype,
+        key_bounds: bool,
     ) -> Result<Self> {
         validate_page_size(page_size)?;
-        for (what, value) in [
-            ("num_layers", num_layers),
-            ("num_pages", num_pages),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-        ] {
+        for (what, value) in
+            [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)]
+        {
             if value == 0 {
                 return Err(KvError::InvalidSize { what, value, why: "must be at least 1" });
             }
         }
-        if !matches!(dtype_bytes, 1 | 2 | 4) {
-            return Err(KvError::InvalidSize {
-                what: "dtype_bytes",
-                value: dtype_bytes,
-                why: "must be 1, 2 or 4",
-            });
-        }
-        let total = [num_layers, num_pages, num_kv_heads, page_size, head_dim, dtype_bytes, 2]
+        let page = [2, num_layers, num_kv_heads, page_size, head_dim, dtype.bytes()]
             .iter()
             .try_fold(1usize, |acc, &x| acc.checked_mul(x));
-        if total.is_none() {
+        if page.is_none() {
             return Err(KvError::InvalidSize {
-                what: "num_pages",
-                value: num_pages,
-                why: "the pool's byte size overflows usize",
+                what: "num_layers",
+                value: num_layers,
+                why: "one page's byte size overflows usize",
             });
         }
-        Ok(Self { num_layers, num_pages, num_kv_heads, page_size, head_dim, dtype_bytes })
-    }
-
-    /// The most pages that fit in `budget_bytes` for K and V of all layers (key
-    /// bounds not included), or 0 if the dimensions are degenerate.
-    pub fn pages_fitting(
-        budget_bytes: usize,
-        num_layers: usize,
-        num_kv_heads: usize,
-        page_size: usize,
-        head_dim: usize,
-        dtype_bytes: usize,
-    ) -> usize {
-        let per_page = [2, num_layers, num_kv_heads, page_size, head_dim, dtype_bytes]
-            .iter()
-            .try_fold(1usize, |acc, &x| acc.checked_mul(x));
-        match per_page {
-            Some(0) | None => 0,
-            Some(per_page) => budget_bytes / per_page,
-        }
+        Ok(Self { num_layers, num_kv_heads, page_size, head_dim, dtype, key_bounds })
     }
 
     /// Layers.
     pub fn num_layers(&self) -> usize {
         self.num_layers
-    }
-    /// Pages per layer tensor.
-    pub fn num_pages(&self) -> usize {
-        self.num_pages
     }
     /// KV heads.
     pub fn num_kv_heads(&self) -> usize {
@@ -138,14 +133,18 @@ impl KvLayout {
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
-    /// Bytes per element.
-    pub fn dtype_bytes(&self) -> usize {
-        self.dtype_bytes
+    /// Element type of K and V.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+    /// True when every (page, kv head) keeps a key-bounds record (sparse paging).
+    pub fn key_bounds(&self) -> bool {
+        self.key_bounds
     }
 
     /// Shape of one layer's K (or V) tensor: `[num_pages, num_kv_heads, page_size, head_dim]`.
-    pub fn shape(&self) -> [usize; 4] {
-        [self.num_pages, self.num_kv_heads, self.page_size, self.head_dim]
+    pub fn shape(&self, num_pages: usize) -> [usize; 4] {
+        [num_pages, self.num_kv_heads, self.page_size, self.head_dim]
     }
 
     /// Element strides of one layer's K (or V) tensor, matching [`Self::shape`].
@@ -156,70 +155,71 @@ impl KvLayout {
         [page, head, slot, 1]
     }
 
-    /// Elements of one layer's K tensor (V has as many).
-    pub fn layer_elems(&self) -> usize {
-        self.num_pages * self.strides()[0]
+    /// Elements of one page of one layer's K tensor (V has as many).
+    pub fn page_elems(&self) -> usize {
+        self.strides()[0]
     }
 
-    /// Bytes of one layer's K tensor (V has as many).
-    pub fn layer_bytes(&self) -> usize {
-        self.layer_elems() * self.dtype_bytes
+    /// Elements of one layer's K tensor of `num_pages` pages (V has as many).
+    pub fn layer_elems(&self, num_pages: usize) -> usize {
+        num_pages * self.page_elems()
     }
 
-    /// Bytes one page takes across K and V of all layers.
+    /// Bytes of one page of one layer: K and V.
+    pub fn kv_bytes_per_page_layer(&self) -> usize {
+        2 * self.page_elems() * self.dtype.bytes()
+    }
+
+    /// Bytes of one (page, kv head) key-bounds record.
+    pub fn bounds_record_bytes(&self) -> usize {
+        bounds_record_bytes(self.head_dim)
+    }
+
+    /// Bytes of one page's key bounds in one layer (0 without key bounds).
+    pub fn bounds_bytes_per_page_layer(&self) -> usize {
+        if self.key_bounds { self.num_kv_heads * self.bounds_record_bytes() } else { 0 }
+    }
+
+    /// Bytes of one layer's key bounds for `num_pages` pages (0 without key bounds).
+    pub fn bounds_layer_bytes(&self, num_pages: usize) -> usize {
+        num_pages * self.bounds_bytes_per_page_layer()
+    }
+
+    /// Bytes one page takes across all layers: K, V and key bounds.
     pub fn bytes_per_page(&self) -> usize {
-        2 * self.num_layers * self.strides()[0] * self.dtype_bytes
+        self.num_layers * (self.kv_bytes_per_page_layer() + self.bounds_bytes_per_page_layer())
     }
 
-    /// Bytes of the whole K and V pool, all layers.
-    pub fn total_bytes(&self) -> usize {
-        self.bytes_per_page() * self.num_pages
+    /// The most pages that fit in `budget_bytes` (key bounds included).
+    pub fn pages_fitting(&self, budget_bytes: usize) -> usize {
+        budget_bytes / self.bytes_per_page()
     }
 
     /// Element offset of `(page, head, slot, dim)` in one layer's K tensor, or `None`
-    /// if any index is out of range. Hot loops should use [`Self::strides`] instead.
+    /// if head, slot or dim is out of range (the page count is the pool's). Hot loops
+    /// should use [`Self::strides`] instead.
     pub fn k_offset(&self, page: PageId, head: usize, slot: usize, dim: usize) -> Option<usize> {
-        let page = page.index();
-        if page >= self.num_pages
-            || head >= self.num_kv_heads
-            || slot >= self.page_size
-            || dim >= self.head_dim
-        {
+        if head >= self.num_kv_heads || slot >= self.page_size || dim >= self.head_dim {
             return None;
         }
-        Some(((page * self.num_kv_heads + head) * self.page_size + slot) * self.head_dim + dim)
-    }
-
-    /// Element offset in one layer's V tensor: the same as [`Self::k_offset`].
-    pub fn v_offset(&self, page: PageId, head: usize, slot: usize, dim: usize) -> Option<usize> {
-        self.k_offset(page, head, slot, dim)
+        let [sp, sh, ss, _] = self.strides();
+        Some(page.index() * sp + head * sh + slot * ss + dim)
     }
 
     /// Element offset of the first element of token slot `slot` (from a slot mapping)
-    /// for kv head `head`, or `None` if out of range.
+    /// for kv head `head`, or `None` if the head is out of range.
     pub fn slot_offset(&self, slot: usize, head: usize) -> Option<usize> {
         let page = u32::try_from(slot / self.page_size).ok()?;
         self.k_offset(PageId(page), head, slot % self.page_size, 0)
     }
 
-    /// Bytes of one (page, kv head) key-bounds record (module doc).
-    pub fn bounds_record_bytes(&self) -> usize {
-        bounds_record_bytes(self.head_dim)
-    }
-
-    /// Bytes of one layer's key bounds: a record per (page, kv head).
-    pub fn bounds_layer_bytes(&self) -> usize {
-        self.num_pages * self.num_kv_heads * self.bounds_record_bytes()
-    }
-
     /// Byte offset of the `(page, head)` record in one layer's key bounds, or `None` if
-    /// out of range.
+    /// the head is out of range.
     pub fn bounds_offset(&self, page: PageId, head: usize) -> Option<usize> {
-        let page = page.index();
-        if page >= self.num_pages || head >= self.num_kv_heads {
+        if head >= self.num_kv_heads {
             return None;
         }
-        Some((page * self.num_kv_heads + head) * self.bounds_record_bytes())
+        Some((page.index() * self.num_kv_heads + head) * self.bounds_record_bytes())
     }
 }
 
@@ -227,26 +227,23 @@ impl KvLayout {
 mod tests {
     use super::*;
 
-    fn llama8b(num_pages: usize) -> KvLayout {
-        KvLayout::new(32, num_pages, 8, 16, 128, 2).unwrap()
+    fn llama8b(key_bounds: bool) -> KvGeometry {
+        KvGeometry::new(32, 8, 16, 128, KvDtype::BF16, key_bounds).unwrap()
     }
 
     #[test]
     fn validates_dimensions() {
-        assert_eq!(KvLayout::new(1, 1, 1, 3, 1, 2).unwrap_err(), KvError::InvalidPageSize(3));
-        assert!(matches!(KvLayout::new(0, 1, 1, 16, 1, 2), Err(KvError::InvalidSize { .. })));
-        assert!(matches!(KvLayout::new(1, 1, 1, 16, 0, 2), Err(KvError::InvalidSize { .. })));
-        assert!(matches!(KvLayout::new(1, 1, 1, 16, 1, 3), Err(KvError::InvalidSize { .. })));
-        assert!(matches!(
-            KvLayout::new(usize::MAX / 2, 4, 1, 16, 1, 2),
-            Err(KvError::InvalidSize { .. })
-        ));
+        let g = |l, h, ps, d| KvGeometry::new(l, h, ps, d, KvDtype::BF16, false);
+        assert_eq!(g(1, 1, 3, 1).unwrap_err(), KvError::InvalidPageSize(3));
+        assert!(matches!(g(0, 1, 16, 1), Err(KvError::InvalidSize { .. })));
+        assert!(matches!(g(1, 1, 16, 0), Err(KvError::InvalidSize { .. })));
+        assert!(matches!(g(usize::MAX / 2, 4, 16, 1), Err(KvError::InvalidSize { .. })));
     }
 
     #[test]
     fn offsets_are_hnd_row_major() {
-        let l = llama8b(10);
-        assert_eq!(l.shape(), [10, 8, 16, 128]);
+        let l = llama8b(false);
+        assert_eq!(l.shape(10), [10, 8, 16, 128]);
         assert_eq!(l.strides(), [8 * 16 * 128, 16 * 128, 128, 1]);
         assert_eq!(l.k_offset(PageId(0), 0, 0, 0), Some(0));
         assert_eq!(l.k_offset(PageId(0), 0, 1, 0), Some(128));
@@ -254,9 +251,7 @@ mod tests {
         assert_eq!(l.k_offset(PageId(1), 0, 0, 0), Some(8 * 16 * 128));
         let [sp, sh, ss, sd] = l.strides();
         assert_eq!(l.k_offset(PageId(9), 7, 15, 127), Some(9 * sp + 7 * sh + 15 * ss + 127 * sd));
-        assert_eq!(l.k_offset(PageId(9), 7, 15, 127).unwrap() + 1, l.layer_elems());
-        assert_eq!(l.v_offset(PageId(3), 2, 1, 5), l.k_offset(PageId(3), 2, 1, 5));
-        assert_eq!(l.k_offset(PageId(10), 0, 0, 0), None);
+        assert_eq!(l.k_offset(PageId(9), 7, 15, 127).unwrap() + 1, l.layer_elems(10));
         assert_eq!(l.k_offset(PageId(0), 8, 0, 0), None);
         assert_eq!(l.k_offset(PageId(0), 0, 16, 0), None);
         assert_eq!(l.k_offset(PageId(0), 0, 0, 128), None);
@@ -264,32 +259,40 @@ mod tests {
 
     #[test]
     fn slot_offsets_follow_slot_mapping() {
-        let l = llama8b(10);
+        let l = llama8b(false);
         let slot = 3 * 16 + 5;
         assert_eq!(l.slot_offset(slot, 2), l.k_offset(PageId(3), 2, 5, 0));
-        assert_eq!(l.slot_offset(10 * 16, 0), None);
+        assert_eq!(l.slot_offset(slot, 8), None);
     }
 
     #[test]
     fn sizes_in_bytes() {
-        let l = llama8b(1000);
+        let l = llama8b(false);
         // Llama-3-8B: 128 KiB per token of KV in bf16, 2 MiB per 16-token page.
         assert_eq!(l.bytes_per_page(), 2 * 32 * 8 * 16 * 128 * 2);
         assert_eq!(l.bytes_per_page() / 16, 128 * 1024);
-        assert_eq!(l.total_bytes(), 1000 * l.bytes_per_page());
-        assert_eq!(l.layer_bytes() * 2 * 32, l.total_bytes());
-        assert_eq!(KvLayout::pages_fitting(l.total_bytes() + 5, 32, 8, 16, 128, 2), 1000);
-        assert_eq!(KvLayout::pages_fitting(100, 0, 8, 16, 128, 2), 0);
+        assert_eq!(l.kv_bytes_per_page_layer() * 32, l.bytes_per_page());
+        assert_eq!(l.pages_fitting(1000 * l.bytes_per_page() + 5), 1000);
+        // The CPU backend's f32 pool takes twice the bytes.
+        let f32_pool = KvGeometry::new(32, 8, 16, 128, KvDtype::F32, false).unwrap();
+        assert_eq!(f32_pool.bytes_per_page(), 2 * l.bytes_per_page());
+        // Key bounds add a record per (page, kv head) and layer.
+        let b = llama8b(true);
+        assert_eq!(b.bounds_bytes_per_page_layer(), 8 * 272);
+        assert_eq!(b.bytes_per_page(), l.bytes_per_page() + 32 * 8 * 272);
+        assert_eq!(l.bounds_layer_bytes(4), 0);
     }
 
     #[test]
     fn bounds_layout() {
-        let l = llama8b(4);
+        let l = llama8b(true);
         assert_eq!(l.bounds_record_bytes(), 272);
+        assert_eq!(bounds_record_bytes(64), 144);
+        assert_eq!(bounds_record_bytes(256), 544);
         assert_eq!(l.bounds_offset(PageId(0), 0), Some(0));
         assert_eq!(l.bounds_offset(PageId(0), 1), Some(272));
         assert_eq!(l.bounds_offset(PageId(1), 0), Some(8 * 272));
-        assert_eq!(l.bounds_offset(PageId(3), 7).map(|o| o + 272), Some(l.bounds_layer_bytes()));
-        assert_eq!(l.bounds_offset(PageId(4), 0), None);
+        assert_eq!(l.bounds_offset(PageId(3), 7).map(|o| o + 272), Some(l.bounds_layer_bytes(4)));
+        assert_eq!(l.bounds_offset(PageId(0), 8), None);
     }
 }

@@ -10,7 +10,9 @@
 //! * [`RadixCache`]: prefix sharing over token ids at page granularity, with locks
 //!   for pages in use and LRU eviction of unlocked leaves. Its module doc,
 //!   [`radix`], states who frees which page when.
-//! * [`KvLayout`]: the HND pool layout every kernel uses, documented in [`layout`].
+//! * [`KvGeometry`]: what one page of the pool is (layers, kv heads, page size, head
+//!   dim, dtype, key bounds), from which every size derives; the HND layout every kernel
+//!   uses is documented in [`layout`].
 //! * [`SparsePolicy`] / [`SparseBudget`]: how many pages a sparse decode step keeps.
 //!
 //! # One request's pages, end to end
@@ -60,8 +62,8 @@ pub mod radix;
 pub mod sparse;
 
 pub use error::{KvError, Result};
-pub use layout::{KvLayout, bounds_record_bytes};
+pub use layout::{BOUNDS_EXP_GROUP, KvDtype, KvGeometry, bounds_record_bytes};
 pub use page_table::{PageTable, PageTableBuilder};
-pub use pool::{MAX_PAGE_SIZE, PageId, PagePool, PageState, PoolCounts};
+pub use pool::{MAX_PAGE_SIZE, PageId, PagePool, PageState, PoolCounts, validate_page_size};
 pub use radix::{CacheMetrics, InsertResult, MatchResult, NodeId, PrefixMatch, RadixCache};
 pub use sparse::{SparseBudget, SparsePolicy};

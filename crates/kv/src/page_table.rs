@@ -83,11 +83,6 @@ impl PageTable {
         self.page_pos.as_deref()
     }
 
-    /// Query tokens in the whole batch.
-    pub fn total_q_tokens(&self) -> usize {
-        self.slot_mapping.len()
-    }
-
     /// Page ids listed for sequence `b`.
     pub fn pages_of(&self, b: usize) -> Option<&[i32]> {
         let start = *self.kv_indptr.get(b)? as usize;

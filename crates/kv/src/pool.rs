@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{KvError, Result};
 
-/// Largest page size the kernels are built for.
+/// Largest page size the kernels are built for: the one statement of the limit.
 pub const MAX_PAGE_SIZE: usize = 128;
 
 /// Index of one KV page in the pool (and in every per-layer KV tensor).
@@ -75,7 +75,7 @@ pub(crate) enum Handover {
     Tree,
 }
 
-/// Checks that `page_size` is a power of two in `1..=128`.
+/// Checks that `page_size` is a power of two in `1..=MAX_PAGE_SIZE`.
 pub fn validate_page_size(page_size: usize) -> Result<()> {
     if page_size.is_power_of_two() && page_size <= MAX_PAGE_SIZE {
         Ok(())
@@ -124,7 +124,7 @@ impl Clone for PagePool {
 impl PagePool {
     /// A pool of `num_pages` free pages of `page_size` tokens.
     ///
-    /// `page_size` must be a power of two in `1..=128`; `num_pages * page_size` must
+    /// `page_size` must be a power of two in `1..=MAX_PAGE_SIZE`; `num_pages * page_size` must
     /// fit an `i32` slot index (the kernels take slots as `i32`).
     pub fn new(num_pages: usize, page_size: usize) -> Result<Self> {
         validate_page_size(page_size)?;

@@ -5,7 +5,7 @@
 //! layer. The CPU backend (`cpu`) is the reference the CUDA backend is tested against;
 //! both implement every op with the same semantics.
 
-use radix_kv::SparsePolicy;
+use radix_kv::{KvDtype, KvGeometry, SparsePolicy};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -15,26 +15,28 @@ use crate::tensor::HostTensor;
 /// One step's batch, as the scheduler planned it: the tokens to compute and where their
 /// KV goes and comes from. Sequence b's queries are the last `q_len(b)` tokens of its KV
 /// (which already includes this step's tokens): the causal mask is bottom-right aligned.
-#[derive(Clone, Copy, Debug)]
-pub struct StepInput<'a> {
-    pub tokens: &'a [u32],
+/// The one step type: the engine fills one in place every step (no allocation in steady
+/// state), a backend copies or pads it, warm-up builds its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub tokens: Vec<u32>,
     /// Absolute position of each token (RoPE).
-    pub positions: &'a [i32],
+    pub positions: Vec<i32>,
     /// KV slot of each token: `page * page_size + offset`.
-    pub slots: &'a [i32],
-    pub qo_indptr: &'a [i32],
-    pub kv_indptr: &'a [i32],
-    pub kv_indices: &'a [i32],
-    pub kv_last_page_len: &'a [i32],
+    pub slots: Vec<i32>,
+    pub qo_indptr: Vec<i32>,
+    pub kv_indptr: Vec<i32>,
+    pub kv_indices: Vec<i32>,
+    pub kv_last_page_len: Vec<i32>,
     /// Token rows whose logits are needed (the last token of each sequence that samples).
-    pub logit_rows: &'a [u32],
-    /// Sparse paging (`Backend::set_sparse`): pages each sequence attends to in the
+    pub logit_rows: Vec<u32>,
+    /// Sparse paging (`KvPoolSpec::sparse`): pages each sequence attends to in the
     /// sparse layers (`SparsePolicy::pages_to_keep`; 0, or all of its pages: dense).
     /// Empty: the whole step is dense.
-    pub kv_keep: &'a [i32],
+    pub kv_keep: Vec<i32>,
 }
 
-impl StepInput<'_> {
+impl Step {
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }
@@ -43,13 +45,44 @@ impl StepInput<'_> {
         self.qo_indptr.len().saturating_sub(1)
     }
 
+    /// Empties every array, keeping their allocations.
+    pub fn clear(&mut self) {
+        for v in [
+            &mut self.positions,
+            &mut self.slots,
+            &mut self.qo_indptr,
+            &mut self.kv_indptr,
+            &mut self.kv_indices,
+            &mut self.kv_last_page_len,
+            &mut self.kv_keep,
+        ] {
+            v.clear();
+        }
+        self.tokens.clear();
+        self.logit_rows.clear();
+    }
+
+    /// Copies a CSR page table's arrays (`qo_indptr`, `kv_*` and the slot mapping) in.
+    pub fn set_table(&mut self, t: &radix_kv::PageTable) {
+        for (dst, src) in [
+            (&mut self.slots, t.slot_mapping()),
+            (&mut self.qo_indptr, t.qo_indptr()),
+            (&mut self.kv_indptr, t.kv_indptr()),
+            (&mut self.kv_indices, t.kv_indices()),
+            (&mut self.kv_last_page_len, t.kv_last_page_len()),
+        ] {
+            dst.clear();
+            dst.extend_from_slice(src);
+        }
+    }
+
     /// Checks `kv_keep` against the step and the backend's sparse `policy`, and says
     /// whether any sequence attends sparsely (`0 < keep < its pages`). Both backends
     /// call it, so they refuse the same steps:
     /// - `kv_keep` is empty or one count per sequence, none negative;
     /// - a sparse row is a decode row (one query) keeping at least the sink and window
     ///   pages;
-    /// - sparse rows need sparse paging on (`Backend::set_sparse`); other counts (0, or
+    /// - sparse rows need sparse paging on (`KvPoolSpec::sparse`); other counts (0, or
     ///   all pages) are dense and allowed either way.
     pub fn sparse_rows(&self, policy: Option<&SparsePolicy>) -> Result<bool> {
         if self.kv_keep.is_empty() {
@@ -72,14 +105,14 @@ impl StepInput<'_> {
                 (Some(&a), Some(&z)) => (z - a).max(0),
                 _ => 0,
             };
-            let (queries, pages) = (span(self.qo_indptr), span(self.kv_indptr));
+            let (queries, pages) = (span(&self.qo_indptr), span(&self.kv_indptr));
             if keep == 0 || keep >= pages {
                 continue;
             }
             let Some(policy) = policy else {
                 return bad(format!(
                     "sequence {b} keeps {keep} of its {pages} pages but sparse paging is off \
-                     (set_sparse before init_kv)"
+                     (the KV pool was made without a sparse policy)"
                 ));
             };
             if queries != 1 {
@@ -100,33 +133,26 @@ impl StepInput<'_> {
     }
 }
 
-/// A step that owns its arrays (warm-up steps a backend asks the model to run).
-#[derive(Clone, Debug, Default)]
-pub struct OwnedStep {
-    pub tokens: Vec<u32>,
-    pub positions: Vec<i32>,
-    pub slots: Vec<i32>,
-    pub qo_indptr: Vec<i32>,
-    pub kv_indptr: Vec<i32>,
-    pub kv_indices: Vec<i32>,
-    pub kv_last_page_len: Vec<i32>,
-    pub logit_rows: Vec<u32>,
-    pub kv_keep: Vec<i32>,
+/// The KV pool a backend allocates (`Backend::init_kv`): its pages and, when sparse
+/// paging is on, the policy (the pool then keeps a key-bounds record per page and kv
+/// head, and steps may carry `Step::kv_keep`). Given once, with the pool.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvPoolSpec {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub sparse: Option<SparsePolicy>,
 }
 
-impl OwnedStep {
-    pub fn as_input(&self) -> StepInput<'_> {
-        StepInput {
-            tokens: &self.tokens,
-            positions: &self.positions,
-            slots: &self.slots,
-            qo_indptr: &self.qo_indptr,
-            kv_indptr: &self.kv_indptr,
-            kv_indices: &self.kv_indices,
-            kv_last_page_len: &self.kv_last_page_len,
-            logit_rows: &self.logit_rows,
-            kv_keep: &self.kv_keep,
+impl KvPoolSpec {
+    /// The pool's geometry for `cfg` in `dtype` (the sparse policy checked too).
+    pub fn geometry(&self, cfg: &ModelConfig, dtype: KvDtype) -> Result<KvGeometry> {
+        if let Some(p) = &self.sparse {
+            p.validate().map_err(ModelError::Invalid)?;
         }
+        if self.num_pages == 0 {
+            return Err(ModelError::Invalid("the KV pool needs at least one page".into()));
+        }
+        cfg.kv_geometry(self.page_size, dtype, self.sparse.is_some())
     }
 }
 
@@ -146,15 +172,15 @@ pub enum StepMode {
 /// may exceed the step's own when the backend pads it (to replay a CUDA graph of a
 /// larger batch); the extra rows are computed and ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StepPlan {
+pub struct StepRun {
     pub mode: StepMode,
     pub tokens: usize,
     pub logit_rows: usize,
 }
 
-impl StepPlan {
+impl StepRun {
     /// A step run eagerly as it is.
-    pub fn eager(step: &StepInput) -> Self {
+    pub fn eager(step: &Step) -> Self {
         Self { mode: StepMode::Eager, tokens: step.num_tokens(), logit_rows: step.logit_rows.len() }
     }
 }
@@ -174,27 +200,29 @@ pub trait Backend {
     /// Moves a weight to the backend (in the backend's chosen dtype).
     fn upload(&mut self, tensor: &HostTensor) -> Result<Self::Weight>;
 
-    /// Turns query-aware sparse paging on with `policy` (or off with `None`). Call it
-    /// before `init_kv`: the per-page key bounds are allocated with the pool and kept
-    /// by every append. Steps then pass `StepInput::kv_keep`.
-    fn set_sparse(&mut self, policy: Option<SparsePolicy>) -> Result<()>;
+    /// Element type of the KV pool this backend allocates.
+    fn kv_dtype(&self) -> KvDtype;
 
-    /// Allocates the KV pool: `num_pages` pages of `page_size` tokens for every layer.
-    fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()>;
+    /// Allocates the KV pool (once; a second call replaces it): `spec.num_pages` pages of
+    /// `spec.page_size` tokens for every layer, with key bounds when `spec.sparse` turns
+    /// query-aware sparse paging on. Returns the pool's geometry.
+    fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry>;
 
     /// Makes the step's metadata available to the ops that follow, and says how the
     /// step runs and how many rows its activations have (a backend may pad a step).
-    fn begin_step(&mut self, step: &StepInput) -> Result<StepPlan>;
+    fn begin_step(&mut self, step: &Step) -> Result<StepRun>;
 
     /// Steps to run (twice each) before serving, after `init_kv`: a CUDA backend warms up
     /// and captures its decode graphs with them. They touch no page the engine owns.
-    fn warm_up_steps(&self) -> Vec<OwnedStep> {
+    fn warm_up_steps(&self) -> Vec<Step> {
         Vec::new()
     }
 
     /// Called after the ops of a step that began in `StepMode::Record`, also when one of
-    /// them failed: ends the recording and runs what was recorded.
-    fn end_step(&mut self) -> Result<()> {
+    /// them failed (`recorded` false): ends the recording and, if every op was recorded,
+    /// runs what was. After an error, or with `recorded` false, nothing of the step ran.
+    fn end_step(&mut self, recorded: bool) -> Result<()> {
+        let _ = recorded;
         Ok(())
     }
 

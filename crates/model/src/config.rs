@@ -178,6 +178,24 @@ impl ModelConfig {
         self.q_size() + 2 * self.kv_size()
     }
 
+    /// The geometry of this model's KV pool: pages of `page_size` tokens in `dtype`, with
+    /// a key-bounds record per (page, kv head) when `key_bounds` (sparse paging).
+    pub fn kv_geometry(
+        &self,
+        page_size: usize,
+        dtype: radix_kv::KvDtype,
+        key_bounds: bool,
+    ) -> Result<radix_kv::KvGeometry> {
+        Ok(radix_kv::KvGeometry::new(
+            self.num_layers,
+            self.num_kv_heads,
+            page_size,
+            self.head_dim,
+            dtype,
+            key_bounds,
+        )?)
+    }
+
     /// Parameter count (weights only), for reports.
     pub fn num_params(&self) -> usize {
         let h = self.hidden_size;

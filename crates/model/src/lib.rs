@@ -16,7 +16,7 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Activation, Backend, OwnedStep, StepInput, StepMode, StepPlan};
+pub use backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use cpu::CpuBackend;

@@ -1,6 +1,6 @@
 //! The Llama forward pass, written once over `Backend` ops.
 
-use crate::backend::{Backend, StepInput, StepMode, StepPlan};
+use crate::backend::{Backend, Step, StepMode, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
@@ -105,38 +105,35 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// Runs one step up to the logits of the step's logit rows (kept by the backend).
-    pub fn forward(&mut self, step: &StepInput) -> Result<()> {
+    pub fn forward(&mut self, step: &Step) -> Result<()> {
         if step.num_tokens() == 0 {
             return Ok(());
         }
-        let plan = self.backend.begin_step(step)?;
-        match plan.mode {
+        let run = self.backend.begin_step(step)?;
+        match run.mode {
             StepMode::Replayed => Ok(()),
-            StepMode::Eager => self.run_ops(&plan),
+            StepMode::Eager => self.run_ops(&run),
             StepMode::Record => {
-                let ran = self.run_ops(&plan);
-                match (ran, self.backend.end_step()) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Ok(())) => Ok(()),
-                    (Ok(()), Err(e)) => {
-                        // The recording did not run: run the step as it comes instead.
-                        tracing::warn!("CUDA graph capture failed ({e}); running eagerly");
-                        let plan = self.backend.begin_step(step)?;
-                        match plan.mode {
-                            StepMode::Eager => self.run_ops(&plan),
-                            mode => Err(ModelError::Invalid(format!(
-                                "backend asked for {mode:?} after a failed capture"
-                            ))),
-                        }
-                    }
+                let recorded = self.run_ops(&run);
+                let ended = self.backend.end_step(recorded.is_ok());
+                let Err(e) = recorded.and(ended) else { return Ok(()) };
+                // Nothing of the step ran: run it as it comes instead (its bucket is eager
+                // from now on). A real fault of the step shows up again here.
+                tracing::warn!("CUDA graph capture failed ({e}); running the step eagerly");
+                let run = self.backend.begin_step(step)?;
+                match run.mode {
+                    StepMode::Eager => self.run_ops(&run),
+                    mode => Err(ModelError::Invalid(format!(
+                        "backend asked for {mode:?} after a failed capture"
+                    ))),
                 }
             }
         }
     }
 
-    /// The ops of one step, after `begin_step` planned it.
-    fn run_ops(&mut self, plan: &StepPlan) -> Result<()> {
-        let n = plan.tokens;
+    /// The ops of one step, after `begin_step` said how it runs.
+    fn run_ops(&mut self, run: &StepRun) -> Result<()> {
+        let n = run.tokens;
         let c = &self.config;
         let (b, w) = (&mut self.backend, &self.weights);
         let mut residual = b.act(n, c.hidden_size)?;
@@ -171,7 +168,7 @@ impl<B: Backend> LlamaModel<B> {
             b.linear(&mlp, &layer.down, None, &mut delta)?;
         }
         b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
-        let rows = plan.logit_rows;
+        let rows = run.logit_rows;
         if rows == 0 {
             return Ok(());
         }
@@ -189,7 +186,7 @@ impl<B: Backend> LlamaModel<B> {
         let counts = crate::sampling::TokenCounts::default();
         for step in &steps {
             for _ in 0..2 {
-                self.forward(&step.as_input())?;
+                self.forward(step)?;
             }
             let requests: Vec<SampleRequest> = (0..step.logit_rows.len())
                 .map(|i| SampleRequest {
@@ -213,7 +210,7 @@ impl<B: Backend> LlamaModel<B> {
     }
 
     /// `forward`, then the logits on the host, `[logit_rows.len(), vocab_size]`.
-    pub fn forward_logits(&mut self, step: &StepInput) -> Result<Vec<f32>> {
+    pub fn forward_logits(&mut self, step: &Step) -> Result<Vec<f32>> {
         if step.logit_rows.is_empty() || step.tokens.is_empty() {
             return Ok(Vec::new());
         }

@@ -8,7 +8,8 @@ mod common;
 
 use radix_kernels::kv_append::key_bounds_record;
 use radix_kv::{SparseBudget, SparsePolicy};
-use radix_model::{Backend, CpuBackend, CudaBackend, LlamaModel, ModelSource, StepInput};
+use radix_model::cuda::MemoryLimits;
+use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, LlamaModel, ModelSource, Step};
 
 const PS: usize = 16;
 
@@ -45,16 +46,16 @@ impl Batch {
                 keep.push(k.unwrap_or(0) as i32);
             }
         }
-        let step = StepInput {
-            tokens: &tokens,
-            positions: &positions,
-            slots: &slots,
-            qo_indptr: &qo,
-            kv_indptr: &kv_indptr,
-            kv_indices: &indices,
-            kv_last_page_len: &last,
-            logit_rows: &rows,
-            kv_keep: &keep,
+        let step = Step {
+            tokens,
+            positions,
+            slots,
+            qo_indptr: qo,
+            kv_indptr,
+            kv_indices: indices,
+            kv_last_page_len: last,
+            logit_rows: rows,
+            kv_keep: keep,
         };
         model.forward_logits(&step).unwrap()
     }
@@ -72,8 +73,9 @@ fn cuda_matches_cpu_on_synthetic_tiny() {
     let cfg = source.config.clone();
     let mut cpu = source.load(CpuBackend::new()).unwrap();
     let mut gpu = source.load(CudaBackend::new(0).unwrap()).unwrap();
-    cpu.backend.init_kv(&cfg, 256, PS).unwrap();
-    gpu.backend.init_kv(&cfg, 256, PS).unwrap();
+    let spec = KvPoolSpec { num_pages: 256, page_size: PS, sparse: None };
+    cpu.backend.init_kv(&cfg, &spec).unwrap();
+    gpu.backend.init_kv(&cfg, &spec).unwrap();
     let vocab = cfg.vocab_size;
     let mut batch = Batch {
         seqs: vec![
@@ -123,8 +125,9 @@ fn graph_replay_matches_eager_execution() {
     let mut graphed = source.load(CudaBackend::new(0).unwrap()).unwrap();
     eager.backend.set_graph_max_batch(0);
     graphed.backend.set_graph_max_batch(64);
-    eager.backend.init_kv(&cfg, 512, PS).unwrap();
-    graphed.backend.init_kv(&cfg, 512, PS).unwrap();
+    let spec = KvPoolSpec { num_pages: 512, page_size: PS, sparse: None };
+    eager.backend.init_kv(&cfg, &spec).unwrap();
+    graphed.backend.init_kv(&cfg, &spec).unwrap();
     let vocab = cfg.vocab_size;
     let mut batch = Batch {
         seqs: (0..5)
@@ -185,12 +188,22 @@ fn sparse_decode_on_the_gpu() {
         SparsePolicy { sink_pages: 1, window_pages: 1, min_context_tokens: 64, dense_layers: 1 };
     let open = |sparse: bool, graphs: usize| {
         let mut m = source.load(CudaBackend::new(0).unwrap()).unwrap();
+        // Planned up front as the server does, so no step grows the workspace (which
+        // would drop the graphs and recapture them with the larger batch).
+        let limits = MemoryLimits {
+            max_batched_tokens: 4096,
+            max_running: 16,
+            page_size: PS,
+            sparse,
+            cuda_graphs: graphs > 0,
+            mem_fraction: 0.5,
+            kv_pages: Some(512),
+        };
+        let plan = m.backend.plan_memory(&cfg, &limits).unwrap();
+        assert_eq!((plan.kv_pages, plan.graph_max_batch), (512, if graphs > 0 { 16 } else { 0 }));
         m.backend.set_graph_max_batch(graphs);
-        m.backend.set_sparse(sparse.then_some(policy)).unwrap();
-        // Sized up front as the server does, so no step grows the workspace (which would
-        // drop the graphs and recapture them with the larger batch).
-        m.backend.reserve_workspace(&cfg, 4096, 16).unwrap();
-        m.backend.init_kv(&cfg, 512, PS).unwrap();
+        let spec = KvPoolSpec { num_pages: 512, page_size: PS, sparse: sparse.then_some(policy) };
+        m.backend.init_kv(&cfg, &spec).unwrap();
         m
     };
     let mut dense = open(false, 0);

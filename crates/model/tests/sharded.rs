@@ -5,26 +5,25 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use radix_model::{Backend, CpuBackend, ModelSource, StepInput};
+use radix_model::{Backend, CpuBackend, KvPoolSpec, ModelSource, Step};
 use safetensors::SafeTensors;
 
 fn logits(dir: &Path) -> Vec<f32> {
     let source = ModelSource::open(dir.to_str().unwrap()).unwrap();
     let cfg = source.config.clone();
     let mut model = source.load(CpuBackend::new()).unwrap();
-    model.backend.init_kv(&cfg, 8, 16).unwrap();
-    let tokens = [315u32, 272, 261, 275, 290];
+    model.backend.init_kv(&cfg, &KvPoolSpec { num_pages: 8, page_size: 16, sparse: None }).unwrap();
     let positions: Vec<i32> = (0..5).collect();
-    let step = StepInput {
-        tokens: &tokens,
-        positions: &positions,
-        slots: &positions,
-        qo_indptr: &[0, 5],
-        kv_indptr: &[0, 1],
-        kv_indices: &[0],
-        kv_last_page_len: &[5],
-        logit_rows: &[4],
-        kv_keep: &[],
+    let step = Step {
+        tokens: vec![315, 272, 261, 275, 290],
+        positions: positions.clone(),
+        slots: positions,
+        qo_indptr: vec![0, 5],
+        kv_indptr: vec![0, 1],
+        kv_indices: vec![0],
+        kv_last_page_len: vec![5],
+        logit_rows: vec![4],
+        kv_keep: vec![],
     };
     model.forward_logits(&step).unwrap()
 }

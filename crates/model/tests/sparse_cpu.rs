@@ -3,7 +3,7 @@
 //! and malformed `kv_keep` is refused with a clear message.
 
 use radix_kv::SparsePolicy;
-use radix_model::{Backend, CpuBackend, LlamaModel, ModelError, ModelSource, StepInput};
+use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelError, ModelSource, Step};
 
 const PAGE_SIZE: usize = 16;
 const POOL_PAGES: usize = 64;
@@ -12,8 +12,8 @@ fn model(sparse: Option<SparsePolicy>) -> LlamaModel<CpuBackend> {
     let source = ModelSource::open("synthetic:tiny").unwrap();
     let cfg = source.config.clone();
     let mut model = source.load(CpuBackend::new()).unwrap();
-    model.backend.set_sparse(sparse).unwrap();
-    model.backend.init_kv(&cfg, POOL_PAGES, PAGE_SIZE).unwrap();
+    let spec = KvPoolSpec { num_pages: POOL_PAGES, page_size: PAGE_SIZE, sparse };
+    model.backend.init_kv(&cfg, &spec).unwrap();
     model
 }
 
@@ -49,16 +49,16 @@ impl Sequence {
         let kv_indices: Vec<i32> = (0..pages as i32).collect();
         let last = (total - (pages - 1) * PAGE_SIZE) as i32;
         let n = positions.len();
-        let step = StepInput {
-            tokens: &self.tokens[self.computed..],
-            positions: &positions,
-            slots: &positions, // page p holds positions p*16.., contiguously
-            qo_indptr: &[0, n as i32],
-            kv_indptr: &[0, pages as i32],
-            kv_indices: &kv_indices,
-            kv_last_page_len: &[last],
-            logit_rows: &[n as u32 - 1],
-            kv_keep,
+        let step = Step {
+            tokens: self.tokens[self.computed..].to_vec(),
+            positions: positions.clone(),
+            slots: positions, // page p holds positions p*16.., contiguously
+            qo_indptr: vec![0, n as i32],
+            kv_indptr: vec![0, pages as i32],
+            kv_indices,
+            kv_last_page_len: vec![last],
+            logit_rows: vec![n as u32 - 1],
+            kv_keep: kv_keep.to_vec(),
         };
         let logits = model.forward_logits(&step)?;
         self.computed = total;
@@ -166,7 +166,7 @@ fn a_smaller_budget_stays_close_and_a_tiny_one_moves_the_logits() {
 
 #[test]
 fn malformed_kv_keep_is_refused_clearly() {
-    // The same checks as the CUDA backend (`StepInput::sparse_rows`).
+    // The same checks as the CUDA backend (`Step::sparse_rows`).
     let mut m = model(Some(policy(1)));
     let mut seq = Sequence::new(100);
     // A prefill row cannot attend sparsely.

@@ -100,7 +100,7 @@ pub struct ErrorDetail {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Invalid(m) => Self::invalid_no_param(m),
+            EngineError::Invalid(e) => Self::invalid_no_param(e.to_string()),
             EngineError::QueueFull(n) => Self::QueueFull(n),
             EngineError::Config(m) => Self::Unavailable(m),
         }

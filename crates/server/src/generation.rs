@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::api::Usage;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::validate::{Endpoint, Plan, ResponseShape};
+use crate::validate::{Endpoint, ParsedRequest, ResponseShape};
 
 type Tagged = Pin<Box<dyn Stream<Item = (usize, Option<Output>)> + Send>>;
 
@@ -51,18 +51,18 @@ impl Generation {
     pub fn submit(
         handle: &EngineHandle,
         metrics: &Arc<Metrics>,
-        plan: Plan,
+        parsed: ParsedRequest,
         started: Instant,
     ) -> Result<Self, ApiError> {
-        let prefix = match plan.shape.endpoint {
+        let prefix = match parsed.shape.endpoint {
             Endpoint::Completions => "cmpl",
             Endpoint::Chat => "chatcmpl",
         };
-        let choices = plan.requests.len();
+        let choices = parsed.requests.len();
         let meta = Meta {
             id: format!("{prefix}-{:032x}", rand::random::<u128>()),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            shape: plan.shape,
+            shape: parsed.shape,
         };
         metrics.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut generation = Self {
@@ -78,7 +78,7 @@ impl Generation {
             cached_tokens: vec![0; choices],
             failed: false,
         };
-        for (index, req) in plan.requests.into_iter().enumerate() {
+        for (index, req) in parsed.requests.into_iter().enumerate() {
             match handle.submit(req) {
                 Ok((id, rx)) => {
                     generation.ids.push(id);

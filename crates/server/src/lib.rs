@@ -77,8 +77,7 @@ impl AppState {
             model_name: &info.model_name,
             tokenizer: &info.tokenizer,
             chat_template: &self.chat_template,
-            vocab_size: info.model.vocab_size,
-            max_model_len: info.max_model_len,
+            rules: info.rules,
         }
     }
 }
@@ -206,11 +205,11 @@ async fn generate(
     let state = app.clone();
     let generation = tokio::task::spawn_blocking(move || {
         let ctx = state.model_context();
-        let plan = match endpoint {
+        let parsed = match endpoint {
             Endpoint::Completions => validate::parse_completion(&body, &ctx)?,
             Endpoint::Chat => validate::parse_chat(&body, &ctx)?,
         };
-        generation::Generation::submit(&state.handle, &state.metrics, plan, started)
+        generation::Generation::submit(&state.handle, &state.metrics, parsed, started)
     })
     .await
     .map_err(|e| ApiError::Internal(format!("request task failed: {e}")))??;
@@ -236,7 +235,7 @@ async fn models_handler(State(app): State<Arc<AppState>>) -> Response {
             object: "model",
             created: app.created,
             owned_by: "radix-sparse",
-            max_model_len: info.max_model_len,
+            max_model_len: info.rules.max_model_len,
         }],
     })
     .into_response()

@@ -1,6 +1,7 @@
 //! Request bodies to engine requests: a pure function of the bytes and the model (no
 //! engine, no I/O), so it can be fuzzed. Every wrong input is an `ApiError` (400) naming
-//! the field; nothing here panics.
+//! the field; nothing here panics. The rules a request must follow are the engine's
+//! (`RequestRules`): this module runs them field by field and names the field at fault.
 //!
 //! Accepted (OpenAI, plus vLLM's extras): `model`, `prompt` (string, list of strings,
 //! token ids, list of token-id lists) or `messages`, `max_tokens` (chat also
@@ -14,7 +15,7 @@
 //! `suffix`, `best_of` > n, `logit_bias`, top alternatives in log-probabilities, tools,
 //! non-text content, JSON response formats) are refused with 400.
 
-use radix_engine::{Request, SparseBudget, StopConfig};
+use radix_engine::{Request, RequestRules, RuleError, SparseBudget, StopConfig};
 use radix_model::{ChatMessage, ChatTemplate, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
@@ -34,8 +35,13 @@ pub struct ModelContext<'a> {
     pub model_name: &'a str,
     pub tokenizer: &'a Tokenizer,
     pub chat_template: &'a ChatTemplate,
-    pub vocab_size: usize,
-    pub max_model_len: usize,
+    /// The engine's rules: vocabulary, context length, sparse paging.
+    pub rules: RequestRules,
+}
+
+/// A broken engine rule as a 400 naming `param`.
+fn rule(param: &'static str) -> impl Fn(RuleError) -> ApiError {
+    move |e| ApiError::invalid(e.to_string(), param)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +68,7 @@ pub struct ResponseShape {
 
 /// A validated request: one engine request per choice.
 #[derive(Clone, Debug)]
-pub struct Plan {
+pub struct ParsedRequest {
     pub shape: ResponseShape,
     /// One per choice, in choice order: choice `i` answers prompt `i / n`.
     pub requests: Vec<Request>,
@@ -71,7 +77,7 @@ pub struct Plan {
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// Parses a `/v1/completions` body.
-pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<Plan> {
+pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
     let obj = parse_object(body)?;
     let f = Fields(&obj);
     let model = parse_model(&f, ctx)?;
@@ -94,7 +100,7 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<Plan> {
 }
 
 /// Parses a `/v1/chat/completions` body (renders the chat template).
-pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<Plan> {
+pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
     let obj = parse_object(body)?;
     let f = Fields(&obj);
     let model = parse_model(&f, ctx)?;
@@ -160,7 +166,7 @@ fn build(
     prompts: Vec<Vec<u32>>,
     max_tokens: Option<(u64, &'static str)>,
     logprobs: bool,
-) -> Result<Plan> {
+) -> Result<ParsedRequest> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -218,6 +224,9 @@ fn build(
         .map(SparseBudget::from_number)
         .transpose()
         .map_err(|e| ApiError::invalid(e, "sparse_budget"))?;
+    if sparse_budget.is_some() && !ctx.rules.sparse {
+        return Err(rule("sparse_budget")(RuleError::SparseOff));
+    }
     let prompt_param = match endpoint {
         Endpoint::Completions => "prompt",
         Endpoint::Chat => "messages",
@@ -226,33 +235,13 @@ fn build(
     let mut prompt_lens = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let len = prompt.len();
-        if len == 0 {
-            return Err(ApiError::invalid("the prompt is empty (no tokens)", prompt_param));
-        }
-        if len >= ctx.max_model_len {
-            return Err(ApiError::invalid(
-                format!(
-                    "the prompt has {len} tokens; this model's context length is {} tokens, \
-                     which leaves no room to generate",
-                    ctx.max_model_len
-                ),
-                prompt_param,
-            ));
-        }
-        let room = ctx.max_model_len - len;
+        ctx.rules.check_prompt(&prompt).map_err(rule(prompt_param))?;
+        let room = ctx.rules.room(len);
         let max_tokens = match max_tokens {
-            Some((m, param)) if m > room as u64 => {
-                return Err(ApiError::invalid(
-                    format!(
-                        "this model's context length is {} tokens, but {} were asked for \
-                         ({len} in the prompt, {m} to generate); reduce max_tokens or the prompt",
-                        ctx.max_model_len,
-                        len as u128 + m as u128
-                    ),
-                    param,
-                ));
+            Some((m, param)) => {
+                ctx.rules.check_max_tokens(len, m).map_err(rule(param))?;
+                m as usize
             }
-            Some((m, _)) => m as usize,
             None => match endpoint {
                 Endpoint::Completions => DEFAULT_COMPLETION_MAX_TOKENS.min(room),
                 Endpoint::Chat => room,
@@ -274,7 +263,7 @@ fn build(
             requests.push(req);
         }
     }
-    Ok(Plan {
+    Ok(ParsedRequest {
         shape: ResponseShape { endpoint, model, stream, include_usage, logprobs, n, prompt_lens },
         requests,
     })
@@ -369,7 +358,7 @@ fn parse_stop(f: &Fields, ctx: &ModelContext) -> Result<(Vec<String>, Vec<u32>)>
     }
     let ids = match f.get("stop_token_ids") {
         None => Vec::new(),
-        Some(v) => token_ids(v, ctx.vocab_size, "stop_token_ids")?,
+        Some(v) => token_ids(v, &ctx.rules, "stop_token_ids")?,
     };
     Ok((strings, ids))
 }
@@ -405,11 +394,11 @@ fn parse_prompt(f: &Fields, ctx: &ModelContext) -> Result<Vec<Vec<u32>>> {
                 Value::String(_) => {
                     list.iter().map(|v| v.as_str().ok_or_else(wrong).and_then(encode)).collect()
                 }
-                Value::Number(_) => Ok(vec![token_ids(all, ctx.vocab_size, "prompt")?]),
+                Value::Number(_) => Ok(vec![token_ids(all, &ctx.rules, "prompt")?]),
                 Value::Array(_) => list
                     .iter()
                     .map(|v| {
-                        let ids = token_ids(v, ctx.vocab_size, "prompt")?;
+                        let ids = token_ids(v, &ctx.rules, "prompt")?;
                         if ids.is_empty() {
                             return Err(ApiError::invalid(
                                 "a token-id prompt must not be empty",
@@ -427,17 +416,16 @@ fn parse_prompt(f: &Fields, ctx: &ModelContext) -> Result<Vec<Vec<u32>>> {
 }
 
 /// A JSON list of token ids within the vocabulary.
-fn token_ids(v: &Value, vocab: usize, param: &'static str) -> Result<Vec<u32>> {
+fn token_ids(v: &Value, rules: &RequestRules, param: &'static str) -> Result<Vec<u32>> {
     let Value::Array(list) = v else {
         return Err(ApiError::invalid(format!("{param} must be a list of token ids"), param));
     };
     list.iter()
         .map(|t| match t.as_u64() {
-            Some(id) if id < vocab as u64 => Ok(id as u32),
-            Some(id) => Err(ApiError::invalid(
-                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
-                param,
-            )),
+            Some(id) => {
+                rules.check_tokens([id]).map_err(rule(param))?;
+                Ok(id as u32)
+            }
             None => Err(ApiError::invalid(
                 format!("{param} must hold non-negative integer token ids, found {t}"),
                 param,

@@ -3,16 +3,17 @@
 //! OpenAI error body; every accepted request fits the model.
 
 use proptest::prelude::*;
+use radix_engine::RequestRules;
 use radix_engine::SparseBudget;
 use radix_model::{ChatTemplate, Tokenizer};
 use radix_server::ApiError;
-use radix_server::validate::{self, ModelContext, Plan};
+use radix_server::validate::{self, ModelContext, ParsedRequest};
 use serde_json::{Map, Value, json};
 
 const VOCAB: usize = 320;
 const MAX_LEN: usize = 512;
 
-fn check(result: Result<Plan, ApiError>) {
+fn check(result: Result<ParsedRequest, ApiError>) {
     match result {
         Ok(plan) => {
             assert!(!plan.requests.is_empty());
@@ -43,8 +44,7 @@ fn with_ctx<R>(f: impl FnOnce(&ModelContext) -> R) -> R {
         model_name: "synthetic:tiny",
         tokenizer: &tokenizer,
         chat_template: &template,
-        vocab_size: VOCAB,
-        max_model_len: MAX_LEN,
+        rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: true },
     };
     f(&ctx)
 }
@@ -234,5 +234,20 @@ fn sparse_budgets_parse_as_fractions_or_tokens() {
                 assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}: {body}");
             }
         }
-    })
+    });
+    // An engine without sparse paging refuses any budget, naming the field.
+    let tokenizer = Tokenizer::Bytes;
+    let template = ChatTemplate::plain();
+    let ctx = ModelContext {
+        model_name: "synthetic:tiny",
+        tokenizer: &tokenizer,
+        chat_template: &template,
+        rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: false },
+    };
+    let mut v = valid_completion();
+    v.as_object_mut().unwrap().insert("sparse_budget".into(), json!(0.5));
+    let e = validate::parse_completion(v.to_string().as_bytes(), &ctx).unwrap_err();
+    let body = serde_json::to_value(e.body()).unwrap();
+    assert_eq!(body["error"]["param"], "sparse_budget", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("sparse paging"), "{body}");
 }

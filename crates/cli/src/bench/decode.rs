@@ -149,7 +149,7 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
             t.median_ms * 1e3,
             bw / 1e9,
             100.0 * bw / copy_bw,
-            batch.plan().merge.len()
+            batch.work().merge.len()
         );
         rows.push(Measurement {
             benchmark: "attention_decode".into(),
@@ -336,7 +336,7 @@ fn random_bounds(
 ) -> anyhow::Result<radix_gpu::DeviceBuffer<u8>> {
     use radix_kernels::kv_append::bounds;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
-    let bytes = bounds::record_bytes(head_dim);
+    let bytes = radix_kv::bounds_record_bytes(head_dim);
     let mut block = vec![0u8; 4096 * bytes];
     for rec in block.chunks_mut(bytes) {
         let lo: Vec<f32> = (0..head_dim).map(|_| rng.random_range(-2.0..1.0)).collect();

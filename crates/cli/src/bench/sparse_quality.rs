@@ -15,7 +15,7 @@ use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::relative_error;
 use radix_kv::{SparseBudget, SparsePolicy};
 use radix_model::cpu::select_pages;
-use radix_model::{Backend, CpuBackend, LlamaModel, ModelSource, StepInput};
+use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelSource, Step};
 use serde::Serialize;
 
 use super::progress;
@@ -182,8 +182,9 @@ fn measure(a: &SparseQualityArgs) -> anyhow::Result<Report> {
     }
 
     let mut model = source.load(CpuBackend::new())?;
-    model.backend.set_sparse(Some(policy))?;
-    model.backend.init_kv(&cfg, pages, ps)?;
+    model
+        .backend
+        .init_kv(&cfg, &KvPoolSpec { num_pages: pages, page_size: ps, sparse: Some(policy) })?;
 
     // Prefill all but the last token, in chunks.
     let bar = progress(n - 1, "prefill");
@@ -266,16 +267,16 @@ fn forward(
     let positions: Vec<i32> = (from as i32..to as i32).collect();
     let pages = to.div_ceil(ps);
     let kv_indices: Vec<i32> = (0..pages as i32).collect();
-    let step = StepInput {
-        tokens: &tokens[from..to],
-        positions: &positions,
-        slots: &positions, // page p holds positions p*ps.., contiguously
-        qo_indptr: &[0, (to - from) as i32],
-        kv_indptr: &[0, pages as i32],
-        kv_indices: &kv_indices,
-        kv_last_page_len: &[(to - (pages - 1) * ps) as i32],
-        logit_rows: &[(to - from - 1) as u32],
-        kv_keep,
+    let step = Step {
+        tokens: tokens[from..to].to_vec(),
+        positions: positions.clone(),
+        slots: positions, // page p holds positions p*ps.., contiguously
+        qo_indptr: vec![0, (to - from) as i32],
+        kv_indptr: vec![0, pages as i32],
+        kv_indices,
+        kv_last_page_len: vec![(to - (pages - 1) * ps) as i32],
+        logit_rows: vec![(to - from - 1) as u32],
+        kv_keep: kv_keep.to_vec(),
     };
     Ok(model.forward_logits(&step)?)
 }

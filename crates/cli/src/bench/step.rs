@@ -6,7 +6,7 @@
 
 use clap::Args;
 use radix_model::{
-    Backend, CudaBackend, LlamaModel, ModelSource, OwnedStep, SampleRequest, SamplingParams,
+    Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelSource, SampleRequest, SamplingParams, Step,
     TokenCounts,
 };
 
@@ -37,8 +37,9 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
     let ps = a.page_size;
     let per_seq = (a.context + 2 * a.steps + 4).div_ceil(ps);
-    model.backend.init_kv(&cfg, a.batch * per_seq, ps)?;
     model.backend.set_graph_max_batch(a.batch);
+    let spec = KvPoolSpec { num_pages: a.batch * per_seq, page_size: ps, sparse: None };
+    let kv = model.backend.init_kv(&cfg, &spec)?;
     let copy_bw = copy_bandwidth(model.backend.device())?;
 
     // Sequence b owns pages b*per_seq..; the CSR table of sequences `ids`, `len` tokens each.
@@ -63,7 +64,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         let slots: Vec<i32> =
             ids.iter().flat_map(|&b| (0..a.context).map(move |p| slot(b, p))).collect();
         let (kv_indptr, kv_indices, kv_last_page_len) = table(&ids, a.context);
-        let step = OwnedStep {
+        let step = Step {
             tokens,
             positions,
             slots,
@@ -74,7 +75,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
             logit_rows: Vec::new(),
             kv_keep: Vec::new(),
         };
-        model.forward(&step.as_input())?;
+        model.forward(&step)?;
     }
 
     let params = SamplingParams::greedy();
@@ -98,7 +99,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         let ctx = a.context + s;
         let all: Vec<usize> = (0..a.batch).collect();
         let (kv_indptr, kv_indices, kv_last_page_len) = table(&all, ctx);
-        let step = OwnedStep {
+        let step = Step {
             tokens: (0..a.batch).map(|b| ((b + s) % 1000 + 10) as u32).collect(),
             positions: vec![(ctx - 1) as i32; a.batch],
             slots: (0..a.batch).map(|b| slot(b, ctx - 1)).collect(),
@@ -110,7 +111,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
             kv_keep: Vec::new(),
         };
         let t = std::time::Instant::now();
-        model.forward(&step.as_input())?;
+        model.forward(&step)?;
         model.sample(&requests)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if (1..=a.steps).contains(&s) {
@@ -135,9 +136,8 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     let wall = walls.iter().sum::<f64>() / n;
     let gpu = times.total_ms() / n;
     let weight_bytes = cfg.num_params() as f64 * 2.0;
-    let kv_bytes = a.batch as f64
-        * (a.context as f64 + n / 2.0)
-        * CudaBackend::kv_bytes_per_page(&cfg, 1) as f64;
+    let kv_bytes =
+        a.batch as f64 * (a.context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
     let floor_ms = (weight_bytes + kv_bytes) / copy_bw * 1e3;
     println!(
         "decode step: batch {} at context ~{}, {} on {}",

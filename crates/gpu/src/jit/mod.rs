@@ -92,6 +92,15 @@ pub struct Jit {
     kernels: Mutex<HashMap<(usize, String, Arch, String), Kernel>>,
 }
 
+impl Drop for Jit {
+    fn drop(&mut self) {
+        // The kernels may hold the last references to their modules: unloading one
+        // synchronises the context, so not while a capture is in flight.
+        let kernels = self.kernels.get_mut().unwrap_or_else(|e| e.into_inner());
+        crate::graph::outside_captures(|| kernels.clear());
+    }
+}
+
 impl Jit {
     /// `cache_dir: None` disables the disk cache (the memory cache always works).
     pub fn new(cache_dir: Option<PathBuf>) -> Self {

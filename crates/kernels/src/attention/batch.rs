@@ -96,10 +96,8 @@ impl BatchMeta {
                 kv_last_page_len,
                 head_tables,
             } => {
-                if !page_size.is_power_of_two() || *page_size > 128 {
-                    return invalid(format!(
-                        "page_size {page_size} must be a power of two in 1..=128"
-                    ));
+                if let Err(e) = radix_kv::validate_page_size(*page_size) {
+                    return invalid(e.to_string());
                 }
                 let rows = kv_indptr.len().saturating_sub(1);
                 let heads = if *head_tables && batch > 0 { rows / batch } else { 1 };

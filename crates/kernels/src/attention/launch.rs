@@ -6,7 +6,7 @@ use radix_gpu::{Device, DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, ensure
 
 use super::SOURCE;
 use super::batch::{AttentionShape, BatchMeta, KvSource};
-use super::plan::{MergeItem, Plan, TileConfig, WorkItem, plan};
+use super::plan::{MergeItem, TileConfig, WorkItem, WorkList, plan};
 use crate::{HEADERS, dtype_define};
 
 /// Mirrors `AttentionParams` in attention.cu field for field.
@@ -76,9 +76,9 @@ pub struct AttentionBuffers {
     pub kv_indptr: DeviceBuffer<i32>,
     pub kv_indices: DeviceBuffer<i32>,
     pub kv_last_page_len: DeviceBuffer<i32>,
-    /// `Plan::work_words`.
+    /// `WorkList::work_words`.
     pub work: DeviceBuffer<i32>,
-    /// `Plan::merge_words`.
+    /// `WorkList::merge_words`.
     pub merge: DeviceBuffer<i32>,
     /// `partial_rows x num_qo_heads x head_dim` (at least one element).
     pub partial_o: DeviceBuffer<f32>,
@@ -93,7 +93,7 @@ pub fn plan_batch(
     meta: &BatchMeta,
     tiles: Option<TileConfig>,
     target_blocks: Option<usize>,
-) -> Result<(TileConfig, Plan)> {
+) -> Result<(TileConfig, WorkList)> {
     shape.validate()?;
     let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
     let tiles = tiles.unwrap_or_else(|| TileConfig::choose(max_rows));
@@ -127,7 +127,7 @@ pub struct AttentionBatch {
     shape: AttentionShape,
     tiles: TileConfig,
     meta: BatchMeta,
-    plan: Plan,
+    plan: WorkList,
     buffers: AttentionBuffers,
 }
 
@@ -180,7 +180,7 @@ impl AttentionBatch {
         shape: AttentionShape,
         meta: BatchMeta,
         tiles: TileConfig,
-        plan: Plan,
+        plan: WorkList,
         buffers: AttentionBuffers,
     ) -> Result<Self> {
         shape.validate()?;
@@ -216,7 +216,7 @@ impl AttentionBatch {
         Ok(Self { device: device.clone(), shape, tiles, meta, plan, buffers })
     }
 
-    pub fn plan(&self) -> &Plan {
+    pub fn work(&self) -> &WorkList {
         &self.plan
     }
 

@@ -9,7 +9,7 @@ mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{AttentionBatch, AttentionBuffers, default_target_blocks, plan_batch, spec};
-pub use plan::{MergeItem, Plan, TileConfig, WorkItem, decode_work_bound, plan};
+pub use plan::{MergeItem, TileConfig, WorkItem, WorkList, decode_work_bound, plan};
 pub use reference::{Reference, attention_reference};
 
 use radix_gpu::SourceFile;

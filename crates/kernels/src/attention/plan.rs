@@ -89,16 +89,16 @@ impl TileConfig {
     }
 }
 
-/// The planned work for one batch.
+/// The work list of one batch: the blocks' split-KV items and the merges of their partials.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct WorkList {
     pub work: Vec<WorkItem>,
     pub merge: Vec<MergeItem>,
     /// Rows of fp32 partial output the split items need (× heads × head_dim).
     pub partial_rows: usize,
 }
 
-impl Plan {
+impl WorkList {
     /// The work list as the kernel reads it, 6 words per item.
     pub fn work_words(&self) -> impl Iterator<Item = i32> + '_ {
         self.work
@@ -156,7 +156,7 @@ pub fn plan(
     tiles: TileConfig,
     target_blocks: usize,
     min_chunk: usize,
-) -> Plan {
+) -> WorkList {
     debug_assert_eq!(q_lens.len(), kv_lens.len());
     let bm = tiles.block_m();
     let bn = tiles.block_n as usize;
@@ -175,7 +175,7 @@ pub fn plan(
         (tile_work / wanted_items).max(min_tiles) * bn
     };
 
-    let mut out = Plan::default();
+    let mut out = WorkList::default();
     let mut q_start = 0usize;
     for b in 0..q_lens.len() {
         let (q_len, kv_len) = (q_lens[b], kv_lens[b]);

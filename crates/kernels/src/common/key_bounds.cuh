@@ -5,7 +5,11 @@
 #include "common/types.cuh"
 
 constexpr int EXP_GROUP = 8, EXP_MIN = -126, EXP_MAX = 126;
-__host__ __device__ constexpr int bounds_record_bytes(int head_dim) { return 2 * head_dim + 16; }
+// A record's size comes from the host (radix_kv::bounds_record_bytes), the one definition.
+#ifndef BOUNDS_RECORD_BYTES
+#error "BOUNDS_RECORD_BYTES must be defined (radix_kv::bounds_record_bytes(HEAD_DIM))"
+#endif
+constexpr int BOUNDS_RECORD = BOUNDS_RECORD_BYTES;
 
 // 2^e for e in [EXP_MIN, EXP_MAX], exactly.
 __device__ __forceinline__ float pow2i(int e) { return __int_as_float((e + 127) << 23); }

@@ -2,7 +2,7 @@
 //! scale per 8 dims. `key_bounds` (kv_append.cu) writes it and `page_scores`
 //! (sparse.cu) reads it; this is its CPU twin, to the bit.
 //!
-//! One record per (page, kv head), `record_bytes(head_dim)` bytes:
+//! One record per (page, kv head), `radix_kv::bounds_record_bytes(head_dim)` bytes:
 //!
 //! ```text
 //! [lo: i8 × D][hi: i8 × D][exp: i8 × ceil(D/8)][zero padding to a multiple of 16 bytes]
@@ -19,17 +19,13 @@
 //! not bounded (it takes the widest value, -128 / 127, at the scale of the group's finite
 //! values).
 
-/// Dims that share an exponent.
-pub const EXP_GROUP: usize = 8;
+// The record's size and exponent group are the pool geometry's (radix-kv), shared with
+// the kernels through the `BOUNDS_RECORD_BYTES` define.
+use radix_kv::{BOUNDS_EXP_GROUP as EXP_GROUP, bounds_record_bytes as record_bytes};
+
 /// Exponents are kept where `2^e` and `2^-e` are normal f32.
 const EXP_MIN: i32 = -126;
 const EXP_MAX: i32 = 126;
-
-/// Bytes of one (page, kv head) record (the kernels take head dims 64 and 128: 144 and
-/// 272 bytes).
-pub const fn record_bytes(head_dim: usize) -> usize {
-    2 * head_dim + head_dim.div_ceil(EXP_GROUP).next_multiple_of(16)
-}
 
 /// The smallest exponent `e` in `[EXP_MIN, EXP_MAX]` with `amax <= 127 · 2^e`
 /// (`EXP_MIN` for 0 or NaN, `EXP_MAX` for infinity).
@@ -80,7 +76,7 @@ fn finite_abs(x: f32) -> f32 {
 }
 
 /// Encodes the exact element-wise `lo`/`hi` of a page's keys (`head_dim` each) into `out`
-/// (`record_bytes(head_dim)` bytes).
+/// (`radix_kv::bounds_record_bytes(head_dim)` bytes).
 pub fn encode(lo: &[f32], hi: &[f32], out: &mut [u8]) {
     let d = lo.len();
     assert!(
@@ -164,14 +160,6 @@ mod tests {
                     assert!(lo[j] as f64 - dlo[j] <= step && dhi[j] - hi[j] as f64 <= step);
                 }
             }
-        }
-    }
-
-    #[test]
-    fn the_pool_layout_agrees_on_the_record_size() {
-        for d in [64, 96, 100, 128, 256] {
-            let layout = radix_kv::KvLayout::new(1, 4, 8, 16, d, 2).unwrap();
-            assert_eq!(layout.bounds_record_bytes(), record_bytes(d));
         }
     }
 

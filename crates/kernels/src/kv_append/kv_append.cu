@@ -85,7 +85,6 @@ struct BoundsParams {
   int reserved;
 };
 
-constexpr int BOUNDS_RECORD = bounds_record_bytes(D);
 static_assert(D / EXP_GROUP <= 16, "exponents fit the record's 16 trailing bytes");
 
 // The smallest e in [EXP_MIN, EXP_MAX] with amax <= 127 * 2^e.

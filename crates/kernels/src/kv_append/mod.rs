@@ -5,7 +5,8 @@ pub mod bounds;
 mod reference;
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
-use radix_gpu::{DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
+use radix_gpu::{DType, DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
+use radix_kv::{KvDtype, KvGeometry};
 
 pub use reference::{append_reference, key_bounds_record, key_bounds_reference};
 
@@ -18,46 +19,73 @@ pub fn spec<T: HalfFloat>(head_dim: usize) -> KernelSpec {
     KernelSpec::new(SOURCE, HEADERS)
         .define("DTYPE", dtype_define::<T>())
         .define("HEAD_DIM", head_dim)
+        .define("BOUNDS_RECORD_BYTES", radix_kv::bounds_record_bytes(head_dim))
 }
 
-/// Shape of the page pool of one layer and of the heads appended to it.
+/// One layer of the page pool and the query heads appended beside it: the pool's
+/// geometry (radix-kv's, the one description of a page) with its page count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolShape {
-    pub num_pages: usize,
-    pub page_size: usize,
-    pub num_qo_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
+    kv: KvGeometry,
+    num_pages: usize,
+    num_qo_heads: usize,
 }
 
 impl PoolShape {
-    pub fn pool_elems(&self) -> usize {
-        self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
+    /// Checks what the kernels take: head dims 64 and 128, a half-float pool, query heads
+    /// a multiple of the kv heads, at least one page.
+    pub fn new(kv: KvGeometry, num_pages: usize, num_qo_heads: usize) -> Result<Self> {
+        ensure!(
+            matches!(kv.head_dim(), 64 | 128),
+            "head_dim {} not supported (64 or 128)",
+            kv.head_dim()
+        );
+        ensure!(
+            matches!(kv.dtype(), KvDtype::BF16 | KvDtype::F16),
+            "the CUDA KV pool is bf16 or f16, not {:?}",
+            kv.dtype()
+        );
+        ensure!(
+            num_qo_heads > 0 && num_qo_heads.is_multiple_of(kv.num_kv_heads()),
+            "{num_qo_heads} query heads for {} kv heads",
+            kv.num_kv_heads()
+        );
+        ensure!(num_pages > 0, "a pool needs at least one page");
+        Ok(Self { kv, num_pages, num_qo_heads })
     }
 
-    /// Bytes of one layer's key bounds: a `bounds::record_bytes` record per (page, kv head).
+    pub fn geometry(&self) -> &KvGeometry {
+        &self.kv
+    }
+    pub fn num_pages(&self) -> usize {
+        self.num_pages
+    }
+    pub fn num_qo_heads(&self) -> usize {
+        self.num_qo_heads
+    }
+    pub fn num_kv_heads(&self) -> usize {
+        self.kv.num_kv_heads()
+    }
+    pub fn page_size(&self) -> usize {
+        self.kv.page_size()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.kv.head_dim()
+    }
+
+    /// Elements of one layer's K (or V) pool.
+    pub fn pool_elems(&self) -> usize {
+        self.kv.layer_elems(self.num_pages)
+    }
+
+    /// Bytes of one layer's key bounds (0 when the pool keeps none).
     pub fn bounds_bytes(&self) -> usize {
-        self.num_pages * self.num_kv_heads * bounds::record_bytes(self.head_dim)
+        self.kv.bounds_layer_bytes(self.num_pages)
     }
 
     /// Elements of one token's fused QKV row: q, k and v heads.
     pub fn qkv_row(&self) -> usize {
-        (self.num_qo_heads + 2 * self.num_kv_heads) * self.head_dim
-    }
-
-    fn validate(&self) -> Result<()> {
-        ensure!(
-            matches!(self.head_dim, 64 | 128),
-            "head_dim {} not supported (64 or 128)",
-            self.head_dim
-        );
-        ensure!(self.num_kv_heads > 0 && self.num_qo_heads > 0, "need query and kv heads");
-        ensure!(
-            self.page_size.is_power_of_two() && self.page_size <= 128,
-            "page_size {} must be a power of two in 1..=128",
-            self.page_size
-        );
-        Ok(())
+        (self.num_qo_heads + 2 * self.num_kv_heads()) * self.head_dim()
     }
 }
 
@@ -110,7 +138,7 @@ impl AppendBatch<'_> {
             self.positions.len(),
             self.slots.len()
         );
-        let slots = (shape.num_pages * shape.page_size) as i64;
+        let slots = (shape.num_pages() * shape.page_size()) as i64;
         if let Some(bad) = self.slots.iter().find(|&&s| s < 0 || s as i64 >= slots) {
             return Err(radix_gpu::GpuError::Invalid(format!(
                 "slot {bad} outside the pool's {slots} slots"
@@ -162,14 +190,13 @@ impl AppendInputs {
         batch: &AppendBatch,
         inv_freq: &[f32],
     ) -> Result<Self> {
-        shape.validate()?;
         batch.validate(shape)?;
         ensure!(
-            inv_freq.len() == shape.head_dim / 2,
+            inv_freq.len() == shape.head_dim() / 2,
             "inv_freq has {} entries, want head_dim/2",
             inv_freq.len()
         );
-        let (pages, filled) = batch.touched_pages(shape.page_size);
+        let (pages, filled) = batch.touched_pages(shape.page_size());
         let up = |v: &[i32]| device.upload(if v.is_empty() { &[0] } else { v });
         Ok(Self {
             positions: up(batch.positions)?,
@@ -196,7 +223,16 @@ pub fn append<T: HalfFloat>(
     v_pool: &mut DeviceBuffer<T>,
     bounds: Option<&mut DeviceBuffer<u8>>,
 ) -> Result<()> {
-    shape.validate()?;
+    let want = match T::DTYPE {
+        DType::F16 => KvDtype::F16,
+        _ => KvDtype::BF16,
+    };
+    ensure!(
+        shape.geometry().dtype() == want,
+        "a {:?} pool appended with {} activations",
+        shape.geometry().dtype(),
+        T::DTYPE
+    );
     let n = inputs.num_tokens;
     ensure!(
         qkv.len() == n * shape.qkv_row(),
@@ -205,15 +241,21 @@ pub fn append<T: HalfFloat>(
         shape.qkv_row()
     );
     ensure!(
-        q_out.len() == n * shape.num_qo_heads * shape.head_dim,
+        q_out.len() == n * shape.num_qo_heads() * shape.head_dim(),
         "q_out holds {} elements, expected {}",
         q_out.len(),
-        n * shape.num_qo_heads * shape.head_dim
+        n * shape.num_qo_heads() * shape.head_dim()
     );
     ensure!(
         k_pool.len() == shape.pool_elems() && v_pool.len() == shape.pool_elems(),
         "K/V pools must hold {} elements",
         shape.pool_elems()
+    );
+    ensure!(
+        bounds.is_some() == shape.geometry().key_bounds(),
+        "key bounds given: {}, but the pool keeps them: {}",
+        bounds.is_some(),
+        shape.geometry().key_bounds()
     );
     if let Some(b) = &bounds {
         ensure!(
@@ -227,7 +269,7 @@ pub fn append<T: HalfFloat>(
         return Ok(());
     }
     let device = qkv.device();
-    let spec = spec::<T>(shape.head_dim);
+    let spec = spec::<T>(shape.head_dim());
     let kernel = jit.kernel(device, &spec, "kv_append")?;
     let params = AppendParams {
         qkv: qkv.ptr(),
@@ -239,9 +281,9 @@ pub fn append<T: HalfFloat>(
         inv_freq: inputs.inv_freq.ptr(),
         qkv_stride: shape.qkv_row() as i64,
         num_tokens: n as i32,
-        num_qo_heads: shape.num_qo_heads as i32,
-        num_kv_heads: shape.num_kv_heads as i32,
-        page_size: shape.page_size as i32,
+        num_qo_heads: shape.num_qo_heads() as i32,
+        num_kv_heads: shape.num_kv_heads() as i32,
+        page_size: shape.page_size() as i32,
     };
     let cfg =
         LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -256,13 +298,13 @@ pub fn append<T: HalfFloat>(
             pages: inputs.touched_pages.ptr(),
             filled: inputs.touched_filled.ptr(),
             num_touched: inputs.num_touched as i32,
-            num_kv_heads: shape.num_kv_heads as i32,
-            page_size: shape.page_size as i32,
+            num_kv_heads: shape.num_kv_heads() as i32,
+            page_size: shape.page_size() as i32,
             reserved: 0,
         };
         let cfg = LaunchConfig {
-            grid_dim: (inputs.num_touched as u32, shape.num_kv_heads as u32, 1),
-            block_dim: (shape.head_dim as u32, 1, 1),
+            grid_dim: (inputs.num_touched as u32, shape.num_kv_heads() as u32, 1),
+            block_dim: (shape.head_dim() as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: touched pages come from validated slots; bounds sized above.
@@ -297,13 +339,8 @@ mod tests {
 
     #[test]
     fn rejects_slots_outside_the_pool() {
-        let shape = PoolShape {
-            num_pages: 2,
-            page_size: 16,
-            num_qo_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 64,
-        };
+        let kv = KvGeometry::new(1, 2, 16, 64, KvDtype::BF16, false).unwrap();
+        let shape = PoolShape::new(kv, 2, 4).unwrap();
         assert!(AppendBatch { positions: &[0], slots: &[32] }.validate(&shape).is_err());
         assert!(AppendBatch { positions: &[-1], slots: &[3] }.validate(&shape).is_err());
         assert!(AppendBatch { positions: &[0, 1], slots: &[3] }.validate(&shape).is_err());

@@ -17,7 +17,7 @@ pub fn append_reference<T: Element>(
     v_pool: &[T],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (hq, hkv, d, ps) =
-        (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim, shape.page_size);
+        (shape.num_qo_heads(), shape.num_kv_heads(), shape.head_dim(), shape.page_size());
     let row = shape.qkv_row();
     let mut q_out = vec![0.0; positions.len() * hq * d];
     let mut k: Vec<f64> = k_pool.iter().map(|x| x.to_f64()).collect();
@@ -57,7 +57,7 @@ pub fn key_bounds_record<T: Element>(keys: &[T], head_dim: usize) -> Vec<u8> {
             *h = h.max(x);
         }
     }
-    let mut record = vec![0u8; bounds::record_bytes(head_dim)];
+    let mut record = vec![0u8; radix_kv::bounds_record_bytes(head_dim)];
     bounds::encode(&lo, &hi, &mut record);
     record
 }

@@ -14,8 +14,8 @@ use radix_gpu::{Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Resu
 pub use reference::{page_score_reference, scores_reference, select_reference};
 
 use crate::attention::{BatchMeta, KvSource};
-use crate::kv_append::bounds::record_bytes;
 use crate::{HEADERS, dtype_define};
+use radix_kv::bounds_record_bytes;
 
 pub const SOURCE: SourceFile =
     SourceFile { path: "sparse/sparse.cu", code: include_str!("sparse.cu") };
@@ -26,6 +26,7 @@ pub fn spec<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
     KernelSpec::new(SOURCE, HEADERS)
         .define("DTYPE", dtype_define::<T>())
         .define("HEAD_DIM", head_dim)
+        .define("BOUNDS_RECORD_BYTES", bounds_record_bytes(head_dim))
         .define("GROUP", group)
 }
 
@@ -233,7 +234,7 @@ pub fn select_stages<T: HalfFloat>(
             shape.group()
         ));
     }
-    if !bounds.len().is_multiple_of(hkv * record_bytes(d))
+    if !bounds.len().is_multiple_of(hkv * bounds_record_bytes(d))
         || !q.len().is_multiple_of(shape.num_qo_heads * d)
     {
         return bad("sparse selection: q or bounds have a partial row".into());

@@ -4,7 +4,9 @@
 use radix_gpu::Element;
 
 use super::SparseShape;
-use crate::kv_append::bounds::{decode, record_bytes};
+use radix_kv::bounds_record_bytes as record_bytes;
+
+use crate::kv_append::bounds::decode;
 
 /// Quest's upper bound of q·k over a page, summed over a GQA group's query heads:
 /// `Σ_g Σ_d max(q_gd · lo_d, q_gd · hi_d)`. `q_group` is `[group, head_dim]`.

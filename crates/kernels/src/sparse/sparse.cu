@@ -28,7 +28,7 @@
 #endif
 constexpr int D = HEAD_DIM;
 constexpr int PER_LANE = D / 32;  // 4 or 2 dims per lane: one u32 or u16 of each bound
-constexpr int RECORD = bounds_record_bytes(D);
+constexpr int RECORD = BOUNDS_RECORD;
 static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(GROUP >= 1 && GROUP <= 16, "GQA group of 1..=16 query heads");
 

@@ -2,7 +2,7 @@
 //! KV pool in the shared HND layout. It is the reference the CUDA backend is tested
 //! against, so every op is written the plain way.
 //!
-//! With `set_sparse`, decode queries of the sparse layers attend to the pages Quest picks
+//! With a sparse policy in its `KvPoolSpec`, decode queries of the sparse layers attend to the pages Quest picks
 //! (`attention::sparse_heads`). With `set_probe`, the backend keeps each layer's rotated
 //! queries of the last step for quality studies (`probe_queries`, `page_kv`).
 
@@ -11,7 +11,9 @@ mod linear;
 
 pub use attention::select_pages;
 
-use crate::backend::{Activation, Backend, StepInput, StepPlan};
+use radix_kv::{KvDtype, KvGeometry, SparsePolicy};
+
+use crate::backend::{Activation, Backend, KvPoolSpec, Step, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
@@ -53,34 +55,36 @@ struct LayerKv {
     v: Vec<f32>,
 }
 
-/// The step metadata, copied in `begin_step`.
-#[derive(Default)]
-struct Step {
-    tokens: Vec<u32>,
-    positions: Vec<i32>,
-    slots: Vec<i32>,
-    qo_indptr: Vec<i32>,
-    kv_indptr: Vec<i32>,
-    kv_indices: Vec<i32>,
-    kv_last_page_len: Vec<i32>,
-    logit_rows: Vec<u32>,
-    kv_keep: Vec<i32>,
+/// The KV pool and what `init_kv` fixed with it.
+struct CpuPool {
+    geometry: KvGeometry,
+    num_pages: usize,
+    num_heads: usize,
+    layers: Vec<LayerKv>,
+    inv_freq: Vec<f32>,
+    /// Sparse paging, when on (`KvPoolSpec::sparse`).
+    sparse: Option<SparsePolicy>,
+}
+
+impl CpuPool {
+    fn attention_geometry(&self) -> attention::Geometry {
+        let g = &self.geometry;
+        attention::Geometry {
+            num_heads: self.num_heads,
+            num_kv_heads: g.num_kv_heads(),
+            head_dim: g.head_dim(),
+            page_size: g.page_size(),
+        }
+    }
 }
 
 pub struct CpuBackend {
-    kv: Vec<LayerKv>,
-    num_pages: usize,
-    page_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    inv_freq: Vec<f32>,
+    pool: Option<CpuPool>,
+    /// The step metadata, copied in `begin_step`.
     step: Step,
     /// The last logits, `[logit_rows, vocab]`.
     logits: Vec<f32>,
     vocab: usize,
-    /// Sparse paging, when on (`Backend::set_sparse`).
-    sparse: Option<radix_kv::SparsePolicy>,
     /// With `set_probe(true)`: per layer, the rotated queries of the last token of each
     /// sequence of the last step, `[batch, num_heads × head_dim]` (empty: not recorded).
     probe: Option<Vec<Vec<f32>>>,
@@ -88,20 +92,7 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        Self {
-            kv: Vec::new(),
-            num_pages: 0,
-            page_size: 0,
-            num_heads: 0,
-            num_kv_heads: 0,
-            head_dim: 0,
-            inv_freq: Vec::new(),
-            step: Step::default(),
-            logits: Vec::new(),
-            vocab: 0,
-            sparse: None,
-            probe: None,
-        }
+        Self { pool: None, step: Step::default(), logits: Vec::new(), vocab: 0, probe: None }
     }
 
     /// Records (or stops recording) each layer's rotated queries of every step's last
@@ -121,12 +112,17 @@ impl CpuBackend {
     /// Keys and values of page `page` of layer `layer`'s pool, each
     /// `[num_kv_heads, page_size, head_dim]` (keys rotated); `None` outside the pool.
     pub fn page_kv(&self, layer: usize, page: usize) -> Option<(&[f32], &[f32])> {
-        let kv = self.kv.get(layer)?;
-        if page >= self.num_pages {
+        let pool = self.pool.as_ref()?;
+        let kv = pool.layers.get(layer)?;
+        if page >= pool.num_pages {
             return None;
         }
-        let n = self.num_kv_heads * self.page_size * self.head_dim;
+        let n = pool.geometry.page_elems();
         Some((&kv.k[page * n..(page + 1) * n], &kv.v[page * n..(page + 1) * n]))
+    }
+
+    fn pool(&self) -> Result<&CpuPool> {
+        self.pool.as_ref().ok_or_else(|| ModelError::Invalid("call init_kv first".into()))
     }
 
     fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
@@ -153,29 +149,28 @@ impl Backend for CpuBackend {
         Ok(CpuWeight { data: t.data.clone(), rows, cols })
     }
 
-    fn set_sparse(&mut self, policy: Option<radix_kv::SparsePolicy>) -> Result<()> {
-        if let Some(p) = &policy {
-            p.validate().map_err(ModelError::Invalid)?;
-        }
-        self.sparse = policy;
-        Ok(())
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::F32
     }
 
-    fn init_kv(&mut self, cfg: &ModelConfig, num_pages: usize, page_size: usize) -> Result<()> {
-        let per_layer = num_pages * cfg.num_kv_heads * page_size * cfg.head_dim;
-        self.kv = (0..cfg.num_layers)
-            .map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] })
-            .collect();
-        self.num_pages = num_pages;
-        self.page_size = page_size;
-        self.num_heads = cfg.num_heads;
-        self.num_kv_heads = cfg.num_kv_heads;
-        self.head_dim = cfg.head_dim;
-        self.inv_freq = cfg.rope.inv_freq();
-        Ok(())
+    fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry> {
+        let geometry = spec.geometry(cfg, self.kv_dtype())?;
+        let per_layer = geometry.layer_elems(spec.num_pages);
+        self.pool = Some(CpuPool {
+            geometry,
+            num_pages: spec.num_pages,
+            num_heads: cfg.num_heads,
+            layers: (0..cfg.num_layers)
+                .map(|_| LayerKv { k: vec![0.0; per_layer], v: vec![0.0; per_layer] })
+                .collect(),
+            inv_freq: cfg.rope.inv_freq(),
+            sparse: spec.sparse,
+        });
+        Ok(geometry)
     }
 
-    fn begin_step(&mut self, s: &StepInput) -> Result<StepPlan> {
+    fn begin_step(&mut self, s: &Step) -> Result<StepRun> {
+        let pool = self.pool()?;
         let n = s.tokens.len();
         Self::check(s.positions.len() == n && s.slots.len() == n, || {
             format!(
@@ -184,39 +179,22 @@ impl Backend for CpuBackend {
                 s.slots.len()
             )
         })?;
-        let capacity = (self.num_pages * self.page_size) as i32;
+        let capacity = (pool.num_pages * pool.geometry.page_size()) as i32;
         Self::check(s.slots.iter().all(|&x| (0..capacity).contains(&x)), || {
             format!("a slot lies outside the KV pool of {capacity} slots")
         })?;
-        Self::check(s.kv_indices.iter().all(|&p| (0..self.num_pages as i32).contains(&p)), || {
-            format!("a page id lies outside the pool of {} pages", self.num_pages)
+        Self::check(s.kv_indices.iter().all(|&p| (0..pool.num_pages as i32).contains(&p)), || {
+            format!("a page id lies outside the pool of {} pages", pool.num_pages)
         })?;
         Self::check(s.logit_rows.iter().all(|&r| (r as usize) < n), || {
             "a logit row is past the step's tokens".into()
         })?;
-        s.sparse_rows(self.sparse.as_ref())?;
-        let st = &mut self.step;
-        for (dst, src) in [
-            (&mut st.positions, s.positions),
-            (&mut st.slots, s.slots),
-            (&mut st.qo_indptr, s.qo_indptr),
-            (&mut st.kv_indptr, s.kv_indptr),
-            (&mut st.kv_indices, s.kv_indices),
-            (&mut st.kv_last_page_len, s.kv_last_page_len),
-        ] {
-            dst.clear();
-            dst.extend_from_slice(src);
-        }
-        st.tokens.clear();
-        st.tokens.extend_from_slice(s.tokens);
-        st.logit_rows.clear();
-        st.logit_rows.extend_from_slice(s.logit_rows);
-        st.kv_keep.clear();
-        st.kv_keep.extend_from_slice(s.kv_keep);
+        s.sparse_rows(pool.sparse.as_ref())?;
+        self.step.clone_from(s);
         if let Some(layers) = &mut self.probe {
             layers.iter_mut().for_each(Vec::clear);
         }
-        Ok(StepPlan::eager(s))
+        Ok(StepRun::eager(s))
     }
 
     fn act(&mut self, rows: usize, cols: usize) -> Result<CpuAct> {
@@ -287,15 +265,19 @@ impl Backend for CpuBackend {
     }
 
     fn rope_append(&mut self, layer: usize, qkv: &CpuAct, q: &mut CpuAct) -> Result<()> {
-        let (hq, hkv, d, ps) = (self.num_heads, self.num_kv_heads, self.head_dim, self.page_size);
+        let pool =
+            self.pool.as_mut().ok_or_else(|| ModelError::Invalid("call init_kv first".into()))?;
+        let g = pool.geometry;
+        let (hq, hkv, d, ps) = (pool.num_heads, g.num_kv_heads(), g.head_dim(), g.page_size());
         Self::check(
             qkv.cols == (hq + 2 * hkv) * d
                 && q.cols == hq * d
                 && q.rows == qkv.rows
-                && layer < self.kv.len(),
+                && layer < pool.layers.len(),
             || "rope_append: shape mismatch".into(),
         )?;
-        let kv = &mut self.kv[layer];
+        let kv = &mut pool.layers[layer];
+        let inv_freq = &pool.inv_freq;
         for t in 0..qkv.rows {
             let row = qkv.row(t);
             let pos = self.step.positions[t] as f32;
@@ -305,13 +287,13 @@ impl Backend for CpuBackend {
                 rotate(
                     &row[h * d..(h + 1) * d],
                     pos,
-                    &self.inv_freq,
+                    inv_freq,
                     &mut q.data[(t * hq + h) * d..][..d],
                 );
             }
             for kh in 0..hkv {
                 let at = ((page * hkv + kh) * ps + off) * d;
-                rotate(&row[(hq + kh) * d..][..d], pos, &self.inv_freq, &mut kv.k[at..at + d]);
+                rotate(&row[(hq + kh) * d..][..d], pos, inv_freq, &mut kv.k[at..at + d]);
                 kv.v[at..at + d].copy_from_slice(&row[(hq + hkv + kh) * d..][..d]);
             }
         }
@@ -319,17 +301,14 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&mut self, layer: usize, q: &CpuAct, out: &mut CpuAct) -> Result<()> {
-        Self::check(out.rows == q.rows && out.cols == q.cols && layer < self.kv.len(), || {
+        let pool =
+            self.pool.as_ref().ok_or_else(|| ModelError::Invalid("call init_kv first".into()))?;
+        Self::check(out.rows == q.rows && out.cols == q.cols && layer < pool.layers.len(), || {
             "attention: shape mismatch".into()
         })?;
-        let kv = &self.kv[layer];
+        let kv = &pool.layers[layer];
         let s = &self.step;
-        let geometry = attention::Geometry {
-            num_heads: self.num_heads,
-            num_kv_heads: self.num_kv_heads,
-            head_dim: self.head_dim,
-            page_size: self.page_size,
-        };
+        let geometry = pool.attention_geometry();
         let table = || attention::Table {
             qo_indptr: &s.qo_indptr,
             kv_indptr: &s.kv_indptr,
@@ -351,7 +330,7 @@ impl Backend for CpuBackend {
             }
             layers[layer] = last;
         }
-        let heads = match &self.sparse {
+        let heads = match &pool.sparse {
             Some(policy) if policy.layer_is_sparse(layer) && !s.kv_keep.is_empty() => Some(
                 attention::sparse_heads(&geometry, &table(), &s.kv_keep, policy, &q.data, &kv.k)?,
             ),

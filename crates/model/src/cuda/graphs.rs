@@ -1,4 +1,5 @@
-//! Which decode steps replay a CUDA graph, and how a step is padded to its bucket.
+//! Which decode steps replay a CUDA graph, how a step is padded to its bucket, and the
+//! graphs' life cycle (`DecodeGraphs`).
 //!
 //! A decode step (one query token per sequence, every sequence sampling) of `n`
 //! sequences runs as the graph of the smallest bucket `B >= n`. The `B - n` padding
@@ -9,9 +10,10 @@
 
 use std::collections::HashMap;
 
-use radix_gpu::Graph;
+use radix_gpu::{Device, Graph, graph};
 
-use crate::backend::{OwnedStep, StepInput};
+use crate::backend::{Step, StepMode};
+use crate::error::Result;
 
 /// Decode batch sizes with a graph of their own: fine steps where batches are small and
 /// a padding row costs a larger share, coarser ones above.
@@ -31,7 +33,7 @@ pub fn bucket_for(n: usize, max_batch: usize) -> Option<usize> {
 }
 
 /// True for a step a graph can run: one query token per sequence, each sampled.
-pub fn is_decode_step(s: &StepInput) -> bool {
+pub fn is_decode_step(s: &Step) -> bool {
     let n = s.tokens.len();
     n > 0
         && s.batch_size() == n
@@ -42,13 +44,11 @@ pub fn is_decode_step(s: &StepInput) -> bool {
 
 /// Copies the decode step `s` into `out` and appends the padding sequences over
 /// `scratch_page` up to `bucket`.
-pub fn pad_step(
-    out: &mut OwnedStep,
-    s: &StepInput,
-    bucket: usize,
-    scratch_page: i32,
-    page_size: usize,
-) {
+pub fn pad_step(out: &mut Step, s: &Step, bucket: usize, scratch_page: i32, page_size: usize) {
+    pad_arrays(out, s, bucket, scratch_page, page_size);
+}
+
+fn pad_arrays(out: &mut Step, s: &Step, bucket: usize, scratch_page: i32, page_size: usize) {
     let n = s.tokens.len();
     let pad = bucket - n;
     let copy = |dst: &mut Vec<i32>, src: &[i32]| {
@@ -56,25 +56,25 @@ pub fn pad_step(
         dst.extend_from_slice(src);
     };
     out.tokens.clear();
-    out.tokens.extend_from_slice(s.tokens);
+    out.tokens.extend_from_slice(&s.tokens);
     out.tokens.resize(bucket, 0);
-    copy(&mut out.positions, s.positions);
+    copy(&mut out.positions, &s.positions);
     out.positions.resize(bucket, 0);
-    copy(&mut out.slots, s.slots);
+    copy(&mut out.slots, &s.slots);
     out.slots.resize(bucket, scratch_page * page_size as i32);
     out.qo_indptr.clear();
     out.qo_indptr.extend(0..=bucket as i32);
-    copy(&mut out.kv_indptr, s.kv_indptr);
+    copy(&mut out.kv_indptr, &s.kv_indptr);
     let end = *s.kv_indptr.last().unwrap_or(&0);
     out.kv_indptr.extend((1..=pad as i32).map(|i| end + i));
-    copy(&mut out.kv_indices, s.kv_indices);
+    copy(&mut out.kv_indices, &s.kv_indices);
     out.kv_indices.resize(s.kv_indices.len() + pad, scratch_page);
-    copy(&mut out.kv_last_page_len, s.kv_last_page_len);
+    copy(&mut out.kv_last_page_len, &s.kv_last_page_len);
     out.kv_last_page_len.resize(bucket, 1);
     out.logit_rows.clear();
     out.logit_rows.extend(0..bucket as u32);
     // Padding rows attend densely (to their one scratch page).
-    copy(&mut out.kv_keep, s.kv_keep);
+    copy(&mut out.kv_keep, &s.kv_keep);
     if !s.kv_keep.is_empty() {
         out.kv_keep.resize(bucket, 0);
     }
@@ -92,19 +92,9 @@ pub fn all_buckets(max_batch: usize) -> Vec<usize> {
 }
 
 /// A step of `bucket` padding sequences only: what warm-up captures each graph with.
-pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> OwnedStep {
-    let mut out = OwnedStep::default();
-    let empty = StepInput {
-        tokens: &[],
-        positions: &[],
-        slots: &[],
-        qo_indptr: &[0],
-        kv_indptr: &[0],
-        kv_indices: &[],
-        kv_last_page_len: &[],
-        logit_rows: &[],
-        kv_keep: &[],
-    };
+pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> Step {
+    let mut out = Step::default();
+    let empty = Step { qo_indptr: vec![0], kv_indptr: vec![0], ..Step::default() };
     pad_step(&mut out, &empty, bucket, scratch_page, page_size);
     out
 }
@@ -112,9 +102,9 @@ pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> Owned
 /// One sequence of `len` tokens, all written to the scratch page (slots wrap around it)
 /// and read back through it listed `len / page_size` times: a prefill that touches no
 /// page of the engine's, for warm-up.
-pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> OwnedStep {
+pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> Step {
     let pages = len.div_ceil(page_size);
-    OwnedStep {
+    Step {
         tokens: vec![0; len],
         positions: (0..len as i32).collect(),
         slots: (0..len).map(|i| scratch_page * page_size as i32 + (i % page_size) as i32).collect(),
@@ -129,19 +119,150 @@ pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> Owned
 
 /// A bucket's graph: seen once (its eager run compiled the kernels and chose the GEMM
 /// algorithms), then captured on the next step of that size.
-pub enum BucketGraph {
+enum BucketGraph {
     Warm,
     Ready(Graph),
     /// Its capture failed: the bucket runs eagerly.
     Failed,
 }
 
-#[derive(Default)]
-pub struct Graphs {
-    /// Keyed by (bucket, sparse): a step with sparse layers launches more kernels.
-    pub buckets: HashMap<(usize, bool), BucketGraph>,
+/// A graph's key: its bucket, and whether the step has sparse layers (they launch more
+/// kernels, so they have graphs of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GraphKey {
+    pub bucket: usize,
+    pub sparse: bool,
+}
+
+/// The decode graphs of a backend and where each one is in its life: unseen, warm
+/// (ran eagerly once), being recorded, ready to replay, or failed (eager from then on).
+pub struct DecodeGraphs {
+    buckets: HashMap<GraphKey, BucketGraph>,
+    /// Largest decode batch replayed from a graph; 0 turns graphs off.
+    max_batch: usize,
+    /// The graph being recorded between `enter` (`StepMode::Record`) and `end_capture`.
+    capturing: Option<GraphKey>,
+    /// The last padded step (its arrays are reused).
+    padded: Step,
     pub captured: usize,
     pub replayed: u64,
+}
+
+impl DecodeGraphs {
+    pub fn new(max_batch: usize) -> Self {
+        Self {
+            buckets: HashMap::new(),
+            max_batch,
+            capturing: None,
+            padded: Step::default(),
+            captured: 0,
+            replayed: 0,
+        }
+    }
+
+    /// Sets the largest batch replayed from a graph (0: none); a change drops the graphs.
+    pub fn set_max_batch(&mut self, max_batch: usize) {
+        if max_batch != self.max_batch {
+            self.clear();
+        }
+        self.max_batch = max_batch;
+    }
+
+    /// Drops every graph: the buffers they were recorded over moved.
+    pub fn clear(&mut self) {
+        self.buckets.clear();
+        self.capturing = None;
+    }
+
+    /// The graph a step runs as, if any: a decode step of at most `max_batch` sequences
+    /// whose bucket has not failed.
+    pub fn key_for(&self, s: &Step, sparse: bool) -> Option<GraphKey> {
+        if !is_decode_step(s) {
+            return None;
+        }
+        let key = GraphKey { bucket: bucket_for(s.num_tokens(), self.max_batch)?, sparse };
+        match self.buckets.get(&key) {
+            Some(BucketGraph::Failed) => None,
+            _ => Some(key),
+        }
+    }
+
+    /// `s` padded to `bucket` over `scratch_page`, in the reused padded step (handed
+    /// back with `return_padded`).
+    pub fn take_padded(
+        &mut self,
+        s: &Step,
+        bucket: usize,
+        scratch_page: i32,
+        page_size: usize,
+    ) -> Step {
+        let mut out = std::mem::take(&mut self.padded);
+        pad_step(&mut out, s, bucket, scratch_page, page_size);
+        out
+    }
+
+    pub fn return_padded(&mut self, step: Step) {
+        self.padded = step;
+    }
+
+    /// Once the step of `key` is staged: the first step of a bucket runs eagerly (its
+    /// kernels compile, its GEMM algorithms are chosen), the second is recorded, later
+    /// ones replay the graph (launched here: the caller skips the ops).
+    pub fn enter(&mut self, device: &Device, key: GraphKey) -> Result<StepMode> {
+        match self.buckets.get(&key) {
+            None => {
+                self.buckets.insert(key, BucketGraph::Warm);
+                Ok(StepMode::Eager)
+            }
+            Some(BucketGraph::Warm) => {
+                graph::begin_capture(device)?;
+                self.capturing = Some(key);
+                Ok(StepMode::Record)
+            }
+            Some(BucketGraph::Ready(g)) => {
+                g.launch()?;
+                self.replayed += 1;
+                Ok(StepMode::Replayed)
+            }
+            Some(BucketGraph::Failed) => Ok(StepMode::Eager),
+        }
+    }
+
+    /// Ends a recording begun by `enter` and, when every op was `recorded`, runs it. A
+    /// capture that failed (or whose ops did) leaves its bucket eager from then on; what
+    /// was recorded never ran. Nothing to do outside a recording.
+    pub fn end_capture(&mut self, device: &Device, recorded: bool) -> Result<()> {
+        let Some(key) = self.capturing.take() else { return Ok(()) };
+        let ended = graph::end_capture(device);
+        if !recorded {
+            self.buckets.insert(key, BucketGraph::Failed);
+            return Ok(ended.map(drop)?);
+        }
+        match ended.and_then(|g| g.launch().map(|()| g)) {
+            Ok(g) => {
+                self.buckets.insert(key, BucketGraph::Ready(g));
+                self.captured += 1;
+                tracing::debug!(
+                    bucket = key.bucket,
+                    sparse = key.sparse,
+                    "captured a decode CUDA graph"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.buckets.insert(key, BucketGraph::Failed);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The dense buckets that have no graph yet (what warm-up captures).
+    pub fn missing_dense_buckets(&self) -> Vec<usize> {
+        all_buckets(self.max_batch)
+            .into_iter()
+            .filter(|&b| !self.buckets.contains_key(&GraphKey { bucket: b, sparse: false }))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -164,19 +285,19 @@ mod tests {
 
     #[test]
     fn padding_adds_scratch_sequences() {
-        let s = StepInput {
-            tokens: &[5, 6],
-            positions: &[17, 3],
-            slots: &[33, 64 + 3],
-            qo_indptr: &[0, 1, 2],
-            kv_indptr: &[0, 2, 3],
-            kv_indices: &[1, 2, 4],
-            kv_last_page_len: &[2, 4],
-            logit_rows: &[0, 1],
-            kv_keep: &[],
+        let s = Step {
+            tokens: vec![5, 6],
+            positions: vec![17, 3],
+            slots: vec![33, 64 + 3],
+            qo_indptr: vec![0, 1, 2],
+            kv_indptr: vec![0, 2, 3],
+            kv_indices: vec![1, 2, 4],
+            kv_last_page_len: vec![2, 4],
+            logit_rows: vec![0, 1],
+            kv_keep: vec![],
         };
         assert!(is_decode_step(&s));
-        let mut p = OwnedStep::default();
+        let mut p = Step::default();
         pad_step(&mut p, &s, 4, 9, 16);
         assert_eq!(p.tokens, vec![5, 6, 0, 0]);
         assert_eq!(p.slots, vec![33, 67, 144, 144]);
@@ -188,13 +309,13 @@ mod tests {
         let w = scratch_step(3, 9, 16);
         assert_eq!(w.kv_indptr, vec![0, 1, 2, 3]);
         assert_eq!(w.slots, vec![144; 3]);
-        assert!(is_decode_step(&w.as_input()));
+        assert!(is_decode_step(&w));
         assert_eq!(all_buckets(20), vec![1, 2, 4, 8, 16, 20]);
         let p = scratch_prefill(40, 9, 16);
         assert_eq!((p.kv_indices.len(), p.kv_last_page_len[0]), (3, 8));
         assert!(p.slots.iter().all(|&s| (144..160).contains(&s)));
-        assert!(!is_decode_step(&p.as_input()));
-        let prefill = StepInput { qo_indptr: &[0, 2], logit_rows: &[1], ..s };
+        assert!(!is_decode_step(&p));
+        let prefill = Step { qo_indptr: vec![0, 2], logit_rows: vec![1], ..s };
         assert!(!is_decode_step(&prefill));
     }
 }

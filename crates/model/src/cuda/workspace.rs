@@ -9,10 +9,11 @@
 //! - Logits, the split-KV partials and the sampler's outputs have fixed buffers too.
 //!
 //! Capacities grow when a step needs more (which invalidates captured graphs); the
-//! memory plan reserves the largest step up front (`CudaBackend::reserve_workspace`).
+//! memory plan reserves the largest step up front (`CudaBackend::plan_memory`).
 
 use half::bf16;
 use radix_gpu::{Device, DeviceBuffer, PinnedStaging};
+use radix_kernels::attention::{AttentionBuffers, WorkList};
 
 use crate::error::{ModelError, Result};
 
@@ -146,6 +147,7 @@ pub struct ActShape {
 }
 
 pub struct Workspace {
+    pub shape: ActShape,
     pub caps: Caps,
     pub layout: MetaLayout,
     acts: DeviceBuffer<bf16>,
@@ -213,6 +215,7 @@ impl Workspace {
         let layout = MetaLayout::new(&caps, shape.num_kv_heads);
         let n = Sizes::of(shape, &caps, &layout);
         Ok(Self {
+            shape: *shape,
             caps,
             layout,
             acts: device.alloc(n.acts)?,
@@ -234,9 +237,9 @@ impl Workspace {
     /// Raises the capacities to `caps`, reallocating only the buffers that must grow (a
     /// longer page table does not move the activation arena). The metadata layout
     /// changes, so views and graphs made before are stale.
-    pub fn grow(&mut self, device: &Device, shape: &ActShape, caps: Caps) -> Result<()> {
-        let layout = MetaLayout::new(&caps, shape.num_kv_heads);
-        let n = Sizes::of(shape, &caps, &layout);
+    pub fn grow(&mut self, device: &Device, caps: Caps) -> Result<()> {
+        let layout = MetaLayout::new(&caps, self.shape.num_kv_heads);
+        let n = Sizes::of(&self.shape, &caps, &layout);
         fit(device, &mut self.acts, n.acts)?;
         fit(device, &mut self.meta, n.meta)?;
         if self.staging.len() < n.meta {
@@ -302,4 +305,55 @@ impl Workspace {
         // before it replaces the workspace.
         Ok(unsafe { self.meta.view(offset, len) }?)
     }
+
+    /// The split-KV partials shared by the step's dense and sparse layers: `rows` rows of
+    /// every query head.
+    pub fn partials(&self, rows: usize) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
+        let n = rows.max(1) * self.shape.num_qo_heads;
+        // SAFETY: as for the metadata views (see `meta_view`).
+        Ok(unsafe {
+            (self.partial_o.view(0, n * self.shape.head_dim)?, self.partial_lse.view(0, n)?)
+        })
+    }
+
+    /// The device arrays of one attention batch of `batch` sequences: the queries' and
+    /// the last pages' offsets of the step, the page table `table`, and the work list
+    /// `list` staged at `at` (its work and merge words), over the shared partials of
+    /// `partial_rows` rows. The dense and the sparse layers differ only in table and list.
+    pub fn attention_buffers(
+        &self,
+        batch: usize,
+        table: PageTableView,
+        list: &WorkList,
+        at: WorkListAt,
+        partial_rows: usize,
+    ) -> Result<AttentionBuffers> {
+        let l = &self.layout;
+        let (partial_o, partial_lse) = self.partials(partial_rows)?;
+        Ok(AttentionBuffers {
+            qo_indptr: self.meta_view(l.qo_indptr, batch + 1)?,
+            kv_indptr: self.meta_view(table.indptr, table.rows + 1)?,
+            kv_indices: table.indices,
+            kv_last_page_len: self.meta_view(l.kv_last_page_len, batch)?,
+            work: self.meta_view(at.work, 6 * list.work.len())?,
+            merge: self.meta_view(at.merge, 4 * list.merge.len())?,
+            partial_o,
+            partial_lse,
+        })
+    }
+}
+
+/// A page table an attention batch reads: its offsets (`rows + 1` words of the metadata
+/// at `indptr`) and its page ids.
+pub struct PageTableView {
+    pub indptr: usize,
+    pub rows: usize,
+    pub indices: DeviceBuffer<i32>,
+}
+
+/// Where a work list's words sit in the metadata.
+#[derive(Clone, Copy)]
+pub struct WorkListAt {
+    pub work: usize,
+    pub merge: usize,
 }

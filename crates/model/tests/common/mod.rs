@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use radix_model::{Backend, ChatMessage, LlamaModel, ModelSource, StepInput};
+use radix_model::{Backend, ChatMessage, KvPoolSpec, LlamaModel, ModelSource, Step};
 use serde_json::Value;
 
 const PAGE_SIZE: usize = 4;
@@ -29,23 +29,23 @@ impl Sequence {
     /// Computes the tokens not yet in the KV cache; returns the logits of `rows` (indices
     /// into this step's tokens).
     fn step<B: Backend>(&mut self, model: &mut LlamaModel<B>, rows: &[u32]) -> Vec<f32> {
-        let new = &self.tokens[self.computed..];
+        let new = self.tokens[self.computed..].to_vec();
         let total = self.tokens.len();
         let positions: Vec<i32> = (self.computed..total).map(|p| p as i32).collect();
         let slots = positions.clone(); // page p holds positions p*PS.., contiguously
         let pages = total.div_ceil(PAGE_SIZE);
         let kv_indices: Vec<i32> = (0..pages as i32).collect();
         let last = (total - (pages - 1) * PAGE_SIZE) as i32;
-        let step = StepInput {
+        let step = Step {
+            qo_indptr: vec![0, new.len() as i32],
             tokens: new,
-            positions: &positions,
-            slots: &slots,
-            qo_indptr: &[0, new.len() as i32],
-            kv_indptr: &[0, pages as i32],
-            kv_indices: &kv_indices,
-            kv_last_page_len: &[last],
-            logit_rows: rows,
-            kv_keep: &[],
+            positions,
+            slots,
+            kv_indptr: vec![0, pages as i32],
+            kv_indices,
+            kv_last_page_len: vec![last],
+            logit_rows: rows.to_vec(),
+            kv_keep: vec![],
         };
         let logits = model.forward_logits(&step).unwrap();
         self.computed = total;
@@ -80,7 +80,8 @@ pub fn check<B: Backend>(name: &str, make: impl Fn() -> B, tol: Tolerance) {
 
         let mut model = source.load(make()).unwrap();
         let cfg = model.config.clone();
-        model.backend.init_kv(&cfg, 64, PAGE_SIZE).unwrap();
+        let spec = KvPoolSpec { num_pages: 64, page_size: PAGE_SIZE, sparse: None };
+        model.backend.init_kv(&cfg, &spec).unwrap();
         let first = case["logits_first_position"].as_u64().unwrap() as usize;
         let want_rows: Vec<Vec<f64>> = case["logits"]
             .as_array()

@@ -1,0 +1,177 @@
+//! One step's schedule: which sequences run and how many tokens each computes, under
+//! the token budget, the running-request limit and the pages the `KvManager` can give.
+//! Decodes first (preempting the newest request when the pool is dry), then prefill
+//! chunks of running requests, then new requests in arrival order.
+
+use super::Engine;
+use crate::sequence::Sequence;
+
+/// One sequence's share of a step.
+pub(super) struct Scheduled {
+    /// Index into `running`.
+    pub index: usize,
+    /// Tokens computed this step.
+    pub len: usize,
+}
+
+/// What the preemption choice looks at of a running request.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    arrival: u64,
+    /// Already has its tokens (and pages) for this step.
+    scheduled: bool,
+}
+
+/// The request to preempt when `running[needy]` cannot get a page: the newest request
+/// not scheduled this step, if it arrived after the needy one (older requests keep
+/// their pages); else the needy request itself.
+fn preemption_victim(running: &[Candidate], needy: usize) -> usize {
+    running
+        .iter()
+        .enumerate()
+        .filter(|(j, c)| *j != needy && !c.scheduled)
+        .max_by_key(|(_, c)| c.arrival)
+        .map(|(j, _)| j)
+        .filter(|&j| running[j].arrival > running[needy].arrival)
+        .unwrap_or(needy)
+}
+
+impl Engine {
+    pub(super) fn schedule(&mut self) -> Vec<Scheduled> {
+        let mut budget = self.cfg.max_batched_tokens;
+        for seq in &mut self.running {
+            seq.step_len = 0;
+        }
+        // 1. Decodes, oldest first: each needs one token and at most one new page. When
+        //    the pool is dry, a newer request is preempted.
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &mut self.running[i];
+            if seq.pending() != 1 {
+                i += 1;
+                continue;
+            }
+            if self.kv.reserve(&mut seq.kv, seq.computed + 1) {
+                seq.step_len = 1;
+                budget -= 1;
+                i += 1;
+                continue;
+            }
+            let candidates: Vec<Candidate> = self
+                .running
+                .iter()
+                .map(|s| Candidate { arrival: s.arrival, scheduled: s.step_len > 0 })
+                .collect();
+            let victim = preemption_victim(&candidates, i);
+            self.preempt(victim);
+            if victim < i {
+                i -= 1;
+            }
+        }
+        // 2. Prefill chunks of running requests, oldest first, under the budget.
+        let mut any = self.running.iter().any(|s| s.step_len > 0);
+        for i in 0..self.running.len() {
+            let pending = self.running[i].pending();
+            if pending <= 1 || budget == 0 {
+                continue;
+            }
+            let len = self.chunk(pending, budget, !any);
+            let seq = &mut self.running[i];
+            if len > 0 && self.kv.reserve(&mut seq.kv, seq.computed + len) {
+                seq.step_len = len;
+                budget = budget.saturating_sub(len);
+                any = true;
+            }
+        }
+        // 3. New requests in arrival order (preempted ones first), each first served what
+        //    the prefix cache holds of its prompt.
+        while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
+            let mut seq = self.waiting.pop_front().expect("checked non-empty");
+            let cached = self.kv.admit(&mut seq.kv, &seq.tokens);
+            seq.computed = cached;
+            if seq.preempted == 0 {
+                seq.cached_tokens = cached;
+            }
+            let len = self.chunk(seq.pending(), budget, !any);
+            let upto = seq.computed + len;
+            if len == 0 || !self.kv.reserve(&mut seq.kv, upto) {
+                self.requeue(seq);
+                break;
+            }
+            seq.step_len = len;
+            budget = budget.saturating_sub(len);
+            any = true;
+            self.running.push(seq);
+        }
+        self.running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.step_len > 0)
+            .map(|(index, s)| Scheduled { index, len: s.step_len })
+            .collect()
+    }
+
+    /// Tokens to compute for a sequence with `pending` tokens left and `budget` left.
+    fn chunk(&self, pending: usize, budget: usize, first: bool) -> usize {
+        if pending <= budget {
+            pending
+        } else if self.cfg.chunked_prefill {
+            budget
+        } else if first {
+            pending // a whole prompt alone may exceed the budget
+        } else {
+            0
+        }
+    }
+
+    /// Sends `running[i]` back to the front of the queue, releasing its pages.
+    fn preempt(&mut self, i: usize) {
+        let seq = self.running.remove(i);
+        tracing::debug!(id = %seq.id, tokens = seq.tokens.len(), "preempted: out of KV pages");
+        self.stats.preemptions += 1;
+        self.requeue(seq);
+    }
+
+    /// Puts `seq` back at the front of the queue holding nothing: it recomputes from
+    /// what the cache still holds when it runs again.
+    fn requeue(&mut self, mut seq: Sequence) {
+        self.kv.free(&mut seq.kv);
+        seq.computed = 0;
+        seq.step_len = 0;
+        self.waiting.push_front(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(arrivals: &[(u64, bool)]) -> Vec<Candidate> {
+        arrivals.iter().map(|&(arrival, scheduled)| Candidate { arrival, scheduled }).collect()
+    }
+
+    #[test]
+    fn the_newest_unscheduled_request_is_preempted() {
+        // The oldest (arrival 0) needs a page: the newest not yet scheduled gives way.
+        let r = running(&[(0, false), (1, true), (3, false), (2, false)]);
+        assert_eq!(preemption_victim(&r, 0), 2);
+    }
+
+    #[test]
+    fn scheduled_requests_keep_their_pages() {
+        let r = running(&[(0, false), (5, true), (4, true)]);
+        assert_eq!(preemption_victim(&r, 0), 0, "nothing else may go: the needy one waits");
+    }
+
+    #[test]
+    fn older_requests_are_never_preempted_for_a_newer_one() {
+        let r = running(&[(0, false), (1, false), (2, false)]);
+        assert_eq!(preemption_victim(&r, 2), 2, "the newest needy request preempts itself");
+        assert_eq!(preemption_victim(&r, 1), 2);
+    }
+
+    #[test]
+    fn a_lone_request_preempts_itself() {
+        assert_eq!(preemption_victim(&running(&[(7, false)]), 0), 0);
+    }
+}

@@ -1,0 +1,132 @@
+//! The CUDA memory plan, in the order memory is taken: the weights (already loaded), one
+//! workspace for the largest step the engine will run, the decode graphs' batch range,
+//! then the KV pool from what a fraction of the GPU's memory leaves. One call,
+//! `CudaBackend::plan_memory`, makes every decision and reports it.
+
+use radix_kv::KvGeometry;
+
+use super::CudaBackend;
+use super::graphs::all_buckets;
+use super::kv_pool::KV_DTYPE;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// Headroom left for CUDA graphs, module images and the driver's own allocations.
+const RESERVE_BYTES: usize = 512 << 20;
+
+/// What the engine will ask of the GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryLimits {
+    /// Tokens computed per step at most.
+    pub max_batched_tokens: usize,
+    /// Requests running at once at most.
+    pub max_running: usize,
+    pub page_size: usize,
+    /// Sparse paging: a key-bounds record beside every page, selection tables in the
+    /// workspace.
+    pub sparse: bool,
+    /// Decode steps replayed from CUDA graphs (else every step runs eagerly).
+    pub cuda_graphs: bool,
+    /// Fraction of the GPU's memory for weights, workspace and KV pool together.
+    pub mem_fraction: f64,
+    /// KV pages asked for explicitly (else what `mem_fraction` leaves).
+    pub kv_pages: Option<usize>,
+}
+
+/// Where the GPU's memory goes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    pub total_bytes: usize,
+    pub weight_bytes: usize,
+    pub workspace_bytes: usize,
+    /// Largest decode batch replayed from a graph (0: none) and the graphs that covers.
+    pub graph_max_batch: usize,
+    pub graph_buckets: usize,
+    /// One page of the pool and the pages planned.
+    pub geometry: KvGeometry,
+    pub kv_pages: usize,
+}
+
+impl MemoryPlan {
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_pages * self.geometry.bytes_per_page()
+    }
+
+    pub fn kv_tokens(&self) -> usize {
+        self.kv_pages * self.geometry.page_size()
+    }
+
+    /// Logs the plan (one line).
+    pub fn log(&self) {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        tracing::info!(
+            gpu_gib = gib(self.total_bytes),
+            weights_gib = gib(self.weight_bytes),
+            workspace_mib = self.workspace_bytes >> 20,
+            kv_gib = gib(self.kv_bytes()),
+            kv_pages = self.kv_pages,
+            kv_tokens = self.kv_tokens(),
+            page_kib = self.geometry.bytes_per_page() >> 10,
+            key_bounds = self.geometry.key_bounds(),
+            cuda_graph_max_batch = self.graph_max_batch,
+            cuda_graphs = self.graph_buckets,
+            "GPU memory plan"
+        );
+    }
+}
+
+impl CudaBackend {
+    /// Plans the GPU's memory for an engine under `limits`: reserves the step workspace
+    /// for the largest step, sets the decode graphs' batch range, and sizes the KV pool
+    /// (`limits.kv_pages`, or what `mem_fraction` of the GPU leaves after the weights,
+    /// the workspace and a fixed headroom). `init_kv` then allocates the pool.
+    pub fn plan_memory(&mut self, cfg: &ModelConfig, limits: &MemoryLimits) -> Result<MemoryPlan> {
+        if limits.kv_pages.is_none() && !(limits.mem_fraction > 0.0 && limits.mem_fraction < 1.0) {
+            return Err(ModelError::Invalid(format!(
+                "the GPU memory fraction must be in (0, 1), got {}",
+                limits.mem_fraction
+            )));
+        }
+        let geometry = cfg.kv_geometry(limits.page_size, KV_DTYPE, limits.sparse)?;
+        // Every running request decodes a token per step: no step has more sequences
+        // than tokens.
+        let max_seqs = limits.max_running.min(limits.max_batched_tokens);
+        let workspace_bytes =
+            self.reserve_workspace(cfg, limits.max_batched_tokens, max_seqs, limits.sparse)?;
+        let graph_max_batch = if limits.cuda_graphs { max_seqs } else { 0 };
+        self.set_graph_max_batch(graph_max_batch);
+        let (free, total) = self.device().mem_info()?;
+        let kv_pages = match limits.kv_pages {
+            Some(p) => p,
+            None => {
+                let used = total - free;
+                let budget = (total as f64 * limits.mem_fraction) as usize;
+                let kv = budget.checked_sub(used + RESERVE_BYTES).ok_or_else(|| {
+                    ModelError::Invalid(format!(
+                        "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after \
+                         loading the weights and the step workspace (memory fraction {})",
+                        used as f64 / (1u64 << 30) as f64,
+                        total as f64 / (1u64 << 30) as f64,
+                        limits.mem_fraction
+                    ))
+                })?;
+                geometry.pages_fitting(kv)
+            }
+        };
+        if kv_pages == 0 {
+            return Err(ModelError::Invalid(
+                "the KV cache gets no page: raise the memory fraction or lower the step limits"
+                    .into(),
+            ));
+        }
+        Ok(MemoryPlan {
+            total_bytes: total,
+            weight_bytes: self.weight_bytes(),
+            workspace_bytes,
+            graph_max_batch,
+            graph_buckets: all_buckets(graph_max_batch).len(),
+            geometry,
+            kv_pages,
+        })
+    }
+}
