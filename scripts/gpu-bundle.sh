@@ -35,9 +35,12 @@ for line in sys.stdin:
 ' "$out"
 
 cp -r crates/model/tests/fixtures "$out/fixtures"
+mkdir -p "$out/bench/datasets"
+cp bench/datasets/*.json "$out/bench/datasets/"
 cp bench/record.py "$out/bench/"
 cp bench/peers/*.py "$out/bench/"
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"
+cp scripts/sanitize-gpu-tests.sh "$out/sanitize-gpu-tests.sh"
 cp bench/run-gpu-benches.sh "$out/run-gpu-benches.sh"
-chmod +x "$out/run-gpu-tests.sh" "$out/run-gpu-benches.sh" "$out/radix-sparse"
+chmod +x "$out/run-gpu-tests.sh" "$out/sanitize-gpu-tests.sh" "$out/run-gpu-benches.sh" "$out/radix-sparse"
 du -sh "$out"

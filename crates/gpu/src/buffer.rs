@@ -95,10 +95,6 @@ impl<T: Element> DeviceBuffer<T> {
         &self.slice
     }
 
-    pub fn as_slice_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.slice
-    }
-
     /// Copies `src` into the buffer; `src` must have exactly `len()` elements.
     pub fn copy_from_host(&mut self, src: &[T]) -> Result<()> {
         ensure!(

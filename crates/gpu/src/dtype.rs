@@ -32,18 +32,6 @@ impl DType {
             Self::U8 => "u8",
         }
     }
-
-    /// The C++ type name the kernels use for this dtype (see kernels/common/types.cuh).
-    pub fn cuda_name(self) -> &'static str {
-        match self {
-            Self::F16 => "half_t",
-            Self::BF16 => "bfloat16_t",
-            Self::F32 => "float",
-            Self::I32 => "int",
-            Self::U32 => "unsigned int",
-            Self::U8 => "unsigned char",
-        }
-    }
 }
 
 impl std::fmt::Display for DType {

@@ -58,7 +58,7 @@ pub struct Gemm {
     device: Device,
     handle: Handle,
     workspace: DeviceBuffer<u8>,
-    plans: Mutex<HashMap<GemmShape, Arc<Plan>>>,
+    plans: Mutex<HashMap<GemmShape, Arc<CachedMatmul>>>,
 }
 
 impl Gemm {
@@ -175,13 +175,13 @@ impl Gemm {
         .call("cublasLtMatmul")
     }
 
-    fn plan(&self, shape: &GemmShape) -> Result<Arc<Plan>> {
+    fn plan(&self, shape: &GemmShape) -> Result<Arc<CachedMatmul>> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = plans.get(shape) {
             return Ok(p.clone());
         }
         tracing::trace!(?shape, "cuBLASLt: new plan");
-        let plan = Arc::new(Plan::new(self.handle.0, shape, self.workspace.num_bytes())?);
+        let plan = Arc::new(CachedMatmul::new(self.handle.0, shape, self.workspace.num_bytes())?);
         tracing::trace!(?shape, "cuBLASLt: plan ready");
         plans.insert(*shape, plan.clone());
         Ok(plan)
@@ -213,7 +213,7 @@ unsafe impl Send for Handle {}
 unsafe impl Sync for Handle {}
 
 /// Descriptors, layouts and the chosen algorithm for one `GemmShape`.
-struct Plan {
+struct CachedMatmul {
     /// Held from setting the bias pointer in `desc` to the matmul that reads it, so two
     /// threads sharing a `Gemm` cannot swap each other's bias.
     bias: Mutex<()>,
@@ -229,11 +229,11 @@ struct Plan {
 
 // SAFETY: the descriptors are immutable after creation except the bias pointer, which is
 // set and read under the plan's `bias` lock.
-unsafe impl Send for Plan {}
-unsafe impl Sync for Plan {}
+unsafe impl Send for CachedMatmul {}
+unsafe impl Sync for CachedMatmul {}
 
-impl Plan {
-    fn new(handle: sys::cublasLtHandle_t, s: &GemmShape, workspace: usize) -> Result<Plan> {
+impl CachedMatmul {
+    fn new(handle: sys::cublasLtHandle_t, s: &GemmShape, workspace: usize) -> Result<CachedMatmul> {
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
         let in_t = cuda_type(s.input)?;
         ensure!(
@@ -242,7 +242,7 @@ impl Plan {
             s.input
         );
         let out_t = cuda_type(s.output)?;
-        let mut plan = Plan {
+        let mut plan = CachedMatmul {
             bias: Mutex::new(()),
             desc: std::ptr::null_mut(),
             layout_a: std::ptr::null_mut(),
@@ -331,7 +331,7 @@ impl Plan {
     }
 }
 
-impl Drop for Plan {
+impl Drop for CachedMatmul {
     fn drop(&mut self) {
         // SAFETY: each handle was created once by us (or is null) and is destroyed once.
         unsafe {

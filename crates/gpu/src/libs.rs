@@ -99,11 +99,6 @@ pub fn ensure_loaded(lib: CudaLibrary) -> Result<PathBuf> {
     })
 }
 
-/// Where `lib` was loaded from, if it has been loaded (without trying to load it).
-pub fn loaded_path(lib: CudaLibrary) -> Option<PathBuf> {
-    lib.slot().get().and_then(|r| r.as_ref().ok().cloned())
-}
-
 fn load(lib: CudaLibrary) -> std::result::Result<PathBuf, String> {
     let mut tried = Vec::new();
     // Folders the user named come first (an explicit choice beats the loader's path),

@@ -3,7 +3,11 @@
 
 use half::{bf16, f16};
 use radix_gpu::gemm::gemm_reference;
-use radix_gpu::{BLayout, Device, Element, Gemm, GpuError, HalfFloat, require_gpu};
+use std::time::{Duration, Instant};
+
+use radix_gpu::{
+    BLayout, Device, Element, Gemm, GpuError, HalfFloat, PinnedStaging, graph, require_gpu,
+};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 fn random<T: Element>(rng: &mut SmallRng, len: usize) -> Vec<T> {
@@ -71,18 +75,20 @@ fn check_gemm<T: HalfFloat, O: Element>(
     let rows: Vec<usize> =
         if m <= 256 { (0..m).collect() } else { (0..16).map(|i| i * (m / 16) + i % 7).collect() };
     let bias64: Vec<f64> = bias.iter().map(|v| v.to_f64()).collect();
+    // The sampled rows' references, one thread each (the large shapes dominate the run).
+    let reference: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let (a, b, bias) = (&a, &b, with_bias.then_some(&bias64[..]));
+        let jobs: Vec<_> = rows
+            .iter()
+            .map(|&i| {
+                s.spawn(move || gemm_reference(1, n, k, &a[i * k..(i + 1) * k], b, layout, bias))
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
     let mut want = Vec::new();
     let mut have = Vec::new();
-    for &i in &rows {
-        let row = gemm_reference(
-            1,
-            n,
-            k,
-            &a[i * k..(i + 1) * k],
-            &b,
-            layout,
-            with_bias.then_some(&bias64[..]),
-        );
+    for (&i, row) in rows.iter().zip(&reference) {
         for j in 0..n {
             want.push(row[j] + beta as f64 * prior[i * n + j].to_f64());
             have.push(got[i * n + j]);
@@ -142,4 +148,54 @@ fn gemm_rejects_mismatched_buffers() {
     }
     let r = gemm.matmul::<bf16, bf16>(2, 2, 3, &a, &b, BLayout::NK, Some(&bad_bias), 0.0, &mut out);
     assert!(matches!(r, Err(GpuError::Invalid(_))));
+}
+
+/// A stream capture on one thread survives context-wide calls of another thread (a
+/// device opened and closed, pinned memory allocated and freed, a cuBLASLt handle made
+/// and destroyed): they wait until the capture ends (`graph::outside_captures`) instead
+/// of invalidating it, which once made a graph test fail with
+/// `CUBLAS_STATUS_EXECUTION_FAILED` while a test beside it tore its backend down.
+#[test]
+fn captures_survive_other_threads_tearing_down() {
+    let dev = require_gpu();
+    let gemm = Gemm::new(&dev).unwrap();
+    let (m, n, k) = (64, 96, 128);
+    let mut rng = SmallRng::seed_from_u64(9);
+    let (x, w): (Vec<bf16>, Vec<bf16>) = (random(&mut rng, m * k), random(&mut rng, n * k));
+    let (dx, dw) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+    let mut eager = dev.alloc::<f32>(m * n).unwrap();
+    let mut graphed = dev.alloc::<f32>(m * n).unwrap();
+    graphed.fill_bytes(0xFF).unwrap();
+    // Eager first: the algorithm is chosen outside the capture.
+    gemm.matmul::<bf16, f32>(m, n, k, &dx, &dw, BLayout::NK, None, 0.0, &mut eager).unwrap();
+    dev.synchronize().unwrap();
+    let (began_tx, began_rx) = std::sync::mpsc::channel();
+    let (ended, torn_down) = std::thread::scope(|s| {
+        let other = s.spawn(move || {
+            began_rx.recv().unwrap();
+            let d = Device::open(0).unwrap();
+            let staging = PinnedStaging::<i32>::new(&d, 1 << 20).unwrap();
+            drop(staging);
+            drop(Gemm::new(&d).unwrap());
+            drop(d);
+            Instant::now()
+        });
+        graph::begin_capture(&dev).unwrap();
+        began_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // Nothing may panic between begin and end: the capture would never end.
+        let recorded: Vec<_> = (0..3)
+            .map(|_| {
+                gemm.matmul::<bf16, f32>(m, n, k, &dx, &dw, BLayout::NK, None, 0.0, &mut graphed)
+            })
+            .collect();
+        let ended = Instant::now();
+        let g = graph::end_capture(&dev);
+        recorded.into_iter().for_each(|r| r.unwrap());
+        g.unwrap().launch().unwrap();
+        dev.synchronize().unwrap();
+        (ended, other.join().unwrap())
+    });
+    assert!(torn_down >= ended, "the other thread's calls waited for the capture");
+    assert_eq!(graphed.to_vec().unwrap(), eager.to_vec().unwrap());
 }

@@ -23,14 +23,6 @@ impl HostData {
         self.len() == 0
     }
 
-    pub fn dtype_name(&self) -> &'static str {
-        match self {
-            Self::F32(_) => "f32",
-            Self::BF16(_) => "bf16",
-            Self::F16(_) => "f16",
-        }
-    }
-
     /// Converts `[start, start + out.len())` to f32 into `out`.
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
         let end = start + out.len();

@@ -19,7 +19,10 @@ use radix_engine::{Request, RequestRules, RuleError, SparseBudget, StopConfig};
 use radix_model::{ChatMessage, ChatTemplate, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
+use self::fields::{Fields, type_name};
 use crate::error::ApiError;
+
+mod fields;
 
 /// Choices per prompt at most.
 pub const MAX_N: usize = 128;
@@ -533,94 +536,5 @@ fn refuse_logit_bias(f: &Fields) -> Result<()> {
         None => Ok(()),
         Some(Value::Object(o)) if o.is_empty() => Ok(()),
         Some(_) => Err(ApiError::invalid("logit_bias is not supported", "logit_bias")),
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// Typed access to a JSON object's fields; null counts as absent (as OpenAI treats it).
-struct Fields<'a>(&'a Map<String, Value>);
-
-impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.0.get(key).filter(|v| !v.is_null())
-    }
-
-    fn wrong(key: &'static str, want: &str, got: &Value) -> ApiError {
-        ApiError::invalid(format!("{key} must be {want}, got {}", type_name(got)), key)
-    }
-
-    fn bool(&self, key: &'static str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(Self::wrong(key, "a boolean", v)),
-        }
-    }
-
-    fn string(&self, key: &'static str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(Self::wrong(key, "a string", v)),
-        }
-    }
-
-    /// A finite number.
-    fn number(&self, key: &'static str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(x)) => match x.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => Err(ApiError::invalid(format!("{key} must be a finite number"), key)),
-            },
-            Some(v) => Err(Self::wrong(key, "a number", v)),
-        }
-    }
-
-    /// An integer (any sign, within i64).
-    fn int(&self, key: &'static str) -> Result<Option<i64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(x)) => match x.as_i64() {
-                Some(i) => Ok(Some(i)),
-                None if x.as_u64().is_some() => Ok(Some(i64::MAX)),
-                None => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
-            },
-            Some(v) => Err(Self::wrong(key, "an integer", v)),
-        }
-    }
-
-    /// `max_tokens`: an integer >= 1.
-    fn max_tokens(&self, key: &'static str) -> Result<Option<u64>> {
-        match self.int(key)? {
-            None => Ok(None),
-            Some(m) if m >= 1 => Ok(Some(m as u64)),
-            Some(m) => Err(ApiError::invalid(format!("{key} must be at least 1, got {m}"), key)),
-        }
-    }
-
-    /// A non-negative integer.
-    fn uint(&self, key: &'static str) -> Result<Option<u64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(x)) => match (x.as_u64(), x.as_i64()) {
-                (Some(u), _) => Ok(Some(u)),
-                (None, Some(_)) => {
-                    Err(ApiError::invalid(format!("{key} must be a non-negative integer"), key))
-                }
-                _ => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
-            },
-            Some(v) => Err(Self::wrong(key, "an integer", v)),
-        }
     }
 }

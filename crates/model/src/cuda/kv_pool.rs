@@ -8,6 +8,7 @@ use radix_gpu::{Device, DeviceBuffer};
 use radix_kernels::kv_append::PoolShape;
 use radix_kv::{KvDtype, SparsePolicy};
 
+use super::CudaBackend;
 use crate::backend::KvPoolSpec;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -74,5 +75,21 @@ impl KvPool {
         self.layers
             .get_mut(layer)
             .ok_or_else(|| ModelError::Invalid(format!("layer {layer} has no KV pool")))
+    }
+}
+
+impl CudaBackend {
+    /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests).
+    pub fn read_keys(&self, layer: usize) -> Result<Vec<bf16>> {
+        Ok(self.kv()?.layer(layer)?.k.to_vec()?)
+    }
+
+    /// Layer `layer`'s key bounds, a `kv_append::bounds` record per (page, kv head)
+    /// (tests; sparse paging on).
+    pub fn read_key_bounds(&self, layer: usize) -> Result<Vec<u8>> {
+        let bounds = self.kv()?.layer(layer)?.bounds.as_ref().ok_or_else(|| {
+            ModelError::Invalid(format!("layer {layer} keeps no key bounds (sparse paging off)"))
+        })?;
+        Ok(bounds.to_vec()?)
     }
 }

@@ -5,9 +5,12 @@
 
 use radix_kv::KvGeometry;
 
-use super::CudaBackend;
+use radix_kernels::attention::{TileConfig, decode_work_bound, default_target_blocks};
+
 use super::graphs::all_buckets;
 use super::kv_pool::KV_DTYPE;
+use super::workspace::{ActShape, Caps, Workspace};
+use super::{CudaBackend, Memory, act_shape, sparse_entries};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
@@ -128,5 +131,68 @@ impl CudaBackend {
             geometry,
             kv_pages,
         })
+    }
+
+    /// Reserves the workspace for steps of up to `max_tokens` tokens and `max_seqs`
+    /// sequences (with sparse selection tables when `sparse`), so that the memory left for
+    /// the KV pool is known. Returns its bytes.
+    fn reserve_workspace(
+        &mut self,
+        cfg: &ModelConfig,
+        max_tokens: usize,
+        max_seqs: usize,
+        sparse: bool,
+    ) -> Result<usize> {
+        let target = default_target_blocks(&self.device);
+        let kv_indices = max_tokens.max(max_seqs) * 4;
+        let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+        let decode_work =
+            decode_work_bound(max_seqs, group, cfg.num_kv_heads, TileConfig::DECODE, target);
+        let caps = Caps {
+            tokens: max_tokens.max(max_seqs),
+            seqs: max_seqs,
+            logit_rows: max_seqs,
+            work_items: decode_work.max(max_tokens),
+            merge_items: max_seqs,
+            partial_rows: decode_work,
+            kv_indices,
+            sparse_entries: sparse_entries(sparse, kv_indices, cfg.num_kv_heads),
+        };
+        self.ensure_workspace(act_shape(cfg), &caps)?;
+        Ok(self.workspace().map_or(0, |w| w.device_bytes()))
+    }
+
+    pub(super) fn workspace(&self) -> Option<&Workspace> {
+        match &self.memory {
+            Memory::Weights => None,
+            Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => Some(ws),
+        }
+    }
+
+    /// Makes the workspace cover `need` (allocating it for `shape` the first time).
+    /// Growing drops the step views and the captured graphs, which point into it.
+    pub(super) fn ensure_workspace(&mut self, shape: ActShape, need: &Caps) -> Result<()> {
+        let ws = match &mut self.memory {
+            Memory::Weights => None,
+            Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => Some(ws),
+        };
+        if ws.as_ref().is_some_and(|w| w.caps.covers(need)) {
+            return Ok(());
+        }
+        self.step = None;
+        self.graphs.clear();
+        match ws {
+            Some(ws) => {
+                let caps = ws.caps.grown_to(need);
+                ws.grow(&self.device, caps)?;
+                tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace grown");
+            }
+            None => {
+                let ws = Workspace::new(&self.device, &shape, *need)?;
+                tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
+                self.memory = Memory::Planned(ws);
+            }
+        }
+        Ok(())
     }
 }

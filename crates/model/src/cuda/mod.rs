@@ -17,7 +17,6 @@ mod workspace;
 
 use half::bf16;
 use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, Jit};
-use radix_kernels::attention::{TileConfig, decode_work_bound, default_target_blocks};
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
@@ -128,69 +127,6 @@ impl CudaBackend {
         &self.device
     }
 
-    /// Reserves the workspace for steps of up to `max_tokens` tokens and `max_seqs`
-    /// sequences (with sparse selection tables when `sparse`), so that the memory left for
-    /// the KV pool is known. Returns its bytes.
-    fn reserve_workspace(
-        &mut self,
-        cfg: &ModelConfig,
-        max_tokens: usize,
-        max_seqs: usize,
-        sparse: bool,
-    ) -> Result<usize> {
-        let target = default_target_blocks(&self.device);
-        let kv_indices = max_tokens.max(max_seqs) * 4;
-        let group = cfg.num_heads / cfg.num_kv_heads.max(1);
-        let decode_work =
-            decode_work_bound(max_seqs, group, cfg.num_kv_heads, TileConfig::DECODE, target);
-        let caps = Caps {
-            tokens: max_tokens.max(max_seqs),
-            seqs: max_seqs,
-            logit_rows: max_seqs,
-            work_items: decode_work.max(max_tokens),
-            merge_items: max_seqs,
-            partial_rows: decode_work,
-            kv_indices,
-            sparse_entries: sparse_entries(sparse, kv_indices, cfg.num_kv_heads),
-        };
-        self.ensure_workspace(act_shape(cfg), &caps)?;
-        Ok(self.workspace().map_or(0, |w| w.device_bytes()))
-    }
-
-    fn workspace(&self) -> Option<&Workspace> {
-        match &self.memory {
-            Memory::Weights => None,
-            Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => Some(ws),
-        }
-    }
-
-    /// Makes the workspace cover `need` (allocating it for `shape` the first time).
-    /// Growing drops the step views and the captured graphs, which point into it.
-    fn ensure_workspace(&mut self, shape: ActShape, need: &Caps) -> Result<()> {
-        let ws = match &mut self.memory {
-            Memory::Weights => None,
-            Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => Some(ws),
-        };
-        if ws.as_ref().is_some_and(|w| w.caps.covers(need)) {
-            return Ok(());
-        }
-        self.step = None;
-        self.graphs.clear();
-        match ws {
-            Some(ws) => {
-                let caps = ws.caps.grown_to(need);
-                ws.grow(&self.device, caps)?;
-                tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace grown");
-            }
-            None => {
-                let ws = Workspace::new(&self.device, &shape, *need)?;
-                tracing::debug!(caps = ?ws.caps, mib = ws.device_bytes() >> 20, "CUDA step workspace");
-                self.memory = Memory::Planned(ws);
-            }
-        }
-        Ok(())
-    }
-
     /// Turns per-op GPU timing on (events around every op; adds a little overhead).
     /// Profiled steps run eagerly.
     pub fn set_profiling(&mut self, on: bool) {
@@ -255,20 +191,6 @@ impl CudaBackend {
         let (ws, kv) = self.ready()?;
         self.step = Some(meta.stage(&device, ws, kv, s, real_rows)?);
         Ok(())
-    }
-
-    /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests).
-    pub fn read_keys(&self, layer: usize) -> Result<Vec<bf16>> {
-        Ok(self.kv()?.layer(layer)?.k.to_vec()?)
-    }
-
-    /// Layer `layer`'s key bounds, a `kv_append::bounds` record per (page, kv head)
-    /// (tests; sparse paging on).
-    pub fn read_key_bounds(&self, layer: usize) -> Result<Vec<u8>> {
-        let bounds = self.kv()?.layer(layer)?.bounds.as_ref().ok_or_else(|| {
-            ModelError::Invalid(format!("layer {layer} keeps no key bounds (sparse paging off)"))
-        })?;
-        Ok(bounds.to_vec()?)
     }
 
     fn step(&self) -> Result<&StepViews> {
