@@ -320,6 +320,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __g
           int y = __shfl_up_sync(0xffffffffu, incl, o);
           if (lane >= o) incl += y;
         }
+        // Every lane has read s_remaining before one of them rewrites it below (a shuffle
+        // converges the lanes but orders no memory; racecheck flagged the pair).
+        __syncwarp();
         int above = incl - sum;
         if (above < need && need <= incl) {  // exactly one lane
           int digit = 255 - 8 * lane - 7;
