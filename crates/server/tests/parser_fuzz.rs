@@ -36,15 +36,20 @@ fn check(result: Result<ParsedRequest, ApiError>) {
     }
 }
 
-/// Runs `f` with the context the parsers see: synthetic:tiny's byte tokenizer.
+/// Runs `f` with the context the parsers see: synthetic:tiny's byte tokenizer, on an
+/// engine with sparse paging.
 fn with_ctx<R>(f: impl FnOnce(&ModelContext) -> R) -> R {
+    with_sparse_ctx(true, f)
+}
+
+fn with_sparse_ctx<R>(sparse: bool, f: impl FnOnce(&ModelContext) -> R) -> R {
     let tokenizer = Tokenizer::Bytes;
     let template = ChatTemplate::plain();
     let ctx = ModelContext {
         model_name: "synthetic:tiny",
         tokenizer: &tokenizer,
         chat_template: &template,
-        rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: true },
+        rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse },
     };
     f(&ctx)
 }
@@ -236,17 +241,10 @@ fn sparse_budgets_parse_as_fractions_or_tokens() {
         }
     });
     // An engine without sparse paging refuses any budget, naming the field.
-    let tokenizer = Tokenizer::Bytes;
-    let template = ChatTemplate::plain();
-    let ctx = ModelContext {
-        model_name: "synthetic:tiny",
-        tokenizer: &tokenizer,
-        chat_template: &template,
-        rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: false },
-    };
     let mut v = valid_completion();
     v.as_object_mut().unwrap().insert("sparse_budget".into(), json!(0.5));
-    let e = validate::parse_completion(v.to_string().as_bytes(), &ctx).unwrap_err();
+    let e = with_sparse_ctx(false, |ctx| validate::parse_completion(v.to_string().as_bytes(), ctx))
+        .unwrap_err();
     let body = serde_json::to_value(e.body()).unwrap();
     assert_eq!(body["error"]["param"], "sparse_budget", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("sparse paging"), "{body}");

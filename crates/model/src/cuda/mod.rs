@@ -265,19 +265,18 @@ impl Backend for CudaBackend {
         let geometry = *kv.shape.geometry();
         // A page table as large as the pool, so that decode graphs captured now are not
         // dropped when contexts grow; the smallest step's caps when nothing was reserved.
-        let seqs = self.workspace().map_or(1, |w| w.caps.seqs);
-        let kv_indices = kv.shape.num_pages() + seqs;
-        let caps = Caps {
-            kv_indices,
-            sparse_entries: sparse_entries(geometry.key_bounds(), kv_indices, cfg.num_kv_heads),
-            ..self
-                .workspace()
-                .map_or(Caps { tokens: 1, seqs: 1, logit_rows: 1, ..Caps::default() }, |w| w.caps)
-        };
+        let reserved = self.workspace().map(|w| w.caps);
+        let base =
+            reserved.unwrap_or(Caps { tokens: 1, seqs: 1, logit_rows: 1, ..Caps::default() });
+        let kv_indices = kv.shape.num_pages() + base.seqs;
+        let entries = sparse_entries(geometry.key_bounds(), kv_indices, cfg.num_kv_heads);
+        let caps = Caps { kv_indices, sparse_entries: entries, ..base };
         self.ensure_workspace(act_shape(cfg), &caps)?;
-        let Memory::Planned(workspace) = std::mem::replace(&mut self.memory, Memory::Weights)
-        else {
-            unreachable!("ensure_workspace leaves a planned workspace");
+        let workspace = match std::mem::replace(&mut self.memory, Memory::Weights) {
+            Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => ws,
+            Memory::Weights => {
+                return Err(ModelError::Invalid("the step workspace was not allocated".into()));
+            }
         };
         self.memory = Memory::Ready { workspace, kv };
         Ok(geometry)
