@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let handle = EngineHandle::spawn(engine, name);
     let req = Request::new(prompt, args.sampling.params(), args.sampling.stop());
     let started = std::time::Instant::now();
-    let (_id, mut rx) = handle.submit(req)?;
+    let mut rx = handle.submit(req)?;
     let mut out = std::io::stdout().lock();
     let mut first_token = None;
     let mut last = None;

@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// Largest request body, in MiB.
     #[arg(long, default_value_t = 16)]
     max_body_mib: usize,
+    /// Engine sequences one request may start (prompts × n); more get 400.
+    #[arg(long, default_value_t = radix_server::validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST)]
+    max_sequences_per_request: usize,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -38,10 +41,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.grace_period.is_finite() && args.grace_period >= 0.0,
         "--grace-period must be a non-negative number of seconds"
     );
+    anyhow::ensure!(
+        args.max_sequences_per_request >= 1,
+        "--max-sequences-per-request must be at least 1"
+    );
     let config = ServerConfig {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         grace_period: Duration::from_secs_f64(args.grace_period),
         max_body_bytes: args.max_body_mib.saturating_mul(1 << 20),
+        max_sequences_per_request: args.max_sequences_per_request,
     };
     let built = args.model.build_engine()?;
     let name = args.served_model_name.clone().unwrap_or(built.name);

@@ -51,11 +51,18 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Engine sequences (prompts × n) one request may start (400 beyond).
+    pub max_sequences_per_request: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_key: None, grace_period: Duration::from_secs(10), max_body_bytes: 16 << 20 }
+        Self {
+            api_key: None,
+            grace_period: Duration::from_secs(10),
+            max_body_bytes: 16 << 20,
+            max_sequences_per_request: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+        }
     }
 }
 
@@ -78,6 +85,7 @@ impl AppState {
             tokenizer: &info.tokenizer,
             chat_template: &self.chat_template,
             rules: info.rules,
+            max_sequences: self.config.max_sequences_per_request,
         }
     }
 }

@@ -45,6 +45,7 @@ fn with_ctx<R>(f: impl FnOnce(&ModelContext) -> R) -> R {
         tokenizer: &tokenizer,
         chat_template: &template,
         rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: true },
+        max_sequences: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
     };
     f(&ctx)
 }
@@ -117,6 +118,7 @@ fn key() -> impl Strategy<Value = String> {
         "response_format",
         "add_generation_prompt",
         "sparse_budget",
+        "priority",
         "user",
         "other",
     ])
@@ -243,6 +245,7 @@ fn sparse_budgets_parse_as_fractions_or_tokens() {
         tokenizer: &tokenizer,
         chat_template: &template,
         rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse: false },
+        max_sequences: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
     };
     let mut v = valid_completion();
     v.as_object_mut().unwrap().insert("sparse_budget".into(), json!(0.5));
