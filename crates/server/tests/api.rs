@@ -372,14 +372,17 @@ async fn errors_are_openai_json_with_the_right_status() {
     assert!(resp.json::<Value>().await.unwrap()["error"]["message"].is_string());
     let resp = c.get(s.url("/v1/completions")).send().await.unwrap();
     assert_eq!(resp.status(), 405);
-    // A body without a content type (curl -d) is still read as JSON.
-    let resp = c
-        .post(s.url(cmpl))
-        .body(json!({"prompt": "a", "max_tokens": 1}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    // A body without a content type is not read (415), nor is curl -d's form type.
+    for content_type in [None, Some("application/x-www-form-urlencoded"), Some("text/plain")] {
+        let mut req = c.post(s.url(cmpl)).body(json!({"prompt": "a", "max_tokens": 1}).to_string());
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 415, "{content_type:?}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "unsupported_media_type", "{e}");
+    }
     // Unknown fields are ignored; null means absent.
     let (status, r) = post(
         &c,
@@ -430,7 +433,9 @@ async fn api_key_models_health() {
         (None, 401),
         (Some("Bearer wrong"), 401),
         (Some("sekrit"), 401),
+        (Some("Basic sekrit"), 401),
         (Some("Bearer sekrit"), 200),
+        (Some("BEARER sekrit"), 200),
     ] {
         for path in ["/v1/completions", "/v1/chat/completions"] {
             let body = if path.contains("chat") {
