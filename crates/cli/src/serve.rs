@@ -189,3 +189,22 @@ async fn shutdown_signal() {
         _ = term => tracing::info!("SIGTERM: shutting down"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_origins_in_every_form() {
+        let list = |items: &[&str]| {
+            parse_origins(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        let want = vec!["https://a.example".to_string(), "http://b.example:8080".to_string()];
+        // Repeated flags, commas, and vLLM's JSON list (which clap split at its comma).
+        assert_eq!(list(&["https://a.example", "http://b.example:8080"]).unwrap(), want);
+        assert_eq!(list(&["[\"https://a.example\"", " \"http://b.example:8080\"]"]).unwrap(), want);
+        assert_eq!(list(&["*"]).unwrap(), vec!["*".to_string()]);
+        assert!(list(&[]).unwrap().is_empty());
+        assert!(list(&["not an origin"]).is_err());
+    }
+}

@@ -151,8 +151,16 @@ impl Engine {
             );
         }
         let model_len = runner.config().max_position_embeddings;
-        let max_model_len =
-            cfg.max_model_len.unwrap_or(model_len).min(model_len).min(kv.capacity_tokens());
+        let asked = cfg.max_model_len.unwrap_or(model_len).min(model_len);
+        let max_model_len = asked.min(kv.capacity_tokens());
+        if max_model_len < asked {
+            // Requests are checked against this (RequestRules), so errors name it.
+            tracing::warn!(
+                kv_tokens = kv.capacity_tokens(),
+                max_model_len,
+                "the KV pool holds fewer tokens than the context length: max_model_len lowered"
+            );
+        }
         let rules = RequestRules {
             vocab_size: runner.config().vocab_size,
             max_model_len,

@@ -476,6 +476,25 @@ async fn api_key_models_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_kv_pool_lowers_the_context_length_its_errors_name() {
+    // 8 pages of 16 tokens: the engine runs 128-token sequences, not the model's 4096.
+    let s = start(EngineConfig { num_pages: 8, ..engine_config() }, ServerConfig::default()).await;
+    let c = reqwest::Client::new();
+    let models: Value = c.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a".repeat(100), "max_tokens": 100}))
+            .await;
+    assert_eq!(status, 400, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("context length is 128 tokens"), "{message}");
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a".repeat(200), "max_tokens": 1})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("128"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scrape() {
     let s = server().await;
     let c = reqwest::Client::new();
