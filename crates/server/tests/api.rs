@@ -508,6 +508,9 @@ async fn metrics_scrape() {
         assert_eq!(resp.status(), 200);
         resp.text().await.unwrap();
     }
+    // The engine publishes its counters after the step that sent the last token: wait
+    // for that snapshot (generation_tokens_total came up short once under load).
+    common::wait_pages_back(&c, &s, Duration::from_secs(10)).await;
     let resp = c.get(s.url("/metrics")).send().await.unwrap();
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = resp.text().await.unwrap();
