@@ -252,7 +252,8 @@ impl Connections {
                 "connections capped by the open-file limit (ulimit -n)"
             );
         }
-        // HTTP/1.1, as before (axum's default): OpenAI clients and vLLM speak nothing else.
+        // HTTP/1.1 only, as axum::serve served here before (without its http2 feature)
+        // and as vLLM's uvicorn does.
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
