@@ -307,7 +307,7 @@ fn a_request_of_many_choices_shares_the_running_slots() {
     let mut big = Vec::new();
     for i in 0..64 {
         let (tx, rx) = unbounded_channel();
-        let mut r = greedy(&[7, 8, 9], 40);
+        let mut r = greedy(&[7; 40], 40);
         r.group = Some(RequestId(0));
         e.add(RequestId(i), r, tx).unwrap();
         big.push(rx);
@@ -330,6 +330,9 @@ fn a_request_of_many_choices_shares_the_running_slots() {
             outs.push(o);
         }
         assert_eq!(tokens(&outs).len(), 40, "preempted choices continue where they were");
+        // Usage counts the cache hits of the first admission (at most the prompt's two
+        // full pages), not the larger ones of coming back after a preemption.
+        assert!(outs.iter().all(|o| o.cached_tokens <= 32), "{:?}", outs.last());
         assert_eq!(outs.last().unwrap().finish, Some(FinishReason::Length));
     }
     all_pages_back(&e);

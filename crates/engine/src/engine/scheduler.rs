@@ -1,9 +1,9 @@
 //! One step's schedule: which sequences run and how many tokens each computes, under
 //! the token budget, the running-request limit and the pages the `KvManager` can give.
 //! Fair shares first (`fairness`: sequences over their request's share give way when
-//! all slots are taken), then decodes (preempting the newest request when the pool is
-//! dry), then prefill chunks of running requests, then waiting sequences, of the request
-//! with the fewest running first.
+//! all slots are taken), then decodes (preempting the least important, newest request
+//! when the pool is dry), then prefill chunks of running requests, then waiting
+//! sequences: by priority, then of the request with the fewest running, then oldest.
 
 use std::collections::HashMap;
 
@@ -106,9 +106,9 @@ impl Engine {
                 any = true;
             }
         }
-        // 3. Waiting sequences, of the request with the fewest running first (then by
-        //    priority and arrival: `WaitQueue::pop_next`), each first served what the
-        //    prefix cache holds of its prompt.
+        // 3. Waiting sequences by priority, then of the request with the fewest running,
+        //    then oldest (`WaitQueue::pop_next`), each first served what the prefix cache
+        //    holds of its prompt.
         let mut per_group = self.running_per_group();
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(mut seq) = self.waiting.pop_next(&per_group) else { break };
@@ -182,7 +182,9 @@ impl Engine {
 
     /// Sends `running[i]` back to the front of the queue, releasing its pages.
     fn preempt(&mut self, i: usize, why: &'static str) {
-        let seq = self.running.remove(i);
+        let mut seq = self.running.remove(i);
+        // Its usage keeps the cache hits of its first admission, not of its return.
+        seq.preempted += 1;
         tracing::debug!(id = %seq.id, tokens = seq.tokens.len(), "preempted: {why}");
         self.stats.preemptions += 1;
         self.requeue(seq);

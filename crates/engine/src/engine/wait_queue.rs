@@ -93,3 +93,48 @@ impl WaitQueue {
         seq
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use radix_model::SamplingParams;
+
+    use super::*;
+    use crate::request::{Request, StopConfig};
+
+    fn seq(id: u64, group: u64, priority: i32) -> Sequence {
+        let mut req = Request::new(vec![1], SamplingParams::default(), StopConfig::default());
+        req.group = Some(RequestId(group));
+        req.priority = priority;
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        Sequence::new(RequestId(id), req, id, tx)
+    }
+
+    fn order(q: &mut WaitQueue, running: &HashMap<RequestId, usize>) -> Vec<u64> {
+        std::iter::from_fn(|| q.pop_next(running)).map(|s| s.id.0).collect()
+    }
+
+    #[test]
+    fn priority_then_fewest_running_then_arrival() {
+        let mut q = WaitQueue::default();
+        for (id, group, priority) in [(1, 10, 0), (2, 10, 0), (3, 20, 0), (4, 30, -1), (5, 20, 0)] {
+            q.push_back(seq(id, group, priority));
+        }
+        assert_eq!(q.len(), 5);
+        // Group 10 already runs 3 sequences, group 20 none: 20 goes first within
+        // priority 0, after the more important group 30.
+        let running = HashMap::from([(RequestId(10), 3)]);
+        assert_eq!(order(&mut q, &running), vec![4, 3, 5, 1, 2]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_sequence_sent_back_comes_first_in_its_group_and_removal_finds_any() {
+        let mut q = WaitQueue::default();
+        q.push_back(seq(2, 10, 0));
+        q.push_back(seq(3, 10, 0));
+        q.push_front(seq(1, 10, 0));
+        assert_eq!(q.remove(RequestId(3)).map(|s| s.id), Some(RequestId(3)));
+        assert!(q.remove(RequestId(9)).is_none());
+        assert_eq!(order(&mut q, &HashMap::new()), vec![1, 2]);
+    }
+}
