@@ -1,14 +1,24 @@
 //! `radix-sparse doctor`: what this machine offers radix-sparse. Exits 0 without a GPU.
 
 use radix_gpu::libs::{self, CudaLibrary};
-use radix_gpu::{Device, Jit};
+use radix_gpu::{Device, GpuError, Jit};
+
+/// A missing library's line says what was searched once; its name is the line's label.
+fn not_found(e: &GpuError) -> String {
+    match e {
+        GpuError::LibraryMissing { searched, hint, .. } => {
+            format!("not found (looked for {searched}); {hint}")
+        }
+        other => format!("not loaded: {other}"),
+    }
+}
 
 pub fn run() -> anyhow::Result<()> {
     println!("radix-sparse {}", env!("CARGO_PKG_VERSION"));
     for lib in CudaLibrary::ALL {
         match libs::ensure_loaded(lib) {
             Ok(path) => println!("{:<24} {}", lib.name(), path.display()),
-            Err(e) => println!("{:<24} not found: {e}", lib.name()),
+            Err(e) => println!("{:<24} {}", lib.name(), not_found(&e)),
         }
     }
     if let Ok(v) = libs::driver_version() {
@@ -31,6 +41,10 @@ pub fn run() -> anyhow::Result<()> {
 
     match Device::count() {
         Ok(0) => println!("\nNo GPU: the CUDA driver reports no device. CPU backend only."),
+        // The driver's own line above already says where it was looked for.
+        Err(GpuError::LibraryMissing { library, .. }) => {
+            println!("\nNo GPU: {library} is not installed. CPU backend only.")
+        }
         Err(e) => println!("\nNo GPU: {e}. CPU backend only."),
         Ok(n) => {
             println!();

@@ -191,26 +191,36 @@ pub struct BuiltEngine {
     pub chat_template: radix_model::ChatTemplate,
 }
 
-/// Sampling and stop options shared by `generate` and `bench`.
+/// Sampling and stop options of `generate` (the OpenAI fields of the same names).
+/// Negative numbers are values, not flags (`--temperature -1` is refused as a
+/// temperature, `--frequency-penalty -0.5` is taken).
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
+    /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches this, in (0, 1].
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0.0)]
+    /// Sample among the k most likely tokens; 0 or -1: all.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub top_k: i64,
+    /// Drop tokens less likely than this fraction of the most likely one, in [0, 1].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Divides the logits of tokens already in the prompt or output (> 0; 1 is off).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    /// Subtracted per earlier occurrence of a token in the output, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub frequency_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
+    /// Subtracted once from tokens already in the output, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
+    /// Fixes the random numbers: the same seed samples the same tokens.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop strings (repeatable).
@@ -225,17 +235,21 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> radix_model::SamplingParams {
-        radix_model::SamplingParams {
+    /// The sampling parameters, checked (the message names the flag's value).
+    pub fn params(&self) -> anyhow::Result<radix_model::SamplingParams> {
+        anyhow::ensure!(self.top_k >= -1, "--top-k must be -1, 0 (off) or positive");
+        let params = radix_model::SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
-            top_k: self.top_k,
+            top_k: usize::try_from(self.top_k).unwrap_or(0),
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             seed: self.seed,
-        }
+        };
+        params.validate().map_err(|e| anyhow::anyhow!("sampling flags: {e}"))?;
+        Ok(params)
     }
 
     pub fn stop(&self) -> radix_engine::StopConfig {

@@ -22,8 +22,17 @@ pub struct GenerateArgs {
     chat: bool,
 }
 
+impl GenerateArgs {
+    #[cfg(test)]
+    pub fn sampling(&self) -> &SamplingArgs {
+        &self.sampling
+    }
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.sampling.max_tokens >= 1, "--max-tokens must be at least 1");
+    // Checked before the model loads.
+    let params = args.sampling.params()?;
     let built = args.model.build_engine()?;
     let (engine, name) = (built.engine, built.name);
     let tokenizer = engine.tokenizer().clone();
@@ -35,9 +44,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = tokenizer.encode(&text, !args.chat)?;
     let handle = EngineHandle::spawn(engine, name);
-    let req = Request::new(prompt, args.sampling.params(), args.sampling.stop());
+    let req = Request::new(prompt, params, args.sampling.stop());
     let started = std::time::Instant::now();
-    let (_id, mut rx) = handle.submit(req)?;
+    let mut rx = handle.submit(req)?;
     let mut out = std::io::stdout().lock();
     let mut first_token = None;
     let mut last = None;

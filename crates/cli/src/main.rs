@@ -27,13 +27,17 @@ enum Command {
     /// List or compile the embedded CUDA kernels (compiling needs NVRTC, not a GPU).
     #[command(subcommand)]
     Kernels(kernels::KernelsCommand),
-    /// Benchmarks (GPU).
+    /// Benchmarks: `serve`, `offline` and `sparse-quality` run anywhere; the kernel and
+    /// step benchmarks need a GPU.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        // Colour codes only for a terminal: logs piped to a file or a collector stay plain.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -54,5 +58,29 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generate(args: &[&str]) -> Result<generate::GenerateArgs, clap::Error> {
+        let argv = ["radix-sparse", "generate", "--prompt", "x"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Generate(g) => Ok(g),
+            _ => unreachable!("parsed as generate"),
+        }
+    }
+
+    #[test]
+    fn negative_numbers_are_values_not_flags() {
+        let g = generate(&["--temperature", "-1"]).expect("-1 is read as a value");
+        let e = g.sampling().params().unwrap_err().to_string();
+        assert!(e.contains("temperature must be >= 0"), "{e}");
+        let g = generate(&["--frequency-penalty", "-0.5", "--top-k", "-1"]).unwrap();
+        let p = g.sampling().params().unwrap();
+        assert_eq!((p.frequency_penalty, p.top_k), (-0.5, 0));
+        assert!(generate(&["--top-k", "-2"]).unwrap().sampling().params().is_err());
     }
 }

@@ -2,24 +2,29 @@
 //! cache, page allocation with eviction and preemption, sampling, stop rules, streaming.
 //!
 //! One `step()`:
-//! 1. schedule: running sequences first, oldest first (a decode needs one token, a
-//!    prefill the rest of its prompt, in chunks under the token budget); then new
-//!    requests from the queue while budget and pages last. A request first matches its
-//!    prompt against the prefix cache and computes only what is not cached.
+//! 1. schedule: when every running slot is taken and a request waits below its fair
+//!    share (or outranks running ones by priority), running sequences give way
+//!    (`fairness`); then running sequences first, oldest first (a decode needs one
+//!    token, a prefill the rest of its prompt, in chunks under the token budget); then
+//!    waiting sequences while budget and pages last, of the request with the fewest
+//!    running first (`wait_queue`). A sequence first matches its prompt against the
+//!    prefix cache and computes only what is not cached.
 //! 2. pages: each scheduled sequence gets pages for its new tokens; when the pool is
 //!    dry, unlocked cached pages are evicted; when that is not enough, the newest running
 //!    request is preempted (its pages go back, it returns to the front of the queue and
 //!    later recomputes, mostly from the cache).
 //! 3. run the model on the batch, sample where a sequence reached its last token, apply
-//!    stop rules, detokenize and stream.
+//!    stop tokens and lengths, and stream the token ids (text and stop strings are the
+//!    receiver's: `OutputStream`, off this thread).
 //! 4. finished requests put their full pages into the prefix cache and release the rest.
 //!
 //! The schedule (steps 1 and 2) is in `scheduler`; every page and cache operation goes
 //! through the `KvManager`.
 
+mod fairness;
 mod scheduler;
+mod wait_queue;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use radix_kv::{PageTableBuilder, SparseBudget, SparsePolicy};
@@ -27,6 +32,7 @@ use radix_model::{KvPoolSpec, SampleRequest, Sampled, Step, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use self::scheduler::Scheduled;
+use self::wait_queue::WaitQueue;
 use crate::kv_manager::KvManager;
 use crate::metrics::EngineStats;
 use crate::request::{FinishReason, Output, Request, RequestId};
@@ -99,7 +105,7 @@ pub struct Engine {
     rules: RequestRules,
     eos: Vec<u32>,
     kv: KvManager,
-    waiting: VecDeque<Sequence>,
+    waiting: WaitQueue,
     running: Vec<Sequence>,
     next_arrival: u64,
     stats: EngineStats,
@@ -145,8 +151,16 @@ impl Engine {
             );
         }
         let model_len = runner.config().max_position_embeddings;
-        let max_model_len =
-            cfg.max_model_len.unwrap_or(model_len).min(model_len).min(kv.capacity_tokens());
+        let asked = cfg.max_model_len.unwrap_or(model_len).min(model_len);
+        let max_model_len = asked.min(kv.capacity_tokens());
+        if max_model_len < asked {
+            // Requests are checked against this (RequestRules), so errors name it.
+            tracing::warn!(
+                kv_tokens = kv.capacity_tokens(),
+                max_model_len,
+                "the KV pool holds fewer tokens than the context length: max_model_len lowered"
+            );
+        }
         let rules = RequestRules {
             vocab_size: runner.config().vocab_size,
             max_model_len,
@@ -166,7 +180,7 @@ impl Engine {
             rules,
             eos,
             kv,
-            waiting: VecDeque::new(),
+            waiting: WaitQueue::default(),
             running: Vec::new(),
             next_arrival: 0,
             stats,
@@ -235,12 +249,11 @@ impl Engine {
 
     /// Aborts a request wherever it is; false if unknown (already finished).
     pub fn abort(&mut self, id: RequestId) -> bool {
-        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            let seq = self.waiting.remove(i).expect("index found above");
-            self.finish(seq, FinishReason::Abort, String::new());
+        if let Some(seq) = self.waiting.remove(id) {
+            self.finish(seq, FinishReason::Abort);
         } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
             let seq = self.running.remove(i);
-            self.finish(seq, FinishReason::Abort, String::new());
+            self.finish(seq, FinishReason::Abort);
         } else {
             return false;
         }
@@ -290,7 +303,7 @@ impl Engine {
                 indices.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in indices {
                     let seq = self.running.remove(i);
-                    self.finish(seq, FinishReason::Error(e.clone()), String::new());
+                    self.finish(seq, FinishReason::Error(e.clone()));
                 }
             }
         }
@@ -372,32 +385,24 @@ impl Engine {
             seq.counts.add_output(token);
             self.stats.generation_tokens_total += 1;
 
-            let stop_token = (!seq.stop.ignore_eos && self.eos.contains(&token))
-                || seq.stop.stop_token_ids.contains(&token);
+            let stop_token =
+                (!seq.stop.ignore_eos && self.eos.contains(&token)) || seq.is_stop_token(token);
             let length = seq.num_output() >= seq.stop.max_tokens
                 || seq.tokens.len() >= self.rules.max_model_len;
-            // A stop token ends the output without its text.
-            let text_tokens =
-                if stop_token { &seq.tokens[..seq.tokens.len() - 1] } else { &seq.tokens[..] };
-            let detok = seq.detok.step(&self.tokenizer, text_tokens, stop_token || length);
             let logprobs = if seq.logprobs { vec![sampled.logprob] } else { Vec::new() };
-            let finish = if stop_token || detok.stopped {
-                Some(FinishReason::Stop)
+            // Text and stop strings are the receiver's (`OutputStream`): only ids go out.
+            let mut out = seq.output(String::new(), vec![token], logprobs);
+            if stop_token {
+                out.finish = Some(FinishReason::Stop);
             } else if length {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            match finish {
+                out.finish = Some(FinishReason::Length);
+            }
+            match out.finish.clone() {
                 Some(reason) => {
-                    // The final message carries this step's text and token.
-                    let mut out = seq.output(detok.text, vec![token], logprobs);
-                    out.finish = Some(reason.clone());
                     done.push((s.index, reason));
                     let _ = seq.sink.send(out);
                 }
                 None => {
-                    let out = seq.output(detok.text, vec![token], logprobs);
                     if seq.sink.send(out).is_err() {
                         // The client went away: abort.
                         done.push((s.index, FinishReason::Abort));
@@ -414,8 +419,8 @@ impl Engine {
     }
 
     /// Ends a sequence that already sent its last output (or sends an empty final one).
-    fn finish(&mut self, seq: Sequence, reason: FinishReason, text: String) {
-        let mut out = seq.output(text, Vec::new(), Vec::new());
+    fn finish(&mut self, seq: Sequence, reason: FinishReason) {
+        let mut out = seq.output(String::new(), Vec::new(), Vec::new());
         out.finish = Some(reason.clone());
         let _ = seq.sink.send(out);
         self.release(seq, reason);

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use radix_model::{ModelConfig, Tokenizer};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::engine::{Engine, EngineError};
 use crate::metrics::EngineStats;
+use crate::output::{OutputProcessor, OutputStream};
 use crate::request::{Output, Request, RequestId};
 use crate::rules::RequestRules;
 
@@ -78,12 +79,14 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Submits a request; outputs stream on the returned receiver. Dropping the receiver
-    /// aborts the request at the next step.
-    pub fn submit(
-        &self,
-        req: Request,
-    ) -> Result<(RequestId, UnboundedReceiver<Output>), EngineError> {
+    /// Submits a request; its outputs, as text, come from the returned stream. Dropping
+    /// the stream aborts the request at the next step. Blocks until the engine has
+    /// queued it (or refused it): call it off async workers.
+    pub fn submit(&self, mut req: Request) -> Result<OutputStream, EngineError> {
+        self.info.rules.check(&req)?;
+        // The stop strings stay on this side: the stream matches them, not the engine.
+        let processor = OutputProcessor::new(&req);
+        req.stop.stop_strings = Vec::new();
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (out_tx, out_rx) = unbounded_channel();
         let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
@@ -91,7 +94,7 @@ impl EngineHandle {
             .send(Command::Add(id, req, out_tx, ack_tx))
             .map_err(|_| EngineError::Config("the engine has stopped".into()))?;
         ack_rx.recv().map_err(|_| EngineError::Config("the engine has stopped".into()))??;
-        Ok((id, out_rx))
+        Ok(OutputStream::new(id, out_rx, processor, self.clone()))
     }
 
     pub fn abort(&self, id: RequestId) {

@@ -17,7 +17,9 @@ impl std::fmt::Display for RequestId {
 pub struct StopConfig {
     /// Output tokens at most.
     pub max_tokens: usize,
-    /// Text that ends the output (not included in it).
+    /// Text that ends the output (not included in it). Matched on the client's side of
+    /// the engine (`OutputStream`, which `EngineHandle::submit` returns), never by the
+    /// engine thread: `Engine::add` ignores them.
     pub stop_strings: Vec<String>,
     /// Tokens that end the output (not included in its text).
     pub stop_token_ids: Vec<u32>,
@@ -47,11 +49,26 @@ pub struct Request {
     /// Sparse paging budget for this request's decode steps (the engine's default when
     /// `None`); needs an engine started with sparse paging.
     pub sparse_budget: Option<SparseBudget>,
+    /// Lower runs first (vLLM's `priority`; default 0). Waiting requests are admitted in
+    /// priority order, and a request may preempt running ones of a later priority.
+    pub priority: i32,
+    /// The request whose fair share this one shares: the choices of one HTTP request
+    /// (n, several prompts) name the first's id, so together they count as one client
+    /// when running slots are shared out. `None`: a group of its own.
+    pub group: Option<RequestId>,
 }
 
 impl Request {
     pub fn new(prompt: Vec<u32>, sampling: SamplingParams, stop: StopConfig) -> Self {
-        Self { prompt, sampling, stop, logprobs: false, sparse_budget: None }
+        Self {
+            prompt,
+            sampling,
+            stop,
+            logprobs: false,
+            sparse_budget: None,
+            priority: 0,
+            group: None,
+        }
     }
 }
 

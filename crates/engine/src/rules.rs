@@ -1,10 +1,15 @@
 //! The rules a request must follow to run on this engine: a non-empty prompt of tokens
-//! in the vocabulary, room in the context for what it asks to generate, sparse budgets
-//! only where sparse paging is on, valid sampling. The one source of them: the engine
+//! in the vocabulary, room in the context for what it asks to generate, stop strings
+//! of bounded total size, sparse budgets only where sparse paging is on, valid sampling. The one source of them: the engine
 //! checks every request it is given (`check`), and the server runs the same checks
 //! field by field to answer with the parameter at fault.
 
 use crate::request::Request;
+
+/// Total bytes of one request's stop strings at most. They are matched by an automaton
+/// built per request (its size grows with theirs); a few KiB is far more than any real
+/// stop list (OpenAI allows 4 strings), and 15 strings of 1 MB once took 16 s.
+pub const MAX_STOP_STRING_BYTES: usize = 4096;
 
 /// What a request is checked against (the model's vocabulary, the engine's context
 /// length and switches).
@@ -42,6 +47,10 @@ pub enum RuleError {
          (--sparse-budget)"
     )]
     SparseOff,
+    #[error(
+        "the stop strings add up to {bytes} bytes; at most {MAX_STOP_STRING_BYTES} are accepted"
+    )]
+    StopTooLong { bytes: usize },
     #[error("{0}")]
     Sampling(String),
 }
@@ -88,10 +97,20 @@ impl RequestRules {
         Ok(())
     }
 
+    /// Stop strings of bounded total size.
+    pub fn check_stop_strings(&self, stops: &[String]) -> Result<(), RuleError> {
+        let bytes = stops.iter().map(String::len).sum();
+        if bytes > MAX_STOP_STRING_BYTES {
+            return Err(RuleError::StopTooLong { bytes });
+        }
+        Ok(())
+    }
+
     /// Every rule, for a whole request.
     pub fn check(&self, req: &Request) -> Result<(), RuleError> {
         self.check_prompt(&req.prompt)?;
         self.check_max_tokens(req.prompt.len(), req.stop.max_tokens as u64)?;
+        self.check_stop_strings(&req.stop.stop_strings)?;
         self.check_tokens(req.stop.stop_token_ids.iter().map(|&t| t as u64))?;
         if req.sparse_budget.is_some() && !self.sparse {
             return Err(RuleError::SparseOff);
@@ -141,6 +160,12 @@ mod tests {
         let mut r = request(vec![1, 2], 4);
         r.stop.stop_token_ids = vec![7, 300];
         assert_eq!(RULES.check(&r), Err(RuleError::OutsideVocabulary { id: 300, vocab: 100 }));
+        let mut r = request(vec![1, 2], 4);
+        r.stop.stop_strings = vec!["x".repeat(MAX_STOP_STRING_BYTES / 2); 2];
+        assert_eq!(RULES.check(&r), Ok(()));
+        r.stop.stop_strings.push("y".into());
+        let bytes = MAX_STOP_STRING_BYTES + 1;
+        assert_eq!(RULES.check(&r), Err(RuleError::StopTooLong { bytes }));
         let mut r = request(vec![1, 2], 4);
         r.sparse_budget = Some(radix_kv::SparseBudget::Fraction(0.5));
         assert_eq!(RULES.check(&r), Err(RuleError::SparseOff));

@@ -4,7 +4,6 @@
 use radix_model::{SamplingParams, TokenCounts};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::detokenize::Detokenizer;
 use crate::kv_manager::SeqPages;
 use crate::request::{Output, Request, RequestId, StopConfig};
 
@@ -14,6 +13,8 @@ pub(crate) struct Sequence {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     pub sampling: SamplingParams,
+    /// Its stop rules, stop token ids sorted (looked up per token) and stop strings
+    /// dropped (they are matched outside the engine).
     pub stop: StopConfig,
     pub logprobs: bool,
     /// Tokens whose KV is in its pages (the rest still has to be computed).
@@ -24,10 +25,13 @@ pub(crate) struct Sequence {
     pub cached_tokens: usize,
     /// Admission order; preemption takes the newest first.
     pub arrival: u64,
+    /// Lower is admitted first (and kept longer).
+    pub priority: i32,
+    /// The request whose fair share it shares (its own id when alone).
+    pub group: RequestId,
     pub counts: TokenCounts,
     /// Fixes the sampler's random numbers (the request's seed, or one drawn at arrival).
     pub seed: u64,
-    pub detok: Detokenizer,
     pub sink: UnboundedSender<Output>,
     pub preempted: u32,
     /// Tokens scheduled in the current step (0: not scheduled).
@@ -39,25 +43,36 @@ pub(crate) struct Sequence {
 impl Sequence {
     pub fn new(id: RequestId, req: Request, arrival: u64, sink: UnboundedSender<Output>) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(rand::random);
+        let mut stop = req.stop;
+        stop.stop_strings = Vec::new();
+        // However long the list, a lookup per sampled token costs log(vocabulary).
+        stop.stop_token_ids.sort_unstable();
+        stop.stop_token_ids.dedup();
         Self {
             id,
             counts: TokenCounts::new(&req.prompt),
-            detok: Detokenizer::new(req.prompt.len(), req.stop.stop_strings.clone()),
             prompt_len: req.prompt.len(),
             tokens: req.prompt,
             sampling: req.sampling,
-            stop: req.stop,
+            stop,
             logprobs: req.logprobs,
             computed: 0,
             kv: SeqPages::default(),
             cached_tokens: 0,
             arrival,
+            priority: req.priority,
+            group: req.group.unwrap_or(id),
             seed,
             sink,
             preempted: 0,
             step_len: 0,
             sparse_budget: req.sparse_budget,
         }
+    }
+
+    /// A stop token id of this request (not EOS).
+    pub fn is_stop_token(&self, token: u32) -> bool {
+        self.stop.stop_token_ids.binary_search(&token).is_ok()
     }
 
     pub fn num_output(&self) -> usize {

@@ -1,12 +1,13 @@
 //! Engine behaviour on the CPU backend with synthetic:tiny: greedy outputs do not depend
 //! on the prefix cache, chunking, batching or preemption; pages all come back; seeded
-//! sampling reproduces; stop rules and validation; sparse paging.
+//! sampling reproduces; stop rules and validation; fair shares and priorities; sparse
+//! paging.
 
 use std::sync::Arc;
 
 use radix_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Output, Request, RequestId, SparseBudget,
-    SparseConfig, SparsePolicy, StopConfig,
+    Engine, EngineConfig, EngineError, EngineHandle, FinishReason, Output, OutputProcessor,
+    Request, RequestId, SparseBudget, SparseConfig, SparsePolicy, StopConfig,
 };
 use radix_model::{CpuBackend, ModelSource, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -25,13 +26,16 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
     )
 }
 
-/// Runs `reqs` to completion (all submitted up front) and returns each one's outputs.
+/// Runs `reqs` to completion (all submitted up front) and returns each one's outputs,
+/// with text and stop strings applied as `OutputStream` does (the engine itself runs on
+/// past a stop string here: nothing aborts it).
 fn run(e: &mut Engine, reqs: Vec<Request>) -> Vec<Vec<Output>> {
-    let mut rxs: Vec<UnboundedReceiver<Output>> = Vec::new();
+    let mut rxs: Vec<(UnboundedReceiver<Output>, OutputProcessor)> = Vec::new();
     for (i, r) in reqs.into_iter().enumerate() {
         let (tx, rx) = unbounded_channel();
+        let processor = OutputProcessor::new(&r);
         e.add(RequestId(i as u64), r, tx).unwrap();
-        rxs.push(rx);
+        rxs.push((rx, processor));
     }
     let mut steps = 0;
     while e.has_work() {
@@ -40,11 +44,12 @@ fn run(e: &mut Engine, reqs: Vec<Request>) -> Vec<Vec<Output>> {
         steps += 1;
         assert!(steps < 10_000, "engine did not finish");
     }
+    let tok = e.tokenizer().clone();
     rxs.into_iter()
-        .map(|mut rx| {
+        .map(|(mut rx, mut processor)| {
             let mut outs = Vec::new();
             while let Ok(o) = rx.try_recv() {
-                outs.push(o);
+                outs.extend(processor.process(&tok, o).map(|p| p.output));
             }
             outs
         })
@@ -277,6 +282,134 @@ fn outputs_stream_valid_text_and_usage() {
     assert_eq!(text, tok.decode(&all, true).unwrap());
     let last = outs[0].last().unwrap();
     assert_eq!((last.prompt_tokens, last.completion_tokens), (prompt.len(), 16));
+}
+
+/// Steps until request `id`'s output finishes; returns the steps taken.
+fn steps_until_done(e: &mut Engine, rx: &mut UnboundedReceiver<Output>) -> usize {
+    for steps in 1..10_000 {
+        e.step();
+        e.check_invariants().unwrap();
+        while let Ok(o) = rx.try_recv() {
+            if o.finish.is_some() {
+                assert_eq!(o.finish, Some(FinishReason::Length));
+                return steps;
+            }
+        }
+    }
+    panic!("the request never finished");
+}
+
+#[test]
+fn a_request_of_many_choices_shares_the_running_slots() {
+    // One request of 64 choices on 8 slots; a small request sent after its choices are
+    // running gets a slot at once instead of after all 64.
+    let mut e = engine(EngineConfig { max_running: 8, ..Default::default() });
+    let mut big = Vec::new();
+    for i in 0..64 {
+        let (tx, rx) = unbounded_channel();
+        let mut r = greedy(&[7; 40], 40);
+        r.group = Some(RequestId(0));
+        e.add(RequestId(i), r, tx).unwrap();
+        big.push(rx);
+    }
+    for _ in 0..3 {
+        e.step();
+    }
+    assert_eq!((e.stats().running, e.stats().waiting), (8, 56));
+    let (tx, mut rx) = unbounded_channel();
+    e.add(RequestId(100), greedy(&[1, 2], 4), tx).unwrap();
+    let steps = steps_until_done(&mut e, &mut rx);
+    assert!(steps <= 6, "the small request took {steps} steps");
+    assert!(e.stats().preemptions >= 1);
+    while e.has_work() {
+        e.step();
+    }
+    for mut rx in big {
+        let mut outs = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            outs.push(o);
+        }
+        assert_eq!(tokens(&outs).len(), 40, "preempted choices continue where they were");
+        // Usage counts the cache hits of the first admission (at most the prompt's two
+        // full pages), not the larger ones of coming back after a preemption.
+        assert!(outs.iter().all(|o| o.cached_tokens <= 32), "{:?}", outs.last());
+        assert_eq!(outs.last().unwrap().finish, Some(FinishReason::Length));
+    }
+    all_pages_back(&e);
+}
+
+#[test]
+fn priorities_order_admission_and_preempt_later_ones() {
+    let mut e = engine(EngineConfig { max_running: 2, ..Default::default() });
+    let request = |id: u64, priority: i32, max_tokens: usize| {
+        let mut r = greedy(&[id as u32 + 1], max_tokens);
+        r.priority = priority;
+        r
+    };
+    let mut slow = Vec::new();
+    for id in 0..3 {
+        let (tx, rx) = unbounded_channel();
+        e.add(RequestId(id), request(id, 5, 60), tx).unwrap();
+        slow.push(rx);
+    }
+    e.step();
+    assert_eq!((e.stats().running, e.stats().waiting), (2, 1));
+    // More important than what runs: it takes a slot at once.
+    let (tx, mut urgent) = unbounded_channel();
+    e.add(RequestId(10), request(10, -1, 4), tx).unwrap();
+    let steps = steps_until_done(&mut e, &mut urgent);
+    assert!(steps <= 5, "the urgent request took {steps} steps");
+    // Less important than what runs: it waits for a free slot.
+    let (tx, mut later) = unbounded_channel();
+    e.add(RequestId(11), request(11, 9, 4), tx).unwrap();
+    for _ in 0..10 {
+        e.step();
+    }
+    assert!(later.try_recv().is_err(), "a later priority must not preempt");
+    while e.has_work() {
+        e.step();
+    }
+    all_pages_back(&e);
+}
+
+#[test]
+fn stop_strings_are_matched_outside_the_engine() {
+    // Through the handle: the stream ends at the stop string and the engine request is
+    // aborted (its pages come back) instead of running to max_tokens.
+    let e = engine(EngineConfig::default());
+    let tok = e.tokenizer().clone();
+    let handle = EngineHandle::spawn(e, "synthetic:tiny".into());
+    let prompt = tok.encode("hello", true).unwrap();
+    let mut free = handle.submit(greedy(&prompt, 24)).unwrap();
+    let mut text = String::new();
+    while let Some(o) = free.blocking_recv() {
+        text.push_str(&o.text);
+    }
+    let (cut, stop) = text
+        .char_indices()
+        .skip(2)
+        .find_map(|(i, c)| (c != '\u{FFFD}' && !text[..i].contains(c)).then(|| (i, c.to_string())))
+        .expect("a character that first appears after index 2");
+    let mut req = greedy(&prompt, 4000);
+    req.stop.stop_strings = vec![stop.clone()];
+    let mut stream = handle.submit(req).unwrap();
+    let mut got = String::new();
+    let mut last = None;
+    while let Some(o) = stream.blocking_recv() {
+        got.push_str(&o.text);
+        last = Some(o);
+    }
+    let last = last.unwrap();
+    assert_eq!(got, text[..cut], "stopped at {stop:?}");
+    assert_eq!(last.finish, Some(FinishReason::Stop));
+    assert!(last.completion_tokens < 24, "{last:?}");
+    let t = std::time::Instant::now();
+    while handle.stats().running + handle.stats().waiting > 0 {
+        assert!(t.elapsed().as_secs() < 10, "the engine request was not aborted");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(handle.stats().generation_tokens_total < 24 + 50);
+    handle.shutdown();
 }
 
 // Sparse paging (Quest) on the CPU backend: synthetic:tiny has 2 layers, so with

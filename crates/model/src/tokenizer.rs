@@ -59,6 +59,23 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes token `id` stands for, even when they are not valid UTF-8 alone (the
+    /// first byte of a multi-byte character): what OpenAI's log-probability `bytes` are.
+    /// Decoding one token would give U+FFFD's bytes instead.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.decode(&[id], false).unwrap_or_default();
+        if !text.contains('\u{FFFD}') {
+            return text.into_bytes();
+        }
+        match self {
+            Self::Bytes => u8::try_from(id).map(|b| vec![b]).unwrap_or_default(),
+            Self::Hf(t) => t
+                .id_to_token(id)
+                .and_then(|piece| byte_fallback(&piece).or_else(|| byte_level(&piece)))
+                .unwrap_or_else(|| text.into_bytes()),
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Hf(t) => t.get_vocab_size(true),
@@ -67,9 +84,51 @@ impl Tokenizer {
     }
 }
 
+/// A SentencePiece byte-fallback piece (`<0xE6>`): the byte it names.
+fn byte_fallback(piece: &str) -> Option<Vec<u8>> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok().map(|b| vec![b])
+}
+
+/// A byte-level BPE piece (GPT-2's alphabet: Llama 3, Qwen, Mistral's Tekken): each
+/// character stands for one byte. Printable Latin-1 bytes are themselves; the other 68
+/// are U+0100 onwards, in byte order.
+fn byte_level(piece: &str) -> Option<Vec<u8>> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    let shifted: Vec<u8> = (0u32..=255).filter(|&b| !printable(b)).map(|b| b as u8).collect();
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            if printable(c) {
+                Some(c as u8)
+            } else {
+                c.checked_sub(0x100).and_then(|i| shifted.get(i as usize).copied())
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_bytes_are_the_tokens_own() {
+        let t = Tokenizer::Bytes;
+        // The first byte of 'é' alone is not UTF-8: its own byte, not U+FFFD's.
+        assert_eq!(t.token_bytes(0xC3), vec![0xC3]);
+        assert_eq!(t.token_bytes(b'a' as u32), b"a".to_vec());
+        assert_eq!(byte_fallback("<0xE6>"), Some(vec![0xE6]));
+        assert_eq!(byte_fallback("<0xE>"), None);
+        // GPT-2's alphabet: 'Ġ' is a space, 'Ã' is byte 0xC3, 'Ċ' a newline.
+        assert_eq!(byte_level("ĠÃ"), Some(vec![b' ', 0xC3]));
+        assert_eq!(byte_level("Ċ"), Some(vec![b'\n']));
+        assert_eq!(byte_level("世"), None);
+    }
 
     #[test]
     fn bytes_round_trip_any_text() {

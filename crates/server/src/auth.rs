@@ -23,10 +23,16 @@ pub fn check(key: &str, authorization: Option<&[u8]>) -> Result<(), ApiError> {
             "missing API key: send it as `Authorization: Bearer <key>`",
         ));
     };
-    let token = value.strip_prefix(b"Bearer ").or_else(|| value.strip_prefix(b"bearer "));
-    match token {
-        Some(t) if same(t.trim_ascii(), key.as_bytes()) => Ok(()),
-        _ => Err(ApiError::Unauthorized("invalid API key")),
+    // Auth schemes are case-insensitive (RFC 9110, 11.1): `BEARER k` is `Bearer k`.
+    let value = value.trim_ascii();
+    let token = match value.iter().position(|&b| b == b' ') {
+        Some(at) if value[..at].eq_ignore_ascii_case(b"bearer") => &value[at + 1..],
+        _ => return Err(ApiError::Unauthorized("invalid API key")),
+    };
+    if same(token.trim_ascii(), key.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("invalid API key"))
     }
 }
 
@@ -52,6 +58,10 @@ mod tests {
     fn bearer_keys() {
         assert!(check("k1", Some(b"Bearer k1")).is_ok());
         assert!(check("k1", Some(b"bearer k1 ")).is_ok());
+        assert!(check("k1", Some(b"BEARER k1")).is_ok());
+        assert!(check("k1", Some(b"bEaReR  k1")).is_ok());
+        assert!(check("k1", Some(b"Basic k1")).is_err());
+        assert!(check("k1", Some(b"Bearerk1")).is_err());
         assert!(check("k1", Some(b"Bearer k2")).is_err());
         assert!(check("k1", Some(b"Bearer k1x")).is_err());
         assert!(check("k1", Some(b"k1")).is_err());

@@ -10,12 +10,13 @@ use crate::api::{
 use crate::completions::token_texts;
 use crate::generation::{Collected, Meta};
 
+/// `bytes` are the token's own, not those of its text (U+FFFD for part of a character).
 fn logprobs(tokenizer: &Tokenizer, ids: &[u32], lps: &[f32]) -> ChatLogprobs {
     let content = token_texts(tokenizer, ids)
         .into_iter()
-        .zip(lps)
-        .map(|(token, &logprob)| ChatTokenLogprob {
-            bytes: token.as_bytes().to_vec(),
+        .zip(ids.iter().zip(lps))
+        .map(|(token, (&id, &logprob))| ChatTokenLogprob {
+            bytes: tokenizer.token_bytes(id),
             token,
             logprob,
             top_logprobs: Vec::new(),

@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The model named is not served: 400 (the issue asks 400; OpenAI itself answers 404).
     #[error("the model `{0}` does not exist")]
     UnknownModel(String),
+    /// `GET /v1/models/{id}` of a model not served: 404, as OpenAI answers.
+    #[error("the model `{0}` does not exist")]
+    NoSuchModel(String),
     /// Missing or wrong API key: 401.
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -26,9 +29,19 @@ pub enum ApiError {
     /// The route exists but not for this method: 405.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The body did not arrive within the body-read timeout: 408.
+    #[error("{0}")]
+    Timeout(String),
     /// The body is larger than the server accepts: 413.
     #[error("the request body is too large ({0})")]
     TooLarge(String),
+    /// The body is not JSON (by its Content-Type): 415.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A request the HTTP layer refused before any route saw it (malformed, headers too
+    /// large): its own status.
+    #[error("{message}")]
+    Http { status: StatusCode, message: String },
     /// The engine's queue is full: 429 with Retry-After.
     #[error("the server is busy ({0} requests waiting); retry later")]
     QueueFull(usize),
@@ -53,9 +66,12 @@ impl ApiError {
         match self {
             Self::Invalid { .. } | Self::UnknownModel(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NoSuchModel(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Http { status, .. } => *status,
             Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,7 +82,7 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
             Self::Invalid { param, code, .. } => ("invalid_request_error", *param, *code),
-            Self::UnknownModel(_) => {
+            Self::UnknownModel(_) | Self::NoSuchModel(_) => {
                 ("invalid_request_error", Some("model"), Some("model_not_found"))
             }
             Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
@@ -74,7 +90,12 @@ impl ApiError {
             Self::MethodNotAllowed(_) => {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
+            Self::Timeout(_) => ("invalid_request_error", None, Some("request_timeout")),
             Self::TooLarge(_) => ("invalid_request_error", None, Some("request_too_large")),
+            Self::UnsupportedMediaType(_) => {
+                ("invalid_request_error", None, Some("unsupported_media_type"))
+            }
+            Self::Http { .. } => ("invalid_request_error", None, None),
             Self::QueueFull(_) => ("rate_limit_exceeded", None, Some("queue_full")),
             Self::Unavailable(_) => ("server_error", None, Some("unavailable")),
             Self::Internal(_) => ("server_error", None, None),
@@ -113,6 +134,10 @@ impl IntoResponse for ApiError {
         let mut resp = (status, axum::Json(self.body())).into_response();
         if matches!(self, Self::QueueFull(_) | Self::Unavailable(_)) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if matches!(self, Self::Timeout(_)) {
+            // The rest of the body may still come: nothing more is read from this client.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if matches!(self, Self::Unauthorized(_)) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

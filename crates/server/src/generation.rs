@@ -10,7 +10,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{self, SelectAll, Stream, StreamExt};
 use radix_engine::{EngineHandle, FinishReason, Output, RequestId};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::api::Usage;
 use crate::error::ApiError;
@@ -47,7 +46,8 @@ pub struct Generation {
 
 impl Generation {
     /// Submits every choice's request (blocking: call it off the async workers). If one is
-    /// refused, those already submitted are aborted.
+    /// refused, those already submitted are aborted. The choices form one group, so they
+    /// share the running slots with other requests as one client.
     pub fn submit(
         handle: &EngineHandle,
         metrics: &Arc<Metrics>,
@@ -78,14 +78,15 @@ impl Generation {
             cached_tokens: vec![0; choices],
             failed: false,
         };
-        for (index, req) in parsed.requests.into_iter().enumerate() {
+        for (index, mut req) in parsed.requests.into_iter().enumerate() {
+            req.group = generation.ids.first().copied();
             match handle.submit(req) {
-                Ok((id, rx)) => {
-                    generation.ids.push(id);
+                Ok(mut outputs) => {
+                    generation.ids.push(outputs.id());
                     generation.finished.push(false);
                     // A sentinel after the last output tells a receiver that closed
                     // without a final output (the engine stopped) from a finished one.
-                    let tagged = UnboundedReceiverStream::new(rx)
+                    let tagged = stream::poll_fn(move |cx| outputs.poll_recv(cx))
                         .map(move |o| (index, Some(o)))
                         .chain(stream::once(async move { (index, None) }));
                     generation.outputs.push(Box::pin(tagged));

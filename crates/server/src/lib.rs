@@ -1,46 +1,50 @@
-//! radix-sparse's OpenAI-compatible HTTP server (axum).
+//! radix-sparse's OpenAI-compatible HTTP server (axum over hyper).
 //!
 //! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both stream with
-//! `"stream": true` as server-sent events), `GET /v1/models`, `GET /health`,
-//! `GET /metrics` (Prometheus text).
+//! `"stream": true` as server-sent events; bodies must be JSON), `GET /v1/models`,
+//! `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text); CORS when
+//! origins are allowed.
 //!
 //! The server talks to the engine only through an `EngineHandle` (channels; no GPU types
-//! cross). Each HTTP request becomes one engine request per choice; when the client goes
-//! away, the response future or SSE stream is dropped and its requests are aborted, which
-//! unlocks their prefix-cache nodes and frees their pages. Shutdown: stop accepting, give
-//! in-flight requests a grace period, then abort what is left.
+//! cross). Each HTTP request becomes one engine request per choice, grouped so the
+//! engine shares running slots fairly between HTTP requests; when the client goes away,
+//! the response future or SSE stream is dropped and its requests are aborted, which
+//! unlocks their prefix-cache nodes and frees their pages. Connections are bounded in
+//! time and number (`connections`). Shutdown drains: new requests get 503 (and
+//! `/health` says so) while in-flight ones finish, for at most the grace period; then
+//! what is left is aborted, and the server returns as soon as nothing is in flight.
 
 mod api;
 mod auth;
 mod chat;
 mod completions;
+mod connections;
 mod error;
 mod generation;
+mod handlers;
 mod metrics;
 mod sse;
 pub mod validate;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderValue, Method};
+use axum::middleware;
 use axum::routing::{get, post};
 use radix_engine::EngineHandle;
 use radix_model::ChatTemplate;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 pub use api::Usage;
+pub use connections::ConnectionLimits;
 pub use error::ApiError;
 pub use metrics::Metrics;
-use validate::{Endpoint, ModelContext};
+use validate::ModelContext;
 
 /// Server options (the engine's are the engine's).
 #[derive(Clone, Debug)]
@@ -51,11 +55,24 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Engine sequences (prompts × n) one request may start (400 beyond).
+    pub max_sequences_per_request: usize,
+    /// Origins browsers may call from (CORS); empty: none, `*`: any.
+    pub allowed_origins: Vec<String>,
+    /// Timeouts and the cap on open connections.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_key: None, grace_period: Duration::from_secs(10), max_body_bytes: 16 << 20 }
+        Self {
+            api_key: None,
+            grace_period: Duration::from_secs(10),
+            max_body_bytes: 16 << 20,
+            max_sequences_per_request: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+            allowed_origins: Vec::new(),
+            connections: ConnectionLimits::default(),
+        }
     }
 }
 
@@ -78,6 +95,7 @@ impl AppState {
             tokenizer: &info.tokenizer,
             chat_template: &self.chat_template,
             rules: info.rules,
+            max_sequences: self.config.max_sequences_per_request,
         }
     }
 }
@@ -106,170 +124,114 @@ impl Server {
     }
 
     pub fn router(&self) -> Router {
+        use handlers::*;
         let state = self.state.clone();
         let v1 = Router::new()
             .route("/v1/completions", post(completions_handler))
             .route("/v1/chat/completions", post(chat_handler))
             .route("/v1/models", get(models_handler))
+            .route("/v1/models/{*id}", get(model_handler))
             .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
-        Router::new()
+        let router = Router::new()
             .merge(v1)
             .route("/health", get(health_handler))
             .route("/metrics", get(metrics_handler))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(middleware::from_fn_with_state(state.clone(), count_responses))
-            .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-            .with_state(state)
+            .with_state(state);
+        match cors(&self.state.config.allowed_origins) {
+            // Outermost: preflights are answered before routing (and need no API key).
+            Some(cors) => router.layer(cors),
+            None => router,
+        }
     }
 
-    /// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-    /// requests run for the grace period and aborts what is left. The engine keeps
-    /// running: the caller shuts it down.
+    /// Serves on `listener` until `shutdown` resolves, then drains (see the module doc).
+    /// The engine keeps running: the caller shuts it down.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
-        let signal = {
-            let state = state.clone();
-            async move {
-                shutdown.await;
-                state.shutting_down.store(true, Ordering::SeqCst);
-                let _ = signalled_tx.send(true);
-            }
-        };
-        let server =
-            axum::serve(listener, self.router()).with_graceful_shutdown(signal).into_future();
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => return r,
-            _ = signalled.wait_for(|&s| s) => {}
-        }
-        let in_flight = state.metrics.in_flight.load(Ordering::Relaxed);
-        tracing::info!(
-            in_flight,
-            grace_s = state.config.grace_period.as_secs_f64(),
-            "shutting down: no new connections; waiting for in-flight requests"
+        let connections = connections::Connections::new(state.config.connections.clone());
+        let (stop_accepting, accepting) = tokio::sync::watch::channel(false);
+        let close_after_response = Arc::new(AtomicBool::new(false));
+        let accept = connections.accept_loop(
+            listener,
+            self.router(),
+            close_after_response.clone(),
+            accepting,
         );
-        if let Ok(r) = tokio::time::timeout(state.config.grace_period, &mut server).await {
-            return r;
-        }
-        let left = state.metrics.in_flight.load(Ordering::Relaxed);
-        tracing::warn!(left, "grace period over: aborting the requests left");
-        state.handle.abort_all();
-        match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::warn!("connections still open 5 s after aborting; closing anyway");
-                Ok(())
+        let drain = async {
+            shutdown.await;
+            state.shutting_down.store(true, Ordering::SeqCst);
+            close_after_response.store(true, Ordering::SeqCst);
+            let grace = state.config.grace_period;
+            tracing::info!(
+                in_flight = state.metrics.in_flight.load(Ordering::Relaxed),
+                grace_s = grace.as_secs_f64(),
+                "shutting down: new requests get 503; waiting for in-flight requests"
+            );
+            if !state.wait_idle(grace).await {
+                let left = state.metrics.in_flight.load(Ordering::Relaxed);
+                tracing::warn!(left, "grace period over: aborting the requests left");
+                state.handle.abort_all();
+                // Aborted streams end with an error event; give them a moment to go out.
+                if !state.wait_idle(Duration::from_secs(5)).await {
+                    tracing::warn!("requests still in flight 5 s after aborting; closing anyway");
+                }
             }
-        }
-    }
-}
-
-async fn completions_handler(
-    State(app): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    generate(app, Endpoint::Completions, body).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn chat_handler(
-    State(app): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    generate(app, Endpoint::Chat, body).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-/// Parses, submits, and answers (streaming or not).
-async fn generate(
-    app: Arc<AppState>,
-    endpoint: Endpoint,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge(format!("at most {} bytes", app.config.max_body_bytes))
-        } else {
-            ApiError::invalid_no_param(format!("reading the request body: {r}"))
-        }
-    })?;
-    if app.shutting_down.load(Ordering::SeqCst) {
-        return Err(ApiError::Unavailable("the server is shutting down".into()));
-    }
-    // Tokenizing and the engine's acknowledgement block: off the async workers.
-    let state = app.clone();
-    let generation = tokio::task::spawn_blocking(move || {
-        let ctx = state.model_context();
-        let parsed = match endpoint {
-            Endpoint::Completions => validate::parse_completion(&body, &ctx)?,
-            Endpoint::Chat => validate::parse_chat(&body, &ctx)?,
+            let _ = stop_accepting.send(true);
+            connections.close(Duration::from_secs(1)).await;
         };
-        generation::Generation::submit(&state.handle, &state.metrics, parsed, started)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("request task failed: {e}")))??;
-    let tokenizer = app.handle.info().tokenizer.clone();
-    if generation.meta.shape.stream {
-        return Ok(sse::respond(generation, tokenizer));
+        // The accept loop ends only when told to (errors are retried), so this returns
+        // when the drain is done.
+        tokio::join!(accept, drain);
+        Ok(())
     }
-    let collected = generation.collect().await?;
-    Ok(match endpoint {
-        Endpoint::Completions => {
-            axum::Json(completions::response(collected, &tokenizer)).into_response()
+}
+
+impl AppState {
+    /// Waits until no request is in flight, at most `limit`; false if some still are.
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            if self.metrics.in_flight.load(Ordering::SeqCst) <= 0 {
+                return true;
+            }
+            if t.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Endpoint::Chat => axum::Json(chat::response(collected, &tokenizer)).into_response(),
-    })
-}
-
-async fn models_handler(State(app): State<Arc<AppState>>) -> Response {
-    let info = app.handle.info();
-    axum::Json(api::ModelList {
-        object: "list",
-        data: vec![api::ModelCard {
-            id: info.model_name.clone(),
-            object: "model",
-            created: app.created,
-            owned_by: "radix-sparse",
-            max_model_len: info.rules.max_model_len,
-        }],
-    })
-    .into_response()
-}
-
-async fn health_handler(State(app): State<Arc<AppState>>) -> Response {
-    if app.shutting_down.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    (StatusCode::OK, "ok\n").into_response()
 }
 
-async fn metrics_handler(State(app): State<Arc<AppState>>) -> Response {
-    let text = app.metrics.render(&app.handle.stats(), &app.handle.info().model_name);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
-}
-
-async fn not_found(req: Request) -> Response {
-    ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
-        .into_response()
-}
-
-async fn method_not_allowed(req: Request) -> Response {
-    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
-        .into_response()
-}
-
-/// Counts responses by route and status for `/metrics`.
-async fn count_responses(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    const ROUTES: [&str; 5] =
-        ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"];
-    let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
-    let resp = next.run(req).await;
-    let route = path.and_then(|p| ROUTES.into_iter().find(|r| *r == p)).unwrap_or("other");
-    app.metrics.count_response(route, resp.status().as_u16());
-    resp
+/// vLLM's CORS: the allowed origins (`*` for any), every method we serve and whatever
+/// headers the preflight asks for (a wildcard would not cover `Authorization`).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let valid = origins.iter().filter_map(|o| match HeaderValue::from_str(o) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(origin = %o, "ignoring an allowed origin that is not a header value");
+                None
+            }
+        });
+        AllowOrigin::list(valid)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(AllowHeaders::mirror_request())
+            .max_age(Duration::from_secs(600)),
+    )
 }

@@ -8,7 +8,8 @@
 //! `max_completion_tokens`), `n`, `stop`, `temperature`, `top_p`, `seed`,
 //! `presence_penalty`, `frequency_penalty`, `stream`, `stream_options.include_usage`,
 //! `logprobs` (the sampled token's only), `top_k`, `min_p`, `repetition_penalty`,
-//! `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`, and radix-sparse's
+//! `ignore_eos`, `stop_token_ids`, `priority` (lower runs first), chat's
+//! `add_generation_prompt`, and radix-sparse's
 //! `sparse_budget` (sparse paging: a fraction of pages in (0, 1] or a token count; the
 //! engine refuses it when sparse paging is off). Unknown fields are
 //! ignored (clients send extras); things asked for that we cannot honour (`echo`,
@@ -26,8 +27,12 @@ mod fields;
 
 /// Choices per prompt at most.
 pub const MAX_N: usize = 128;
-/// Choices per request at most (prompts × n).
-pub const MAX_CHOICES: usize = 1024;
+/// Prompts in one request at most (whatever the fan-out limit).
+pub const MAX_PROMPTS: usize = 1024;
+/// Engine sequences one request may start by default (prompts × n). Fair shares keep a
+/// large request from holding every running slot; this bounds what it takes of the
+/// queue (8 prompts × n=128 once filled 960 of its places).
+pub const DEFAULT_MAX_SEQUENCES_PER_REQUEST: usize = 256;
 /// Stop strings at most.
 pub const MAX_STOP: usize = 16;
 /// Completions' default `max_tokens` (OpenAI's).
@@ -40,6 +45,8 @@ pub struct ModelContext<'a> {
     pub chat_template: &'a ChatTemplate,
     /// The engine's rules: vocabulary, context length, sparse paging.
     pub rules: RequestRules,
+    /// Engine sequences (prompts × n) one request may start.
+    pub max_sequences: usize,
 }
 
 /// A broken engine rule as a 400 naming `param`.
@@ -210,15 +217,26 @@ fn build(
     {
         return Err(ApiError::invalid("best_of other than n is not supported", "best_of"));
     }
-    if prompts.len() * n > MAX_CHOICES {
+    if prompts.len() * n > ctx.max_sequences {
         return Err(ApiError::invalid(
             format!(
-                "{} prompts × n={n} is more than {MAX_CHOICES} choices in one request",
-                prompts.len()
+                "{} prompts × n={n} is more than the {} sequences one request may start \
+                 (--max-sequences-per-request)",
+                prompts.len(),
+                ctx.max_sequences
             ),
             "n",
         ));
     }
+    let priority = match f.int("priority")? {
+        None => 0,
+        Some(p) => i32::try_from(p).map_err(|_| {
+            ApiError::invalid(
+                format!("priority must be within a 32-bit integer, got {p}"),
+                "priority",
+            )
+        })?,
+    };
     let sampling = parse_sampling(f)?;
     let stop = parse_stop(f, ctx)?;
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
@@ -263,6 +281,7 @@ fn build(
             let mut req = Request::new(prompt.clone(), sampling, stop);
             req.logprobs = logprobs;
             req.sparse_budget = sparse_budget;
+            req.priority = priority;
             requests.push(req);
         }
     }
@@ -359,6 +378,7 @@ fn parse_stop(f: &Fields, ctx: &ModelContext) -> Result<(Vec<String>, Vec<u32>)>
     if strings.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop strings must not be empty", "stop"));
     }
+    ctx.rules.check_stop_strings(&strings).map_err(rule("stop"))?;
     let ids = match f.get("stop_token_ids") {
         None => Vec::new(),
         Some(v) => token_ids(v, &ctx.rules, "stop_token_ids")?,
@@ -387,9 +407,9 @@ fn parse_prompt(f: &Fields, ctx: &ModelContext) -> Result<Vec<Vec<u32>>> {
             let Some(first) = list.first() else {
                 return Err(ApiError::invalid("prompt must not be an empty list", "prompt"));
             };
-            if list.len() > MAX_CHOICES {
+            if list.len() > MAX_PROMPTS {
                 return Err(ApiError::invalid(
-                    format!("at most {MAX_CHOICES} prompts per request"),
+                    format!("at most {MAX_PROMPTS} prompts per request"),
                     "prompt",
                 ));
             }

@@ -372,14 +372,17 @@ async fn errors_are_openai_json_with_the_right_status() {
     assert!(resp.json::<Value>().await.unwrap()["error"]["message"].is_string());
     let resp = c.get(s.url("/v1/completions")).send().await.unwrap();
     assert_eq!(resp.status(), 405);
-    // A body without a content type (curl -d) is still read as JSON.
-    let resp = c
-        .post(s.url(cmpl))
-        .body(json!({"prompt": "a", "max_tokens": 1}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    // A body without a content type is not read (415), nor is curl -d's form type.
+    for content_type in [None, Some("application/x-www-form-urlencoded"), Some("text/plain")] {
+        let mut req = c.post(s.url(cmpl)).body(json!({"prompt": "a", "max_tokens": 1}).to_string());
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 415, "{content_type:?}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "unsupported_media_type", "{e}");
+    }
     // Unknown fields are ignored; null means absent.
     let (status, r) = post(
         &c,
@@ -430,7 +433,9 @@ async fn api_key_models_health() {
         (None, 401),
         (Some("Bearer wrong"), 401),
         (Some("sekrit"), 401),
+        (Some("Basic sekrit"), 401),
         (Some("Bearer sekrit"), 200),
+        (Some("BEARER sekrit"), 200),
     ] {
         for path in ["/v1/completions", "/v1/chat/completions"] {
             let body = if path.contains("chat") {
@@ -471,6 +476,25 @@ async fn api_key_models_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_kv_pool_lowers_the_context_length_its_errors_name() {
+    // 8 pages of 16 tokens: the engine runs 128-token sequences, not the model's 4096.
+    let s = start(EngineConfig { num_pages: 8, ..engine_config() }, ServerConfig::default()).await;
+    let c = reqwest::Client::new();
+    let models: Value = c.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a".repeat(100), "max_tokens": 100}))
+            .await;
+    assert_eq!(status, 400, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(message.contains("context length is 128 tokens"), "{message}");
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"prompt": "a".repeat(200), "max_tokens": 1})).await;
+    assert_eq!(status, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("128"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scrape() {
     let s = server().await;
     let c = reqwest::Client::new();
@@ -484,6 +508,9 @@ async fn metrics_scrape() {
         assert_eq!(resp.status(), 200);
         resp.text().await.unwrap();
     }
+    // The engine publishes its counters after the step that sent the last token: wait
+    // for that snapshot (generation_tokens_total came up short once under load).
+    common::wait_pages_back(&c, &s, Duration::from_secs(10)).await;
     let resp = c.get(s.url("/metrics")).send().await.unwrap();
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = resp.text().await.unwrap();

@@ -2,8 +2,9 @@
 
 Usage: python3 openai_client.py http://127.0.0.1:PORT [API_KEY]
 
-Completions and chat, streaming and not: checks the content, finish reasons, usage and
-the streamed chunks' shape. Exits non-zero (with a message) on the first failure.
+Models (list and retrieve), completions and chat, streaming and not: checks the content,
+finish reasons, usage, the streamed chunks' shape, log-probability bytes and errors. Exits
+non-zero (with a message) on the first failure.
 """
 
 import sys
@@ -25,6 +26,15 @@ def main():
     ids = [m.id for m in models.data]
     check(len(ids) == 1, f"one model listed, got {ids}")
     model = ids[0]
+
+    # models.retrieve: the served model's card; another name is a 404.
+    card = client.models.retrieve(model)
+    check(card.id == model and card.object == "model", f"retrieved {card}")
+    try:
+        client.models.retrieve("no-such-model")
+        check(False, "retrieving an unknown model must fail")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, f"status {e.status_code}")
 
     # Completions, not streamed: greedy is reproducible; usage adds up.
     kw = dict(model=model, prompt="Hello, my name is", max_tokens=8, temperature=0,
@@ -95,6 +105,7 @@ def main():
     r = client.chat.completions.create(**ckw, logprobs=True)
     lps = r.choices[0].logprobs.content
     check(len(lps) == 6 and all(t.logprob <= 0 for t in lps), f"logprobs {lps}")
+    check(all(isinstance(t.bytes, list) for t in lps), f"logprob bytes {lps}")
 
     # Errors come back as OpenAI errors with the right status.
     try:

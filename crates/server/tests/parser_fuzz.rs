@@ -50,6 +50,7 @@ fn with_sparse_ctx<R>(sparse: bool, f: impl FnOnce(&ModelContext) -> R) -> R {
         tokenizer: &tokenizer,
         chat_template: &template,
         rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse },
+        max_sequences: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
     };
     f(&ctx)
 }
@@ -122,6 +123,7 @@ fn key() -> impl Strategy<Value = String> {
         "response_format",
         "add_generation_prompt",
         "sparse_budget",
+        "priority",
         "user",
         "other",
     ])

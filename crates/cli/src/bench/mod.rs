@@ -1,4 +1,5 @@
-//! `radix-sparse bench ...`: GPU benchmarks. Each prints a table and, with `--json`,
+//! `radix-sparse bench ...`: benchmarks (`serve`, `offline` and `sparse-quality` run
+//! anywhere; the rest need a GPU). Each prints a table and, with `--json`,
 //! writes one JSON object per measured shape for bench/record.py to pair with its peer.
 
 mod attention;

@@ -1,9 +1,15 @@
 //! One step's schedule: which sequences run and how many tokens each computes, under
 //! the token budget, the running-request limit and the pages the `KvManager` can give.
-//! Decodes first (preempting the newest request when the pool is dry), then prefill
-//! chunks of running requests, then new requests in arrival order.
+//! Fair shares first (`fairness`: sequences over their request's share give way when
+//! all slots are taken), then decodes (preempting the least important, newest request
+//! when the pool is dry), then prefill chunks of running requests, then waiting
+//! sequences: by priority, then of the request with the fewest running, then oldest.
+
+use std::collections::HashMap;
 
 use super::Engine;
+use super::fairness::{RunningSeq, fairness_victims};
+use crate::request::RequestId;
 use crate::sequence::Sequence;
 
 /// One sequence's share of a step.
@@ -17,22 +23,32 @@ pub(super) struct Scheduled {
 /// What the preemption choice looks at of a running request.
 #[derive(Clone, Copy, Debug)]
 struct Candidate {
+    /// Lower is more important.
+    priority: i32,
     arrival: u64,
     /// Already has its tokens (and pages) for this step.
     scheduled: bool,
 }
 
-/// The request to preempt when `running[needy]` cannot get a page: the newest request
-/// not scheduled this step, if it arrived after the needy one (older requests keep
-/// their pages); else the needy request itself.
+impl Candidate {
+    /// Larger gives way first: a later priority, then a later arrival.
+    fn rank(&self) -> (i32, u64) {
+        (self.priority, self.arrival)
+    }
+}
+
+/// The request to preempt when `running[needy]` cannot get a page: the least important
+/// request not scheduled this step (latest priority, then newest), if it ranks below the
+/// needy one (more important and older requests keep their pages); else the needy
+/// request itself.
 fn preemption_victim(running: &[Candidate], needy: usize) -> usize {
     running
         .iter()
         .enumerate()
         .filter(|(j, c)| *j != needy && !c.scheduled)
-        .max_by_key(|(_, c)| c.arrival)
+        .max_by_key(|(_, c)| c.rank())
         .map(|(j, _)| j)
-        .filter(|&j| running[j].arrival > running[needy].arrival)
+        .filter(|&j| running[j].rank() > running[needy].rank())
         .unwrap_or(needy)
 }
 
@@ -42,6 +58,9 @@ impl Engine {
         for seq in &mut self.running {
             seq.step_len = 0;
         }
+        // 0. Fair shares: when every slot is taken, sequences over their request's share
+        //    (or of a later priority) give way to waiting requests.
+        self.rebalance();
         // 1. Decodes, oldest first: each needs one token and at most one new page. When
         //    the pool is dry, a newer request is preempted.
         let mut i = 0;
@@ -60,10 +79,14 @@ impl Engine {
             let candidates: Vec<Candidate> = self
                 .running
                 .iter()
-                .map(|s| Candidate { arrival: s.arrival, scheduled: s.step_len > 0 })
+                .map(|s| Candidate {
+                    priority: s.priority,
+                    arrival: s.arrival,
+                    scheduled: s.step_len > 0,
+                })
                 .collect();
             let victim = preemption_victim(&candidates, i);
-            self.preempt(victim);
+            self.preempt(victim, "out of KV pages");
             if victim < i {
                 i -= 1;
             }
@@ -83,10 +106,12 @@ impl Engine {
                 any = true;
             }
         }
-        // 3. New requests in arrival order (preempted ones first), each first served what
-        //    the prefix cache holds of its prompt.
-        while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
-            let mut seq = self.waiting.pop_front().expect("checked non-empty");
+        // 3. Waiting sequences by priority, then of the request with the fewest running,
+        //    then oldest (`WaitQueue::pop_next`), each first served what the prefix cache
+        //    holds of its prompt.
+        let mut per_group = self.running_per_group();
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(mut seq) = self.waiting.pop_next(&per_group) else { break };
             let cached = self.kv.admit(&mut seq.kv, &seq.tokens);
             seq.computed = cached;
             if seq.preempted == 0 {
@@ -101,6 +126,7 @@ impl Engine {
             seq.step_len = len;
             budget = budget.saturating_sub(len);
             any = true;
+            *per_group.entry(seq.group).or_default() += 1;
             self.running.push(seq);
         }
         self.running
@@ -124,10 +150,42 @@ impl Engine {
         }
     }
 
+    fn running_per_group(&self) -> HashMap<RequestId, usize> {
+        let mut counts = HashMap::new();
+        for s in &self.running {
+            *counts.entry(s.group).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Preempts what `fairness_victims` chooses. Their computed pages go to the prefix
+    /// cache first, so coming back costs little recomputation.
+    fn rebalance(&mut self) {
+        if self.running.len() < self.cfg.max_running || self.waiting.is_empty() {
+            return;
+        }
+        let running: Vec<RunningSeq> = self
+            .running
+            .iter()
+            .map(|s| RunningSeq { group: s.group, priority: s.priority, arrival: s.arrival })
+            .collect();
+        let waiting: Vec<_> = self.waiting.groups().collect();
+        let mut victims = fairness_victims(&running, &waiting, self.cfg.max_running);
+        // Remove from the back so earlier indices stay valid.
+        victims.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+        for i in victims {
+            let seq = &mut self.running[i];
+            self.kv.cache_computed(&mut seq.kv, &seq.tokens, seq.computed);
+            self.preempt(i, "over its request's fair share of the running slots");
+        }
+    }
+
     /// Sends `running[i]` back to the front of the queue, releasing its pages.
-    fn preempt(&mut self, i: usize) {
-        let seq = self.running.remove(i);
-        tracing::debug!(id = %seq.id, tokens = seq.tokens.len(), "preempted: out of KV pages");
+    fn preempt(&mut self, i: usize, why: &'static str) {
+        let mut seq = self.running.remove(i);
+        // Its usage keeps the cache hits of its first admission, not of its return.
+        seq.preempted += 1;
+        tracing::debug!(id = %seq.id, tokens = seq.tokens.len(), "preempted: {why}");
         self.stats.preemptions += 1;
         self.requeue(seq);
     }
@@ -147,7 +205,10 @@ mod tests {
     use super::*;
 
     fn running(arrivals: &[(u64, bool)]) -> Vec<Candidate> {
-        arrivals.iter().map(|&(arrival, scheduled)| Candidate { arrival, scheduled }).collect()
+        arrivals
+            .iter()
+            .map(|&(arrival, scheduled)| Candidate { priority: 0, arrival, scheduled })
+            .collect()
     }
 
     #[test]
@@ -168,6 +229,15 @@ mod tests {
         let r = running(&[(0, false), (1, false), (2, false)]);
         assert_eq!(preemption_victim(&r, 2), 2, "the newest needy request preempts itself");
         assert_eq!(preemption_victim(&r, 1), 2);
+    }
+
+    #[test]
+    fn a_later_priority_gives_way_first() {
+        let mut r = running(&[(0, false), (1, false), (2, false)]);
+        r[1].priority = 3;
+        assert_eq!(preemption_victim(&r, 0), 1, "the least important, though not the newest");
+        r[0].priority = 5;
+        assert_eq!(preemption_victim(&r, 1), 0, "an older request of a later priority");
     }
 
     #[test]

@@ -58,14 +58,18 @@ impl Fields<'_> {
         }
     }
 
-    /// An integer (any sign, within i64).
+    /// An integer (any sign; beyond i64 saturates, so range checks name the value's
+    /// sign). JSON has one number type: `2.0` and `1e3` are integers too, as Python's
+    /// clients and pydantic see them, and so is 2^64, which serde reads as a float.
     pub fn int(&self, key: &'static str) -> Result<Option<i64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(x)) => match x.as_i64() {
-                Some(i) => Ok(Some(i)),
-                None if x.as_u64().is_some() => Ok(Some(i64::MAX)),
-                None => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
+            Some(Value::Number(x)) => match (x.as_i64(), x.as_u64(), x.as_f64()) {
+                (Some(i), _, _) => Ok(Some(i)),
+                (None, Some(_), _) => Ok(Some(i64::MAX)),
+                // `as` saturates at the i64 range.
+                (None, None, Some(f)) if f.is_finite() && f.fract() == 0.0 => Ok(Some(f as i64)),
+                _ => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
             },
             Some(v) => Err(Self::wrong(key, "an integer", v)),
         }
@@ -75,23 +79,20 @@ impl Fields<'_> {
     pub fn max_tokens(&self, key: &'static str) -> Result<Option<u64>> {
         match self.int(key)? {
             None => Ok(None),
-            Some(m) if m >= 1 => Ok(Some(m as u64)),
+            Some(m) if m >= 1 => self.uint(key),
             Some(m) => Err(ApiError::invalid(format!("{key} must be at least 1, got {m}"), key)),
         }
     }
 
-    /// A non-negative integer.
+    /// A non-negative integer (beyond u64 saturates).
     pub fn uint(&self, key: &'static str) -> Result<Option<u64>> {
-        match self.get(key) {
+        match self.int(key)? {
             None => Ok(None),
-            Some(Value::Number(x)) => match (x.as_u64(), x.as_i64()) {
-                (Some(u), _) => Ok(Some(u)),
-                (None, Some(_)) => {
-                    Err(ApiError::invalid(format!("{key} must be a non-negative integer"), key))
-                }
-                _ => Err(ApiError::invalid(format!("{key} must be an integer"), key)),
-            },
-            Some(v) => Err(Self::wrong(key, "an integer", v)),
+            Some(i) if i < 0 => {
+                Err(ApiError::invalid(format!("{key} must be a non-negative integer"), key))
+            }
+            Some(i64::MAX) => Ok(Some(self.get(key).and_then(Value::as_u64).unwrap_or(u64::MAX))),
+            Some(i) => Ok(Some(i as u64)),
         }
     }
 }

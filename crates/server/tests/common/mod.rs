@@ -26,6 +26,13 @@ pub fn engine_config() -> EngineConfig {
     EngineConfig { num_pages: 1024, max_running: 64, max_waiting: 1024, ..Default::default() }
 }
 
+/// Whether `serve` has returned.
+impl TestServer {
+    pub fn is_stopped(&self) -> bool {
+        self.join.as_ref().is_none_or(|j| j.is_finished())
+    }
+}
+
 pub async fn start(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> TestServer {
     let source = ModelSource::open(MODEL).unwrap();
     let model = source.load(CpuBackend::new()).unwrap();
@@ -49,9 +56,19 @@ impl TestServer {
 
     /// Signals shutdown and waits for `serve` to return (bounded by `limit`).
     pub async fn stop(&mut self, limit: Duration) -> std::io::Result<()> {
+        self.signal_shutdown();
+        self.wait_stopped(limit).await
+    }
+
+    /// Signals shutdown (as SIGTERM does); the server drains.
+    pub fn signal_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Waits for `serve` to return (bounded by `limit`).
+    pub async fn wait_stopped(&mut self, limit: Duration) -> std::io::Result<()> {
         let join = self.join.take().expect("stopped once");
         let r = tokio::time::timeout(limit, join).await.expect("serve did not return in time");
         r.expect("serve task panicked")
