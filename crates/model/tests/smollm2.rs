@@ -270,8 +270,8 @@ fn passkey_prompt(key: &str) -> String {
         "There is an important piece of information hidden inside a lot of irrelevant text. \
          Find it and memorize it. I will quiz you about it.\n",
     );
-    for i in 0..130 {
-        if i == 55 {
+    for i in 0..250 {
+        if i == 100 {
             text += &format!("The pass key is {key}. Remember it. {key} is the pass key. ");
         }
         text += filler;
