@@ -304,3 +304,24 @@ fn passkey_in_6k_tokens_is_found_dense_and_sparse() {
     assert!(dense_text.contains(key), "dense answer {dense_text:?}");
     assert!(sparse_text.contains(key), "sparse answer {sparse_text:?}");
 }
+
+#[test]
+fn a_truncated_or_corrupt_file_is_refused_with_the_reason() {
+    let bytes = std::fs::read(model_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("rs-smollm2-cut-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cut.gguf");
+    let open = |b: &[u8]| {
+        std::fs::write(&path, b).unwrap();
+        ModelSource::open(path.to_str().unwrap()).err().expect("must fail").to_string()
+    };
+    // Cut inside the token list, then inside the tensor data.
+    let err = open(&bytes[..1 << 20]);
+    assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+    let err = open(&bytes[..bytes.len() - 1000]);
+    assert!(err.contains("truncated") && err.contains("tensor"), "{err}");
+    let mut garbled = bytes[..4 << 20].to_vec();
+    garbled[4..8].copy_from_slice(&7u32.to_le_bytes());
+    assert!(open(&garbled).contains("version 7"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

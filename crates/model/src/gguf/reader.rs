@@ -226,7 +226,8 @@ impl<'a> Cursor<'a> {
             _ => Err(invalid(
                 what(),
                 format!(
-                    "count {n} at offset {at} does not fit in the {} bytes left",
+                    "count {n} at offset {at} does not fit in the {} bytes left (the file is \
+                     truncated or corrupt)",
                     self.remaining()
                 ),
             )),
@@ -545,5 +546,38 @@ pub(crate) mod tests {
         let mut w = Writer::default();
         w.tensor("t", &[1 << 40, 1 << 40], 0, vec![]);
         assert!(parse(&w.bytes()).unwrap_err().to_string().contains("overflow"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Garbled files (bytes overwritten anywhere, then cut anywhere) parse or fail
+        /// with an error; they never panic, and whatever parses stays inside the file.
+        #[test]
+        fn garbled_headers_never_panic(
+            edits in proptest::collection::vec((0usize..1000, proptest::prelude::any::<u8>()), 0..8),
+            cut in 0usize..1000,
+        ) {
+            let mut bytes = sample();
+            for (at, b) in edits {
+                let n = bytes.len();
+                bytes[at % n] = b;
+            }
+            bytes.truncate(cut.min(bytes.len()));
+            if let Ok(h) = parse(&bytes) {
+                for t in &h.tensors {
+                    proptest::prop_assert!(t.start + t.len <= bytes.len());
+                }
+            }
+        }
+
+        /// Random bytes behind a valid magic and version.
+        #[test]
+        fn random_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut bytes = b"GGUF".to_vec();
+            bytes.extend(3u32.to_le_bytes());
+            bytes.extend(body);
+            let _ = parse(&bytes);
+        }
     }
 }
