@@ -153,7 +153,8 @@ pub fn model_config(meta: &Metadata, tensors: &[TensorInfo]) -> Result<ModelConf
 
 #[cfg(test)]
 mod tests {
-    use super::super::reader::{parse, tests::Writer};
+    use super::super::reader::parse;
+    use super::super::test_writer::Writer;
     use super::*;
 
     fn smollm_like() -> Writer {

@@ -100,12 +100,6 @@ impl GgmlType {
             .and_then(|b| usize::try_from(b).ok())
             .ok_or_else(|| format!("{numel} elements of {self:?} overflow"))
     }
-
-    /// Whether `dequantize` takes this type.
-    pub fn is_loadable(self) -> bool {
-        use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4K | Q5K | Q6K)
-    }
 }
 
 /// The loadable types, for error messages.

@@ -14,6 +14,8 @@
 pub mod config;
 pub mod dequant;
 pub mod reader;
+#[cfg(test)]
+mod test_writer;
 pub mod tokenizer;
 
 use std::collections::HashMap;

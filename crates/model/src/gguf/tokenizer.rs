@@ -258,7 +258,8 @@ fn sentencepiece(
 #[cfg(test)]
 mod tests {
     use super::super::config::Metadata;
-    use super::super::reader::{parse, tests::Writer};
+    use super::super::reader::parse;
+    use super::super::test_writer::Writer;
     use super::*;
 
     fn build(w: &Writer) -> Result<GgufTokenizer, String> {
