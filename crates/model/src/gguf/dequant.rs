@@ -407,4 +407,41 @@ mod tests {
         assert!(dequantize(GgmlType::Q8_0, &[0; 33], 32).unwrap_err().contains("do not hold"));
         assert!(dequantize(GgmlType::Q5_0, &[0; 22], 32).unwrap_err().contains("Q4_K"));
     }
+
+    /// Random blocks dequantized by llama.cpp's gguf-py (tools/make_dequant_fixture.py):
+    /// a reference independent of the reading of the format above.
+    #[test]
+    fn random_blocks_match_gguf_py() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf-blocks.json");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let types = [
+            ("Q4_0", GgmlType::Q4_0),
+            ("Q4_1", GgmlType::Q4_1),
+            ("Q8_0", GgmlType::Q8_0),
+            ("Q4_K", GgmlType::Q4K),
+            ("Q5_K", GgmlType::Q5K),
+            ("Q6_K", GgmlType::Q6K),
+        ];
+        for (name, ty) in types {
+            let hex = json[name]["hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let want: Vec<f64> = json[name]["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let got = dequantize(ty, &bytes, want.len()).unwrap();
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "{name} value {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
 }
