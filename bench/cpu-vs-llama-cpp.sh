@@ -15,6 +15,7 @@ decode="${2:-128}"
 threads="$(nproc)"
 device="cpu ($threads cores)"
 shape="SmolLM2-135M-Instruct Q4_1 GGUF, one sequence, prompt $prompt, decode $decode"
+load="$(cut -d" " -f1 /proc/loadavg)" # the machine may be shared: noted with the rows
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
@@ -42,4 +43,4 @@ PYTHONPATH="${LLAMA_CPP_PYTHONPATH:-}" python3 bench/peers/llama_cpp_cpu.py "$mo
   --out "$tmp/peer.jsonl"
 python3 bench/record.py --ours "$tmp/ours.jsonl" --peer "$tmp/peer.jsonl" \
   --command "bench/cpu-vs-llama-cpp.sh $prompt $decode (ours: radix-sparse bench offline --model $model --device cpu --dataset random:$prompt:$decode --num-prompts 1 --temperature 0; peer: bench/peers/llama_cpp_cpu.py, $threads threads)" \
-  --note "same GGUF; ours dequantizes to f32 at load and computes in f32 (gemm crate), llama.cpp computes on the Q4_1/Q8_0 blocks"
+  --note "same GGUF; ours dequantizes to f32 at load and computes in f32 (gemm crate), llama.cpp computes on the Q4_1/Q8_0 blocks; 1-minute load average $load at the start"
