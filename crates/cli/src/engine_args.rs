@@ -28,11 +28,53 @@ impl Device {
     }
 }
 
+/// Where tools/fetch_smollm2.sh puts SmolLM2-135M-Instruct (from the repository root).
+pub const FETCHED_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The model when `--model` is not given: SmolLM2 once tools/fetch_smollm2.sh has
+/// fetched it, else synthetic:tiny.
+pub fn default_model() -> String {
+    if std::path::Path::new(FETCHED_MODEL).is_file() {
+        FETCHED_MODEL.into()
+    } else {
+        "synthetic:tiny".into()
+    }
+}
+
+/// A `--model` argument made loadable: a Hub model (`ORG/NAME...`, see `hub`) is fetched
+/// into the Hugging Face cache and its local path returned, with the name clients should
+/// see; paths and synthetic:NAME pass through (`ModelSource::open` names any problem).
+pub fn resolve_model(spec: &str) -> anyhow::Result<(String, Option<String>)> {
+    if spec.starts_with("synthetic:") || std::path::Path::new(spec).exists() {
+        return Ok((spec.to_string(), None));
+    }
+    match crate::hub::HubModel::parse(spec) {
+        Some(model) => {
+            let path = crate::hub::fetch(&model, &crate::hub::HubConfig::from_env())?;
+            Ok((path.to_string_lossy().into_owned(), Some(spec.to_string())))
+        }
+        None => Ok((spec.to_string(), None)),
+    }
+}
+
+/// Opens a `--model` argument (fetching it from the Hub if it names a Hub model).
+pub fn open_model(spec: &str) -> anyhow::Result<ModelSource> {
+    let (path, hub_name) = resolve_model(spec)?;
+    let mut source = ModelSource::open(&path)?;
+    if let Some(name) = hub_name {
+        source.name = name;
+    }
+    Ok(source)
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder, or synthetic:tiny / synthetic:llama3-8b.
-    #[arg(long, default_value = "synthetic:tiny")]
-    pub model: String,
+    /// A Hugging Face model folder, a .gguf file, a Hugging Face Hub model
+    /// (ORG/NAME[@REVISION], or ORG/NAME/FILE.gguf[@REVISION] for one GGUF file), or
+    /// synthetic:tiny / synthetic:llama3-8b. Default: models/SmolLM2-135M-Instruct.Q4_1.gguf
+    /// when tools/fetch_smollm2.sh has fetched it, else synthetic:tiny.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Where the model runs.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
@@ -145,7 +187,8 @@ impl ModelArgs {
 
     /// Loads the model onto the chosen device and sizes its KV pool.
     pub fn load_runner(&self) -> anyhow::Result<LoadedRunner> {
-        let source = ModelSource::open(&self.model)?;
+        let spec = self.model.clone().unwrap_or_else(default_model);
+        let source = open_model(&spec)?;
         let device = self.device.resolve();
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
             Device::Cuda => {

@@ -4,6 +4,7 @@ mod bench;
 mod doctor;
 mod engine_args;
 mod generate;
+mod hub;
 mod kernels;
 mod serve;
 

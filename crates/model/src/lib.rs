@@ -1,5 +1,5 @@
 //! Llama-family models for radix-sparse: Hugging Face configs and safetensors weights,
-//! tokenizers and chat templates, synthetic models, sampling, the forward pass written once
+//! GGUF files, tokenizers and chat templates, synthetic models, sampling, the forward pass written once
 //! over the `Backend` ops, and the CPU backend.
 
 pub mod backend;
@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod gguf;
 pub mod loader;
 pub mod model;
 pub mod sampling;

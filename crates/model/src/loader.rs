@@ -1,4 +1,4 @@
-//! Resolving a model argument (`synthetic:NAME` or a Hugging Face folder) into its
+//! Resolving a model argument (`synthetic:NAME`, a Hugging Face folder or a GGUF file) into its
 //! config, tokenizer, chat template and weight source, then loading it onto a backend
 //! with a progress bar.
 
@@ -8,6 +8,7 @@ use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
 use crate::model::LlamaModel;
 use crate::synthetic::{self, SyntheticWeights};
 use crate::tokenizer::Tokenizer;
@@ -24,7 +25,7 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// `synthetic:NAME` or a path to a Hugging Face model folder.
+    /// `synthetic:NAME`, a Hugging Face model folder or a `.gguf` file.
     pub fn open(spec: &str) -> Result<Self> {
         if let Some(name) = spec.strip_prefix("synthetic:") {
             return Ok(Self {
@@ -35,26 +36,38 @@ impl ModelSource {
                 weights: Box::new(SyntheticWeights),
             });
         }
-        let dir = PathBuf::from(spec);
-        if !dir.is_dir() {
+        let path = PathBuf::from(spec);
+        if path.is_file() {
+            return Self::open_gguf(&path);
+        }
+        if !path.is_dir() {
             return Err(ModelError::bad_file(
-                &dir,
-                "is not a folder (expected a Hugging Face model folder or synthetic:NAME)",
+                &path,
+                "is neither a folder nor a file (expected a Hugging Face model folder, a \
+                 .gguf file or synthetic:NAME)",
             ));
         }
-        Self::open_dir(&dir)
+        Self::open_dir(&path)
+    }
+
+    /// A GGUF file: config, tokenizer and chat template from its metadata.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        let (tokenizer, chat_template) = file.tokenizer()?;
+        check_vocab(&tokenizer, &config)?;
+        let name = path
+            .file_stem()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let weights = Box::new(file.into_weights(&config));
+        Ok(Self { name, config, tokenizer, chat_template, weights })
     }
 
     fn open_dir(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
-        if tokenizer.vocab_size() > config.vocab_size {
-            return Err(ModelError::Config(format!(
-                "the tokenizer has {} tokens but the model only {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            )));
-        }
+        check_vocab(&tokenizer, &config)?;
         let chat_template = ChatTemplate::from_dir(dir)?.unwrap_or_else(ChatTemplate::plain);
         let weights = Box::new(SafetensorsSource::open(dir)?);
         let name = dir
@@ -91,6 +104,18 @@ impl ModelSource {
     }
 }
 
+/// A tokenizer may not make ids past the model's embedding table.
+fn check_vocab(tokenizer: &Tokenizer, config: &ModelConfig) -> Result<()> {
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(ModelError::Config(format!(
+            "the tokenizer has {} tokens but the model only {}",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +123,7 @@ mod tests {
     #[test]
     fn missing_and_malformed_folders_name_the_problem() {
         let err = ModelSource::open("/nonexistent/model").err().unwrap().to_string();
-        assert!(err.contains("not a folder"), "{err}");
+        assert!(err.contains("neither a folder nor a file"), "{err}");
         let dir = std::env::temp_dir().join(format!("rs-model-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let err = ModelSource::open(dir.to_str().unwrap()).err().unwrap().to_string();

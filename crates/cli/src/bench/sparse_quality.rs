@@ -15,14 +15,15 @@ use radix_kernels::kv_append::key_bounds_reference;
 use radix_kernels::relative_error;
 use radix_kv::{SparseBudget, SparsePolicy};
 use radix_model::cpu::select_pages;
-use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelSource, Step};
+use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, Step};
 use serde::Serialize;
 
 use super::progress;
 
 #[derive(Args)]
 pub struct SparseQualityArgs {
-    /// A Hugging Face model folder, or synthetic:NAME.
+    /// A Hugging Face model folder, a .gguf file, a Hub model (ORG/NAME...), or
+    /// synthetic:NAME.
     #[arg(long)]
     model: String,
     /// The prompt: a text file, tokenized whole (with the tokenizer's special tokens).
@@ -154,7 +155,7 @@ fn measure(a: &SparseQualityArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(a.page_size > 0 && a.chunk > 0, "--page-size and --chunk must be positive");
     anyhow::ensure!(!a.budgets.is_empty(), "--budgets lists no budget");
     let policy = a.policy();
-    let source = ModelSource::open(&a.model)?;
+    let source = crate::engine_args::open_model(&a.model)?;
     let cfg = source.config.clone();
     anyhow::ensure!(
         policy.dense_layers < cfg.num_layers,

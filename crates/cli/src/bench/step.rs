@@ -6,8 +6,7 @@
 
 use clap::Args;
 use radix_model::{
-    Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelSource, SampleRequest, SamplingParams, Step,
-    TokenCounts,
+    Backend, CudaBackend, KvPoolSpec, LlamaModel, SampleRequest, SamplingParams, Step, TokenCounts,
 };
 
 use super::decode::copy_bandwidth;
@@ -32,7 +31,7 @@ pub struct StepArgs {
 }
 
 pub fn run(a: StepArgs) -> anyhow::Result<()> {
-    let source = ModelSource::open(&a.model)?;
+    let source = crate::engine_args::open_model(&a.model)?;
     let cfg = source.config.clone();
     let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
     let ps = a.page_size;

@@ -1,5 +1,6 @@
-//! Attention over the paged KV pool on the CPU: one task per (sequence, query head),
-//! causal mask aligned bottom-right (queries are the last tokens of their sequence).
+//! Attention over the paged KV pool on the CPU: one task per (sequence, kv head, block of
+//! query tokens), two GEMMs each, causal mask aligned bottom-right (queries are the last
+//! tokens of their sequence).
 //!
 //! Sparse paging (Quest): a decode query may attend to a subset of its sequence's pages,
 //! chosen per kv head by `sparse_heads` from the key bounds of each page as the GPU stores
@@ -11,7 +12,6 @@ use radix_kernels::sparse::{page_score_reference, select_reference};
 use radix_kv::SparsePolicy;
 use rayon::prelude::*;
 
-use super::linear::dot;
 use crate::error::{ModelError, Result};
 
 pub struct Geometry {
@@ -95,8 +95,17 @@ pub fn sparse_heads(
         .collect())
 }
 
+/// Scores held at once per task (`[query rows, keys]` f32): bounds the query block.
+const MAX_SCORES: usize = 1 << 22;
+/// Query tokens per task at most.
+const MAX_QUERY_BLOCK: usize = 64;
+
 /// Attention of the step's queries; `heads` (from `sparse_heads`) narrows a decode
 /// query to the chosen pages of its kv head (the last page keeps `kv_last_page_len`).
+///
+/// A task is one (sequence, kv head, block of query tokens): it gathers the keys and
+/// values it attends to into contiguous matrices, then computes S = Q·Kᵀ and O = P·V
+/// with two GEMMs, the query rows being the block's tokens × the kv head's query heads.
 pub fn paged_attention(
     g: &Geometry,
     t: Table,
@@ -115,12 +124,18 @@ pub fn paged_attention(
     }
     let (hq, hkv, d, ps) = (g.num_heads, g.num_kv_heads, g.head_dim, g.page_size);
     let group = hq / hkv;
-    let scale = 1.0 / (d as f32).sqrt();
-    let results: Vec<(usize, usize, Vec<f32>)> = (0..batch * hq)
+    let mut tasks = Vec::new();
+    for b in 0..batch {
+        let q_len = (t.qo_indptr[b + 1] - t.qo_indptr[b]).max(0) as usize;
+        let pages = (t.kv_indptr[b + 1] - t.kv_indptr[b]).max(0) as usize;
+        let block = (MAX_SCORES / (group * pages * ps).max(1)).clamp(1, MAX_QUERY_BLOCK);
+        for kvh in 0..hkv {
+            tasks.extend((0..q_len).step_by(block).map(|i0| (b, kvh, i0, (i0 + block).min(q_len))));
+        }
+    }
+    let results: Vec<((usize, usize, usize), Vec<f32>)> = tasks
         .into_par_iter()
-        .map(|job| {
-            let (b, h) = (job / hq, job % hq);
-            let kvh = h / group;
+        .map(|(b, kvh, i0, i1)| {
             let q0 = t.qo_indptr[b] as usize;
             let q_len = t.qo_indptr[b + 1] as usize - q0;
             let pages = &t.kv_indices[t.kv_indptr[b] as usize..t.kv_indptr[b + 1] as usize];
@@ -129,49 +144,105 @@ pub fn paged_attention(
                 Some(sel) => sel.clone(),
                 None => (0..n).collect(),
             };
-            // Offsets of the keys (and values) attended to, in sequence order.
-            let keys: Vec<usize> = chosen
-                .iter()
-                .flat_map(|&p| {
-                    let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
-                    let base = (pages[p] as usize * hkv + kvh) * ps;
-                    (0..filled).map(move |o| (base + o) * d)
-                })
-                .collect();
-            let kv_len = keys.len();
-            let mut rows = vec![0.0f32; q_len * d];
-            let mut scores = vec![0.0f32; kv_len];
-            for i in 0..q_len {
-                let qrow = &q[((q0 + i) * hq + h) * d..][..d];
-                let visible = (kv_len + i + 1).saturating_sub(q_len).min(kv_len);
-                let mut max = f32::NEG_INFINITY;
-                for (s, &at) in scores.iter_mut().zip(&keys).take(visible) {
-                    *s = dot(qrow, &k[at..at + d]) * scale;
-                    max = max.max(*s);
+            // This kv head's keys and values of the chosen pages, in sequence order.
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            for &p in &chosen {
+                let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
+                let at = (pages[p] as usize * hkv + kvh) * ps * d;
+                keys.extend_from_slice(&k[at..at + filled * d]);
+                values.extend_from_slice(&v[at..at + filled * d]);
+            }
+            let kv_len = keys.len() / d;
+            // Query row (i, h) is token i0 + i, query head h of this kv head's group.
+            let rows = (i1 - i0) * group;
+            let mut qb = Vec::with_capacity(rows * d);
+            for i in i0..i1 {
+                let at = ((q0 + i) * hq + kvh * group) * d;
+                qb.extend_from_slice(&q[at..at + group * d]);
+            }
+            // Keys token i sees (causal, aligned bottom-right): the block's last sees most.
+            let visible = |i: usize| (kv_len + i + 1).saturating_sub(q_len).min(kv_len);
+            let width = visible(i1 - 1);
+            let mut scores = vec![0.0f32; rows * width];
+            let scale = 1.0 / (d as f32).sqrt();
+            matmul(&qb, rows, d, (&keys, 1, d), width, scale, &mut scores);
+            let mut sums = vec![0.0f32; rows];
+            for (r, (row, sum)) in scores.chunks_exact_mut(width.max(1)).zip(&mut sums).enumerate()
+            {
+                let seen = visible(i0 + r / group);
+                let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                for s in &mut row[..seen] {
+                    *s = (*s - max).exp();
+                    *sum += *s;
                 }
-                let mut sum = 0.0f32;
-                let orow = &mut rows[i * d..(i + 1) * d];
-                for (s, &at) in scores.iter().zip(&keys).take(visible) {
-                    let p = (s - max).exp();
-                    sum += p;
-                    for (o, x) in orow.iter_mut().zip(&v[at..at + d]) {
-                        *o += p * x;
-                    }
-                }
+                row[seen..].fill(0.0);
+            }
+            let mut o = vec![0.0f32; rows * d];
+            matmul(&scores, rows, width, (&values, d, 1), d, 1.0, &mut o);
+            for (row, &sum) in o.chunks_exact_mut(d).zip(&sums) {
                 if sum > 0.0 {
-                    orow.iter_mut().for_each(|o| *o /= sum);
+                    row.iter_mut().for_each(|x| *x /= sum);
                 }
             }
-            (b, h, rows)
+            ((b, kvh, i0), o)
         })
         .collect();
-    for (b, h, rows) in results {
+    for ((b, kvh, i0), o) in results {
         let q0 = t.qo_indptr[b] as usize;
-        for (i, row) in rows.chunks(d).enumerate() {
-            out[((q0 + i) * hq + h) * d..][..d].copy_from_slice(row);
+        for (i, token) in o.chunks_exact(group * d).enumerate() {
+            out[((q0 + i0 + i) * hq + kvh * group) * d..][..group * d].copy_from_slice(token);
         }
     }
     Ok(())
+}
+
+/// `out[m, n] = scale · a[m, kk] · B` (row-major `a` and `out`), where `B`'s element
+/// (r, c) is `b.0[r · b.1 + c · b.2]` (strides, so Kᵀ is read in place).
+fn matmul(
+    a: &[f32],
+    m: usize,
+    kk: usize,
+    b: (&[f32], usize, usize),
+    n: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (b, b_rs, b_cs) = b;
+    debug_assert!(a.len() >= m * kk && out.len() == m * n);
+    debug_assert!(m == 0 || n == 0 || kk == 0 || b.len() > (kk - 1) * b_rs + (n - 1) * b_cs);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if kk == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: `a` holds m × kk (row stride kk), `b` holds kk × n elements at the given
+    // strides (checked above in debug builds; the callers size them so), `out` m × n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            kk,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            kk as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 #[cfg(test)]
