@@ -327,12 +327,22 @@ async fn shutdown_drains_refuses_new_requests_and_ends_with_the_streams() {
     )
     .await;
     let c = reqwest::Client::new();
-    let body = json!({"prompt": "drain", "max_tokens": 60, "ignore_eos": true, "stream": true});
+    // Long enough to outlast the checks below on any machine (synthetic:tiny decodes
+    // two streams at thousands of tokens a second here), and each stream has sent its
+    // first chunk before the signal, so both are running when draining starts.
+    let body = json!({"prompt": "drain", "max_tokens": 1000, "ignore_eos": true, "stream": true});
     let mut readers = Vec::new();
     for _ in 0..2 {
-        let resp = c.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+        let mut resp = c.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        readers.push(tokio::spawn(async move { resp.text().await.unwrap() }));
+        let first = resp.chunk().await.unwrap().expect("a first chunk");
+        readers.push(tokio::spawn(async move {
+            let mut bytes = first.to_vec();
+            while let Some(chunk) = resp.chunk().await.unwrap() {
+                bytes.extend_from_slice(&chunk);
+            }
+            String::from_utf8(bytes).unwrap()
+        }));
     }
     // A half-sent head must not hold the exit up.
     let half = connect(&s).await;
