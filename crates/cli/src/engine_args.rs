@@ -290,6 +290,7 @@ impl SamplingArgs {
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             seed: self.seed,
+            logit_bias: Vec::new(),
         };
         params.validate().map_err(|e| anyhow::anyhow!("sampling flags: {e}"))?;
         Ok(params)

@@ -355,10 +355,8 @@ impl Engine {
             .map(|s| &self.running[s.index])
             .filter(|seq| seq.computed + seq.step_len == seq.tokens.len())
             .map(|seq| SampleRequest {
-                params: &seq.sampling,
-                counts: &seq.counts,
-                seed: seq.seed,
-                index: seq.num_output() as u64,
+                top_logprobs: if seq.logprobs { seq.top_logprobs } else { 0 },
+                ..SampleRequest::new(&seq.sampling, &seq.counts, seq.seed, seq.num_output() as u64)
             })
             .collect();
         self.runner.sample(&requests).map_err(|e| e.to_string())
@@ -378,7 +376,7 @@ impl Engine {
             if prefilling {
                 self.kv.cache_computed(&mut seq.kv, &seq.tokens, seq.computed);
             }
-            let sampled = sampled[row];
+            let sampled = &sampled[row];
             row += 1;
             let token = sampled.token;
             seq.tokens.push(token);
@@ -392,6 +390,9 @@ impl Engine {
             let logprobs = if seq.logprobs { vec![sampled.logprob] } else { Vec::new() };
             // Text and stop strings are the receiver's (`OutputStream`): only ids go out.
             let mut out = seq.output(String::new(), vec![token], logprobs);
+            if seq.logprobs && seq.top_logprobs > 0 {
+                out.top_logprobs.push(sampled.top.clone());
+            }
             if stop_token {
                 out.finish = Some(FinishReason::Stop);
             } else if length {

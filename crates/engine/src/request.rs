@@ -46,6 +46,8 @@ pub struct Request {
     pub stop: StopConfig,
     /// Report the log-probability of each sampled token.
     pub logprobs: bool,
+    /// And this many most likely alternatives at each position (0..=20).
+    pub top_logprobs: usize,
     /// Sparse paging budget for this request's decode steps (the engine's default when
     /// `None`); needs an engine started with sparse paging.
     pub sparse_budget: Option<SparseBudget>,
@@ -65,6 +67,7 @@ impl Request {
             sampling,
             stop,
             logprobs: false,
+            top_logprobs: 0,
             sparse_budget: None,
             priority: 0,
             group: None,
@@ -106,6 +109,9 @@ pub struct Output {
     pub token_ids: Vec<u32>,
     /// Log-probabilities of `token_ids`, when asked for.
     pub logprobs: Vec<f32>,
+    /// For each of `token_ids`, the most likely alternatives `(token, logprob)`, when
+    /// `top_logprobs` was asked for (else empty).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish: Option<FinishReason>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,

@@ -17,6 +17,7 @@ pub(crate) struct Sequence {
     /// dropped (they are matched outside the engine).
     pub stop: StopConfig,
     pub logprobs: bool,
+    pub top_logprobs: usize,
     /// Tokens whose KV is in its pages (the rest still has to be computed).
     pub computed: usize,
     /// Its KV pages (may run ahead of `computed`), changed only by the `KvManager`.
@@ -56,6 +57,7 @@ impl Sequence {
             sampling: req.sampling,
             stop,
             logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
             computed: 0,
             kv: SeqPages::default(),
             cached_tokens: 0,
@@ -91,6 +93,7 @@ impl Sequence {
             text,
             token_ids,
             logprobs,
+            top_logprobs: Vec::new(),
             finish: None,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_output(),

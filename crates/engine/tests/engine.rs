@@ -491,3 +491,77 @@ fn sparse_policies_without_a_window_are_refused() {
         Ok(_) => panic!("a policy without window pages was accepted"),
     }
 }
+
+/// The logits after `tokens` (one prefill of the whole sequence on a fresh model).
+fn last_logits(tokens: &[u32]) -> Vec<f32> {
+    use radix_model::Backend as _;
+    let source = ModelSource::open("synthetic:tiny").unwrap();
+    let cfg = source.config.clone();
+    let mut model = source.load(CpuBackend::new()).unwrap();
+    let page = 16;
+    let pages = tokens.len().div_ceil(page);
+    let spec = radix_model::KvPoolSpec { num_pages: pages, page_size: page, sparse: None };
+    model.backend.init_kv(&cfg, &spec).unwrap();
+    let positions: Vec<i32> = (0..tokens.len() as i32).collect();
+    let step = radix_model::Step {
+        tokens: tokens.to_vec(),
+        slots: positions.clone(),
+        positions,
+        qo_indptr: vec![0, tokens.len() as i32],
+        kv_indptr: vec![0, pages as i32],
+        kv_indices: (0..pages as i32).collect(),
+        kv_last_page_len: vec![(tokens.len() - (pages - 1) * page) as i32],
+        logit_rows: vec![tokens.len() as u32 - 1],
+        kv_keep: vec![],
+    };
+    model.forward_logits(&step).unwrap()
+}
+
+#[test]
+fn top_logprobs_are_the_softmax_of_the_logits_and_logit_bias_steers() {
+    let mut e = engine(EngineConfig::default());
+    let prompt: Vec<u32> = vec![1, 72, 101, 108, 108, 111, 33, 17, 250];
+    let mut req = greedy(&prompt, 4);
+    req.sampling = SamplingParams { temperature: 0.9, seed: Some(4), ..Default::default() };
+    req.logprobs = true;
+    req.top_logprobs = 20;
+    let outs = run(&mut e, vec![req]).remove(0);
+    let sampled = tokens(&outs);
+    let tops: Vec<Vec<(u32, f32)>> = outs.iter().flat_map(|o| o.top_logprobs.clone()).collect();
+    let lps: Vec<f32> = outs.iter().flat_map(|o| o.logprobs.clone()).collect();
+    assert_eq!((tops.len(), lps.len(), sampled.len()), (4, 4, 4));
+    let mut seq = prompt.clone();
+    for (j, top) in tops.iter().enumerate() {
+        let logits = last_logits(&seq);
+        let m = logits.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);
+        let lz = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        assert_eq!(top.len(), 20);
+        for (k, &(t, lp)) in top.iter().enumerate() {
+            assert_eq!(t as usize, order[k], "position {j}, rank {k}");
+            let exact = logits[t as usize] as f64 - lz;
+            assert!((lp as f64 - exact).abs() < 1e-4, "position {j}: {lp} vs {exact}");
+        }
+        let exact = logits[sampled[j] as usize] as f64 - lz;
+        assert!((lps[j] as f64 - exact).abs() < 1e-4, "sampled logprob at {j}");
+        seq.push(sampled[j]);
+    }
+    // A +100 bias makes a token certain, a -100 one impossible; logprobs stay raw.
+    let forced = 77u32;
+    let mut req = greedy(&prompt, 6);
+    req.sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(1),
+        logit_bias: vec![(forced, 100.0)],
+        ..Default::default()
+    };
+    req.logprobs = true;
+    let outs = run(&mut e, vec![req]).remove(0);
+    assert!(tokens(&outs).iter().all(|&t| t == forced), "{:?}", tokens(&outs));
+    assert!(outs.iter().flat_map(|o| o.logprobs.clone()).all(|l| l < -1e-3), "raw logprobs");
+    let banned: Vec<(u32, f32)> = (0..320).filter(|&t| t != 66).map(|t| (t, -100.0)).collect();
+    let mut req = greedy(&prompt, 3);
+    req.sampling.logit_bias = banned;
+    assert_eq!(tokens(&run(&mut e, vec![req]).remove(0)), vec![66; 3]);
+}

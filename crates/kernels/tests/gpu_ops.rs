@@ -86,21 +86,142 @@ fn norms_silu_embed_and_gather_match_references() {
 }
 
 fn sample(jit: &Jit, logits: &[f32], vocab: usize, rows: &[SampleRow]) -> (Vec<i32>, Vec<f32>) {
+    let out = sample_with(jit, logits, vocab, rows, &[], &[], 0);
+    (out.0, out.1)
+}
+
+/// Samples with extras: `bias` (token, value) lists and `masks` (one per masked row, in
+/// row order), `top` alternatives per row. Returns tokens, logprobs, the alternatives
+/// and the logits as the kernel left them.
+#[allow(clippy::type_complexity)]
+fn sample_with(
+    jit: &Jit,
+    logits: &[f32],
+    vocab: usize,
+    rows: &[SampleRow],
+    bias: &[(u32, f32)],
+    masks: &[Vec<u32>],
+    top: usize,
+) -> (Vec<i32>, Vec<f32>, Vec<Vec<(u32, f32)>>, Vec<f32>) {
     let dev = require_gpu();
     let words: Vec<u32> = rows.iter().flat_map(|r| r.words()).collect();
+    let mask_words = vocab.div_ceil(32);
+    let mut inputs: Vec<u32> = bias.iter().map(|b| b.0).collect();
+    inputs.extend(bias.iter().map(|b| b.1.to_bits()));
+    for m in masks {
+        assert_eq!(m.len(), mask_words);
+        inputs.extend_from_slice(m);
+    }
+    inputs.push(0); // never empty
+    let inputs = dev.upload(&inputs).unwrap();
     let mut tokens = dev.alloc::<i32>(rows.len()).unwrap();
     let mut logprobs = dev.alloc::<f32>(rows.len()).unwrap();
+    let mut top_t = dev.alloc::<i32>(rows.len() * top.max(1)).unwrap();
+    let mut top_l = dev.alloc::<f32>(rows.len() * top.max(1)).unwrap();
+    let mut l = dev.upload(logits).unwrap();
+    let extras = ops::SamplerExtras {
+        inputs: Some(&inputs),
+        bias_len: bias.len(),
+        mask_rows: masks.len(),
+        mask_words,
+        top: (top > 0).then_some((&mut top_t, &mut top_l)),
+        top_stride: top,
+    };
     ops::sample_rows(
         jit,
-        &dev.upload(logits).unwrap(),
+        &mut l,
         &dev.upload(&words).unwrap(),
-        rows.len(),
+        rows,
         vocab,
+        extras,
         &mut tokens,
         &mut logprobs,
     )
     .unwrap();
-    (tokens.to_vec().unwrap(), logprobs.to_vec().unwrap())
+    let (tt, tl) = (top_t.to_vec().unwrap(), top_l.to_vec().unwrap());
+    let tops = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (0..r.top_n as usize).map(|j| (tt[i * top + j] as u32, tl[i * top + j])).collect()
+        })
+        .collect();
+    (tokens.to_vec().unwrap(), logprobs.to_vec().unwrap(), tops, l.to_vec().unwrap())
+}
+
+/// f64 log-softmax of one row.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);
+    let lz = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    row.iter().map(|&x| x as f64 - lz).collect()
+}
+
+#[test]
+fn sampler_alternatives_bias_and_masks_match_the_host() {
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(11);
+    // Off the warp and word sizes, with a tie.
+    let vocab = 49_157;
+    let rows = 5;
+    let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.random_range(-6.0f32..6.0)).collect();
+    logits[3] = logits[40_000]; // a tie in row 0
+    logits[vocab + 18] = 30.0; // bias +100 still wins
+    let raw = logits.clone();
+    // Row 0: greedy, 20 alternatives. Row 1: sampled, 7 alternatives, biased. Row 2:
+    // greedy, masked to 3 tokens, biased. Row 3: sampled, masked to 100 tokens. Row 4:
+    // plain greedy (nothing extra).
+    let bias = vec![(5u32, 100.0f32), (9, -3.0), (700, 50.0), (12, 2.5)];
+    let allowed2 = [11usize, 700, 49_156];
+    let allowed3: Vec<usize> = (0..100).map(|i| i * 401 + 3).collect();
+    let mask_of = |allowed: &[usize]| {
+        let mut m = vec![0u32; vocab.div_ceil(32)];
+        for &t in allowed {
+            m[t / 32] |= 1 << (t % 32);
+        }
+        m
+    };
+    let greedy = SampleRow::default();
+    let hot = SampleRow { temperature: 1.0, seed: 3, ..Default::default() };
+    let spec = [
+        SampleRow { top_n: 20, ..greedy },
+        SampleRow { top_n: 7, bias_start: 0, bias_count: 2, ..hot },
+        SampleRow { bias_start: 2, bias_count: 2, mask_row: 0, ..greedy },
+        SampleRow { mask_row: 1, index: 4, ..hot },
+        greedy,
+    ];
+    let (tok, lp, tops, edited) = sample_with(
+        &jit,
+        &logits,
+        vocab,
+        &spec,
+        &bias,
+        &[mask_of(&allowed2), mask_of(&allowed3)],
+        20,
+    );
+    for r in 0..rows {
+        let row = &raw[r * vocab..(r + 1) * vocab];
+        let ls = log_softmax(row);
+        let t = tok[r] as usize;
+        // Every log-probability is of the raw row, whatever edits the row had.
+        let tol = 1e-4 * ls[t].abs().max(1.0);
+        assert!((lp[r] as f64 - ls[t]).abs() < tol, "row {r}: {} vs {}", lp[r], ls[t]);
+        // Alternatives: the host's order (logit desc, id asc).
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        assert_eq!(tops[r].len(), spec[r].top_n as usize);
+        for (j, &(at, al)) in tops[r].iter().enumerate() {
+            assert_eq!(at as usize, order[j], "row {r} alternative {j}");
+            assert!((al as f64 - ls[order[j]]).abs() < 1e-4, "row {r} alternative {j}");
+        }
+    }
+    assert_eq!(tok[1], 5, "bias +100 wins");
+    assert_eq!(tok[2], 700, "bias +50 among the allowed");
+    assert!(allowed3.contains(&(tok[3] as usize)), "row 3 sampled a disallowed {}", tok[3]);
+    assert_eq!(tok[4] as usize, radix_kernels_argmax(&raw[4 * vocab..]));
+    // Rows without bias or mask are left as they were; masked rows hold -inf outside.
+    assert!(edited[..vocab].iter().zip(&raw[..vocab]).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(edited[2 * vocab + 12].is_infinite() && edited[2 * vocab + 12] < 0.0);
+    assert_eq!(edited[2 * vocab + 700], raw[2 * vocab + 700] + 50.0);
 }
 
 #[test]

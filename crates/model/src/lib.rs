@@ -25,5 +25,5 @@ pub use cuda::CudaBackend;
 pub use error::{ModelError, Result};
 pub use loader::ModelSource;
 pub use model::LlamaModel;
-pub use sampling::{SampleRequest, Sampled, SamplingParams, TokenCounts};
+pub use sampling::{MAX_TOP_LOGPROBS, SampleRequest, Sampled, SamplingParams, TokenCounts};
 pub use tokenizer::Tokenizer;

@@ -189,12 +189,7 @@ impl<B: Backend> LlamaModel<B> {
                 self.forward(step)?;
             }
             let requests: Vec<SampleRequest> = (0..step.logit_rows.len())
-                .map(|i| SampleRequest {
-                    params: &params,
-                    counts: &counts,
-                    seed: 0,
-                    index: i as u64,
-                })
+                .map(|i| SampleRequest::new(&params, &counts, 0, i as u64))
                 .collect();
             self.sample(&requests)?;
         }

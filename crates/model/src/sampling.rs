@@ -1,5 +1,6 @@
-//! Sampling from logits: greedy, temperature, top-k, top-p, min-p, and repetition /
-//! frequency / presence penalties, with vLLM's semantics.
+//! Sampling from logits: greedy, temperature, top-k, top-p, min-p, logit bias, and
+//! repetition / frequency / presence penalties, with vLLM's semantics; the sampled
+//! token's log-probability and the most likely alternatives (`top_logprobs`).
 
 /// Per-request sampling parameters (OpenAI / vLLM names and defaults).
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +20,9 @@ pub struct SamplingParams {
     /// Subtracted once if the token occurred in the output (0 = off).
     pub presence_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to the logits of these tokens before penalties and sampling (OpenAI's
+    /// `logit_bias`): sorted by token, each token once, values in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -32,6 +36,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -74,6 +79,12 @@ impl SamplingParams {
         {
             return Err("frequency_penalty and presence_penalty must be in [-2, 2]".into());
         }
+        if let Some(&(t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(format!("logit_bias values must be in [-100, 100], got {b} for {t}"));
+        }
+        if self.logit_bias.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("logit_bias must be sorted by token, each token once".into());
+        }
         Ok(())
     }
 
@@ -103,11 +114,17 @@ impl TokenCounts {
     }
 }
 
-/// The sampled token and its log-probability under the unmodified logits.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Most alternatives one row may ask for (OpenAI's bound on `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The sampled token and its log-probability under the unmodified logits, with the
+/// most likely tokens of that distribution when asked for.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
     pub logprob: f32,
+    /// `(token, logprob)`, most likely first (lowest id on ties); `top_logprobs` long.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What a backend needs to sample one logits row.
@@ -120,9 +137,25 @@ pub struct SampleRequest<'a> {
     /// Which output token this is (0 for the first): with `seed`, it fixes the random
     /// numbers, so a seeded request samples the same tokens however it is batched.
     pub index: u64,
+    /// Alternatives to report (0..=`MAX_TOP_LOGPROBS`).
+    pub top_logprobs: usize,
+    /// Structured output: the tokens the row may sample, a bitmask (bit `t % 32` of word
+    /// `t / 32` set: token t allowed; words cover the vocabulary). `None`: all of them.
+    pub allowed: Option<&'a [u32]>,
 }
 
-impl SampleRequest<'_> {
+impl<'a> SampleRequest<'a> {
+    /// A request with no alternatives asked for.
+    pub fn new(params: &'a SamplingParams, counts: &'a TokenCounts, seed: u64, index: u64) -> Self {
+        Self { params, counts, seed, index, top_logprobs: 0, allowed: None }
+    }
+
+    /// Whether the row needs the host sampler (a backend that samples on its own
+    /// device sends only these rows' logits back): penalties need the token counts.
+    pub fn needs_host(&self) -> bool {
+        self.params.has_penalties()
+    }
+
     /// The uniform in [0, 1) for this draw (`salt` tells several draws apart).
     pub fn uniform(&self, salt: u64) -> f32 {
         uniform(self.seed, self.index, salt)
@@ -145,9 +178,18 @@ pub fn uniform(seed: u64, index: u64, salt: u64) -> f32 {
 pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
     let params = req.params;
     let log_z = log_sum_exp(logits);
-    // Greedy without penalties leaves the logits as they are; otherwise keep a copy.
-    let untouched = params.is_greedy() && !params.has_penalties();
+    let top = top_logprobs(logits, req.top_logprobs, log_z);
+    // Greedy without penalties or bias leaves the logits as they are; otherwise keep a
+    // copy for the log-probability.
+    let untouched = params.is_greedy()
+        && !params.has_penalties()
+        && params.logit_bias.is_empty()
+        && req.allowed.is_none();
     let raw = (!untouched).then(|| logits.to_vec());
+    if let Some(mask) = req.allowed {
+        apply_mask(logits, mask);
+    }
+    apply_logit_bias(logits, &params.logit_bias);
     apply_penalties(logits, params, req.counts);
     let token = if params.is_greedy() {
         argmax(logits)
@@ -155,7 +197,46 @@ pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
         sample_filtered(logits, params, req.uniform(0))
     };
     let raw_logit = raw.as_ref().map_or(logits[token as usize], |r| r[token as usize]);
-    Sampled { token, logprob: raw_logit - log_z }
+    Sampled { token, logprob: raw_logit - log_z, top }
+}
+
+/// The `n` most likely tokens with their log-probabilities (`log_z`: the row's
+/// log-sum-exp), highest first, lowest id on ties; NaN logits rank last.
+pub fn top_logprobs(logits: &[f32], n: usize, log_z: f32) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let key = |t: u32| {
+        let l = logits[t as usize];
+        if l.is_nan() { f32::NEG_INFINITY } else { l }
+    };
+    let by_rank = |a: &u32, b: &u32| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, by_rank);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(by_rank);
+    ids.into_iter().map(|t| (t, logits[t as usize] - log_z)).collect()
+}
+
+/// Disallowed tokens get -inf (a token past the mask's words is disallowed).
+fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        let allowed = mask.get(t / 32).is_some_and(|w| (w >> (t % 32)) & 1 == 1);
+        if !allowed {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(t, b) in bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
 }
 
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, counts: &TokenCounts) {
@@ -246,7 +327,7 @@ mod tests {
         seed: u64,
         index: u64,
     ) -> SampleRequest<'a> {
-        SampleRequest { params, counts, seed, index }
+        SampleRequest::new(params, counts, seed, index)
     }
 
     #[test]
@@ -316,5 +397,59 @@ mod tests {
         assert_eq!(l, vec![2.0, -2.0 - 1.0 - 0.25, 3.0]);
         assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
         assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn top_logprobs_are_the_raw_softmax_highest_first() {
+        let logits: Vec<f32> =
+            (0..300).map(|i| ((i * 37 % 101) as f32 * 0.13).sin() * 4.0).collect();
+        let mut with_tie = logits.clone();
+        with_tie[7] = with_tie[250];
+        let z: f64 = with_tie.iter().map(|&l| (l as f64).exp()).sum::<f64>();
+        let (c, p) =
+            (TokenCounts::default(), SamplingParams { temperature: 0.7, ..Default::default() });
+        let mut r = req(&p, &c, 5, 0);
+        r.top_logprobs = MAX_TOP_LOGPROBS;
+        let s = sample(&mut with_tie.clone(), &r);
+        assert_eq!(s.top.len(), MAX_TOP_LOGPROBS);
+        let mut order: Vec<usize> = (0..with_tie.len()).collect();
+        order.sort_by(|&a, &b| with_tie[b].total_cmp(&with_tie[a]).then(a.cmp(&b)));
+        for (&(t, lp), &want) in s.top.iter().zip(&order) {
+            assert_eq!(t as usize, want);
+            let exact = with_tie[want] as f64 - z.ln();
+            assert!((lp as f64 - exact).abs() < 1e-5, "{lp} vs {exact}");
+        }
+        // The sampled token's own log-probability is of the same distribution.
+        let exact = with_tie[s.token as usize] as f64 - z.ln();
+        assert!((s.logprob as f64 - exact).abs() < 1e-5);
+        // More than the vocabulary: all of it; NaN ranks last.
+        let mut small = vec![1.0, f32::NAN, 2.0];
+        let mut r = req(&p, &c, 5, 0);
+        r.top_logprobs = 5;
+        let top: Vec<u32> = top_logprobs(&small, 5, 0.0).iter().map(|t| t.0).collect();
+        assert_eq!(top, vec![2, 0, 1]);
+        assert_eq!(sample(&mut small, &r).top.len(), 3);
+    }
+
+    #[test]
+    fn logit_bias_forces_and_bans_tokens_but_logprobs_stay_raw() {
+        let logits = vec![4.0, 2.0, 0.0, -2.0];
+        let c = TokenCounts::default();
+        let force = SamplingParams { logit_bias: vec![(3, 100.0)], ..SamplingParams::greedy() };
+        let s = sample(&mut logits.clone(), &req(&force, &c, 0, 0));
+        assert_eq!(s.token, 3);
+        let z = logits.iter().map(|l: &f32| l.exp()).sum::<f32>().ln();
+        assert!((s.logprob - (-2.0 - z)).abs() < 1e-5, "{}", s.logprob);
+        let ban =
+            SamplingParams { logit_bias: vec![(0, -100.0), (1, -100.0)], ..Default::default() };
+        for i in 0..200 {
+            let t = sample(&mut logits.clone(), &req(&ban, &c, 3, i)).token;
+            assert!(t == 2 || t == 3, "{t}");
+        }
+        let unsorted =
+            SamplingParams { logit_bias: vec![(2, 1.0), (1, 1.0)], ..Default::default() };
+        assert!(unsorted.validate().is_err());
+        let huge = SamplingParams { logit_bias: vec![(2, 101.0)], ..Default::default() };
+        assert!(huge.validate().unwrap_err().contains("[-100, 100]"));
     }
 }

@@ -28,13 +28,15 @@ impl Usage {
     }
 }
 
-/// Legacy completions log-probabilities (`logprobs: 0`: the sampled tokens only).
+/// Legacy completions log-probabilities.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
-    /// Alternatives are not computed; always null.
-    pub top_logprobs: Option<Vec<serde_json::Value>>,
+    /// With `logprobs: N > 0`, per token the N most likely tokens' texts and
+    /// log-probabilities, plus the sampled one (so up to N + 1, as OpenAI answers);
+    /// null with `logprobs: 0`.
+    pub top_logprobs: Option<Vec<serde_json::Map<String, serde_json::Value>>>,
     pub text_offset: Vec<usize>,
 }
 
@@ -95,8 +97,16 @@ pub struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
-    /// Alternatives are not computed; always empty.
-    pub top_logprobs: Vec<serde_json::Value>,
+    /// The `top_logprobs` most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// An alternative in chat log-probabilities.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]

@@ -5,21 +5,39 @@ use radix_model::Tokenizer;
 
 use crate::api::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs,
-    ChatMessageOut, ChatTokenLogprob, Usage, UsageField,
+    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, Usage, UsageField,
 };
 use crate::completions::token_texts;
 use crate::generation::{Collected, Meta};
 
 /// `bytes` are the token's own, not those of its text (U+FFFD for part of a character).
-fn logprobs(tokenizer: &Tokenizer, ids: &[u32], lps: &[f32]) -> ChatLogprobs {
+/// `tops` holds each token's alternatives (empty when none were asked for).
+fn logprobs(
+    tokenizer: &Tokenizer,
+    ids: &[u32],
+    lps: &[f32],
+    tops: &[Vec<(u32, f32)>],
+) -> ChatLogprobs {
     let content = token_texts(tokenizer, ids)
         .into_iter()
         .zip(ids.iter().zip(lps))
-        .map(|(token, (&id, &logprob))| ChatTokenLogprob {
+        .enumerate()
+        .map(|(i, (token, (&id, &logprob)))| ChatTokenLogprob {
             bytes: tokenizer.token_bytes(id),
             token,
             logprob,
-            top_logprobs: Vec::new(),
+            top_logprobs: tops
+                .get(i)
+                .map(|alts| {
+                    alts.iter()
+                        .map(|&(t, logprob)| ChatTopLogprob {
+                            token: tokenizer.decode(&[t], false).unwrap_or_default(),
+                            logprob,
+                            bytes: tokenizer.token_bytes(t),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     ChatLogprobs { content }
@@ -33,7 +51,8 @@ pub fn response(c: Collected, tokenizer: &Tokenizer) -> ChatCompletion {
         .enumerate()
         .map(|(index, ch)| ChatChoice {
             index,
-            logprobs: logprobs_on.then(|| logprobs(tokenizer, &ch.token_ids, &ch.logprobs)),
+            logprobs: logprobs_on
+                .then(|| logprobs(tokenizer, &ch.token_ids, &ch.logprobs, &ch.top_logprobs)),
             message: ChatMessageOut { role: "assistant", content: ch.text },
             finish_reason: ch.finish,
         })
@@ -101,7 +120,10 @@ pub fn chunks(
         ChatChunkChoice {
             index,
             delta,
-            logprobs: meta.shape.logprobs.then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs)),
+            logprobs: meta
+                .shape
+                .logprobs
+                .then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs, &o.top_logprobs)),
             finish_reason: o.finish.as_ref().map(|f| f.as_openai()),
         },
     ));

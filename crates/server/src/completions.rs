@@ -11,12 +11,13 @@ pub fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
     ids.iter().map(|&id| tokenizer.decode(&[id], false).unwrap_or_default()).collect()
 }
 
-/// Sampled-token log-probabilities; `offset` is the text offset of the first token and
-/// advances past these.
+/// Sampled-token log-probabilities, with each token's alternatives when `tops` has them;
+/// `offset` is the text offset of the first token and advances past these.
 fn logprobs(
     tokenizer: &Tokenizer,
     ids: &[u32],
     lps: &[f32],
+    tops: &[Vec<(u32, f32)>],
     offset: &mut usize,
 ) -> CompletionLogprobs {
     let tokens = token_texts(tokenizer, ids);
@@ -28,7 +29,22 @@ fn logprobs(
             at
         })
         .collect();
-    CompletionLogprobs { tokens, token_logprobs: lps.to_vec(), top_logprobs: None, text_offset }
+    let top_logprobs = (!tops.is_empty()).then(|| {
+        tops.iter()
+            .zip(ids.iter().zip(lps))
+            .map(|(alts, (&id, &lp))| {
+                // The sampled token is always there, as OpenAI answers (N + 1 at most).
+                let sampled = (!alts.iter().any(|a| a.0 == id)).then_some((id, lp));
+                let mut m = serde_json::Map::new();
+                for (t, lp) in alts.iter().copied().chain(sampled) {
+                    let text = tokenizer.decode(&[t], false).unwrap_or_default();
+                    m.entry(text).or_insert(serde_json::Value::from(lp));
+                }
+                m
+            })
+            .collect()
+    });
+    CompletionLogprobs { tokens, token_logprobs: lps.to_vec(), top_logprobs, text_offset }
 }
 
 pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
@@ -39,7 +55,9 @@ pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
         .enumerate()
         .map(|(index, ch)| CompletionChoice {
             index,
-            logprobs: logprobs_on.then(|| logprobs(tokenizer, &ch.token_ids, &ch.logprobs, &mut 0)),
+            logprobs: logprobs_on.then(|| {
+                logprobs(tokenizer, &ch.token_ids, &ch.logprobs, &ch.top_logprobs, &mut 0)
+            }),
             text: ch.text,
             finish_reason: ch.finish,
         })
@@ -72,10 +90,9 @@ pub fn chunk(
     if o.text.is_empty() && o.finish.is_none() && !reports_logprobs {
         return None;
     }
-    let logprobs = meta
-        .shape
-        .logprobs
-        .then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs, &mut state.text_offset));
+    let logprobs = meta.shape.logprobs.then(|| {
+        logprobs(tokenizer, &o.token_ids, &o.logprobs, &o.top_logprobs, &mut state.text_offset)
+    });
     Some(Completion {
         id: meta.id.clone(),
         object: "text_completion",

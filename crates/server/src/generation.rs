@@ -121,6 +121,7 @@ impl Generation {
                     text: String::new(),
                     token_ids: Vec::new(),
                     logprobs: Vec::new(),
+                    top_logprobs: Vec::new(),
                     finish: Some(FinishReason::Error("the engine stopped".into())),
                     prompt_tokens: 0,
                     completion_tokens: self.completion_tokens[index],
@@ -173,6 +174,7 @@ impl Generation {
             c.text.push_str(&o.text);
             c.token_ids.extend_from_slice(&o.token_ids);
             c.logprobs.extend_from_slice(&o.logprobs);
+            c.top_logprobs.extend(o.top_logprobs);
             match o.finish {
                 Some(FinishReason::Error(e)) => {
                     return Err(ApiError::Internal(format!("generation failed: {e}")));
@@ -216,6 +218,8 @@ pub struct ChoiceOutput {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<f32>,
+    /// Each token's alternatives, when `top_logprobs` was asked for.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish: Option<&'static str>,
 }
 

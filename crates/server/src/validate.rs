@@ -7,17 +7,18 @@
 //! token ids, list of token-id lists) or `messages`, `max_tokens` (chat also
 //! `max_completion_tokens`), `n`, `stop`, `temperature`, `top_p`, `seed`,
 //! `presence_penalty`, `frequency_penalty`, `stream`, `stream_options.include_usage`,
-//! `logprobs` (the sampled token's only), `top_k`, `min_p`, `repetition_penalty`,
+//! `logprobs` (completions: 0..=20 alternatives; chat: a boolean with `top_logprobs`
+//! 0..=20), `logit_bias`, `top_k`, `min_p`, `repetition_penalty`,
 //! `ignore_eos`, `stop_token_ids`, `priority` (lower runs first), chat's
 //! `add_generation_prompt`, and radix-sparse's
 //! `sparse_budget` (sparse paging: a fraction of pages in (0, 1] or a token count; the
 //! engine refuses it when sparse paging is off). Unknown fields are
 //! ignored (clients send extras); things asked for that we cannot honour (`echo`,
-//! `suffix`, `best_of` > n, `logit_bias`, top alternatives in log-probabilities, tools,
-//! non-text content, JSON response formats) are refused with 400.
+//! `suffix`, `best_of` > n, tools, non-text content, JSON response formats) are refused
+//! with 400.
 
 use radix_engine::{Request, RequestRules, RuleError, SparseBudget, StopConfig};
-use radix_model::{ChatMessage, ChatTemplate, SamplingParams, Tokenizer};
+use radix_model::{ChatMessage, ChatTemplate, MAX_TOP_LOGPROBS, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
 use self::fields::{Fields, type_name};
@@ -35,6 +36,9 @@ pub const MAX_PROMPTS: usize = 1024;
 pub const DEFAULT_MAX_SEQUENCES_PER_REQUEST: usize = 256;
 /// Stop strings at most.
 pub const MAX_STOP: usize = 16;
+/// `logit_bias` entries at most (OpenAI documents no bound; this one keeps the work of
+/// a request's bias small beside its logits row).
+pub const MAX_LOGIT_BIAS: usize = 1024;
 /// Completions' default `max_tokens` (OpenAI's).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
@@ -93,14 +97,13 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest
     let model = parse_model(&f, ctx)?;
     let prompts = parse_prompt(&f, ctx)?;
     refuse_unsupported_completion(&f)?;
+    // `logprobs: N`: the sampled token's and the N most likely ones' (vLLM's limit).
     let logprobs = match f.int("logprobs")? {
-        None => false,
-        Some(0) => true,
-        Some(n) if n < 0 => return Err(ApiError::invalid("logprobs must be >= 0", "logprobs")),
-        Some(_) => {
+        None => None,
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
+        Some(n) => {
             return Err(ApiError::invalid(
-                "only logprobs=0 is supported (the sampled token's log-probability; \
-                 alternatives are not computed)",
+                format!("logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {n}"),
                 "logprobs",
             ));
         }
@@ -127,18 +130,20 @@ pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
         .encode(&text, false)
         .map_err(|e| ApiError::invalid(format!("tokenizing the messages: {e}"), "messages"))?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
-    match f.int("top_logprobs")? {
-        None | Some(0) => {}
-        Some(n) if n < 0 => {
-            return Err(ApiError::invalid("top_logprobs must be >= 0", "top_logprobs"));
-        }
-        Some(_) => {
+    let top = match f.int("top_logprobs")? {
+        None => 0,
+        Some(n) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => n as usize,
+        Some(n) => {
             return Err(ApiError::invalid(
-                "top_logprobs > 0 is not supported (alternatives are not computed)",
+                format!("top_logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {n}"),
                 "top_logprobs",
             ));
         }
+    };
+    if top > 0 && !logprobs {
+        return Err(ApiError::invalid("top_logprobs needs logprobs: true", "top_logprobs"));
     }
+    let logprobs = logprobs.then_some(top);
     let max_tokens = match f.max_tokens("max_completion_tokens")? {
         Some(m) => Some((m, "max_completion_tokens")),
         None => f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens")),
@@ -175,7 +180,7 @@ fn build(
     model: String,
     prompts: Vec<Vec<u32>>,
     max_tokens: Option<(u64, &'static str)>,
-    logprobs: bool,
+    logprobs: Option<usize>,
 ) -> Result<ParsedRequest> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
@@ -237,7 +242,8 @@ fn build(
             )
         })?,
     };
-    let sampling = parse_sampling(f)?;
+    let mut sampling = parse_sampling(f)?;
+    sampling.logit_bias = parse_logit_bias(f, &ctx.rules)?;
     let stop = parse_stop(f, ctx)?;
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let sparse_budget = f
@@ -279,14 +285,23 @@ fn build(
                 ignore_eos,
             };
             let mut req = Request::new(prompt.clone(), sampling, stop);
-            req.logprobs = logprobs;
+            req.logprobs = logprobs.is_some();
+            req.top_logprobs = logprobs.unwrap_or(0);
             req.sparse_budget = sparse_budget;
             req.priority = priority;
             requests.push(req);
         }
     }
     Ok(ParsedRequest {
-        shape: ResponseShape { endpoint, model, stream, include_usage, logprobs, n, prompt_lens },
+        shape: ResponseShape {
+            endpoint,
+            model,
+            stream,
+            include_usage,
+            logprobs: logprobs.is_some(),
+            n,
+            prompt_lens,
+        },
         requests,
     })
 }
@@ -341,6 +356,7 @@ fn parse_sampling(f: &Fields) -> Result<SamplingParams> {
         frequency_penalty: frequency_penalty as f32,
         presence_penalty: presence_penalty as f32,
         seed,
+        logit_bias: Vec::new(),
     };
     // Ranges in f64 can still overflow f32 (temperature 1e300).
     p.validate().map_err(ApiError::invalid_no_param)?;
@@ -529,7 +545,7 @@ fn refuse_unsupported_completion(f: &Fields) -> Result<()> {
         Some(Value::String(s)) if s.is_empty() => {}
         Some(_) => return Err(ApiError::invalid("suffix is not supported", "suffix")),
     }
-    refuse_logit_bias(f)
+    Ok(())
 }
 
 fn refuse_unsupported_chat(f: &Fields) -> Result<()> {
@@ -548,13 +564,45 @@ fn refuse_unsupported_chat(f: &Fields) -> Result<()> {
             ));
         }
     }
-    refuse_logit_bias(f)
+    Ok(())
 }
 
-fn refuse_logit_bias(f: &Fields) -> Result<()> {
-    match f.get("logit_bias") {
-        None => Ok(()),
-        Some(Value::Object(o)) if o.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::invalid("logit_bias is not supported", "logit_bias")),
+/// `logit_bias`: an object from token ids (as strings, OpenAI's shape) to a bias in
+/// [-100, 100]; returned sorted by token.
+fn parse_logit_bias(f: &Fields, rules: &RequestRules) -> Result<Vec<(u32, f32)>> {
+    let bad = |msg: String| ApiError::invalid(msg, "logit_bias");
+    let map = match f.get("logit_bias") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(bad(format!(
+                "logit_bias must be an object from token ids to numbers, got {}",
+                type_name(other)
+            )));
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!("at most {MAX_LOGIT_BIAS} logit_bias entries, got {}", map.len())));
     }
+    let mut bias = map
+        .iter()
+        .map(|(key, v)| {
+            let token: u32 = key
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("logit_bias keys must be token ids, got {key:?}")))?;
+            rules.check_tokens([token as u64]).map_err(rule("logit_bias"))?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((token, b as f32)),
+                _ => Err(bad(format!(
+                    "logit_bias values must be numbers in [-100, 100], got {v} for {key}"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    bias.sort_unstable_by_key(|b| b.0);
+    if let Some(w) = bias.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(bad(format!("logit_bias names token {} twice", w[0].0)));
+    }
+    Ok(bias)
 }

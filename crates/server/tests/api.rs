@@ -316,8 +316,34 @@ async fn errors_are_openai_json_with_the_right_status() {
         (cmpl, json!({"prompt": "a", "stop": [""]}).to_string(), 400, Some("stop")),
         (cmpl, json!({"prompt": "a", "seed": "x"}).to_string(), 400, Some("seed")),
         (cmpl, json!({"prompt": "a", "echo": true}).to_string(), 400, Some("echo")),
-        (cmpl, json!({"prompt": "a", "logprobs": 3}).to_string(), 400, Some("logprobs")),
-        (cmpl, json!({"prompt": "a", "logit_bias": {"1": 5}}).to_string(), 400, Some("logit_bias")),
+        (cmpl, json!({"prompt": "a", "logprobs": 21}).to_string(), 400, Some("logprobs")),
+        (cmpl, json!({"prompt": "a", "logprobs": -1}).to_string(), 400, Some("logprobs")),
+        (cmpl, json!({"prompt": "a", "logit_bias": {"x": 5}}).to_string(), 400, Some("logit_bias")),
+        (
+            cmpl,
+            json!({"prompt": "a", "logit_bias": {"1": 101}}).to_string(),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            cmpl,
+            json!({"prompt": "a", "logit_bias": {"1": "5"}}).to_string(),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            cmpl,
+            json!({"prompt": "a", "logit_bias": {"320": 1}}).to_string(),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            cmpl,
+            json!({"prompt": "a", "logit_bias": {"1": 1, "01": 2}}).to_string(),
+            400,
+            Some("logit_bias"),
+        ),
+        (cmpl, json!({"prompt": "a", "logit_bias": [1]}).to_string(), 400, Some("logit_bias")),
         (chat, json!({}).to_string(), 400, Some("messages")),
         (chat, json!({"messages": []}).to_string(), 400, Some("messages")),
         (chat, json!({"messages": "hi"}).to_string(), 400, Some("messages")),
@@ -341,6 +367,12 @@ async fn errors_are_openai_json_with_the_right_status() {
             Some("tools"),
         ),
         (chat, json!({"messages": msgs, "top_logprobs": 2}).to_string(), 400, Some("top_logprobs")),
+        (
+            chat,
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
         (cmpl, format!("{{\"prompt\": \"{}\"}}", "a".repeat(2 << 20)), 413, None),
     ];
     for (route, body, status, param) in cases {
@@ -650,4 +682,82 @@ async fn shutdown_aborts_what_outlives_the_grace_period() {
         assert!(t.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_logprobs_and_logit_bias() {
+    let s = server().await;
+    let c = reqwest::Client::new();
+    // Chat: five alternatives per token, most likely first; greedy samples the first.
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+        "temperature": 0, "logprobs": true, "top_logprobs": 5, "ignore_eos": true});
+    let (status, r) = post(&c, &s, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len(), 4);
+    for t in &content {
+        let alts = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(alts.len(), 5, "{t}");
+        let lps: Vec<f64> = alts.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0, "{lps:?}");
+        assert!(lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-5);
+        assert_eq!(alts[0]["token"], t["token"], "greedy takes the most likely");
+        assert_eq!(alts[0]["logprob"], t["logprob"]);
+        assert!(alts.iter().all(|a| a["bytes"].is_array()));
+    }
+    // Streaming carries the same alternatives.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let chunks = sse_chunks(&post_stream(&c, &s, "/v1/chat/completions", &sbody).await);
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|ch| ch["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    // (Same tokens; the logprobs may differ in the last bits: the prompt comes from the
+    // prefix cache the second time.)
+    assert_eq!(streamed.len(), content.len());
+    let close = |a: &Value, b: &Value| {
+        (a["logprob"].as_f64().unwrap() - b["logprob"].as_f64().unwrap()).abs() < 1e-4
+            && a["token"] == b["token"]
+    };
+    for (a, b) in streamed.iter().zip(&content) {
+        assert!(close(a, b), "{a} vs {b}");
+        let (sa, sb) =
+            (a["top_logprobs"].as_array().unwrap(), b["top_logprobs"].as_array().unwrap());
+        assert!(sa.len() == sb.len() && sa.iter().zip(sb).all(|(x, y)| close(x, y)), "{a} vs {b}");
+    }
+    // Completions: `logprobs: 3` gives a dict per token holding the sampled token.
+    let (status, r) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "ab", "max_tokens": 5, "logprobs": 3, "temperature": 1.0,
+                "seed": 7, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(tops.len(), 5);
+    for (i, top) in tops.iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!((1..=4).contains(&top.len()), "{top:?}");
+        let token = lp["tokens"][i].as_str().unwrap();
+        assert!(top.contains_key(token), "{token:?} not in {top:?}");
+    }
+    // logit_bias: +100 on one token makes every sampled token that one.
+    let tokenizer = radix_model::ModelSource::open(MODEL).unwrap().tokenizer;
+    let z = tokenizer.encode("Z", false).unwrap();
+    assert_eq!(z.len(), 1);
+    let (status, r) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "ab", "max_tokens": 6, "temperature": 1.0, "ignore_eos": true,
+                "logit_bias": {z[0].to_string(): 100}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], "ZZZZZZ");
 }

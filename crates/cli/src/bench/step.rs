@@ -79,9 +79,8 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
 
     let params = SamplingParams::greedy();
     let counts = TokenCounts::default();
-    let requests: Vec<SampleRequest> = (0..a.batch)
-        .map(|b| SampleRequest { params: &params, counts: &counts, seed: b as u64, index: 0 })
-        .collect();
+    let requests: Vec<SampleRequest> =
+        (0..a.batch).map(|b| SampleRequest::new(&params, &counts, b as u64, 0)).collect();
     let mut times = None;
     let mut walls = Vec::new();
     let mut graph_walls = Vec::new();

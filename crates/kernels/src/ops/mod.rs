@@ -62,6 +62,13 @@ params!(SampleParams {
     params: u64,
     tokens: u64,
     logprobs: u64,
+    bias_tokens: u64,
+    bias_values: u64,
+    masks: u64,
+    mask_words: i32,
+    top_tokens: u64,
+    top_logprobs: u64,
+    top_stride: i32,
     rows: i32,
     vocab: i32
 });
@@ -231,9 +238,9 @@ pub fn gather_rows<T: HalfFloat>(
     unsafe { k.launch(x.device(), rows_cfg(count, 128), &p) }
 }
 
-/// One row's sampling parameters, as sampling.cu reads them (32 bytes).
+/// One row's sampling parameters, as sampling.cu reads them (48 bytes).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleRow {
     /// <= 0: greedy.
     pub temperature: f32,
@@ -242,11 +249,39 @@ pub struct SampleRow {
     pub top_k: i32,
     pub seed: u64,
     pub index: u64,
+    /// The row's `logit_bias`: entries `bias_start..bias_start + bias_count` of the
+    /// extras' bias lists (count 0: none).
+    pub bias_start: i32,
+    pub bias_count: i32,
+    /// Alternatives to report (at most `SamplerExtras::top_stride`).
+    pub top_n: i32,
+    /// The row's allowed-token bitmask in the extras, -1: every token allowed.
+    pub mask_row: i32,
+}
+
+impl Default for SampleRow {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            min_p: 0.0,
+            top_k: 0,
+            seed: 0,
+            index: 0,
+            bias_start: 0,
+            bias_count: 0,
+            top_n: 0,
+            mask_row: -1,
+        }
+    }
 }
 
 impl SampleRow {
-    /// The row as 8 u32 words, for upload.
-    pub fn words(&self) -> [u32; 8] {
+    /// u32 words per row.
+    pub const WORDS: usize = 12;
+
+    /// The row as `WORDS` u32 words, for upload.
+    pub fn words(&self) -> [u32; Self::WORDS] {
         [
             self.temperature.to_bits(),
             self.top_p.to_bits(),
@@ -256,43 +291,114 @@ impl SampleRow {
             (self.seed >> 32) as u32,
             self.index as u32,
             (self.index >> 32) as u32,
+            self.bias_start as u32,
+            self.bias_count as u32,
+            self.top_n as u32,
+            self.mask_row as u32,
         ]
     }
 }
 
-const _: () = assert!(std::mem::size_of::<SampleRow>() == 32);
+const _: () = assert!(std::mem::size_of::<SampleRow>() == SampleRow::WORDS * 4);
 
-/// Samples one token per row of `logits` (`[rows, vocab]` f32) with `params` (8 words per
-/// row, see `SampleRow::words`); writes tokens and their raw log-probabilities.
+/// What the rows' bias, masks and alternatives live in (all optional).
+#[derive(Default)]
+pub struct SamplerExtras<'a> {
+    /// `[bias tokens (bias_len), bias values as f32 bits (bias_len), masks
+    /// (mask_rows × mask_words)]`.
+    pub inputs: Option<&'a DeviceBuffer<u32>>,
+    pub bias_len: usize,
+    pub mask_rows: usize,
+    /// u32 words of one allowed-token bitmask (bit t of word t / 32: token t allowed).
+    pub mask_words: usize,
+    /// Alternatives out: `[rows, top_stride]` tokens and log-probabilities.
+    pub top: Option<(&'a mut DeviceBuffer<i32>, &'a mut DeviceBuffer<f32>)>,
+    pub top_stride: usize,
+}
+
+/// Samples one token per row of `logits` (`[rows, vocab]` f32) with `params` (the device
+/// copy of `host_rows`' words, which bound what the kernel reads); writes tokens and
+/// their raw log-probabilities, and each row's alternatives into `extras.top`. Rows with
+/// a bias or a mask are edited in place in `logits`.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_rows(
     jit: &Jit,
-    logits: &DeviceBuffer<f32>,
+    logits: &mut DeviceBuffer<f32>,
     params: &DeviceBuffer<u32>,
-    rows: usize,
+    host_rows: &[SampleRow],
     vocab: usize,
+    extras: SamplerExtras,
     tokens: &mut DeviceBuffer<i32>,
     logprobs: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
+    let rows = host_rows.len();
     ensure!(
-        logits.len() >= rows * vocab && params.len() >= rows * 8,
+        logits.len() >= rows * vocab && params.len() >= rows * SampleRow::WORDS,
         "sample_rows: inputs too small for {rows} rows"
     );
     ensure!(
         tokens.len() >= rows && logprobs.len() >= rows,
         "sample_rows: outputs too small for {rows} rows"
     );
+    let input_len = 2 * extras.bias_len + extras.mask_rows * extras.mask_words;
+    ensure!(
+        extras.inputs.map_or(input_len == 0, |b| b.len() >= input_len),
+        "sample_rows: the extras hold fewer than {input_len} words"
+    );
+    ensure!(
+        extras.mask_rows == 0 || extras.mask_words * 32 >= vocab,
+        "sample_rows: {} mask words cannot cover {vocab} tokens",
+        extras.mask_words
+    );
+    ensure!(
+        extras.top.as_ref().is_none_or(|(t, l)| {
+            t.len() >= rows * extras.top_stride && l.len() >= rows * extras.top_stride
+        }),
+        "sample_rows: alternatives' outputs too small for {rows} x {}",
+        extras.top_stride
+    );
+    for (i, r) in host_rows.iter().enumerate() {
+        let bias_end = r.bias_start as i64 + r.bias_count as i64;
+        let top_room = if extras.top.is_some() { extras.top_stride } else { 0 };
+        ensure!(
+            r.bias_start >= 0 && r.bias_count >= 0 && bias_end <= extras.bias_len as i64,
+            "sample_rows: row {i}'s bias {}..{bias_end} outside {}",
+            r.bias_start,
+            extras.bias_len
+        );
+        ensure!(
+            r.mask_row >= -1 && (r.mask_row as i64) < extras.mask_rows as i64,
+            "sample_rows: row {i}'s mask {} outside {}",
+            r.mask_row,
+            extras.mask_rows
+        );
+        ensure!(
+            r.top_n >= 0 && r.top_n as usize <= top_room,
+            "sample_rows: row {i} asks {} alternatives, room for {top_room}",
+            r.top_n
+        );
+    }
     if rows == 0 {
         return Ok(());
     }
     let k = jit.kernel(logits.device(), &sampling_spec(), "sample_rows")?;
+    let base = extras.inputs.map_or(0, |b| b.ptr());
+    let (top_tokens, top_logprobs) = extras.top.map_or((0, 0), |(t, l)| (t.ptr_mut(), l.ptr_mut()));
     let p = SampleParams {
-        logits: logits.ptr(),
+        logits: logits.ptr_mut(),
         params: params.ptr(),
         tokens: tokens.ptr_mut(),
         logprobs: logprobs.ptr_mut(),
+        bias_tokens: base,
+        bias_values: base + 4 * extras.bias_len as u64,
+        masks: base + 8 * extras.bias_len as u64,
+        mask_words: extras.mask_words as i32,
+        top_tokens,
+        top_logprobs,
+        top_stride: extras.top_stride as i32,
         rows: rows as i32,
         vocab: vocab as i32,
     };
-    // SAFETY: sizes checked above.
+    // SAFETY: sizes checked above, and every row's ranges within them.
     unsafe { k.launch(logits.device(), rows_cfg(rows, 1024), &p) }
 }

@@ -7,6 +7,13 @@
 // batched. top-k, top-p and min-p become one logit threshold tau (found by bisection over
 // block reductions), and the argmax runs over logits >= tau: an exact sample of the
 // truncated, renormalised distribution. Log-probabilities are of the raw logits.
+//
+// Per row, optionally: the `top_n` most likely raw tokens (n passes of a block argmax
+// under the order (logit desc, id asc), NaN as -inf), then `logit_bias` and an allowed-
+// token bitmask (structured output) applied to the row in place before sampling. The
+// row's raw log-sum-exp is taken first, and the sampled token's raw logit is recovered by
+// subtracting its bias, so every reported log-probability is of the raw distribution.
+// In-place edits leave the logits buffer biased and masked for the rows that asked.
 #include "common/types.cuh"
 
 struct SampleRow {
@@ -16,13 +23,25 @@ struct SampleRow {
   int top_k;          // 0: off
   unsigned long long seed;
   unsigned long long index;
+  int bias_start;     // into the extras' bias lists
+  int bias_count;     // 0: no bias
+  int top_n;          // alternatives to report, <= top_stride
+  int mask_row;       // row of the extras' bitmasks, -1: every token allowed
 };
 
 struct SampleParams {
-  const float* logits;  // [rows, vocab]
+  const float* logits;  // [rows, vocab]; rows with bias or a mask are edited in place
   const SampleRow* params;
   int* tokens;          // [rows]
   float* logprobs;      // [rows]
+  // Extras (may be null when no row uses them): bias tokens and values, bitmasks.
+  const unsigned* bias_tokens;
+  const float* bias_values;
+  const unsigned* masks;  // [mask rows, mask_words]
+  int mask_words;
+  int* top_tokens;        // [rows, top_stride]
+  float* top_logprobs;    // [rows, top_stride]
+  int top_stride;
   int rows;
   int vocab;
 };
@@ -72,12 +91,34 @@ __device__ void reduce_argmax(float& v, int& idx, float* sv, int* si) {
   __syncthreads();
 }
 
+// The row's `n` most likely tokens, highest first, lowest id on ties, NaN as -inf.
+__device__ void top_tokens(const float* l, int vocab, int n, float log_z, int* out_t, float* out_l,
+                           float* sv, int* si) {
+  const float inf = __int_as_float(0x7f800000);
+  float pv = inf;
+  int pi = -1;
+  for (int j = 0; j < n && j < vocab; ++j) {
+    float best = -inf;
+    int best_i = vocab;
+    for (int i = threadIdx.x; i < vocab; i += THREADS) {
+      float x = l[i];
+      if (isnan(x)) x = -inf;
+      const bool after = x < pv || (x == pv && i > pi);  // not yet reported
+      if (after && (x > best || (x == best && i < best_i))) { best = x; best_i = i; }
+    }
+    reduce_argmax(best, best_i, sv, si);
+    if (best_i >= vocab) break;
+    if (threadIdx.x == 0) { out_t[j] = best_i; out_l[j] = l[best_i] - log_z; }
+    pv = best; pi = best_i;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_constant__ SampleParams p) {
   __shared__ float sv[32];
   __shared__ int si[32];
   const int r = blockIdx.x;
   const SampleRow prm = p.params[r];
-  const float* l = p.logits + (long long)r * p.vocab;
+  float* l = const_cast<float*>(p.logits) + (long long)r * p.vocab;
   const bool greedy = prm.temperature <= 0.f;
   const float t = greedy ? 1.f : prm.temperature;
 
@@ -87,6 +128,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_c
   float z = 0.f;
   for (int i = threadIdx.x; i < p.vocab; i += THREADS) z += __expf(l[i] - m);
   const float log_z = m + __logf(reduce_sum(z, sv));
+
+  if (prm.top_n > 0)
+    top_tokens(l, p.vocab, prm.top_n, log_z, p.top_tokens + (long long)r * p.top_stride,
+               p.top_logprobs + (long long)r * p.top_stride, sv, si);
+
+  // Bias and mask, in place; then the maximum the filters below start from is the
+  // edited row's.
+  if (prm.bias_count > 0 || prm.mask_row >= 0) {
+    __syncthreads();  // every thread has read the raw row
+    if (prm.mask_row >= 0) {
+      const unsigned* mask = p.masks + (long long)prm.mask_row * p.mask_words;
+      for (int i = threadIdx.x; i < p.vocab; i += THREADS)
+        if (!((mask[i >> 5] >> (i & 31)) & 1u)) l[i] = -__int_as_float(0x7f800000);
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < prm.bias_count; b += THREADS) {
+      const unsigned tok = p.bias_tokens[prm.bias_start + b];
+      if (tok < (unsigned)p.vocab) l[tok] += p.bias_values[prm.bias_start + b];
+    }
+    __syncthreads();
+    m = -__int_as_float(0x7f800000);
+    for (int i = threadIdx.x; i < p.vocab; i += THREADS) m = fmaxf(m, l[i]);
+    m = reduce_max(m, sv);
+  }
 
   // Threshold tau on logits: everything below it is filtered out.
   float tau = -__int_as_float(0x7f800000);
@@ -130,7 +195,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_c
   reduce_argmax(best, best_i, sv, si);
   if (threadIdx.x == 0) {
     int tok = best_i < p.vocab ? best_i : 0;
+    // The raw logit: the edited one less the token's bias (a sampled token is allowed).
+    float raw = l[tok];
+    for (int b = 0; b < prm.bias_count; ++b)
+      if (p.bias_tokens[prm.bias_start + b] == (unsigned)tok) raw -= p.bias_values[prm.bias_start + b];
     p.tokens[r] = tok;
-    p.logprobs[r] = l[tok] - log_z;
+    p.logprobs[r] = raw - log_z;
   }
 }

@@ -11,6 +11,7 @@ mod graphs;
 mod kv_pool;
 mod memory;
 mod profiler;
+mod sampler;
 mod sparse;
 mod staging;
 mod workspace;
@@ -28,6 +29,7 @@ pub use self::profiler::OpTimes;
 use self::graphs::{DecodeGraphs, GraphKey, scratch_prefill, scratch_step};
 use self::kv_pool::{KV_DTYPE, KvPool};
 use self::profiler::{Op, Profiler};
+use self::sampler::{ExtrasBuffers, SamplerPlan};
 use self::staging::{StepMeta, StepViews};
 use self::workspace::{ActShape, Caps, Workspace};
 use crate::backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
@@ -82,6 +84,8 @@ pub struct CudaBackend {
     /// workspace or the pool can change.
     step: Option<StepViews>,
     graphs: DecodeGraphs,
+    /// Bias, masks and alternatives of the rows that ask for them.
+    sampler_extras: ExtrasBuffers,
 }
 
 impl Drop for CudaBackend {
@@ -105,6 +109,7 @@ impl CudaBackend {
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
+            sampler_extras: ExtrasBuffers::default(),
         })
     }
 
@@ -521,38 +526,43 @@ impl Backend for CudaBackend {
         Self::check(requests.len() == rows, || {
             format!("sample: {} requests for {rows} logits rows", requests.len())
         })?;
+        let plan = SamplerPlan::new(requests, vocab);
+        let device = self.device.clone();
+        let mut extras_buffers = std::mem::take(&mut self.sampler_extras);
         let ws = self.ready()?.0;
         {
             let staged = ws.sample_staging.write()?;
-            let words = requests.iter().flat_map(|r| {
-                let p = r.params;
-                SampleRow {
-                    temperature: if p.is_greedy() { 0.0 } else { p.temperature },
-                    top_p: p.top_p,
-                    min_p: p.min_p,
-                    top_k: p.top_k.min(i32::MAX as usize) as i32,
-                    seed: r.seed,
-                    index: r.index,
-                }
-                .words()
-            });
-            for (d, w) in staged.iter_mut().zip(words) {
+            for (d, w) in staged.iter_mut().zip(plan.words()) {
                 *d = w;
             }
         }
-        ws.sample_staging.upload_prefix(rows * 8, &mut ws.sample_params)?;
+        let words = rows * SampleRow::WORDS;
+        ws.sample_staging.upload_prefix(words, &mut ws.sample_params)?;
         // SAFETY: views of the workspace used only within this call.
-        let (logits, params, mut tokens, mut logprobs) = unsafe {
+        let (mut logits, params, mut tokens, mut logprobs) = unsafe {
             (
                 ws.logits.view(0, rows * vocab)?,
-                ws.sample_params.view(0, rows * 8)?,
+                ws.sample_params.view(0, words)?,
                 ws.sampled_tokens.view(0, rows)?,
                 ws.sampled_logprobs.view(0, rows)?,
             )
         };
-        self.timed(Op::Sample, |b| {
-            Ok(ops::sample_rows(&b.jit, &logits, &params, rows, vocab, &mut tokens, &mut logprobs)?)
-        })?;
+        let launched = self.timed(Op::Sample, |b| {
+            let extras = extras_buffers.prepare(&device, &plan)?;
+            Ok(ops::sample_rows(
+                &b.jit,
+                &mut logits,
+                &params,
+                &plan.rows,
+                vocab,
+                extras,
+                &mut tokens,
+                &mut logprobs,
+            )?)
+        });
+        let tops = launched.and_then(|()| extras_buffers.read_top(&plan));
+        self.sampler_extras = extras_buffers;
+        let tops = tops?;
         let tokens = tokens.to_vec()?;
         let logprobs = logprobs.to_vec()?;
         if let Some(prof) = &mut self.profiler {
@@ -561,15 +571,15 @@ impl Backend for CudaBackend {
         let mut out: Vec<Sampled> = tokens
             .iter()
             .zip(&logprobs)
-            .map(|(&t, &l)| Sampled { token: t as u32, logprob: l })
+            .zip(tops)
+            .map(|((&t, &l), top)| Sampled { token: t as u32, logprob: l, top })
             .collect();
-        // Penalties need the request's token counts: those rows are sampled on the host.
-        if requests.iter().any(|r| r.params.has_penalties()) {
-            let host = logits.to_vec()?;
-            for (i, r) in requests.iter().enumerate().filter(|(_, r)| r.params.has_penalties()) {
-                let mut row = host[i * vocab..(i + 1) * vocab].to_vec();
-                out[i] = sampling::sample(&mut row, r);
-            }
+        // Penalties need the request's token counts: those rows are sampled on the host,
+        // from their raw logits (the kernel leaves them unedited), one row copied each.
+        for (i, r) in requests.iter().enumerate().filter(|(_, r)| r.needs_host()) {
+            // SAFETY: a read-only view of row i, within the logits (rows * vocab).
+            let mut row = unsafe { logits.view(i * vocab, vocab)?.to_vec()? };
+            out[i] = sampling::sample(&mut row, r);
         }
         Ok(out)
     }

@@ -173,7 +173,7 @@ struct Sizes {
     partial_o: usize,
     partial_lse: usize,
     logits: usize,
-    /// Sampler parameter words (8 per row).
+    /// Sampler parameter words (`SampleRow::WORDS` per row).
     sample_words: usize,
     rows: usize,
     sparse: usize,
@@ -191,7 +191,7 @@ impl Sizes {
             partial_o: partial * shape.head_dim,
             partial_lse: partial,
             logits: rows * shape.vocab,
-            sample_words: rows * 8,
+            sample_words: rows * radix_kernels::ops::SampleRow::WORDS,
             rows,
             sparse: caps.sparse_entries.max(1),
         }

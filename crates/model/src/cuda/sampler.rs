@@ -1,0 +1,136 @@
+//! What the GPU sampler needs beyond the rows' parameters: the step's logit biases and
+//! allowed-token bitmasks (one upload), and room for the alternatives it reports. Rows
+//! that ask for none of these cost nothing here: the buffers are made on first use and
+//! only grow.
+
+use radix_gpu::{Device, DeviceBuffer, PinnedStaging};
+use radix_kernels::ops::{SampleRow, SamplerExtras};
+
+use crate::error::Result;
+use crate::sampling::{MAX_TOP_LOGPROBS, SampleRequest};
+
+/// The rows of one sampling call as the kernel reads them, and their extras on the host.
+pub(super) struct SamplerPlan {
+    pub rows: Vec<SampleRow>,
+    /// `[bias tokens, bias values (f32 bits), masks]`, as `SamplerExtras::inputs` lays
+    /// them out.
+    pub inputs: Vec<u32>,
+    pub bias_len: usize,
+    pub mask_rows: usize,
+    pub mask_words: usize,
+    /// Widest row's alternatives (0: none asked for).
+    pub top_stride: usize,
+}
+
+impl SamplerPlan {
+    /// Rows that `needs_host` are sampled by the host from the raw logits: their bias,
+    /// mask and alternatives are left to it, so the kernel does not edit them.
+    pub fn new(requests: &[SampleRequest], vocab: usize) -> Self {
+        let gpu = |r: &SampleRequest| !r.needs_host();
+        let mask_words = vocab.div_ceil(32);
+        let mut bias_tokens = Vec::new();
+        let mut bias_values = Vec::new();
+        let mut masks = Vec::new();
+        let mut rows = Vec::with_capacity(requests.len());
+        let mut top_stride = 0;
+        for r in requests {
+            let p = r.params;
+            let mut row = SampleRow {
+                temperature: if p.is_greedy() { 0.0 } else { p.temperature },
+                top_p: p.top_p,
+                min_p: p.min_p,
+                top_k: p.top_k.min(i32::MAX as usize) as i32,
+                seed: r.seed,
+                index: r.index,
+                ..Default::default()
+            };
+            if gpu(r) {
+                row.bias_start = bias_tokens.len() as i32;
+                row.bias_count = p.logit_bias.len() as i32;
+                bias_tokens.extend(p.logit_bias.iter().map(|b| b.0));
+                bias_values.extend(p.logit_bias.iter().map(|b| b.1.to_bits()));
+                row.top_n = r.top_logprobs.min(MAX_TOP_LOGPROBS).min(vocab) as i32;
+                top_stride = top_stride.max(row.top_n as usize);
+                if let Some(mask) = r.allowed {
+                    row.mask_row = (masks.len() / mask_words) as i32;
+                    // A mask shorter than the vocabulary disallows the rest.
+                    masks.extend((0..mask_words).map(|w| mask.get(w).copied().unwrap_or(0)));
+                }
+            }
+            rows.push(row);
+        }
+        let bias_len = bias_tokens.len();
+        let mask_rows = masks.len() / mask_words.max(1);
+        let mut inputs = bias_tokens;
+        inputs.extend(bias_values);
+        inputs.extend(masks);
+        Self { rows, inputs, bias_len, mask_rows, mask_words, top_stride }
+    }
+
+    /// The row parameters as upload words.
+    pub fn words(&self) -> impl Iterator<Item = u32> + '_ {
+        self.rows.iter().flat_map(|r| r.words())
+    }
+}
+
+/// Device and staging memory for the extras, grown to the largest step that used them.
+#[derive(Default)]
+pub(super) struct ExtrasBuffers {
+    inputs: Option<(DeviceBuffer<u32>, PinnedStaging<u32>)>,
+    top: Option<(DeviceBuffer<i32>, DeviceBuffer<f32>)>,
+}
+
+impl ExtrasBuffers {
+    /// Uploads `plan`'s inputs and makes room for its alternatives; the extras for the
+    /// kernel (empty when the plan has none).
+    pub fn prepare(&mut self, device: &Device, plan: &SamplerPlan) -> Result<SamplerExtras<'_>> {
+        let mut extras = SamplerExtras::default();
+        let len = plan.inputs.len();
+        if len > 0 {
+            if self.inputs.as_ref().is_none_or(|(d, _)| d.len() < len) {
+                let cap = len.next_power_of_two();
+                self.inputs = Some((device.alloc(cap)?, PinnedStaging::new(device, cap)?));
+            }
+            let (dev, staging) = self.inputs.as_mut().expect("made above");
+            staging.write()?[..len].copy_from_slice(&plan.inputs);
+            staging.upload_prefix(len, dev)?;
+            extras.inputs = Some(dev);
+            extras.bias_len = plan.bias_len;
+            extras.mask_rows = plan.mask_rows;
+            extras.mask_words = plan.mask_words;
+        }
+        let top_len = plan.rows.len() * plan.top_stride;
+        if top_len > 0 {
+            if self.top.as_ref().is_none_or(|(t, _)| t.len() < top_len) {
+                let cap = top_len.next_power_of_two();
+                self.top = Some((device.alloc(cap)?, device.alloc(cap)?));
+            }
+            let (t, l) = self.top.as_mut().expect("made above");
+            extras.top = Some((t, l));
+            extras.top_stride = plan.top_stride;
+        }
+        Ok(extras)
+    }
+
+    /// The alternatives the last kernel wrote for `plan`'s rows: per row, `top_n` of
+    /// `(token, logprob)`.
+    pub fn read_top(&self, plan: &SamplerPlan) -> Result<Vec<Vec<(u32, f32)>>> {
+        let stride = plan.top_stride;
+        let Some((t, l)) = self.top.as_ref().filter(|_| stride > 0) else {
+            return Ok(vec![Vec::new(); plan.rows.len()]);
+        };
+        let n = plan.rows.len() * stride;
+        // SAFETY: read-only views within the buffers (n <= their length, see `prepare`).
+        let (tokens, logprobs) = unsafe { (t.view(0, n)?.to_vec()?, l.view(0, n)?.to_vec()?) };
+        Ok(plan
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                (0..row.top_n as usize)
+                    .map(|j| (tokens[i * stride + j] as u32, logprobs[i * stride + j]))
+                    .collect()
+            })
+            .collect())
+    }
+}
