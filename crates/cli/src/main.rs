@@ -13,8 +13,17 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "radix-sparse", version, about = "LLM inference server for NVIDIA Hopper GPUs")]
 struct Cli {
+    /// Log lines as text (default) or as JSON objects, one per line (for collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -36,16 +45,19 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         // Colour codes only for a terminal: logs piped to a file or a collector stay plain.
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && cli.log_format == LogFormat::Text)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
@@ -72,6 +84,24 @@ mod tests {
             Command::Generate(g) => Ok(g),
             _ => unreachable!("parsed as generate"),
         }
+    }
+
+    #[test]
+    fn log_format_and_several_served_model_names() {
+        let cli = Cli::try_parse_from([
+            "radix-sparse",
+            "serve",
+            "--served-model-name",
+            "a",
+            "b/c",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["radix-sparse", "--log-format", "xml", "doctor"]).is_err());
+        let Command::Serve(args) = cli.command else { unreachable!("parsed as serve") };
+        assert_eq!(args.served_model_names(), ["a", "b/c"]);
     }
 
     #[test]

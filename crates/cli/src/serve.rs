@@ -22,9 +22,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1/* (/health and /metrics stay open).
     #[arg(long, env = "RADIX_SPARSE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// The model name clients send and see (default: the model's, e.g. synthetic:tiny).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// The model names clients may send (default: the model's, e.g. synthetic:tiny);
+    /// responses carry the first, as vLLM's do. Several: `--served-model-name a b`.
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
     /// Seconds in-flight requests may run after Ctrl-C or SIGTERM before they are aborted.
     #[arg(long, default_value_t = 10.0)]
     grace_period: f64,
@@ -118,6 +119,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--max-sequences-per-request must be at least 1"
     );
     anyhow::ensure!(args.max_connections >= 1, "--max-connections must be at least 1");
+    anyhow::ensure!(
+        args.served_model_name.iter().all(|n| !n.trim().is_empty()),
+        "--served-model-name: names must not be empty"
+    );
     let config = ServerConfig {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         grace_period: Duration::from_secs_f64(args.grace_period),
@@ -130,10 +135,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             keep_alive_timeout: seconds("timeout-keep-alive", args.timeout_keep_alive)?,
             max_connections: args.max_connections,
         },
+        model_aliases: args.served_model_name.iter().skip(1).cloned().collect(),
     };
     raise_open_files_limit();
     let built = args.model.build_engine()?;
-    let name = args.served_model_name.clone().unwrap_or(built.name);
+    let name = args.served_model_name.first().cloned().unwrap_or(built.name);
     let handle = EngineHandle::spawn(built.engine, name.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -193,6 +199,12 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl ServeArgs {
+        pub fn served_model_names(&self) -> &[String] {
+            &self.served_model_name
+        }
+    }
 
     #[test]
     fn allowed_origins_in_every_form() {

@@ -99,27 +99,33 @@ async fn generate(
     })
 }
 
-fn model_card(app: &AppState) -> api::ModelCard {
-    let info = app.handle.info();
+fn model_card(app: &AppState, id: &str) -> api::ModelCard {
     api::ModelCard {
-        id: info.model_name.clone(),
+        id: id.to_string(),
         object: "model",
         created: app.created,
         owned_by: "radix-sparse",
-        max_model_len: info.rules.max_model_len,
+        max_model_len: app.handle.info().rules.max_model_len,
     }
 }
 
+/// The served model's names: the engine's first, then the aliases.
+fn model_names(app: &AppState) -> impl Iterator<Item = &str> {
+    std::iter::once(app.handle.info().model_name.as_str())
+        .chain(app.config.model_aliases.iter().map(String::as_str))
+}
+
 pub async fn models_handler(State(app): State<Arc<AppState>>) -> Response {
-    axum::Json(api::ModelList { object: "list", data: vec![model_card(&app)] }).into_response()
+    let data = model_names(&app).map(|name| model_card(&app, name)).collect();
+    axum::Json(api::ModelList { object: "list", data }).into_response()
 }
 
 /// `GET /v1/models/{id}` (the client's `models.retrieve`); ids may hold slashes.
 pub async fn model_handler(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    if id != app.handle.info().model_name {
+    if !model_names(&app).any(|name| name == id) {
         return ApiError::NoSuchModel(id).into_response();
     }
-    axum::Json(model_card(&app)).into_response()
+    axum::Json(model_card(&app, &id)).into_response()
 }
 
 pub async fn health_handler(State(app): State<Arc<AppState>>) -> Response {

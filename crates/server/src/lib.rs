@@ -23,6 +23,7 @@ mod error;
 mod generation;
 mod handlers;
 mod metrics;
+mod request_id;
 mod sse;
 pub mod validate;
 
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Timeouts and the cap on open connections.
     pub connections: ConnectionLimits,
+    /// Further names the API answers to besides the engine's model name (vLLM's
+    /// `--served-model-name a b`: responses name the first, which is the engine's).
+    pub model_aliases: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +76,7 @@ impl Default for ServerConfig {
             max_sequences_per_request: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
             allowed_origins: Vec::new(),
             connections: ConnectionLimits::default(),
+            model_aliases: Vec::new(),
         }
     }
 }
@@ -92,6 +97,7 @@ impl AppState {
         let info = self.handle.info();
         ModelContext {
             model_name: &info.model_name,
+            model_aliases: &self.config.model_aliases,
             tokenizer: &info.tokenizer,
             chat_template: &self.chat_template,
             rules: info.rules,
@@ -139,6 +145,7 @@ impl Server {
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+            .layer(middleware::from_fn(request_id::tag))
             .with_state(state);
         match cors(&self.state.config.allowed_origins) {
             // Outermost: preflights are answered before routing (and need no API key).

@@ -269,8 +269,27 @@ impl Metrics {
             "radix_e2e_request_latency_seconds",
             "Time from request arrival to its last output.",
         );
-        out
+        with_model_label(&out, &model)
     }
+}
+
+/// Every sample line of `text` with a `model_name` label first (vLLM's label, so
+/// dashboards built for it select by model the same way); `model` is escaped already.
+fn with_model_label(text: &str, model: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.lines().count() * (model.len() + 16));
+    for line in text.lines() {
+        if line.starts_with('#') {
+            out.push_str(line);
+        } else if let Some((name, rest)) = line.split_once('{') {
+            let _ = write!(out, "{name}{{model_name=\"{model}\",{rest}");
+        } else if let Some((name, value)) = line.split_once(' ') {
+            let _ = write!(out, "{name}{{model_name=\"{model}\"}} {value}");
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -287,22 +306,23 @@ mod tests {
         let stats =
             EngineStats { pages_total: 10, pages_free: 7, pages_cached: 2, ..Default::default() };
         let text = m.render(&stats, "a\"b");
-        assert!(text.contains("radix_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(text.contains("radix_time_to_first_token_seconds_bucket{le=\"0.04\"} 2\n"));
-        assert!(text.contains("radix_time_to_first_token_seconds_bucket{le=\"80\"} 2\n"));
-        assert!(text.contains("radix_time_to_first_token_seconds_bucket{le=\"+Inf\"} 3\n"));
-        assert!(text.contains("radix_time_to_first_token_seconds_count 3\n"));
-        assert!(text.contains("radix_kv_pages_in_use 1\n"));
-        assert!(text.contains("radix_model_info{model=\"a\\\"b\"} 1\n"));
-        assert!(
-            text.contains(
-                "radix_http_requests_total{route=\"/v1/completions\",status=\"200\"} 1\n"
-            )
-        );
-        // Every sample line is `name{labels} value` with a number for the value.
+        let m = "model_name=\"a\\\"b\"";
+        let ttft = "radix_time_to_first_token_seconds";
+        assert!(text.contains(&format!("{ttft}_bucket{{{m},le=\"0.005\"}} 1\n")), "{text}");
+        assert!(text.contains(&format!("{ttft}_bucket{{{m},le=\"0.04\"}} 2\n")));
+        assert!(text.contains(&format!("{ttft}_bucket{{{m},le=\"80\"}} 2\n")));
+        assert!(text.contains(&format!("{ttft}_bucket{{{m},le=\"+Inf\"}} 3\n")));
+        assert!(text.contains(&format!("{ttft}_count{{{m}}} 3\n")));
+        assert!(text.contains(&format!("radix_kv_pages_in_use{{{m}}} 1\n")));
+        assert!(text.contains(&format!("radix_model_info{{{m},model=\"a\\\"b\"}} 1\n")));
+        assert!(text.contains(&format!(
+            "radix_http_requests_total{{{m},route=\"/v1/completions\",status=\"200\"}} 1\n"
+        )));
+        // Every sample line is `name{labels} value`, the model first, a number last.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(line.contains(&format!("{{{m}")), "{line}");
         }
     }
 }

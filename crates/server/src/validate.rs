@@ -44,7 +44,9 @@ pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
 
 /// What the parser needs to know about the served model.
 pub struct ModelContext<'a> {
+    /// The name responses carry; requests may also name one of `model_aliases`.
     pub model_name: &'a str,
+    pub model_aliases: &'a [String],
     pub tokenizer: &'a Tokenizer,
     pub chat_template: &'a ChatTemplate,
     /// The engine's rules: vocabulary, context length, sparse paging.
@@ -151,10 +153,13 @@ pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
     build(Endpoint::Chat, &f, ctx, model, vec![prompt], max_tokens, logprobs)
 }
 
-/// `model`: optional (the served model), and if given, the served model's name.
+/// `model`: optional (the served model), and if given, one of the served model's names;
+/// responses carry its first name, as vLLM's do.
 fn parse_model(f: &Fields, ctx: &ModelContext) -> Result<String> {
     match f.string("model")? {
-        Some(m) if m != ctx.model_name => Err(ApiError::UnknownModel(m.to_string())),
+        Some(m) if m != ctx.model_name && !ctx.model_aliases.iter().any(|a| a == m) => {
+            Err(ApiError::UnknownModel(m.to_string()))
+        }
         _ => Ok(ctx.model_name.to_string()),
     }
 }

@@ -276,8 +276,8 @@ async fn errors_are_openai_json_with_the_right_status() {
         (cmpl, "not json".into(), 400, None),
         (cmpl, "".into(), 400, None),
         (cmpl, "[1, 2]".into(), 400, None),
-        (cmpl, json!({"model": "gpt-4", "prompt": "a"}).to_string(), 400, Some("model")),
-        (chat, json!({"model": "nope", "messages": msgs}).to_string(), 400, Some("model")),
+        (cmpl, json!({"model": "gpt-4", "prompt": "a"}).to_string(), 404, Some("model")),
+        (chat, json!({"model": "nope", "messages": msgs}).to_string(), 404, Some("model")),
         (cmpl, json!({"model": 5, "prompt": "a"}).to_string(), 400, Some("model")),
         (cmpl, json!({}).to_string(), 400, Some("prompt")),
         (cmpl, json!({"prompt": 5}).to_string(), 400, Some("prompt")),
@@ -760,4 +760,55 @@ async fn top_logprobs_and_logit_bias() {
     .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["choices"][0]["text"], "ZZZZZZ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_aliases_and_request_ids() {
+    let cfg = ServerConfig { model_aliases: vec!["tiny-b".into()], ..Default::default() };
+    let s = start(engine_config(), cfg).await;
+    let c = reqwest::Client::new();
+    // Either name is served; responses carry the first.
+    for name in [MODEL, "tiny-b"] {
+        let (status, r) = post(
+            &c,
+            &s,
+            "/v1/completions",
+            &json!({"model": name, "prompt": "a", "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["model"], MODEL);
+        let card = c.get(s.url(&format!("/v1/models/{name}"))).send().await.unwrap();
+        assert_eq!(card.status(), 200);
+    }
+    let list: Value = c.get(s.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> =
+        list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![MODEL, "tiny-b"]);
+    let (status, r) =
+        post(&c, &s, "/v1/completions", &json!({"model": "tiny-c", "prompt": "a"})).await;
+    assert_eq!(status, 404, "{r}");
+    assert_eq!(r["error"]["code"], "model_not_found");
+    // X-Request-Id: the client's is echoed, on errors too; without one, one is made.
+    let resp = c
+        .post(s.url("/v1/completions"))
+        .header("x-request-id", "client-id-42")
+        .json(&json!({"prompt": "a", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-id-42");
+    let resp = c.get(s.url("/v1/nothing")).header("x-request-id", "e-1").send().await.unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), resp.headers()["x-request-id"].to_str().unwrap()),
+        (404, "e-1")
+    );
+    let resp = c.get(s.url("/health")).send().await.unwrap();
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(made.len(), 32, "{made}");
+    let bad = c.get(s.url("/health")).header("x-request-id", "x".repeat(300)).send().await.unwrap();
+    assert_ne!(bad.headers()["x-request-id"].to_str().unwrap(), "x".repeat(300));
+    // Every metric carries the model's name (`metrics` checks it on each line).
+    let m = metrics(&c, &s).await;
+    assert!(m["radix_generation_tokens_total"] >= 5.0);
 }

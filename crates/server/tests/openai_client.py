@@ -107,12 +107,38 @@ def main():
     check(len(lps) == 6 and all(t.logprob <= 0 for t in lps), f"logprobs {lps}")
     check(all(isinstance(t.bytes, list) for t in lps), f"logprob bytes {lps}")
 
+    # Alternatives (chat's top_logprobs, completions' logprobs=N), streamed and not.
+    r = client.chat.completions.create(**ckw, logprobs=True, top_logprobs=3)
+    alts = [t.top_logprobs for t in r.choices[0].logprobs.content]
+    check(all(len(a) == 3 and a[0].logprob >= a[1].logprob >= a[2].logprob for a in alts),
+          f"top_logprobs {alts}")
+    streamed = []
+    for chunk in client.chat.completions.create(**ckw, logprobs=True, top_logprobs=3,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += [len(t.top_logprobs) for t in chunk.choices[0].logprobs.content]
+    check(streamed == [3] * 6, f"streamed top_logprobs {streamed}")
+    r = client.completions.create(model=model, prompt="ab", max_tokens=4, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    tops = r.choices[0].logprobs.top_logprobs
+    check(len(tops) == 4 and all(1 <= len(t) <= 3 for t in tops), f"completion tops {tops}")
+    # logit_bias: a +100 bias makes one token certain.
+    r = client.completions.create(model=model, prompt="ab", max_tokens=5, temperature=1.0,
+                                  logit_bias={"90": 100}, extra_body={"ignore_eos": True})
+    check(r.choices[0].text == "ZZZZZ", f"logit_bias text {r.choices[0].text!r}")
+    try:
+        client.completions.create(model=model, prompt="ab", max_tokens=1,
+                                  logit_bias={"not-a-token": 1})
+        check(False, "a bad logit_bias key must fail")
+    except openai.BadRequestError as e:
+        check("logit_bias" in str(e), f"error {e}")
+
     # Errors come back as OpenAI errors with the right status.
     try:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
         check(False, "an unknown model must fail")
-    except openai.BadRequestError as e:
-        check(e.status_code == 400, f"status {e.status_code}")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404, f"status {e.status_code}")
     try:
         client.chat.completions.create(model=model, messages=[], max_tokens=1)
         check(False, "empty messages must fail")

@@ -85,12 +85,20 @@ impl Drop for TestServer {
 }
 
 /// The gauges and counters of a Prometheus text scrape (labels kept in the name).
+/// Samples by `name{labels}`, without the `model_name` label every sample carries first
+/// (checked here).
 pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let label = format!("{{model_name=\"{MODEL}\"");
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
             let (name, value) = l.rsplit_once(' ').expect("`name value`");
-            (name.to_string(), value.parse::<f64>().expect("a number"))
+            let (base, labels) = name.split_once(&label).unwrap_or_else(|| panic!("{l}"));
+            let name = match labels.strip_prefix(',') {
+                Some(rest) => format!("{base}{{{rest}"),
+                None => base.to_string(), // the model was the only label: "}" is left
+            };
+            (name, value.parse::<f64>().expect("a number"))
         })
         .collect()
 }
