@@ -29,6 +29,8 @@ use std::sync::Arc;
 
 use radix_kv::{PageTableBuilder, SparseBudget, SparsePolicy};
 use radix_model::{KvPoolSpec, SampleRequest, Sampled, Step, Tokenizer};
+
+use crate::request::PromptLogprob;
 use tokio::sync::mpsc::UnboundedSender;
 
 use self::scheduler::Scheduled;
@@ -112,6 +114,17 @@ pub struct Engine {
     // Per-step buffers, reused.
     table: PageTableBuilder,
     step: Step,
+    /// What each logit row of the step is for, in row order (reused every step).
+    rows: Vec<LogitRow>,
+}
+
+/// A logit row of a step: a sequence's next token to sample, or a prompt token to score.
+#[derive(Clone, Copy, Debug)]
+enum LogitRow {
+    /// Sample the next token of plan entry `plan`.
+    Sample { plan: usize },
+    /// Score prompt position `position` of plan entry `plan` (prompt log-probabilities).
+    Score { plan: usize, position: usize },
 }
 
 impl Engine {
@@ -186,6 +199,7 @@ impl Engine {
             stats,
             table,
             step: Step::default(),
+            rows: Vec::new(),
         })
     }
 
@@ -320,7 +334,8 @@ impl Engine {
         step.clear();
         let page_size = self.kv.page_size();
         let (mut dense_pages, mut read_pages, mut scored_pages) = (0usize, 0usize, 0usize);
-        for s in plan {
+        self.rows.clear();
+        for (k, s) in plan.iter().enumerate() {
             let seq = &self.running[s.index];
             let upto = seq.computed + s.len;
             let pages = &seq.kv.pages()[..upto.div_ceil(page_size)];
@@ -337,10 +352,17 @@ impl Engine {
                 read_pages += keep.unwrap_or(pages.len());
                 scored_pages += if keep.is_some() { pages.len() } else { 0 };
             }
+            let first_row = step.tokens.len() as u32;
             step.tokens.extend_from_slice(&seq.tokens[seq.computed..upto]);
             step.positions.extend(seq.computed as i32..upto as i32);
+            // Token q's logits score prompt position q + 1.
+            for position in seq.scored_positions(upto) {
+                step.logit_rows.push(first_row + (position - 1 - seq.computed) as u32);
+                self.rows.push(LogitRow::Score { plan: k, position });
+            }
             if upto == seq.tokens.len() {
                 step.logit_rows.push(step.tokens.len() as u32 - 1);
+                self.rows.push(LogitRow::Sample { plan: k });
             }
         }
         step.set_table(self.table.table());
@@ -350,13 +372,30 @@ impl Engine {
             self.stats.kv_read_dense_bytes += reads.dense_bytes;
             self.stats.kv_read_bytes += reads.bytes;
         }
-        let requests: Vec<SampleRequest> = plan
+        let requests: Vec<SampleRequest> = self
+            .rows
             .iter()
-            .map(|s| &self.running[s.index])
-            .filter(|seq| seq.computed + seq.step_len == seq.tokens.len())
-            .map(|seq| SampleRequest {
-                top_logprobs: if seq.logprobs { seq.top_logprobs } else { 0 },
-                ..SampleRequest::new(&seq.sampling, &seq.counts, seq.seed, seq.num_output() as u64)
+            .map(|row| match *row {
+                LogitRow::Sample { plan: k } => {
+                    let seq = &self.running[plan[k].index];
+                    SampleRequest {
+                        top_logprobs: if seq.logprobs { seq.top_logprobs } else { 0 },
+                        ..SampleRequest::new(
+                            &seq.sampling,
+                            &seq.counts,
+                            seq.seed,
+                            seq.num_output() as u64,
+                        )
+                    }
+                }
+                LogitRow::Score { plan: k, position } => {
+                    let seq = &self.running[plan[k].index];
+                    SampleRequest {
+                        top_logprobs: seq.prompt_logprobs.unwrap_or(0),
+                        target: Some(seq.tokens[position]),
+                        ..SampleRequest::new(&seq.sampling, &seq.counts, seq.seed, 0)
+                    }
+                }
             })
             .collect();
         self.runner.sample(&requests).map_err(|e| e.to_string())
@@ -364,14 +403,39 @@ impl Engine {
 
     /// Advances the scheduled sequences past the step: samples, stops, streams.
     fn process(&mut self, plan: &[Scheduled], sampled: &[Sampled]) {
+        let rows = std::mem::take(&mut self.rows);
         let mut row = 0;
         let mut done: Vec<(usize, FinishReason)> = Vec::new();
-        for s in plan {
+        for (k, s) in plan.iter().enumerate() {
             let seq = &mut self.running[s.index];
+            // The chunk's scored prompt tokens come first among its rows.
+            let mut scored = Vec::new();
+            while let Some(&LogitRow::Score { plan, position }) = rows.get(row) {
+                if plan != k {
+                    break;
+                }
+                let x = &sampled[row];
+                scored.push(PromptLogprob {
+                    position,
+                    token: x.token,
+                    logprob: x.logprob,
+                    top: x.top.clone(),
+                });
+                seq.prompt_scored = position + 1;
+                row += 1;
+            }
             let prefilling = seq.computed < seq.prompt_len;
             seq.computed += s.len;
             if seq.computed < seq.tokens.len() {
-                continue; // a prefill chunk: nothing to sample yet
+                // A prefill chunk: nothing to sample yet; scored tokens go out now.
+                if !scored.is_empty() {
+                    let mut out = seq.output(String::new(), Vec::new(), Vec::new());
+                    out.prompt_logprobs = scored;
+                    if seq.sink.send(out).is_err() {
+                        done.push((s.index, FinishReason::Abort));
+                    }
+                }
+                continue;
             }
             if prefilling {
                 self.kv.cache_computed(&mut seq.kv, &seq.tokens, seq.computed);
@@ -393,6 +457,7 @@ impl Engine {
             if seq.logprobs && seq.top_logprobs > 0 {
                 out.top_logprobs.push(sampled.top.clone());
             }
+            out.prompt_logprobs = scored;
             if stop_token {
                 out.finish = Some(FinishReason::Stop);
             } else if length {
@@ -411,6 +476,7 @@ impl Engine {
                 }
             }
         }
+        self.rows = rows;
         // Remove from the back so earlier indices stay valid.
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (index, reason) in done {

@@ -25,7 +25,7 @@ pub use kv_manager::{KvManager, KvReads, SeqPages};
 pub use metrics::EngineStats;
 pub use output::{OutputProcessor, OutputStream, Processed};
 pub use radix_kv::{SparseBudget, SparsePolicy};
-pub use request::{FinishReason, Output, Request, RequestId, StopConfig};
+pub use request::{FinishReason, Output, PromptLogprob, Request, RequestId, StopConfig};
 pub use rules::{MAX_STOP_STRING_BYTES, RequestRules, RuleError};
 pub use runner::Runner;
 pub use stop_strings::{StopMatch, StopMatcher};

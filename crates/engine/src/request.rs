@@ -48,6 +48,10 @@ pub struct Request {
     pub logprobs: bool,
     /// And this many most likely alternatives at each position (0..=20).
     pub top_logprobs: usize,
+    /// Report each prompt token's log-probability given the tokens before it, with this
+    /// many alternatives (vLLM's `prompt_logprobs`; completions' `echo` with logprobs).
+    /// Such a prompt is computed, not served from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
     /// Sparse paging budget for this request's decode steps (the engine's default when
     /// `None`); needs an engine started with sparse paging.
     pub sparse_budget: Option<SparseBudget>,
@@ -68,6 +72,7 @@ impl Request {
             stop,
             logprobs: false,
             top_logprobs: 0,
+            prompt_logprobs: None,
             sparse_budget: None,
             priority: 0,
             group: None,
@@ -99,6 +104,17 @@ impl FinishReason {
     }
 }
 
+/// A prompt token's log-probability given the tokens before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    /// Its position in the prompt (from 1: the first token has no context).
+    pub position: usize,
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely tokens at that position, `(token, logprob)`.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// A streamed piece of a request's output. The last one has `finish` set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Output {
@@ -112,6 +128,8 @@ pub struct Output {
     /// For each of `token_ids`, the most likely alternatives `(token, logprob)`, when
     /// `top_logprobs` was asked for (else empty).
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Prompt tokens scored since the previous output, in order (`prompt_logprobs`).
+    pub prompt_logprobs: Vec<PromptLogprob>,
     pub finish: Option<FinishReason>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,

@@ -5,6 +5,7 @@
 //! field by field to answer with the parameter at fault.
 
 use crate::request::Request;
+use radix_model::MAX_TOP_LOGPROBS;
 
 /// Total bytes of one request's stop strings at most. They are matched by an automaton
 /// built per request (its size grows with theirs); a few KiB is far more than any real
@@ -53,6 +54,8 @@ pub enum RuleError {
     StopTooLong { bytes: usize },
     #[error("{0}")]
     Sampling(String),
+    #[error("at most {MAX_TOP_LOGPROBS} alternatives per token, {0} asked for")]
+    TooManyAlternatives(usize),
 }
 
 impl RequestRules {
@@ -115,6 +118,11 @@ impl RequestRules {
         if req.sparse_budget.is_some() && !self.sparse {
             return Err(RuleError::SparseOff);
         }
+        let alternatives = req.top_logprobs.max(req.prompt_logprobs.unwrap_or(0));
+        if alternatives > MAX_TOP_LOGPROBS {
+            return Err(RuleError::TooManyAlternatives(alternatives));
+        }
+        self.check_tokens(req.sampling.logit_bias.iter().map(|b| b.0 as u64))?;
         req.sampling.validate().map_err(RuleError::Sampling)
     }
 }

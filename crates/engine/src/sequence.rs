@@ -18,6 +18,10 @@ pub(crate) struct Sequence {
     pub stop: StopConfig,
     pub logprobs: bool,
     pub top_logprobs: usize,
+    /// Alternatives per scored prompt token, when prompt log-probabilities are asked for.
+    pub prompt_logprobs: Option<usize>,
+    /// Prompt positions below this have had their log-probability sent (from 1).
+    pub prompt_scored: usize,
     /// Tokens whose KV is in its pages (the rest still has to be computed).
     pub computed: usize,
     /// Its KV pages (may run ahead of `computed`), changed only by the `KvManager`.
@@ -58,6 +62,8 @@ impl Sequence {
             stop,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs,
+            prompt_logprobs: req.prompt_logprobs,
+            prompt_scored: 1,
             computed: 0,
             kv: SeqPages::default(),
             cached_tokens: 0,
@@ -81,6 +87,23 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
+    /// Whether prompt positions are still to be scored (its prompt must be computed, so
+    /// the prefix cache is not used, and its chunks make logit rows).
+    pub fn scores_prompt(&self) -> bool {
+        self.prompt_logprobs.is_some() && self.prompt_scored < self.prompt_len
+    }
+
+    /// Prompt positions `p` a chunk computing `computed..upto` scores: the logits after
+    /// token `p - 1` give token p's log-probability.
+    pub fn scored_positions(&self, upto: usize) -> std::ops::Range<usize> {
+        if self.prompt_logprobs.is_none() {
+            return 0..0;
+        }
+        let from = self.prompt_scored.max(self.computed + 1);
+        let to = (upto + 1).min(self.prompt_len);
+        from..to.max(from)
+    }
+
     /// Tokens still to compute before the next sample (1 when decoding).
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.computed
@@ -94,6 +117,7 @@ impl Sequence {
             token_ids,
             logprobs,
             top_logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             finish: None,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_output(),

@@ -565,3 +565,41 @@ fn top_logprobs_are_the_softmax_of_the_logits_and_logit_bias_steers() {
     req.sampling.logit_bias = banned;
     assert_eq!(tokens(&run(&mut e, vec![req]).remove(0)), vec![66; 3]);
 }
+
+#[test]
+fn prompt_logprobs_score_every_prompt_token_once_in_chunks() {
+    let mut e = engine(EngineConfig::default());
+    // 75 tokens: more than the scored rows of one step, so several chunks; the same
+    // prompt is cached first, and must still be computed (and scored) in full.
+    let prompt: Vec<u32> = (0..75).map(|i| (i * 37 % 250 + 3) as u32).collect();
+    run(&mut e, vec![greedy(&prompt, 2)]);
+    let mut req = greedy(&prompt, 2);
+    req.prompt_logprobs = Some(3);
+    let mut other = greedy(&prompt[..40], 3); // a neighbour in the same steps
+    other.prompt_logprobs = Some(0);
+    let outs = run(&mut e, vec![req, other]);
+    for (o, len) in outs.iter().zip([75usize, 40]) {
+        let scored: Vec<_> = o.iter().flat_map(|o| o.prompt_logprobs.clone()).collect();
+        let positions: Vec<usize> = scored.iter().map(|s| s.position).collect();
+        assert_eq!(positions, (1..len).collect::<Vec<_>>());
+        assert!(o.iter().filter(|o| !o.prompt_logprobs.is_empty()).count() >= 2 || len < 33);
+        for s in scored.iter().filter(|s| [1, 31, 32, 33, len - 1].contains(&s.position)) {
+            let logits = last_logits(&prompt[..s.position]);
+            let m = logits.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);
+            let lz = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            assert_eq!(s.token, prompt[s.position]);
+            let exact = logits[s.token as usize] as f64 - lz;
+            assert!((s.logprob as f64 - exact).abs() < 1e-4, "position {}", s.position);
+            let top: Vec<u32> = s.top.iter().map(|t| t.0).collect();
+            let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+            order.sort_by(|&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+            });
+            let want = if len == 75 { 3 } else { 0 };
+            assert_eq!(top, order[..want].to_vec(), "position {}", s.position);
+        }
+        // Generation is as without scoring.
+        assert_eq!(tokens(o).len(), if len == 75 { 2 } else { 3 });
+    }
+    all_pages_back(&e);
+}

@@ -222,6 +222,19 @@ fn sampler_alternatives_bias_and_masks_match_the_host() {
     assert!(edited[..vocab].iter().zip(&raw[..vocab]).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(edited[2 * vocab + 12].is_infinite() && edited[2 * vocab + 12] < 0.0);
     assert_eq!(edited[2 * vocab + 700], raw[2 * vocab + 700] + 50.0);
+    // Scoring rows (prompt log-probabilities): the target's raw log-probability, no draw,
+    // bias and mask ignored.
+    let scored = [
+        SampleRow { target: 123, top_n: 4, ..hot },
+        SampleRow { target: 0, bias_start: 0, bias_count: 2, ..greedy },
+    ];
+    let (tok, lp, tops, _) = sample_with(&jit, &raw[..2 * vocab], vocab, &scored, &bias, &[], 4);
+    assert_eq!(tok, vec![123, 0]);
+    for (r, &t) in [123usize, 0].iter().enumerate() {
+        let ls = log_softmax(&raw[r * vocab..(r + 1) * vocab]);
+        assert!((lp[r] as f64 - ls[t]).abs() < 1e-4, "scored row {r}");
+    }
+    assert_eq!(tops[0].len(), 4);
 }
 
 #[test]

@@ -12,6 +12,10 @@ use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
 
+/// Logit rows a step may carry beyond one per sequence: prompt tokens scored for prompt
+/// log-probabilities (`echo`). The scheduler keeps to it; memory plans reserve it.
+pub const MAX_SCORED_ROWS_PER_STEP: usize = 32;
+
 /// One step's batch, as the scheduler planned it: the tokens to compute and where their
 /// KV goes and comes from. Sequence b's queries are the last `q_len(b)` tokens of its KV
 /// (which already includes this step's tokens): the causal mask is bottom-right aligned.
@@ -28,7 +32,9 @@ pub struct Step {
     pub kv_indptr: Vec<i32>,
     pub kv_indices: Vec<i32>,
     pub kv_last_page_len: Vec<i32>,
-    /// Token rows whose logits are needed (the last token of each sequence that samples).
+    /// Token rows whose logits are needed: the last token of each sequence that samples,
+    /// and prompt tokens scored for prompt log-probabilities (at most
+    /// `MAX_SCORED_ROWS_PER_STEP` of those per step).
     pub logit_rows: Vec<u32>,
     /// Sparse paging (`KvPoolSpec::sparse`): pages each sequence attends to in the
     /// sparse layers (`SparsePolicy::pages_to_keep`; 0, or all of its pages: dense).

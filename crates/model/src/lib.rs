@@ -17,7 +17,9 @@ pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
-pub use backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
+pub use backend::{
+    Activation, Backend, KvPoolSpec, MAX_SCORED_ROWS_PER_STEP, Step, StepMode, StepRun,
+};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use cpu::CpuBackend;

@@ -142,18 +142,21 @@ pub struct SampleRequest<'a> {
     /// Structured output: the tokens the row may sample, a bitmask (bit `t % 32` of word
     /// `t / 32` set: token t allowed; words cover the vocabulary). `None`: all of them.
     pub allowed: Option<&'a [u32]>,
+    /// Scoring, not sampling: the row reports this token (a prompt token, for prompt
+    /// log-probabilities) with its raw log-probability and the alternatives.
+    pub target: Option<u32>,
 }
 
 impl<'a> SampleRequest<'a> {
     /// A request with no alternatives asked for.
     pub fn new(params: &'a SamplingParams, counts: &'a TokenCounts, seed: u64, index: u64) -> Self {
-        Self { params, counts, seed, index, top_logprobs: 0, allowed: None }
+        Self { params, counts, seed, index, top_logprobs: 0, allowed: None, target: None }
     }
 
     /// Whether the row needs the host sampler (a backend that samples on its own
     /// device sends only these rows' logits back): penalties need the token counts.
     pub fn needs_host(&self) -> bool {
-        self.params.has_penalties()
+        self.params.has_penalties() && self.target.is_none()
     }
 
     /// The uniform in [0, 1) for this draw (`salt` tells several draws apart).
@@ -179,6 +182,10 @@ pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
     let params = req.params;
     let log_z = log_sum_exp(logits);
     let top = top_logprobs(logits, req.top_logprobs, log_z);
+    if let Some(t) = req.target {
+        let logprob = logits.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - log_z);
+        return Sampled { token: t, logprob, top };
+    }
     // Greedy without penalties or bias leaves the logits as they are; otherwise keep a
     // copy for the log-probability.
     let untouched = params.is_greedy()

@@ -32,11 +32,12 @@ impl Usage {
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    /// Null for an echoed prompt's first token (nothing comes before it).
+    pub token_logprobs: Vec<Option<f32>>,
     /// With `logprobs: N > 0`, per token the N most likely tokens' texts and
-    /// log-probabilities, plus the sampled one (so up to N + 1, as OpenAI answers);
-    /// null with `logprobs: 0`.
-    pub top_logprobs: Option<Vec<serde_json::Map<String, serde_json::Value>>>,
+    /// log-probabilities, plus the token itself (so up to N + 1, as OpenAI answers;
+    /// null for an echoed prompt's first token); null with `logprobs: 0`.
+    pub top_logprobs: Option<Vec<Option<serde_json::Map<String, serde_json::Value>>>>,
     pub text_offset: Vec<usize>,
 }
 

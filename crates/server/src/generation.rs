@@ -122,6 +122,7 @@ impl Generation {
                     token_ids: Vec::new(),
                     logprobs: Vec::new(),
                     top_logprobs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                     finish: Some(FinishReason::Error("the engine stopped".into())),
                     prompt_tokens: 0,
                     completion_tokens: self.completion_tokens[index],
@@ -175,6 +176,7 @@ impl Generation {
             c.token_ids.extend_from_slice(&o.token_ids);
             c.logprobs.extend_from_slice(&o.logprobs);
             c.top_logprobs.extend(o.top_logprobs);
+            c.prompt_logprobs.extend(o.prompt_logprobs);
             match o.finish {
                 Some(FinishReason::Error(e)) => {
                     return Err(ApiError::Internal(format!("generation failed: {e}")));
@@ -220,6 +222,8 @@ pub struct ChoiceOutput {
     pub logprobs: Vec<f32>,
     /// Each token's alternatives, when `top_logprobs` was asked for.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// The prompt's scored tokens (`echo` with `logprobs`).
+    pub prompt_logprobs: Vec<radix_engine::PromptLogprob>,
     pub finish: Option<&'static str>,
 }
 

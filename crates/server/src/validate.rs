@@ -13,9 +13,10 @@
 //! `add_generation_prompt`, and radix-sparse's
 //! `sparse_budget` (sparse paging: a fraction of pages in (0, 1] or a token count; the
 //! engine refuses it when sparse paging is off). Unknown fields are
-//! ignored (clients send extras); things asked for that we cannot honour (`echo`,
-//! `suffix`, `best_of` > n, tools, non-text content, JSON response formats) are refused
-//! with 400.
+//! ignored (clients send extras); things asked for that we cannot honour (`suffix`,
+//! `best_of` > n, tools, non-text content, JSON response formats) are refused with 400.
+//! Completions' `echo` answers with the prompt first (and, with `logprobs`, its tokens'
+//! log-probabilities, which the engine then computes).
 
 use radix_engine::{Request, RequestRules, RuleError, SparseBudget, StopConfig};
 use radix_model::{ChatMessage, ChatTemplate, MAX_TOP_LOGPROBS, SamplingParams, Tokenizer};
@@ -76,6 +77,11 @@ pub struct ResponseShape {
     pub include_usage: bool,
     /// Report the sampled tokens' log-probabilities.
     pub logprobs: bool,
+    /// Alternatives per token in them.
+    pub top_logprobs: usize,
+    /// Completions' `echo`: each prompt's token ids, to answer with its text (and its
+    /// tokens' log-probabilities) first; empty without echo.
+    pub echo_prompts: Vec<Vec<u32>>,
     /// Choices per prompt.
     pub n: usize,
     /// Tokens of each prompt.
@@ -110,8 +116,19 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest
             ));
         }
     };
+    let echo = f.bool("echo")?.unwrap_or(false);
     let max_tokens = f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens"));
-    build(Endpoint::Completions, &f, ctx, model, prompts, max_tokens, logprobs)
+    let mut parsed = build(Endpoint::Completions, &f, ctx, model, prompts, max_tokens, logprobs)?;
+    if echo {
+        // The prompt's tokens are scored when log-probabilities are asked for.
+        for r in &mut parsed.requests {
+            r.prompt_logprobs = logprobs;
+        }
+        let n = parsed.shape.n;
+        parsed.shape.echo_prompts =
+            parsed.requests.iter().step_by(n).map(|r| r.prompt.clone()).collect();
+    }
+    Ok(parsed)
 }
 
 /// Parses a `/v1/chat/completions` body (renders the chat template).
@@ -304,6 +321,8 @@ fn build(
             stream,
             include_usage,
             logprobs: logprobs.is_some(),
+            top_logprobs: logprobs.unwrap_or(0),
+            echo_prompts: Vec::new(),
             n,
             prompt_lens,
         },
@@ -542,9 +561,6 @@ fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>> {
 }
 
 fn refuse_unsupported_completion(f: &Fields) -> Result<()> {
-    if f.bool("echo")?.unwrap_or(false) {
-        return Err(ApiError::invalid("echo is not supported", "echo"));
-    }
     match f.get("suffix") {
         None => {}
         Some(Value::String(s)) if s.is_empty() => {}

@@ -315,7 +315,7 @@ async fn errors_are_openai_json_with_the_right_status() {
         (cmpl, json!({"prompt": "a", "stop": 3}).to_string(), 400, Some("stop")),
         (cmpl, json!({"prompt": "a", "stop": [""]}).to_string(), 400, Some("stop")),
         (cmpl, json!({"prompt": "a", "seed": "x"}).to_string(), 400, Some("seed")),
-        (cmpl, json!({"prompt": "a", "echo": true}).to_string(), 400, Some("echo")),
+        (cmpl, json!({"prompt": "a", "echo": "yes"}).to_string(), 400, Some("echo")),
         (cmpl, json!({"prompt": "a", "logprobs": 21}).to_string(), 400, Some("logprobs")),
         (cmpl, json!({"prompt": "a", "logprobs": -1}).to_string(), 400, Some("logprobs")),
         (cmpl, json!({"prompt": "a", "logit_bias": {"x": 5}}).to_string(), 400, Some("logit_bias")),
@@ -811,4 +811,57 @@ async fn model_aliases_and_request_ids() {
     // Every metric carries the model's name (`metrics` checks it on each line).
     let m = metrics(&c, &s).await;
     assert!(m["radix_generation_tokens_total"] >= 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_answers_with_the_prompt_and_its_logprobs() {
+    let s = server().await;
+    let c = reqwest::Client::new();
+    let base = json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": true});
+    let (_, plain) = post(&c, &s, "/v1/completions", &base).await;
+    let generated = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    // Echo alone: the prompt's text, then the completion.
+    let mut body = base.clone();
+    body["echo"] = json!(true);
+    let (status, r) = post(&c, &s, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], format!("Hello{generated}"));
+    assert!(r["choices"][0]["logprobs"].is_null());
+    // With logprobs (lm-eval's loglikelihood request): every prompt token has one but
+    // the first (BOS here), then the sampled tokens.
+    body["logprobs"] = json!(2);
+    let (status, r) = post(&c, &s, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let n = 1 + 5 + 3;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{lp}");
+    let token_lps = lp["token_logprobs"].as_array().unwrap();
+    assert!(token_lps[0].is_null());
+    assert!(token_lps[1..].iter().all(|l| l.as_f64().unwrap() <= 0.0), "{lp}");
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    assert!(tops[0].is_null());
+    for (i, t) in tops.iter().enumerate().skip(1) {
+        let t = t.as_object().unwrap();
+        assert!((1..=3).contains(&t.len()) && t.contains_key(lp["tokens"][i].as_str().unwrap()));
+    }
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    // The same prompt scored twice (the second is cached, and must be computed again).
+    let (_, again) = post(&c, &s, "/v1/completions", &body).await;
+    let again_lps = again["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().clone();
+    for (a, b) in again_lps.iter().zip(token_lps).skip(1) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4);
+    }
+    // Streamed: the same text and tokens.
+    body["stream"] = json!(true);
+    let chunks = sse_chunks(&post_stream(&c, &s, "/v1/completions", &body).await);
+    let text: String = chunks.iter().filter_map(|ch| ch["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, format!("Hello{generated}"));
+    let tokens: Vec<Value> = chunks
+        .iter()
+        .filter_map(|ch| ch["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&tokens, lp["tokens"].as_array().unwrap());
 }

@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use radix_model::MAX_SCORED_ROWS_PER_STEP;
+
 use super::Engine;
 use super::fairness::{RunningSeq, fairness_victims};
 use crate::request::RequestId;
@@ -91,14 +93,21 @@ impl Engine {
                 i -= 1;
             }
         }
-        // 2. Prefill chunks of running requests, oldest first, under the budget.
+        // 2. Prefill chunks of running requests, oldest first, under the budget. A prompt
+        //    being scored (prompt log-probabilities) makes a logit row per token: those
+        //    chunks share `MAX_SCORED_ROWS_PER_STEP` rows.
         let mut any = self.running.iter().any(|s| s.step_len > 0);
+        let mut scored_rows = MAX_SCORED_ROWS_PER_STEP;
         for i in 0..self.running.len() {
             let pending = self.running[i].pending();
             if pending <= 1 || budget == 0 {
                 continue;
             }
-            let len = self.chunk(pending, budget, !any);
+            let mut len = self.chunk(pending, budget, !any);
+            if self.running[i].scores_prompt() {
+                len = len.min(scored_rows);
+                scored_rows -= len;
+            }
             let seq = &mut self.running[i];
             if len > 0 && self.kv.reserve(&mut seq.kv, seq.computed + len) {
                 seq.step_len = len;
@@ -112,12 +121,18 @@ impl Engine {
         let mut per_group = self.running_per_group();
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(mut seq) = self.waiting.pop_next(&per_group) else { break };
-            let cached = self.kv.admit(&mut seq.kv, &seq.tokens);
+            // A prompt still to be scored is computed whole: no logits come from cache.
+            let cached =
+                if seq.scores_prompt() { 0 } else { self.kv.admit(&mut seq.kv, &seq.tokens) };
             seq.computed = cached;
             if seq.preempted == 0 {
                 seq.cached_tokens = cached;
             }
-            let len = self.chunk(seq.pending(), budget, !any);
+            let mut len = self.chunk(seq.pending(), budget, !any);
+            if seq.scores_prompt() {
+                len = len.min(scored_rows);
+                scored_rows -= len;
+            }
             let upto = seq.computed + len;
             if len == 0 || !self.kv.reserve(&mut seq.kv, upto) {
                 self.requeue(seq);

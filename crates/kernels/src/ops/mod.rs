@@ -238,7 +238,7 @@ pub fn gather_rows<T: HalfFloat>(
     unsafe { k.launch(x.device(), rows_cfg(count, 128), &p) }
 }
 
-/// One row's sampling parameters, as sampling.cu reads them (48 bytes).
+/// One row's sampling parameters, as sampling.cu reads them (56 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleRow {
@@ -257,6 +257,9 @@ pub struct SampleRow {
     pub top_n: i32,
     /// The row's allowed-token bitmask in the extras, -1: every token allowed.
     pub mask_row: i32,
+    /// >= 0: score this token (its raw log-probability and the alternatives), no draw.
+    pub target: i32,
+    pub reserved: i32,
 }
 
 impl Default for SampleRow {
@@ -272,13 +275,15 @@ impl Default for SampleRow {
             bias_count: 0,
             top_n: 0,
             mask_row: -1,
+            target: -1,
+            reserved: 0,
         }
     }
 }
 
 impl SampleRow {
     /// u32 words per row.
-    pub const WORDS: usize = 12;
+    pub const WORDS: usize = 14;
 
     /// The row as `WORDS` u32 words, for upload.
     pub fn words(&self) -> [u32; Self::WORDS] {
@@ -295,6 +300,8 @@ impl SampleRow {
             self.bias_count as u32,
             self.top_n as u32,
             self.mask_row as u32,
+            self.target as u32,
+            self.reserved as u32,
         ]
     }
 }
@@ -372,6 +379,7 @@ pub fn sample_rows(
             r.mask_row,
             extras.mask_rows
         );
+        ensure!(r.target < vocab as i32, "sample_rows: row {i}'s target {} >= {vocab}", r.target);
         ensure!(
             r.top_n >= 0 && r.top_n as usize <= top_room,
             "sample_rows: row {i} asks {} alternatives, room for {top_room}",

@@ -27,6 +27,8 @@ struct SampleRow {
   int bias_count;     // 0: no bias
   int top_n;          // alternatives to report, <= top_stride
   int mask_row;       // row of the extras' bitmasks, -1: every token allowed
+  int target;         // >= 0: score this token instead of sampling (prompt logprobs)
+  int reserved;
 };
 
 struct SampleParams {
@@ -132,6 +134,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_c
   if (prm.top_n > 0)
     top_tokens(l, p.vocab, prm.top_n, log_z, p.top_tokens + (long long)r * p.top_stride,
                p.top_logprobs + (long long)r * p.top_stride, sv, si);
+
+  if (prm.target >= 0) {  // scoring: the target's raw log-probability, no draw
+    if (threadIdx.x == 0) {
+      const int tok = prm.target < p.vocab ? prm.target : 0;
+      p.tokens[r] = tok;
+      p.logprobs[r] = l[tok] - log_z;
+    }
+    return;
+  }
 
   // Bias and mask, in place; then the maximum the filters below start from is the
   // edited row's.

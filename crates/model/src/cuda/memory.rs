@@ -151,7 +151,7 @@ impl CudaBackend {
         let caps = Caps {
             tokens: max_tokens.max(max_seqs),
             seqs: max_seqs,
-            logit_rows: max_seqs,
+            logit_rows: max_seqs + crate::backend::MAX_SCORED_ROWS_PER_STEP,
             work_items: decode_work.max(max_tokens),
             merge_items: max_seqs,
             partial_rows: decode_work,

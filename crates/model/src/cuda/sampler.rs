@@ -42,6 +42,7 @@ impl SamplerPlan {
                 top_k: p.top_k.min(i32::MAX as usize) as i32,
                 seed: r.seed,
                 index: r.index,
+                target: r.target.map_or(-1, |t| t.min(i32::MAX as u32) as i32),
                 ..Default::default()
             };
             if gpu(r) {
