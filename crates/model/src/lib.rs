@@ -15,6 +15,7 @@ pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
@@ -27,3 +28,4 @@ pub use loader::ModelSource;
 pub use model::LlamaModel;
 pub use sampling::{SampleRequest, Sampled, SamplingParams, TokenCounts};
 pub use tokenizer::Tokenizer;
+pub use tp::{CpuComm, TpModel, TpShard};
