@@ -131,6 +131,18 @@ impl TpShard {
         })
     }
 
+    /// Parameters this rank holds: its slices, the replicated embedding and norms, and
+    /// the LM head on rank 0 only. What its memory plan starts from (× bytes per weight).
+    pub fn rank_params(&self, cfg: &ModelConfig) -> Result<usize> {
+        let local = self.local_config(cfg)?;
+        let head = if cfg.tie_word_embeddings || self.computes_logits() {
+            0
+        } else {
+            cfg.vocab_size * cfg.hidden_size
+        };
+        Ok(local.num_params() - head)
+    }
+
     /// Whether this rank computes logits and samples (rank 0: the LM head is replicated
     /// there and nowhere else).
     pub fn computes_logits(&self) -> bool {
@@ -146,6 +158,10 @@ pub fn cpu_model(
     size: usize,
 ) -> Result<TpModel<CpuBackend>> {
     TpShard::check(size, config)?;
+    for shard in TpShard::group(size)? {
+        let params = shard.rank_params(config)?;
+        tracing::info!(rank = shard.rank, size, params, "tensor-parallel rank's weights");
+    }
     let (comms, control) = CpuComm::group(size)?;
     let models = load_ranks(size, |shard| {
         let backend = CpuBackend::with_comm(comms[shard.rank].clone());
@@ -217,5 +233,10 @@ mod tests {
         let local = TpShard { rank: 7, size: 8 }.local_config(&c).unwrap();
         assert_eq!((local.num_heads, local.num_kv_heads, local.intermediate_size), (8, 1, 3584));
         assert!(TpShard::check(16, &c).is_ok()); // kv heads replicated twice
+        // Per GPU in bf16 at TP 8: 21.3 GB on rank 0 (with the LM head), 19.2 GB on the
+        // others, of 141 GB for the whole model.
+        let params = |rank| TpShard { rank, size: 8 }.rank_params(&c).unwrap();
+        assert_eq!((params(0), params(7)), (10_659_045_376, 9_608_372_224));
+        assert_eq!(TpShard::SINGLE.rank_params(&c).unwrap(), c.num_params());
     }
 }
