@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use radix_engine::{Engine, EngineConfig, SparseConfig};
 use radix_model::cuda::MemoryLimits;
-use radix_model::{CpuBackend, CudaBackend, ModelSource};
+use radix_model::{CpuBackend, CudaBackend, ModelSource, TpShard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -105,6 +105,11 @@ pub struct ModelArgs {
     /// Compute each prompt in one step instead of chunks.
     #[arg(long)]
     pub no_chunked_prefill: bool,
+    /// Splits the model over this many ranks (tensor parallelism; vLLM's flag, `-tp` too):
+    /// on the CPU, threads of this process; on CUDA, one GPU each. The attention head
+    /// count must be a multiple of it.
+    #[arg(long, visible_alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// CUDA: run every step eagerly, without CUDA graphs for decode.
     #[arg(long, visible_alias = "enforce-eager")]
     pub disable_cuda_graphs: bool,
@@ -190,7 +195,12 @@ impl ModelArgs {
         let spec = self.model.clone().unwrap_or_else(default_model);
         let source = open_model(&spec)?;
         let device = self.device.resolve();
+        let tp = self.tensor_parallel_size;
+        // Before any weight is read: a size the model cannot take is named at once.
+        TpShard::check(tp, &source.config)
+            .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {tp}: {e}"))?;
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
+            Device::Cuda if tp > 1 => return Err(cuda_tensor_parallel(tp)),
             Device::Cuda => {
                 let mut model = source.load(CudaBackend::new(0)?)?;
                 let limits = self.engine_config(Device::Cuda, 0);
@@ -209,10 +219,34 @@ impl ModelArgs {
                 plan.log();
                 (Box::new(model), plan.kv_pages)
             }
+            _ if tp > 1 => {
+                tracing::info!(model = %source.name, ranks = tp, "loading, tensor-parallel on CPU threads");
+                let group =
+                    radix_model::tp::cpu_model(&source.config, source.weights.as_ref(), tp)?;
+                (Box::new(group), self.kv_pages.unwrap_or(4096))
+            }
             _ => (Box::new(source.load(CpuBackend::new())?), self.kv_pages.unwrap_or(4096)),
         };
         let ModelSource { name, tokenizer, chat_template, .. } = source;
         Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
+    }
+}
+
+/// Why `--tensor-parallel-size N` (N > 1) cannot run on CUDA here: too few GPUs, or (the
+/// NCCL ranks are not built yet) the NCCL path itself.
+fn cuda_tensor_parallel(tp: usize) -> anyhow::Error {
+    match radix_gpu::Device::count() {
+        Ok(gpus) if gpus < tp => anyhow::anyhow!(
+            "--tensor-parallel-size {tp} needs {tp} GPUs but {gpus} {} visible \
+             (CUDA_VISIBLE_DEVICES, or a smaller --tensor-parallel-size)",
+            if gpus == 1 { "is" } else { "are" }
+        ),
+        Ok(_) => anyhow::anyhow!(
+            "--tensor-parallel-size {tp} on CUDA: the NCCL ranks are not built yet (the CPU \
+             backend runs tensor-parallel: --device cpu); or run one server per GPU behind \
+             a load balancer"
+        ),
+        Err(e) => anyhow::anyhow!("--tensor-parallel-size {tp} on CUDA: {e}"),
     }
 }
 

@@ -27,6 +27,11 @@ impl GenerateArgs {
     pub fn sampling(&self) -> &SamplingArgs {
         &self.sampling
     }
+
+    #[cfg(test)]
+    pub fn model_args(&self) -> &ModelArgs {
+        &self.model
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {

@@ -45,7 +45,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(vllm_short_flags(std::env::args_os()));
     let logs = tracing_subscriber::fmt()
         // Colour codes only for a terminal: logs piped to a file or a collector stay plain.
         .with_ansi(std::io::stderr().is_terminal() && cli.log_format == LogFormat::Text)
@@ -74,13 +74,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// vLLM's `-tp N` (`-tp=N`): clap's short flags are one letter, so the argument is
+/// rewritten to `--tensor-parallel-size` before parsing.
+fn vllm_short_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.into_iter()
+        .map(|a| match a.to_str() {
+            Some("-tp") => "--tensor-parallel-size".into(),
+            Some(s) if s.starts_with("-tp=") => {
+                format!("--tensor-parallel-size={}", &s[4..]).into()
+            }
+            _ => a,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn generate(args: &[&str]) -> Result<generate::GenerateArgs, clap::Error> {
         let argv = ["radix-sparse", "generate", "--prompt", "x"].iter().chain(args);
-        match Cli::try_parse_from(argv)?.command {
+        match Cli::try_parse_from(vllm_short_flags(argv.map(std::ffi::OsString::from)))?.command {
             Command::Generate(g) => Ok(g),
             _ => unreachable!("parsed as generate"),
         }
@@ -113,5 +127,25 @@ mod tests {
         let p = g.sampling().params().unwrap();
         assert_eq!((p.frequency_penalty, p.top_k), (-0.5, 0));
         assert!(generate(&["--top-k", "-2"]).unwrap().sampling().params().is_err());
+    }
+
+    #[test]
+    fn tensor_parallel_size_and_its_vllm_spellings() {
+        assert_eq!(generate(&[]).unwrap().model_args().tensor_parallel_size, 1);
+        for args in [&["-tp", "4"][..], &["-tp=4"], &["--tp", "4"], &["--tensor-parallel-size=4"]] {
+            assert_eq!(generate(args).unwrap().model_args().tensor_parallel_size, 4, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_tensor_parallel_size_the_model_cannot_take_is_an_error() {
+        let load = |tp: &str| {
+            let g = generate(&["--model", "synthetic:tiny", "--device", "cpu", "-tp", tp]).unwrap();
+            g.model_args().load_runner().err().map(|e| format!("{e:#}"))
+        };
+        let e = load("3").unwrap();
+        assert!(e.contains("--tensor-parallel-size 3") && e.contains("8 attention heads"), "{e}");
+        assert!(load("0").unwrap().contains("at least 1"));
+        assert!(load("2").is_none());
     }
 }

@@ -1,8 +1,11 @@
 //! What the engine needs from a model: run a step, know its shape. Object-safe, so the
-//! engine is not generic over the backend.
+//! engine is not generic over the backend. A tensor-parallel group (`TpModel`) is one
+//! runner: the engine schedules once and the group runs each step on every rank.
 
 use radix_kv::KvGeometry;
-use radix_model::{Backend, KvPoolSpec, LlamaModel, ModelConfig, SampleRequest, Sampled, Step};
+use radix_model::{
+    Backend, KvPoolSpec, LlamaModel, ModelConfig, SampleRequest, Sampled, Step, TpModel,
+};
 
 pub trait Runner: Send {
     fn config(&self) -> &ModelConfig;
@@ -31,7 +34,7 @@ where
     }
 
     fn init_kv(&mut self, spec: &KvPoolSpec) -> radix_model::Result<KvGeometry> {
-        self.backend.init_kv(&self.config, spec)
+        LlamaModel::init_kv(self, spec)
     }
 
     fn warm_up(&mut self) -> radix_model::Result<usize> {
@@ -44,5 +47,34 @@ where
 
     fn sample(&mut self, requests: &[SampleRequest]) -> radix_model::Result<Vec<Sampled>> {
         LlamaModel::sample(self, requests)
+    }
+}
+
+impl<B: Backend + Send + 'static> Runner for TpModel<B>
+where
+    B::Weight: Send,
+{
+    fn config(&self) -> &ModelConfig {
+        TpModel::config(self)
+    }
+
+    fn backend_name(&self) -> String {
+        TpModel::backend_name(self)
+    }
+
+    fn init_kv(&mut self, spec: &KvPoolSpec) -> radix_model::Result<KvGeometry> {
+        TpModel::init_kv(self, spec)
+    }
+
+    fn warm_up(&mut self) -> radix_model::Result<usize> {
+        TpModel::warm_up(self)
+    }
+
+    fn forward(&mut self, step: &Step) -> radix_model::Result<()> {
+        TpModel::forward(self, step)
+    }
+
+    fn sample(&mut self, requests: &[SampleRequest]) -> radix_model::Result<Vec<Sampled>> {
+        TpModel::sample(self, requests)
     }
 }

@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
+use crate::tp::TpShard;
 
 /// Logit rows a step may carry beyond one per sequence: prompt tokens scored for prompt
 /// log-probabilities (`echo`). The scheduler keeps to it; memory plans reserve it.
@@ -202,6 +203,26 @@ pub trait Backend {
     type Weight;
 
     fn name(&self) -> String;
+
+    /// This backend's rank in a tensor-parallel group: the model loads this rank's
+    /// slices of the weights and calls `all_reduce` after the row-parallel GEMMs.
+    fn shard(&self) -> TpShard {
+        TpShard::SINGLE
+    }
+
+    /// Replaces `x` with its sum over the ranks of the group (the same sum on every
+    /// rank), after the O and down projections. Alone it does nothing, which is all the
+    /// cost tensor parallelism adds at size 1.
+    fn all_reduce(&mut self, x: &mut Self::Act) -> Result<()> {
+        let _ = x;
+        match self.shard() {
+            TpShard { size: 1, .. } => Ok(()),
+            TpShard { rank, size } => Err(ModelError::TensorParallel(format!(
+                "{} is rank {rank} of a group of {size} but has no all-reduce",
+                self.name()
+            ))),
+        }
+    }
 
     /// Moves a weight to the backend (in the backend's chosen dtype).
     fn upload(&mut self, tensor: &HostTensor) -> Result<Self::Weight>;

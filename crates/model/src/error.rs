@@ -22,6 +22,13 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A tensor-parallel size the model or the machine cannot take (names the numbers).
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
+    /// A rank of a tensor-parallel group stopped because another one failed; the other
+    /// rank's error is the cause.
+    #[error("tensor-parallel group stopped: {0}")]
+    GroupAborted(String),
     #[error(transparent)]
     Kv(#[from] radix_kv::KvError),
     #[error(transparent)]

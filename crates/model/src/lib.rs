@@ -15,6 +15,7 @@ pub mod sampling;
 pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use backend::{
@@ -29,3 +30,4 @@ pub use loader::ModelSource;
 pub use model::LlamaModel;
 pub use sampling::{MAX_TOP_LOGPROBS, SampleRequest, Sampled, SamplingParams, TokenCounts};
 pub use tokenizer::Tokenizer;
+pub use tp::{CpuComm, TpModel, TpShard};

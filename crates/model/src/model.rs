@@ -5,6 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
 use crate::tensor::HostTensor;
+use crate::tp::TpShard;
 use crate::weights::WeightSource;
 
 /// One decoder layer's weights, projections fused: q|k|v and gate|up.
@@ -22,29 +23,46 @@ pub struct ModelWeights<W> {
     pub embed: W,
     pub layers: Vec<LayerWeights<W>>,
     pub final_norm: W,
-    /// `None` when tied to the embedding.
+    /// `None` when tied to the embedding, and on a tensor-parallel rank that computes no
+    /// logits (`TpShard::computes_logits`).
     pub lm_head: Option<W>,
 }
 
-/// A model on a backend: config, weights and the backend that runs it.
+/// A model on a backend: config, weights and the backend that runs it. Under tensor
+/// parallelism (`Backend::shard`), one rank of it: its slices of the weights, and
+/// `local` the shapes they have.
 pub struct LlamaModel<B: Backend> {
+    /// The whole model's config (vocabulary, context, stop tokens, shapes).
     pub config: ModelConfig,
+    /// The shapes this rank computes (`TpShard::local_config`; `config` at size 1).
+    pub local: ModelConfig,
+    pub shard: TpShard,
     pub backend: B,
     pub weights: ModelWeights<B::Weight>,
 }
 
 impl<B: Backend> LlamaModel<B> {
-    /// Reads every tensor from `source` (HF names), fuses q|k|v and gate|up, uploads them.
-    /// `progress` is called with (tensors done, total).
+    /// Reads every tensor from `source` (HF names), keeps the backend's rank's slices of
+    /// them (`Backend::shard`: column-parallel q|k|v and gate|up by rows, row-parallel O
+    /// and down by columns), fuses q|k|v and gate|up, uploads them. `progress` is called
+    /// with (tensors done, total).
     pub fn load(
         config: ModelConfig,
         mut backend: B,
         source: &dyn WeightSource,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
+        let shard = backend.shard();
+        let local = shard.local_config(&config)?;
         let c = &config;
         let (h, q, kv, inter) = (c.hidden_size, c.q_size(), c.kv_size(), c.intermediate_size);
-        let total = 2 + c.num_layers + usize::from(!c.tie_word_embeddings);
+        // This rank's rows of q, k|v and gate|up (and columns of O and down).
+        let d = c.head_dim;
+        let scale = |r: std::ops::Range<usize>| r.start * d..r.end * d;
+        let (q_rows, kv_rows) = (scale(shard.q_heads(c)), scale(shard.kv_heads(c)));
+        let mlp_rows = shard.intermediate(c);
+        let head = !c.tie_word_embeddings && shard.computes_logits();
+        let total = 2 + c.num_layers + usize::from(head);
         let mut done = 0;
         let mut tick = |n: &mut usize| {
             *n += 1;
@@ -58,38 +76,40 @@ impl<B: Backend> LlamaModel<B> {
             let p = format!("model.layers.{i}");
             let t = |name: &str, shape: &[usize]| source.tensor(&format!("{p}.{name}"), shape);
             let qkv = HostTensor::stack_rows(&[
-                &t("self_attn.q_proj.weight", &[q, h])?,
-                &t("self_attn.k_proj.weight", &[kv, h])?,
-                &t("self_attn.v_proj.weight", &[kv, h])?,
+                &t("self_attn.q_proj.weight", &[q, h])?.slice_rows(q_rows.clone()),
+                &t("self_attn.k_proj.weight", &[kv, h])?.slice_rows(kv_rows.clone()),
+                &t("self_attn.v_proj.weight", &[kv, h])?.slice_rows(kv_rows.clone()),
             ]);
             let qkv_bias = if c.qkv_bias {
                 let b = HostTensor::stack_rows(&[
-                    &t("self_attn.q_proj.bias", &[q])?,
-                    &t("self_attn.k_proj.bias", &[kv])?,
-                    &t("self_attn.v_proj.bias", &[kv])?,
+                    &t("self_attn.q_proj.bias", &[q])?.slice_rows(q_rows.clone()),
+                    &t("self_attn.k_proj.bias", &[kv])?.slice_rows(kv_rows.clone()),
+                    &t("self_attn.v_proj.bias", &[kv])?.slice_rows(kv_rows.clone()),
                 ]);
                 Some(backend.upload(&b)?)
             } else {
                 None
             };
             let gate_up = HostTensor::stack_rows(&[
-                &t("mlp.gate_proj.weight", &[inter, h])?,
-                &t("mlp.up_proj.weight", &[inter, h])?,
+                &t("mlp.gate_proj.weight", &[inter, h])?.slice_rows(mlp_rows.clone()),
+                &t("mlp.up_proj.weight", &[inter, h])?.slice_rows(mlp_rows.clone()),
             ]);
+            let o_proj = t("self_attn.o_proj.weight", &[h, q])?.slice_cols(q_rows.clone());
+            let down = t("mlp.down_proj.weight", &[h, inter])?.slice_cols(mlp_rows.clone());
             layers.push(LayerWeights {
                 input_norm: backend.upload(&t("input_layernorm.weight", &[h])?)?,
                 qkv: backend.upload(&qkv)?,
                 qkv_bias,
-                o_proj: backend.upload(&t("self_attn.o_proj.weight", &[h, q])?)?,
+                o_proj: backend.upload(&o_proj)?,
                 post_norm: backend.upload(&t("post_attention_layernorm.weight", &[h])?)?,
                 gate_up: backend.upload(&gate_up)?,
-                down: backend.upload(&t("mlp.down_proj.weight", &[h, inter])?)?,
+                down: backend.upload(&down)?,
             });
             tick(&mut done);
         }
         let final_norm = backend.upload(&source.tensor("model.norm.weight", &[h])?)?;
         tick(&mut done);
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if !head {
             None
         } else {
             if !source.contains("lm_head.weight") {
@@ -101,7 +121,13 @@ impl<B: Backend> LlamaModel<B> {
             tick(&mut done);
             Some(w)
         };
-        Ok(Self { config, backend, weights: ModelWeights { embed, layers, final_norm, lm_head } })
+        let weights = ModelWeights { embed, layers, final_norm, lm_head };
+        Ok(Self { config, local, shard, backend, weights })
+    }
+
+    /// Allocates the backend's KV pool for this rank's kv heads.
+    pub fn init_kv(&mut self, spec: &crate::backend::KvPoolSpec) -> Result<radix_kv::KvGeometry> {
+        self.backend.init_kv(&self.local, spec)
     }
 
     /// Runs one step up to the logits of the step's logit rows (kept by the backend).
@@ -134,7 +160,7 @@ impl<B: Backend> LlamaModel<B> {
     /// The ops of one step, after `begin_step` said how it runs.
     fn run_ops(&mut self, run: &StepRun) -> Result<()> {
         let n = run.tokens;
-        let c = &self.config;
+        let c = &self.local;
         let (b, w) = (&mut self.backend, &self.weights);
         let mut residual = b.act(n, c.hidden_size)?;
         let mut normed = b.act(n, c.hidden_size)?;
@@ -162,16 +188,18 @@ impl<B: Backend> LlamaModel<B> {
             b.rope_append(i, &qkv, &mut q)?;
             b.attention(i, &q, &mut attn)?;
             b.linear(&attn, &layer.o_proj, None, &mut delta)?;
+            b.all_reduce(&mut delta)?;
             b.add_rms_norm(&mut residual, &delta, &layer.post_norm, c.rms_norm_eps, &mut normed)?;
             b.linear(&normed, &layer.gate_up, None, &mut gate_up)?;
             b.silu_mul(&gate_up, &mut mlp)?;
             b.linear(&mlp, &layer.down, None, &mut delta)?;
+            b.all_reduce(&mut delta)?;
         }
-        b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
         let rows = run.logit_rows;
-        if rows == 0 {
+        if rows == 0 || !self.shard.computes_logits() {
             return Ok(());
         }
+        b.add_rms_norm(&mut residual, &delta, &w.final_norm, c.rms_norm_eps, &mut normed)?;
         let mut last = b.act(rows, c.hidden_size)?;
         b.gather_logit_rows(&normed, &mut last)?;
         b.logits(&last, w.lm_head.as_ref().unwrap_or(&w.embed))
@@ -198,8 +226,10 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Samples the logit rows of the last `forward`.
     pub fn sample(&mut self, requests: &[SampleRequest]) -> Result<Vec<Sampled>> {
-        if requests.is_empty() {
-            return Ok(Vec::new()); // a step of prefill chunks only: no logits were made
+        if requests.is_empty() || !self.shard.computes_logits() {
+            // A step of prefill chunks only (no logits were made), or a rank that makes
+            // none.
+            return Ok(Vec::new());
         }
         self.backend.sample(requests)
     }

@@ -5,6 +5,9 @@
 //!   anywhere in milliseconds.
 //! - `synthetic:llama3-8b`: Llama-3-8B's shapes (32 layers, hidden 4096, 32/8 heads of 128,
 //!   MLP 14336, vocab 128256), for throughput benchmarks.
+//! - `synthetic:llama3-70b`: Llama-3-70B's shapes (80 layers, hidden 8192, 64/8 heads of
+//!   128, MLP 28672, vocab 128256): 141 GB in bf16, for tensor-parallel benchmarks on
+//!   several GPUs (never instantiated in CPU tests).
 
 use half::bf16;
 use radix_kernels::rope::{Llama3Scaling, RopeConfig};
@@ -19,7 +22,7 @@ pub const BYTE_VOCAB: u32 = 256;
 pub const BOS: u32 = 256;
 pub const EOS: u32 = 257;
 
-pub const NAMES: [&str; 2] = ["tiny", "llama3-8b"];
+pub const NAMES: [&str; 3] = ["tiny", "llama3-8b", "llama3-70b"];
 
 /// The config of `synthetic:<name>`.
 pub fn config(name: &str) -> Result<ModelConfig> {
@@ -63,6 +66,16 @@ pub fn config(name: &str) -> Result<ModelConfig> {
             qkv_bias: false,
             bos_token_id: Some(BOS),
             eos_token_ids: vec![EOS],
+        },
+        "llama3-70b" => ModelConfig {
+            vocab_size: 128256,
+            hidden_size: 8192,
+            intermediate_size: 28672,
+            num_layers: 80,
+            num_heads: 64,
+            num_kv_heads: 8,
+            head_dim: 128,
+            ..config("llama3-8b")?
         },
         other => {
             return Err(ModelError::Unsupported(format!(
@@ -150,6 +163,8 @@ mod tests {
             config(name).unwrap().validate().unwrap();
         }
         assert_eq!(config("llama3-8b").unwrap().num_params(), 8_030_261_248);
+        // Meta's Llama-3-70B: 70,553,706,496 parameters.
+        assert_eq!(config("llama3-70b").unwrap().num_params(), 70_553_706_496);
         assert!(config("huge").is_err());
     }
 }

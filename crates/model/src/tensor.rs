@@ -33,6 +33,18 @@ impl HostData {
         }
     }
 
+    /// The elements of `ranges`, in order, in this dtype.
+    pub fn select(&self, ranges: impl Iterator<Item = std::ops::Range<usize>> + Clone) -> HostData {
+        fn pick<T: Copy>(v: &[T], ranges: impl Iterator<Item = std::ops::Range<usize>>) -> Vec<T> {
+            ranges.flat_map(|r| v[r].iter().copied()).collect()
+        }
+        match self {
+            Self::F32(v) => Self::F32(pick(v, ranges)),
+            Self::BF16(v) => Self::BF16(pick(v, ranges)),
+            Self::F16(v) => Self::F16(pick(v, ranges)),
+        }
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
         self.read_f32(0, &mut out);
@@ -89,6 +101,37 @@ impl HostTensor {
         }
     }
 
+    /// Rows `rows` of a matrix (elements of a vector): a tensor-parallel rank's share of a
+    /// column-parallel weight. The whole range gives the tensor back uncopied.
+    pub fn slice_rows(self, rows: std::ops::Range<usize>) -> HostTensor {
+        let (n, cols) = match self.shape[..] {
+            [len] => (len, 1),
+            _ => self.matrix_dims(),
+        };
+        assert!(rows.start <= rows.end && rows.end <= n, "rows {rows:?} of {n}");
+        if rows == (0..n) {
+            return self;
+        }
+        let data = self.data.select(std::iter::once(rows.start * cols..rows.end * cols));
+        let shape = match self.shape.len() {
+            1 => vec![rows.len()],
+            _ => vec![rows.len(), cols],
+        };
+        HostTensor { shape, data }
+    }
+
+    /// Columns `cols` of a matrix: a tensor-parallel rank's share of a row-parallel
+    /// weight (its input features). The whole range gives the tensor back uncopied.
+    pub fn slice_cols(self, cols: std::ops::Range<usize>) -> HostTensor {
+        let (rows, n) = self.matrix_dims();
+        assert!(cols.start <= cols.end && cols.end <= n, "columns {cols:?} of {n}");
+        if cols == (0..n) {
+            return self;
+        }
+        let data = self.data.select((0..rows).map(|r| r * n + cols.start..r * n + cols.end));
+        HostTensor { shape: vec![rows, cols.len()], data }
+    }
+
     /// Stacks matrices with equal column counts row-wise (q|k|v, gate|up), or
     /// concatenates vectors (their biases).
     pub fn stack_rows(parts: &[&HostTensor]) -> HostTensor {
@@ -116,5 +159,24 @@ mod tests {
         assert_eq!(s.data, HostData::F32(vec![1.0, 0.0, 1.0, 2.0, 3.0, 4.0]));
         let s2 = HostTensor::stack_rows(&[&a, &a]);
         assert!(matches!(s2.data, HostData::BF16(_)));
+    }
+
+    #[test]
+    fn slices_rows_and_columns() {
+        let m = HostTensor {
+            shape: vec![3, 4],
+            data: HostData::F32((0..12).map(|x| x as f32).collect()),
+        };
+        let r = m.clone().slice_rows(1..3);
+        assert_eq!(
+            (r.shape.clone(), r.data),
+            (vec![2, 4], HostData::F32((4..12).map(|x| x as f32).collect()))
+        );
+        let c = m.clone().slice_cols(1..3);
+        assert_eq!(c.shape, vec![3, 2]);
+        assert_eq!(c.data, HostData::F32(vec![1.0, 2.0, 5.0, 6.0, 9.0, 10.0]));
+        assert_eq!(m.clone().slice_cols(0..4), m);
+        let v = HostTensor { shape: vec![4], data: HostData::BF16(vec![bf16::ONE; 4]) };
+        assert_eq!(v.slice_rows(2..4).shape, vec![2]);
     }
 }

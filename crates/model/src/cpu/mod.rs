@@ -18,6 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
 use crate::tensor::{HostData, HostTensor};
+use crate::tp::{CpuComm, TpShard};
 
 /// An f32 activation matrix.
 #[derive(Clone, Debug)]
@@ -88,11 +89,26 @@ pub struct CpuBackend {
     /// With `set_probe(true)`: per layer, the rotated queries of the last token of each
     /// sequence of the last step, `[batch, num_heads × head_dim]` (empty: not recorded).
     probe: Option<Vec<Vec<f32>>>,
+    /// Tensor parallelism: this rank's handle on the group's in-process all-reduce.
+    comm: Option<CpuComm>,
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
-        Self { pool: None, step: Step::default(), logits: Vec::new(), vocab: 0, probe: None }
+        Self {
+            pool: None,
+            step: Step::default(),
+            logits: Vec::new(),
+            vocab: 0,
+            probe: None,
+            comm: None,
+        }
+    }
+
+    /// One rank of a tensor-parallel group (`CpuComm::group`): the model loads this
+    /// rank's slices and the all-reduce runs over threads.
+    pub fn with_comm(comm: CpuComm) -> Self {
+        Self { comm: Some(comm), ..Self::new() }
     }
 
     /// Records (or stops recording) each layer's rotated queries of every step's last
@@ -141,7 +157,22 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let threads = rayon::current_num_threads();
+        match self.shard() {
+            TpShard { size: 1, .. } => format!("cpu ({threads} threads)"),
+            TpShard { rank, size } => format!("cpu rank {rank}/{size} ({threads} threads)"),
+        }
+    }
+
+    fn shard(&self) -> TpShard {
+        self.comm.as_ref().map_or(TpShard::SINGLE, CpuComm::shard)
+    }
+
+    fn all_reduce(&mut self, x: &mut CpuAct) -> Result<()> {
+        match &self.comm {
+            Some(comm) => comm.all_reduce(&mut x.data),
+            None => Ok(()),
+        }
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<CpuWeight> {
