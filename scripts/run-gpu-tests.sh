@@ -7,6 +7,16 @@ logs="${OUT:-$here/gpu-test-logs}"
 mkdir -p "$logs"
 # The HF parity fixtures travel in the bundle (tests otherwise look in the source tree).
 export RADIX_SPARSE_FIXTURES="${RADIX_SPARSE_FIXTURES:-$here/fixtures}"
+# SmolLM2 arrives in two halves (scripts/split-smollm2.sh) beside the bundle.
+model="$here/../gpu-model"
+if [ -z "${RADIX_SPARSE_SMOLLM2:-}" ] && [ -f "$model/a/part" ] && [ -f "$model/b/part" ]; then
+  cat "$model/a/part" "$model/b/part" >"$model/smollm2.gguf"
+  if [ "$(sha256sum "$model/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$model/a/sha256")" ]; then
+    export RADIX_SPARSE_SMOLLM2="$model/smollm2.gguf"
+  else
+    echo "gpu-model: the joined SmolLM2 file's SHA-256 differs (a half is stale?)"
+  fi
+fi
 pass=0; fail=0; failed=()
 for t in "$here"/tests/*; do
   name="$(basename "$t")"
