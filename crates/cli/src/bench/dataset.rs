@@ -6,6 +6,11 @@
 //!   mu = ln(mean) - 0.9²/2, clipped to [4, 1024]. Prompts are random printable-ASCII
 //!   token ids (below 128, so they exist in every byte-level or BPE vocabulary's base).
 //! - `random:IN:OUT`: every request has IN input and OUT output tokens.
+//! - `shared-prefix:GROUPS:PREFIX:QUESTION:OUT`: SGLang's generated-shared-prefix
+//!   workload: GROUPS system prompts of PREFIX tokens, each shared by its group's
+//!   requests (the prompts spread evenly over the groups), each request adding its own
+//!   QUESTION tokens and generating OUT; requests in a seeded random order. It measures
+//!   the prefix cache (run it with and without `--no-enable-prefix-caching`).
 //! - `lengths:FILE`: the (input, output) lengths listed in FILE, `{"lengths": [[in, out],
 //!   ...]}`, with random prompts: `bench/datasets/sharegpt-1000.json` holds 1,000 real
 //!   ShareGPT requests sampled as SGLang's benchmark does (`tools/sharegpt_lengths.py`),
@@ -66,6 +71,29 @@ pub fn load(
             .map(|_| Sample { prompt: random_prompt(&mut rng, i), output_len: o })
             .collect());
     }
+    if let Some(rest) = spec.strip_prefix("shared-prefix:") {
+        let parts: Vec<usize> = rest.split(':').filter_map(|x| x.parse().ok()).collect();
+        let [groups, prefix, question, output] = parts[..] else {
+            anyhow::bail!(
+                "bad dataset {spec:?}: expected shared-prefix:GROUPS:PREFIX:QUESTION:OUT"
+            );
+        };
+        anyhow::ensure!(
+            groups > 0 && question > 0 && output > 0,
+            "bad dataset {spec:?}: GROUPS, QUESTION and OUT must be positive"
+        );
+        let systems: Vec<Vec<u32>> = (0..groups).map(|_| random_prompt(&mut rng, prefix)).collect();
+        let mut out: Vec<Sample> = (0..n)
+            .map(|i| {
+                let mut prompt = systems[i % groups].clone();
+                prompt.extend(random_prompt(&mut rng, question));
+                Sample { prompt, output_len: output }
+            })
+            .collect();
+        use rand::seq::SliceRandom;
+        out.shuffle(&mut rng);
+        return Ok(out);
+    }
     if let Some(path) = spec.strip_prefix("lengths:") {
         let text =
             std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("dataset {path}: {e}"))?;
@@ -97,7 +125,7 @@ pub fn load(
         return Ok(out);
     }
     let text = std::fs::read_to_string(spec)
-        .map_err(|e| anyhow::anyhow!("dataset {spec}: {e} (expected synthetic-sharegpt, random:IN:OUT or a ShareGPT JSON file)"))?;
+        .map_err(|e| anyhow::anyhow!("dataset {spec}: {e} (expected synthetic-sharegpt, random:IN:OUT, shared-prefix:GROUPS:PREFIX:QUESTION:OUT, lengths:FILE or a ShareGPT JSON file)"))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("dataset {spec}: {e}"))?;
     let mut out = Vec::new();
@@ -171,6 +199,25 @@ mod tests {
         assert!((180.0..260.0).contains(&mean_in), "{mean_in}");
         assert!((160.0..240.0).contains(&mean_out), "{mean_out}");
         assert!(a.iter().any(|s| s.prompt.len() > 600), "long tail");
+    }
+
+    #[test]
+    fn shared_prefix_groups_share_their_system_prompt() {
+        let tok = radix_model::Tokenizer::Bytes;
+        let s = load("shared-prefix:4:300:20:8", 30, &tok, 1).unwrap();
+        assert_eq!(s.len(), 30);
+        assert!(s.iter().all(|x| x.prompt.len() == 320 && x.output_len == 8));
+        let mut prefixes: Vec<&[u32]> = s.iter().map(|x| &x.prompt[..300]).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 4, "one system prompt per group");
+        let mut questions: Vec<&[u32]> = s.iter().map(|x| &x.prompt[300..]).collect();
+        questions.sort();
+        questions.dedup();
+        assert_eq!(questions.len(), 30, "every request its own question");
+        for bad in ["shared-prefix:0:10:1:1", "shared-prefix:2:10:1", "shared-prefix:a:1:1:1"] {
+            assert!(load(bad, 3, &tok, 0).is_err(), "{bad}");
+        }
     }
 
     #[test]
