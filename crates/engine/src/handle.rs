@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use radix_model::{ModelConfig, Tokenizer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
+use crate::constraint::Grammars;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::EngineStats;
 use crate::output::{OutputProcessor, OutputStream};
@@ -36,6 +37,8 @@ pub struct EngineInfo {
     /// What requests are checked against (`rules.max_model_len`: the context length).
     pub rules: RequestRules,
     pub page_size: usize,
+    /// Structured-output grammars over the model's vocabulary.
+    pub grammars: Arc<Grammars>,
 }
 
 /// A cheap-to-clone handle to the engine thread.
@@ -60,6 +63,7 @@ impl EngineHandle {
             tokenizer: engine.tokenizer().clone(),
             rules: engine.rules(),
             page_size: engine.config().page_size,
+            grammars: engine.grammars().clone(),
         });
         let shared = stats.clone();
         let thread = std::thread::Builder::new()

@@ -1,6 +1,8 @@
 //! What a client asks for and what comes back.
 
 use radix_kv::SparseBudget;
+
+use crate::constraint::Constraint;
 use radix_model::SamplingParams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +58,8 @@ pub struct Request {
     /// (n, several prompts) name the first's id, so together they count as one client
     /// when running slots are shared out. `None`: a group of its own.
     pub group: Option<RequestId>,
+    /// Structured output: the grammar its output follows (compiled by `Grammars`).
+    pub constraint: Option<Constraint>,
 }
 
 impl Request {
@@ -68,6 +72,7 @@ impl Request {
             sparse_budget: None,
             priority: 0,
             group: None,
+            constraint: None,
         }
     }
 }

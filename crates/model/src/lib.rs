@@ -26,4 +26,4 @@ pub use error::{ModelError, Result};
 pub use loader::ModelSource;
 pub use model::LlamaModel;
 pub use sampling::{SampleRequest, Sampled, SamplingParams, TokenCounts};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TokenBytes, Tokenizer};

@@ -194,6 +194,7 @@ impl<B: Backend> LlamaModel<B> {
                     counts: &counts,
                     seed: 0,
                     index: i as u64,
+                    allowed: None,
                 })
                 .collect();
             self.sample(&requests)?;

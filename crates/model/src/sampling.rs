@@ -1,5 +1,6 @@
 //! Sampling from logits: greedy, temperature, top-k, top-p, min-p, and repetition /
-//! frequency / presence penalties, with vLLM's semantics.
+//! frequency / presence penalties, with vLLM's semantics; and a token mask (structured
+//! output: the grammar's allowed tokens) applied before all of them.
 
 /// Per-request sampling parameters (OpenAI / vLLM names and defaults).
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +121,10 @@ pub struct SampleRequest<'a> {
     /// Which output token this is (0 for the first): with `seed`, it fixes the random
     /// numbers, so a seeded request samples the same tokens however it is batched.
     pub index: u64,
+    /// Structured output: the tokens the grammar allows, as a bitmask (bit `t % 32` of
+    /// word `t / 32` set = token t allowed; tokens past the mask are not allowed). `None`:
+    /// every token. Applied before penalties, temperature and the top-k/p cuts.
+    pub allowed: Option<&'a [u32]>,
 }
 
 impl SampleRequest<'_> {
@@ -145,9 +150,12 @@ pub fn uniform(seed: u64, index: u64, salt: u64) -> f32 {
 pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
     let params = req.params;
     let log_z = log_sum_exp(logits);
-    // Greedy without penalties leaves the logits as they are; otherwise keep a copy.
-    let untouched = params.is_greedy() && !params.has_penalties();
+    // Greedy without penalties or mask leaves the logits as they are; otherwise keep a copy.
+    let untouched = params.is_greedy() && !params.has_penalties() && req.allowed.is_none();
     let raw = (!untouched).then(|| logits.to_vec());
+    if let Some(mask) = req.allowed {
+        apply_mask(logits, mask);
+    }
     apply_penalties(logits, params, req.counts);
     let token = if params.is_greedy() {
         argmax(logits)
@@ -156,6 +164,20 @@ pub fn sample(logits: &mut [f32], req: &SampleRequest) -> Sampled {
     };
     let raw_logit = raw.as_ref().map_or(logits[token as usize], |r| r[token as usize]);
     Sampled { token, logprob: raw_logit - log_z }
+}
+
+/// Disallowed tokens to -inf. A mask that allows no token with a finite logit is
+/// ignored rather than turned into NaNs (the engine never sends an empty one).
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    let allowed = |t: usize| mask.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+    if !logits.iter().enumerate().any(|(t, l)| allowed(t) && l.is_finite()) {
+        return;
+    }
+    for (t, l) in logits.iter_mut().enumerate() {
+        if !allowed(t) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
 }
 
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, counts: &TokenCounts) {
@@ -246,7 +268,30 @@ mod tests {
         seed: u64,
         index: u64,
     ) -> SampleRequest<'a> {
-        SampleRequest { params, counts, seed, index }
+        SampleRequest { params, counts, seed, index, allowed: None }
+    }
+
+    #[test]
+    fn a_mask_limits_every_mode_and_keeps_the_raw_logprob() {
+        let logits: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).cos() * 3.0).collect();
+        let c = TokenCounts::default();
+        // Tokens 5 and 66 only (66 is in the third word).
+        let mut mask = vec![0u32; 3];
+        mask[0] |= 1 << 5;
+        mask[2] |= 1 << (66 - 64);
+        let z = log_sum_exp(&logits);
+        for p in [
+            SamplingParams::greedy(),
+            SamplingParams::default(),
+            SamplingParams { top_k: 50, top_p: 0.9, repetition_penalty: 1.3, ..Default::default() },
+        ] {
+            for i in 0..50 {
+                let r = SampleRequest { allowed: Some(&mask), ..req(&p, &c, 3, i) };
+                let s = sample(&mut logits.clone(), &r);
+                assert!(s.token == 5 || s.token == 66, "{}", s.token);
+                assert!((s.logprob - (logits[s.token as usize] - z)).abs() < 1e-5);
+            }
+        }
     }
 
     #[test]

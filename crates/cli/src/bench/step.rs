@@ -80,7 +80,13 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     let params = SamplingParams::greedy();
     let counts = TokenCounts::default();
     let requests: Vec<SampleRequest> = (0..a.batch)
-        .map(|b| SampleRequest { params: &params, counts: &counts, seed: b as u64, index: 0 })
+        .map(|b| SampleRequest {
+            params: &params,
+            counts: &counts,
+            seed: b as u64,
+            index: 0,
+            allowed: None,
+        })
         .collect();
     let mut times = None;
     let mut walls = Vec::new();

@@ -563,10 +563,12 @@ impl Backend for CudaBackend {
             .zip(&logprobs)
             .map(|(&t, &l)| Sampled { token: t as u32, logprob: l })
             .collect();
-        // Penalties need the request's token counts: those rows are sampled on the host.
-        if requests.iter().any(|r| r.params.has_penalties()) {
+        // Penalties need the request's token counts, and a grammar's mask is not applied on
+        // the device yet: those rows are sampled on the host, over the copied logits.
+        let on_host = |r: &SampleRequest| r.params.has_penalties() || r.allowed.is_some();
+        if requests.iter().any(on_host) {
             let host = logits.to_vec()?;
-            for (i, r) in requests.iter().enumerate().filter(|(_, r)| r.params.has_penalties()) {
+            for (i, r) in requests.iter().enumerate().filter(|(_, r)| on_host(r)) {
                 let mut row = host[i * vocab..(i + 1) * vocab].to_vec();
                 out[i] = sampling::sample(&mut row, r);
             }
