@@ -18,7 +18,8 @@ use crate::rules::RequestRules;
 enum Command {
     Add(
         RequestId,
-        Request,
+        // Boxed: a request with a grammar is large, the other commands are small.
+        Box<Request>,
         UnboundedSender<Output>,
         std::sync::mpsc::SyncSender<Result<(), EngineError>>,
     ),
@@ -95,7 +96,7 @@ impl EngineHandle {
         let (out_tx, out_rx) = unbounded_channel();
         let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
         self.tx
-            .send(Command::Add(id, req, out_tx, ack_tx))
+            .send(Command::Add(id, Box::new(req), out_tx, ack_tx))
             .map_err(|_| EngineError::Config("the engine has stopped".into()))?;
         ack_rx.recv().map_err(|_| EngineError::Config("the engine has stopped".into()))??;
         Ok(OutputStream::new(id, out_rx, processor, self.clone()))
@@ -138,7 +139,7 @@ fn run(mut engine: Engine, rx: Receiver<Command>, stats: Arc<Mutex<EngineStats>>
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Add(id, req, sink, ack) => {
-                    let _ = ack.send(engine.add(id, req, sink));
+                    let _ = ack.send(engine.add(id, *req, sink));
                 }
                 Command::Abort(id) => {
                     engine.abort(id);
