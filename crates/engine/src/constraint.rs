@@ -35,10 +35,10 @@ pub enum ConstraintSpec {
     Grammar(String),
 }
 
-/// JSON layout when the schema does not choose one: `{"a": 1, "b": [2, 3]}`, with no
-/// free whitespace. Free whitespace lets a small model pad forever (newline after
-/// newline) before it closes the object.
-fn json_layout() -> Value {
+/// JSON layout when the schema does not choose one (llguidance's `x-guidance` options):
+/// `{"a": 1, "b": [2, 3]}`, with no free whitespace. Free whitespace lets a small model
+/// pad forever (newline after newline) before it closes the object.
+pub fn json_layout() -> Value {
     json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 

@@ -437,9 +437,8 @@ impl Engine {
                     Err(e) => seq.constraint_error = Some(e),
                 }
             }
-            let stop_token = (!seq.stop.ignore_eos && self.eos.contains(&token))
-                || seq.is_stop_token(token)
-                || grammar_done;
+            let eos = self.eos.contains(&token);
+            let stop_token = (!seq.stop.ignore_eos && eos) || seq.is_stop_token(token);
             let length = seq.num_output() >= seq.stop.max_tokens
                 || seq.tokens.len() >= self.rules.max_model_len;
             let logprobs = if seq.logprobs { vec![sampled.logprob] } else { Vec::new() };
@@ -447,8 +446,11 @@ impl Engine {
             let mut out = seq.output(String::new(), vec![token], logprobs);
             if let Some(e) = seq.constraint_error.take() {
                 out.finish = Some(FinishReason::Error(format!("structured output: {e}")));
-            } else if stop_token {
+            } else if stop_token || (grammar_done && eos) {
                 out.finish = Some(FinishReason::Stop);
+            } else if grammar_done {
+                out.finish = Some(FinishReason::Stop);
+                out.last_token_is_text = true;
             } else if length {
                 out.finish = Some(FinishReason::Length);
             }

@@ -19,7 +19,7 @@ mod runner;
 mod sequence;
 mod stop_strings;
 
-pub use constraint::{Advance, Constraint, ConstraintSpec, Grammars};
+pub use constraint::{Advance, Constraint, ConstraintSpec, Grammars, json_layout};
 pub use detokenize::{Detokenized, Detokenizer};
 pub use engine::{Engine, EngineConfig, EngineError, SparseConfig};
 pub use handle::{EngineHandle, EngineInfo};

@@ -112,6 +112,9 @@ pub struct Output {
     /// Log-probabilities of `token_ids`, when asked for.
     pub logprobs: Vec<f32>,
     pub finish: Option<FinishReason>,
+    /// With `finish` Stop: the last token is part of the text (a grammar completed on
+    /// it) rather than a stop token, whose text is left out.
+    pub last_token_is_text: bool,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache (not recomputed).

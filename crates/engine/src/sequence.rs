@@ -113,6 +113,7 @@ impl Sequence {
             token_ids,
             logprobs,
             finish: None,
+            last_token_is_text: false,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_output(),
             cached_tokens: self.cached_tokens,

@@ -122,6 +122,7 @@ impl Generation {
                     token_ids: Vec::new(),
                     logprobs: Vec::new(),
                     finish: Some(FinishReason::Error("the engine stopped".into())),
+                    last_token_is_text: false,
                     prompt_tokens: 0,
                     completion_tokens: self.completion_tokens[index],
                     cached_tokens: self.cached_tokens[index],

@@ -24,6 +24,8 @@ mod generation;
 mod handlers;
 mod metrics;
 mod sse;
+mod structured;
+mod tools;
 pub mod validate;
 
 use std::future::Future;
@@ -44,6 +46,7 @@ pub use api::Usage;
 pub use connections::ConnectionLimits;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use tools::ToolParser;
 use validate::ModelContext;
 
 /// Server options (the engine's are the engine's).
@@ -61,6 +64,9 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Timeouts and the cap on open connections.
     pub connections: ConnectionLimits,
+    /// The tool-call format (vLLM's `--tool-call-parser`); `None`: read from the chat
+    /// template.
+    pub tool_call_parser: Option<ToolParser>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +78,7 @@ impl Default for ServerConfig {
             max_sequences_per_request: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
             allowed_origins: Vec::new(),
             connections: ConnectionLimits::default(),
+            tool_call_parser: None,
         }
     }
 }
@@ -85,6 +92,7 @@ pub struct AppState {
     shutting_down: AtomicBool,
     /// Unix seconds at start (the model card's `created`).
     created: u64,
+    tool_parser: ToolParser,
 }
 
 impl AppState {
@@ -96,6 +104,8 @@ impl AppState {
             chat_template: &self.chat_template,
             rules: info.rules,
             max_sequences: self.config.max_sequences_per_request,
+            grammars: &info.grammars,
+            tool_parser: self.tool_parser,
         }
     }
 }
@@ -108,7 +118,10 @@ pub struct Server {
 impl Server {
     pub fn new(handle: EngineHandle, chat_template: ChatTemplate, config: ServerConfig) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let tool_parser =
+            config.tool_call_parser.unwrap_or_else(|| ToolParser::detect(chat_template.source()));
         let state = AppState {
+            tool_parser,
             handle,
             chat_template,
             metrics: Arc::new(Metrics::default()),
