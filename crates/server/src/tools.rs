@@ -197,6 +197,14 @@ impl Tools {
         let calls: Vec<Value> = allowed
             .iter()
             .map(|(name, params)| {
+                // Arguments are the declared parameters: where the schema does not say,
+                // no others (else a model goes on inventing keys until max_tokens).
+                let mut params = params.clone();
+                if let Value::Object(p) = &mut params
+                    && p.contains_key("properties")
+                {
+                    p.entry("additionalProperties").or_insert(Value::Bool(false));
+                }
                 json!({"type": "object", "properties": {"name": {"const": name}, key: params},
                     "required": ["name", key], "additionalProperties": false})
             })
