@@ -42,7 +42,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let (engine, name) = (built.engine, built.name);
     let tokenizer = engine.tokenizer().clone();
     let text = if args.chat {
-        let user = ChatMessage { role: "user".into(), content: args.prompt.clone() };
+        let user = ChatMessage::new("user", args.prompt.clone());
         built.chat_template.render(&[user], true)?
     } else {
         args.prompt.clone()

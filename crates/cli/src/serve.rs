@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use radix_engine::EngineHandle;
-use radix_server::{ConnectionLimits, Server, ServerConfig};
+use radix_server::{ConnectionLimits, Server, ServerConfig, ToolParser};
 
 use crate::engine_args::ModelArgs;
 
@@ -53,6 +53,15 @@ pub struct ServeArgs {
     /// oldest idle connection is closed for a new one.
     #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
     max_connections: usize,
+    /// The format tool calls are written and parsed in (vLLM's names): `hermes`
+    /// (`<tool_call>{...}</tool_call>`, Qwen, ChatML models) or `llama3_json` (Llama 3.1's
+    /// `{"name": ..., "parameters": ...}`). Default: read from the chat template.
+    #[arg(long, value_parser = ["hermes", "llama3_json"])]
+    tool_call_parser: Option<String>,
+    /// Accepted for vLLM compatibility: `tool_choice: "auto"` is always served (the
+    /// output is parsed for calls whenever tools are given).
+    #[arg(long)]
+    enable_auto_tool_choice: bool,
 }
 
 /// `--allowed-origins`, each item either an origin or vLLM's JSON list of them.
@@ -136,6 +145,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: args.max_connections,
         },
         model_aliases: args.served_model_name.iter().skip(1).cloned().collect(),
+        tool_call_parser: args.tool_call_parser.as_deref().and_then(ToolParser::from_name),
     };
     raise_open_files_limit();
     let built = args.model.build_engine()?;

@@ -35,6 +35,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use self::scheduler::Scheduled;
 use self::wait_queue::WaitQueue;
+use crate::constraint::{Advance, Grammars};
 use crate::kv_manager::KvManager;
 use crate::metrics::EngineStats;
 use crate::request::{FinishReason, Output, Request, RequestId};
@@ -111,6 +112,9 @@ pub struct Engine {
     running: Vec<Sequence>,
     next_arrival: u64,
     stats: EngineStats,
+    /// Compiles structured-output grammars over this model's vocabulary (shared with the
+    /// server, which compiles while validating).
+    grammars: Arc<Grammars>,
     // Per-step buffers, reused.
     table: PageTableBuilder,
     step: Step,
@@ -180,6 +184,8 @@ impl Engine {
             sparse: cfg.sparse.is_some(),
         };
         let eos = runner.config().eos_token_ids.clone();
+        let grammars =
+            Arc::new(Grammars::new(tokenizer.clone(), runner.config().vocab_size, eos.clone()));
         let table = PageTableBuilder::new(cfg.page_size).map_err(|e| config(&e))?;
         let stats = EngineStats {
             pages_total: cfg.num_pages,
@@ -197,6 +203,7 @@ impl Engine {
             running: Vec::new(),
             next_arrival: 0,
             stats,
+            grammars,
             table,
             step: Step::default(),
             rows: Vec::new(),
@@ -205,6 +212,10 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    pub fn grammars(&self) -> &Arc<Grammars> {
+        &self.grammars
     }
 
     pub fn max_model_len(&self) -> usize {
@@ -366,7 +377,37 @@ impl Engine {
             }
         }
         step.set_table(self.table.table());
-        self.runner.forward(step).map_err(|e| e.to_string())?;
+        let step = &self.step;
+        let constrained = plan.iter().any(|s| {
+            let seq = &self.running[s.index];
+            seq.constraint.is_some() && seq.samples_this_step()
+        });
+        let forward = if constrained {
+            // Grammar masks on another thread while the forward runs (on CUDA it only
+            // launches, on the CPU it computes): a constrained row costs the batch
+            // max(mask, forward), not their sum.
+            let (running, runner) = (&mut self.running, &mut self.runner);
+            std::thread::scope(|scope| {
+                let masks = scope.spawn(|| {
+                    for s in plan {
+                        let seq = &mut running[s.index];
+                        if seq.samples_this_step() {
+                            seq.compute_mask();
+                        }
+                    }
+                });
+                let forward = runner.forward(step);
+                // A panic in the grammar engine is a bug of its; the rows it left without
+                // a mask fail below rather than the whole engine here.
+                if masks.join().is_err() {
+                    tracing::error!("computing grammar masks panicked");
+                }
+                forward
+            })
+        } else {
+            self.runner.forward(step)
+        };
+        forward.map_err(|e| e.to_string())?;
         if let Some(sp) = &self.cfg.sparse {
             let reads = self.kv.kv_read_bytes(&sp.policy, dense_pages, read_pages, scored_pages);
             self.stats.kv_read_dense_bytes += reads.dense_bytes;
@@ -380,6 +421,7 @@ impl Engine {
                     let seq = &self.running[plan[k].index];
                     SampleRequest {
                         top_logprobs: if seq.logprobs { seq.top_logprobs } else { 0 },
+                        allowed: seq.constraint.as_ref().map(|c| c.allowed()),
                         ..SampleRequest::new(
                             &seq.sampling,
                             &seq.counts,
@@ -447,8 +489,18 @@ impl Engine {
             seq.counts.add_output(token);
             self.stats.generation_tokens_total += 1;
 
-            let stop_token =
-                (!seq.stop.ignore_eos && self.eos.contains(&token)) || seq.is_stop_token(token);
+            // The grammar ends the output when EOS is sampled where it may end (its mask
+            // allows EOS only there) or when nothing more may follow.
+            let mut grammar_done = false;
+            if let Some(c) = &mut seq.constraint {
+                match c.advance(token) {
+                    Ok(Advance::Done) => grammar_done = true,
+                    Ok(Advance::Continue) => {}
+                    Err(e) => seq.constraint_error = Some(e),
+                }
+            }
+            let eos = self.eos.contains(&token);
+            let stop_token = (!seq.stop.ignore_eos && eos) || seq.is_stop_token(token);
             let length = seq.num_output() >= seq.stop.max_tokens
                 || seq.tokens.len() >= self.rules.max_model_len;
             let logprobs = if seq.logprobs { vec![sampled.logprob] } else { Vec::new() };
@@ -458,8 +510,13 @@ impl Engine {
                 out.top_logprobs.push(sampled.top.clone());
             }
             out.prompt_logprobs = scored;
-            if stop_token {
+            if let Some(e) = seq.constraint_error.take() {
+                out.finish = Some(FinishReason::Error(format!("structured output: {e}")));
+            } else if stop_token || (grammar_done && eos) {
                 out.finish = Some(FinishReason::Stop);
+            } else if grammar_done {
+                out.finish = Some(FinishReason::Stop);
+                out.last_token_is_text = true;
             } else if length {
                 out.finish = Some(FinishReason::Length);
             }

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use radix_model::{ModelConfig, Tokenizer};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
+use crate::constraint::Grammars;
 use crate::engine::{Engine, EngineError};
 use crate::metrics::EngineStats;
 use crate::output::{OutputProcessor, OutputStream};
@@ -17,7 +18,7 @@ use crate::rules::RequestRules;
 enum Command {
     Add(
         RequestId,
-        // Boxed: a request is large beside the other commands.
+        // Boxed: a request with a grammar is large, the other commands are small.
         Box<Request>,
         UnboundedSender<Output>,
         std::sync::mpsc::SyncSender<Result<(), EngineError>>,
@@ -37,6 +38,8 @@ pub struct EngineInfo {
     /// What requests are checked against (`rules.max_model_len`: the context length).
     pub rules: RequestRules,
     pub page_size: usize,
+    /// Structured-output grammars over the model's vocabulary.
+    pub grammars: Arc<Grammars>,
 }
 
 /// A cheap-to-clone handle to the engine thread.
@@ -61,6 +64,7 @@ impl EngineHandle {
             tokenizer: engine.tokenizer().clone(),
             rules: engine.rules(),
             page_size: engine.config().page_size,
+            grammars: engine.grammars().clone(),
         });
         let shared = stats.clone();
         let thread = std::thread::Builder::new()
@@ -135,8 +139,7 @@ fn run(mut engine: Engine, rx: Receiver<Command>, stats: Arc<Mutex<EngineStats>>
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Add(id, req, sink, ack) => {
-                    let req = *req;
-                    let _ = ack.send(engine.add(id, req, sink));
+                    let _ = ack.send(engine.add(id, *req, sink));
                 }
                 Command::Abort(id) => {
                     engine.abort(id);

@@ -6,6 +6,7 @@
 //! the pages and the prefix cache; `RequestRules` says which requests are valid);
 //! `EngineHandle` runs it on a thread for the server and the CLI.
 
+mod constraint;
 mod detokenize;
 mod engine;
 mod handle;
@@ -18,6 +19,7 @@ mod runner;
 mod sequence;
 mod stop_strings;
 
+pub use constraint::{Advance, Constraint, ConstraintSpec, Grammars, json_layout};
 pub use detokenize::{Detokenized, Detokenizer};
 pub use engine::{Engine, EngineConfig, EngineError, SparseConfig};
 pub use handle::{EngineHandle, EngineInfo};

@@ -42,7 +42,9 @@ impl OutputProcessor {
         }
         let ids = &out.token_ids;
         let (text_ids, complete) = match out.finish {
-            // The engine stops only at stop tokens: the output ends without its text.
+            // A grammar that completed on its last token keeps it.
+            Some(FinishReason::Stop) if out.last_token_is_text => (&ids[..], true),
+            // Otherwise the engine stopped at a stop token: the output ends without its text.
             Some(FinishReason::Stop) => (&ids[..ids.len().saturating_sub(1)], true),
             Some(FinishReason::Length) => (&ids[..], true),
             // Failures release nothing that was held back.

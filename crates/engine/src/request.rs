@@ -1,6 +1,8 @@
 //! What a client asks for and what comes back.
 
 use radix_kv::SparseBudget;
+
+use crate::constraint::Constraint;
 use radix_model::SamplingParams;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,6 +64,8 @@ pub struct Request {
     /// (n, several prompts) name the first's id, so together they count as one client
     /// when running slots are shared out. `None`: a group of its own.
     pub group: Option<RequestId>,
+    /// Structured output: the grammar its output follows (compiled by `Grammars`).
+    pub constraint: Option<Constraint>,
 }
 
 impl Request {
@@ -76,6 +80,7 @@ impl Request {
             sparse_budget: None,
             priority: 0,
             group: None,
+            constraint: None,
         }
     }
 }
@@ -131,6 +136,9 @@ pub struct Output {
     /// Prompt tokens scored since the previous output, in order (`prompt_logprobs`).
     pub prompt_logprobs: Vec<PromptLogprob>,
     pub finish: Option<FinishReason>,
+    /// With `finish` Stop: the last token is part of the text (a grammar completed on
+    /// it) rather than a stop token, whose text is left out.
+    pub last_token_is_text: bool,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache (not recomputed).

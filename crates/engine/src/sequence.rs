@@ -4,6 +4,7 @@
 use radix_model::{SamplingParams, TokenCounts};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::constraint::Constraint;
 use crate::kv_manager::SeqPages;
 use crate::request::{Output, Request, RequestId, StopConfig};
 
@@ -43,6 +44,10 @@ pub(crate) struct Sequence {
     pub step_len: usize,
     /// The request's own sparse budget (else the engine's).
     pub sparse_budget: Option<radix_kv::SparseBudget>,
+    /// Structured output: the grammar, advanced with each sampled token.
+    pub constraint: Option<Constraint>,
+    /// Why the grammar failed in this step's mask (the sequence then ends with an error).
+    pub constraint_error: Option<String>,
 }
 
 impl Sequence {
@@ -75,6 +80,22 @@ impl Sequence {
             preempted: 0,
             step_len: 0,
             sparse_budget: req.sparse_budget,
+            constraint: req.constraint,
+            constraint_error: None,
+        }
+    }
+
+    /// Whether it samples at the end of the current step (its last token is scheduled).
+    pub fn samples_this_step(&self) -> bool {
+        self.step_len > 0 && self.computed + self.step_len == self.tokens.len()
+    }
+
+    /// Computes the grammar's mask for this step's sample (no-op when unconstrained).
+    pub fn compute_mask(&mut self) {
+        if let Some(c) = &mut self.constraint
+            && let Err(e) = c.compute_mask()
+        {
+            self.constraint_error = Some(e);
         }
     }
 
@@ -119,6 +140,7 @@ impl Sequence {
             top_logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),
             finish: None,
+            last_token_is_text: false,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.num_output(),
             cached_tokens: self.cached_tokens,

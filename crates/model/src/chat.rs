@@ -10,10 +10,26 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+/// One message as the template sees it. Tool calling adds an assistant's `tool_calls`
+/// (OpenAI's list of `{id, type, function: {name, arguments}}`) and a tool result's
+/// `tool_call_id` / `name`; absent fields are undefined in the template, as templates
+/// test them (`message.tool_calls is defined`).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Default::default() }
+    }
 }
 
 /// A plain template: `role: content` lines, then `assistant: ` to generate.
@@ -22,6 +38,7 @@ pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}{{ m.role }}: {{ m.cont
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -38,7 +55,7 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::Tokenizer(format!("chat template does not parse: {e}")))?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self { env, source: source.to_string(), bos_token, eos_token })
     }
 
     pub fn plain() -> Self {
@@ -70,13 +87,30 @@ impl ChatTemplate {
         Self::new(&source, token("bos_token"), token("eos_token")).map(Some)
     }
 
+    /// The template's text (tool calling reads its markers to pick an output format).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// Renders with `tools` (OpenAI's list of `{type: "function", function: {...}}`) in
+    /// the context, as Hugging Face's `apply_chat_template(tools=...)` does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&Value>,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| ModelError::Invalid(format!("chat template: {e}")))
     }
@@ -88,10 +122,7 @@ mod tests {
 
     #[test]
     fn renders_plain_and_llama3_style_templates() {
-        let msgs = vec![
-            ChatMessage { role: "system".into(), content: "be brief".into() },
-            ChatMessage { role: "user".into(), content: "hi".into() },
-        ];
+        let msgs = vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")];
         assert_eq!(
             ChatTemplate::plain().render(&msgs, true).unwrap(),
             "system: be brief\nuser: hi\nassistant: "
@@ -110,9 +141,35 @@ mod tests {
     }
 
     #[test]
+    fn tools_and_tool_messages_reach_the_template() {
+        let t = ChatTemplate::new(
+            "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}\
+             {% for m in messages %}{{ m.role }}:{% if m.tool_calls is defined %}\
+             {{ m.tool_calls[0].function.name }}{% endif %}{% if m.tool_call_id is defined %}\
+             #{{ m.tool_call_id }}{% endif %}{{ m.content }};{% endfor %}",
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let call = serde_json::json!([{"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": "{}"}}]);
+        let msgs = vec![
+            ChatMessage::new("user", "hi"),
+            ChatMessage { tool_calls: Some(call), ..ChatMessage::new("assistant", "") },
+            ChatMessage { tool_call_id: Some("c1".into()), ..ChatMessage::new("tool", "42") },
+        ];
+        assert_eq!(
+            t.render_with_tools(&msgs, false, Some(&tools)).unwrap(),
+            "[f]user:hi;assistant:f;tool:#c142;"
+        );
+        assert_eq!(t.render(&msgs[..1], false).unwrap(), "user:hi;");
+    }
+
+    #[test]
     fn python_string_methods_and_raise_exception_work() {
         let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}", String::new(), String::new()).unwrap();
-        let m = |c: &str| ChatMessage { role: "user".into(), content: c.into() };
+        let m = |c: &str| ChatMessage::new("user", c);
         assert_eq!(t.render(&[m("  hi ")], false).unwrap(), "HI");
         assert!(
             t.render(&[m("a"), m("b")], false)

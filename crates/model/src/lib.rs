@@ -29,5 +29,5 @@ pub use error::{ModelError, Result};
 pub use loader::ModelSource;
 pub use model::LlamaModel;
 pub use sampling::{MAX_TOP_LOGPROBS, SampleRequest, Sampled, SamplingParams, TokenCounts};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TokenBytes, Tokenizer};
 pub use tp::{CpuComm, TpModel, TpShard};

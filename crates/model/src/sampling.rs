@@ -1,6 +1,7 @@
 //! Sampling from logits: greedy, temperature, top-k, top-p, min-p, logit bias, and
-//! repetition / frequency / presence penalties, with vLLM's semantics; the sampled
-//! token's log-probability and the most likely alternatives (`top_logprobs`).
+//! repetition / frequency / presence penalties, with vLLM's semantics, after a token mask
+//! (structured output: the grammar's allowed tokens); the sampled token's
+//! log-probability and the most likely alternatives (`top_logprobs`).
 
 /// Per-request sampling parameters (OpenAI / vLLM names and defaults).
 #[derive(Clone, Debug, PartialEq)]
@@ -228,20 +229,24 @@ pub fn top_logprobs(logits: &[f32], n: usize, log_z: f32) -> Vec<(u32, f32)> {
     ids.into_iter().map(|t| (t, logits[t as usize] - log_z)).collect()
 }
 
-/// Disallowed tokens get -inf (a token past the mask's words is disallowed).
-fn apply_mask(logits: &mut [f32], mask: &[u32]) {
-    for (t, l) in logits.iter_mut().enumerate() {
-        let allowed = mask.get(t / 32).is_some_and(|w| (w >> (t % 32)) & 1 == 1);
-        if !allowed {
-            *l = f32::NEG_INFINITY;
-        }
-    }
-}
-
 fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
     for &(t, b) in bias {
         if let Some(l) = logits.get_mut(t as usize) {
             *l += b;
+        }
+    }
+}
+
+/// Disallowed tokens to -inf. A mask that allows no token with a finite logit is
+/// ignored rather than turned into NaNs (the engine never sends an empty one).
+pub fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    let allowed = |t: usize| mask.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+    if !logits.iter().enumerate().any(|(t, l)| allowed(t) && l.is_finite()) {
+        return;
+    }
+    for (t, l) in logits.iter_mut().enumerate() {
+        if !allowed(t) {
+            *l = f32::NEG_INFINITY;
         }
     }
 }
@@ -335,6 +340,29 @@ mod tests {
         index: u64,
     ) -> SampleRequest<'a> {
         SampleRequest::new(params, counts, seed, index)
+    }
+
+    #[test]
+    fn a_mask_limits_every_mode_and_keeps_the_raw_logprob() {
+        let logits: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).cos() * 3.0).collect();
+        let c = TokenCounts::default();
+        // Tokens 5 and 66 only (66 is in the third word).
+        let mut mask = vec![0u32; 3];
+        mask[0] |= 1 << 5;
+        mask[2] |= 1 << (66 - 64);
+        let z = log_sum_exp(&logits);
+        for p in [
+            SamplingParams::greedy(),
+            SamplingParams::default(),
+            SamplingParams { top_k: 50, top_p: 0.9, repetition_penalty: 1.3, ..Default::default() },
+        ] {
+            for i in 0..50 {
+                let r = SampleRequest { allowed: Some(&mask), ..req(&p, &c, 3, i) };
+                let s = sample(&mut logits.clone(), &r);
+                assert!(s.token == 5 || s.token == 66, "{}", s.token);
+                assert!((s.logprob - (logits[s.token as usize] - z)).abs() < 1e-5);
+            }
+        }
     }
 
     #[test]

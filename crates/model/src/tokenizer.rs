@@ -7,6 +7,14 @@ use std::path::Path;
 use crate::error::{ModelError, Result};
 use crate::synthetic;
 
+/// One token as a grammar sees it (`Tokenizer::vocab_bytes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenBytes {
+    Text(Vec<u8>),
+    /// A control token (BOS, EOS, chat markers): never part of generated text.
+    Special(String),
+}
+
 pub enum Tokenizer {
     Hf(Box<tokenizers::Tokenizer>),
     Bytes,
@@ -71,8 +79,54 @@ impl Tokenizer {
             Self::Bytes => u8::try_from(id).map(|b| vec![b]).unwrap_or_default(),
             Self::Hf(t) => t
                 .id_to_token(id)
-                .and_then(|piece| byte_fallback(&piece).or_else(|| byte_level(&piece)))
+                .and_then(|piece| byte_fallback(&piece).or_else(|| byte_level_bytes(&piece)))
                 .unwrap_or_else(|| text.into_bytes()),
+        }
+    }
+
+    /// What each of the first `vocab_size` token ids (the logits' width, which may pass
+    /// the tokenizer's vocabulary) stands for, for a grammar engine that matches bytes:
+    /// the bytes it adds to the text, or a special token that no text produces.
+    pub fn vocab_bytes(&self, vocab_size: usize) -> Vec<TokenBytes> {
+        match self {
+            Self::Bytes => (0..vocab_size as u32)
+                .map(|id| match u8::try_from(id) {
+                    Ok(b) => TokenBytes::Text(vec![b]),
+                    Err(_) if id == synthetic::BOS => TokenBytes::Special("<s>".into()),
+                    Err(_) if id == synthetic::EOS => TokenBytes::Special("</s>".into()),
+                    Err(_) => TokenBytes::Special(format!("<|unused_{id}|>")),
+                })
+                .collect(),
+            Self::Hf(t) => {
+                let added = t.get_added_tokens_decoder();
+                let pieces: Vec<Option<String>> =
+                    (0..vocab_size as u32).map(|id| t.id_to_token(id)).collect();
+                // GPT-2's byte alphabet writes a space as 'Ġ'; SentencePiece as '▁'.
+                let byte_level = pieces.iter().flatten().any(|p| p.contains('Ġ'));
+                pieces
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, piece)| {
+                        let Some(piece) = piece else {
+                            return TokenBytes::Special(format!("<|unused_{id}|>"));
+                        };
+                        match added.get(&(id as u32)) {
+                            Some(a) if a.special => return TokenBytes::Special(piece),
+                            // Added tokens are matched as their literal text.
+                            Some(a) => return TokenBytes::Text(a.content.clone().into_bytes()),
+                            None => {}
+                        }
+                        let bytes = byte_fallback(&piece).or_else(|| {
+                            if byte_level {
+                                byte_level_bytes(&piece)
+                            } else {
+                                Some(piece.replace('▁', " ").into_bytes())
+                            }
+                        });
+                        bytes.map_or(TokenBytes::Special(piece), TokenBytes::Text)
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -96,7 +150,7 @@ fn byte_fallback(piece: &str) -> Option<Vec<u8>> {
 /// A byte-level BPE piece (GPT-2's alphabet: Llama 3, Qwen, Mistral's Tekken): each
 /// character stands for one byte. Printable Latin-1 bytes are themselves; the other 68
 /// are U+0100 onwards, in byte order.
-fn byte_level(piece: &str) -> Option<Vec<u8>> {
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
     let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
     let shifted: Vec<u8> = (0u32..=255).filter(|&b| !printable(b)).map(|b| b as u8).collect();
     piece
@@ -125,9 +179,9 @@ mod tests {
         assert_eq!(byte_fallback("<0xE6>"), Some(vec![0xE6]));
         assert_eq!(byte_fallback("<0xE>"), None);
         // GPT-2's alphabet: 'Ġ' is a space, 'Ã' is byte 0xC3, 'Ċ' a newline.
-        assert_eq!(byte_level("ĠÃ"), Some(vec![b' ', 0xC3]));
-        assert_eq!(byte_level("Ċ"), Some(vec![b'\n']));
-        assert_eq!(byte_level("世"), None);
+        assert_eq!(byte_level_bytes("ĠÃ"), Some(vec![b' ', 0xC3]));
+        assert_eq!(byte_level_bytes("Ċ"), Some(vec![b'\n']));
+        assert_eq!(byte_level_bytes("世"), None);
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     ]
     .iter()
     .map(|q| {
-        let msgs = [radix_model::ChatMessage { role: "user".into(), content: q.to_string() }];
+        let msgs = [radix_model::ChatMessage::new("user", *q)];
         let text = template.render(&msgs, true).unwrap();
         source.tokenizer.encode(&text, false).unwrap()
     })

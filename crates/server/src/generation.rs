@@ -124,6 +124,7 @@ impl Generation {
                     top_logprobs: Vec::new(),
                     prompt_logprobs: Vec::new(),
                     finish: Some(FinishReason::Error("the engine stopped".into())),
+                    last_token_is_text: false,
                     prompt_tokens: 0,
                     completion_tokens: self.completion_tokens[index],
                     cached_tokens: self.cached_tokens[index],

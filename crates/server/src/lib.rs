@@ -25,6 +25,8 @@ mod handlers;
 mod metrics;
 mod request_id;
 mod sse;
+mod structured;
+mod tools;
 pub mod validate;
 
 use std::future::Future;
@@ -45,6 +47,7 @@ pub use api::Usage;
 pub use connections::ConnectionLimits;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use tools::ToolParser;
 use validate::ModelContext;
 
 /// Server options (the engine's are the engine's).
@@ -65,6 +68,9 @@ pub struct ServerConfig {
     /// Further names the API answers to besides the engine's model name (vLLM's
     /// `--served-model-name a b`: responses name the first, which is the engine's).
     pub model_aliases: Vec<String>,
+    /// The tool-call format (vLLM's `--tool-call-parser`); `None`: read from the chat
+    /// template.
+    pub tool_call_parser: Option<ToolParser>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +83,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             connections: ConnectionLimits::default(),
             model_aliases: Vec::new(),
+            tool_call_parser: None,
         }
     }
 }
@@ -90,6 +97,7 @@ pub struct AppState {
     shutting_down: AtomicBool,
     /// Unix seconds at start (the model card's `created`).
     created: u64,
+    tool_parser: ToolParser,
 }
 
 impl AppState {
@@ -102,6 +110,8 @@ impl AppState {
             chat_template: &self.chat_template,
             rules: info.rules,
             max_sequences: self.config.max_sequences_per_request,
+            grammars: &info.grammars,
+            tool_parser: self.tool_parser,
         }
     }
 }
@@ -114,7 +124,10 @@ pub struct Server {
 impl Server {
     pub fn new(handle: EngineHandle, chat_template: ChatTemplate, config: ServerConfig) -> Self {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let tool_parser =
+            config.tool_call_parser.unwrap_or_else(|| ToolParser::detect(chat_template.source()));
         let state = AppState {
+            tool_parser,
             handle,
             chat_template,
             metrics: Arc::new(Metrics::default()),

@@ -10,22 +10,28 @@
 //! `logprobs` (completions: 0..=20 alternatives; chat: a boolean with `top_logprobs`
 //! 0..=20), `logit_bias`, `top_k`, `min_p`, `repetition_penalty`,
 //! `ignore_eos`, `stop_token_ids`, `priority` (lower runs first), chat's
-//! `add_generation_prompt`, and radix-sparse's
+//! `add_generation_prompt`, structured output (`response_format`, vLLM's
+//! `structured_outputs` and `guided_*`: see `structured`), chat's `tools`, `tool_choice`
+//! and `parallel_tool_calls` (see `tools`), and radix-sparse's
 //! `sparse_budget` (sparse paging: a fraction of pages in (0, 1] or a token count; the
 //! engine refuses it when sparse paging is off). Unknown fields are
 //! ignored (clients send extras); things asked for that we cannot honour (`suffix`,
-//! `best_of` > n, tools, non-text content, JSON response formats) are refused with 400.
-//! Completions' `echo` answers with the prompt first (and, with `logprobs`, its tokens'
-//! log-probabilities, which the engine then computes).
+//! `best_of` > n, non-text content) are refused with 400. Completions' `echo` answers
+//! with the prompt first (and, with `logprobs`, its tokens' log-probabilities, which the
+//! engine then computes).
 
-use radix_engine::{Request, RequestRules, RuleError, SparseBudget, StopConfig};
+use radix_engine::{
+    Constraint, Grammars, Request, RequestRules, RuleError, SparseBudget, StopConfig,
+};
 use radix_model::{ChatMessage, ChatTemplate, MAX_TOP_LOGPROBS, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
 use self::fields::{Fields, type_name};
 use crate::error::ApiError;
+use crate::structured;
+use crate::tools::{self, ToolParser};
 
-mod fields;
+pub(crate) mod fields;
 
 /// Choices per prompt at most.
 pub const MAX_N: usize = 128;
@@ -54,6 +60,10 @@ pub struct ModelContext<'a> {
     pub rules: RequestRules,
     /// Engine sequences (prompts × n) one request may start.
     pub max_sequences: usize,
+    /// Compiles structured-output grammars (a bad one is a 400 here).
+    pub grammars: &'a Grammars,
+    /// The format tool calls are written and parsed in.
+    pub tool_parser: ToolParser,
 }
 
 /// A broken engine rule as a 400 naming `param`.
@@ -86,6 +96,23 @@ pub struct ResponseShape {
     pub n: usize,
     /// Tokens of each prompt.
     pub prompt_lens: Vec<usize>,
+    /// Chat with tools (choice not `none`): the output is parsed for calls.
+    pub tools: Option<ToolShape>,
+}
+
+/// How a response's text is read for tool calls.
+#[derive(Clone, Debug)]
+pub struct ToolShape {
+    pub parser: ToolParser,
+    /// The declared functions (calls to others stay text).
+    pub names: Vec<String>,
+}
+
+/// What a request adds to each of its engine requests besides sampling and stops.
+#[derive(Default)]
+struct Extras {
+    constraint: Option<Constraint>,
+    tools: Option<ToolShape>,
 }
 
 /// A validated request: one engine request per choice.
@@ -118,7 +145,13 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest
     };
     let echo = f.bool("echo")?.unwrap_or(false);
     let max_tokens = f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens"));
-    let mut parsed = build(Endpoint::Completions, &f, ctx, model, prompts, max_tokens, logprobs)?;
+    let constraint = match structured::parse(&f)? {
+        Some((spec, param)) => Some(structured::compile(ctx.grammars, &spec, param)?),
+        None => None,
+    };
+    let extras = Extras { constraint, tools: None };
+    let mut parsed =
+        build(Endpoint::Completions, &f, ctx, model, prompts, max_tokens, logprobs, extras)?;
     if echo {
         // The prompt's tokens are scored when log-probabilities are asked for.
         for r in &mut parsed.requests {
@@ -136,12 +169,29 @@ pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
     let obj = parse_object(body)?;
     let f = Fields(&obj);
     let model = parse_model(&f, ctx)?;
-    let messages = parse_messages(&f)?;
+    let mut messages = parse_messages(&f)?;
     let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
-    refuse_unsupported_chat(&f)?;
-    let text = ctx
-        .chat_template
-        .render(&messages, add_generation_prompt)
+    let tools = tools::parse(&f)?;
+    let structured = structured::parse(&f)?;
+    // A forced call has a grammar of its own.
+    let tool_grammar = tools.as_ref().and_then(|t| t.grammar(ctx.tool_parser));
+    let constraint = match (structured, tool_grammar) {
+        (Some((_, param)), Some(_)) => {
+            return Err(ApiError::invalid(
+                format!("{param} cannot be combined with a required or named tool_choice"),
+                param,
+            ));
+        }
+        (Some((spec, param)), None) => Some(structured::compile(ctx.grammars, &spec, param)?),
+        (None, Some(spec)) => Some(structured::compile(ctx.grammars, &spec, "tools")?),
+        (None, None) => None,
+    };
+    let template = ctx.chat_template;
+    if let Some(t) = &tools {
+        t.prepare_messages(template.source(), ctx.tool_parser, &mut messages);
+    }
+    let text = template
+        .render_with_tools(&messages, add_generation_prompt, tools.as_ref().map(|t| &t.raw))
         .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
     // Templates write BOS themselves where the model wants it.
     let prompt = ctx
@@ -167,7 +217,9 @@ pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest> {
         Some(m) => Some((m, "max_completion_tokens")),
         None => f.max_tokens("max_tokens")?.map(|m| (m, "max_tokens")),
     };
-    build(Endpoint::Chat, &f, ctx, model, vec![prompt], max_tokens, logprobs)
+    let tools = tools.map(|t| ToolShape { parser: ctx.tool_parser, names: t.names() });
+    let extras = Extras { constraint, tools };
+    build(Endpoint::Chat, &f, ctx, model, vec![prompt], max_tokens, logprobs, extras)
 }
 
 /// `model`: optional (the served model), and if given, one of the served model's names;
@@ -195,6 +247,7 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>> {
 }
 
 /// Sampling, stop rules, n, streaming; then one engine request per choice.
+#[allow(clippy::too_many_arguments)]
 fn build(
     endpoint: Endpoint,
     f: &Fields,
@@ -203,6 +256,7 @@ fn build(
     prompts: Vec<Vec<u32>>,
     max_tokens: Option<(u64, &'static str)>,
     logprobs: Option<usize>,
+    extras: Extras,
 ) -> Result<ParsedRequest> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
@@ -311,6 +365,8 @@ fn build(
             req.top_logprobs = logprobs.unwrap_or(0);
             req.sparse_budget = sparse_budget;
             req.priority = priority;
+            // Each choice advances a grammar of its own.
+            req.constraint = extras.constraint.clone();
             requests.push(req);
         }
     }
@@ -325,6 +381,7 @@ fn build(
             echo_prompts: Vec::new(),
             n,
             prompt_lens,
+            tools: extras.tools,
         },
         requests,
     })
@@ -555,9 +612,57 @@ fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>> {
                     )));
                 }
             };
-            Ok(ChatMessage { role, content })
+            let tool_calls = match m.get("tool_calls") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(calls)) => Some(Value::Array(
+                    calls
+                        .iter()
+                        .map(|c| tool_call_for_template(c).map_err(&bad))
+                        .collect::<Result<_>>()?,
+                )),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "tool_calls must be a list, got {}",
+                        type_name(other)
+                    )));
+                }
+            };
+            let text_field = |key: &str| -> Result<Option<String>> {
+                match m.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(other) => {
+                        Err(bad(format!("{key} must be a string, got {}", type_name(other))))
+                    }
+                }
+            };
+            Ok(ChatMessage {
+                role,
+                content,
+                tool_calls,
+                tool_call_id: text_field("tool_call_id")?,
+                name: text_field("name")?,
+            })
         })
         .collect()
+}
+
+/// An assistant message's earlier call, as templates read it: `function.arguments` as
+/// an object (vLLM does the same), not OpenAI's JSON text.
+fn tool_call_for_template(c: &Value) -> std::result::Result<Value, String> {
+    let name = c.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+    let Some(name) = name else {
+        return Err("each tool call needs function.name".into());
+    };
+    let args = match c.get("function").and_then(|f| f.get("arguments")) {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
+        Some(v) => v.clone(),
+    };
+    let mut out = c.clone();
+    out["type"] = Value::String("function".into());
+    out["function"] = serde_json::json!({"name": name, "arguments": args});
+    Ok(out)
 }
 
 fn refuse_unsupported_completion(f: &Fields) -> Result<()> {
@@ -565,25 +670,6 @@ fn refuse_unsupported_completion(f: &Fields) -> Result<()> {
         None => {}
         Some(Value::String(s)) if s.is_empty() => {}
         Some(_) => return Err(ApiError::invalid("suffix is not supported", "suffix")),
-    }
-    Ok(())
-}
-
-fn refuse_unsupported_chat(f: &Fields) -> Result<()> {
-    match f.get("tools") {
-        None => {}
-        Some(Value::Array(t)) if t.is_empty() => {}
-        Some(_) => return Err(ApiError::invalid("tool calling is not supported", "tools")),
-    }
-    match f.get("response_format") {
-        None => {}
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "only response_format {\"type\": \"text\"} is supported",
-                "response_format",
-            ));
-        }
     }
     Ok(())
 }

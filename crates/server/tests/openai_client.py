@@ -2,11 +2,14 @@
 
 Usage: python3 openai_client.py http://127.0.0.1:PORT [API_KEY]
 
-Models (list and retrieve), completions and chat, streaming and not: checks the content,
+Models (list and retrieve), completions and chat, streaming and not, structured output
+and tool calls: checks the content,
 finish reasons, usage, the streamed chunks' shape, log-probability bytes and errors. Exits
 non-zero (with a message) on the first failure.
 """
 
+import json
+import re
 import sys
 
 import openai
@@ -132,6 +135,7 @@ def main():
         check(False, "a bad logit_bias key must fail")
     except openai.BadRequestError as e:
         check("logit_bias" in str(e), f"error {e}")
+    structured_output_and_tools(client, model)
 
     # Errors come back as OpenAI errors with the right status.
     try:
@@ -146,6 +150,116 @@ def main():
         check("messages" in str(e), f"error {e}")
 
     print(f"openai {openai.__version__} against {base} ({model}): all checks passed")
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "tag": {"enum": ["a", "b", "c"]}},
+    "required": ["name", "age", "tag"], "additionalProperties": False}
+
+
+def is_person(text):
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(v, dict) and set(v) == {"name", "age", "tag"}
+            and isinstance(v["name"], str) and len(v["name"]) <= 6
+            and isinstance(v["age"], int) and 0 <= v["age"] <= 150 and v["tag"] in "abc")
+
+
+def chat_text(client, model, stream, **kw):
+    """The content and finish reason of one chat answer, streamed or not."""
+    kw = {"model": model, "messages": [{"role": "user", "content": "answer"}],
+          "max_tokens": 200, "temperature": 1.0, **kw}
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+    text, finish = "", None
+    for c in client.chat.completions.create(**kw, stream=True):
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+            finish = c.choices[0].finish_reason or finish
+    return text, finish
+
+
+def structured_output_and_tools(client, model):
+    """response_format, vLLM's structured_outputs (extra_body), tools: each streamed and
+    not, at temperature 1 with a random model that only the grammar keeps in line."""
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    cases = [
+        (dict(response_format=rf), is_person),
+        (dict(response_format={"type": "json_object"}, max_tokens=2000),
+         lambda t: isinstance(json.loads(t), dict)),
+        (dict(extra_body={"structured_outputs": {"regex": "[a-z]{3}-[0-9]{2}"}}),
+         lambda t: re.fullmatch(r"[a-z]{3}-[0-9]{2}", t) is not None),
+        (dict(extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}}),
+         lambda t: t in ("red", "green", "blue")),
+        (dict(extra_body={"structured_outputs": {"grammar": 'start: "(" /[0-9]{1,3}/ ")"'}}),
+         lambda t: re.fullmatch(r"\([0-9]{1,3}\)", t) is not None),
+        (dict(extra_body={"guided_json": PERSON}), is_person),
+    ]
+    for kw, ok in cases:
+        for stream in (False, True):
+            for seed in (1, 2):
+                text, finish = chat_text(client, model, stream, seed=seed, **kw)
+                if "max_tokens" in kw and finish == "length":
+                    continue  # an unbounded object cut by max_tokens
+                check(finish == "stop" and ok(text), f"{kw} stream={stream}: {finish} {text!r}")
+    # Completions take them too.
+    r = client.completions.create(model=model, prompt="x", max_tokens=50, temperature=1.0,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    check(r.choices[0].text in ("yes", "no"), f"completion choice {r.choices[0].text!r}")
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "nonsense"}}})
+        check(False, "a bad schema must fail")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and "response_format" in str(e), f"error {e}")
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                       "required": ["city"]}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        kw = dict(model=model, messages=[{"role": "user", "content": "weather in Oslo?"}],
+                  tools=tools, tool_choice=choice, parallel_tool_calls=False, temperature=1.0,
+                  seed=4, max_tokens=100)
+        r = client.chat.completions.create(**kw)
+        calls = r.choices[0].message.tool_calls
+        check(r.choices[0].finish_reason == "tool_calls" and calls, f"tool call {r.choices[0]}")
+        call = calls[0]
+        check(call.type == "function" and call.function.name == "get_weather", f"call {call}")
+        check(json.loads(call.function.arguments)["city"] in ("Paris", "Oslo"), f"args {call}")
+        name, args, finish, ids = "", "", None, []
+        for c in client.chat.completions.create(**kw, stream=True):
+            if not c.choices:
+                continue
+            finish = c.choices[0].finish_reason or finish
+            for d in c.choices[0].delta.tool_calls or []:
+                check(d.index == 0, f"index {d}")
+                if d.id:
+                    ids.append(d.id)
+                name += d.function.name or ""
+                args += d.function.arguments or ""
+        check(finish == "tool_calls" and len(ids) == 1, f"stream finish {finish}, ids {ids}")
+        check(name == "get_weather", f"streamed name {name!r}")
+        check(json.loads(args) == json.loads(call.function.arguments), f"streamed args {args!r}")
+        # The call and its result go back in the history.
+        r = client.chat.completions.create(
+            model=model, max_tokens=4, temperature=0, tools=tools,
+            messages=[{"role": "user", "content": "weather in Oslo?"},
+                      {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+        check(r.choices[0].message.role == "assistant", f"after a tool result {r}")
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {}}])
+        check(False, "malformed tools must fail")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and "tools" in str(e), f"error {e}")
 
 
 if __name__ == "__main__":

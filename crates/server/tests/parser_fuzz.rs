@@ -50,6 +50,11 @@ fn with_ctx<R>(f: impl FnOnce(&ModelContext) -> R) -> R {
 fn with_sparse_ctx<R>(sparse: bool, f: impl FnOnce(&ModelContext) -> R) -> R {
     let tokenizer = Tokenizer::Bytes;
     let template = ChatTemplate::plain();
+    let grammars = radix_engine::Grammars::new(
+        std::sync::Arc::new(Tokenizer::Bytes),
+        VOCAB,
+        vec![radix_model::synthetic::EOS],
+    );
     let ctx = ModelContext {
         model_name: "synthetic:tiny",
         model_aliases: &[],
@@ -57,6 +62,8 @@ fn with_sparse_ctx<R>(sparse: bool, f: impl FnOnce(&ModelContext) -> R) -> R {
         chat_template: &template,
         rules: RequestRules { vocab_size: VOCAB, max_model_len: MAX_LEN, sparse },
         max_sequences: validate::DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+        grammars: &grammars,
+        tool_parser: radix_server::ToolParser::Hermes,
     };
     f(&ctx)
 }

@@ -7,7 +7,7 @@ use crate::error::ApiError;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-pub(super) fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -19,7 +19,7 @@ pub(super) fn type_name(v: &Value) -> &'static str {
 }
 
 /// Typed access to a JSON object's fields; null counts as absent (as OpenAI treats it).
-pub(super) struct Fields<'a>(pub &'a Map<String, Value>);
+pub(crate) struct Fields<'a>(pub &'a Map<String, Value>);
 
 impl Fields<'_> {
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -34,7 +34,16 @@ impl TestServer {
 }
 
 pub async fn start(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> TestServer {
-    let source = ModelSource::open(MODEL).unwrap();
+    start_model(MODEL, engine_cfg, server_cfg).await
+}
+
+/// `start` with another model (a path or `synthetic:...`), on the CPU backend.
+pub async fn start_model(
+    model: &str,
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+) -> TestServer {
+    let source = ModelSource::open(model).unwrap();
     let model = source.load(CpuBackend::new()).unwrap();
     let ModelSource { name, tokenizer, chat_template, .. } = source;
     let engine = Engine::new(Box::new(model), Arc::new(tokenizer), engine_cfg).unwrap();
