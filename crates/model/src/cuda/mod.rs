@@ -6,6 +6,11 @@
 //! (`plan_memory`, `memory`), then the KV pool (`init_kv`, `kv_pool`). A step is staged
 //! into the workspace in one upload (`staging`); decode steps run as CUDA graphs, one per
 //! batch-size bucket (`graphs`). Per-op timing is in `profiler`.
+//!
+//! Under tensor parallelism (`with_group`) the backend is one rank: GPU `ordinal` of an
+//! NCCL group, its slices of the weights, its kv heads in its own pool, its own memory
+//! plan and its own graphs; `all_reduce` is NCCL's sum on the backend's stream, so a
+//! decode graph captures the collectives with the rest of the step.
 
 mod graphs;
 mod kv_pool;
@@ -15,14 +20,16 @@ mod sparse;
 mod staging;
 mod workspace;
 
+use std::sync::Arc;
+
 use half::bf16;
-use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, Jit};
+use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup};
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
 use radix_kv::{KvDtype, KvGeometry};
 
-pub use self::memory::{MemoryLimits, MemoryPlan};
+pub use self::memory::{MemoryLimits, MemoryPlan, group_kv_pages, kv_pages_left};
 pub use self::profiler::OpTimes;
 
 use self::graphs::{DecodeGraphs, GraphKey, scratch_prefill, scratch_step};
@@ -35,6 +42,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
 use crate::tensor::{HostData, HostTensor};
+use crate::tp::TpShard;
 
 /// A bf16 activation `[rows, cols]` on the GPU.
 pub struct GpuAct {
@@ -82,6 +90,17 @@ pub struct CudaBackend {
     /// workspace or the pool can change.
     step: Option<StepViews>,
     graphs: DecodeGraphs,
+    /// The tensor-parallel group this backend is a rank of (`None`: the whole model).
+    group: Option<RankGroup>,
+}
+
+/// One rank's place in an NCCL group.
+struct RankGroup {
+    nccl: Arc<NcclGroup>,
+    shard: TpShard,
+    /// The group's generation the graphs were captured under: a reset remade the
+    /// communicators and graphs holding the old ones must go.
+    generation: u64,
 }
 
 impl Drop for CudaBackend {
@@ -105,7 +124,42 @@ impl CudaBackend {
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
+            group: None,
         })
+    }
+
+    /// Rank `rank` of the tensor-parallel group `nccl`, on that rank's GPU: the model
+    /// loaded onto it keeps that rank's slices (`Backend::shard`).
+    pub fn with_group(nccl: Arc<NcclGroup>, rank: usize) -> Result<Self> {
+        let shard = TpShard::new(rank, nccl.size())?;
+        let ordinal = nccl.ordinal(rank).ok_or_else(|| {
+            ModelError::TensorParallel(format!("rank {rank} has no GPU in {nccl:?}"))
+        })?;
+        let mut backend = Self::new(ordinal)?;
+        let generation = nccl.generation();
+        backend.group = Some(RankGroup { nccl, shard, generation });
+        Ok(backend)
+    }
+
+    /// The NCCL group this backend is a rank of.
+    pub fn nccl_group(&self) -> Option<&Arc<NcclGroup>> {
+        self.group.as_ref().map(|g| &g.nccl)
+    }
+
+    /// Before a step of a rank: graphs captured before the group's communicators were
+    /// remade hold freed ones, and when a capture failed on any rank every rank runs
+    /// eagerly (NCCL requires a collective to be captured on all ranks or on none).
+    fn sync_with_group(&mut self) {
+        let Some(g) = &mut self.group else { return };
+        let generation = g.nccl.generation();
+        if generation != g.generation {
+            g.generation = generation;
+            self.step = None;
+            self.graphs.clear();
+        }
+        if g.nccl.graphs_off() {
+            self.graphs.set_max_batch(0);
+        }
     }
 
     /// Decode batches up to `max_batch` sequences run as CUDA graphs; 0 turns them off.
@@ -239,6 +293,30 @@ impl Backend for CudaBackend {
         format!("cuda ({})", self.device.info().name)
     }
 
+    fn shard(&self) -> TpShard {
+        self.group.as_ref().map_or(TpShard::SINGLE, |g| g.shard)
+    }
+
+    fn all_reduce(&mut self, x: &mut GpuAct) -> Result<()> {
+        let Some(g) = &self.group else { return Ok(()) };
+        let (nccl, rank) = (g.nccl.clone(), g.shard.rank);
+        let len = x.rows * x.cols;
+        self.timed(Op::AllReduce, |_| {
+            nccl.all_reduce_sum_bf16(rank, &mut x.buf, len).map_err(|e| match e {
+                // Another rank failed: that rank's error is the cause (`TpModel`).
+                GpuError::CollectiveAborted(why) => ModelError::GroupAborted(why),
+                e => e.into(),
+            })
+        })
+    }
+
+    fn disable_graphs(&mut self, why: &str) {
+        self.graphs.set_max_batch(0);
+        if let Some(g) = &self.group {
+            g.nccl.turn_graphs_off(why);
+        }
+    }
+
     fn upload(&mut self, t: &HostTensor) -> Result<GpuWeight> {
         let (rows, cols) = t.matrix_dims();
         let buf = self.device.upload(&to_bf16(&t.data))?;
@@ -291,6 +369,7 @@ impl Backend for CudaBackend {
             "a logit row is past the step's tokens".into()
         })?;
         self.step = None;
+        self.sync_with_group();
         let (scratch, page_size, policy) = {
             let kv = self.kv()?;
             (kv.scratch_page(), kv.shape.page_size(), kv.sparse)
