@@ -285,8 +285,27 @@ impl NcclGroup {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    /// Keeps the communicators alive while work that uses them is queued: an all-reduce
+    /// call, or the launch of a CUDA graph that recorded some. Fails (at once, never
+    /// waiting) once the group is aborted or while an abort is under way.
+    ///
+    /// Why it never waits: `abort` takes the write lock and then waits for the stream
+    /// captures in flight to end; a capturing rank that waited here for the lock would
+    /// never end its capture. Failing instead ends that rank's step with
+    /// `CollectiveAborted`, which is what an abort is for. And no holder waits for
+    /// `abort`: it holds nothing while it waits for the write lock.
+    pub fn live(&self) -> Result<LiveGroup<'_>> {
+        let state = match self.state.try_read() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(GpuError::CollectiveAborted("the group is being aborted".into()));
+            }
+        };
+        if let Some(why) = state.broken.as_ref().or(state.aborted.as_ref()) {
+            return Err(GpuError::CollectiveAborted(why.clone()));
+        }
+        Ok(LiveGroup(state))
     }
 
     /// In-place sum over the ranks of `buf[..len]` (bf16), queued on `buf`'s device's
@@ -315,13 +334,10 @@ impl NcclGroup {
             return Ok(());
         }
         // Held across the call: `abort` frees the communicators only once no call is in
-        // progress. The call only queues kernels (connections are made up front), so the
-        // lock is held briefly.
-        let state = self.read();
-        if let Some(why) = state.broken.as_ref().or(state.aborted.as_ref()) {
-            return Err(GpuError::CollectiveAborted(why.clone()));
-        }
-        let comm = state.comms[rank];
+        // progress. The call only queues kernels (connections are made up front), so it
+        // is held briefly.
+        let live = self.live()?;
+        let comm = live.0.comms[rank];
         let stream = buf.device().stream().cu_stream() as *mut c_void;
         let ptr = buf.ptr_mut() as *mut c_void;
         // SAFETY: `ptr` holds at least `len` bf16 values on this rank's GPU (checked
@@ -346,16 +362,19 @@ impl NcclGroup {
     /// return, and later all-reduce calls fail with `CollectiveAborted(why)` until
     /// `reset`. Safe from any thread, also while ranks are queueing collectives.
     pub fn abort(&self, why: &str) {
-        // Freeing the communicators' memory synchronises each GPU's context, which
-        // would invalidate a capture in flight on another thread: wait for captures to
-        // end first (a capture only records the collectives, it never waits for peers).
+        // The write lock first: from then on every `live` fails, so ranks stop queueing
+        // collectives and graph launches, and a rank capturing a step ends its capture
+        // (its next all-reduce fails).
+        let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if st.aborted.is_some() {
+            return;
+        }
+        st.aborted = Some(why.to_string());
+        let comms = std::mem::take(&mut st.comms);
+        // Freeing the communicators' memory synchronises each GPU's context, which would
+        // invalidate a capture in flight on another thread: wait for captures to end.
         outside_captures(|| {
-            let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            if st.aborted.is_some() {
-                return;
-            }
-            st.aborted = Some(why.to_string());
-            for comm in std::mem::take(&mut st.comms) {
+            for comm in comms {
                 // SAFETY: a live communicator; no call uses it (we hold the write lock)
                 // and it is forgotten here.
                 let status = unsafe { (self.api.comm_abort)(comm) };
@@ -369,26 +388,29 @@ impl NcclGroup {
     /// After an `abort`, once no rank is using the group: makes new communicators. If
     /// that fails the group stays unusable and every all-reduce says why.
     pub fn reset(&self) {
-        outside_captures(|| {
-            let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            if st.aborted.is_none() || st.broken.is_some() {
-                return;
+        let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if st.aborted.is_none() || st.broken.is_some() {
+            return;
+        }
+        // Allocates on every GPU: not while another thread captures (none should: every
+        // rank is idle).
+        match outside_captures(|| init_all(self.api, &self.ordinals)) {
+            Ok(comms) => {
+                st.comms = comms;
+                st.aborted = None;
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                tracing::info!("NCCL communicators remade after an aborted step");
             }
-            match init_all(self.api, &self.ordinals) {
-                Ok(comms) => {
-                    st.comms = comms;
-                    st.aborted = None;
-                    self.generation.fetch_add(1, Ordering::SeqCst);
-                    tracing::info!("NCCL communicators remade after an aborted step");
-                }
-                Err(e) => {
-                    tracing::error!("NCCL communicators could not be remade: {e}");
-                    st.broken = Some(format!("the NCCL communicators could not be remade: {e}"));
-                }
+            Err(e) => {
+                tracing::error!("NCCL communicators could not be remade: {e}");
+                st.broken = Some(format!("the NCCL communicators could not be remade: {e}"));
             }
-        });
+        }
     }
 }
+
+/// The communicators held alive (`NcclGroup::live`).
+pub struct LiveGroup<'a>(std::sync::RwLockReadGuard<'a, State>);
 
 fn init_all(api: &Api, ordinals: &[c_int]) -> Result<Vec<ncclComm_t>> {
     let mut comms: Vec<ncclComm_t> = vec![std::ptr::null_mut(); ordinals.len()];

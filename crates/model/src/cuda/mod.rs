@@ -256,6 +256,15 @@ impl CudaBackend {
     }
 }
 
+/// A collective refused because the group was aborted is `GroupAborted`: another rank
+/// failed, and its error is the cause (`TpModel` reports that one).
+fn aborted(e: GpuError) -> ModelError {
+    match e {
+        GpuError::CollectiveAborted(why) => ModelError::GroupAborted(why),
+        e => e.into(),
+    }
+}
+
 /// Entries of the sparse per-head tables and page scores for a page table of
 /// `kv_indices` entries: one per kv head, when the pool keeps key bounds.
 fn sparse_entries(key_bounds: bool, kv_indices: usize, num_kv_heads: usize) -> usize {
@@ -302,11 +311,7 @@ impl Backend for CudaBackend {
         let (nccl, rank) = (g.nccl.clone(), g.shard.rank);
         let len = x.rows * x.cols;
         self.timed(Op::AllReduce, |_| {
-            nccl.all_reduce_sum_bf16(rank, &mut x.buf, len).map_err(|e| match e {
-                // Another rank failed: that rank's error is the cause (`TpModel`).
-                GpuError::CollectiveAborted(why) => ModelError::GroupAborted(why),
-                e => e.into(),
-            })
+            nccl.all_reduce_sum_bf16(rank, &mut x.buf, len).map_err(aborted)
         })
     }
 
@@ -389,7 +394,15 @@ impl Backend for CudaBackend {
         let staged = self.stage(&padded, s.logit_rows.len(), Some(key.bucket), sparse);
         self.graphs.return_padded(padded);
         staged?;
-        let mode = self.graphs.enter(&self.device, key)?;
+        let mode = match &self.group {
+            None => self.graphs.enter(&self.device, key)?,
+            // A replay runs the collectives it recorded: only while the communicators
+            // are alive (an abort frees them).
+            Some(g) => {
+                let _live = g.nccl.live().map_err(aborted)?;
+                self.graphs.enter(&self.device, key)?
+            }
+        };
         if mode == StepMode::Replayed {
             let vocab = self.ready()?.0.shape.vocab;
             if let Some(st) = &mut self.step {
@@ -416,7 +429,18 @@ impl Backend for CudaBackend {
     }
 
     fn end_step(&mut self, recorded: bool) -> Result<()> {
-        self.graphs.end_capture(&self.device, recorded)
+        let Some(g) = &self.group else {
+            return self.graphs.end_capture(&self.device, recorded);
+        };
+        // The graph is launched once captured: only while the communicators it recorded
+        // are alive. Aborted meanwhile, the capture ends with nothing run.
+        match g.nccl.live() {
+            Ok(_live) => self.graphs.end_capture(&self.device, recorded),
+            Err(e) => {
+                self.graphs.end_capture(&self.device, false)?;
+                Err(aborted(e))
+            }
+        }
     }
 
     fn act(&mut self, rows: usize, cols: usize) -> Result<GpuAct> {
