@@ -21,6 +21,14 @@ pub fn run() -> anyhow::Result<()> {
             Err(e) => println!("{:<24} {}", lib.name(), not_found(&e)),
         }
     }
+    // Optional: only tensor parallelism on CUDA needs it.
+    let nccl = CudaLibrary::Nccl;
+    match libs::ensure_loaded(nccl).and_then(|path| Ok((path, radix_gpu::nccl::version()?))) {
+        Ok((path, (major, minor, patch))) => {
+            println!("{:<24} {} ({major}.{minor}.{patch})", nccl.name(), path.display())
+        }
+        Err(e) => println!("{:<24} only for -tp N on CUDA: {}", nccl.name(), not_found(&e)),
+    }
     if let Ok(v) = libs::driver_version() {
         println!("{:<24} {}", "CUDA driver API", libs::format_cuda_version(v));
     }

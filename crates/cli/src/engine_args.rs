@@ -171,6 +171,20 @@ impl ModelArgs {
         }
     }
 
+    /// What the engine will ask of each GPU (its memory plan's input).
+    pub fn memory_limits(&self) -> MemoryLimits {
+        let limits = self.engine_config(Device::Cuda, 0);
+        MemoryLimits {
+            max_batched_tokens: limits.max_batched_tokens,
+            max_running: limits.max_running,
+            page_size: self.page_size,
+            sparse: limits.sparse.is_some(),
+            cuda_graphs: !self.disable_cuda_graphs,
+            mem_fraction: self.mem_fraction,
+            kv_pages: self.kv_pages,
+        }
+    }
+
     /// Loads the model onto the chosen device and builds the engine.
     pub fn build_engine(&self) -> anyhow::Result<BuiltEngine> {
         let loaded = self.load_runner()?;
@@ -200,22 +214,20 @@ impl ModelArgs {
         TpShard::check(tp, &source.config)
             .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {tp}: {e}"))?;
         let (runner, num_pages): (Box<dyn radix_engine::Runner>, usize) = match device {
-            Device::Cuda if tp > 1 => return Err(cuda_tensor_parallel(tp)),
+            Device::Cuda if tp > 1 => {
+                tracing::info!(model = %source.name, ranks = tp, "loading, tensor-parallel on {tp} GPUs");
+                let group = radix_model::tp::cuda_model(
+                    &source.config,
+                    source.weights.as_ref(),
+                    tp,
+                    &self.memory_limits(),
+                )
+                .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {tp} on CUDA: {e}"))?;
+                (Box::new(group.model), group.kv_pages)
+            }
             Device::Cuda => {
                 let mut model = source.load(CudaBackend::new(0)?)?;
-                let limits = self.engine_config(Device::Cuda, 0);
-                let plan = model.backend.plan_memory(
-                    &source.config,
-                    &MemoryLimits {
-                        max_batched_tokens: limits.max_batched_tokens,
-                        max_running: limits.max_running,
-                        page_size: self.page_size,
-                        sparse: limits.sparse.is_some(),
-                        cuda_graphs: !self.disable_cuda_graphs,
-                        mem_fraction: self.mem_fraction,
-                        kv_pages: self.kv_pages,
-                    },
-                )?;
+                let plan = model.backend.plan_memory(&model.local, &self.memory_limits())?;
                 plan.log();
                 (Box::new(model), plan.kv_pages)
             }
@@ -229,24 +241,6 @@ impl ModelArgs {
         };
         let ModelSource { name, tokenizer, chat_template, .. } = source;
         Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
-    }
-}
-
-/// Why `--tensor-parallel-size N` (N > 1) cannot run on CUDA here: too few GPUs, or (the
-/// NCCL ranks are not built yet) the NCCL path itself.
-fn cuda_tensor_parallel(tp: usize) -> anyhow::Error {
-    match radix_gpu::Device::count() {
-        Ok(gpus) if gpus < tp => anyhow::anyhow!(
-            "--tensor-parallel-size {tp} needs {tp} GPUs but {gpus} {} visible \
-             (CUDA_VISIBLE_DEVICES, or a smaller --tensor-parallel-size)",
-            if gpus == 1 { "is" } else { "are" }
-        ),
-        Ok(_) => anyhow::anyhow!(
-            "--tensor-parallel-size {tp} on CUDA: the NCCL ranks are not built yet (the CPU \
-             backend runs tensor-parallel: --device cpu); or run one server per GPU behind \
-             a load balancer"
-        ),
-        Err(e) => anyhow::anyhow!("--tensor-parallel-size {tp} on CUDA: {e}"),
     }
 }
 

@@ -45,6 +45,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
+    // NCCL reads its settings from the environment, and setting a variable races with
+    // any thread reading it: set NCCL's defaults (NVLink multicast off, connections made
+    // up front) now, while this is the only thread. Only NCCL reads them.
+    radix_gpu::nccl::set_default_env();
     let cli = Cli::parse_from(vllm_short_flags(std::env::args_os()));
     let logs = tracing_subscriber::fmt()
         // Colour codes only for a terminal: logs piped to a file or a collector stay plain.
@@ -147,5 +151,20 @@ mod tests {
         assert!(e.contains("--tensor-parallel-size 3") && e.contains("8 attention heads"), "{e}");
         assert!(load("0").unwrap().contains("at least 1"));
         assert!(load("2").is_none());
+    }
+
+    /// CUDA ranks on a machine without GPUs (this one, CI's): refused with the reason,
+    /// no panic. (With the `cuda` feature the machine has GPUs: the GPU tests cover it.)
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_tensor_parallel_without_gpus_is_refused_cleanly() {
+        let g = generate(&["--model", "synthetic:tiny", "--device", "cuda", "-tp", "2"]).unwrap();
+        let e = format!("{:#}", g.model_args().load_runner().err().expect("no GPU here"));
+        assert!(e.starts_with("--tensor-parallel-size 2 on CUDA: "), "{e}");
+        // No driver (libcuda), a driver that sees no GPU, or fewer than 2 GPUs.
+        assert!(
+            e.contains("libcuda") || e.contains("no CUDA GPU") || e.contains("needs 2 GPUs"),
+            "{e}"
+        );
     }
 }

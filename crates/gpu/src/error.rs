@@ -37,6 +37,14 @@ pub enum GpuError {
         source: CublasError,
     },
 
+    /// An NCCL call failed; `message` is NCCL's own account of it.
+    #[error("NCCL call {call} failed: {message}")]
+    Nccl { call: &'static str, message: String },
+
+    /// A collective was refused because its group was aborted (another rank failed).
+    #[error("the collective was aborted: {0}")]
+    CollectiveAborted(String),
+
     /// Caller passed buffers or shapes that do not fit together.
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -8,6 +8,7 @@
 //! - `jit`: `.cu` sources compiled by NVRTC for the device's architecture, cached on disk.
 //! - `Gemm`: cuBLASLt matmul with cached plans.
 //! - `Graph`: CUDA graph capture and replay; `PinnedStaging`: async uploads.
+//! - `nccl`: the communicators of a tensor-parallel group (NCCL, loaded on demand).
 //! - `GpuError`: the one error type; it names the call that failed.
 
 pub mod arch;
@@ -19,6 +20,7 @@ pub mod gemm;
 pub mod graph;
 pub mod jit;
 pub mod libs;
+pub mod nccl;
 pub mod staging;
 pub mod timing;
 
@@ -30,6 +32,7 @@ pub use error::{GpuError, Result};
 pub use gemm::{BLayout, Gemm, GemmShape};
 pub use graph::Graph;
 pub use jit::{Jit, Kernel, KernelSpec, Module, SourceFile};
+pub use nccl::NcclGroup;
 pub use staging::PinnedStaging;
 pub use timing::{GpuTimer, Timings, time_runs};
 

@@ -6,6 +6,12 @@
 //! so that libraries installed outside the loader's path (a CUDA toolkit folder, or
 //! the `nvidia-cuda-nvrtc` Python wheel) are found too: once a library is loaded by
 //! full path, the loader matches later opens of its soname to it.
+//!
+//! NCCL is loaded only when a tensor-parallel group asks for it (`crate::nccl`), so a
+//! machine without it runs everything else. Its functions are resolved from our own
+//! handle, not through cudarc's loader: cudarc 0.19 tries `libnccl.so`, `libnccl.so.13`,
+//! `.12`, .. but never `libnccl.so.2`, the only name the `nvidia-nccl-cu13` wheel and the
+//! distributions' runtime packages ship, and panics when none opens.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -20,9 +26,12 @@ pub enum CudaLibrary {
     Driver,
     Nvrtc,
     CublasLt,
+    /// Only for tensor parallelism on several GPUs: not in `ALL`.
+    Nccl,
 }
 
 impl CudaLibrary {
+    /// The libraries every CUDA run needs (`doctor` checks these).
     pub const ALL: [CudaLibrary; 3] = [Self::Driver, Self::Nvrtc, Self::CublasLt];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +39,7 @@ impl CudaLibrary {
             Self::Driver => "libcuda (CUDA driver)",
             Self::Nvrtc => "libnvrtc (NVRTC)",
             Self::CublasLt => "libcublasLt (cuBLASLt)",
+            Self::Nccl => "libnccl (NCCL)",
         }
     }
 
@@ -39,6 +49,16 @@ impl CudaLibrary {
             Self::Driver => &["libcuda.so.1", "libcuda.so"],
             Self::Nvrtc => &["libnvrtc.so.13", "libnvrtc.so"],
             Self::CublasLt => &["libcublasLt.so.13", "libcublasLt.so"],
+            // NCCL 2's soname; `libnccl.so` is the development symlink.
+            Self::Nccl => &["libnccl.so.2", "libnccl.so"],
+        }
+    }
+
+    /// Where the library's Python wheel puts it, under a `site-packages` folder.
+    fn wheel_dir(self) -> Option<&'static str> {
+        match self {
+            Self::Nccl => Some("nvidia/nccl/lib"),
+            _ => None,
         }
     }
 
@@ -53,6 +73,12 @@ impl CudaLibrary {
                 "install a CUDA 13 toolkit or `pip install nvidia-cublas`, and add its lib \
                  folder to LD_LIBRARY_PATH or RADIX_SPARSE_CUDA_LIB_DIRS"
             }
+            Self::Nccl => {
+                "tensor parallelism on CUDA needs NCCL 2 for CUDA 13: `pip install \
+                 nvidia-nccl-cu13` (it puts libnccl.so.2 in site-packages/nvidia/nccl/lib) or \
+                 the distribution's libnccl2, and add its lib folder to LD_LIBRARY_PATH or \
+                 RADIX_SPARSE_CUDA_LIB_DIRS"
+            }
         }
     }
 
@@ -60,10 +86,12 @@ impl CudaLibrary {
         static DRIVER: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
         static NVRTC: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
         static CUBLASLT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+        static NCCL: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
         match self {
             Self::Driver => &DRIVER,
             Self::Nvrtc => &NVRTC,
             Self::CublasLt => &CUBLASLT,
+            Self::Nccl => &NCCL,
         }
     }
 }
@@ -100,21 +128,36 @@ pub fn ensure_loaded(lib: CudaLibrary) -> Result<PathBuf> {
 }
 
 fn load(lib: CudaLibrary) -> std::result::Result<PathBuf, String> {
-    let mut tried = Vec::new();
     // Folders the user named come first (an explicit choice beats the loader's path),
-    // then the loader's own search by soname, then the usual toolkit folders.
+    // then the loader's own search by soname, then the usual toolkit folders, then the
+    // Python wheels' folders.
     let explicit = explicit_dirs();
     let defaults: Vec<PathBuf> =
         search_dirs().into_iter().filter(|d| !explicit.contains(d)).collect();
-    let in_dirs = |dirs: Vec<PathBuf>| {
-        dirs.into_iter()
-            .flat_map(|d| lib.sonames().iter().map(move |s| d.join(s)))
-            .collect::<Vec<_>>()
+    let wheels = wheel_dirs(lib, &explicit);
+    load_from(lib, &explicit, true, &defaults, &wheels)
+}
+
+/// Opens the first of `lib`'s sonames found in `explicit`, then (`loader`) through the
+/// dynamic loader's own search, then in `defaults` and `wheels`; the error lists every
+/// path tried.
+fn load_from(
+    lib: CudaLibrary,
+    explicit: &[PathBuf],
+    loader: bool,
+    defaults: &[PathBuf],
+    wheels: &[PathBuf],
+) -> std::result::Result<PathBuf, String> {
+    let in_dirs = |dirs: &[PathBuf]| {
+        dirs.iter().flat_map(|d| lib.sonames().iter().map(move |s| d.join(s))).collect::<Vec<_>>()
     };
+    let by_soname = lib.sonames().iter().map(PathBuf::from).filter(|_| loader);
     let candidates = in_dirs(explicit)
         .into_iter()
-        .chain(lib.sonames().iter().map(PathBuf::from))
-        .chain(in_dirs(defaults));
+        .chain(by_soname)
+        .chain(in_dirs(defaults))
+        .chain(in_dirs(wheels));
+    let mut tried = Vec::new();
     for candidate in candidates {
         // SAFETY: these are NVIDIA's CUDA libraries; their initialisers have no
         // preconditions on our side.
@@ -133,6 +176,41 @@ fn load(lib: CudaLibrary) -> std::result::Result<PathBuf, String> {
         }
     }
     Err(tried.join(", "))
+}
+
+/// The folders a library's Python wheel may be in: under each folder the user named
+/// (which may be a `site-packages`), and under the `site-packages` / `dist-packages` of
+/// the active virtual environment, the user's and the system's Python 3.
+fn wheel_dirs(lib: CudaLibrary, explicit: &[PathBuf]) -> Vec<PathBuf> {
+    let Some(sub) = lib.wheel_dir() else { return Vec::new() };
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    if let Ok(venv) = std::env::var("VIRTUAL_ENV") {
+        prefixes.push(PathBuf::from(venv));
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        prefixes.push(Path::new(&home).join(".local"));
+    }
+    prefixes.extend(["/usr/local", "/usr"].map(PathBuf::from));
+    let mut sites: Vec<PathBuf> = explicit.to_vec();
+    for prefix in &prefixes {
+        sites.extend(python_site_dirs(prefix));
+    }
+    sites.into_iter().map(|s| s.join(sub)).filter(|d| d.is_dir()).collect()
+}
+
+/// `PREFIX/lib/python3*/{site,dist}-packages` that exist, and Debian's
+/// `PREFIX/lib/python3/dist-packages`.
+fn python_site_dirs(prefix: &Path) -> Vec<PathBuf> {
+    let lib = prefix.join("lib");
+    let Ok(entries) = std::fs::read_dir(&lib) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+        .flat_map(|e| ["site-packages", "dist-packages"].map(|s| e.path().join(s)))
+        .filter(|d| d.is_dir())
+        .collect();
+    out.sort();
+    out
 }
 
 /// NVRTC opens `libnvrtc-builtins.so.<major>.<minor>` by soname at compile time, which
@@ -209,6 +287,42 @@ mod tests {
     fn formats_versions() {
         assert_eq!(format_cuda_version(13000), "13.0");
         assert_eq!(format_cuda_version(12040), "12.4");
+    }
+
+    /// With NCCL nowhere to be found, the error names the library, every path tried and
+    /// the package to install; nothing panics.
+    #[test]
+    fn a_missing_nccl_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("radix-nccl-missing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Not a shared library: the loader refuses it, as it would a broken install.
+        std::fs::write(dir.join("libnccl.so.2"), b"not an ELF file").unwrap();
+        let searched =
+            load_from(CudaLibrary::Nccl, std::slice::from_ref(&dir), false, &[], &[]).unwrap_err();
+        assert!(searched.contains(&dir.join("libnccl.so.2").display().to_string()), "{searched}");
+        let e = GpuError::LibraryMissing {
+            library: CudaLibrary::Nccl.name(),
+            searched,
+            hint: CudaLibrary::Nccl.hint(),
+        }
+        .to_string();
+        assert!(e.starts_with("libnccl (NCCL) not found"), "{e}");
+        assert!(e.contains("pip install nvidia-nccl-cu13") && e.contains("libnccl.so.2"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The wheel's folder is found under a site-packages folder named in
+    /// RADIX_SPARSE_CUDA_LIB_DIRS and under a Python prefix.
+    #[test]
+    fn nccl_is_looked_for_in_the_wheel_folder() {
+        let root = std::env::temp_dir().join(format!("radix-nccl-wheel-{}", std::process::id()));
+        let site = root.join("lib/python3.12/site-packages");
+        std::fs::create_dir_all(site.join("nvidia/nccl/lib")).unwrap();
+        assert_eq!(python_site_dirs(&root), vec![site.clone()]);
+        let dirs = wheel_dirs(CudaLibrary::Nccl, std::slice::from_ref(&site));
+        assert_eq!(dirs.first(), Some(&site.join("nvidia/nccl/lib")));
+        assert!(wheel_dirs(CudaLibrary::Nvrtc, std::slice::from_ref(&site)).is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

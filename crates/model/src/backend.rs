@@ -253,6 +253,13 @@ pub trait Backend {
         Ok(())
     }
 
+    /// Stops recording steps (a capture failed on this rank of a tensor-parallel group,
+    /// for a reason of its own): from the next step on every rank of the group runs
+    /// eagerly, since a collective must be recorded on all ranks or on none.
+    fn disable_graphs(&mut self, why: &str) {
+        let _ = why;
+    }
+
     /// An activation of `rows x cols` (contents unspecified).
     fn act(&mut self, rows: usize, cols: usize) -> Result<Self::Act>;
 

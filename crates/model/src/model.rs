@@ -143,6 +143,16 @@ impl<B: Backend> LlamaModel<B> {
                 let recorded = self.run_ops(&run);
                 let ended = self.backend.end_step(recorded.is_ok());
                 let Err(e) = recorded.and(ended) else { return Ok(()) };
+                if self.shard.size > 1 {
+                    // The other ranks recorded (or replayed) their collectives: running
+                    // them eagerly here would pair an eager collective with a recorded
+                    // one, which NCCL forbids. The step fails (the group aborts and
+                    // resets); a capture failure of this rank's own turns graphs off.
+                    if !matches!(e, ModelError::GroupAborted(_)) {
+                        self.backend.disable_graphs(&format!("rank {}: {e}", self.shard.rank));
+                    }
+                    return Err(e);
+                }
                 // Nothing of the step ran: run it as it comes instead (its bucket is eager
                 // from now on). A real fault of the step shows up again here.
                 tracing::warn!("CUDA graph capture failed ({e}); running the step eagerly");

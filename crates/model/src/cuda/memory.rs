@@ -61,6 +61,11 @@ impl MemoryPlan {
 
     /// Logs the plan (one line).
     pub fn log(&self) {
+        self.log_for(None);
+    }
+
+    /// Logs the plan of one GPU of a tensor-parallel group (`rank`), or of the only one.
+    pub fn log_for(&self, rank: Option<usize>) {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         tracing::info!(
             gpu_gib = gib(self.total_bytes),
@@ -73,9 +78,37 @@ impl MemoryPlan {
             key_bounds = self.geometry.key_bounds(),
             cuda_graph_max_batch = self.graph_max_batch,
             cuda_graphs = self.graph_buckets,
+            tp_rank = rank,
             "GPU memory plan"
         );
     }
+}
+
+/// KV pages that `mem_fraction` of a GPU of `total` bytes holds once `used` bytes are
+/// taken (weights, workspace, other processes) and the headroom is kept aside.
+pub fn kv_pages_left(
+    geometry: &KvGeometry,
+    total: usize,
+    used: usize,
+    mem_fraction: f64,
+) -> Result<usize> {
+    let budget = (total as f64 * mem_fraction) as usize;
+    let kv = budget.checked_sub(used + RESERVE_BYTES).ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after loading the \
+             weights and the step workspace (memory fraction {mem_fraction})",
+            used as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64,
+        ))
+    })?;
+    Ok(geometry.pages_fitting(kv))
+}
+
+/// The pages of a tensor-parallel group's pool: every rank holds the same pages (the
+/// scheduler's ids), each with its own kv heads, so the group gets what its fullest GPU
+/// (rank 0, with the LM head) leaves. `None` for no plans.
+pub fn group_kv_pages(plans: &[MemoryPlan]) -> Option<usize> {
+    plans.iter().map(|p| p.kv_pages).min()
 }
 
 impl CudaBackend {
@@ -101,20 +134,7 @@ impl CudaBackend {
         let (free, total) = self.device().mem_info()?;
         let kv_pages = match limits.kv_pages {
             Some(p) => p,
-            None => {
-                let used = total - free;
-                let budget = (total as f64 * limits.mem_fraction) as usize;
-                let kv = budget.checked_sub(used + RESERVE_BYTES).ok_or_else(|| {
-                    ModelError::Invalid(format!(
-                        "no GPU memory left for the KV cache: {:.1} GiB of {:.1} used after \
-                         loading the weights and the step workspace (memory fraction {})",
-                        used as f64 / (1u64 << 30) as f64,
-                        total as f64 / (1u64 << 30) as f64,
-                        limits.mem_fraction
-                    ))
-                })?;
-                geometry.pages_fitting(kv)
-            }
+            None => kv_pages_left(&geometry, total, total - free, limits.mem_fraction)?,
         };
         if kv_pages == 0 {
             return Err(ModelError::Invalid(
@@ -194,5 +214,57 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tp::TpShard;
+
+    const GIB: usize = 1 << 30;
+
+    /// What one rank of Llama-3-70B at TP 8 on 141 GB GPUs gets: its own kv head, so a
+    /// page is 1/8 of the whole model's, and the pages that the fraction leaves.
+    #[test]
+    fn a_rank_plans_its_pool_from_its_own_kv_heads() {
+        let cfg = crate::synthetic::config("llama3-70b").unwrap();
+        let whole = cfg.kv_geometry(16, KV_DTYPE, false).unwrap();
+        let local = TpShard { rank: 3, size: 8 }.local_config(&cfg).unwrap();
+        let rank = local.kv_geometry(16, KV_DTYPE, false).unwrap();
+        assert_eq!(rank.bytes_per_page() * 8, whole.bytes_per_page());
+        let total = 141 * GIB;
+        let used = 20 * GIB;
+        let pages = kv_pages_left(&rank, total, used, 0.9).unwrap();
+        let budget = (total as f64 * 0.9) as usize - used - RESERVE_BYTES;
+        assert_eq!(pages, rank.pages_fitting(budget));
+        assert!(pages * rank.bytes_per_page() <= budget);
+        assert!((pages + 1) * rank.bytes_per_page() > budget);
+    }
+
+    #[test]
+    fn no_room_is_an_error_naming_the_numbers() {
+        let cfg = crate::synthetic::config("tiny").unwrap();
+        let g = cfg.kv_geometry(16, KV_DTYPE, false).unwrap();
+        let e = kv_pages_left(&g, 10 * GIB, 9 * GIB, 0.85).unwrap_err().to_string();
+        assert!(e.contains("9.0 GiB of 10.0") && e.contains("0.85"), "{e}");
+    }
+
+    /// The group's pool is what its fullest GPU leaves (every rank has the same pages).
+    #[test]
+    fn the_group_takes_the_smallest_pool() {
+        let cfg = crate::synthetic::config("tiny").unwrap();
+        let geometry = cfg.kv_geometry(16, KV_DTYPE, false).unwrap();
+        let plan = |kv_pages| MemoryPlan {
+            total_bytes: GIB,
+            weight_bytes: 0,
+            workspace_bytes: 0,
+            graph_max_batch: 0,
+            graph_buckets: 0,
+            geometry,
+            kv_pages,
+        };
+        assert_eq!(group_kv_pages(&[plan(900), plan(1000), plan(1000)]), Some(900));
+        assert_eq!(group_kv_pages(&[]), None);
     }
 }

@@ -6,6 +6,11 @@
 //! (`plan_memory`, `memory`), then the KV pool (`init_kv`, `kv_pool`). A step is staged
 //! into the workspace in one upload (`staging`); decode steps run as CUDA graphs, one per
 //! batch-size bucket (`graphs`). Per-op timing is in `profiler`.
+//!
+//! Under tensor parallelism (`with_group`) the backend is one rank: GPU `ordinal` of an
+//! NCCL group, its slices of the weights, its kv heads in its own pool, its own memory
+//! plan and its own graphs; `all_reduce` is NCCL's sum on the backend's stream, so a
+//! decode graph captures the collectives with the rest of the step.
 
 mod graphs;
 mod kv_pool;
@@ -16,14 +21,16 @@ mod sparse;
 mod staging;
 mod workspace;
 
+use std::sync::Arc;
+
 use half::bf16;
-use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, Jit};
+use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup};
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
 use radix_kv::{KvDtype, KvGeometry};
 
-pub use self::memory::{MemoryLimits, MemoryPlan};
+pub use self::memory::{MemoryLimits, MemoryPlan, group_kv_pages, kv_pages_left};
 pub use self::profiler::OpTimes;
 
 use self::graphs::{DecodeGraphs, GraphKey, scratch_prefill, scratch_step};
@@ -37,6 +44,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
 use crate::tensor::{HostData, HostTensor};
+use crate::tp::TpShard;
 
 /// A bf16 activation `[rows, cols]` on the GPU.
 pub struct GpuAct {
@@ -86,6 +94,17 @@ pub struct CudaBackend {
     graphs: DecodeGraphs,
     /// Bias, masks and alternatives of the rows that ask for them.
     sampler_extras: ExtrasBuffers,
+    /// The tensor-parallel group this backend is a rank of (`None`: the whole model).
+    group: Option<RankGroup>,
+}
+
+/// One rank's place in an NCCL group.
+struct RankGroup {
+    nccl: Arc<NcclGroup>,
+    shard: TpShard,
+    /// The group's generation the graphs were captured under: a reset remade the
+    /// communicators and graphs holding the old ones must go.
+    generation: u64,
 }
 
 impl Drop for CudaBackend {
@@ -110,7 +129,42 @@ impl CudaBackend {
             step: None,
             graphs: DecodeGraphs::new(256),
             sampler_extras: ExtrasBuffers::default(),
+            group: None,
         })
+    }
+
+    /// Rank `rank` of the tensor-parallel group `nccl`, on that rank's GPU: the model
+    /// loaded onto it keeps that rank's slices (`Backend::shard`).
+    pub fn with_group(nccl: Arc<NcclGroup>, rank: usize) -> Result<Self> {
+        let shard = TpShard::new(rank, nccl.size())?;
+        let ordinal = nccl.ordinal(rank).ok_or_else(|| {
+            ModelError::TensorParallel(format!("rank {rank} has no GPU in {nccl:?}"))
+        })?;
+        let mut backend = Self::new(ordinal)?;
+        let generation = nccl.generation();
+        backend.group = Some(RankGroup { nccl, shard, generation });
+        Ok(backend)
+    }
+
+    /// The NCCL group this backend is a rank of.
+    pub fn nccl_group(&self) -> Option<&Arc<NcclGroup>> {
+        self.group.as_ref().map(|g| &g.nccl)
+    }
+
+    /// Before a step of a rank: graphs captured before the group's communicators were
+    /// remade hold freed ones, and when a capture failed on any rank every rank runs
+    /// eagerly (NCCL requires a collective to be captured on all ranks or on none).
+    fn sync_with_group(&mut self) {
+        let Some(g) = &mut self.group else { return };
+        let generation = g.nccl.generation();
+        if generation != g.generation {
+            g.generation = generation;
+            self.step = None;
+            self.graphs.clear();
+        }
+        if g.nccl.graphs_off() {
+            self.graphs.set_max_batch(0);
+        }
     }
 
     /// Decode batches up to `max_batch` sequences run as CUDA graphs; 0 turns them off.
@@ -207,6 +261,15 @@ impl CudaBackend {
     }
 }
 
+/// A collective refused because the group was aborted is `GroupAborted`: another rank
+/// failed, and its error is the cause (`TpModel` reports that one).
+fn aborted(e: GpuError) -> ModelError {
+    match e {
+        GpuError::CollectiveAborted(why) => ModelError::GroupAborted(why),
+        e => e.into(),
+    }
+}
+
 /// Entries of the sparse per-head tables and page scores for a page table of
 /// `kv_indices` entries: one per kv head, when the pool keeps key bounds.
 fn sparse_entries(key_bounds: bool, kv_indices: usize, num_kv_heads: usize) -> usize {
@@ -242,6 +305,26 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!("cuda ({})", self.device.info().name)
+    }
+
+    fn shard(&self) -> TpShard {
+        self.group.as_ref().map_or(TpShard::SINGLE, |g| g.shard)
+    }
+
+    fn all_reduce(&mut self, x: &mut GpuAct) -> Result<()> {
+        let Some(g) = &self.group else { return Ok(()) };
+        let (nccl, rank) = (g.nccl.clone(), g.shard.rank);
+        let len = x.rows * x.cols;
+        self.timed(Op::AllReduce, |_| {
+            nccl.all_reduce_sum_bf16(rank, &mut x.buf, len).map_err(aborted)
+        })
+    }
+
+    fn disable_graphs(&mut self, why: &str) {
+        self.graphs.set_max_batch(0);
+        if let Some(g) = &self.group {
+            g.nccl.turn_graphs_off(why);
+        }
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<GpuWeight> {
@@ -296,6 +379,7 @@ impl Backend for CudaBackend {
             "a logit row is past the step's tokens".into()
         })?;
         self.step = None;
+        self.sync_with_group();
         let (scratch, page_size, policy) = {
             let kv = self.kv()?;
             (kv.scratch_page(), kv.shape.page_size(), kv.sparse)
@@ -315,7 +399,15 @@ impl Backend for CudaBackend {
         let staged = self.stage(&padded, s.logit_rows.len(), Some(key.bucket), sparse);
         self.graphs.return_padded(padded);
         staged?;
-        let mode = self.graphs.enter(&self.device, key)?;
+        let mode = match &self.group {
+            None => self.graphs.enter(&self.device, key)?,
+            // A replay runs the collectives it recorded: only while the communicators
+            // are alive (an abort frees them).
+            Some(g) => {
+                let _live = g.nccl.live().map_err(aborted)?;
+                self.graphs.enter(&self.device, key)?
+            }
+        };
         if mode == StepMode::Replayed {
             let vocab = self.ready()?.0.shape.vocab;
             if let Some(st) = &mut self.step {
@@ -342,7 +434,18 @@ impl Backend for CudaBackend {
     }
 
     fn end_step(&mut self, recorded: bool) -> Result<()> {
-        self.graphs.end_capture(&self.device, recorded)
+        let Some(g) = &self.group else {
+            return self.graphs.end_capture(&self.device, recorded);
+        };
+        // The graph is launched once captured: only while the communicators it recorded
+        // are alive. Aborted meanwhile, the capture ends with nothing run.
+        match g.nccl.live() {
+            Ok(_live) => self.graphs.end_capture(&self.device, recorded),
+            Err(e) => {
+                self.graphs.end_capture(&self.device, false)?;
+                Err(aborted(e))
+            }
+        }
     }
 
     fn act(&mut self, rows: usize, cols: usize) -> Result<GpuAct> {

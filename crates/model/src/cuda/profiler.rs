@@ -15,6 +15,8 @@ pub struct OpTimes {
     pub norm_ms: f64,
     pub other_ms: f64,
     pub sample_ms: f64,
+    /// Tensor parallelism: the NCCL all-reduces (with the wait for the other ranks).
+    pub all_reduce_ms: f64,
 }
 
 impl OpTimes {
@@ -25,6 +27,7 @@ impl OpTimes {
             + self.norm_ms
             + self.other_ms
             + self.sample_ms
+            + self.all_reduce_ms
     }
 
     fn slot(&mut self, op: Op) -> &mut f64 {
@@ -35,6 +38,7 @@ impl OpTimes {
             Op::Norm => &mut self.norm_ms,
             Op::Other => &mut self.other_ms,
             Op::Sample => &mut self.sample_ms,
+            Op::AllReduce => &mut self.all_reduce_ms,
         }
     }
 }
@@ -48,6 +52,7 @@ pub(super) enum Op {
     Norm,
     Other,
     Sample,
+    AllReduce,
 }
 
 /// Events recorded around ops of the current step, and the totals so far.

@@ -10,7 +10,8 @@
 //! Threads rather than processes: the step is shared memory (no serialisation, no IPC),
 //! a rank's error comes back as a value, and the CPU backend's all-reduce is a barrier
 //! over shared buffers. With NCCL the same shape holds (one communicator per thread's
-//! GPU, as NCCL's single-process multi-GPU mode allows).
+//! GPU, as NCCL's single-process multi-GPU mode allows, and one thread launching each
+//! GPU's CUDA graphs, which NCCL recommends over one thread launching them all).
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, PoisonError, RwLock};

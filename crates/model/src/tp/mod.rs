@@ -19,13 +19,18 @@
 //!
 //! Each rank's pool holds the same page ids (the scheduler's, broadcast), with only its
 //! kv heads: `local_config` is the shape a rank's backend sees.
+//!
+//! Ranks: `cpu_model` (threads, the in-process all-reduce of `cpu_comm`) and
+//! `cuda_model` (a GPU and a thread each, NCCL; `cuda`).
 
 mod cpu_comm;
+mod cuda;
 mod group;
 
 use std::ops::Range;
 
 pub use cpu_comm::CpuComm;
+pub use cuda::{CudaGroup, check_gpus, cuda_model};
 pub use group::{TpModel, load_ranks};
 
 use crate::config::ModelConfig;
