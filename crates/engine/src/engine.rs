@@ -496,7 +496,10 @@ impl Engine {
                 match c.advance(token) {
                     Ok(Advance::Done) => grammar_done = true,
                     Ok(Advance::Continue) => {}
-                    Err(e) => seq.constraint_error = Some(e),
+                    // Keep the first error (computing the mask may have stored one).
+                    Err(e) => {
+                        seq.constraint_error.get_or_insert(e);
+                    }
                 }
             }
             let eos = self.eos.contains(&token);
@@ -512,11 +515,12 @@ impl Engine {
             out.prompt_logprobs = scored;
             if let Some(e) = seq.constraint_error.take() {
                 out.finish = Some(FinishReason::Error(format!("structured output: {e}")));
-            } else if stop_token || (grammar_done && eos) {
-                out.finish = Some(FinishReason::Stop);
-            } else if grammar_done {
+            } else if grammar_done && !eos {
+                // The grammar's last token is text even when it is also a stop token.
                 out.finish = Some(FinishReason::Stop);
                 out.last_token_is_text = true;
+            } else if stop_token || grammar_done {
+                out.finish = Some(FinishReason::Stop);
             } else if length {
                 out.finish = Some(FinishReason::Length);
             }

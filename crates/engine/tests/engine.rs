@@ -9,7 +9,7 @@ use radix_engine::{
     Engine, EngineConfig, EngineError, EngineHandle, FinishReason, Output, OutputProcessor,
     Request, RequestId, SparseBudget, SparseConfig, SparsePolicy, StopConfig,
 };
-use radix_model::{CpuBackend, ModelSource, SamplingParams};
+use radix_model::{CpuBackend, MAX_SCORED_ROWS_PER_STEP, ModelSource, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 fn engine(cfg: EngineConfig) -> Engine {
@@ -502,18 +502,7 @@ fn last_logits(tokens: &[u32]) -> Vec<f32> {
     let pages = tokens.len().div_ceil(page);
     let spec = radix_model::KvPoolSpec { num_pages: pages, page_size: page, sparse: None };
     model.backend.init_kv(&cfg, &spec).unwrap();
-    let positions: Vec<i32> = (0..tokens.len() as i32).collect();
-    let step = radix_model::Step {
-        tokens: tokens.to_vec(),
-        slots: positions.clone(),
-        positions,
-        qo_indptr: vec![0, tokens.len() as i32],
-        kv_indptr: vec![0, pages as i32],
-        kv_indices: (0..pages as i32).collect(),
-        kv_last_page_len: vec![(tokens.len() - (pages - 1) * page) as i32],
-        logit_rows: vec![tokens.len() as u32 - 1],
-        kv_keep: vec![],
-    };
+    let step = radix_model::Step::whole_sequence(tokens, page);
     model.forward_logits(&step).unwrap()
 }
 
@@ -569,21 +558,26 @@ fn top_logprobs_are_the_softmax_of_the_logits_and_logit_bias_steers() {
 #[test]
 fn prompt_logprobs_score_every_prompt_token_once_in_chunks() {
     let mut e = engine(EngineConfig::default());
-    // 75 tokens: more than the scored rows of one step, so several chunks; the same
+    // 300 tokens: more than the scored rows of one step, so several chunks; the same
     // prompt is cached first, and must still be computed (and scored) in full.
-    let prompt: Vec<u32> = (0..75).map(|i| (i * 37 % 250 + 3) as u32).collect();
+    let prompt: Vec<u32> = (0..300).map(|i| (i * 37 % 250 + 3) as u32).collect();
     run(&mut e, vec![greedy(&prompt, 2)]);
     let mut req = greedy(&prompt, 2);
     req.prompt_logprobs = Some(3);
     let mut other = greedy(&prompt[..40], 3); // a neighbour in the same steps
     other.prompt_logprobs = Some(0);
-    let outs = run(&mut e, vec![req, other]);
-    for (o, len) in outs.iter().zip([75usize, 40]) {
+    // And a plain request behind them, which scoring must not hold up.
+    let plain = greedy(&prompt[7..20], 2);
+    let outs = run(&mut e, vec![req, other, plain]);
+    assert_eq!(tokens(&outs[2]).len(), 2);
+    for (o, len) in outs.iter().zip([300usize, 40]) {
         let scored: Vec<_> = o.iter().flat_map(|o| o.prompt_logprobs.clone()).collect();
         let positions: Vec<usize> = scored.iter().map(|s| s.position).collect();
         assert_eq!(positions, (1..len).collect::<Vec<_>>());
-        assert!(o.iter().filter(|o| !o.prompt_logprobs.is_empty()).count() >= 2 || len < 33);
-        for s in scored.iter().filter(|s| [1, 31, 32, 33, len - 1].contains(&s.position)) {
+        let chunks = o.iter().filter(|o| !o.prompt_logprobs.is_empty()).count();
+        assert!(chunks >= 3 || len < MAX_SCORED_ROWS_PER_STEP, "{chunks} chunks");
+        let edges = [1, 127, 128, 129, len - 1];
+        for s in scored.iter().filter(|s| edges.contains(&s.position)) {
             let logits = last_logits(&prompt[..s.position]);
             let m = logits.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);
             let lz = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
@@ -595,11 +589,11 @@ fn prompt_logprobs_score_every_prompt_token_once_in_chunks() {
             order.sort_by(|&a, &b| {
                 logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
             });
-            let want = if len == 75 { 3 } else { 0 };
+            let want = if len == 300 { 3 } else { 0 };
             assert_eq!(top, order[..want].to_vec(), "position {}", s.position);
         }
         // Generation is as without scoring.
-        assert_eq!(tokens(o).len(), if len == 75 { 2 } else { 3 });
+        assert_eq!(tokens(o).len(), if len == 300 { 2 } else { 3 });
     }
     all_pages_back(&e);
 }

@@ -26,18 +26,7 @@ fn log_softmax_after(model: &mut LlamaModel<CpuBackend>, tokens: &[u32]) -> Vec<
     let cfg = model.config.clone();
     let spec = KvPoolSpec { num_pages: pages, page_size: page, sparse: None };
     model.backend.init_kv(&cfg, &spec).unwrap();
-    let positions: Vec<i32> = (0..tokens.len() as i32).collect();
-    let step = Step {
-        tokens: tokens.to_vec(),
-        slots: positions.clone(),
-        positions,
-        qo_indptr: vec![0, tokens.len() as i32],
-        kv_indptr: vec![0, pages as i32],
-        kv_indices: (0..pages as i32).collect(),
-        kv_last_page_len: vec![(tokens.len() - (pages - 1) * page) as i32],
-        logit_rows: vec![tokens.len() as u32 - 1],
-        kv_keep: vec![],
-    };
+    let step = Step::whole_sequence(tokens, page);
     let logits = model.forward_logits(&step).unwrap();
     assert!(logits.iter().all(|l| l.is_finite()));
     let m = logits.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);

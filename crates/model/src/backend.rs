@@ -14,8 +14,10 @@ use crate::tensor::HostTensor;
 use crate::tp::TpShard;
 
 /// Logit rows a step may carry beyond one per sequence: prompt tokens scored for prompt
-/// log-probabilities (`echo`). The scheduler keeps to it; memory plans reserve it.
-pub const MAX_SCORED_ROWS_PER_STEP: usize = 32;
+/// log-probabilities (`echo`). The scheduler keeps to it; memory plans reserve it (128
+/// rows of a 128K vocabulary: 64 MB of f32 logits). It bounds how fast a scored prompt
+/// goes: 128 tokens a step.
+pub const MAX_SCORED_ROWS_PER_STEP: usize = 128;
 
 /// One step's batch, as the scheduler planned it: the tokens to compute and where their
 /// KV goes and comes from. Sequence b's queries are the last `q_len(b)` tokens of its KV
@@ -44,6 +46,25 @@ pub struct Step {
 }
 
 impl Step {
+    /// One sequence computed whole from position 0 in pages 0, 1, ... of `page_size`
+    /// tokens, with the logits of its last token (tests and tools: a fresh forward of
+    /// `tokens` on a pool of at least `tokens.len().div_ceil(page_size)` pages).
+    pub fn whole_sequence(tokens: &[u32], page_size: usize) -> Self {
+        let pages = tokens.len().div_ceil(page_size.max(1));
+        let positions: Vec<i32> = (0..tokens.len() as i32).collect();
+        Self {
+            tokens: tokens.to_vec(),
+            slots: positions.clone(),
+            positions,
+            qo_indptr: vec![0, tokens.len() as i32],
+            kv_indptr: vec![0, pages as i32],
+            kv_indices: (0..pages as i32).collect(),
+            kv_last_page_len: vec![(tokens.len() + page_size - pages * page_size) as i32],
+            logit_rows: vec![tokens.len().saturating_sub(1) as u32],
+            kv_keep: Vec::new(),
+        }
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }

@@ -5,6 +5,7 @@ use radix_model::Tokenizer;
 
 use crate::api::{Completion, CompletionChoice, CompletionLogprobs, UsageField};
 use crate::generation::{Collected, Meta};
+use crate::validate::EchoPrompt;
 
 /// The text of each token (for log-probabilities).
 pub fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
@@ -72,9 +73,8 @@ fn logprobs<'a>(
 }
 
 /// The echoed prompt's text, and its first token (which has no log-probability).
-fn echo_of(tokenizer: &Tokenizer, prompt: &[u32]) -> (String, Entry<'static>) {
-    let text = tokenizer.decode(prompt, true).unwrap_or_default();
-    (text, Entry { id: prompt.first().copied().unwrap_or(0), logprob: None, top: None })
+fn echo_of(prompt: &EchoPrompt) -> (String, Entry<'static>) {
+    (prompt.text.clone(), Entry { id: prompt.first_token, logprob: None, top: None })
 }
 
 pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
@@ -88,7 +88,7 @@ pub fn response(c: Collected, tokenizer: &Tokenizer) -> Completion {
             let sampled = sampled_entries(&ch.token_ids, &ch.logprobs, &ch.top_logprobs);
             let (text, logprobs) = match shape.echo_prompts.get(index / shape.n) {
                 Some(prompt) => {
-                    let (echo, first) = echo_of(tokenizer, prompt);
+                    let (echo, first) = echo_of(prompt);
                     let entries = std::iter::once(first)
                         .chain(prompt_entries(&ch.prompt_logprobs))
                         .chain(sampled);
@@ -137,7 +137,7 @@ pub fn chunk(
     let echo = match shape.echo_prompts.get(index / shape.n) {
         Some(prompt) if !state.echoed => {
             state.echoed = true;
-            Some(echo_of(tokenizer, prompt))
+            Some(echo_of(prompt))
         }
         _ => None,
     };

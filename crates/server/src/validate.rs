@@ -89,15 +89,24 @@ pub struct ResponseShape {
     pub logprobs: bool,
     /// Alternatives per token in them.
     pub top_logprobs: usize,
-    /// Completions' `echo`: each prompt's token ids, to answer with its text (and its
-    /// tokens' log-probabilities) first; empty without echo.
-    pub echo_prompts: Vec<Vec<u32>>,
+    /// Completions' `echo`: each prompt, to answer with first (with its tokens'
+    /// log-probabilities when asked); empty without echo.
+    pub echo_prompts: Vec<EchoPrompt>,
     /// Choices per prompt.
     pub n: usize,
     /// Tokens of each prompt.
     pub prompt_lens: Vec<usize>,
     /// Chat with tools (choice not `none`): the output is parsed for calls.
     pub tools: Option<ToolShape>,
+}
+
+/// A prompt as `echo` answers with it.
+#[derive(Clone, Debug)]
+pub struct EchoPrompt {
+    /// The client's text (a token-id prompt's decoded, special tokens kept).
+    pub text: String,
+    /// Its first token, which has no log-probability (nothing comes before it).
+    pub first_token: u32,
 }
 
 /// How a response's text is read for tool calls.
@@ -158,8 +167,24 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<ParsedRequest
             r.prompt_logprobs = logprobs;
         }
         let n = parsed.shape.n;
+        let texts: Vec<Option<String>> = match f.get("prompt") {
+            Some(Value::String(s)) => vec![Some(s.clone())],
+            Some(Value::Array(list)) => list.iter().map(|v| v.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        };
         parsed.shape.echo_prompts =
-            parsed.requests.iter().step_by(n).map(|r| r.prompt.clone()).collect();
+            parsed
+                .requests
+                .iter()
+                .step_by(n)
+                .enumerate()
+                .map(|(i, r)| EchoPrompt {
+                    text: texts.get(i).cloned().flatten().unwrap_or_else(|| {
+                        ctx.tokenizer.decode(&r.prompt, false).unwrap_or_default()
+                    }),
+                    first_token: r.prompt.first().copied().unwrap_or(0),
+                })
+                .collect();
     }
     Ok(parsed)
 }

@@ -864,4 +864,26 @@ async fn echo_answers_with_the_prompt_and_its_logprobs() {
         .flatten()
         .collect();
     assert_eq!(&tokens, lp["tokens"].as_array().unwrap());
+    // Several prompts echo their own text; token ids echo their decoded text.
+    let (status, r) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        &json!({"prompt": ["Hello", "Bye now"], "echo": true, "max_tokens": 1, "n": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let texts: Vec<&str> =
+        r["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts.len(), 4);
+    assert!(texts[..2].iter().all(|t| t.starts_with("Hello")), "{texts:?}");
+    assert!(texts[2..].iter().all(|t| t.starts_with("Bye now")), "{texts:?}");
+    let (_, r) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        &json!({"prompt": [72, 105], "echo": true, "max_tokens": 1}),
+    )
+    .await;
+    assert!(r["choices"][0]["text"].as_str().unwrap().starts_with("Hi"), "{r}");
 }

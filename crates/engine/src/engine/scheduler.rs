@@ -104,12 +104,15 @@ impl Engine {
                 continue;
             }
             let mut len = self.chunk(pending, budget, !any);
-            if self.running[i].scores_prompt() {
+            let scores = self.running[i].scores_prompt();
+            if scores {
                 len = len.min(scored_rows);
-                scored_rows -= len;
             }
             let seq = &mut self.running[i];
             if len > 0 && self.kv.reserve(&mut seq.kv, seq.computed + len) {
+                if scores {
+                    scored_rows -= len;
+                }
                 seq.step_len = len;
                 budget = budget.saturating_sub(len);
                 any = true;
@@ -119,8 +122,15 @@ impl Engine {
         //    then oldest (`WaitQueue::pop_next`), each first served what the prefix cache
         //    holds of its prompt.
         let mut per_group = self.running_per_group();
+        // Prompts to be scored that found no scoring rows left this step: they wait for
+        // the next one without holding up the requests behind them.
+        let mut deferred = Vec::new();
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(mut seq) = self.waiting.pop_next(&per_group) else { break };
+            if seq.scores_prompt() && scored_rows == 0 {
+                deferred.push(seq);
+                continue;
+            }
             // A prompt still to be scored is computed whole: no logits come from cache.
             let cached =
                 if seq.scores_prompt() { 0 } else { self.kv.admit(&mut seq.kv, &seq.tokens) };
@@ -131,18 +141,24 @@ impl Engine {
             let mut len = self.chunk(seq.pending(), budget, !any);
             if seq.scores_prompt() {
                 len = len.min(scored_rows);
-                scored_rows -= len;
             }
             let upto = seq.computed + len;
             if len == 0 || !self.kv.reserve(&mut seq.kv, upto) {
                 self.requeue(seq);
                 break;
             }
+            if seq.scores_prompt() {
+                scored_rows -= len;
+            }
             seq.step_len = len;
             budget = budget.saturating_sub(len);
             any = true;
             *per_group.entry(seq.group).or_default() += 1;
             self.running.push(seq);
+        }
+        // Back at the front, in their order.
+        for seq in deferred.into_iter().rev() {
+            self.waiting.push_front(seq);
         }
         self.running
             .iter()

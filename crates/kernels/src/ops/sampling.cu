@@ -6,7 +6,9 @@
 // same as the CPU's `uniform`, so a seeded request draws the same way however it is
 // batched. top-k, top-p and min-p become one logit threshold tau (found by bisection over
 // block reductions), and the argmax runs over logits >= tau: an exact sample of the
-// truncated, renormalised distribution. Log-probabilities are of the raw logits.
+// truncated, renormalised distribution (unlike the host, which keeps exactly k, top-k
+// keeps every token tied with the k-th largest logit). Log-probabilities are of the raw
+// logits.
 //
 // Per row, optionally: the `top_n` most likely raw tokens (n passes of a block argmax
 // under the order (logit desc, id asc), NaN as -inf), then `logit_bias` and an allowed-
@@ -149,9 +151,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_c
   if (prm.bias_count > 0 || prm.mask_row >= 0) {
     __syncthreads();  // every thread has read the raw row
     if (prm.mask_row >= 0) {
+      // As on the host: a mask that allows no token with a finite logit is ignored
+      // rather than leaving nothing to sample.
       const unsigned* mask = p.masks + (long long)prm.mask_row * p.mask_words;
+      float usable = 0.f;
       for (int i = threadIdx.x; i < p.vocab; i += THREADS)
-        if (!((mask[i >> 5] >> (i & 31)) & 1u)) l[i] = -__int_as_float(0x7f800000);
+        usable += ((mask[i >> 5] >> (i & 31)) & 1u) && isfinite(l[i]) ? 1.f : 0.f;
+      if (reduce_sum(usable, sv) > 0.f)
+        for (int i = threadIdx.x; i < p.vocab; i += THREADS)
+          if (!((mask[i >> 5] >> (i & 31)) & 1u)) l[i] = -__int_as_float(0x7f800000);
     }
     __syncthreads();
     for (int b = threadIdx.x; b < prm.bias_count; b += THREADS) {
