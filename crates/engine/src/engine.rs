@@ -122,6 +122,16 @@ pub struct Engine {
     rows: Vec<LogitRow>,
 }
 
+/// Threads that compute a step's grammar masks: the cores the forward's launching thread
+/// leaves, at most 8.
+fn mask_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).clamp(1, 8)
+    })
+}
+
 /// A logit row of a step: a sequence's next token to sample, or a prompt token to score.
 #[derive(Clone, Copy, Debug)]
 enum LogitRow {
@@ -383,24 +393,34 @@ impl Engine {
             seq.constraint.is_some() && seq.samples_this_step()
         });
         let forward = if constrained {
-            // Grammar masks on another thread while the forward runs (on CUDA it only
-            // launches, on the CPU it computes): a constrained row costs the batch
-            // max(mask, forward), not their sum.
+            // Grammar masks on other threads while the forward runs (on CUDA it only
+            // launches, on the CPU it computes): constrained rows cost the batch
+            // max(masks, forward), not their sum. A mask takes tens of µs, so a batch of
+            // hundreds of constrained rows is spread over several threads.
             let (running, runner) = (&mut self.running, &mut self.runner);
+            let mut rows: Vec<&mut Sequence> = running
+                .iter_mut()
+                .filter(|s| s.constraint.is_some() && s.samples_this_step())
+                .collect();
+            let per_thread = rows.len().div_ceil(mask_threads());
             std::thread::scope(|scope| {
-                let masks = scope.spawn(|| {
-                    for s in plan {
-                        let seq = &mut running[s.index];
-                        if seq.samples_this_step() {
-                            seq.compute_mask();
-                        }
-                    }
-                });
+                let workers: Vec<_> = rows
+                    .chunks_mut(per_thread)
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            for seq in chunk {
+                                seq.compute_mask();
+                            }
+                        })
+                    })
+                    .collect();
                 let forward = runner.forward(step);
                 // A panic in the grammar engine is a bug of its; the rows it left without
                 // a mask fail below rather than the whole engine here.
-                if masks.join().is_err() {
-                    tracing::error!("computing grammar masks panicked");
+                for w in workers {
+                    if w.join().is_err() {
+                        tracing::error!("computing grammar masks panicked");
+                    }
                 }
                 forward
             })

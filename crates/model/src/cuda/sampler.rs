@@ -46,12 +46,15 @@ impl SamplerPlan {
                 ..Default::default()
             };
             if gpu(r) {
+                row.top_n = r.top_logprobs.min(MAX_TOP_LOGPROBS).min(vocab) as i32;
+                top_stride = top_stride.max(row.top_n as usize);
+            }
+            // A scoring row (`target`) reads neither bias nor mask: none are sent for it.
+            if gpu(r) && r.target.is_none() {
                 row.bias_start = bias_tokens.len() as i32;
                 row.bias_count = p.logit_bias.len() as i32;
                 bias_tokens.extend(p.logit_bias.iter().map(|b| b.0));
                 bias_values.extend(p.logit_bias.iter().map(|b| b.1.to_bits()));
-                row.top_n = r.top_logprobs.min(MAX_TOP_LOGPROBS).min(vocab) as i32;
-                top_stride = top_stride.max(row.top_n as usize);
                 if let Some(mask) = r.allowed {
                     row.mask_row = (masks.len() / mask_words) as i32;
                     // A mask shorter than the vocabulary disallows the rest.
@@ -133,5 +136,46 @@ impl ExtrasBuffers {
                     .collect()
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::{SamplingParams, TokenCounts};
+
+    #[test]
+    fn the_plan_lays_out_what_each_row_asks_for() {
+        let c = TokenCounts::default();
+        let biased = SamplingParams { logit_bias: vec![(3, 1.5), (9, -2.0)], ..Default::default() };
+        let penalised = SamplingParams { repetition_penalty: 1.2, ..biased.clone() };
+        let plain = SamplingParams::greedy();
+        let vocab = 70; // three mask words
+        let mask = [0b1010u32];
+        let requests = [
+            SampleRequest { top_logprobs: 5, ..SampleRequest::new(&biased, &c, 1, 0) },
+            SampleRequest { allowed: Some(&mask), ..SampleRequest::new(&plain, &c, 2, 0) },
+            // Sampled on the host: nothing for the kernel to apply or report.
+            SampleRequest { top_logprobs: 3, ..SampleRequest::new(&penalised, &c, 3, 0) },
+            // Scoring: alternatives, but neither bias nor mask.
+            SampleRequest {
+                target: Some(7),
+                top_logprobs: 2,
+                allowed: Some(&mask),
+                ..SampleRequest::new(&biased, &c, 4, 0)
+            },
+        ];
+        let plan = SamplerPlan::new(&requests, vocab);
+        let r = &plan.rows;
+        assert_eq!((r[0].bias_start, r[0].bias_count, r[0].top_n, r[0].mask_row), (0, 2, 5, -1));
+        assert_eq!((r[1].bias_count, r[1].mask_row, r[1].temperature), (0, 0, 0.0));
+        assert_eq!((r[2].bias_count, r[2].top_n, r[2].mask_row), (0, 0, -1));
+        assert_eq!((r[3].bias_count, r[3].top_n, r[3].mask_row, r[3].target), (0, 2, -1, 7));
+        assert_eq!((plan.bias_len, plan.mask_rows, plan.mask_words, plan.top_stride), (2, 1, 3, 5));
+        // Tokens, then values as f32 bits, then the mask padded to the vocabulary.
+        assert_eq!(plan.inputs[..2], [3, 9]);
+        assert_eq!(plan.inputs[2..4], [1.5f32.to_bits(), (-2.0f32).to_bits()]);
+        assert_eq!(plan.inputs[4..], [0b1010, 0, 0]);
+        assert_eq!(plan.words().count(), 4 * SampleRow::WORDS);
     }
 }
