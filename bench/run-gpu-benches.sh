@@ -2,7 +2,8 @@
 # Runs every benchmark beside its peer on the GPU host, from inside the GPU bundle
 # (scripts/gpu-bundle.sh puts this file at gpu-bundle/run-gpu-benches.sh), and writes the
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
-#   run-gpu-benches.sh [gemm] [attention] [decode]     (default: all)
+#   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
+#                      [prefix] [latency] [sweep]   (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 rs="$here/radix-sparse"
@@ -96,6 +97,54 @@ step)
   "$rs" bench step --batch 256 --context 512 --json "$out/s_ours.jsonl"
   record --ours "$out/s_ours.jsonl" --command "radix-sparse bench step --batch 256 --context 512" \
     --note "no peer: the step's floor (weights + KV bytes over the copy bandwidth of this run) is in extra.floor_ms"
+  ;;
+structured)
+  # Structured output's cost (the structured-output issue): every request asking for a
+  # JSON object beside the same run unconstrained. Constrained rates count the tokens
+  # generated (requests end where their grammar does).
+  rm -f "$out/js_plain.jsonl" "$out/js_ours.jsonl" "$out/js_peer.jsonl"
+  common="--model synthetic:llama3-8b --dataset synthetic-sharegpt --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda"
+  "$rs" bench offline $common --json "$out/js_plain.jsonl"
+  "$rs" bench offline $common --json-object --json "$out/js_ours.jsonl"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+for line in open(f"{out}/js_plain.jsonl"):
+    r = json.loads(line)
+    peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"], "unit": r["unit"],
+            "peer": "radix-sparse unconstrained, same run"}
+    open(f"{out}/js_peer.jsonl", "w").write(json.dumps(peer) + "\n")
+PY
+  record --ours "$out/js_ours.jsonl" --peer "$out/js_peer.jsonl" \
+    --command "radix-sparse bench offline $common --json-object (peer: same without it)" \
+    --note "every request constrained to a JSON object vs none; done when ratio >= 0.9"
+  ;;
+prefix)
+  # The prefix cache on SGLang's generated-shared-prefix workload, with and without it.
+  rm -f "$out/px_ours.jsonl" "$out/px_off.jsonl" "$out/px_peer.jsonl"
+  common="--model synthetic:llama3-8b --dataset shared-prefix:64:2048:128:256 --num-prompts 1024 --device cuda"
+  "$rs" bench offline $common --json "$out/px_ours.jsonl"
+  "$rs" bench offline $common --no-enable-prefix-caching --json "$out/px_off.jsonl"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+for line in open(f"{out}/px_off.jsonl"):
+    r = json.loads(line)
+    peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"], "unit": r["unit"],
+            "peer": "radix-sparse without the prefix cache, same run"}
+    open(f"{out}/px_peer.jsonl", "w").write(json.dumps(peer) + "\n")
+PY
+  record --ours "$out/px_ours.jsonl" --peer "$out/px_peer.jsonl" \
+    --command "radix-sparse bench offline $common (peer: --no-enable-prefix-caching)"
+  ;;
+latency)
+  # Time per output token at batch 1 against its floor (weights + KV over copy, this run).
+  for ctx in 1024 8192 32768; do
+    rm -f "$out/l_ours.jsonl"
+    "$rs" bench step --batch 1 --context "$ctx" --json "$out/l_ours.jsonl"
+    record --ours "$out/l_ours.jsonl" --command "radix-sparse bench step --batch 1 --context $ctx" \
+      --note "no peer: the floor is in extra.floor_ms"
+  done
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.
