@@ -12,6 +12,19 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 phases="${*:-gemm attention decode step offline}"
 record() { python3 "$here/bench/record.py" --out "$results" "$@" >/dev/null; }
+# same_run_peer IN OUT LABEL: our rows in IN become peer rows in OUT (a run of ours that
+# is the baseline of another, in the same call).
+same_run_peer() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+src, dst, label = sys.argv[1:4]
+with open(dst, "w") as out:
+    for line in open(src):
+        r = json.loads(line)
+        out.write(json.dumps({"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"],
+                              "unit": r["unit"], "peer": label}) + "\n")
+PY
+}
 
 for phase in $phases; do
 case $phase in
@@ -79,15 +92,7 @@ sparse)
   common="--model synthetic:llama3-8b --dataset random:32000:256 --num-prompts $n --device cuda --max-model-len 33024"
   "$rs" bench offline $common --json "$out/so_dense.jsonl"
   "$rs" bench offline $common --sparse-budget 0.3 --json "$out/so_sparse.jsonl"
-  python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-for line in open(f"{out}/so_dense.jsonl"):
-    r = json.loads(line)
-    peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"], "unit": r["unit"],
-            "peer": "radix-sparse dense (no --sparse-budget), same run"}
-    open(f"{out}/so_peer.jsonl", "w").write(json.dumps(peer) + "\n")
-PY
+  same_run_peer "$out/so_dense.jsonl" "$out/so_peer.jsonl" "radix-sparse dense (no --sparse-budget), same run"
   record --ours "$out/so_sparse.jsonl" --peer "$out/so_peer.jsonl" \
     --command "radix-sparse bench offline $common --sparse-budget 0.3 (peer: same without it)" \
     --note "sparse paging at budget 0.3 vs dense, same run; extra has the KV bytes read"
@@ -106,15 +111,7 @@ structured)
   common="--model synthetic:llama3-8b --dataset synthetic-sharegpt --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda"
   "$rs" bench offline $common --json "$out/js_plain.jsonl"
   "$rs" bench offline $common --json-object --json "$out/js_ours.jsonl"
-  python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-for line in open(f"{out}/js_plain.jsonl"):
-    r = json.loads(line)
-    peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"], "unit": r["unit"],
-            "peer": "radix-sparse unconstrained, same run"}
-    open(f"{out}/js_peer.jsonl", "w").write(json.dumps(peer) + "\n")
-PY
+  same_run_peer "$out/js_plain.jsonl" "$out/js_peer.jsonl" "radix-sparse unconstrained, same run"
   record --ours "$out/js_ours.jsonl" --peer "$out/js_peer.jsonl" \
     --command "radix-sparse bench offline $common --json-object (peer: same without it)" \
     --note "every request constrained to a JSON object vs none; done when ratio >= 0.9"
@@ -125,15 +122,7 @@ prefix)
   common="--model synthetic:llama3-8b --dataset shared-prefix:64:2048:128:256 --num-prompts 1024 --device cuda"
   "$rs" bench offline $common --json "$out/px_ours.jsonl"
   "$rs" bench offline $common --no-enable-prefix-caching --json "$out/px_off.jsonl"
-  python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-for line in open(f"{out}/px_off.jsonl"):
-    r = json.loads(line)
-    peer = {"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"], "unit": r["unit"],
-            "peer": "radix-sparse without the prefix cache, same run"}
-    open(f"{out}/px_peer.jsonl", "w").write(json.dumps(peer) + "\n")
-PY
+  same_run_peer "$out/px_off.jsonl" "$out/px_peer.jsonl" "radix-sparse without the prefix cache, same run"
   record --ours "$out/px_ours.jsonl" --peer "$out/px_peer.jsonl" \
     --command "radix-sparse bench offline $common (peer: --no-enable-prefix-caching)"
   ;;
