@@ -92,7 +92,9 @@ pub struct CudaBackend {
     /// workspace or the pool can change.
     step: Option<StepViews>,
     graphs: DecodeGraphs,
-    /// Bias, masks and alternatives of the rows that ask for them.
+    /// The sampler's rows and extras on the host, refilled every step.
+    sampler_plan: SamplerPlan,
+    /// Bias, masks and alternatives of the rows that ask for them, on the device.
     sampler_extras: ExtrasBuffers,
     /// The tensor-parallel group this backend is a rank of (`None`: the whole model).
     group: Option<RankGroup>,
@@ -128,6 +130,7 @@ impl CudaBackend {
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
+            sampler_plan: SamplerPlan::default(),
             sampler_extras: ExtrasBuffers::default(),
             group: None,
         })
@@ -629,7 +632,8 @@ impl Backend for CudaBackend {
         Self::check(requests.len() == rows, || {
             format!("sample: {} requests for {rows} logits rows", requests.len())
         })?;
-        let plan = SamplerPlan::new(requests, vocab);
+        let mut plan = std::mem::take(&mut self.sampler_plan);
+        plan.fill(requests, vocab);
         let device = self.device.clone();
         let mut extras_buffers = std::mem::take(&mut self.sampler_extras);
         let ws = self.ready()?.0;
@@ -665,6 +669,7 @@ impl Backend for CudaBackend {
         });
         let tops = launched.and_then(|()| extras_buffers.read_top(&plan));
         self.sampler_extras = extras_buffers;
+        self.sampler_plan = plan;
         let tops = tops?;
         let tokens = tokens.to_vec()?;
         let logprobs = logprobs.to_vec()?;

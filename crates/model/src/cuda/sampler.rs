@@ -10,6 +10,8 @@ use crate::error::Result;
 use crate::sampling::{MAX_TOP_LOGPROBS, SampleRequest};
 
 /// The rows of one sampling call as the kernel reads them, and their extras on the host.
+/// The backend keeps one and refills it every step (no allocation once it has grown).
+#[derive(Default)]
 pub(super) struct SamplerPlan {
     pub rows: Vec<SampleRow>,
     /// `[bias tokens, bias values (f32 bits), masks]`, as `SamplerExtras::inputs` lays
@@ -23,16 +25,30 @@ pub(super) struct SamplerPlan {
 }
 
 impl SamplerPlan {
-    /// Rows that `needs_host` are sampled by the host from the raw logits: their bias,
-    /// mask and alternatives are left to it, so the kernel does not edit them.
+    #[cfg(test)]
     pub fn new(requests: &[SampleRequest], vocab: usize) -> Self {
-        let gpu = |r: &SampleRequest| !r.needs_host();
-        let mask_words = vocab.div_ceil(32);
-        let mut bias_tokens = Vec::new();
-        let mut bias_values = Vec::new();
-        let mut masks = Vec::new();
-        let mut rows = Vec::with_capacity(requests.len());
-        let mut top_stride = 0;
+        let mut plan = Self::default();
+        plan.fill(requests, vocab);
+        plan
+    }
+
+    /// The plan of `requests`. Rows that `needs_host` are sampled by the host from the
+    /// raw logits: their bias, mask and alternatives are left to it, so the kernel does
+    /// not edit them; a scoring row (`target`) reads neither bias nor mask, so none are
+    /// sent for it.
+    pub fn fill(&mut self, requests: &[SampleRequest], vocab: usize) {
+        let on_device = |r: &SampleRequest| !r.needs_host();
+        let edited = |r: &&SampleRequest| on_device(r) && r.target.is_none();
+        self.rows.clear();
+        self.inputs.clear();
+        self.mask_words = vocab.div_ceil(32);
+        self.mask_rows = 0;
+        self.top_stride = 0;
+        let biases = || requests.iter().filter(edited).flat_map(|r| &r.params.logit_bias);
+        self.inputs.extend(biases().map(|b| b.0));
+        self.bias_len = self.inputs.len();
+        self.inputs.extend(biases().map(|b| b.1.to_bits()));
+        let mut bias_start = 0;
         for r in requests {
             let p = r.params;
             let mut row = SampleRow {
@@ -45,30 +61,24 @@ impl SamplerPlan {
                 target: r.target.map_or(-1, |t| t.min(i32::MAX as u32) as i32),
                 ..Default::default()
             };
-            if gpu(r) {
+            if on_device(r) {
                 row.top_n = r.top_logprobs.min(MAX_TOP_LOGPROBS).min(vocab) as i32;
-                top_stride = top_stride.max(row.top_n as usize);
+                self.top_stride = self.top_stride.max(row.top_n as usize);
             }
-            // A scoring row (`target`) reads neither bias nor mask: none are sent for it.
-            if gpu(r) && r.target.is_none() {
-                row.bias_start = bias_tokens.len() as i32;
+            if edited(&r) {
+                row.bias_start = bias_start as i32;
                 row.bias_count = p.logit_bias.len() as i32;
-                bias_tokens.extend(p.logit_bias.iter().map(|b| b.0));
-                bias_values.extend(p.logit_bias.iter().map(|b| b.1.to_bits()));
+                bias_start += p.logit_bias.len();
                 if let Some(mask) = r.allowed {
-                    row.mask_row = (masks.len() / mask_words) as i32;
+                    row.mask_row = self.mask_rows as i32;
+                    self.mask_rows += 1;
                     // A mask shorter than the vocabulary disallows the rest.
-                    masks.extend((0..mask_words).map(|w| mask.get(w).copied().unwrap_or(0)));
+                    let words = (0..self.mask_words).map(|w| mask.get(w).copied().unwrap_or(0));
+                    self.inputs.extend(words);
                 }
             }
-            rows.push(row);
+            self.rows.push(row);
         }
-        let bias_len = bias_tokens.len();
-        let mask_rows = masks.len() / mask_words.max(1);
-        let mut inputs = bias_tokens;
-        inputs.extend(bias_values);
-        inputs.extend(masks);
-        Self { rows, inputs, bias_len, mask_rows, mask_words, top_stride }
     }
 
     /// The row parameters as upload words.
