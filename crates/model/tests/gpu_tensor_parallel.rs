@@ -12,10 +12,14 @@
 //! Without 2 GPUs, or without NCCL, these fail with the reason; they do not skip.
 #![cfg(feature = "cuda")]
 
+mod tp_batch;
+
 use radix_model::cuda::MemoryLimits;
 use radix_model::synthetic::SyntheticWeights;
 use radix_model::tp::{self, TpModel};
-use radix_model::{Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelConfig, Step};
+use radix_model::{Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelConfig};
+
+use tp_batch::Batch;
 
 const PS: usize = 16;
 const PAGES_PER_SEQ: usize = 16;
@@ -80,39 +84,6 @@ fn single(cfg: &ModelConfig) -> LlamaModel<CudaBackend> {
     m
 }
 
-/// Sequence s owns pages `s * PAGES_PER_SEQ ..`; `len[s]` tokens are in the cache.
-struct Batch {
-    len: Vec<usize>,
-}
-
-impl Batch {
-    /// A step computing `new[s]` more tokens of each sequence (0: not in the step),
-    /// logits for the last token of each.
-    fn step(&mut self, new: &[usize]) -> Step {
-        let mut s = Step { qo_indptr: vec![0], kv_indptr: vec![0], ..Default::default() };
-        for (seq, &n) in new.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let (start, end) = (self.len[seq], self.len[seq] + n);
-            let base = (seq * PAGES_PER_SEQ) as i32;
-            for p in start..end {
-                s.tokens.push(((p * 31 + seq * 7 + 5) % 300) as u32);
-                s.positions.push(p as i32);
-                s.slots.push(base * PS as i32 + p as i32);
-            }
-            let pages = end.div_ceil(PS);
-            s.kv_indices.extend((0..pages as i32).map(|i| base + i));
-            s.kv_indptr.push(s.kv_indices.len() as i32);
-            s.kv_last_page_len.push((end - (pages - 1) * PS) as i32);
-            s.qo_indptr.push(s.tokens.len() as i32);
-            s.logit_rows.push(s.tokens.len() as u32 - 1);
-            self.len[seq] = end;
-        }
-        s
-    }
-}
-
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
@@ -136,7 +107,7 @@ const SCHEDULE: [&[usize]; 9] = [
 fn tp2_matches_tp1(cfg: &ModelConfig) {
     let mut one = single(cfg);
     let mut two = group(cfg, false);
-    let (mut a, mut b) = (Batch { len: vec![0; 3] }, Batch { len: vec![0; 3] });
+    let (mut a, mut b) = (Batch::new(3, PS, PAGES_PER_SEQ), Batch::new(3, PS, PAGES_PER_SEQ));
     for (i, new) in SCHEDULE.iter().enumerate() {
         let step = a.step(new);
         assert_eq!(step, b.step(new));
@@ -167,7 +138,7 @@ fn tp2_graph_replay_matches_eager() {
     let cfg = tiny(2);
     let mut eager = group(&cfg, false);
     let mut graphed = group(&cfg, true);
-    let (mut a, mut b) = (Batch { len: vec![0; 3] }, Batch { len: vec![0; 3] });
+    let (mut a, mut b) = (Batch::new(3, PS, PAGES_PER_SEQ), Batch::new(3, PS, PAGES_PER_SEQ));
     for (i, new) in SCHEDULE.iter().enumerate() {
         let step = a.step(new);
         assert_eq!(step, b.step(new));
@@ -190,11 +161,11 @@ fn tp2_recovers_from_a_failed_step() {
     let cfg = tiny(2);
     let mut one = single(&cfg);
     let mut two = group(&cfg, true);
-    let mut bad = Batch { len: vec![0] }.step(&[5]);
+    let mut bad = Batch::new(1, PS, PAGES_PER_SEQ).step(&[5]);
     bad.logit_rows = vec![9]; // past the step's 5 tokens
     let e = two.forward(&bad).unwrap_err().to_string();
     assert!(e.contains("logit row"), "{e}");
-    let (mut a, mut b) = (Batch { len: vec![0; 3] }, Batch { len: vec![0; 3] });
+    let (mut a, mut b) = (Batch::new(3, PS, PAGES_PER_SEQ), Batch::new(3, PS, PAGES_PER_SEQ));
     for (i, new) in SCHEDULE.iter().enumerate() {
         let step = a.step(new);
         assert_eq!(step, b.step(new));

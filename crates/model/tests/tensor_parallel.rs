@@ -4,10 +4,14 @@
 //! cache; for head counts that split, that need kv heads replicated, with q|k|v biases
 //! and with a tied embedding. Bad sizes are errors that name the numbers.
 
+mod tp_batch;
+
 use radix_kernels::rope::RopeConfig;
 use radix_model::synthetic::SyntheticWeights;
 use radix_model::tp::{self, TpModel};
 use radix_model::{Architecture, CpuBackend, KvPoolSpec, LlamaModel, ModelConfig, Step};
+
+use tp_batch::Batch;
 
 const PAGE: usize = 4;
 const PAGES_PER_SEQ: usize = 16;
@@ -66,39 +70,6 @@ impl Runner {
     }
 }
 
-/// Sequence s owns pages `s * PAGES_PER_SEQ ..`; `len[s]` tokens are in the cache.
-struct Batch {
-    len: Vec<usize>,
-}
-
-impl Batch {
-    /// A step computing `new[s]` more tokens of each sequence (0: not in the step),
-    /// logits for the last token of each.
-    fn step(&mut self, new: &[usize]) -> Step {
-        let mut s = Step { qo_indptr: vec![0], kv_indptr: vec![0], ..Default::default() };
-        for (seq, &n) in new.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let (start, end) = (self.len[seq], self.len[seq] + n);
-            let base = (seq * PAGES_PER_SEQ) as i32;
-            for p in start..end {
-                s.tokens.push(((p * 31 + seq * 7 + 5) % 300) as u32);
-                s.positions.push(p as i32);
-                s.slots.push(base * PAGE as i32 + p as i32);
-            }
-            let pages = end.div_ceil(PAGE);
-            s.kv_indices.extend((0..pages as i32).map(|i| base + i));
-            s.kv_indptr.push(s.kv_indices.len() as i32);
-            s.kv_last_page_len.push((end - (pages - 1) * PAGE) as i32);
-            s.qo_indptr.push(s.tokens.len() as i32);
-            s.logit_rows.push(s.tokens.len() as u32 - 1);
-            self.len[seq] = end;
-        }
-        s
-    }
-}
-
 /// Relative error of `got` against `want` (largest difference over largest value);
 /// a NaN anywhere is infinite.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
@@ -119,7 +90,7 @@ fn check(name: &str, cfg: &ModelConfig, sizes: &[usize]) {
     let mut reference = Runner::new(cfg, None);
     let mut groups: Vec<(usize, Runner)> =
         sizes.iter().map(|&n| (n, Runner::new(cfg, Some(n)))).collect();
-    let (mut a, mut b) = (Batch { len: vec![0; 3] }, Batch { len: vec![0; 3] });
+    let (mut a, mut b) = (Batch::new(3, PAGE, PAGES_PER_SEQ), Batch::new(3, PAGE, PAGES_PER_SEQ));
     for (i, new) in schedule.iter().enumerate() {
         let step = a.step(new);
         assert_eq!(step, b.step(new));
@@ -154,11 +125,11 @@ fn a_bad_step_fails_on_every_rank_and_the_group_recovers() {
     let cfg = config(8, 2);
     let mut g = tp::cpu_model(&cfg, &SyntheticWeights, 2).unwrap();
     g.init_kv(&KvPoolSpec { num_pages: 8, page_size: PAGE, sparse: None }).unwrap();
-    let mut bad = Batch { len: vec![0] }.step(&[3]);
+    let mut bad = Batch::new(1, PAGE, PAGES_PER_SEQ).step(&[3]);
     bad.tokens[1] = 1_000; // outside the vocabulary
     let e = g.forward(&bad).unwrap_err().to_string();
     assert!(e.contains("token id 1000"), "{e}");
-    let good = Batch { len: vec![0] }.step(&[3]);
+    let good = Batch::new(1, PAGE, PAGES_PER_SEQ).step(&[3]);
     let mut reference = Runner::new(&cfg, None);
     let err = rel_err(&g.forward_logits(&good).unwrap(), &reference.logits(&good));
     assert!(err < 1e-5, "after an error: {err:.2e}");
