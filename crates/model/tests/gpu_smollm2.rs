@@ -8,9 +8,12 @@
 
 use std::path::PathBuf;
 
-use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, LlamaModel, ModelSource, Step};
+mod paged_batch;
 
-const PS: usize = 16;
+use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, ModelSource};
+
+use paged_batch::{Batch, PS};
+
 const STEPS: usize = 32;
 
 fn model_path() -> String {
@@ -20,26 +23,6 @@ fn model_path() -> String {
     });
     assert!(path.is_file(), "{} is missing: run tools/fetch_smollm2.sh", path.display());
     path.to_str().unwrap().to_string()
-}
-
-/// Computes every sequence's tokens from `computed[b]` on; the logits of each last token.
-fn step<B: Backend>(model: &mut LlamaModel<B>, seqs: &[Vec<u32>], computed: &[usize]) -> Vec<f32> {
-    let mut s = Step { qo_indptr: vec![0], kv_indptr: vec![0], ..Step::default() };
-    for (b, seq) in seqs.iter().enumerate() {
-        let base = b * 64; // sequence b owns pages base..base + 64
-        for (p, &token) in seq.iter().enumerate().skip(computed[b]) {
-            s.tokens.push(token);
-            s.positions.push(p as i32);
-            s.slots.push(((base + p / PS) * PS + p % PS) as i32);
-        }
-        s.qo_indptr.push(s.tokens.len() as i32);
-        let pages = seq.len().div_ceil(PS);
-        s.kv_indices.extend((0..pages).map(|i| (base + i) as i32));
-        s.kv_indptr.push(s.kv_indices.len() as i32);
-        s.kv_last_page_len.push((seq.len() - (pages - 1) * PS) as i32);
-        s.logit_rows.push(s.tokens.len() as u32 - 1);
-    }
-    model.forward_logits(&s).unwrap()
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -59,7 +42,7 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     cpu.backend.init_kv(&cfg, &spec).unwrap();
     gpu.backend.init_kv(&cfg, &spec).unwrap();
     let template = source.chat_template;
-    let mut seqs: Vec<Vec<u32>> = [
+    let seqs: Vec<Vec<u32>> = [
         "What is the capital of France?",
         "Write a haiku about the sea.",
         "List three prime numbers and explain why they are prime.",
@@ -72,13 +55,13 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     })
     .collect();
     let vocab = cfg.vocab_size;
-    let mut computed = vec![0; seqs.len()];
+    let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
     let (mut confident, mut worst) = (0, 0.0f64);
     for i in 0..STEPS {
-        let c = step(&mut cpu, &seqs, &computed);
-        let g = step(&mut gpu, &seqs, &computed);
+        let c = batch.step(&mut cpu);
+        let g = batch.step(&mut gpu);
         assert!(g.iter().all(|x| x.is_finite()), "step {i}: non-finite CUDA logits");
-        for b in 0..seqs.len() {
+        for b in 0..batch.seqs.len() {
             let (cr, gr) = (&c[b * vocab..(b + 1) * vocab], &g[b * vocab..(b + 1) * vocab]);
             let err = rel_err(gr, cr);
             worst = worst.max(err);
@@ -91,8 +74,8 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
                 let best = (0..vocab).max_by(|&x, &y| gr[x].total_cmp(&gr[y])).unwrap() as u32;
                 assert_eq!(best, next, "step {i} seq {b}: greedy token differs at a clear margin");
             }
-            computed[b] = seqs[b].len();
-            seqs[b].push(next);
+            batch.computed[b] = batch.seqs[b].len();
+            batch.seqs[b].push(next); // teacher-force the CPU's greedy choice into both
         }
     }
     assert!(confident >= STEPS, "too few confident steps to compare ({confident})");
