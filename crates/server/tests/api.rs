@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{MODEL, TestServer, engine_config, metrics, sse_chunks, sse_data, start};
+use common::{MODEL, TestServer, engine_config, metrics, post, sse_chunks, sse_data, start};
 use futures::StreamExt;
 use radix_engine::EngineConfig;
 use radix_server::ServerConfig;
@@ -14,13 +14,6 @@ use serde_json::{Value, json};
 
 async fn server() -> TestServer {
     start(engine_config(), ServerConfig::default()).await
-}
-
-async fn post(c: &reqwest::Client, s: &TestServer, path: &str, body: &Value) -> (u16, Value) {
-    let resp = c.post(s.url(path)).json(body).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
 }
 
 async fn post_stream(c: &reqwest::Client, s: &TestServer, path: &str, body: &Value) -> String {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestServer, engine_config, sse_chunks, start};
+use common::{TestServer, engine_config, post, sse_chunks, start};
 use radix_server::ServerConfig;
 use serde_json::{Value, json};
 
@@ -12,13 +12,6 @@ const SEEDS: [u64; 4] = [0, 1, 2, 3];
 
 async fn server() -> TestServer {
     start(engine_config(), ServerConfig::default()).await
-}
-
-async fn post(c: &reqwest::Client, s: &TestServer, path: &str, body: &Value) -> (u16, Value) {
-    let resp = c.post(s.url(path)).json(body).send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
 }
 
 async fn stream(c: &reqwest::Client, s: &TestServer, path: &str, body: &Value) -> Vec<Value> {

@@ -141,6 +141,14 @@ pub async fn wait_pages_back(client: &reqwest::Client, s: &TestServer, limit: Du
     }
 }
 
+/// POSTs `body` as JSON; the status and the JSON answer.
+pub async fn post(c: &reqwest::Client, s: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+    let resp = c.post(s.url(path)).json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+}
+
 /// The `data:` payloads of an SSE body, in order (the last should be `[DONE]`);
 /// keep-alive comments are skipped.
 pub fn sse_data(body: &str) -> Vec<String> {
