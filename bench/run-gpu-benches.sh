@@ -12,16 +12,19 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 phases="${*:-gemm attention decode step offline}"
 record() { python3 "$here/bench/record.py" --out "$results" "$@" >/dev/null; }
-# same_run_peer IN OUT LABEL: our rows in IN become peer rows in OUT (a run of ours that
-# is the baseline of another, in the same call).
+# same_run_peer IN OUT LABEL [SHAPES]: our rows in IN become peer rows in OUT (a run of
+# ours that is the baseline of another, in the same call); with SHAPES (our rows of the
+# other run), row i takes the shape of row i there, when the two runs name their shapes
+# differently (a lengths: dataset standing in for the one it was written from).
 same_run_peer() {
-  python3 - "$1" "$2" "$3" <<'PY'
+  python3 - "$1" "$2" "$3" "${4:-}" <<'PY'
 import json, sys
-src, dst, label = sys.argv[1:4]
+src, dst, label, shapes = sys.argv[1:5]
+rows = [json.loads(line) for line in open(src)]
+names = [json.loads(line)["shape"] for line in open(shapes)] if shapes else [r["shape"] for r in rows]
 with open(dst, "w") as out:
-    for line in open(src):
-        r = json.loads(line)
-        out.write(json.dumps({"benchmark": r["benchmark"], "shape": r["shape"], "value": r["ours"],
+    for r, shape in zip(rows, names):
+        out.write(json.dumps({"benchmark": r["benchmark"], "shape": shape, "value": r["ours"],
                               "unit": r["unit"], "peer": label}) + "\n")
 PY
 }
@@ -105,16 +108,17 @@ step)
   ;;
 structured)
   # Structured output's cost (the structured-output issue): every request asking for a
-  # JSON object beside the same run unconstrained. Constrained rates count the tokens
-  # generated (requests end where their grammar does).
+  # JSON object, beside an unconstrained run of the same work in the same call. Grammars
+  # end requests early, so the constrained run writes the tokens each request generated
+  # and the unconstrained peer runs exactly those lengths.
   rm -f "$out/js_plain.jsonl" "$out/js_ours.jsonl" "$out/js_peer.jsonl"
-  common="--model synthetic:llama3-8b --dataset synthetic-sharegpt --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda"
-  "$rs" bench offline $common --json "$out/js_plain.jsonl"
-  "$rs" bench offline $common --json-object --json "$out/js_ours.jsonl"
-  same_run_peer "$out/js_plain.jsonl" "$out/js_peer.jsonl" "radix-sparse unconstrained, same run"
+  common="--model synthetic:llama3-8b --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda"
+  "$rs" bench offline $common --dataset synthetic-sharegpt --json-object --lengths-out "$out/js_lengths.json" --json "$out/js_ours.jsonl"
+  "$rs" bench offline $common --dataset "lengths:$out/js_lengths.json" --json "$out/js_plain.jsonl"
+  same_run_peer "$out/js_plain.jsonl" "$out/js_peer.jsonl" "radix-sparse unconstrained over the same lengths, same run" "$out/js_ours.jsonl"
   record --ours "$out/js_ours.jsonl" --peer "$out/js_peer.jsonl" \
-    --command "radix-sparse bench offline $common --json-object (peer: same without it)" \
-    --note "every request constrained to a JSON object vs none; done when ratio >= 0.9"
+    --command "radix-sparse bench offline $common --dataset synthetic-sharegpt --json-object --lengths-out L (peer: --dataset lengths:L)" \
+    --note "every request constrained to a JSON object vs none over the same lengths; done when ratio >= 0.9"
   ;;
 prefix)
   # The prefix cache on SGLang's generated-shared-prefix workload, with and without it.
@@ -128,12 +132,10 @@ prefix)
   ;;
 latency)
   # Time per output token at batch 1 against its floor (weights + KV over copy, this run).
-  for ctx in 1024 8192 32768; do
-    rm -f "$out/l_ours.jsonl"
-    "$rs" bench step --batch 1 --context "$ctx" --json "$out/l_ours.jsonl"
-    record --ours "$out/l_ours.jsonl" --command "radix-sparse bench step --batch 1 --context $ctx" \
-      --note "no peer: the floor is in extra.floor_ms"
-  done
+  rm -f "$out/l_ours.jsonl"
+  "$rs" bench step --batch 1 --context 1024,8192,32768 --json "$out/l_ours.jsonl"
+  record --ours "$out/l_ours.jsonl" --command "radix-sparse bench step --batch 1 --context 1024,8192,32768" \
+    --note "no peer: the floor is in extra.floor_ms"
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.

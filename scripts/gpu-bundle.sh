@@ -42,5 +42,7 @@ cp bench/peers/*.py "$out/bench/"
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"
 cp scripts/sanitize-gpu-tests.sh "$out/sanitize-gpu-tests.sh"
 cp bench/run-gpu-benches.sh "$out/run-gpu-benches.sh"
+# Symbols are not needed there and the carry limit is tight (the CLI alone is 22 MB with them).
+strip "$out/radix-sparse" "$out"/tests/*
 chmod +x "$out/run-gpu-tests.sh" "$out/sanitize-gpu-tests.sh" "$out/run-gpu-benches.sh" "$out/radix-sparse"
 du -sh "$out"

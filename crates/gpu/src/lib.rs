@@ -33,7 +33,7 @@ pub use gemm::{BLayout, Gemm, GemmShape};
 pub use graph::Graph;
 pub use jit::{Jit, Kernel, KernelSpec, Module, SourceFile};
 pub use nccl::NcclGroup;
-pub use staging::PinnedStaging;
+pub use staging::{PinnedStaging, StagedUploader};
 pub use timing::{GpuTimer, Timings, time_runs};
 
 /// Re-exported so kernel crates can implement `DeviceRepr` for their parameter structs

@@ -60,9 +60,19 @@ impl<T: Element + cudarc::driver::ValidAsZeroBits> PinnedStaging<T> {
 
     /// Queues a copy of the first `len` elements into the start of `dst`.
     pub fn upload_prefix(&mut self, len: usize, dst: &mut DeviceBuffer<T>) -> Result<()> {
+        self.upload_at(len, dst, 0)
+    }
+
+    /// Queues a copy of the first `len` elements into `dst` from element `offset` on.
+    pub fn upload_at(
+        &mut self,
+        len: usize,
+        dst: &mut DeviceBuffer<T>,
+        offset: usize,
+    ) -> Result<()> {
         ensure!(
-            len <= self.len() && len <= dst.len(),
-            "staged upload of {len} elements: staging holds {}, destination {}",
+            len <= self.len() && offset.checked_add(len).is_some_and(|end| end <= dst.len()),
+            "staged upload of {len} elements at {offset}: staging holds {}, destination {}",
             self.len(),
             dst.len()
         );
@@ -71,15 +81,48 @@ impl<T: Element + cudarc::driver::ValidAsZeroBits> PinnedStaging<T> {
         }
         let stream = self.device.stream();
         let src = self.host.as_slice().call("cuEventSynchronize")?;
-        let dst_ptr = dst.ptr_mut();
+        let dst_ptr = dst.ptr_mut() + (offset * std::mem::size_of::<T>()) as u64;
         // SAFETY: `src` is pinned host memory of at least `len` elements that is not
         // written again before `copied` completes (`write` waits for it); `dst` holds at
-        // least `len` elements (checked above).
+        // least `offset + len` elements (checked above).
         unsafe {
             cudarc::driver::result::memcpy_htod_async(dst_ptr, &src[..len], stream.cu_stream())
         }
         .call("cuMemcpyHtoDAsync")?;
         self.copied = Some(stream.record_event(None).call("cuEventRecord")?);
         Ok(())
+    }
+}
+
+/// Uploads large host arrays (model weights) through two pinned buffers of `chunk`
+/// elements: the host fills one while the other is copied. Copies from pageable memory
+/// go through the driver's own bounce buffer (7.7 GB/s on the H200 host, pinned 55 GB/s);
+/// loading Llama-3-8B with them, and a clone of each tensor, spent 45 s outside generating
+/// the weights, through these buffers 25.5 s.
+pub struct StagedUploader<T: Element> {
+    stages: [PinnedStaging<T>; 2],
+    next: usize,
+}
+
+impl<T: Element + cudarc::driver::ValidAsZeroBits> StagedUploader<T> {
+    pub fn new(device: &Device, chunk: usize) -> Result<Self> {
+        Ok(Self {
+            stages: [PinnedStaging::new(device, chunk)?, PinnedStaging::new(device, chunk)?],
+            next: 0,
+        })
+    }
+
+    /// A new device buffer holding `data`; the copies are queued on the device's stream
+    /// (work queued after them sees the data).
+    pub fn upload(&mut self, device: &Device, data: &[T]) -> Result<DeviceBuffer<T>> {
+        let mut dst = device.alloc::<T>(data.len())?;
+        let chunk = self.stages[0].len();
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            let stage = &mut self.stages[self.next];
+            self.next ^= 1;
+            stage.write()?[..piece.len()].copy_from_slice(piece);
+            stage.upload_at(piece.len(), &mut dst, i * chunk)?;
+        }
+        Ok(dst)
     }
 }

@@ -3,6 +3,7 @@
 //! with a progress bar.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::Backend;
 use crate::chat::ChatTemplate;
@@ -90,17 +91,46 @@ impl ModelSource {
         );
         bar.set_message(self.name.clone());
         tracing::info!(model = %self.name, params = self.config.num_params(), backend = %backend.name(), source = %self.weights.describe(), "loading");
-        let model = LlamaModel::load(
-            self.config.clone(),
-            backend,
-            self.weights.as_ref(),
-            |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
-        )?;
+        let started = std::time::Instant::now();
+        let timed = TimedSource { inner: self.weights.as_ref(), nanos: AtomicU64::new(0) };
+        let model = LlamaModel::load(self.config.clone(), backend, &timed, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
         bar.finish_and_clear();
+        let source_secs = timed.nanos.load(Ordering::Relaxed) as f64 * 1e-9;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            secs = format!("{secs:.1}"),
+            source_secs = format!("{source_secs:.1}"),
+            other_secs = format!("{:.1}", secs - source_secs),
+            "weights loaded (source: reading or generating them; other: packing and copying to the backend)"
+        );
         Ok(model)
+    }
+}
+
+/// A weight source that adds up the time spent in it, so the load log can tell reading
+/// (or generating) weights apart from packing and uploading them.
+struct TimedSource<'a> {
+    inner: &'a dyn WeightSource,
+    nanos: AtomicU64,
+}
+
+impl WeightSource for TimedSource<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<crate::tensor::HostTensor> {
+        let t = std::time::Instant::now();
+        let out = self.inner.tensor(name, shape);
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 

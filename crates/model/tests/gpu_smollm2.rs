@@ -1,7 +1,19 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized) on the CUDA backend (bf16) against the
-//! CPU backend (f32): 32 greedy steps of three prompts in one batch, logits within the
-//! bf16 bound at every step and the same greedy token wherever the CPU's top two logits
-//! are clearly apart (both fed the CPU's token, so a near-tie cannot derail the rest).
+//! CPU backend (f32 activations): 32 greedy steps of three prompts in one batch, logits
+//! within the bf16 bound at every step and the same greedy token wherever the CPU's top
+//! two logits are clearly apart (both fed the CPU's token, so a near-tie cannot derail the
+//! rest).
+//!
+//! The bound: bf16 keeps 8 significant bits (rounding error up to 2^-9, 2e-3). The CUDA
+//! path rounds the residual stream and every activation to bf16 after each of the 60
+//! sublayers of this 30-layer model, where the CPU keeps f32; independent roundings add
+//! up to about sqrt(60) x 2e-3 = 1.5e-2 before any amplification, and a deep narrow
+//! model amplifies: the H200 measured 0.5e-2 to 7.6e-2 per row over the first 8 steps
+//! (mean about 2e-2). So the bounds are on what a bug would break, with room over that
+//! noise: every row's logits within 0.15 relative and its next-token distribution within
+//! 0.1 total variation of the CPU's, the mean row within 5e-2, and the same greedy token
+//! at every clear margin. An error in a kernel (a wrong head, position or scale) gives
+//! errors of order 1 and swapped tokens.
 //! The model file: `RADIX_SPARSE_SMOLLM2`, else models/ at the workspace root; the GPU
 //! run must have it (it fails, not skips, without it).
 #![cfg(feature = "cuda")]
@@ -23,6 +35,17 @@ fn model_path() -> String {
     });
     assert!(path.is_file(), "{} is missing: run tools/fetch_smollm2.sh", path.display());
     path.to_str().unwrap().to_string()
+}
+
+/// Total variation distance between the softmax distributions of two logit rows.
+fn total_variation(a: &[f32], b: &[f32]) -> f64 {
+    let softmax = |x: &[f32]| {
+        let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.into_iter().map(move |v| v / z)
+    };
+    0.5 * softmax(a).zip(softmax(b)).map(|(p, q)| (p - q).abs()).sum::<f64>()
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -56,16 +79,22 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     .collect();
     let vocab = cfg.vocab_size;
     let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
-    let (mut confident, mut worst) = (0, 0.0f64);
+    let mut confident = 0;
+    let (mut errs, mut tvs) = (Vec::new(), Vec::new());
     for i in 0..STEPS {
         let c = batch.step(&mut cpu);
         let g = batch.step(&mut gpu);
         assert!(g.iter().all(|x| x.is_finite()), "step {i}: non-finite CUDA logits");
         for b in 0..batch.seqs.len() {
             let (cr, gr) = (&c[b * vocab..(b + 1) * vocab], &g[b * vocab..(b + 1) * vocab]);
-            let err = rel_err(gr, cr);
-            worst = worst.max(err);
-            assert!(err <= 2e-2, "step {i} seq {b}: logits rel err {err:.3e}");
+            let (err, tv) = (rel_err(gr, cr), total_variation(gr, cr));
+            errs.push(err);
+            tvs.push(tv);
+            assert!(
+                err <= 0.15 && tv <= 0.1,
+                "step {i} seq {b}: logits rel err {err:.3e}, total variation {tv:.3e} \
+                 (rel errs so far: {errs:.4?})"
+            );
             let mut order: Vec<usize> = (0..vocab).collect();
             order.sort_by(|&x, &y| cr[y].total_cmp(&cr[x]));
             let next = order[0] as u32;
@@ -78,8 +107,16 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
             batch.seqs[b].push(next); // teacher-force the CPU's greedy choice into both
         }
     }
-    assert!(confident >= STEPS, "too few confident steps to compare ({confident})");
+    let stats = |v: &[f64]| {
+        (v.iter().fold(0.0f64, |m, &x| m.max(x)), v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let ((worst, mean), (tv_worst, tv_mean)) = (stats(&errs), stats(&tvs));
     eprintln!(
-        "SmolLM2 CUDA vs CPU: worst logits rel err {worst:.3e}, {confident} clear greedy steps agree"
+        "SmolLM2 CUDA vs CPU over {} rows: logits rel err worst {worst:.3e}, mean {mean:.3e}; \
+         total variation worst {tv_worst:.3e}, mean {tv_mean:.3e}; {confident} clear greedy \
+         steps agree",
+        errs.len()
     );
+    assert!(mean <= 5e-2, "mean logits rel err {mean:.3e}");
+    assert!(confident >= STEPS, "too few confident steps to compare ({confident})");
 }

@@ -44,6 +44,11 @@ pub struct OfflineArgs {
     /// grammar does (at most their output length); rates count the tokens generated.
     #[arg(long)]
     json_object: bool,
+    /// Writes each request's (prompt, generated) token counts as a `lengths:` dataset:
+    /// the unconstrained run over it does the same work as a --json-object run, which
+    /// makes the two comparable (a grammar ends requests early).
+    #[arg(long)]
+    lengths_out: Option<std::path::PathBuf>,
 }
 
 pub fn run(mut args: OfflineArgs) -> anyhow::Result<()> {
@@ -90,6 +95,7 @@ fn run_once(
         args.roofline_copy_gbps * 1e9,
         args.roofline_tflops * 1e12,
     );
+    let prompt_lens: Vec<usize> = lens.iter().map(|&(p, _)| p).collect();
     let mut sinks = Vec::with_capacity(n);
     for (i, s) in samples.into_iter().enumerate() {
         let sampling = SamplingParams {
@@ -110,11 +116,14 @@ fn run_once(
     let bar = progress(n, "offline");
     let started = std::time::Instant::now();
     let before = engine.stats().clone();
+    let mut generated_by = vec![0usize; n];
     while engine.has_work() {
         engine.step();
         bar.set_position(engine.stats().requests_finished - before.requests_finished);
-        for rx in &mut sinks {
-            while rx.try_recv().is_ok() {}
+        for (rx, count) in sinks.iter_mut().zip(&mut generated_by) {
+            while let Ok(out) = rx.try_recv() {
+                *count += out.token_ids.len();
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -130,6 +139,16 @@ fn run_once(
             "json_object       every request constrained; {generated} of {output_tokens} tokens \
              generated before the grammars ended"
         );
+    }
+    if let Some(path) = &args.lengths_out {
+        let pairs: Vec<[usize; 2]> =
+            prompt_lens.iter().zip(&generated_by).map(|(&p, &g)| [p, g.max(1)]).collect();
+        let json = serde_json::json!({
+            "source": format!("bench offline --dataset {} (tokens generated per request)", args.dataset),
+            "lengths": pairs,
+        });
+        std::fs::write(path, serde_json::to_string(&json)?)
+            .map_err(|e| anyhow::anyhow!("--lengths-out {}: {e}", path.display()))?;
     }
     let output_tokens = generated;
     let out_tps = output_tokens as f64 / secs;

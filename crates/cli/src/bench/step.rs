@@ -6,7 +6,8 @@
 
 use clap::Args;
 use radix_model::{
-    Backend, CudaBackend, KvPoolSpec, LlamaModel, SampleRequest, SamplingParams, Step, TokenCounts,
+    Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelConfig, SampleRequest, SamplingParams, Step,
+    TokenCounts,
 };
 
 use super::decode::copy_bandwidth;
@@ -19,9 +20,10 @@ pub struct StepArgs {
     /// Requests decoding together.
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Tokens already in each request's KV cache.
-    #[arg(long, default_value_t = 512)]
-    context: usize,
+    /// Tokens already in each request's KV cache; several (`1024,8192,32768`) are timed
+    /// one after another on one loaded model.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    context: Vec<usize>,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     #[arg(long, default_value_t = 16)]
@@ -31,14 +33,32 @@ pub struct StepArgs {
 }
 
 pub fn run(a: StepArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.batch > 0 && !a.context.is_empty() && a.context.iter().all(|&c| c > 0),
+        "bench step needs --batch and every --context above 0"
+    );
     let source = crate::engine_args::open_model(&a.model)?;
     let cfg = source.config.clone();
     let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
+    let mut rows = Vec::new();
+    for &context in &a.context {
+        rows.push(step_at(&mut model, &cfg, &a, context)?);
+    }
+    write_json(a.json.as_ref(), &rows)
+}
+
+/// Fills `batch` contexts of `context` tokens, then times decode steps over them.
+fn step_at(
+    model: &mut LlamaModel<CudaBackend>,
+    cfg: &ModelConfig,
+    a: &StepArgs,
+    context: usize,
+) -> anyhow::Result<Measurement> {
     let ps = a.page_size;
-    let per_seq = (a.context + 2 * a.steps + 4).div_ceil(ps);
+    let per_seq = (context + 2 * a.steps + 4).div_ceil(ps);
     model.backend.set_graph_max_batch(a.batch);
     let spec = KvPoolSpec { num_pages: a.batch * per_seq, page_size: ps, sparse: None };
-    let kv = model.backend.init_kv(&cfg, &spec)?;
+    let kv = model.backend.init_kv(cfg, &spec)?;
     let copy_bw = copy_bandwidth(model.backend.device())?;
 
     // Sequence b owns pages b*per_seq..; the CSR table of sequences `ids`, `len` tokens each.
@@ -52,22 +72,22 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     };
     let slot = |b: usize, pos: usize| ((b * per_seq + pos / ps) * ps + pos % ps) as i32;
     // Fill every context with prefill chunks of about 8K tokens.
-    let seqs_per_chunk = (8192 / a.context.max(1)).max(1);
+    let seqs_per_chunk = (8192 / context.max(1)).max(1);
     for first in (0..a.batch).step_by(seqs_per_chunk) {
         let ids: Vec<usize> = (first..(first + seqs_per_chunk).min(a.batch)).collect();
         let tokens: Vec<u32> = ids
             .iter()
-            .flat_map(|&b| (0..a.context).map(move |p| ((b * 31 + p * 7) % 1000 + 10) as u32))
+            .flat_map(|&b| (0..context).map(move |p| ((b * 31 + p * 7) % 1000 + 10) as u32))
             .collect();
-        let positions: Vec<i32> = ids.iter().flat_map(|_| 0..a.context as i32).collect();
+        let positions: Vec<i32> = ids.iter().flat_map(|_| 0..context as i32).collect();
         let slots: Vec<i32> =
-            ids.iter().flat_map(|&b| (0..a.context).map(move |p| slot(b, p))).collect();
-        let (kv_indptr, kv_indices, kv_last_page_len) = table(&ids, a.context);
+            ids.iter().flat_map(|&b| (0..context).map(move |p| slot(b, p))).collect();
+        let (kv_indptr, kv_indices, kv_last_page_len) = table(&ids, context);
         let step = Step {
             tokens,
             positions,
             slots,
-            qo_indptr: (0..=ids.len()).map(|i| (i * a.context) as i32).collect(),
+            qo_indptr: (0..=ids.len()).map(|i| (i * context) as i32).collect(),
             kv_indptr,
             kv_indices,
             kv_last_page_len,
@@ -94,7 +114,7 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         if s == a.steps + 1 {
             model.backend.set_profiling(false);
         }
-        let ctx = a.context + s;
+        let ctx = context + s;
         let all: Vec<usize> = (0..a.batch).collect();
         let (kv_indptr, kv_indices, kv_last_page_len) = table(&all, ctx);
         let step = Step {
@@ -134,13 +154,12 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     let wall = walls.iter().sum::<f64>() / n;
     let gpu = times.total_ms() / n;
     let weight_bytes = cfg.num_params() as f64 * 2.0;
-    let kv_bytes =
-        a.batch as f64 * (a.context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
+    let kv_bytes = a.batch as f64 * (context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
     let floor_ms = (weight_bytes + kv_bytes) / copy_bw * 1e3;
     println!(
         "decode step: batch {} at context ~{}, {} on {}",
         a.batch,
-        a.context,
+        context,
         a.model,
         model.backend.name()
     );
@@ -167,31 +186,28 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         kv_bytes / 1e9,
         copy_bw / 1e9
     );
-    write_json(
-        a.json.as_ref(),
-        &[Measurement {
-            benchmark: "decode_step_breakdown".into(),
-            shape: format!("{} batch={} context={}", a.model, a.batch, a.context),
-            ours: graph_wall,
-            unit: "ms".into(),
-            median_ms: graph_walls[graph_walls.len() / 2],
-            device: model.backend.name(),
-            extra: Some(serde_json::json!({
-                "gemm_ms": times.gemm_ms / n,
-                "attention_ms": times.attention_ms / n,
-                "kv_append_ms": times.kv_append_ms / n,
-                "norm_ms": times.norm_ms / n,
-                "sample_ms": times.sample_ms / n,
-                "other_ms": times.other_ms / n,
-                "host_gap_ms": wall - gpu,
-                "eager_wall_ms": wall,
-                "graph_wall_ms": graph_wall,
-                "graph_minus_gpu_ms": graph_wall - gpu,
-                "floor_ms": floor_ms,
-                "copy_gbps": copy_bw / 1e9,
-                "weight_gb": weight_bytes / 1e9,
-                "kv_gb": kv_bytes / 1e9,
-            })),
-        }],
-    )
+    Ok(Measurement {
+        benchmark: "decode_step_breakdown".into(),
+        shape: format!("{} batch={} context={}", a.model, a.batch, context),
+        ours: graph_wall,
+        unit: "ms".into(),
+        median_ms: graph_walls[graph_walls.len() / 2],
+        device: model.backend.name(),
+        extra: Some(serde_json::json!({
+            "gemm_ms": times.gemm_ms / n,
+            "attention_ms": times.attention_ms / n,
+            "kv_append_ms": times.kv_append_ms / n,
+            "norm_ms": times.norm_ms / n,
+            "sample_ms": times.sample_ms / n,
+            "other_ms": times.other_ms / n,
+            "host_gap_ms": wall - gpu,
+            "eager_wall_ms": wall,
+            "graph_wall_ms": graph_wall,
+            "graph_minus_gpu_ms": graph_wall - gpu,
+            "floor_ms": floor_ms,
+            "copy_gbps": copy_bw / 1e9,
+            "weight_gb": weight_bytes / 1e9,
+            "kv_gb": kv_bytes / 1e9,
+        })),
+    })
 }

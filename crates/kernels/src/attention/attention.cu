@@ -7,12 +7,13 @@
 // decode step (one token, GROUP heads) fills a tile with GROUP rows.
 //
 // One block runs one work item (planned on the host, see attention/plan.rs): a tile of
-// BM rows of one sequence against keys [kv_begin, kv_end), for one kv head (grid.y).
+// BM rows of one sequence against keys [kv_begin, kv_end), for one kv head (grid.y, or
+// for decode plans the low part of a 1-D grid: heads_inner).
 // Items of a sequence split along the keys write fp32 partial outputs and their
 // log-sum-exp; attention_merge combines them.
 //
 // Per block: Q tile -> shared (cp.async) -> registers (ldmatrix); K/V tiles of BN keys
-// double-buffered in shared memory with cp.async; S = Q Kᵀ and O += P V with
+// in a STAGES-deep cp.async pipeline in shared memory; S = Q Kᵀ and O += P V with
 // mma.sync m16n8k16 (fp32 accumulation); the online softmax stays in registers, in the
 // exp2 domain with the scale folded in; P goes from the S accumulators straight into A
 // fragments (their layouts coincide). Shared tiles are XOR-swizzled by 16-byte chunk so
@@ -35,6 +36,9 @@
 #ifndef PAGED
 #define PAGED 0
 #endif
+#ifndef STAGES
+#define STAGES 2
+#endif
 
 constexpr int D = HEAD_DIM;
 constexpr int WARPS = NUM_WARPS;
@@ -43,6 +47,7 @@ constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
 constexpr int WARP_ROWS = 16 * MT;
 constexpr int BM = WARP_ROWS * WARPS;  // rows per block
 constexpr int BN = BLOCK_N;          // keys per K/V tile
+constexpr int ST = STAGES;           // K/V tiles in the cp.async pipeline
 constexpr int DC = D / 8;            // 16-byte chunks per row
 constexpr int DK = D / 16;           // k16 steps over head_dim (Q Kᵀ)
 constexpr int NT = BN / 8;           // n8 tiles of S
@@ -54,6 +59,7 @@ constexpr float LN2 = 0.6931471805599453f;
 #define NEG_INF __int_as_float(0xff800000)
 
 static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+static_assert(ST >= 2 && ST <= 4, "2 to 4 pipeline stages");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16");
 static_assert((BN * DC) % THREADS == 0 && (BM * DC) % THREADS == 0, "tiles split evenly");
 
@@ -93,6 +99,8 @@ struct AttentionParams {
   int causal;
   float scale_log2;           // softmax scale * log2(e)
   int head_tables;            // paged: each kv head of a sequence has its own page table
+  int heads_inner;            // 1-D grid, block i = item i / Hkv, kv head i % Hkv (plan.rs)
+  int reserved;
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows, D] tile.
@@ -166,9 +174,10 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention_kernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const WorkItem w = p.work[blockIdx.x];
+  const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
+  const WorkItem w = p.work[item];
   if (w.batch < 0) return;
-  const int b = w.batch, kvh = blockIdx.y;
+  const int b = w.batch, kvh = p.heads_inner ? blockIdx.x % p.num_kv_heads : blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const int qo_start = p.qo_indptr[b];
@@ -192,7 +201,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 
   const u32 sq = smem_addr(smem);
   const u32 sk0 = sq + BM * D * 2;
-  const u32 sv0 = sk0 + 2 * BN * D * 2;
+  const u32 sv0 = sk0 + ST * BN * D * 2;
   const u32 stage_bytes = BN * D * 2;
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
   const u32 s_off = swz(r0, chunk);
@@ -216,8 +225,13 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #else
   cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + chunk * 8;
 #endif
-  if (n_tiles > 0) load_kv_tile(p, cur, w.kv_begin, sk0, sv0);
-  cp_async_commit();
+  // The first ST - 1 tiles, one commit group each (empty past the last tile, so that
+  // group j always holds tile j; Q rides in group 0).
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < n_tiles) load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
+    cp_async_commit();
+  }
 
   // Warps whose rows all lie past the sequence only help load.
   const bool warp_active = row0 + warp * WARP_ROWS < rows;
@@ -247,16 +261,17 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 
   for (int j = 0; j < n_tiles; ++j) {
     const int tile_start = w.kv_begin + j * BN;
-    // Tile j landed (issued one iteration ago); after this barrier every warp is also done
-    // with tile j - 1, so its stage can take tile j + 1 while we compute on tile j.
-    cp_async_wait<0>();
+    // Groups 0..j are complete (at most ST - 2 younger ones pending): tile j landed. After
+    // this barrier every warp is also done with tile j - 1, so its stage takes tile
+    // j + ST - 1 while we compute on tile j.
+    cp_async_wait<ST - 2>();
     __syncthreads();
-    if (j + 1 < n_tiles) {
-      u32 st = ((j + 1) & 1) * stage_bytes;
-      load_kv_tile(p, cur, tile_start + BN, sk0 + st, sv0 + st);
-      cp_async_commit();
+    if (j + ST - 1 < n_tiles) {
+      u32 st = ((j + ST - 1) % ST) * stage_bytes;
+      load_kv_tile(p, cur, tile_start + (ST - 1) * BN, sk0 + st, sv0 + st);
     }
-    const u32 sk = sk0 + (j & 1) * stage_bytes, sv = sv0 + (j & 1) * stage_bytes;
+    cp_async_commit();
+    const u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
 
     if (warp_active) {
       if constexpr (Q_IN_REGS) {
@@ -494,6 +509,6 @@ extern "C" __global__ void __launch_bounds__(32) attention_merge(const __grid_co
   }
 }
 
-static_assert(sizeof(AttentionParams) == 152, "AttentionParams mirrors launch.rs");
+static_assert(sizeof(AttentionParams) == 160, "AttentionParams mirrors launch.rs");
 static_assert(sizeof(MergeParams) == 56, "MergeParams mirrors launch.rs");
 static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

@@ -36,6 +36,8 @@ pub(crate) struct AttentionParams {
     causal: i32,
     scale_log2: f32,
     head_tables: i32,
+    heads_inner: i32,
+    reserved: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -67,6 +69,7 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("NUM_WARPS", tiles.num_warps)
         .define("M_TILES", tiles.m_tiles)
         .define("BLOCK_N", tiles.block_n)
+        .define("STAGES", tiles.stages)
 }
 
 /// The device arrays an attention batch reads: owned by the batch, or views of a step
@@ -96,7 +99,12 @@ pub fn plan_batch(
 ) -> Result<(TileConfig, WorkList)> {
     shape.validate()?;
     let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
-    let tiles = tiles.unwrap_or_else(|| TileConfig::choose(max_rows));
+    let tiles = tiles.unwrap_or_else(|| {
+        let chosen = TileConfig::choose(max_rows);
+        // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
+        let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;
+        if fits { chosen } else { TileConfig { stages: 2, ..chosen } }
+    });
     let smem = tiles.smem_bytes(shape.head_dim, 2);
     ensure!(
         smem <= device.info().max_shared_per_block,
@@ -320,9 +328,15 @@ impl AttentionBatch {
             causal: s.causal as i32,
             scale_log2: s.scale * std::f32::consts::LOG2_E,
             head_tables: head_tables as i32,
+            heads_inner: self.plan.heads_inner as i32,
+            reserved: 0,
         };
         let cfg = LaunchConfig {
-            grid_dim: (self.plan.work.len() as u32, s.num_kv_heads as u32, 1),
+            grid_dim: if self.plan.heads_inner {
+                ((self.plan.work.len() * s.num_kv_heads) as u32, 1, 1)
+            } else {
+                (self.plan.work.len() as u32, s.num_kv_heads as u32, 1)
+            },
             block_dim: (self.tiles.threads(), 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -356,7 +370,7 @@ impl AttentionBatch {
 }
 
 // Keep the host structs the size the kernels expect.
-const _: () = assert!(std::mem::size_of::<AttentionParams>() == 152);
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 160);
 const _: () = assert!(std::mem::size_of::<MergeParams>() == 56);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

@@ -9,7 +9,10 @@ mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{AttentionBatch, AttentionBuffers, default_target_blocks, plan_batch, spec};
-pub use plan::{MergeItem, TileConfig, WorkItem, WorkList, decode_work_bound, plan};
+pub use plan::{
+    MergeItem, StepWorkBound, TileConfig, WorkItem, WorkList, decode_work_bound, plan,
+    step_work_bound,
+};
 pub use reference::{Reference, attention_reference};
 
 use radix_gpu::SourceFile;

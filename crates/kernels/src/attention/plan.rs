@@ -38,6 +38,8 @@ pub struct TileConfig {
     pub m_tiles: u32,
     /// Keys per K/V tile.
     pub block_n: u32,
+    /// K/V tiles in flight: the cp.async pipeline's depth (2: double buffering).
+    pub stages: u32,
 }
 
 impl TileConfig {
@@ -50,41 +52,49 @@ impl TileConfig {
         self.num_warps * 32
     }
 
-    /// Dynamic shared memory: the Q tile plus two stages of K and V tiles.
+    /// Dynamic shared memory: the Q tile plus `stages` K and V tiles.
     pub fn smem_bytes(&self, head_dim: usize, elem_bytes: usize) -> usize {
-        (self.block_m() + 4 * self.block_n as usize) * head_dim * elem_bytes
+        (self.block_m() + 2 * (self.stages * self.block_n) as usize) * head_dim * elem_bytes
     }
 
     /// Prefill tiles: 4 warps of 32 rows (two 16-row MMA tiles share each K/V fragment,
     /// halving shared-memory reads per MMA), 64 keys per tile. Fastest of the shapes swept
     /// on the H100 at head_dim 64 and 128 (bench/NOTES.md).
-    pub const PREFILL: TileConfig = TileConfig { num_warps: 4, m_tiles: 2, block_n: 64 };
+    pub const PREFILL: TileConfig = TileConfig { num_warps: 4, m_tiles: 2, block_n: 64, stages: 2 };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
-    /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs.
-    pub const DECODE: TileConfig = TileConfig { num_warps: 4, m_tiles: 1, block_n: 64 };
+    /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
+    /// third stage keeps two K/V tiles in flight while one is computed on (a block at
+    /// batch 1 reads only a few tiles, each a memory round trip with two stages). At
+    /// head_dim 128 that is 112 KiB, still two blocks per SM on Hopper.
+    pub const DECODE: TileConfig = TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3 };
 
     /// Tiles for a batch whose longest sequence has `max_rows` rows (q_len × group).
     pub fn choose(max_rows: usize) -> TileConfig {
         if max_rows <= Self::DECODE.block_m() { Self::DECODE } else { Self::PREFILL }
     }
 
+    /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
-        let v: Vec<u32> = s
-            .split(',')
-            .map(|x| x.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|_| format!("bad tile config {s:?}: expected WARPS,M_TILES,BLOCK_N"))?;
-        match v[..] {
-            [num_warps, m_tiles, block_n]
-                if [2, 4, 8].contains(&num_warps)
-                    && [1, 2].contains(&m_tiles)
-                    && [32, 64, 128].contains(&block_n) =>
-            {
-                Ok(TileConfig { num_warps, m_tiles, block_n })
-            }
-            _ => Err(format!(
-                "bad tile config {s:?}: WARPS in 2,4,8; M_TILES in 1,2; BLOCK_N in 32,64,128"
-            )),
+        let v: Vec<u32> =
+            s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().map_err(|_| {
+                format!("bad tile config {s:?}: expected WARPS,M_TILES,BLOCK_N[,STAGES]")
+            })?;
+        let (num_warps, m_tiles, block_n, stages) = match v[..] {
+            [w, m, n] => (w, m, n, 2),
+            [w, m, n, st] => (w, m, n, st),
+            _ => (0, 0, 0, 0),
+        };
+        if [2, 4, 8].contains(&num_warps)
+            && [1, 2].contains(&m_tiles)
+            && [32, 64, 128].contains(&block_n)
+            && (2..=4).contains(&stages)
+        {
+            Ok(TileConfig { num_warps, m_tiles, block_n, stages })
+        } else {
+            Err(format!(
+                "bad tile config {s:?}: WARPS in 2,4,8; M_TILES in 1,2; BLOCK_N in 32,64,128; \
+                 STAGES in 2..=4"
+            ))
         }
     }
 }
@@ -96,6 +106,12 @@ pub struct WorkList {
     pub merge: Vec<MergeItem>,
     /// Rows of fp32 partial output the split items need (× heads × head_dim).
     pub partial_rows: usize,
+    /// Block i runs item i / heads for kv head i % heads, so the heaviest items of every
+    /// head start first (decode: no reuse of K/V between items to keep together). Else
+    /// block (x, y) runs item x for kv head y, so the query tiles of one head, which read
+    /// the same keys, run side by side (prefill). Fixed by the batch's shape alone, so a
+    /// graph's captured launch and every plan it replays agree.
+    pub heads_inner: bool,
 }
 
 impl WorkList {
@@ -129,9 +145,9 @@ impl WorkList {
 }
 
 /// The most work items `plan` makes for `batch` sequences of one query token each: one
-/// tile per sequence when unsplit; when split, chunks of `c` tiles with
-/// `c >= floor(tile_work / wanted) > tile_work / (2 wanted)` (or `tile_work < wanted`),
-/// so fewer than `2 wanted` chunks plus one partial chunk per sequence.
+/// tile per sequence when unsplit; under one wave at most `slots / heads` items; over one,
+/// chunks of at least half the average load, fewer than `2 wanted` of them, plus one
+/// partial chunk per sequence (`choose_chunk`).
 pub fn decode_work_bound(
     batch: usize,
     group: usize,
@@ -144,10 +160,94 @@ pub fn decode_work_bound(
     batch * q_tiles + 2 * wanted * q_tiles
 }
 
+/// What any step's plan needs at most (`plan_batch`'s tiles, `target_blocks`), for a
+/// workspace sized once: steps of at most `max_tokens` query tokens over at most
+/// `max_seqs` sequences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepWorkBound {
+    pub work_items: usize,
+    pub merge_items: usize,
+    pub partial_rows: usize,
+}
+
+/// Bounds every plan of a step by `choose_chunk`'s two cases (`per_head` = slots / kv heads,
+/// `bm` a block's rows, a sequence of `q` tokens has `ceil(q · group / bm)` query tiles and
+/// so at most `q_tiles · bm / group` tokens):
+/// - split chunks: under one wave, all items together are at most `per_head`; over one,
+///   only items longer than the average load `a` split, into `ceil(k / c) <= 2k / c`
+///   chunks with `c >= a / 2` and `Σ k <= a · per_head`: at most `4 per_head` chunks;
+/// - so partial rows (chunks × their tokens) are at most `4 per_head · bm / group`, merge
+///   items (one per token of a split sequence, split at least in two) half that, and work
+///   items the query tiles of the step plus those chunks.
+pub fn step_work_bound(
+    max_tokens: usize,
+    max_seqs: usize,
+    group: usize,
+    num_kv_heads: usize,
+    target_blocks: usize,
+) -> StepWorkBound {
+    let group = group.max(1);
+    let per_head = target_blocks.div_ceil(num_kv_heads.max(1)).max(1);
+    let bm_max = TileConfig::PREFILL.block_m().max(TileConfig::DECODE.block_m());
+    let bm_min = TileConfig::PREFILL.block_m().min(TileConfig::DECODE.block_m());
+    let partial_rows = 4 * per_head * bm_max.div_ceil(group);
+    let q_tiles = max_tokens * group.div_ceil(bm_min);
+    StepWorkBound {
+        work_items: (q_tiles + 4 * per_head).max(decode_work_bound(
+            max_seqs,
+            group,
+            num_kv_heads,
+            TileConfig::DECODE,
+            target_blocks,
+        )),
+        merge_items: (partial_rows / 2).max(max_seqs),
+        partial_rows,
+    }
+}
+
+/// The split of a batch's keys, in K/V tiles per chunk, or `None` to leave every item
+/// whole. `items[b]` = (query tiles, key tiles) of sequence b; each item runs once per kv
+/// head, and `slots` blocks run at once.
+///
+/// Under one wave (fewer items than slots): the smallest chunk whose items still all fit in
+/// one wave, so every block reads about the same number of keys and none waits for a second
+/// wave (rounding the other way, 280 blocks on 264 slots, took twice the time on the H200).
+///
+/// Over a wave: blocks queue for slots, heaviest first (the plan's order), so the batch
+/// takes about the average load per slot, unless one item alone is heavier than that (one
+/// long context among short ones): such items are cut into chunks of half the average.
+fn choose_chunk(
+    items: &[(usize, usize)],
+    heads: usize,
+    slots: usize,
+    min_tiles: usize,
+) -> Option<usize> {
+    let max_kv = items.iter().map(|&(_, k)| k).max()?;
+    if heads == 0 || max_kv <= min_tiles {
+        return None;
+    }
+    let unsplit: usize = items.iter().map(|&(q, _)| q).sum();
+    if unsplit * heads < slots {
+        let wave = (slots / heads).max(1);
+        let count = |c: usize| items.iter().map(|&(q, k)| q * k.div_ceil(c).max(1)).sum::<usize>();
+        // count() only falls as chunks grow, and the whole items (max_kv) fit.
+        let (mut lo, mut hi) = (min_tiles, max_kv);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if count(mid) <= wave { hi = mid } else { lo = mid + 1 }
+        }
+        (lo < max_kv).then_some(lo)
+    } else {
+        let work: usize = items.iter().map(|&(q, k)| q * k).sum();
+        let average = (work * heads).div_ceil(slots);
+        (max_kv > average).then(|| average.div_ceil(2).max(min_tiles))
+    }
+}
+
 /// Plans a batch: `q_lens[b]` query tokens against `kv_lens[b]` keys.
 ///
-/// `target_blocks` is how many blocks keep the GPU busy (e.g. 2 × SMs); splitting happens
-/// only below it, and never into chunks of fewer than `min_chunk` keys.
+/// `target_blocks` is how many blocks run at once (2 per SM: one wave); keys are split
+/// into chunks of at least `min_chunk` keys as `choose_chunk` decides.
 pub fn plan(
     q_lens: &[usize],
     kv_lens: &[usize],
@@ -161,21 +261,17 @@ pub fn plan(
     let bm = tiles.block_m();
     let bn = tiles.block_n as usize;
     let q_tiles = |b: usize| (q_lens[b] * group).div_ceil(bm);
-    let unsplit_blocks: usize = (0..q_lens.len()).map(q_tiles).sum::<usize>() * num_kv_heads;
-
+    let items: Vec<(usize, usize)> =
+        (0..q_lens.len()).map(|b| (q_tiles(b), kv_lens[b].div_ceil(bn))).collect();
+    let min_tiles = min_chunk.div_ceil(bn).max(1);
     // Keys per split, in whole K/V tiles; usize::MAX means "do not split".
-    let chunk = if unsplit_blocks >= target_blocks || num_kv_heads == 0 {
-        usize::MAX
-    } else {
-        let tile_work: usize =
-            (0..q_lens.len()).map(|b| q_tiles(b) * kv_lens[b].div_ceil(bn)).sum::<usize>();
-        let wanted_items = target_blocks.div_ceil(num_kv_heads).max(1);
-        let min_tiles = min_chunk.div_ceil(bn).max(1);
-        // Round the chunk down so the split reaches the target rather than falling short.
-        (tile_work / wanted_items).max(min_tiles) * bn
+    let chunk = match choose_chunk(&items, num_kv_heads, target_blocks, min_tiles) {
+        Some(tiles) => tiles * bn,
+        None => usize::MAX,
     };
 
-    let mut out = WorkList::default();
+    let mut out =
+        WorkList { heads_inner: (0..q_lens.len()).all(|b| q_tiles(b) <= 1), ..WorkList::default() };
     let mut q_start = 0usize;
     for b in 0..q_lens.len() {
         let (q_len, kv_len) = (q_lens[b], kv_lens[b]);
@@ -221,7 +317,7 @@ pub fn plan(
 mod tests {
     use super::*;
 
-    const TILES: TileConfig = TileConfig { num_warps: 4, m_tiles: 1, block_n: 64 };
+    const TILES: TileConfig = TileConfig::DECODE;
 
     #[test]
     fn big_batches_are_not_split() {
@@ -229,6 +325,7 @@ mod tests {
         assert!(p.merge.is_empty() && p.partial_rows == 0);
         assert_eq!(p.work.len(), 1000usize.div_ceil(64) + 1);
         assert!(p.work.iter().all(|w| w.partial_row < 0 && w.kv_begin == 0));
+        assert!(!p.heads_inner, "prefill keeps one head's query tiles together");
     }
 
     #[test]
@@ -236,7 +333,10 @@ mod tests {
         // One token, group 4, 65536 keys, 8 kv heads, 264 blocks wanted.
         let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256);
         let splits = p.work.len();
-        assert!(splits >= 33, "only {splits} splits");
+        // As many equal chunks as fit one wave of 264 blocks over 8 kv heads: 32 of 2,048.
+        assert_eq!(splits, 32);
+        assert!(p.work.iter().all(|w| w.kv_end - w.kv_begin == 2048));
+        assert!(p.heads_inner);
         let mut ranges: Vec<(i32, i32)> = p.work.iter().map(|w| (w.kv_begin, w.kv_end)).collect();
         ranges.sort();
         assert_eq!(ranges[0].0, 0);
@@ -285,6 +385,84 @@ mod tests {
         assert!(p.pad_to(0, 0).is_err());
     }
 
+    /// Blocks (items × kv heads) and the most keys one block reads.
+    fn blocks_and_longest(p: &WorkList, heads: usize) -> (usize, i32) {
+        (p.work.len() * heads, p.work.iter().map(|w| w.kv_end - w.kv_begin).max().unwrap())
+    }
+
+    #[test]
+    fn small_batches_split_into_one_full_wave() {
+        // 8 sequences of 16K over 8 kv heads, 264 slots: 4 chunks each, 256 blocks.
+        let p = plan(&[1; 8], &[16384; 8], 4, 8, TILES, 264, 256);
+        assert_eq!(blocks_and_longest(&p, 8), (256, 4096));
+        // 1@8192: chunks of the minimum (256 keys), 32 of them.
+        let p = plan(&[1], &[8192], 4, 8, TILES, 264, 256);
+        assert_eq!(blocks_and_longest(&p, 8), (256, 256));
+        // Never a second wave, for any mix under one.
+        let mut rng = 3u64;
+        for batch in 1..33 {
+            let kv: Vec<usize> = (0..batch)
+                .map(|_| {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    1 + (rng >> 33) as usize % 100_000
+                })
+                .collect();
+            let p = plan(&vec![1; batch], &kv, 4, 8, TILES, 264, 256);
+            assert!(p.work.len() * 8 <= 264, "batch {batch}: {} items", p.work.len());
+        }
+    }
+
+    #[test]
+    fn a_long_context_among_short_ones_is_cut_to_the_average_load() {
+        // 64 sequences: 63 of 1,000 keys and one of 16,000 (250 tiles). Whole, the long
+        // one alone would take longer than all the rest spread over the slots.
+        let mut kv = vec![1000; 63];
+        kv.push(16000);
+        let p = plan(&[1; 64], &kv, 4, 8, TILES, 264, 256);
+        let work_tiles: usize = kv.iter().map(|k| k.div_ceil(64)).sum();
+        let average_keys = (work_tiles * 8).div_ceil(264) * 64;
+        let (_, longest) = blocks_and_longest(&p, 8);
+        assert!((longest as usize) <= average_keys, "{longest} > {average_keys}");
+        assert_eq!(p.merge.len(), 1, "only the long sequence is split");
+        assert!(p.heads_inner);
+        // Equal lengths over a wave stay whole (the waves are already even).
+        let p = plan(&[1; 128], &[2048; 128], 4, 8, TILES, 264, 256);
+        assert!(p.merge.is_empty() && p.work.len() == 128);
+    }
+
+    #[test]
+    fn every_step_fits_the_step_bound() {
+        // Mixed steps (prompt chunks beside decode rows) of at most 4,096 tokens and 64
+        // sequences, group 4 and 8 kv heads, and the group-1 / 2-head case.
+        let mut rng = 11u64;
+        let mut next = |n: usize| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (rng >> 33) as usize % n
+        };
+        for (group, heads) in [(4, 8), (1, 2), (8, 1)] {
+            let bound = step_work_bound(4096, 64, group, heads, 264);
+            for _ in 0..500 {
+                let batch = 1 + next(64);
+                let mut budget = 4096usize;
+                let mut q = Vec::new();
+                let mut kv = Vec::new();
+                for _ in 0..batch {
+                    let ql =
+                        if budget > 1 && next(4) == 0 { 1 + next(budget.min(1500)) } else { 1 };
+                    let ql = ql.min(budget.max(1));
+                    budget = budget.saturating_sub(ql);
+                    q.push(ql);
+                    kv.push(ql + next(40_000));
+                }
+                let rows = q.iter().max().unwrap() * group;
+                let p = plan(&q, &kv, group, heads, TileConfig::choose(rows), 264, 256);
+                assert!(p.work.len() <= bound.work_items, "{} > {bound:?}", p.work.len());
+                assert!(p.merge.len() <= bound.merge_items, "{} > {bound:?}", p.merge.len());
+                assert!(p.partial_rows <= bound.partial_rows, "{} > {bound:?}", p.partial_rows);
+            }
+        }
+    }
+
     #[test]
     fn chunks_respect_the_minimum() {
         let p = plan(&[1], &[1000], 1, 1, TILES, 1000, 256);
@@ -297,6 +475,9 @@ mod tests {
         let t = TileConfig::parse("4,2,64").unwrap();
         assert_eq!(t.block_m(), 128);
         assert_eq!(t.smem_bytes(64, 2), (128 + 256) * 64 * 2);
+        let t = TileConfig::parse("4,1,64,3").unwrap();
+        assert_eq!((t, t.smem_bytes(128, 2)), (TileConfig::DECODE, 112 * 1024));
+        assert!(TileConfig::parse("4,1,64,5").is_err());
         assert!(TileConfig::parse("3,1,64").is_err());
         assert!(TileConfig::parse("4,1").is_err());
     }

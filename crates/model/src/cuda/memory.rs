@@ -5,7 +5,7 @@
 
 use radix_kv::KvGeometry;
 
-use radix_kernels::attention::{TileConfig, decode_work_bound, default_target_blocks};
+use radix_kernels::attention::{default_target_blocks, step_work_bound};
 
 use super::graphs::all_buckets;
 use super::kv_pool::KV_DTYPE;
@@ -166,15 +166,16 @@ impl CudaBackend {
         let target = default_target_blocks(&self.device);
         let kv_indices = max_tokens.max(max_seqs) * 4;
         let group = cfg.num_heads / cfg.num_kv_heads.max(1);
-        let decode_work =
-            decode_work_bound(max_seqs, group, cfg.num_kv_heads, TileConfig::DECODE, target);
+        // Any step's split-KV work, prompt chunks included, so that no step grows the
+        // workspace (which would drop the decode graphs).
+        let work = step_work_bound(max_tokens, max_seqs, group, cfg.num_kv_heads, target);
         let caps = Caps {
             tokens: max_tokens.max(max_seqs),
             seqs: max_seqs,
             logit_rows: max_seqs + crate::backend::MAX_SCORED_ROWS_PER_STEP,
-            work_items: decode_work.max(max_tokens),
-            merge_items: max_seqs,
-            partial_rows: decode_work,
+            work_items: work.work_items,
+            merge_items: work.merge_items,
+            partial_rows: work.partial_rows,
             kv_indices,
             sparse_entries: sparse_entries(sparse, kv_indices, cfg.num_kv_heads),
         };

@@ -24,7 +24,7 @@ mod workspace;
 use std::sync::Arc;
 
 use half::bf16;
-use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup};
+use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup, StagedUploader};
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
@@ -87,6 +87,8 @@ pub struct CudaBackend {
     gemm: Gemm,
     profiler: Option<Profiler>,
     weight_bytes: usize,
+    /// Pinned buffers the weights are uploaded through while loading; freed by `init_kv`.
+    uploader: Option<StagedUploader<bf16>>,
     memory: Memory,
     /// The step begun by `begin_step`: views of the workspace, dropped before the
     /// workspace or the pool can change.
@@ -127,6 +129,7 @@ impl CudaBackend {
             gemm,
             profiler: None,
             weight_bytes: 0,
+            uploader: None,
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
@@ -294,6 +297,11 @@ fn act_shape(cfg: &ModelConfig) -> ActShape {
     }
 }
 
+/// Elements per pinned upload buffer (two of them, 64 MiB each in bf16).
+const UPLOAD_CHUNK: usize = 32 << 20;
+/// Tensors smaller than this (norms, biases) are copied directly.
+const STAGED_UPLOAD_MIN: usize = 1 << 20;
+
 fn to_bf16(data: &HostData) -> Vec<bf16> {
     match data {
         HostData::BF16(v) => v.clone(),
@@ -332,7 +340,23 @@ impl Backend for CudaBackend {
 
     fn upload(&mut self, t: &HostTensor) -> Result<GpuWeight> {
         let (rows, cols) = t.matrix_dims();
-        let buf = self.device.upload(&to_bf16(&t.data))?;
+        let converted;
+        let data: &[bf16] = match &t.data {
+            HostData::BF16(v) => v,
+            other => {
+                converted = to_bf16(other);
+                &converted
+            }
+        };
+        let buf = if data.len() < STAGED_UPLOAD_MIN {
+            self.device.upload(data)?
+        } else {
+            let uploader = match &mut self.uploader {
+                Some(u) => u,
+                None => self.uploader.insert(StagedUploader::new(&self.device, UPLOAD_CHUNK)?),
+            };
+            uploader.upload(&self.device, data)?
+        };
         self.weight_bytes += buf.num_bytes();
         Ok(GpuWeight { buf, rows, cols })
     }
@@ -342,6 +366,8 @@ impl Backend for CudaBackend {
     }
 
     fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry> {
+        // The weights are in: the upload buffers' pinned memory goes back.
+        self.uploader = None;
         // Views and graphs point into the pool being replaced.
         self.step = None;
         self.graphs.clear();
