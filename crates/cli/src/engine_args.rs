@@ -113,8 +113,35 @@ pub struct ModelArgs {
     /// CUDA: run every step eagerly, without CUDA graphs for decode.
     #[arg(long, visible_alias = "enforce-eager")]
     pub disable_cuda_graphs: bool,
+    /// Weight quantization (vLLM's flag): `fp8` quantizes the linear layers' weights to FP8
+    /// e4m3 per output channel at load. FP8 checkpoints (`quantization_config` of
+    /// `fp8` or FP8 `compressed-tensors`) are recognised without it. Either way the
+    /// weights run dequantized to bf16 for now: FP8 numbers, not yet FP8 speed.
+    #[arg(long, value_enum)]
+    pub quantization: Option<Quantization>,
+    /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache; FP8
+    /// caches (`fp8`, `fp8_e4m3`) are refused with a message until they exist.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtype,
     #[command(flatten)]
     pub sparse: SparseArgs,
+}
+
+/// `--quantization` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    Fp8,
+}
+
+/// `--kv-cache-dtype` values, with vLLM's names.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    Auto,
+    #[value(alias = "bfloat16")]
+    Bf16,
+    Fp8,
+    #[value(name = "fp8_e4m3")]
+    Fp8E4m3,
 }
 
 /// Query-aware sparse paging (Quest) for long-context decode.
@@ -207,7 +234,19 @@ impl ModelArgs {
     /// Loads the model onto the chosen device and sizes its KV pool.
     pub fn load_runner(&self) -> anyhow::Result<LoadedRunner> {
         let spec = self.model.clone().unwrap_or_else(default_model);
-        let source = open_model(&spec)?;
+        if matches!(self.kv_cache_dtype, KvCacheDtype::Fp8 | KvCacheDtype::Fp8E4m3) {
+            anyhow::bail!(
+                "--kv-cache-dtype {}: an FP8 KV cache is not supported yet; the cache is bf16 \
+                 (--kv-cache-dtype auto)",
+                clap::ValueEnum::to_possible_value(&self.kv_cache_dtype)
+                    .map_or_else(String::new, |v| v.get_name().to_string())
+            );
+        }
+        let mut source = open_model(&spec)?;
+        if self.quantization == Some(Quantization::Fp8) {
+            source = source.quantize_fp8()?;
+            tracing::info!(model = %source.name, "--quantization fp8: linear weights quantized to FP8 per channel at load");
+        }
         let device = self.device.resolve();
         let tp = self.tensor_parallel_size;
         // Before any weight is read: a size the model cannot take is named at once.

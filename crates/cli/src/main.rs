@@ -153,6 +153,27 @@ mod tests {
         assert!(load("2").is_none());
     }
 
+    #[test]
+    fn quantization_and_kv_cache_dtype_take_vllm_values() {
+        let load = |args: &[&str]| {
+            let mut all = vec!["--model", "synthetic:tiny", "--device", "cpu"];
+            all.extend_from_slice(args);
+            generate(&all).map(|g| g.model_args().load_runner().err().map(|e| format!("{e:#}")))
+        };
+        // FP8 weights at load run (dequantized) on the CPU; bf16 caches are the default.
+        assert!(load(&["--quantization", "fp8"]).unwrap().is_none());
+        assert!(load(&["--kv-cache-dtype", "bfloat16"]).unwrap().is_none());
+        for dtype in ["fp8", "fp8_e4m3"] {
+            let e = load(&["--kv-cache-dtype", dtype]).unwrap().expect("refused");
+            assert!(
+                e.contains(&format!("--kv-cache-dtype {dtype}")) && e.contains("not supported yet"),
+                "{e}"
+            );
+        }
+        let e = load(&["--quantization", "awq"]).unwrap_err().to_string();
+        assert!(e.contains("possible values: fp8"), "{e}");
+    }
+
     /// CUDA ranks on a machine without GPUs (this one, CI's): refused with the reason,
     /// no panic. (With the `cuda` feature the machine has GPUs: the GPU tests cover it.)
     #[cfg(not(feature = "cuda"))]

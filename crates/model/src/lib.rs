@@ -8,6 +8,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod fp8;
 pub mod gguf;
 pub mod loader;
 pub mod model;

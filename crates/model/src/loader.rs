@@ -9,6 +9,7 @@ use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::fp8::{Fp8Scheme, QuantizeFp8, ScaleGranularity};
 use crate::gguf::GgufFile;
 use crate::model::LlamaModel;
 use crate::synthetic::{self, SyntheticWeights};
@@ -23,6 +24,8 @@ pub struct ModelSource {
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
     pub weights: Box<dyn WeightSource>,
+    /// FP8 weights: the checkpoint's scheme, or `--quantization fp8`'s (`quantize_fp8`).
+    pub quantization: Option<Fp8Scheme>,
 }
 
 impl ModelSource {
@@ -35,6 +38,7 @@ impl ModelSource {
                 tokenizer: Tokenizer::Bytes,
                 chat_template: ChatTemplate::plain(),
                 weights: Box::new(SyntheticWeights),
+                quantization: None,
             });
         }
         let path = PathBuf::from(spec);
@@ -62,7 +66,7 @@ impl ModelSource {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
         let weights = Box::new(file.into_weights(&config));
-        Ok(Self { name, config, tokenizer, chat_template, weights })
+        Ok(Self { name, config, tokenizer, chat_template, weights, quantization: None })
     }
 
     fn open_dir(dir: &Path) -> Result<Self> {
@@ -71,12 +75,41 @@ impl ModelSource {
         check_vocab(&tokenizer, &config)?;
         let chat_template = ChatTemplate::from_dir(dir)?.unwrap_or_else(ChatTemplate::plain);
         let weights = Box::new(SafetensorsSource::open(dir)?);
+        let quantization = crate::fp8::parse_quantization_config(&config_json(dir)?)
+            .map_err(|e| ModelError::bad_file(dir.join("config.json"), e))?;
+        if let Some(q) = &quantization {
+            tracing::info!(
+                scheme = %q.describe(),
+                "FP8 checkpoint: weights are dequantized at load (FP8 GEMMs are not used yet)"
+            );
+        }
         let name = dir
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
-        Ok(Self { name, config, tokenizer, chat_template, weights })
+        Ok(Self { name, config, tokenizer, chat_template, weights, quantization })
+    }
+
+    /// `--quantization fp8`: the linear projections' weights quantized to FP8 per output
+    /// channel at load (`fp8::QuantizeFp8`). A checkpoint already in FP8 is refused
+    /// (its own scales are the ones to use).
+    pub fn quantize_fp8(self) -> Result<Self> {
+        if let Some(q) = &self.quantization {
+            return Err(ModelError::Config(format!(
+                "--quantization fp8: the checkpoint is already quantized ({})",
+                q.describe()
+            )));
+        }
+        Ok(Self {
+            weights: Box::new(QuantizeFp8 { inner: self.weights }),
+            quantization: Some(Fp8Scheme {
+                format: "quantized at load".into(),
+                weights: ScaleGranularity::Channel,
+                static_activations: false,
+            }),
+            ..self
+        })
     }
 
     /// Loads the weights onto `backend`, showing a progress bar on a terminal.
@@ -144,6 +177,13 @@ fn check_vocab(tokenizer: &Tokenizer, config: &ModelConfig) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A model folder's config.json as JSON.
+fn config_json(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&path, e))
 }
 
 #[cfg(test)]

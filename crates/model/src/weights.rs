@@ -71,39 +71,83 @@ impl SafetensorsSource {
     }
 }
 
-impl WeightSource for SafetensorsSource {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+impl SafetensorsSource {
+    /// The dtype, shape and bytes of tensor `name`.
+    fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
         let &file = self.index.get(name).ok_or_else(|| {
             ModelError::Weights(format!("tensor {name} is missing from the checkpoint"))
         })?;
         let (path, mmap) = &self.files[file];
         let st = SafeTensors::deserialize(mmap).map_err(|e| ModelError::bad_file(path, e))?;
         let view = st.tensor(name).map_err(|e| ModelError::bad_file(path, e))?;
-        if view.shape() != shape {
+        Ok((view.dtype(), view.shape().to_vec(), view.data()))
+    }
+
+    /// The FP8 weight `name`, dequantized with its `{name}_scale` (one value, or one per
+    /// row: `[]`, `[1]`, `[rows]` or `[rows, 1]`).
+    fn fp8(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<HostData> {
+        let scale_name = format!("{name}_scale");
+        if !self.contains(&scale_name) {
+            let hint = if self.contains(&format!("{name}_scale_inv")) {
+                " (it has a block-wise weight_scale_inv: block-wise FP8 is not supported)"
+            } else {
+                ""
+            };
             return Err(ModelError::Weights(format!(
-                "tensor {name} has shape {:?}, the config implies {shape:?}",
-                view.shape()
+                "FP8 tensor {name} has no {scale_name}{hint}"
             )));
         }
-        let bytes = view.data();
-        let data = match view.dtype() {
-            Dtype::F32 => HostData::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::BF16 => HostData::BF16(
-                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
-            ),
-            Dtype::F16 => HostData::F16(
-                bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
-            ),
-            other => {
-                return Err(ModelError::Weights(format!(
-                    "tensor {name} is {other:?}; only f32, bf16 and f16 are supported"
-                )));
-            }
+        let (dtype, scale_shape, scale_bytes) = self.raw(&scale_name)?;
+        let scales = decode(&scale_name, dtype, scale_bytes)?.to_f32();
+        let (rows, cols) = match shape {
+            [r, c] => (*r, *c),
+            _ => (1, shape.iter().product()),
+        };
+        let per_row = matches!(scale_shape[..], [r] | [r, 1] if r == rows);
+        if scales.len() != 1 && !per_row {
+            return Err(ModelError::Weights(format!(
+                "{scale_name} has shape {scale_shape:?}; a [{rows}, {cols}] FP8 weight takes one \
+                 scale or one per row"
+            )));
+        }
+        let data = crate::fp8::dequantize(bytes, &scales, rows, cols)
+            .map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
+        Ok(HostData::F32(data))
+    }
+}
+
+/// 16- and 32-bit float bytes as host data.
+fn decode(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<HostData> {
+    Ok(match dtype {
+        Dtype::F32 => HostData::F32(
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        ),
+        Dtype::BF16 => HostData::BF16(
+            bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+        ),
+        Dtype::F16 => {
+            HostData::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect())
+        }
+        other => {
+            return Err(ModelError::Weights(format!(
+                "tensor {name} is {other:?}; only f32, bf16, f16 and FP8 e4m3 weights (with \
+                 their scales) are supported"
+            )));
+        }
+    })
+}
+
+impl WeightSource for SafetensorsSource {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let (dtype, actual, bytes) = self.raw(name)?;
+        if actual != shape {
+            return Err(ModelError::Weights(format!(
+                "tensor {name} has shape {actual:?}, the config implies {shape:?}"
+            )));
+        }
+        let data = match dtype {
+            Dtype::F8_E4M3 => self.fp8(name, shape, bytes)?,
+            other => decode(name, other, bytes)?,
         };
         Ok(HostTensor { shape: shape.to_vec(), data })
     }

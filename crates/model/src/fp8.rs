@@ -1,0 +1,325 @@
+//! FP8 (OCP e4m3, "float8_e4m3fn") weights: the schemes of Hugging Face checkpoints, their
+//! dequantization at load, and `--quantization fp8` (per-output-channel quantization of a
+//! 16-bit checkpoint at load).
+//!
+//! e4m3: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, 0x7f/0xff are NaN;
+//! largest finite 448; subnormals down to 2^-9. A weight is stored as `q` with a scale
+//! `s` (per tensor, or per output row): its value is `q * s`.
+//!
+//! Every backend runs these weights dequantized (`q * s`, then the backend's own weight
+//! dtype: bf16 on both today), so the numbers are those of FP8 weights; the FP8 GEMMs of
+//! Hopper (half the weight bytes, twice the tensor rate) are the GPU's part, still to come.
+//! Activation scales (`input_scale`, static schemes) are read past: activations stay 16-bit.
+
+use float8::F8E4M3;
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::tensor::{HostData, HostTensor};
+use crate::weights::WeightSource;
+
+/// Largest finite e4m3 value. (`float8::F8E4M3::MAX` says 416, the largest value below
+/// 0x7e; 0x7e itself is 448, what torch and the OCP spec give.)
+pub const E4M3_MAX: f32 = 448.0;
+
+/// How a checkpoint's weight scales are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleGranularity {
+    /// One scale per tensor (`[]` or `[1]`).
+    Tensor,
+    /// One scale per output row (`[rows]` or `[rows, 1]`).
+    Channel,
+}
+
+/// The FP8 scheme a checkpoint's `quantization_config` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fp8Scheme {
+    /// `fp8` (transformers' FP8 / vLLM's format) or `compressed-tensors`.
+    pub format: String,
+    pub weights: ScaleGranularity,
+    /// Activation scales are static (in the checkpoint) rather than computed per step.
+    pub static_activations: bool,
+}
+
+impl Fp8Scheme {
+    pub fn describe(&self) -> String {
+        format!(
+            "FP8 e4m3 weights ({}, {} scales, {} activation scales)",
+            self.format,
+            match self.weights {
+                ScaleGranularity::Tensor => "per-tensor",
+                ScaleGranularity::Channel => "per-channel",
+            },
+            if self.static_activations { "static" } else { "dynamic" }
+        )
+    }
+}
+
+/// The FP8 scheme of `config.json`'s `quantization_config`, `None` when there is none.
+/// Anything else (other methods, block-wise FP8, integer schemes) is an error naming the
+/// field, rather than weights read wrongly.
+pub fn parse_quantization_config(config: &Value) -> Result<Option<Fp8Scheme>> {
+    let Some(q) = config.get("quantization_config") else { return Ok(None) };
+    let bad = |msg: String| Err(ModelError::Config(format!("quantization_config: {msg}")));
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    match method {
+        "fp8" => {
+            if let Some(block) = q.get("weight_block_size").filter(|v| !v.is_null()) {
+                return bad(format!(
+                    "weight_block_size {block} (block-wise FP8 scales) is not supported; \
+                     per-tensor and per-channel FP8 are"
+                ));
+            }
+            let act = q.get("activation_scheme").and_then(Value::as_str).unwrap_or("dynamic");
+            if !["dynamic", "static"].contains(&act) {
+                return bad(format!("activation_scheme {act:?} is not dynamic or static"));
+            }
+            Ok(Some(Fp8Scheme {
+                format: "fp8".into(),
+                weights: ScaleGranularity::Tensor,
+                static_activations: act == "static",
+            }))
+        }
+        "compressed-tensors" => parse_compressed_tensors(q).map(Some),
+        "" => bad("no quant_method".into()),
+        other => bad(format!(
+            "quant_method {other:?} is not supported (supported: \"fp8\", FP8 \"compressed-tensors\")"
+        )),
+    }
+}
+
+/// compressed-tensors: one config group of 8-bit float weights, per tensor or per channel.
+fn parse_compressed_tensors(q: &Value) -> Result<Fp8Scheme> {
+    let bad = |msg: String| Err(ModelError::Config(format!("quantization_config: {msg}")));
+    let groups = q.get("config_groups").and_then(Value::as_object);
+    let Some(groups) = groups.filter(|g| g.len() == 1) else {
+        return bad("compressed-tensors needs exactly one entry in config_groups".into());
+    };
+    let (name, group) = groups.iter().next().expect("one group");
+    let w = &group["weights"];
+    let num_bits = w.get("num_bits").and_then(Value::as_u64);
+    let kind = w.get("type").and_then(Value::as_str);
+    if num_bits != Some(8) || kind != Some("float") {
+        return bad(format!(
+            "config_groups.{name}.weights is {} bits of type {:?}; only 8-bit \"float\" (FP8) \
+             is supported",
+            num_bits.map_or("?".into(), |b| b.to_string()),
+            kind.unwrap_or("?")
+        ));
+    }
+    let weights = match w.get("strategy").and_then(Value::as_str) {
+        Some("tensor") => ScaleGranularity::Tensor,
+        Some("channel") => ScaleGranularity::Channel,
+        other => {
+            return bad(format!(
+                "config_groups.{name}.weights.strategy {:?} is not supported (tensor, channel)",
+                other.unwrap_or("?")
+            ));
+        }
+    };
+    if w.get("symmetric").and_then(Value::as_bool) == Some(false) {
+        return bad(format!("config_groups.{name}.weights.symmetric false is not supported"));
+    }
+    let act = &group["input_activations"];
+    let static_activations = match act {
+        Value::Null => false,
+        a => {
+            if a.get("num_bits").and_then(Value::as_u64) != Some(8)
+                || a.get("type").and_then(Value::as_str) != Some("float")
+            {
+                return bad(format!(
+                    "config_groups.{name}.input_activations: only 8-bit \"float\" is supported"
+                ));
+            }
+            !a.get("dynamic").and_then(Value::as_bool).unwrap_or(false)
+        }
+    };
+    Ok(Fp8Scheme { format: "compressed-tensors".into(), weights, static_activations })
+}
+
+/// Dequantizes e4m3 bytes `q` (a `[rows, cols]` matrix, or a vector when `rows` is 1)
+/// with `scales` of one value or one per row.
+pub fn dequantize(q: &[u8], scales: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    if q.len() != rows * cols {
+        return Err(ModelError::Weights(format!(
+            "{} FP8 values for a [{rows}, {cols}] tensor",
+            q.len()
+        )));
+    }
+    let per_row = match scales.len() {
+        1 => false,
+        n if n == rows => true,
+        n => {
+            return Err(ModelError::Weights(format!(
+                "{n} scales for a tensor of {rows} rows (expected 1 or {rows})"
+            )));
+        }
+    };
+    if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+        return Err(ModelError::Weights(format!("FP8 scale {bad} is not a positive number")));
+    }
+    let mut out = Vec::with_capacity(q.len());
+    for r in 0..rows {
+        let s = if per_row { scales[r] } else { scales[0] };
+        out.extend(q[r * cols..(r + 1) * cols].iter().map(|&b| F8E4M3::from_bits(b).to_f32() * s));
+    }
+    Ok(out)
+}
+
+/// Quantizes a `[rows, cols]` matrix per output row: `scale = max|w| / 448` (1 for a row
+/// of zeros), `q = e4m3(w / scale)` rounded to nearest even. Returns the e4m3 bytes and
+/// the scales.
+pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(rows);
+    for row in w.chunks(cols.max(1)).take(rows) {
+        let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let scale = if amax > 0.0 && amax.is_finite() { amax / E4M3_MAX } else { 1.0 };
+        q.extend(row.iter().map(|x| F8E4M3::from_f32(x / scale).to_bits()));
+        scales.push(scale);
+    }
+    (q, scales)
+}
+
+/// Whether `name` is the weight of one of a layer's linear projections (what FP8 schemes
+/// quantize; embeddings, norms and the LM head stay 16-bit).
+pub fn is_linear_weight(name: &str) -> bool {
+    const PROJ: [&str; 7] = [
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    ];
+    name.starts_with("model.layers.") && PROJ.iter().any(|p| name.ends_with(p))
+}
+
+/// `--quantization fp8` over a 16-bit checkpoint: the linear projections' weights come out
+/// quantized per output channel and dequantized again (what an FP8 GEMM computes with),
+/// everything else as it is.
+pub struct QuantizeFp8 {
+    pub inner: Box<dyn WeightSource>,
+}
+
+impl WeightSource for QuantizeFp8 {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.inner.tensor(name, shape)?;
+        if !is_linear_weight(name) {
+            return Ok(t);
+        }
+        let (rows, cols) = t.matrix_dims();
+        let (q, scales) = quantize_per_channel(&t.data.to_f32(), rows, cols);
+        let data = dequantize(&q, &scales, rows, cols)?;
+        Ok(HostTensor { shape: t.shape, data: HostData::F32(data) })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, linear weights quantized to FP8 per channel at load", self.inner.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn e4m3_values_round_to_nearest_even_and_saturate() {
+        let q = |x: f32| F8E4M3::from_f32(x).to_bits();
+        assert_eq!((q(448.0), q(1000.0), q(1.0), q(-3.3)), (0x7e, 0x7e, 0x38, 0xc5));
+        assert_eq!(q(1.0625), 0x38, "a tie goes to the even mantissa");
+        assert_eq!(q(2f32.powi(-9)), 0x01, "the smallest subnormal");
+        assert_eq!(F8E4M3::from_bits(0x7e).to_f32(), E4M3_MAX);
+        assert!(F8E4M3::from_bits(0x7f).to_f32().is_nan());
+    }
+
+    #[test]
+    fn per_channel_quantization_keeps_each_row_within_e4m3_rounding() {
+        let (rows, cols) = (5, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i / cols) as f32)
+            .collect();
+        let (q, scales) = quantize_per_channel(&w, rows, cols);
+        let back = dequantize(&q, &scales, rows, cols).unwrap();
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            // The row's largest magnitude maps to 448 exactly.
+            assert_eq!(scales[r], amax / E4M3_MAX);
+            for (x, y) in row.iter().zip(&back[r * cols..(r + 1) * cols]) {
+                // Normal range: half an ulp of 3 mantissa bits (2^-4 relative); below it,
+                // half the subnormal step 2^-9 of the scaled value.
+                let bound = (x.abs() / 16.0).max(scales[r] * 2f32.powi(-10)) * 1.0001;
+                assert!((x - y).abs() <= bound, "row {r}: {x} -> {y}");
+            }
+        }
+        let (_, s) = quantize_per_channel(&[0.0; 4], 1, 4);
+        assert_eq!(s, vec![1.0], "a row of zeros keeps scale 1");
+    }
+
+    #[test]
+    fn dequantize_checks_scales() {
+        let q = [0x38u8, 0x40, 0x38, 0x40]; // 1, 2, 1, 2
+        assert_eq!(dequantize(&q, &[0.5], 2, 2).unwrap(), vec![0.5, 1.0, 0.5, 1.0]);
+        assert_eq!(dequantize(&q, &[1.0, 3.0], 2, 2).unwrap(), vec![1.0, 2.0, 3.0, 6.0]);
+        let err = dequantize(&q, &[1.0, 2.0, 3.0], 2, 2).unwrap_err().to_string();
+        assert!(err.contains("3 scales for a tensor of 2 rows"), "{err}");
+        let err = dequantize(&q, &[f32::NAN], 2, 2).unwrap_err().to_string();
+        assert!(err.contains("not a positive number"), "{err}");
+        assert!(dequantize(&q, &[-1.0], 2, 2).is_err());
+    }
+
+    #[test]
+    fn quantization_configs_parse_or_name_the_field() {
+        let parse = |q: Value| parse_quantization_config(&json!({ "quantization_config": q }));
+        assert_eq!(parse_quantization_config(&json!({})).unwrap(), None);
+        let s = parse(json!({"quant_method": "fp8", "activation_scheme": "static"})).unwrap();
+        assert_eq!(
+            s,
+            Some(Fp8Scheme {
+                format: "fp8".into(),
+                weights: ScaleGranularity::Tensor,
+                static_activations: true
+            })
+        );
+        let ct = |strategy: &str, bits: u64, dynamic: bool| {
+            json!({"quant_method": "compressed-tensors", "format": "float-quantized",
+                   "config_groups": {"group_0": {
+                       "targets": ["Linear"],
+                       "weights": {"num_bits": bits, "type": "float", "strategy": strategy,
+                                   "symmetric": true, "dynamic": false},
+                       "input_activations": {"num_bits": 8, "type": "float",
+                                             "strategy": "token", "dynamic": dynamic}}}})
+        };
+        let s = parse(ct("channel", 8, true)).unwrap().unwrap();
+        assert_eq!((s.weights, s.static_activations), (ScaleGranularity::Channel, false));
+        let s = parse(ct("tensor", 8, false)).unwrap().unwrap();
+        assert_eq!((s.weights, s.static_activations), (ScaleGranularity::Tensor, true));
+        for (q, want) in [
+            (ct("channel", 4, true), "4 bits"),
+            (ct("group", 8, true), "strategy \"group\""),
+            (json!({"quant_method": "awq", "bits": 4}), "quant_method \"awq\""),
+            (json!({"quant_method": "fp8", "weight_block_size": [128, 128]}), "weight_block_size"),
+            (json!({"bits": 4}), "no quant_method"),
+        ] {
+            let err = parse(q).unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("quantization_config"), "{err}");
+        }
+    }
+
+    #[test]
+    fn only_layer_projections_are_linear_weights() {
+        assert!(is_linear_weight("model.layers.3.self_attn.k_proj.weight"));
+        assert!(is_linear_weight("model.layers.0.mlp.down_proj.weight"));
+        assert!(!is_linear_weight("model.layers.0.self_attn.k_proj.bias"));
+        assert!(!is_linear_weight("model.embed_tokens.weight"));
+        assert!(!is_linear_weight("lm_head.weight"));
+        assert!(!is_linear_weight("model.layers.0.input_layernorm.weight"));
+    }
+}
