@@ -187,66 +187,69 @@ pub fn chunks(
             },
         ));
     }
-    // With tools, the text that is content now, and the calls completed by this output.
-    let (text, calls) = match &mut state.tools {
-        None => (o.text.clone(), Vec::new()),
-        Some(ts) => {
-            let mut text = String::new();
-            let mut calls = Vec::new();
-            for piece in ts.push(&o.text, o.finish.is_some()) {
-                match piece {
-                    Piece::Content(c) => text.push_str(&c),
-                    Piece::Call(c) => calls.push(c),
-                }
-            }
-            (text, calls)
-        }
+    // Content and completed calls in the order the model wrote them (adjacent content
+    // joined): text after a call in the same output goes out after the call.
+    let pieces = match &mut state.tools {
+        None => vec![Piece::Content(o.text.clone())],
+        Some(ts) => ts.push(&o.text, o.finish.is_some()),
     };
-    let calls_before = state.tools.as_ref().map_or(0, |t| t.calls_sent) - calls.len();
-    let finish = o.finish.as_ref().map(|f| f.as_openai());
-    let finish = finish_with_calls(finish, state.tools.as_ref().is_some_and(|t| t.calls_sent > 0));
-    let reports_logprobs = meta.shape.logprobs && !o.token_ids.is_empty();
-    // The finish reason goes on the last chunk: after the calls when there are some.
-    let finish_here = if calls.is_empty() { finish } else { None };
-    if !text.is_empty() || finish_here.is_some() || reports_logprobs {
-        let delta = if text.is_empty() && finish_here.is_some() {
-            ChatDelta::default()
-        } else {
-            ChatDelta { content: Some(text), ..Default::default() }
-        };
-        out.push(chunk_of(
-            meta,
-            ChatChunkChoice {
-                index,
-                delta,
-                logprobs: meta
-                    .shape
-                    .logprobs
-                    .then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs, &o.top_logprobs)),
-                finish_reason: finish_here,
-            },
-        ));
-    }
-    if calls.is_empty() {
-        return out;
-    }
-    for (k, call) in calls.into_iter().enumerate() {
-        for delta in call_deltas(call, calls_before + k) {
-            out.push(delta_chunk(meta, index, delta));
+    let mut segments: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match (segments.last_mut(), piece) {
+            (Some(Piece::Content(t)), Piece::Content(c)) => t.push_str(&c),
+            (_, piece) => segments.push(piece),
         }
     }
-    if finish.is_some() {
-        out.push(chunk_of(
-            meta,
-            ChatChunkChoice {
-                index,
-                delta: ChatDelta::default(),
-                logprobs: None,
-                finish_reason: finish,
-            },
-        ));
+    let calls_now = segments.iter().filter(|p| matches!(p, Piece::Call(_))).count();
+    let mut call_index = state.tools.as_ref().map_or(0, |t| t.calls_sent) - calls_now;
+    let finish = o.finish.as_ref().map(|f| f.as_openai());
+    let mut finish =
+        finish_with_calls(finish, state.tools.as_ref().is_some_and(|t| t.calls_sent > 0));
+    // This output's tokens' log-probabilities ride on its first chunk of content.
+    let mut logprobs = (meta.shape.logprobs && !o.token_ids.is_empty())
+        .then(|| logprobs(tokenizer, &o.token_ids, &o.logprobs, &o.top_logprobs));
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.into_iter().enumerate() {
+        match segment {
+            Piece::Content(text) => {
+                // The finish reason goes on the last chunk.
+                let finish_here = if i == last { finish.take() } else { None };
+                if text.is_empty() && finish_here.is_none() && logprobs.is_none() {
+                    continue;
+                }
+                out.push(content_chunk(meta, index, text, logprobs.take(), finish_here));
+            }
+            Piece::Call(call) => {
+                if logprobs.is_some() {
+                    out.push(content_chunk(meta, index, String::new(), logprobs.take(), None));
+                }
+                for delta in call_deltas(call, call_index) {
+                    out.push(delta_chunk(meta, index, delta));
+                }
+                call_index += 1;
+            }
+        }
+    }
+    if logprobs.is_some() || finish.is_some() {
+        out.push(content_chunk(meta, index, String::new(), logprobs.take(), finish.take()));
     }
     out
+}
+
+/// A chunk of content (an empty delta when it only carries the finish reason).
+fn content_chunk(
+    meta: &Meta,
+    index: usize,
+    text: String,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<&'static str>,
+) -> ChatCompletionChunk {
+    let delta = if text.is_empty() && finish_reason.is_some() {
+        ChatDelta::default()
+    } else {
+        ChatDelta { content: Some(text), ..Default::default() }
+    };
+    chunk_of(meta, ChatChunkChoice { index, delta, logprobs, finish_reason })
 }
 
 pub fn usage_chunk(meta: &Meta, usage: Usage) -> ChatCompletionChunk {
@@ -257,5 +260,103 @@ pub fn usage_chunk(meta: &Meta, usage: Usage) -> ChatCompletionChunk {
         model: meta.shape.model.clone(),
         choices: Vec::new(),
         usage: UsageField::Some(usage),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::ToolParser;
+    use crate::validate::{Endpoint, ResponseShape, ToolShape};
+    use radix_engine::{FinishReason, RequestId};
+
+    fn output(text: &str, finish: Option<FinishReason>) -> Output {
+        Output {
+            id: RequestId(0),
+            text: text.into(),
+            token_ids: vec![],
+            logprobs: vec![],
+            top_logprobs: vec![],
+            prompt_logprobs: vec![],
+            finish,
+            last_token_is_text: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+        }
+    }
+
+    /// Each chunk's delta (content or call name/arguments) and finish reason, in order.
+    fn stream(texts: &[&str]) -> Vec<String> {
+        let meta = Meta {
+            id: "chatcmpl-1".into(),
+            created: 0,
+            shape: ResponseShape {
+                endpoint: Endpoint::Chat,
+                model: "m".into(),
+                stream: true,
+                include_usage: false,
+                logprobs: false,
+                top_logprobs: 0,
+                echo_prompts: vec![],
+                n: 1,
+                prompt_lens: vec![1],
+                tools: Some(ToolShape { parser: ToolParser::Hermes, names: vec!["add".into()] }),
+            },
+        };
+        let mut state = ChunkState::default();
+        let mut seen = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            let finish = (i + 1 == texts.len()).then_some(FinishReason::Stop);
+            for c in chunks(&meta, 0, &output(t, finish), &mut state, &Tokenizer::Bytes) {
+                let v = serde_json::to_value(&c).unwrap();
+                let choice = &v["choices"][0];
+                let d = &choice["delta"];
+                let mut s = String::new();
+                if let Some(text) = d["content"].as_str().filter(|t| !t.is_empty()) {
+                    s += &format!("content:{text}");
+                }
+                if let Some(f) = d["tool_calls"][0]["function"].as_object() {
+                    s += &format!(
+                        "call{}:{}{}",
+                        d["tool_calls"][0]["index"],
+                        f.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+                        f.get("arguments").and_then(|a| a.as_str()).unwrap_or("")
+                    );
+                }
+                if let Some(f) = choice["finish_reason"].as_str() {
+                    s += &format!("finish:{f}");
+                }
+                if !s.is_empty() {
+                    seen.push(s);
+                }
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn streamed_text_after_a_call_follows_the_call() {
+        let call = r#"<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>"#;
+        // Text, a call and more text in one output: in that order.
+        let one = stream(&[&format!("Before.{call}After.")]);
+        assert_eq!(
+            one,
+            ["content:Before.", "call0:add", "call0:{\"a\":1}", "content:After.finish:tool_calls"]
+        );
+        // The same over several outputs, and a second call numbered 1.
+        let parts = stream(&["Before.<tool", &format!("_call>{}", &call[11..]), "After.", call]);
+        assert_eq!(
+            parts,
+            [
+                "content:Before.",
+                "call0:add",
+                "call0:{\"a\":1}",
+                "content:After.",
+                "call1:add",
+                "call1:{\"a\":1}",
+                "finish:tool_calls"
+            ]
+        );
     }
 }
