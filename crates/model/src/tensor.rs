@@ -2,12 +2,90 @@
 
 use half::{bf16, f16};
 
+use crate::gguf::dequant::{self, GgmlType};
+
 /// Element storage of a host tensor, in the dtype the checkpoint holds.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    /// GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0): the CPU backend computes with them
+    /// directly, reading 4-8x fewer bytes per decode step than their f32 values.
+    Blocks(QuantBlocks),
+}
+
+/// A matrix in a GGUF block format whose rows are whole blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantBlocks {
+    pub ty: GgmlType,
+    /// Elements per row.
+    pub cols: usize,
+    pub bytes: Vec<u8>,
+}
+
+impl QuantBlocks {
+    /// The block formats kept as blocks (the rest dequantize at load).
+    pub fn keeps(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+
+    pub fn len(&self) -> usize {
+        let (per_block, block_bytes) = self.ty.block();
+        self.bytes.len() / block_bytes * per_block
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read_f32(0, &mut out);
+        out
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        let (per_block, block_bytes) = self.ty.block();
+        self.cols / per_block * block_bytes
+    }
+
+    /// Elements `[start, start + out.len())` as f32, each exactly as the f32 dequantization
+    /// of the whole tensor gives it.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let (per_block, block_bytes) = self.ty.block();
+        if start.is_multiple_of(per_block) && out.len().is_multiple_of(per_block) {
+            // Whole blocks (a GEMM panel): straight into `out`.
+            let first = start / per_block;
+            for (i, o) in out.chunks_exact_mut(per_block).enumerate() {
+                let b = first + i;
+                dequant::dequantize_block(
+                    self.ty,
+                    &self.bytes[b * block_bytes..(b + 1) * block_bytes],
+                    o,
+                );
+            }
+            return;
+        }
+        let mut block = [0f32; 32];
+        let block = &mut block[..per_block];
+        let mut at = start;
+        let mut done = 0;
+        while done < out.len() {
+            let b = at / per_block;
+            dequant::dequantize_block(
+                self.ty,
+                &self.bytes[b * block_bytes..(b + 1) * block_bytes],
+                block,
+            );
+            let from = at - b * per_block;
+            let n = (per_block - from).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&block[from..from + n]);
+            done += n;
+            at += n;
+        }
+    }
 }
 
 impl HostData {
@@ -16,6 +94,7 @@ impl HostData {
             Self::F32(v) => v.len(),
             Self::BF16(v) => v.len(),
             Self::F16(v) => v.len(),
+            Self::Blocks(q) => q.len(),
         }
     }
 
@@ -30,6 +109,7 @@ impl HostData {
             Self::F32(v) => out.copy_from_slice(&v[start..end]),
             Self::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
             Self::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Self::Blocks(q) => q.read_f32(start, out),
         }
     }
 
@@ -49,6 +129,9 @@ impl HostData {
             Self::F32(v) => Self::F32(pick(v, ranges)),
             Self::BF16(v) => Self::BF16(pick(v, ranges)),
             Self::F16(v) => Self::F16(pick(v, ranges)),
+            // Tensor-parallel slices of block weights: as f32 (a column slice need not
+            // fall on block boundaries).
+            Self::Blocks(_) => Self::F32(pick(&self.to_f32(), ranges)),
         }
     }
 
@@ -73,6 +156,24 @@ impl HostData {
                 out.extend_from_slice(s);
             }
             Some(out)
+        }
+        let first_blocks = match parts.first() {
+            Some(Self::BF16(_)) | None => None,
+            Some(Self::Blocks(q)) => Some((q.ty, q.cols)),
+            _ => None,
+        };
+        if let Some((ty, cols)) = first_blocks {
+            // Rows are whole blocks: stacking rows is stacking bytes.
+            let same = |p: &&HostData| matches!(p, Self::Blocks(q) if q.ty == ty && q.cols == cols);
+            if parts.iter().all(same) {
+                let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+                for p in parts {
+                    if let Self::Blocks(q) = p {
+                        bytes.extend_from_slice(&q.bytes);
+                    }
+                }
+                return Self::Blocks(QuantBlocks { ty, cols, bytes });
+            }
         }
         if let Some(v) = join(parts, |p| match p {
             Self::BF16(v) => Some(v),

@@ -9,7 +9,8 @@ use std::cell::RefCell;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::tensor::HostData;
+use crate::gguf::dequant::GgmlType;
+use crate::tensor::{HostData, QuantBlocks};
 
 /// Output features per panel: enough work per task, and a widened panel (at most
 /// 256 × k f32) that stays in cache while the GEMM reads it.
@@ -84,6 +85,10 @@ pub fn matmul_nt(
                 }
             };
             match w {
+                HostData::Blocks(q) if m <= GEMV_MAX_ROWS => {
+                    // SAFETY: as for `run`: this task alone writes columns n0..n0 + nb.
+                    unsafe { gemv_blocks(x, m, k, q, n0, nb, dst.0.add(n0), n) }
+                }
                 HostData::F32(v) => run(&v[n0 * k..(n0 + nb) * k]),
                 _ => SCRATCH.with_borrow_mut(|scratch| {
                     scratch.resize(nb * k, 0.0);
@@ -100,11 +105,189 @@ pub fn matmul_nt(
     }
 }
 
+/// Rows of `x` up to which a product with block weights is computed as dot products
+/// (decode) rather than a GEMM over a dequantized panel.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// `out[i, j] = x[i] · w[j]` for the `m <= 4` rows of `x` and weight rows `n0..n0 + nb`
+/// of `q`, written at `out + i * n + (j - n0)`. A decode step is bound by the bytes of
+/// weights it reads; here they are the blocks (0.56-1.06 bytes a weight), each unpacked in
+/// registers to exactly the f32 values the load-time dequantization gives, once for all
+/// rows of `x`.
+///
+/// # Safety
+/// `out` must be valid for writes at `i * n + j` for `i < m`, `j < nb`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_blocks(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    q: &QuantBlocks,
+    n0: usize,
+    nb: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let rb = q.row_bytes();
+    let rows = &q.bytes[n0 * rb..(n0 + nb) * rb];
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    for (j, row) in rows.chunks_exact(rb).enumerate() {
+        let mut dots = [0f32; GEMV_MAX_ROWS];
+        match m {
+            1 => dots[..1].copy_from_slice(&row_dots::<1>(q.ty, x, k, row, wide)),
+            2 => dots[..2].copy_from_slice(&row_dots::<2>(q.ty, x, k, row, wide)),
+            3 => dots[..3].copy_from_slice(&row_dots::<3>(q.ty, x, k, row, wide)),
+            _ => dots.copy_from_slice(&row_dots::<4>(q.ty, x, k, row, wide)),
+        }
+        for (i, d) in dots[..m].iter().enumerate() {
+            // SAFETY: the caller's promise.
+            unsafe { *out.add(i * n + j) = *d };
+        }
+    }
+}
+
+/// One weight row's dot products with `M` rows of `x`: with AVX2 when `wide` (checked by
+/// the caller), portable code otherwise.
+fn row_dots<const M: usize>(ty: GgmlType, x: &[f32], k: usize, row: &[u8], wide: bool) -> [f32; M] {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: the caller found AVX2 on this CPU.
+        return unsafe { row_dots_avx2::<M>(ty, x, k, row) };
+    }
+    let _ = wide;
+    row_dots_typed::<M>(ty, x, k, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_dots_avx2<const M: usize>(ty: GgmlType, x: &[f32], k: usize, row: &[u8]) -> [f32; M] {
+    row_dots_typed::<M>(ty, x, k, row)
+}
+
+#[inline(always)]
+fn row_dots_typed<const M: usize>(ty: GgmlType, x: &[f32], k: usize, row: &[u8]) -> [f32; M] {
+    match ty {
+        GgmlType::Q4_1 => block_dots::<M, 20>(x, k, row, unpack_q4_1),
+        GgmlType::Q4_0 => block_dots::<M, 18>(x, k, row, unpack_q4_0),
+        GgmlType::Q8_0 => block_dots::<M, 34>(x, k, row, unpack_q8_0),
+        other => unreachable!("{other:?} is not kept as blocks"),
+    }
+}
+
+// The same arithmetic as `gguf::dequant`'s block functions, on fixed-size blocks (no
+// bounds checks, so the loops vectorise).
+
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
+}
+
+#[inline(always)]
+fn unpack_q4_1(b: &[u8; 20], w: &mut [f32; 32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for j in 0..16 {
+        w[j] = d * (b[4 + j] & 0xF) as f32 + m;
+        w[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
+    }
+}
+
+#[inline(always)]
+fn unpack_q4_0(b: &[u8; 18], w: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        w[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
+        w[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+    }
+}
+
+#[inline(always)]
+fn unpack_q8_0(b: &[u8; 34], w: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    for j in 0..32 {
+        w[j] = d * (b[2 + j] as i8) as f32;
+    }
+}
+
+/// Blocks of 32 weights of `BYTES` bytes each, unpacked by `unpack`, into 32 independent
+/// lanes per row of `x`: vector code without reassociating any sum, reduced at the end.
+#[inline(always)]
+fn block_dots<const M: usize, const BYTES: usize>(
+    x: &[f32],
+    k: usize,
+    row: &[u8],
+    unpack: fn(&[u8; BYTES], &mut [f32; 32]),
+) -> [f32; M] {
+    let mut acc = [[0f32; 32]; M];
+    let mut w = [0f32; 32];
+    for (b, block) in row.chunks_exact(BYTES).enumerate() {
+        unpack(block.try_into().expect("whole blocks"), &mut w);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xs: &[f32; 32] =
+                x[i * k + b * 32..i * k + b * 32 + 32].try_into().expect("32 lanes");
+            for t in 0..32 {
+                a[t] += w[t] * xs[t];
+            }
+        }
+    }
+    std::array::from_fn(|i| acc[i].iter().sum())
+}
+
 #[cfg(test)]
 mod tests {
     use half::bf16;
 
     use super::*;
+
+    #[test]
+    fn block_weights_match_their_dequantized_values() {
+        use crate::gguf::dequant::GgmlType;
+        use crate::tensor::QuantBlocks;
+        let mut seed = 9u64;
+        let mut byte = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        };
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (per_block, block_bytes) = ty.block();
+            let (n, k) = (37, 3 * per_block);
+            let bytes: Vec<u8> = (0..n * k / per_block)
+                .flat_map(|_| {
+                    // A small positive f16 scale (and min), then random quants.
+                    let mut b: Vec<u8> = (0..block_bytes).map(|_| byte()).collect();
+                    b[..2].copy_from_slice(
+                        &half::f16::from_f32(0.01 + byte() as f32 / 2e4).to_le_bytes(),
+                    );
+                    if ty == GgmlType::Q4_1 {
+                        b[2..4].copy_from_slice(
+                            &half::f16::from_f32(byte() as f32 / 1e3 - 0.1).to_le_bytes(),
+                        );
+                    }
+                    b
+                })
+                .collect();
+            let w = HostData::Blocks(QuantBlocks { ty, cols: k, bytes });
+            let wf = w.to_f32();
+            for m in [1, 2, 3, 4, 6] {
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let mut out = vec![f32::NAN; m * n];
+                matmul_nt(&x, m, k, &w, n, None, &mut out);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 =
+                            (0..k).map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64).sum();
+                        let got = out[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "{ty:?} m={m}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_naive_product_with_bias_in_every_dtype() {

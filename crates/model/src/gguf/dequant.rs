@@ -106,6 +106,17 @@ impl GgmlType {
 pub const LOADABLE: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K";
 
 /// `data` (exactly `ty.byte_len` bytes of `numel` elements) as f32.
+/// One block of `ty` (`out` holds its elements): Q4_0, Q4_1 and Q8_0, the formats kept as
+/// blocks in memory (`tensor::QuantBlocks`).
+pub fn dequantize_block(ty: GgmlType, block: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::Q8_0 => q8_0(block, out),
+        GgmlType::Q4_0 => q4_0(block, out),
+        GgmlType::Q4_1 => q4_1(block, out),
+        other => unreachable!("{other:?} is not kept as blocks"),
+    }
+}
+
 pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, String> {
     let (per_block, block_bytes) = ty.block();
     if data.len() != numel / per_block * block_bytes || !numel.is_multiple_of(per_block) {

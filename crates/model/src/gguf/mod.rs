@@ -27,7 +27,7 @@ use memmap2::Mmap;
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::tensor::{HostData, HostTensor};
+use crate::tensor::{HostData, HostTensor, QuantBlocks};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 use config::Meta;
@@ -150,6 +150,12 @@ fn unpermute_rows<T: Copy>(data: &[T], heads: usize, cols: usize) -> Vec<T> {
     out
 }
 
+/// Whether Q4_0/Q4_1/Q8_0 weights stay blocks in memory (`RADIX_SPARSE_GGUF_F32=1`
+/// dequantizes them to f32 at load, as before, to compare).
+fn keep_blocks() -> bool {
+    std::env::var_os("RADIX_SPARSE_GGUF_F32").is_none_or(|v| v.is_empty() || v == "0")
+}
+
 /// `data` with its rows unpermuted over `heads` when it is a q or k projection.
 fn in_hf_order<T: Copy>(data: Vec<T>, heads: Option<usize>, cols: usize) -> Vec<T> {
     match heads {
@@ -202,6 +208,24 @@ impl WeightSource for GgufWeights {
                 permute,
                 cols,
             )),
+            // Q4_0, Q4_1, Q8_0 stay blocks, their rows permuted as bytes.
+            ty if QuantBlocks::keeps(ty) && keep_blocks() => {
+                let (per_block, block_bytes) = ty.block();
+                if !cols.is_multiple_of(per_block)
+                    || bytes.len() != info.numel() / per_block * block_bytes
+                {
+                    return Err(bad(format!(
+                        "{} bytes do not hold rows of {cols} elements of {ty:?}",
+                        bytes.len()
+                    )));
+                }
+                let q = QuantBlocks { ty, cols, bytes: Vec::new() };
+                let row_bytes = q.row_bytes();
+                HostData::Blocks(QuantBlocks {
+                    bytes: in_hf_order(bytes.to_vec(), permute, row_bytes),
+                    ..q
+                })
+            }
             ty => HostData::F32(in_hf_order(
                 dequant::dequantize(ty, bytes, info.numel()).map_err(bad)?,
                 permute,
