@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::gguf::dequant::GgmlType;
+use crate::gguf::dequant::{self, GgmlType};
 use crate::tensor::{HostData, QuantBlocks};
 
 /// Output features per panel: enough work per task, and a widened panel (at most
@@ -170,44 +170,10 @@ unsafe fn row_dots_avx2<const M: usize>(ty: GgmlType, x: &[f32], k: usize, row: 
 #[inline(always)]
 fn row_dots_typed<const M: usize>(ty: GgmlType, x: &[f32], k: usize, row: &[u8]) -> [f32; M] {
     match ty {
-        GgmlType::Q4_1 => block_dots::<M, 20>(x, k, row, unpack_q4_1),
-        GgmlType::Q4_0 => block_dots::<M, 18>(x, k, row, unpack_q4_0),
-        GgmlType::Q8_0 => block_dots::<M, 34>(x, k, row, unpack_q8_0),
+        GgmlType::Q4_1 => block_dots::<M, 20>(x, k, row, dequant::unpack_q4_1),
+        GgmlType::Q4_0 => block_dots::<M, 18>(x, k, row, dequant::unpack_q4_0),
+        GgmlType::Q8_0 => block_dots::<M, 34>(x, k, row, dequant::unpack_q8_0),
         other => unreachable!("{other:?} is not kept as blocks"),
-    }
-}
-
-// The same arithmetic as `gguf::dequant`'s block functions, on fixed-size blocks (no
-// bounds checks, so the loops vectorise).
-
-#[inline(always)]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
-}
-
-#[inline(always)]
-fn unpack_q4_1(b: &[u8; 20], w: &mut [f32; 32]) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    for j in 0..16 {
-        w[j] = d * (b[4 + j] & 0xF) as f32 + m;
-        w[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
-    }
-}
-
-#[inline(always)]
-fn unpack_q4_0(b: &[u8; 18], w: &mut [f32; 32]) {
-    let d = f16_at(b, 0);
-    for j in 0..16 {
-        w[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
-        w[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
-    }
-}
-
-#[inline(always)]
-fn unpack_q8_0(b: &[u8; 34], w: &mut [f32; 32]) {
-    let d = f16_at(b, 0);
-    for j in 0..32 {
-        w[j] = d * (b[2 + j] as i8) as f32;
     }
 }
 

@@ -149,36 +149,55 @@ pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, S
     Ok(out)
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
 }
 
 /// Q8_0, 32 weights in 34 bytes: `{ f16 d; i8 qs[32] }`, weight i = d · qs[i].
 fn q8_0(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-        *o = d * (q as i8) as f32;
-    }
+    unpack_q8_0(b.try_into().expect("a Q8_0 block"), out.try_into().expect("32 weights"));
 }
 
 /// Q4_0, 32 weights in 18 bytes: `{ f16 d; u8 qs[16] }`. Byte j holds weight j in its
 /// low nibble and weight j + 16 in its high nibble, each an unsigned 4-bit q:
 /// weight = d · (q − 8).
 fn q4_0(b: &[u8], out: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for (j, &q) in b[2..18].iter().enumerate() {
-        out[j] = d * ((q & 0xF) as i32 - 8) as f32;
-        out[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
-    }
+    unpack_q4_0(b.try_into().expect("a Q4_0 block"), out.try_into().expect("32 weights"));
 }
 
 /// Q4_1, 32 weights in 20 bytes: `{ f16 d; f16 m; u8 qs[16] }`, nibbles as Q4_0:
 /// weight = d · q + m.
 fn q4_1(b: &[u8], out: &mut [f32]) {
+    unpack_q4_1(b.try_into().expect("a Q4_1 block"), out.try_into().expect("32 weights"));
+}
+
+// The block formats the CPU backend also keeps in memory, on fixed-size arrays (no bounds
+// checks, so its decode products inline and vectorise them: cpu/linear.rs).
+
+#[inline(always)]
+pub(crate) fn unpack_q8_0(b: &[u8; 34], w: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    for j in 0..32 {
+        w[j] = d * (b[2 + j] as i8) as f32;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn unpack_q4_0(b: &[u8; 18], w: &mut [f32; 32]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        w[j] = d * ((b[2 + j] & 0xF) as i32 - 8) as f32;
+        w[j + 16] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn unpack_q4_1(b: &[u8; 20], w: &mut [f32; 32]) {
     let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    for (j, &q) in b[4..20].iter().enumerate() {
-        out[j] = d * (q & 0xF) as f32 + m;
-        out[j + 16] = d * (q >> 4) as f32 + m;
+    for j in 0..16 {
+        w[j] = d * (b[4 + j] & 0xF) as f32 + m;
+        w[j + 16] = d * (b[4 + j] >> 4) as f32 + m;
     }
 }
 
