@@ -2,22 +2,16 @@
 //! the engine's alternatives and prompt log-probabilities agree with an f64 softmax of
 //! logits computed here by a separate forward pass.
 
-use std::path::PathBuf;
+// The SmolLM2 model-path helper shared with the model crate's real-model tests.
+#[path = "../../model/tests/smollm2_model/mod.rs"]
+mod smollm2_model;
+
 use std::sync::Arc;
 
 use radix_engine::{Engine, EngineConfig, Output, OutputProcessor, Request, RequestId, StopConfig};
 use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelSource, SamplingParams, Step};
+use smollm2_model::smollm2_path;
 use tokio::sync::mpsc::unbounded_channel;
-
-/// The model file: `RADIX_SPARSE_SMOLLM2`, else models/ at the workspace root.
-fn model_path() -> String {
-    let path = std::env::var_os("RADIX_SPARSE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(path.is_file(), "{} is missing: run tools/fetch_smollm2.sh", path.display());
-    path.to_str().unwrap().to_string()
-}
 
 /// f64 log-softmax of the logits after `tokens` (one prefill on `model`).
 fn log_softmax_after(model: &mut LlamaModel<CpuBackend>, tokens: &[u32]) -> Vec<f64> {
@@ -54,8 +48,9 @@ fn check_alternatives(what: &str, got: &[(u32, f32)], want: &[f64], n: usize) {
 
 #[test]
 fn smollm2_alternatives_and_prompt_logprobs_are_the_softmax_of_its_logits() {
-    let mut reference = ModelSource::open(&model_path()).unwrap().load(CpuBackend::new()).unwrap();
-    let source = ModelSource::open(&model_path()).unwrap();
+    let mut reference =
+        ModelSource::open(&smollm2_path()).unwrap().load(CpuBackend::new()).unwrap();
+    let source = ModelSource::open(&smollm2_path()).unwrap();
     let model = source.load(CpuBackend::new()).unwrap();
     let tokenizer = Arc::new(source.tokenizer);
     let mut engine =

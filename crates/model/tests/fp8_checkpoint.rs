@@ -9,11 +9,14 @@
 //!   channel) and 6.9% (per tensor), bound 0.1;
 //! - malformed scales, missing scales and block-wise FP8 are clear errors.
 
+mod numerics;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use float8::F8E4M3;
 use half::bf16;
+use numerics::rel_err;
 use radix_model::fp8::{E4M3_MAX, is_linear_weight, quantize_per_channel};
 use radix_model::{Backend, CpuBackend, KvPoolSpec, ModelSource, Step};
 use safetensors::{Dtype, SafeTensors};
@@ -46,12 +49,6 @@ fn logits(source: ModelSource) -> Vec<f32> {
 
 fn open(dir: &Path) -> ModelSource {
     ModelSource::open(dir.to_str().unwrap()).unwrap()
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 /// One tensor to write: dtype, shape, little-endian bytes.

@@ -5,6 +5,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+mod numerics;
 mod paged_batch;
 
 use radix_kernels::kv_append::key_bounds_record;
@@ -12,13 +13,8 @@ use radix_kv::{SparseBudget, SparsePolicy};
 use radix_model::cuda::MemoryLimits;
 use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, ModelSource};
 
+use numerics::rel_err;
 use paged_batch::{Batch, PS};
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
 
 #[test]
 fn cuda_matches_cpu_on_synthetic_tiny() {

@@ -18,24 +18,17 @@
 //! run must have it (it fails, not skips, without it).
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
-
+mod numerics;
 mod paged_batch;
+mod smollm2_model;
 
 use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, ModelSource};
 
+use numerics::rel_err;
 use paged_batch::{Batch, PS};
+use smollm2_model::smollm2_path;
 
 const STEPS: usize = 32;
-
-fn model_path() -> String {
-    let path = std::env::var_os("RADIX_SPARSE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(path.is_file(), "{} is missing: run tools/fetch_smollm2.sh", path.display());
-    path.to_str().unwrap().to_string()
-}
 
 /// Total variation distance between the softmax distributions of two logit rows.
 fn total_variation(a: &[f32], b: &[f32]) -> f64 {
@@ -48,19 +41,13 @@ fn total_variation(a: &[f32], b: &[f32]) -> f64 {
     0.5 * softmax(a).zip(softmax(b)).map(|(p, q)| (p - q).abs()).sum::<f64>()
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 #[test]
 fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
-    let source = ModelSource::open(&model_path()).unwrap();
+    let source = ModelSource::open(&smollm2_path()).unwrap();
     let cfg = source.config.clone();
     let mut cpu = source.load(CpuBackend::new()).unwrap();
     let mut gpu =
-        ModelSource::open(&model_path()).unwrap().load(CudaBackend::new(0).unwrap()).unwrap();
+        ModelSource::open(&smollm2_path()).unwrap().load(CudaBackend::new(0).unwrap()).unwrap();
     let spec = KvPoolSpec { num_pages: 256, page_size: PS, sparse: None };
     cpu.backend.init_kv(&cfg, &spec).unwrap();
     gpu.backend.init_kv(&cfg, &spec).unwrap();

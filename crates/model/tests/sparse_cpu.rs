@@ -2,6 +2,9 @@
 //! dense to the bit, a smaller budget stays close to dense, a tiny one moves the logits,
 //! and malformed `kv_keep` is refused with a clear message.
 
+mod numerics;
+
+use numerics::rel_err;
 use radix_kv::SparsePolicy;
 use radix_model::{Backend, CpuBackend, KvPoolSpec, LlamaModel, ModelError, ModelSource, Step};
 
@@ -68,12 +71,6 @@ impl Sequence {
     fn step(&mut self, model: &mut LlamaModel<CpuBackend>, kv_keep: &[i32]) -> Vec<f32> {
         self.try_step(model, kv_keep).unwrap()
     }
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 /// Prefills `prompt` tokens on a dense model and on `sparse`, then decodes `steps`

