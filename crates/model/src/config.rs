@@ -49,14 +49,24 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// A model folder's `config.json`, parsed.
+pub fn read_config_json(dir: &Path) -> Result<Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&path, e))
+}
+
 impl ModelConfig {
     /// Parses `config.json` (and `generation_config.json` beside it, if present).
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_json(dir, &read_config_json(dir)?)
+    }
+
+    /// `from_dir` with `config.json` already read (`read_config_json`), for callers that
+    /// read more of it (its `quantization_config`).
+    pub fn from_dir_json(dir: &Path, json: &Value) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&path, e))?;
-        let mut cfg = Self::from_json(&json).map_err(|e| ModelError::bad_file(&path, e))?;
+        let mut cfg = Self::from_json(json).map_err(|e| ModelError::bad_file(&path, e))?;
         let gen_path = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_path) {
             let gen_json: Value =

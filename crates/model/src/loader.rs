@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::Backend;
 use crate::chat::ChatTemplate;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, read_config_json};
 use crate::error::{ModelError, Result};
 use crate::fp8::{Fp8Scheme, QuantizeFp8, ScaleGranularity};
 use crate::gguf::GgufFile;
@@ -70,12 +70,13 @@ impl ModelSource {
     }
 
     fn open_dir(dir: &Path) -> Result<Self> {
-        let config = ModelConfig::from_dir(dir)?;
+        let json = read_config_json(dir)?;
+        let config = ModelConfig::from_dir_json(dir, &json)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         check_vocab(&tokenizer, &config)?;
         let chat_template = ChatTemplate::from_dir(dir)?.unwrap_or_else(ChatTemplate::plain);
         let weights = Box::new(SafetensorsSource::open(dir)?);
-        let quantization = crate::fp8::parse_quantization_config(&config_json(dir)?)
+        let quantization = crate::fp8::parse_quantization_config(&json)
             .map_err(|e| ModelError::bad_file(dir.join("config.json"), e))?;
         if let Some(q) = &quantization {
             tracing::info!(
@@ -177,13 +178,6 @@ fn check_vocab(tokenizer: &Tokenizer, config: &ModelConfig) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A model folder's config.json as JSON.
-fn config_json(dir: &Path) -> Result<serde_json::Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::bad_file(&path, e))
 }
 
 #[cfg(test)]

@@ -39,12 +39,6 @@ impl QuantBlocks {
         self.bytes.is_empty()
     }
 
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        self.read_f32(0, &mut out);
-        out
-    }
-
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         let (per_block, block_bytes) = self.ty.block();
@@ -147,7 +141,7 @@ impl HostData {
         // elements, which element-by-element collection made a large part of its load.
         fn join<T: Copy>(
             parts: &[&HostData],
-            pick: fn(&HostData) -> Option<&[T]>,
+            pick: impl Fn(&HostData) -> Option<&[T]>,
         ) -> Option<Vec<T>> {
             let slices: Option<Vec<&[T]>> = parts.iter().map(|p| pick(p)).collect();
             let slices = slices?;
@@ -157,21 +151,13 @@ impl HostData {
             }
             Some(out)
         }
-        let first_blocks = match parts.first() {
-            Some(Self::BF16(_)) | None => None,
-            Some(Self::Blocks(q)) => Some((q.ty, q.cols)),
-            _ => None,
-        };
-        if let Some((ty, cols)) = first_blocks {
+        if let Some(Self::Blocks(first)) = parts.first() {
             // Rows are whole blocks: stacking rows is stacking bytes.
-            let same = |p: &&HostData| matches!(p, Self::Blocks(q) if q.ty == ty && q.cols == cols);
-            if parts.iter().all(same) {
-                let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-                for p in parts {
-                    if let Self::Blocks(q) = p {
-                        bytes.extend_from_slice(&q.bytes);
-                    }
-                }
+            let (ty, cols) = (first.ty, first.cols);
+            if let Some(bytes) = join(parts, |p| match p {
+                Self::Blocks(q) if q.ty == ty && q.cols == cols => Some(&q.bytes[..]),
+                _ => None,
+            }) {
                 return Self::Blocks(QuantBlocks { ty, cols, bytes });
             }
         }

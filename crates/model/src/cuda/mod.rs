@@ -307,7 +307,7 @@ fn to_bf16(data: &HostData) -> Vec<bf16> {
         HostData::BF16(v) => v.clone(),
         HostData::F16(v) => v.iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
         HostData::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
-        HostData::Blocks(q) => q.to_f32().into_iter().map(bf16::from_f32).collect(),
+        HostData::Blocks(_) => data.to_f32().into_iter().map(bf16::from_f32).collect(),
     }
 }
 

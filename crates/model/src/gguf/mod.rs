@@ -219,11 +219,11 @@ impl WeightSource for GgufWeights {
                         bytes.len()
                     )));
                 }
-                let q = QuantBlocks { ty, cols, bytes: Vec::new() };
-                let row_bytes = q.row_bytes();
+                let row_bytes = cols / per_block * block_bytes;
                 HostData::Blocks(QuantBlocks {
+                    ty,
+                    cols,
                     bytes: in_hf_order(bytes.to_vec(), permute, row_bytes),
-                    ..q
                 })
             }
             ty => HostData::F32(in_hf_order(
