@@ -4,7 +4,7 @@
 //!
 //! - `Device`: one GPU and the one stream all our work is ordered on.
 //! - `DeviceBuffer<T>`: typed allocations with checked copies.
-//! - `GpuTimer`, `time_runs`: CUDA-event timing.
+//! - `GpuTimer`, `time_runs`, `time_back_to_back`: CUDA-event timing.
 //! - `jit`: `.cu` sources compiled by NVRTC for the device's architecture, cached on disk.
 //! - `Gemm`: cuBLASLt matmul with cached plans.
 //! - `Graph`: CUDA graph capture and replay; `PinnedStaging`: async uploads.
@@ -34,7 +34,7 @@ pub use graph::Graph;
 pub use jit::{Jit, Kernel, KernelSpec, Module, SourceFile};
 pub use nccl::NcclGroup;
 pub use staging::{PinnedStaging, StagedUploader};
-pub use timing::{GpuTimer, Timings, time_runs};
+pub use timing::{GpuTimer, Timings, time_back_to_back, time_runs};
 
 /// Re-exported so kernel crates can implement `DeviceRepr` for their parameter structs
 /// and build `LaunchConfig`s without a second cudarc dependency line.

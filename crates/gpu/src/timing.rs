@@ -93,6 +93,34 @@ pub fn time_runs(
     Ok(Timings::from_samples(samples))
 }
 
+/// Times `per_sample` runs of `f` enqueued back to back between one pair of events, `samples`
+/// times, after `warmup` runs; returns the per-run times. Unlike `time_runs`, the GPU does
+/// not wait for the host between runs, as in a CUDA graph or a busy stream: what a kernel
+/// costs inside a step rather than alone on an idle GPU.
+pub fn time_back_to_back(
+    device: &Device,
+    warmup: usize,
+    samples: usize,
+    per_sample: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Timings> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    device.synchronize()?;
+    let timer = GpuTimer::new(device)?;
+    let per_sample = per_sample.max(1);
+    let mut out = Vec::with_capacity(samples);
+    for s in 0..samples.max(1) {
+        timer.start()?;
+        for i in 0..per_sample {
+            f(warmup + s * per_sample + i)?;
+        }
+        out.push(timer.stop_ms()? as f64 / per_sample as f64);
+    }
+    Ok(Timings::from_samples(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,11 @@ pub fn catalog() -> Vec<KernelSpec> {
     use radix_gpu::half::{bf16, f16};
     let mut specs = Vec::new();
     for head_dim in [64, 128] {
-        for tiles in [attention::TileConfig::PREFILL, attention::TileConfig::DECODE] {
+        for tiles in [
+            attention::TileConfig::PREFILL,
+            attention::TileConfig::DECODE,
+            attention::TileConfig::DECODE_SMALL,
+        ] {
             for paged in [false, true] {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));

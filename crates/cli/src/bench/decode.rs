@@ -8,7 +8,7 @@
 
 use clap::Args;
 use half::{bf16, f16};
-use radix_gpu::{DType, Device, HalfFloat, Jit, time_runs};
+use radix_gpu::{DType, Device, HalfFloat, Jit, time_back_to_back, time_runs};
 use radix_kernels::attention::{AttentionBatch, AttentionShape, BatchMeta, KvSource};
 use rand::{Rng, SeedableRng};
 
@@ -38,6 +38,11 @@ pub struct DecodeArgs {
     warmup: usize,
     #[arg(long, default_value_t = 50)]
     runs: usize,
+    /// Also time runs enqueued back to back (no host gap between them, as inside a CUDA
+    /// graph), each over its own copy of the K/V pool so that copies together exceed the
+    /// L2 cache (a step's layers never find their keys there either).
+    #[arg(long)]
+    back_to_back: bool,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Sparse paging budgets to time beside dense (fractions of pages, or token counts),
@@ -144,13 +149,37 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         let bytes = (2 * tokens * hkv * d + 2 * b * hq * d) * 2;
         let bw = bytes as f64 / (t.median_ms * 1e-3);
         let label = format!("{name} Hq={hq} Hkv={hkv} D={d} page={ps} {}", T::DTYPE);
+        let work = batch.work();
+        let split_tiles = work.merge.len() / hkv;
         println!(
-            "{label}: {:.1} us, {:.0} GB/s = {:.1}% of copy, {} splits",
+            "{label}: {:.1} us, {:.0} GB/s = {:.1}% of copy, {} blocks, {split_tiles} split query tiles",
             t.median_ms * 1e3,
             bw / 1e9,
             100.0 * bw / copy_bw,
-            batch.work().merge.len()
+            work.work.len() * hkv,
         );
+        let b2b_ms = if a.back_to_back {
+            // Enough pool copies to exceed the L2 cache (50 MB on the H100/H200) fourfold.
+            let copies =
+                (256usize << 20).div_ceil(2 * pool * std::mem::size_of::<T>()).clamp(1, 16);
+            let extra: Vec<_> = (1..copies)
+                .map(|_| Ok((random(pool)?, random(pool)?)))
+                .collect::<anyhow::Result<_>>()?;
+            let t = time_back_to_back(&device, a.warmup, 5, a.runs, |i| match i % copies {
+                0 => batch.run(&jit, &q, &k, &v, &mut o, None),
+                c => batch.run(&jit, &q, &extra[c - 1].0, &extra[c - 1].1, &mut o, None),
+            })?;
+            let bw = bytes as f64 / (t.median_ms * 1e-3);
+            println!(
+                "{label} back to back ({copies} pool copies): {:.1} us, {:.0} GB/s = {:.1}% of copy",
+                t.median_ms * 1e3,
+                bw / 1e9,
+                100.0 * bw / copy_bw
+            );
+            Some(t.median_ms)
+        } else {
+            None
+        };
         rows.push(Measurement {
             benchmark: "attention_decode".into(),
             shape: label.clone(),
@@ -163,6 +192,9 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 "copy_gbps": copy_bw / 1e9,
                 "fraction_of_copy": bw / copy_bw,
                 "kv_tokens": tokens,
+                "back_to_back_us": b2b_ms.map(|ms| ms * 1e3),
+                "back_to_back_fraction_of_copy":
+                    b2b_ms.map(|ms| bytes as f64 / (ms * 1e-3) / copy_bw),
             })),
         });
         if let Some(meta) = sparse_meta {

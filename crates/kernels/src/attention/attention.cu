@@ -10,7 +10,8 @@
 // BM rows of one sequence against keys [kv_begin, kv_end), for one kv head (grid.y, or
 // for decode plans the low part of a 1-D grid: heads_inner).
 // Items of a sequence split along the keys write fp32 partial outputs and their
-// log-sum-exp; attention_merge combines them.
+// log-sum-exp; the last split of a (query tile, kv head) to finish merges them all
+// (merge_rows), so a split costs no second launch.
 //
 // Per block: Q tile -> shared (cp.async) -> registers (ldmatrix); K/V tiles of BN keys
 // in a STAGES-deep cp.async pipeline in shared memory; S = Q Kᵀ and O += P V with
@@ -39,20 +40,30 @@
 #ifndef STAGES
 #define STAGES 2
 #endif
+#ifndef KEY_SPLIT
+#define KEY_SPLIT 0
+#endif
 
 constexpr int D = HEAD_DIM;
 constexpr int WARPS = NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
 constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
 constexpr int WARP_ROWS = 16 * MT;
-constexpr int BM = WARP_ROWS * WARPS;  // rows per block
+// Key split (small decode blocks: a GQA group of one token is 4-8 rows): every warp takes
+// the block's same WARP_ROWS rows against its own quarter of each K/V tile, with its own
+// online softmax, and the warps' states are combined once at the end. Without it one
+// warp computed while three only loaded, and at batch 1 a block's time was that warp's
+// instruction stream (ncu on the H200: 1@1024, 4 tiles a block, 17 us).
+constexpr bool KS = KEY_SPLIT;
+constexpr int BM = KS ? WARP_ROWS : WARP_ROWS * WARPS;  // rows per block
 constexpr int BN = BLOCK_N;          // keys per K/V tile
+constexpr int WK = KS ? BN / WARPS : BN;  // keys of a tile one warp computes on
 constexpr int ST = STAGES;           // K/V tiles in the cp.async pipeline
 constexpr int DC = D / 8;            // 16-byte chunks per row
 constexpr int DK = D / 16;           // k16 steps over head_dim (Q Kᵀ)
-constexpr int NT = BN / 8;           // n8 tiles of S
+constexpr int NT = WK / 8;           // n8 tiles of a warp's S
 constexpr int ON = D / 8;            // n8 tiles of O
-constexpr int PK = BN / 16;          // k16 steps over keys (P V)
+constexpr int PK = WK / 16;          // k16 steps over a warp's keys (P V)
 // Q fragments live in registers when they are few; otherwise each tile re-reads them.
 constexpr bool Q_IN_REGS = MT * DK <= 8;
 constexpr float LN2 = 0.6931471805599453f;
@@ -60,7 +71,9 @@ constexpr float LN2 = 0.6931471805599453f;
 
 static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(ST >= 2 && ST <= 4, "2 to 4 pipeline stages");
-static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16");
+static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
+static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
+static_assert(!KS || WARPS * 16 * (D + 2) * 4 <= 2 * ST * BN * D * 2, "the warps' states fit the K/V stages");
 static_assert((BN * DC) % THREADS == 0 && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
@@ -70,7 +83,16 @@ struct WorkItem {
   int kv_begin;     // keys [kv_begin, kv_end) of this item (before causal clipping)
   int kv_end;
   int partial_row;  // < 0: write O directly; else this split's first partial row
-  int reserved;
+  int merge;        // split items: merge-list entry of this query tile for kv head 0
+};
+
+// The splits of one (query tile, kv head); mirrors MergeItem in plan.rs. Partial row of
+// split s, token t of the sequence: first_row + s * split_stride + t.
+struct MergeItem {
+  int num_splits;
+  int first_row;
+  int split_stride;  // the sequence's q_len
+  int arrived;       // splits finished in this launch; the last one resets it to 0
 };
 
 // Mirrors AttentionParams in launch.rs (8-byte fields first, then 4-byte ones).
@@ -88,6 +110,7 @@ struct AttentionParams {
   const int* kv_indices;      // paged: page ids
   const int* kv_last_page_len;  // paged: [batch]
   const WorkItem* work;       // [grid.x]
+  MergeItem* merge;           // [split query tiles * num_kv_heads]
   long long q_stride;
   long long o_stride;
   long long kv_stride;        // contiguous only: elements between tokens
@@ -142,6 +165,7 @@ static_assert(BN % RSTEP == 0 && BM % RSTEP == 0, "tiles split evenly into copy 
 struct KvCursor {
 #if PAGED
   const int* pages;    // this sequence's page ids
+  int page[KV_ITERS];  // page ids of this thread's rows of the next tile to load
   long long head_off;  // kvh * page_size * D + chunk * 8
   long long page_stride;
 #else
@@ -152,6 +176,22 @@ struct KvCursor {
   int kv_stop;
 };
 
+// Reads the page ids of this thread's rows of the tile at tile_start into the cursor. Issued
+// one tile ahead of load_kv_tile: the page-table read is a memory round trip, and a load
+// that waited for it would hold the warp before its MMAs on the current tile (at batch 1,
+// a third of the kernel's time).
+__device__ __forceinline__ void fetch_pages(const AttentionParams& p, KvCursor& cur, int tile_start) {
+#if PAGED
+#pragma unroll
+  for (int it = 0; it < KV_ITERS; ++it) {
+    int kk = min(tile_start + cur.r0 + it * RSTEP, cur.kv_stop - 1);
+    cur.page[it] = __ldg(cur.pages + (kk >> p.page_shift));
+  }
+#endif
+}
+
+// Issues the cp.async copies of the tile at tile_start (paged: with the page ids that
+// fetch_pages read for it).
 __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvCursor& cur, int tile_start,
                                              u32 sk, u32 sv) {
 #pragma unroll
@@ -160,7 +200,7 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
     bool valid = key < cur.kv_stop;
     int kk = min(key, cur.kv_stop - 1);  // keep the (unread) address inside the sequence
 #if PAGED
-    long long off = (long long)__ldg(cur.pages + (kk >> p.page_shift)) * cur.page_stride + cur.head_off +
+    long long off = (long long)cur.page[it] * cur.page_stride + cur.head_off +
                     (long long)(kk & (p.page_size - 1)) * D;
 #else
     long long off = cur.base + (long long)kk * p.kv_stride;
@@ -168,6 +208,71 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
     u32 dst = cur.s_off + it * RSTEP * D * 2;
     cp_async_16(sk + dst, p.k + off, valid);
     cp_async_16(sv + dst, p.v + off, valid);
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Combines the splits of rows [row0, end) of sequence b's query tile for kv head kvh:
+// o = Σ w_s o_s / Σ w_s with w_s = exp(lse_s - max lse), lse = max + log Σ w_s. One warp
+// per row, each lane D/32 dims; lane s fetches split s's LSE, so the weights of 32 splits
+// take one round trip, and the partial rows' loads, independent of each other, go out 8 at
+// a time (the separate merge kernel this replaces read them one round trip each: 8.6 us
+// for 32 splits at batch 1, a third of the layer's attention time on the H200). Reads
+// bypass L1 (ld.global.cg): other blocks wrote them during this launch.
+__device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row0, int end, int kvh,
+                           int qo_start, int warp, int lane) {
+  constexpr int PER = D / 32;
+  for (int gr = row0 + warp; gr < end; gr += WARPS) {
+    const int t = gr / p.group, head = kvh * p.group + gr % p.group;
+    const long long first = (long long)(m.first_row + t) * p.num_qo_heads + head;
+    const long long step = (long long)m.split_stride * p.num_qo_heads;  // between splits
+    float mx = NEG_INF;
+    for (int s = lane; s < m.num_splits; s += 32) mx = fmaxf(mx, __ldcg(p.partial_lse + first + s * step));
+    mx = warp_max(mx);
+    float acc[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) acc[i] = 0.f;
+    float wsum = 0.f;
+    if (mx != NEG_INF) {
+      for (int s0 = 0; s0 < m.num_splits; s0 += 32) {
+        const int s = s0 + lane;
+        float wl = s < m.num_splits ? fast_exp2((__ldcg(p.partial_lse + first + s * step) - mx) * 1.4426950408889634f)
+                                    : 0.f;
+        wsum += wl;
+        const int count = min(32, m.num_splits - s0);
+#pragma unroll 8
+        for (int i = 0; i < count; ++i) {
+          const float wi = __shfl_sync(0xffffffffu, wl, i);
+          const float* src = p.partial_o + (first + (s0 + i) * step) * D + lane * PER;
+          if constexpr (PER == 4) {
+            float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+            acc[0] += wi * v.x; acc[1] += wi * v.y; acc[2] += wi * v.z; acc[3] += wi * v.w;
+          } else {
+            float2 v = __ldcg(reinterpret_cast<const float2*>(src));
+            acc[0] += wi * v.x; acc[1] += wi * v.y;
+          }
+        }
+      }
+    }
+    wsum = warp_sum(wsum);
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + lane * PER;
+#pragma unroll
+    for (int i = 0; i < PER; i += 2) *(u32*)(dst + i) = pack2<elem_t>(acc[i] * inv, acc[i + 1] * inv);
+    if (p.lse && lane == 0) {
+      p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = wsum > 0.f ? mx + __logf(wsum) : NEG_INF;
+    }
   }
 }
 
@@ -229,13 +334,18 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   // group j always holds tile j; Q rides in group 0).
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
-    if (s < n_tiles) load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
+    if (s < n_tiles) {
+      fetch_pages(p, cur, w.kv_begin + s * BN);
+      load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
+    }
     cp_async_commit();
   }
+  if (ST - 1 < n_tiles) fetch_pages(p, cur, w.kv_begin + (ST - 1) * BN);
 
   // Warps whose rows all lie past the sequence only help load.
-  const bool warp_active = row0 + warp * WARP_ROWS < rows;
-  const int wrow = warp * WARP_ROWS;  // first row of this warp within the tile
+  const int wrow = KS ? 0 : warp * WARP_ROWS;  // first row of this warp within the tile
+  const bool warp_active = row0 + wrow < rows;
+  const int wkey = KS ? warp * WK : 0;        // first key of this warp within a K/V tile
 
   float o_acc[MT][ON][4];
   float m_run[MT][2], l_run[MT][2];
@@ -269,6 +379,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     if (j + ST - 1 < n_tiles) {
       u32 st = ((j + ST - 1) % ST) * stage_bytes;
       load_kv_tile(p, cur, tile_start + (ST - 1) * BN, sk0 + st, sv0 + st);
+      if (j + ST < n_tiles) fetch_pages(p, cur, tile_start + ST * BN);
     }
     cp_async_commit();
     const u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
@@ -308,7 +419,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
           u32 b0, b1, b2, b3;
-          ldmatrix_x4(b0, b1, b2, b3, sk + swz(n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+          ldmatrix_x4(b0, b1, b2, b3, sk + swz(wkey + n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma_16816<elem_t>(s[mt][n], a[mt], b0, b1);
@@ -318,13 +429,13 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       }
 
       // Mask keys past the end of this item and, when causal, keys after a row's token.
-      const bool need_mask = tile_start + BN > min(kv_stop, mask_free_end);
+      const bool need_mask = tile_start + wkey + WK > min(kv_stop, mask_free_end);
       if (need_mask) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            int limit = row_limit[mt][half] - tile_start - (lane % 4) * 2;  // relative to column 0
+            int limit = row_limit[mt][half] - tile_start - wkey - (lane % 4) * 2;  // relative to column 0
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -386,7 +497,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
         for (int n = 0; n < ON; n += 2) {
           u32 b0, b1, b2, b3;
-          ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
+          ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz(wkey + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma_16816<elem_t>(o_acc[mt][n], a[mt], b0, b1);
@@ -401,114 +512,144 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 
   // Epilogue: normalise, then write O (or the fp32 partial) and the LSE.
   const bool partial = w.partial_row >= 0;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  if constexpr (KS) {
+    // Each warp saw a quarter of the keys: combine their (m, l, O) through shared memory
+    // (the K/V stages are free now), then each thread finishes D / 8 columns of one row.
+    constexpr int TPR = THREADS / 16;  // threads per row
+    constexpr int CPT = D / TPR;       // columns per thread
+    float* so = reinterpret_cast<float*>(smem + BM * D * 2);  // [WARPS][16][D]
+    float* sm = so + WARPS * 16 * D;                           // [WARPS][16] running max
+    float* sl = sm + WARPS * 16;                               // [WARPS][16] sum
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float l = warp_sum4(l_run[mt][half]);
-      float inv = l > 0.f ? 1.f / l : 0.f;
-      int r = wrow + mt * 16 + lane / 4 + half * 8;
-      int gr = row0 + r;
-      bool valid = warp_active && gr < rows;
-      int t = valid ? gr / p.group : 0;
-      int head = kvh * p.group + (valid ? gr % p.group : 0);
-      float lse = l > 0.f ? (m_run[mt][half] + __log2f(l)) * LN2 : NEG_INF;
+      const int r = lane / 4 + half * 8;
+      const float l = warp_sum4(l_run[0][half]);
+      if (lane % 4 == 0) {
+        sm[warp * 16 + r] = m_run[0][half];
+        sl[warp * 16 + r] = l;
+      }
 #pragma unroll
       for (int n = 0; n < ON; ++n) {
-        float x0 = o_acc[mt][n][half * 2] * inv, x1 = o_acc[mt][n][half * 2 + 1] * inv;
-        int col = n * 8 + (lane % 4) * 2;
-        if (partial) {
-          if (valid) {
-            float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + col;
-            asm volatile("st.global.v2.f32 [%0], {%1,%2};\n" ::"l"(dst), "f"(x0), "f"(x1));
-          }
-        } else {
-          // Stage through the (now idle) Q tile so global stores are 16 bytes wide.
-          u32 addr = sq + swz(r, n) + (lane % 4) * 4;
-          u32 packed = pack2<elem_t>(x0, x1);
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed));
-        }
-      }
-      if (valid && lane % 4 == 0) {
-        if (partial) {
-          p.partial_lse[(long long)(w.partial_row + t) * p.num_qo_heads + head] = lse;
-        } else if (p.lse) {
-          p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = lse;
-        }
+        *reinterpret_cast<float2*>(so + (warp * 16 + r) * D + n * 8 + (lane % 4) * 2) =
+            make_float2(o_acc[0][n][half * 2], o_acc[0][n][half * 2 + 1]);
       }
     }
-  if (!partial) {
     __syncthreads();
+    const int r = threadIdx.x / TPR, c0 = (threadIdx.x % TPR) * CPT;
+    float mx = NEG_INF;
 #pragma unroll
-    for (int it = 0; it < Q_ITERS; ++it) {
-      int gr = row0 + r0 + it * RSTEP;
-      if (gr >= rows) break;  // rows only grow with `it`
-      int t = gr / p.group, head = kvh * p.group + gr % p.group;
-      u32 v0, v1, v2, v3;
-      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
-                   : "r"(sq + s_off + it * RSTEP * D * 2));
-      elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + chunk * 8;
-      asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3));
+    for (int wi = 0; wi < WARPS; ++wi) mx = fmaxf(mx, sm[wi * 16 + r]);
+    const float m_use = mx == NEG_INF ? 0.f : mx;
+    float wt[WARPS], l = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) {
+      wt[wi] = fast_exp2(sm[wi * 16 + r] - m_use);
+      l += wt[wi] * sl[wi * 16 + r];
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float x[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; i += 4) {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int wi = 0; wi < WARPS; ++wi) {
+        const float4 v = *reinterpret_cast<const float4*>(so + (wi * 16 + r) * D + c0 + i);
+        acc.x += wt[wi] * v.x; acc.y += wt[wi] * v.y; acc.z += wt[wi] * v.z; acc.w += wt[wi] * v.w;
+      }
+      x[i] = acc.x * inv; x[i + 1] = acc.y * inv; x[i + 2] = acc.z * inv; x[i + 3] = acc.w * inv;
+    }
+    const int gr = row0 + r;
+    if (gr < rows) {
+      const int t = gr / p.group, head = kvh * p.group + gr % p.group;
+      const float lse = l > 0.f ? (mx + __log2f(l)) * LN2 : NEG_INF;
+      if (partial) {
+        float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + c0;
+#pragma unroll
+        for (int i = 0; i < CPT; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
+        if (threadIdx.x % TPR == 0) p.partial_lse[(long long)(w.partial_row + t) * p.num_qo_heads + head] = lse;
+      } else {
+        elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + c0;
+#pragma unroll
+        for (int i = 0; i < CPT; i += 8) {
+          uint4 packed = make_uint4(pack2<elem_t>(x[i], x[i + 1]), pack2<elem_t>(x[i + 2], x[i + 3]),
+                                    pack2<elem_t>(x[i + 4], x[i + 5]), pack2<elem_t>(x[i + 6], x[i + 7]));
+          *reinterpret_cast<uint4*>(dst + i) = packed;
+        }
+        if (p.lse && threadIdx.x % TPR == 0) p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = lse;
+      }
+    }
+    if (!partial) return;
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float l = warp_sum4(l_run[mt][half]);
+        float inv = l > 0.f ? 1.f / l : 0.f;
+        int r = wrow + mt * 16 + lane / 4 + half * 8;
+        int gr = row0 + r;
+        bool valid = warp_active && gr < rows;
+        int t = valid ? gr / p.group : 0;
+        int head = kvh * p.group + (valid ? gr % p.group : 0);
+        float lse = l > 0.f ? (m_run[mt][half] + __log2f(l)) * LN2 : NEG_INF;
+#pragma unroll
+        for (int n = 0; n < ON; ++n) {
+          float x0 = o_acc[mt][n][half * 2] * inv, x1 = o_acc[mt][n][half * 2 + 1] * inv;
+          int col = n * 8 + (lane % 4) * 2;
+          if (partial) {
+            if (valid) {
+              float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + col;
+              asm volatile("st.global.v2.f32 [%0], {%1,%2};\n" ::"l"(dst), "f"(x0), "f"(x1));
+            }
+          } else {
+            // Stage through the (now idle) Q tile so global stores are 16 bytes wide.
+            u32 addr = sq + swz(r, n) + (lane % 4) * 4;
+            u32 packed = pack2<elem_t>(x0, x1);
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed));
+          }
+        }
+        if (valid && lane % 4 == 0) {
+          if (partial) {
+            p.partial_lse[(long long)(w.partial_row + t) * p.num_qo_heads + head] = lse;
+          } else if (p.lse) {
+            p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = lse;
+          }
+        }
+      }
+    if (!partial) {
+      __syncthreads();
+#pragma unroll
+      for (int it = 0; it < Q_ITERS; ++it) {
+        int gr = row0 + r0 + it * RSTEP;
+        if (gr >= rows) break;  // rows only grow with `it`
+        int t = gr / p.group, head = kvh * p.group + gr % p.group;
+        u32 v0, v1, v2, v3;
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                     : "r"(sq + s_off + it * RSTEP * D * 2));
+        elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + chunk * 8;
+        asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3));
+      }
+      return;
     }
   }
+  // The last split of this (query tile, kv head) to finish merges them all. Every thread
+  // fences its partial writes before the count; the block that completes the count fences
+  // again before reading the others' (the threadFenceReduction pattern).
+  __shared__ int is_last;
+  MergeItem* m = p.merge + w.merge + kvh;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(&m->arrived, 1) + 1;
+    is_last = done == m->num_splits;
+    if (is_last) atomicExch(&m->arrived, 0);  // all have arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  merge_rows(p, *m, row0, min(rows, row0 + BM), kvh, qo_start, warp, lane);
 }
 
-// Combines the split items of each (token, head): o = Σ w_s o_s / Σ w_s with
-// w_s = exp(lse_s - max lse), lse = max + log Σ w_s. Mirrors MergeItem in plan.rs.
-struct MergeItem {
-  int out_token;    // row of O / LSE
-  int first_row;    // partial row of split 0 for this token
-  int num_splits;
-  int split_stride; // partial rows between consecutive splits (the sequence's q_len)
-};
-
-struct MergeParams {
-  const float* partial_o;
-  const float* partial_lse;
-  elem_t* o;
-  float* lse;                // or null
-  const MergeItem* items;
-  long long o_stride;
-  int num_qo_heads;
-  int reserved;
-};
-
-// grid (items, num_qo_heads), 32 threads: lane handles D/32 consecutive dims.
-extern "C" __global__ void __launch_bounds__(32) attention_merge(const __grid_constant__ MergeParams p) {
-  const MergeItem it = p.items[blockIdx.x];
-  if (it.num_splits <= 0) return;
-  const int head = blockIdx.y, lane = threadIdx.x;
-  constexpr int PER = D / 32;
-  float mx = NEG_INF;
-  for (int s = 0; s < it.num_splits; ++s) {
-    long long row = it.first_row + (long long)s * it.split_stride;
-    mx = fmaxf(mx, p.partial_lse[row * p.num_qo_heads + head]);
-  }
-  float acc[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) acc[i] = 0.f;
-  float wsum = 0.f;
-  if (mx != NEG_INF) {
-    for (int s = 0; s < it.num_splits; ++s) {
-      long long row = it.first_row + (long long)s * it.split_stride;
-      float l = p.partial_lse[row * p.num_qo_heads + head];
-      float wgt = fast_exp2((l - mx) * 1.4426950408889634f);
-      wsum += wgt;
-      const float* src = p.partial_o + (row * p.num_qo_heads + head) * D + lane * PER;
-#pragma unroll
-      for (int i = 0; i < PER; ++i) acc[i] += wgt * src[i];
-    }
-  }
-  float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  elem_t* dst = p.o + (long long)it.out_token * p.o_stride + (long long)head * D + lane * PER;
-#pragma unroll
-  for (int i = 0; i < PER; i += 2) *(u32*)(dst + i) = pack2<elem_t>(acc[i] * inv, acc[i + 1] * inv);
-  if (p.lse && lane == 0) {
-    p.lse[(long long)it.out_token * p.num_qo_heads + head] = wsum > 0.f ? mx + __logf(wsum) : NEG_INF;
-  }
-}
-
-static_assert(sizeof(AttentionParams) == 160, "AttentionParams mirrors launch.rs");
-static_assert(sizeof(MergeParams) == 56, "MergeParams mirrors launch.rs");
+static_assert(sizeof(AttentionParams) == 168, "AttentionParams mirrors launch.rs");
 static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

@@ -25,6 +25,7 @@ pub(crate) struct AttentionParams {
     kv_indices: u64,
     kv_last_page_len: u64,
     work: u64,
+    merge: u64,
     q_stride: i64,
     o_stride: i64,
     kv_stride: i64,
@@ -43,23 +44,6 @@ pub(crate) struct AttentionParams {
 // SAFETY: plain data mirroring the kernel's parameter struct.
 unsafe impl DeviceRepr for AttentionParams {}
 
-/// Mirrors `MergeParams` in attention.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct MergeParams {
-    partial_o: u64,
-    partial_lse: u64,
-    o: u64,
-    lse: u64,
-    items: u64,
-    o_stride: i64,
-    num_qo_heads: i32,
-    reserved: i32,
-}
-
-// SAFETY: plain data mirroring the kernel's parameter struct.
-unsafe impl DeviceRepr for MergeParams {}
-
 /// The kernel specialisation for a dtype, head dim, KV source and tile shape.
 pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
     KernelSpec::new(SOURCE, HEADERS)
@@ -70,6 +54,7 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("M_TILES", tiles.m_tiles)
         .define("BLOCK_N", tiles.block_n)
         .define("STAGES", tiles.stages)
+        .define("KEY_SPLIT", tiles.key_split as u32)
 }
 
 /// The device arrays an attention batch reads: owned by the batch, or views of a step
@@ -81,7 +66,8 @@ pub struct AttentionBuffers {
     pub kv_last_page_len: DeviceBuffer<i32>,
     /// `WorkList::work_words`.
     pub work: DeviceBuffer<i32>,
-    /// `WorkList::merge_words`.
+    /// `WorkList::merge_words`; the kernel counts finished splits in it (and leaves it as
+    /// it found it).
     pub merge: DeviceBuffer<i32>,
     /// `partial_rows x num_qo_heads x head_dim` (at least one element).
     pub partial_o: DeviceBuffer<f32>,
@@ -317,6 +303,7 @@ impl AttentionBatch {
             kv_indices: self.buffers.kv_indices.ptr(),
             kv_last_page_len: self.buffers.kv_last_page_len.ptr(),
             work: self.buffers.work.ptr(),
+            merge: self.buffers.merge.ptr(),
             q_stride: row as i64,
             o_stride: row as i64,
             kv_stride: (s.num_kv_heads * d) as i64,
@@ -341,36 +328,14 @@ impl AttentionBatch {
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above
-        // against the validated metadata, which the work list only indexes within.
+        // against the validated metadata, which the work list only indexes within (split
+        // items' merge entries included).
         unsafe { kernel.launch(&self.device, cfg, &params) }?;
-
-        if !self.plan.merge.is_empty() {
-            let merge = jit.kernel(&self.device, &spec, "attention_merge")?;
-            let params = MergeParams {
-                partial_o: self.buffers.partial_o.ptr(),
-                partial_lse: self.buffers.partial_lse.ptr(),
-                o: params.o,
-                lse: lse_ptr,
-                items: self.buffers.merge.ptr(),
-                o_stride: row as i64,
-                num_qo_heads: s.num_qo_heads as i32,
-                reserved: 0,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (self.plan.merge.len() as u32, s.num_qo_heads as u32, 1),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: merge items index partial rows the plan sized the buffers for, and
-            // output tokens < total_q.
-            unsafe { merge.launch(&self.device, cfg, &params) }?;
-        }
         Ok(())
     }
 }
 
 // Keep the host structs the size the kernels expect.
-const _: () = assert!(std::mem::size_of::<AttentionParams>() == 160);
-const _: () = assert!(std::mem::size_of::<MergeParams>() == 56);
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 168);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

@@ -4,8 +4,9 @@
 //! every item runs once per kv head (grid.y). When the batch alone would leave the GPU
 //! idle (small batches, long contexts: decode), each sequence's keys are split into
 //! chunks so that about `target_blocks` blocks run; split items write fp32 partials and
-//! a merge pass combines them by log-sum-exp. Planning reads only host metadata: no
-//! device synchronisation.
+//! the last split of each (query tile, kv head) to finish combines them by log-sum-exp,
+//! counting arrivals in its merge entry. Planning reads only host metadata: no device
+//! synchronisation.
 
 /// One block's work; mirrors `WorkItem` in attention.cu.
 #[repr(C)]
@@ -17,17 +18,24 @@ pub struct WorkItem {
     pub kv_end: i32,
     /// < 0: write O directly; else the first partial row of this split.
     pub partial_row: i32,
-    pub reserved: i32,
+    /// Split items: the merge entry of this query tile for kv head 0 (kv head h uses the
+    /// entry `merge + h`); -1 otherwise.
+    pub merge: i32,
 }
 
-/// One (token, all heads) whose splits the merge pass combines; mirrors `MergeItem`.
+/// The splits of one (query tile, kv head), which the last of them to finish combines;
+/// mirrors `MergeItem` in attention.cu. Split s of token t (of the sequence) wrote partial
+/// row `first_row + s * split_stride + t`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MergeItem {
-    pub out_token: i32,
-    pub first_row: i32,
     pub num_splits: i32,
+    pub first_row: i32,
+    /// The sequence's query length.
     pub split_stride: i32,
+    /// Splits finished so far in a launch: 0 on the host and between launches (the kernel
+    /// counts up, and the last split resets it).
+    pub arrived: i32,
 }
 
 /// Tile shape of one kernel specialisation.
@@ -40,12 +48,16 @@ pub struct TileConfig {
     pub block_n: u32,
     /// K/V tiles in flight: the cp.async pipeline's depth (2: double buffering).
     pub stages: u32,
+    /// Every warp takes the block's same 16 rows against its share of each K/V tile (one
+    /// 16-row MMA tile per block, `m_tiles` 1); else each warp has its own rows.
+    pub key_split: bool,
 }
 
 impl TileConfig {
     /// Rows (token × group head) per block.
     pub fn block_m(&self) -> usize {
-        (16 * self.m_tiles * self.num_warps) as usize
+        let warps = if self.key_split { 1 } else { self.num_warps };
+        (16 * self.m_tiles * warps) as usize
     }
 
     pub fn threads(&self) -> u32 {
@@ -60,17 +72,31 @@ impl TileConfig {
     /// Prefill tiles: 4 warps of 32 rows (two 16-row MMA tiles share each K/V fragment,
     /// halving shared-memory reads per MMA), 64 keys per tile. Fastest of the shapes swept
     /// on the H100 at head_dim 64 and 128 (bench/NOTES.md).
-    pub const PREFILL: TileConfig = TileConfig { num_warps: 4, m_tiles: 2, block_n: 64, stages: 2 };
+    pub const PREFILL: TileConfig =
+        TileConfig { num_warps: 4, m_tiles: 2, block_n: 64, stages: 2, key_split: false };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
     /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
     /// third stage keeps two K/V tiles in flight while one is computed on (a block at
     /// batch 1 reads only a few tiles, each a memory round trip with two stages). At
     /// head_dim 128 that is 112 KiB, still two blocks per SM on Hopper.
-    pub const DECODE: TileConfig = TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3 };
+    pub const DECODE: TileConfig =
+        TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3, key_split: false };
+    /// Decode tiles for at most 16 rows (one token of a GQA group up to 16): the four warps
+    /// split each K/V tile's keys instead of rows, so all of them compute. With `DECODE`,
+    /// a block of 4 rows ran on one warp, whose instruction stream was the block's time at
+    /// batch 1 (ncu on the H200: 17 us for 4 tiles a block at 1@1024).
+    pub const DECODE_SMALL: TileConfig =
+        TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3, key_split: true };
 
     /// Tiles for a batch whose longest sequence has `max_rows` rows (q_len × group).
     pub fn choose(max_rows: usize) -> TileConfig {
-        if max_rows <= Self::DECODE.block_m() { Self::DECODE } else { Self::PREFILL }
+        if max_rows <= Self::DECODE_SMALL.block_m() {
+            Self::DECODE_SMALL
+        } else if max_rows <= Self::DECODE.block_m() {
+            Self::DECODE
+        } else {
+            Self::PREFILL
+        }
     }
 
     /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given).
@@ -89,7 +115,7 @@ impl TileConfig {
             && [32, 64, 128].contains(&block_n)
             && (2..=4).contains(&stages)
         {
-            Ok(TileConfig { num_warps, m_tiles, block_n, stages })
+            Ok(TileConfig { num_warps, m_tiles, block_n, stages, key_split: false })
         } else {
             Err(format!(
                 "bad tile config {s:?}: WARPS in 2,4,8; M_TILES in 1,2; BLOCK_N in 32,64,128; \
@@ -119,27 +145,22 @@ impl WorkList {
     pub fn work_words(&self) -> impl Iterator<Item = i32> + '_ {
         self.work
             .iter()
-            .flat_map(|w| [w.batch, w.q_tile, w.kv_begin, w.kv_end, w.partial_row, w.reserved])
+            .flat_map(|w| [w.batch, w.q_tile, w.kv_begin, w.kv_end, w.partial_row, w.merge])
     }
 
-    /// The merge list as the merge kernel reads it, 4 words per item.
+    /// The merge list as the kernel reads it, 4 words per item.
     pub fn merge_words(&self) -> impl Iterator<Item = i32> + '_ {
-        self.merge.iter().flat_map(|m| [m.out_token, m.first_row, m.num_splits, m.split_stride])
+        self.merge.iter().flat_map(|m| [m.num_splits, m.first_row, m.split_stride, m.arrived])
     }
 
-    /// Pads the lists to exactly `work` and `merge` items with items the kernels skip, so
-    /// that a launch captured in a CUDA graph (whose grid is fixed) covers any plan that
-    /// fits. Fails if the plan is already longer.
-    pub fn pad_to(&mut self, work: usize, merge: usize) -> Result<(), String> {
-        if self.work.len() > work || self.merge.len() > merge {
-            return Err(format!(
-                "plan of {} work and {} merge items does not fit {work} and {merge}",
-                self.work.len(),
-                self.merge.len()
-            ));
+    /// Pads the work list to exactly `work` items with items the kernel skips, so that a
+    /// launch captured in a CUDA graph (whose grid is fixed) covers any plan that fits.
+    /// Fails if the plan is already longer. (The merge list sets no grid: it needs none.)
+    pub fn pad_to(&mut self, work: usize) -> Result<(), String> {
+        if self.work.len() > work {
+            return Err(format!("plan of {} work items does not fit {work}", self.work.len()));
         }
-        self.work.resize(work, WorkItem { batch: -1, ..WorkItem::default() });
-        self.merge.resize(merge, MergeItem { num_splits: 0, ..MergeItem::default() });
+        self.work.resize(work, WorkItem { batch: -1, merge: -1, ..WorkItem::default() });
         Ok(())
     }
 }
@@ -176,9 +197,9 @@ pub struct StepWorkBound {
 /// - split chunks: under one wave, all items together are at most `per_head`; over one,
 ///   only items longer than the average load `a` split, into `ceil(k / c) <= 2k / c`
 ///   chunks with `c >= a / 2` and `Σ k <= a · per_head`: at most `4 per_head` chunks;
-/// - so partial rows (chunks × their tokens) are at most `4 per_head · bm / group`, merge
-///   items (one per token of a split sequence, split at least in two) half that, and work
-///   items the query tiles of the step plus those chunks.
+/// - so partial rows (chunks × their tokens) are at most `4 per_head · bm / group`, split
+///   query tiles (at least two chunks each) at most `2 per_head`, with one merge entry per
+///   kv head each, and work items the query tiles of the step plus those chunks.
 pub fn step_work_bound(
     max_tokens: usize,
     max_seqs: usize,
@@ -188,8 +209,9 @@ pub fn step_work_bound(
 ) -> StepWorkBound {
     let group = group.max(1);
     let per_head = target_blocks.div_ceil(num_kv_heads.max(1)).max(1);
-    let bm_max = TileConfig::PREFILL.block_m().max(TileConfig::DECODE.block_m());
-    let bm_min = TileConfig::PREFILL.block_m().min(TileConfig::DECODE.block_m());
+    let all =
+        [TileConfig::PREFILL, TileConfig::DECODE, TileConfig::DECODE_SMALL].map(|t| t.block_m());
+    let (bm_min, bm_max) = (*all.iter().min().unwrap(), *all.iter().max().unwrap());
     let partial_rows = 4 * per_head * bm_max.div_ceil(group);
     let q_tiles = max_tokens * group.div_ceil(bm_min);
     StepWorkBound {
@@ -200,7 +222,7 @@ pub fn step_work_bound(
             TileConfig::DECODE,
             target_blocks,
         )),
-        merge_items: (partial_rows / 2).max(max_seqs),
+        merge_items: 2 * per_head * num_kv_heads.max(1),
         partial_rows,
     }
 }
@@ -272,23 +294,24 @@ pub fn plan(
 
     let mut out =
         WorkList { heads_inner: (0..q_lens.len()).all(|b| q_tiles(b) <= 1), ..WorkList::default() };
-    let mut q_start = 0usize;
     for b in 0..q_lens.len() {
         let (q_len, kv_len) = (q_lens[b], kv_lens[b]);
         let splits = if chunk == usize::MAX { 1 } else { kv_len.div_ceil(chunk).max(1) };
         let partial_base = out.partial_rows;
         if splits > 1 {
             out.partial_rows += splits * q_len;
-            for t in 0..q_len {
-                out.merge.push(MergeItem {
-                    out_token: (q_start + t) as i32,
-                    first_row: (partial_base + t) as i32,
-                    num_splits: splits as i32,
-                    split_stride: q_len as i32,
-                });
-            }
         }
         for tile in 0..q_tiles(b) {
+            let merge = if splits > 1 { out.merge.len() as i32 } else { -1 };
+            if splits > 1 {
+                let entry = MergeItem {
+                    num_splits: splits as i32,
+                    first_row: partial_base as i32,
+                    split_stride: q_len as i32,
+                    arrived: 0,
+                };
+                out.merge.extend(std::iter::repeat_n(entry, num_kv_heads));
+            }
             for s in 0..splits {
                 let (begin, end) = if splits > 1 {
                     (s * chunk, ((s + 1) * chunk).min(kv_len))
@@ -301,11 +324,10 @@ pub fn plan(
                     kv_begin: begin as i32,
                     kv_end: end as i32,
                     partial_row: if splits > 1 { (partial_base + s * q_len) as i32 } else { -1 },
-                    reserved: 0,
+                    merge,
                 });
             }
         }
-        q_start += q_len;
     }
     // Heaviest items first, so a long tail of small ones fills in behind them. Under a
     // causal mask later tiles see more keys, so q_tile breaks ties the same way.
@@ -342,15 +364,11 @@ mod tests {
         assert_eq!(ranges[0].0, 0);
         assert_eq!(ranges.last().unwrap().1, 65536);
         assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "gaps or overlaps");
-        assert_eq!(
-            p.merge,
-            vec![MergeItem {
-                out_token: 0,
-                first_row: 0,
-                num_splits: splits as i32,
-                split_stride: 1
-            }]
-        );
+        // One merge entry per kv head, all counting the 32 splits from partial row 0.
+        let entry =
+            MergeItem { num_splits: splits as i32, first_row: 0, split_stride: 1, arrived: 0 };
+        assert_eq!(p.merge, vec![entry; 8]);
+        assert!(p.work.iter().all(|w| w.merge == 0));
         assert_eq!(p.partial_rows, splits);
         // Each split writes its own partial row (q_len 1): rows 0..splits, once each.
         let mut rows: Vec<i32> = p.work.iter().map(|w| w.partial_row).collect();
@@ -374,15 +392,14 @@ mod tests {
                 let mut p = plan(&q, &kv, 4, 8, TILES, 264, 256);
                 let bound = decode_work_bound(batch, 4, 8, TILES, 264);
                 assert!(p.work.len() <= bound, "{} items > bound {bound}", p.work.len());
-                assert!(p.merge.len() <= batch);
-                p.pad_to(bound, batch).unwrap();
+                assert!(p.merge.len() <= batch * 8);
+                p.pad_to(bound).unwrap();
                 assert_eq!(p.work.len(), bound);
                 assert!(p.work.iter().skip_while(|w| w.batch >= 0).all(|w| w.batch < 0));
-                assert!(p.merge.iter().filter(|m| m.num_splits == 0).count() <= batch);
             }
         }
         let mut p = plan(&[1], &[100], 4, 8, TILES, 264, 256);
-        assert!(p.pad_to(0, 0).is_err());
+        assert!(p.pad_to(0).is_err());
     }
 
     /// Blocks (items × kv heads) and the most keys one block reads.
@@ -423,7 +440,7 @@ mod tests {
         let average_keys = (work_tiles * 8).div_ceil(264) * 64;
         let (_, longest) = blocks_and_longest(&p, 8);
         assert!((longest as usize) <= average_keys, "{longest} > {average_keys}");
-        assert_eq!(p.merge.len(), 1, "only the long sequence is split");
+        assert_eq!(p.merge.len(), 8, "only the long sequence is split (an entry per kv head)");
         assert!(p.heads_inner);
         // Equal lengths over a wave stay whole (the waves are already even).
         let p = plan(&[1; 128], &[2048; 128], 4, 8, TILES, 264, 256);
@@ -461,6 +478,29 @@ mod tests {
                 assert!(p.partial_rows <= bound.partial_rows, "{} > {bound:?}", p.partial_rows);
             }
         }
+    }
+
+    #[test]
+    fn split_items_find_their_splits_through_the_merge_entries() {
+        // Prompt chunks beside decode rows, group 5 (tiles straddle tokens), 3 kv heads.
+        let (q, kv) = ([1usize, 40, 1, 7], [9000usize, 3000, 300, 20_000]);
+        let p = plan(&q, &kv, 5, 3, TileConfig::PREFILL, 264, 256);
+        assert!(p.work.iter().any(|w| w.partial_row >= 0), "something splits");
+        for w in p.work.iter().filter(|w| w.partial_row >= 0) {
+            let mut splits: Vec<&WorkItem> =
+                p.work.iter().filter(|o| (o.batch, o.q_tile) == (w.batch, w.q_tile)).collect();
+            splits.sort_by_key(|o| o.kv_begin);
+            let s = splits.iter().position(|o| o == &w).unwrap() as i32;
+            for h in 0..3 {
+                let m = p.merge[(w.merge + h) as usize];
+                assert_eq!(m.num_splits as usize, splits.len());
+                assert_eq!(m.split_stride as usize, q[w.batch as usize]);
+                assert_eq!(m.first_row + s * m.split_stride, w.partial_row);
+                assert_eq!(m.arrived, 0);
+            }
+            assert!(splits.iter().all(|o| o.merge == w.merge));
+        }
+        assert!(p.work.iter().filter(|w| w.partial_row < 0).all(|w| w.merge < 0));
     }
 
     #[test]

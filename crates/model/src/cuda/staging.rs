@@ -211,5 +211,5 @@ fn pad_to_bucket(
         tiles,
         default_target_blocks(device),
     );
-    list.pad_to(bound, b).map_err(ModelError::Invalid)
+    list.pad_to(bound).map_err(ModelError::Invalid)
 }
