@@ -4,6 +4,7 @@
 //! NVRTC at first use (see `radix_gpu::jit`).
 
 pub mod attention;
+pub mod gemv;
 pub mod kv_append;
 pub mod ops;
 pub mod rope;
@@ -41,6 +42,12 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
             }
+        }
+    }
+    for m in [1, 2, 4, 8] {
+        for out_f32 in [false, true] {
+            specs.push(gemv::spec::<f16>(m, out_f32));
+            specs.push(gemv::spec::<bf16>(m, out_f32));
         }
     }
     specs.push(ops::ops_spec::<f16>());

@@ -1,9 +1,13 @@
 //! `bench gemm`: our cuBLASLt wrapper on bf16 GEMMs, timed with CUDA events (median of
 //! many runs after warm-up), on random inputs. Peer: bench/peers/torch_gemm.py.
+//!
+//! `--gemv`: decode-sized products (M <= 8) through our GEMV kernel beside cuBLASLt in the
+//! same run, both back to back over weight copies that together exceed the L2 cache (a
+//! step's layers never find their weights there), as weight-read bandwidth.
 
 use clap::Args;
 use half::{bf16, f16};
-use radix_gpu::{BLayout, DType, Device, Gemm, HalfFloat, time_runs};
+use radix_gpu::{BLayout, DType, Device, Gemm, HalfFloat, time_back_to_back, time_runs};
 use rand::{Rng, SeedableRng};
 
 use super::{Measurement, progress, write_json};
@@ -22,6 +26,21 @@ pub struct GemmArgs {
     /// Append one JSON line per shape here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Time the decode GEMV beside cuBLASLt (M <= 8; default shapes: M 1, 2, 4, 8 on
+    /// Llama-3-8B's projections and LM head).
+    #[arg(long)]
+    gemv: bool,
+}
+
+/// M ∈ {1, 2, 4, 8} against Llama-3-8B's (N, K): qkv, o, gate|up, down, LM head.
+pub fn gemv_shapes() -> Vec<(usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for m in [1, 2, 4, 8] {
+        for (n, k) in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)] {
+            shapes.push((m, n, k));
+        }
+    }
+    shapes
 }
 
 /// 8192³, then M ∈ {1, 64, 256, 4096} against Llama-3-8B's (K, N): the square
@@ -50,7 +69,7 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize, usize)> {
 
 pub fn run(args: GemmArgs) -> anyhow::Result<()> {
     let shapes = if args.shapes.is_empty() {
-        default_shapes()
+        if args.gemv { gemv_shapes() } else { default_shapes() }
     } else {
         args.shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?
     };
@@ -65,6 +84,9 @@ fn run_typed<T: HalfFloat>(
     args: &GemmArgs,
     shapes: &[(usize, usize, usize)],
 ) -> anyhow::Result<()> {
+    if args.gemv {
+        return run_gemv::<T>(args, shapes);
+    }
     let device = Device::open(0)?;
     let gemm = Gemm::new(&device)?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
@@ -99,6 +121,66 @@ fn run_typed<T: HalfFloat>(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    write_json(args.json.as_ref(), &rows)
+}
+
+/// Our GEMV beside cuBLASLt on decode shapes, as weight-read bandwidth (see the module doc).
+fn run_gemv<T: HalfFloat>(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<()> {
+    use radix_kernels::gemv;
+    let device = Device::open(0)?;
+    let gemm = Gemm::new(&device)?;
+    let jit = radix_gpu::Jit::with_default_cache();
+    let copy = super::decode::copy_bandwidth(&device)?;
+    println!("device-to-device copy: {:.0} GB/s (read + write)", copy / 1e9);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut rows = Vec::new();
+    for &(m, n, k) in shapes {
+        anyhow::ensure!(
+            gemv::fits(m, n, k),
+            "--gemv takes M <= 8 and K a multiple of 8, not {m}x{n}x{k}"
+        );
+        let bytes = (n * k + m * k + m * n) * std::mem::size_of::<T>();
+        let copies = (256usize << 20).div_ceil(n * k * std::mem::size_of::<T>()).clamp(1, 16);
+        let block: Vec<T> =
+            (0..(1usize << 22)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
+        let upload = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
+            Ok(device.upload(&block.iter().copied().cycle().take(len).collect::<Vec<_>>())?)
+        };
+        let x = upload(m * k)?;
+        let ws: Vec<_> = (0..copies).map(|_| upload(n * k)).collect::<anyhow::Result<_>>()?;
+        let mut out = device.alloc::<T>(m * n)?;
+        let lt = time_back_to_back(&device, args.warmup, 5, args.runs, |i| {
+            gemm.matmul::<T, T>(m, n, k, &x, &ws[i % copies], BLayout::NK, None, 0.0, &mut out)
+        })?;
+        let ours = time_back_to_back(&device, args.warmup, 5, args.runs, |i| {
+            gemv::gemv(&jit, m, n, k, &x, &ws[i % copies], &mut out)
+        })?;
+        let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+        let (o, p) = (gbps(ours.median_ms), gbps(lt.median_ms));
+        let shape = format!("M={m} N={n} K={k} {}", T::DTYPE);
+        println!(
+            "{shape}: gemv {:.2} us {o:.0} GB/s ({:.1}% of copy) | cuBLASLt {:.2} us {p:.0} GB/s ({:.1}%) | {:.2}x",
+            ours.median_ms * 1e3,
+            100.0 * o * 1e9 / copy,
+            lt.median_ms * 1e3,
+            100.0 * p * 1e9 / copy,
+            lt.median_ms / ours.median_ms
+        );
+        rows.push(Measurement {
+            benchmark: "gemv".into(),
+            shape,
+            ours: o,
+            unit: "GB/s".into(),
+            median_ms: ours.median_ms,
+            device: device.info().name.clone(),
+            extra: Some(serde_json::json!({
+                "cublaslt_gbps": p,
+                "cublaslt_us": lt.median_ms * 1e3,
+                "copy_gbps": copy / 1e9,
+                "weight_copies": copies,
+            })),
+        });
+    }
     write_json(args.json.as_ref(), &rows)
 }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use half::bf16;
 use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup, StagedUploader};
+use radix_kernels::gemv;
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, SampleRow};
 use radix_kernels::sparse as sparse_select;
@@ -100,6 +101,10 @@ pub struct CudaBackend {
     sampler_extras: ExtrasBuffers,
     /// The tensor-parallel group this backend is a rank of (`None`: the whole model).
     group: Option<RankGroup>,
+    /// Products of at most `gemv::MAX_ROWS` rows go to our GEMV kernel instead of
+    /// cuBLASLt: opt-in (`RADIX_SPARSE_GEMV=1`), since cuBLASLt won on the H200 (0.7-1.02x
+    /// at M = 1, worse at M > 1; bench/NOTES.md).
+    use_gemv: bool,
 }
 
 /// One rank's place in an NCCL group.
@@ -119,6 +124,11 @@ impl Drop for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Whether `x.rows` rows against weight `w` go to the GEMV kernel.
+    fn gemv_fits(&self, rows: usize, w: &GpuWeight) -> bool {
+        self.use_gemv && gemv::fits(rows, w.rows, w.cols)
+    }
+
     /// Opens GPU `ordinal`; kernels compile (or come from the cache) on first use.
     pub fn new(ordinal: usize) -> Result<Self> {
         let device = Device::open(ordinal)?;
@@ -133,6 +143,7 @@ impl CudaBackend {
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
+            use_gemv: std::env::var("RADIX_SPARSE_GEMV").is_ok_and(|v| v == "1"),
             sampler_plan: SamplerPlan::default(),
             sampler_extras: ExtrasBuffers::default(),
             group: None,
@@ -541,6 +552,11 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
+        if bias.is_none() && self.gemv_fits(x.rows, w) {
+            return self.timed(Op::Gemm, |b| {
+                Ok(gemv::gemv(&b.jit, x.rows, w.rows, w.cols, &x.buf, &w.buf, &mut out.buf)?)
+            });
+        }
         self.timed(Op::Gemm, |b| {
             let bias = bias.map(|w| &w.buf);
             Ok(b.gemm.matmul::<bf16, bf16>(
@@ -632,6 +648,23 @@ impl Backend for CudaBackend {
         })?;
         // SAFETY: a view of the workspace used only within this call.
         let mut logits = unsafe { ws.logits.view(0, len) }?;
+        if self.gemv_fits(x.rows, head) {
+            self.timed(Op::Gemm, |b| {
+                Ok(gemv::gemv(
+                    &b.jit,
+                    x.rows,
+                    head.rows,
+                    head.cols,
+                    &x.buf,
+                    &head.buf,
+                    &mut logits,
+                )?)
+            })?;
+            if let Some(st) = &mut self.step {
+                st.logit_vocab = Some(head.rows);
+            }
+            return Ok(());
+        }
         self.timed(Op::Gemm, |b| {
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,
