@@ -89,11 +89,15 @@ fn run_once(
     let output_tokens: usize = samples.iter().map(|s| s.output_len).sum();
     let lens: Vec<(usize, usize)> =
         samples.iter().map(|s| (s.prompt.len(), s.output_len)).collect();
+    // Tensor parallelism splits every weight and kv head over the GPUs, which read and
+    // multiply at once: the roofline of n GPUs is one GPU's at n times the rates (the
+    // all-reduces it leaves out are what stands between).
+    let gpus = args.model.tensor_parallel_size.max(1) as f64;
     let roof = roofline(
         engine.runner().config(),
         &lens,
-        args.roofline_copy_gbps * 1e9,
-        args.roofline_tflops * 1e12,
+        gpus * args.roofline_copy_gbps * 1e9,
+        gpus * args.roofline_tflops * 1e12,
     );
     let prompt_lens: Vec<usize> = lens.iter().map(|&(p, _)| p).collect();
     let mut sinks = Vec::with_capacity(n);
@@ -212,13 +216,14 @@ fn run_once(
     let on_gpu = engine.runner().backend_name().starts_with("cuda");
     if on_gpu {
         println!(
-            "roofline          {:.2} s (prefill {:.2}, decode {:.2}) = {:.0} output tok/s at {:.0} GB/s and {:.0} TFLOP/s; this run reached {:.0}% of it",
+            "roofline          {:.2} s (prefill {:.2}, decode {:.2}) = {:.0} output tok/s at {:.0} GB/s and {:.0} TFLOP/s{}; this run reached {:.0}% of it",
             roof.total_s(),
             roof.prefill_s,
             roof.decode_s,
             output_tokens as f64 / roof.total_s(),
             args.roofline_copy_gbps,
             args.roofline_tflops,
+            if gpus > 1.0 { format!(" per GPU x {gpus} GPUs") } else { String::new() },
             100.0 * roof.total_s() / secs
         );
     }
@@ -247,6 +252,7 @@ fn run_once(
                 "roofline_prefill_s": roof.prefill_s,
                 "roofline_decode_s": roof.decode_s,
                 "roofline_out_tok_s": output_tokens as f64 / roof.total_s(),
+                "roofline_gpus": gpus,
                 "sparse_budget": engine.config().sparse.map(|s| s.budget.to_string()),
                 "kv_read_gb": kv_read / 1e9,
                 "kv_read_dense_gb": kv_dense / 1e9,
