@@ -77,20 +77,9 @@ pub fn time_runs(
     device: &Device,
     warmup: usize,
     runs: usize,
-    mut f: impl FnMut(usize) -> Result<()>,
+    f: impl FnMut(usize) -> Result<()>,
 ) -> Result<Timings> {
-    for i in 0..warmup {
-        f(i)?;
-    }
-    device.synchronize()?;
-    let timer = GpuTimer::new(device)?;
-    let mut samples = Vec::with_capacity(runs);
-    for i in 0..runs.max(1) {
-        timer.start()?;
-        f(warmup + i)?;
-        samples.push(timer.stop_ms()? as f64);
-    }
-    Ok(Timings::from_samples(samples))
+    time_back_to_back(device, warmup, runs, 1, f)
 }
 
 /// Times `per_sample` runs of `f` enqueued back to back between one pair of events, `samples`

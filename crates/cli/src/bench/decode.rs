@@ -12,7 +12,7 @@ use radix_gpu::{DType, Device, HalfFloat, Jit, time_back_to_back, time_runs};
 use radix_kernels::attention::{AttentionBatch, AttentionShape, BatchMeta, KvSource};
 use rand::{Rng, SeedableRng};
 
-use super::{Measurement, write_json};
+use super::{Measurement, upload_cycled, write_json};
 
 #[derive(Args)]
 pub struct DecodeArgs {
@@ -133,10 +133,7 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         // depend on them; generating gigabytes on the host would).
         let block: Vec<T> =
             (0..(1usize << 24)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
-        let random = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
-            let host: Vec<T> = block.iter().copied().cycle().take(len).collect();
-            Ok(device.upload(&host)?)
-        };
+        let random = |len: usize| upload_cycled(&device, &block, len);
         let q = random(b * hq * d)?;
         let k = random(pool)?;
         let v = random(pool)?;
@@ -375,8 +372,7 @@ fn random_bounds(
         let hi: Vec<f32> = lo.iter().map(|l| l + rng.random_range(0.0..1.0)).collect();
         bounds::encode(&lo, &hi, rec);
     }
-    let host: Vec<u8> = block.iter().copied().cycle().take(records * bytes).collect();
-    Ok(device.upload(&host)?)
+    upload_cycled(device, &block, records * bytes)
 }
 
 #[cfg(test)]

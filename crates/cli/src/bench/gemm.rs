@@ -10,7 +10,7 @@ use half::{bf16, f16};
 use radix_gpu::{BLayout, DType, Device, Gemm, HalfFloat, time_back_to_back, time_runs};
 use rand::{Rng, SeedableRng};
 
-use super::{Measurement, progress, write_json};
+use super::{Measurement, progress, upload_cycled, write_json};
 
 #[derive(Args)]
 pub struct GemmArgs {
@@ -132,7 +132,10 @@ fn run_gemv<T: HalfFloat>(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> 
     let jit = radix_gpu::Jit::with_default_cache();
     let copy = super::decode::copy_bandwidth(&device)?;
     println!("device-to-device copy: {:.0} GB/s (read + write)", copy / 1e9);
+    // Random values, a 4M-element block repeated (see upload_cycled).
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let block: Vec<T> =
+        (0..(1usize << 22)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
     let mut rows = Vec::new();
     for &(m, n, k) in shapes {
         anyhow::ensure!(
@@ -141,11 +144,7 @@ fn run_gemv<T: HalfFloat>(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> 
         );
         let bytes = (n * k + m * k + m * n) * std::mem::size_of::<T>();
         let copies = (256usize << 20).div_ceil(n * k * std::mem::size_of::<T>()).clamp(1, 16);
-        let block: Vec<T> =
-            (0..(1usize << 22)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
-        let upload = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
-            Ok(device.upload(&block.iter().copied().cycle().take(len).collect::<Vec<_>>())?)
-        };
+        let upload = |len: usize| upload_cycled(&device, &block, len);
         let x = upload(m * k)?;
         let ws: Vec<_> = (0..copies).map(|_| upload(n * k)).collect::<anyhow::Result<_>>()?;
         let mut out = device.alloc::<T>(m * n)?;

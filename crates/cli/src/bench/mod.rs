@@ -72,6 +72,17 @@ pub fn write_json(path: Option<&PathBuf>, rows: &[Measurement]) -> anyhow::Resul
     Ok(())
 }
 
+/// Uploads `len` elements of `block` repeated: large random buffers without generating
+/// gigabytes on the host (the timings do not depend on the values).
+pub fn upload_cycled<T: radix_gpu::Element>(
+    device: &radix_gpu::Device,
+    block: &[T],
+    len: usize,
+) -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
+    let host: Vec<T> = block.iter().copied().cycle().take(len).collect();
+    Ok(device.upload(&host)?)
+}
+
 /// A progress bar for long benchmarks, hidden when stderr is not a terminal.
 pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len as u64);

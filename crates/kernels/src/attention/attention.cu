@@ -211,18 +211,6 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // Combines the splits of rows [row0, end) of sequence b's query tile for kv head kvh:
 // o = Σ w_s o_s / Σ w_s with w_s = exp(lse_s - max lse), lse = max + log Σ w_s. One warp
 // per row, each lane D/32 dims; lane s fetches split s's LSE, so the weights of 32 splits

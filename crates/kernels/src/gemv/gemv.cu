@@ -106,9 +106,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      float v = acc[r][m];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      const float v = warp_sum(acc[r][m]);
       if (lane == 0) partial[warp][r * M + m] = v;
     }
   __syncthreads();

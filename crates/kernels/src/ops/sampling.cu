@@ -61,7 +61,7 @@ __device__ __forceinline__ float uniform01(unsigned long long seed, unsigned lon
 }
 
 __device__ float reduce_max(float v, float* s) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_max(v);
   if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
   __syncthreads();
   float r = s[0];
@@ -71,7 +71,7 @@ __device__ float reduce_max(float v, float* s) {
 }
 
 __device__ float reduce_sum(float v, float* s) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   if (threadIdx.x % 32 == 0) s[threadIdx.x / 32] = v;
   __syncthreads();
   float r = 0.f;

@@ -156,9 +156,7 @@ extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_co
           const float hi = (float)(signed char)(hi_raw[u] >> (8 * i));
           acc = fmaf(pos[i], hi, fmaf(neg[i], lo, acc));
         }
-        acc *= pow2i(ex[u]);  // exact: a power of two
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        acc = warp_sum(acc * pow2i(ex[u]));  // the scale is exact: a power of two
         // Head-major, so the selection of one (sequence, head) reads its scores contiguously.
         if (lane == 0) p.scores[(long long)kvh * pages_total + f0 + j0 + u] = acc;
       }

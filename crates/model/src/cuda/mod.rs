@@ -552,12 +552,19 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        if bias.is_none() && self.gemv_fits(x.rows, w) {
-            return self.timed(Op::Gemm, |b| {
-                Ok(gemv::gemv(&b.jit, x.rows, w.rows, w.cols, &x.buf, &w.buf, &mut out.buf)?)
-            });
-        }
+        let use_gemv = bias.is_none() && self.gemv_fits(x.rows, w);
         self.timed(Op::Gemm, |b| {
+            if use_gemv {
+                return Ok(gemv::gemv(
+                    &b.jit,
+                    x.rows,
+                    w.rows,
+                    w.cols,
+                    &x.buf,
+                    &w.buf,
+                    &mut out.buf,
+                )?);
+            }
             let bias = bias.map(|w| &w.buf);
             Ok(b.gemm.matmul::<bf16, bf16>(
                 x.rows,
@@ -648,24 +655,12 @@ impl Backend for CudaBackend {
         })?;
         // SAFETY: a view of the workspace used only within this call.
         let mut logits = unsafe { ws.logits.view(0, len) }?;
-        if self.gemv_fits(x.rows, head) {
-            self.timed(Op::Gemm, |b| {
-                Ok(gemv::gemv(
-                    &b.jit,
-                    x.rows,
-                    head.rows,
-                    head.cols,
-                    &x.buf,
-                    &head.buf,
-                    &mut logits,
-                )?)
-            })?;
-            if let Some(st) = &mut self.step {
-                st.logit_vocab = Some(head.rows);
-            }
-            return Ok(());
-        }
+        let use_gemv = self.gemv_fits(x.rows, head);
         self.timed(Op::Gemm, |b| {
+            if use_gemv {
+                let (m, n, k) = (x.rows, head.rows, head.cols);
+                return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, &head.buf, &mut logits)?);
+            }
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,
                 head.rows,
