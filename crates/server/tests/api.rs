@@ -766,7 +766,7 @@ async fn model_aliases_and_request_ids() {
             &c,
             &s,
             "/v1/completions",
-            &json!({"model": name, "prompt": "a", "max_tokens": 2}),
+            &json!({"model": name, "prompt": "a", "max_tokens": 2, "ignore_eos": true}),
         )
         .await;
         assert_eq!(status, 200, "{r}");
@@ -786,7 +786,7 @@ async fn model_aliases_and_request_ids() {
     let resp = c
         .post(s.url("/v1/completions"))
         .header("x-request-id", "client-id-42")
-        .json(&json!({"prompt": "a", "max_tokens": 1}))
+        .json(&json!({"prompt": "a", "max_tokens": 1, "ignore_eos": true}))
         .send()
         .await
         .unwrap();
@@ -801,9 +801,18 @@ async fn model_aliases_and_request_ids() {
     assert_eq!(made.len(), 32, "{made}");
     let bad = c.get(s.url("/health")).header("x-request-id", "x".repeat(300)).send().await.unwrap();
     assert_ne!(bad.headers()["x-request-id"].to_str().unwrap(), "x".repeat(300));
-    // Every metric carries the model's name (`metrics` checks it on each line).
-    let m = metrics(&c, &s).await;
-    assert!(m["radix_generation_tokens_total"] >= 5.0);
+    // Every metric carries the model's name (`metrics` checks it on each line). The
+    // engine publishes its counters after the step that sent the last token, so the
+    // scrape may trail the responses for a moment: poll (CI once saw it short).
+    let t = std::time::Instant::now();
+    loop {
+        let m = metrics(&c, &s).await;
+        if m["radix_generation_tokens_total"] >= 5.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "generated tokens never counted: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
