@@ -3,7 +3,7 @@
 # (scripts/gpu-bundle.sh puts this file at gpu-bundle/run-gpu-benches.sh), and writes the
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
 #   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
-#                      [prefix] [latency] [sweep]   (default: gemm attention decode step offline)
+#                      [prefix] [latency] [sweep] [fp8]   (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 rs="$here/radix-sparse"
@@ -136,6 +136,35 @@ latency)
   "$rs" bench step --batch 1 --context 1024,8192,32768 --json "$out/l_ours.jsonl"
   record --ours "$out/l_ours.jsonl" --command "radix-sparse bench step --batch 1 --context 1024,8192,32768" \
     --note "no peer: the floor is in extra.floor_ms"
+  ;;
+fp8)
+  # FP8 linear layers (the FP8 issue), opted in with RADIX_SPARSE_FP8_GEMM=1: GEMMs beside
+  # torch._scaled_mm (row-wise scales) on the default shapes and the decode shapes (whose
+  # rows also time cuBLASLt FP8 and our FP8 GEMV back to back beyond L2), then a batch-1
+  # step and the offline run each beside bf16 in the same call.
+  export RADIX_SPARSE_FP8_GEMM=1
+  rm -f "$out/f_ours.jsonl" "$out/f_peer.jsonl"
+  decode_shapes=""
+  for m in 1 2 4 8; do for nk in 6144x4096 4096x4096 28672x4096 4096x14336; do
+    decode_shapes="$decode_shapes --shape ${m}x$nk"
+  done; done
+  "$rs" bench gemm --dtype fp8 --json "$out/f_ours.jsonl"
+  "$rs" bench gemm --dtype fp8 $decode_shapes --json "$out/f_ours.jsonl"
+  python3 "$here/bench/torch_gemm.py" --dtype fp8 --json "$out/f_peer.jsonl"
+  python3 "$here/bench/torch_gemm.py" --dtype fp8 $decode_shapes --json "$out/f_peer.jsonl"
+  record --ours "$out/f_ours.jsonl" --peer "$out/f_peer.jsonl" \
+    --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse bench gemm --dtype fp8 [decode shapes]; bench/peers/torch_gemm.py --dtype fp8"
+  for what in step offline; do
+    if [ $what = step ]; then args="bench step --batch 1 --context 1024,8192"
+    else args="bench offline --model synthetic:llama3-8b --dataset lengths:bench/datasets/sharegpt-1000.json --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda --roofline-copy-gbps 4230 --roofline-tflops 790"; fi
+    rm -f "$out/f_16.jsonl" "$out/f_8.jsonl" "$out/f_16_peer.jsonl"
+    "$rs" $args --json "$out/f_16.jsonl"
+    "$rs" $args --quantization fp8 --json "$out/f_8.jsonl"
+    same_run_peer "$out/f_16.jsonl" "$out/f_16_peer.jsonl" "radix-sparse bf16 weights, same call" "$out/f_8.jsonl"
+    record --ours "$out/f_8.jsonl" --peer "$out/f_16_peer.jsonl" \
+      --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse $args --quantization fp8 (peer: without it)"
+  done
+  unset RADIX_SPARSE_FP8_GEMM
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.

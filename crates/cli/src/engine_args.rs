@@ -116,7 +116,8 @@ pub struct ModelArgs {
     /// Weight quantization (vLLM's flag): `fp8` quantizes the linear layers' weights to FP8
     /// e4m3 per output channel at load. FP8 checkpoints (`quantization_config` of
     /// `fp8` or FP8 `compressed-tensors`) are recognised without it. Either way the
-    /// weights run dequantized to bf16 for now: FP8 numbers, not yet FP8 speed.
+    /// layers run dequantized to bf16, unless `RADIX_SPARSE_FP8_GEMM=1` (GPU,
+    /// experimental) runs them as FP8 GEMMs.
     #[arg(long, value_enum)]
     pub quantization: Option<Quantization>,
     /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache; FP8
@@ -278,8 +279,9 @@ impl ModelArgs {
             }
             _ => (Box::new(source.load(CpuBackend::new())?), self.kv_pages.unwrap_or(4096)),
         };
+        let fp8_weights = source.quantization.is_some();
         let ModelSource { name, tokenizer, chat_template, .. } = source;
-        Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template })
+        Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template, fp8_weights })
     }
 }
 
@@ -291,6 +293,8 @@ pub struct LoadedRunner {
     pub name: String,
     pub tokenizer: radix_model::Tokenizer,
     pub chat_template: radix_model::ChatTemplate,
+    /// The linear layers hold FP8 weights (an FP8 checkpoint or `--quantization fp8`).
+    pub fp8_weights: bool,
 }
 
 /// An engine with what clients need besides it.

@@ -11,6 +11,8 @@ pub enum DType {
     I32,
     U32,
     U8,
+    /// OCP FP8 e4m3 ("float8_e4m3fn"), held in `u8` buffers: the FP8 GEMMs' inputs.
+    F8E4M3,
 }
 
 impl DType {
@@ -18,7 +20,7 @@ impl DType {
         match self {
             Self::F16 | Self::BF16 => 2,
             Self::F32 | Self::I32 | Self::U32 => 4,
-            Self::U8 => 1,
+            Self::U8 | Self::F8E4M3 => 1,
         }
     }
 
@@ -30,6 +32,7 @@ impl DType {
             Self::I32 => "i32",
             Self::U32 => "u32",
             Self::U8 => "u8",
+            Self::F8E4M3 => "fp8_e4m3",
         }
     }
 }
@@ -50,9 +53,10 @@ impl std::str::FromStr for DType {
             "i32" | "int32" => Ok(Self::I32),
             "u32" | "uint32" => Ok(Self::U32),
             "u8" | "uint8" => Ok(Self::U8),
-            other => {
-                Err(format!("unknown dtype {other:?} (expected f16, bf16, f32, i32, u32 or u8)"))
-            }
+            "fp8" | "fp8_e4m3" | "e4m3" | "float8_e4m3fn" => Ok(Self::F8E4M3),
+            other => Err(format!(
+                "unknown dtype {other:?} (expected f16, bf16, f32, i32, u32, u8 or fp8_e4m3)"
+            )),
         }
     }
 }
@@ -97,7 +101,9 @@ mod tests {
 
     #[test]
     fn parses_and_prints_dtypes() {
-        for d in [DType::F16, DType::BF16, DType::F32, DType::I32, DType::U32, DType::U8] {
+        for d in
+            [DType::F16, DType::BF16, DType::F32, DType::I32, DType::U32, DType::U8, DType::F8E4M3]
+        {
             assert_eq!(d.name().parse::<DType>().unwrap(), d);
         }
         assert!("f64".parse::<DType>().is_err());

@@ -6,6 +6,11 @@
 //!
 //! cuBLASLt is column-major, and a row-major `[R, C]` matrix is a column-major `[C, R]`
 //! one, so we compute `outᵀ = op(b)ᵀ · aᵀ`: cuBLASLt's A is our `b`, its B is our `a`.
+//! FP8 (`matmul_fp8_raw`): e4m3 × e4m3 → bf16 with one f32 scale per row of `a` (per
+//! token) and per row of `b` (per output channel), cuBLASLt's outer-vector scaling
+//! (`OUTER_VEC_32F`, cuBLASLt 12.9+, Hopper and later); `b` must be `[N, K]`, the only
+//! layout FP8 takes ("TN").
+//!
 //! The handle and one workspace are created once; descriptors, layouts and the
 //! heuristic's chosen algorithm are cached per shape, so a steady-state call does no
 //! allocation and no heuristic query.
@@ -132,20 +137,89 @@ impl Gemm {
         beta: f32,
         out: u64,
     ) -> Result<()> {
-        let plan = self.plan(shape)?;
+        ensure!(shape.input != DType::F8E4M3, "FP8 GEMMs take their scales: matmul_fp8_raw");
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.launch(shape, a, b, bias, None, beta, out) }
+    }
+
+    /// FP8 GEMM on raw device addresses: `out[M,N] = (a ⊙ a_scales) · (b ⊙ b_scales)ᵀ
+    /// (+ bias)`, `a` `[M,K]` and `b` `[N,K]` e4m3 bytes, `a_scales` `M` f32 (one per row of
+    /// `a`), `b_scales` `N` f32, `out` (and `bias`) bf16.
+    ///
+    /// # Safety
+    /// Every pointer must point at that many elements on this device; `bias` (when
+    /// `bias` is not 0) at `n` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_fp8_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        a_scales: u64,
+        b: u64,
+        b_scales: u64,
+        bias: u64,
+        out: u64,
+    ) -> Result<()> {
+        ensure!(m > 0 && n > 0 && k > 0, "GEMM dimensions must be positive, got M={m} N={n} K={k}");
+        // cuBLASLt's FP8 kernels need 16-byte aligned rows of every operand.
+        ensure!(
+            k.is_multiple_of(16) && n.is_multiple_of(8),
+            "FP8 GEMM needs K a multiple of 16 and N of 8, got N={n} K={k}"
+        );
+        let shape = GemmShape {
+            m,
+            n,
+            k,
+            input: DType::F8E4M3,
+            output: DType::BF16,
+            b_layout: BLayout::NK,
+            bias: bias != 0,
+        };
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.launch(&shape, a, b, bias, Some((a_scales, b_scales)), 0.0, out) }
+    }
+
+    /// Sets the per-call pointers (bias, FP8 scales) of the plan's descriptor and runs it.
+    ///
+    /// # Safety
+    /// As for `matmul_raw` and `matmul_fp8_raw`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(
+        &self,
+        shape: &GemmShape,
+        a: u64,
+        b: u64,
+        bias: u64,
+        scales: Option<(u64, u64)>,
+        beta: f32,
+        out: u64,
+    ) -> Result<()> {
+        let plan = self.plan(shape, scales)?;
         let _bias = plan.bias.lock().unwrap_or_else(|e| e.into_inner());
-        if shape.bias {
-            ensure!(bias != 0, "GEMM shape asks for a bias but none was given");
+        let set_ptr = |attr, ptr: u64, what: &'static str| -> Result<()> {
             // SAFETY: desc is ours and alive; the attribute is a device pointer.
             unsafe {
                 lt::set_matmul_desc_attribute(
                     plan.desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &bias as *const u64 as *const c_void,
+                    attr,
+                    &ptr as *const u64 as *const c_void,
                     std::mem::size_of::<u64>(),
                 )
             }
-            .call("cublasLtMatmulDescSetAttribute(BIAS_POINTER)")?;
+            .call(what)
+        };
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        if shape.bias {
+            ensure!(bias != 0, "GEMM shape asks for a bias but none was given");
+            set_ptr(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "SetAttribute(BIAS_POINTER)")?;
+        }
+        if let Some((a_scales, b_scales)) = scales {
+            ensure!(a_scales != 0 && b_scales != 0, "an FP8 GEMM needs both scale vectors");
+            // cuBLASLt's A is our `b` (the weight), its B our `a` (the activations).
+            set_ptr(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, b_scales, "SetAttribute(A_SCALE)")?;
+            set_ptr(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, a_scales, "SetAttribute(B_SCALE)")?;
         }
         tracing::trace!(a, b, bias, out, beta, "cuBLASLt: matmul");
         let alpha = 1.0f32;
@@ -175,13 +249,35 @@ impl Gemm {
         .call("cublasLtMatmul")
     }
 
-    fn plan(&self, shape: &GemmShape) -> Result<Arc<CachedMatmul>> {
+    /// The cached plan of `shape`; `scales`: an FP8 call's scale vectors, set on a new
+    /// plan's descriptor before its heuristic query (cuBLASLt checks them there).
+    fn plan(&self, shape: &GemmShape, scales: Option<(u64, u64)>) -> Result<Arc<CachedMatmul>> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = plans.get(shape) {
             return Ok(p.clone());
         }
         tracing::trace!(?shape, "cuBLASLt: new plan");
-        let plan = Arc::new(CachedMatmul::new(self.handle.0, shape, self.workspace.num_bytes())?);
+        let ws = self.workspace.num_bytes();
+        let plan = if shape.input == DType::F8E4M3 {
+            // Exact accumulation first (torch._scaled_mm's default); cuBLASLt builds that
+            // refuse it for outer-vector scales take fast accumulation.
+            let exact = CachedMatmul::new(self.handle.0, shape, ws, scales, false);
+            match exact {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(?shape, error = %e, "cuBLASLt FP8: trying fast accumulation");
+                    CachedMatmul::new(self.handle.0, shape, ws, scales, true).map_err(|fast| {
+                        GpuError::Invalid(format!(
+                            "cuBLASLt has no FP8 GEMM with per-row scales for {shape:?}: {e}; \
+                             with fast accumulation: {fast}"
+                        ))
+                    })?
+                }
+            }
+        } else {
+            CachedMatmul::new(self.handle.0, shape, ws, None, false)?
+        };
+        let plan = Arc::new(plan);
         tracing::trace!(?shape, "cuBLASLt: plan ready");
         plans.insert(*shape, plan.clone());
         Ok(plan)
@@ -193,6 +289,7 @@ fn cuda_type(d: DType) -> Result<sys::cudaDataType> {
         DType::F16 => sys::cudaDataType::CUDA_R_16F,
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::F8E4M3 => sys::cudaDataType::CUDA_R_8F_E4M3,
         other => return Err(GpuError::Invalid(format!("GEMM does not take {other}"))),
     })
 }
@@ -233,13 +330,25 @@ unsafe impl Send for CachedMatmul {}
 unsafe impl Sync for CachedMatmul {}
 
 impl CachedMatmul {
-    fn new(handle: sys::cublasLtHandle_t, s: &GemmShape, workspace: usize) -> Result<CachedMatmul> {
+    fn new(
+        handle: sys::cublasLtHandle_t,
+        s: &GemmShape,
+        workspace: usize,
+        scales: Option<(u64, u64)>,
+        fast_accum: bool,
+    ) -> Result<CachedMatmul> {
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
         let in_t = cuda_type(s.input)?;
         ensure!(
-            matches!(s.input, DType::F16 | DType::BF16),
-            "GEMM inputs must be f16 or bf16, got {}",
+            matches!(s.input, DType::F16 | DType::BF16 | DType::F8E4M3),
+            "GEMM inputs must be f16, bf16 or fp8_e4m3, got {}",
             s.input
+        );
+        let fp8 = s.input == DType::F8E4M3;
+        ensure!(
+            !fp8 || (s.output == DType::BF16 && s.b_layout == BLayout::NK),
+            "FP8 GEMMs write bf16 and take b as [N, K], got {:?}",
+            s
         );
         let out_t = cuda_type(s.output)?;
         let mut plan = CachedMatmul {
@@ -271,6 +380,20 @@ impl CachedMatmul {
         };
         set(A::CUBLASLT_MATMUL_DESC_TRANSA, &trans_b)?;
         set(A::CUBLASLT_MATMUL_DESC_TRANSB, &OP_N)?;
+        if fp8 {
+            // One f32 per row of each operand (per output channel of the weight, per
+            // token of the activations): exact for the weights' per-channel scales and
+            // for activations quantized per token.
+            let outer =
+                sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            set(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
+            set(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+            if let Some((a_scales, b_scales)) = scales {
+                set(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &b_scales)?;
+                set(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a_scales)?;
+            }
+            set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &(fast_accum as i8))?;
+        }
         if s.bias {
             set(
                 A::CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -301,10 +424,13 @@ impl CachedMatmul {
         }
         .call("cublasLtMatmulPreferenceSetAttribute")?;
         tracing::trace!("cuBLASLt: heuristic query");
-        // SAFETY: a plain C struct; cuBLASLt fills it when `found` is 1.
-        let mut result: sys::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        // FP8: several candidates, for the first without split-K (see `split_k`).
+        let want = if fp8 { 8 } else { 1 };
+        // SAFETY: plain C structs; cuBLASLt fills the first `found`.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            (0..want).map(|_| unsafe { std::mem::zeroed() }).collect();
         let mut found = 0i32;
-        // SAFETY: every descriptor is alive; `result` has room for the one result asked for.
+        // SAFETY: every descriptor is alive; `results` has room for the `want` asked for.
         unsafe {
             heuristic_fn()?(
                 handle,
@@ -314,17 +440,26 @@ impl CachedMatmul {
                 plan.layout_out,
                 plan.layout_out,
                 pref.0,
-                1,
-                &mut result,
+                want as i64,
+                results.as_mut_ptr(),
                 &mut found,
             )
         }
         .result()
         .call("cublasLtMatmulAlgoGetHeuristic")?;
-        if found < 1 || result.state != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        let ok = |r: &&sys::cublasLtMatmulHeuristicResult_t| {
+            r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        };
+        let candidates = &results[..(found.max(0) as usize).min(want)];
+        let allow_split_k = std::env::var("RADIX_SPARSE_FP8_SPLITK").is_ok_and(|v| v == "1");
+        let best = if fp8 && !allow_split_k {
+            candidates.iter().filter(ok).find(|r| split_k(&r.algo) <= 1)
+        } else {
+            candidates.iter().find(ok)
+        };
+        let Some(best) = best else {
             return Err(GpuError::Invalid(format!("cuBLASLt has no algorithm for GEMM {s:?}")));
-        }
-        let best = &result;
+        };
         tracing::trace!(found, workspace = best.workspaceSize, "cuBLASLt: heuristic chose");
         plan.algo = best.algo;
         Ok(plan)
@@ -345,6 +480,26 @@ impl Drop for CachedMatmul {
             }
         }
     }
+}
+
+/// The split-K factor of `algo` (1: none). FP8 GEMMs with outer-vector scales take only
+/// algorithms without split-K: on the H200 (cuBLASLt 13.0) the heuristic's first choice
+/// for M=7 N=4096 K=4096 wrote non-finite values, split-K being the suspect (not yet
+/// confirmed: bench/NOTES.md).
+fn split_k(algo: &sys::cublasLtMatmulAlgo_t) -> u32 {
+    let mut v = 1u32;
+    let mut written = 0usize;
+    // SAFETY: reads one u32 attribute of a live algo struct into `v`.
+    let status = unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+            &mut v as *mut u32 as *mut c_void,
+            std::mem::size_of::<u32>(),
+            &mut written,
+        )
+    };
+    if status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS { v.max(1) } else { u32::MAX }
 }
 
 /// `cublasLtMatmulAlgoGetHeuristic` with its `int requestedAlgoCount` passed as a full

@@ -4,6 +4,7 @@
 //! NVRTC at first use (see `radix_gpu::jit`).
 
 pub mod attention;
+pub mod fp8;
 pub mod gemv;
 pub mod kv_append;
 pub mod ops;
@@ -17,6 +18,7 @@ pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "common/types.cuh", code: include_str!("common/types.cuh") },
     SourceFile { path: "common/mma.cuh", code: include_str!("common/mma.cuh") },
     SourceFile { path: "common/key_bounds.cuh", code: include_str!("common/key_bounds.cuh") },
+    SourceFile { path: "common/fp8.cuh", code: include_str!("common/fp8.cuh") },
 ];
 
 /// The `-DDTYPE=` value for element type `T` (see common/types.cuh).
@@ -48,8 +50,11 @@ pub fn catalog() -> Vec<KernelSpec> {
         for out_f32 in [false, true] {
             specs.push(gemv::spec::<f16>(m, out_f32));
             specs.push(gemv::spec::<bf16>(m, out_f32));
+            specs.push(gemv::spec_fp8::<bf16>(m, out_f32));
         }
     }
+    specs.push(fp8::spec::<f16>());
+    specs.push(fp8::spec::<bf16>());
     specs.push(ops::ops_spec::<f16>());
     specs.push(ops::ops_spec::<bf16>());
     specs.push(ops::sampling_spec());

@@ -6,16 +6,17 @@
 //! largest finite 448; subnormals down to 2^-9. A weight is stored as `q` with a scale
 //! `s` (per tensor, or per output row): its value is `q * s`.
 //!
-//! Every backend runs these weights dequantized (`q * s`, then the backend's own weight
-//! dtype: bf16 on both today), so the numbers are those of FP8 weights; the FP8 GEMMs of
-//! Hopper (half the weight bytes, twice the tensor rate) are the GPU's part, still to come.
-//! Activation scales (`input_scale`, static schemes) are read past: activations stay 16-bit.
+//! Weights reach the backends as `HostData::Fp8` (e4m3 bytes and a scale per row). The CPU
+//! backend dequantizes them once at upload (`q * s` in f32); the CUDA backend keeps the
+//! bytes and runs cuBLASLt's FP8 GEMMs (half the weight bytes, twice the tensor rate) on
+//! activations it quantizes per token as it goes. Static activation scales (`input_scale`)
+//! are read past: per-token dynamic scales are never coarser.
 
 use float8::F8E4M3;
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::tensor::{HostData, HostTensor};
+use crate::tensor::{Fp8Rows, HostData, HostTensor};
 use crate::weights::WeightSource;
 
 /// Largest finite e4m3 value. (`float8::F8E4M3::MAX` says 416, the largest value below
@@ -140,15 +141,21 @@ fn parse_compressed_tensors(q: &Value) -> Result<Fp8Scheme> {
 /// Dequantizes e4m3 bytes `q` (a `[rows, cols]` matrix, or a vector when `rows` is 1)
 /// with `scales` of one value or one per row.
 pub fn dequantize(q: &[u8], scales: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    Ok(HostData::Fp8(fp8_rows(q.to_vec(), scales, rows, cols)?).to_f32())
+}
+
+/// Checked FP8 rows from a checkpoint: `q` holds `[rows, cols]` e4m3 bytes, `scales` one
+/// value (repeated for every row) or one per row, each a positive finite number.
+pub fn fp8_rows(q: Vec<u8>, scales: &[f32], rows: usize, cols: usize) -> Result<Fp8Rows> {
     if q.len() != rows * cols {
         return Err(ModelError::Weights(format!(
             "{} FP8 values for a [{rows}, {cols}] tensor",
             q.len()
         )));
     }
-    let per_row = match scales.len() {
-        1 => false,
-        n if n == rows => true,
+    let scales = match scales.len() {
+        1 => vec![scales[0]; rows],
+        n if n == rows => scales.to_vec(),
         n => {
             return Err(ModelError::Weights(format!(
                 "{n} scales for a tensor of {rows} rows (expected 1 or {rows})"
@@ -158,26 +165,28 @@ pub fn dequantize(q: &[u8], scales: &[f32], rows: usize, cols: usize) -> Result<
     if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
         return Err(ModelError::Weights(format!("FP8 scale {bad} is not a positive number")));
     }
-    let mut out = Vec::with_capacity(q.len());
-    for r in 0..rows {
-        let s = if per_row { scales[r] } else { scales[0] };
-        out.extend(q[r * cols..(r + 1) * cols].iter().map(|&b| F8E4M3::from_bits(b).to_f32() * s));
-    }
-    Ok(out)
+    Ok(Fp8Rows { cols, bits: q, scales })
 }
 
 /// Quantizes a `[rows, cols]` matrix per output row: `scale = max|w| / 448` (1 for a row
 /// of zeros), `q = e4m3(w / scale)` rounded to nearest even. Returns the e4m3 bytes and
 /// the scales.
 pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut q = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(rows);
-    for row in w.chunks(cols.max(1)).take(rows) {
-        let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let scale = if amax > 0.0 && amax.is_finite() { amax / E4M3_MAX } else { 1.0 };
-        q.extend(row.iter().map(|x| F8E4M3::from_f32(x / scale).to_bits()));
-        scales.push(scale);
-    }
+    use rayon::prelude::*;
+    // Rows in parallel: Llama-3-8B's 7 G linear weights take a few seconds this way, not
+    // the minutes of one thread.
+    let cols = cols.max(1);
+    let mut q = vec![0u8; rows * cols];
+    let mut scales = vec![1.0f32; rows];
+    q.par_chunks_mut(cols).zip(scales.par_iter_mut()).zip(w.par_chunks(cols)).for_each(
+        |((q_row, scale), row)| {
+            let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            *scale = if amax > 0.0 && amax.is_finite() { amax / E4M3_MAX } else { 1.0 };
+            for (q, x) in q_row.iter_mut().zip(row) {
+                *q = F8E4M3::from_f32(x / *scale).to_bits();
+            }
+        },
+    );
     (q, scales)
 }
 
@@ -197,8 +206,7 @@ pub fn is_linear_weight(name: &str) -> bool {
 }
 
 /// `--quantization fp8` over a 16-bit checkpoint: the linear projections' weights come out
-/// quantized per output channel and dequantized again (what an FP8 GEMM computes with),
-/// everything else as it is.
+/// quantized per output channel, everything else as it is.
 pub struct QuantizeFp8 {
     pub inner: Box<dyn WeightSource>,
 }
@@ -210,9 +218,11 @@ impl WeightSource for QuantizeFp8 {
             return Ok(t);
         }
         let (rows, cols) = t.matrix_dims();
-        let (q, scales) = quantize_per_channel(&t.data.to_f32(), rows, cols);
-        let data = dequantize(&q, &scales, rows, cols)?;
-        Ok(HostTensor { shape: t.shape, data: HostData::F32(data) })
+        if matches!(t.data, HostData::Fp8(_)) {
+            return Ok(t);
+        }
+        let (bits, scales) = quantize_per_channel(&t.data.to_f32(), rows, cols);
+        Ok(HostTensor { shape: t.shape, data: HostData::Fp8(Fp8Rows { cols, bits, scales }) })
     }
 
     fn contains(&self, name: &str) -> bool {

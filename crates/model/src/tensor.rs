@@ -13,6 +13,55 @@ pub enum HostData {
     /// GGUF blocks kept as they are (Q4_0, Q4_1, Q8_0): the CPU backend computes with them
     /// directly, reading 4-8x fewer bytes per decode step than their f32 values.
     Blocks(QuantBlocks),
+    /// FP8 e4m3 values with one scale per row (a per-tensor scale repeated): what FP8
+    /// checkpoints and `--quantization fp8` give the linear layers. Element `i` is
+    /// `e4m3(bits[i]) * scales[i / cols]`; GPUs run their GEMMs on the bytes as they are.
+    Fp8(Fp8Rows),
+}
+
+/// A matrix of e4m3 bytes with a scale per row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Rows {
+    /// Elements per row.
+    pub cols: usize,
+    pub bits: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+impl Fp8Rows {
+    /// Elements `[start, start + out.len())` as f32 (`e4m3 * scale`, rounded once to f32).
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let at = start + i;
+            *o = float8::F8E4M3::from_bits(self.bits[at]).to_f32() * self.scales[at / self.cols];
+        }
+    }
+
+    /// The rows or row pieces `ranges` cover, still FP8 when each range is whole rows or
+    /// every range is a piece of one row of the same width (tensor-parallel slices);
+    /// `None` otherwise.
+    fn select(&self, ranges: impl Iterator<Item = std::ops::Range<usize>> + Clone) -> Option<Self> {
+        let cols = self.cols.max(1);
+        let whole_rows = ranges.clone().all(|r| r.start % cols == 0 && r.len() % cols == 0);
+        let width = ranges.clone().next().map_or(cols, |r| r.len());
+        let row_pieces = width > 0
+            && ranges.clone().all(|r| r.len() == width && r.start / cols == (r.end - 1) / cols);
+        if !whole_rows && !row_pieces {
+            return None;
+        }
+        let mut out = Fp8Rows {
+            cols: if whole_rows { cols } else { width },
+            bits: Vec::new(),
+            scales: Vec::new(),
+        };
+        for r in ranges {
+            out.bits.extend_from_slice(&self.bits[r.clone()]);
+            let first_row = r.start / cols;
+            let rows = if whole_rows { r.len() / cols } else { 1 };
+            out.scales.extend_from_slice(&self.scales[first_row..first_row + rows]);
+        }
+        Some(out)
+    }
 }
 
 /// A matrix in a GGUF block format whose rows are whole blocks.
@@ -89,6 +138,7 @@ impl HostData {
             Self::BF16(v) => v.len(),
             Self::F16(v) => v.len(),
             Self::Blocks(q) => q.len(),
+            Self::Fp8(q) => q.bits.len(),
         }
     }
 
@@ -104,6 +154,7 @@ impl HostData {
             Self::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
             Self::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
             Self::Blocks(q) => q.read_f32(start, out),
+            Self::Fp8(q) => q.read_f32(start, out),
         }
     }
 
@@ -126,6 +177,10 @@ impl HostData {
             // Tensor-parallel slices of block weights: as f32 (a column slice need not
             // fall on block boundaries).
             Self::Blocks(_) => Self::F32(pick(&self.to_f32(), ranges)),
+            Self::Fp8(q) => match q.select(ranges.clone()) {
+                Some(q) => Self::Fp8(q),
+                None => Self::F32(pick(&self.to_f32(), ranges)),
+            },
         }
     }
 
@@ -159,6 +214,23 @@ impl HostData {
                 _ => None,
             }) {
                 return Self::Blocks(QuantBlocks { ty, cols, bytes });
+            }
+        }
+        if let Some(Self::Fp8(first)) = parts.first() {
+            let cols = first.cols;
+            let same = |p: &&HostData| matches!(p, Self::Fp8(q) if q.cols == cols);
+            if parts.iter().all(same) {
+                let bits = join(parts, |p| match p {
+                    Self::Fp8(q) => Some(&q.bits[..]),
+                    _ => None,
+                });
+                let scales = join(parts, |p| match p {
+                    Self::Fp8(q) => Some(&q.scales[..]),
+                    _ => None,
+                });
+                if let (Some(bits), Some(scales)) = (bits, scales) {
+                    return Self::Fp8(Fp8Rows { cols, bits, scales });
+                }
             }
         }
         if let Some(v) = join(parts, |p| match p {
@@ -260,6 +332,27 @@ mod tests {
         assert_eq!(s.data, HostData::F32(vec![1.0, 0.0, 1.0, 2.0, 3.0, 4.0]));
         let s2 = HostTensor::stack_rows(&[&a, &a]);
         assert!(matches!(s2.data, HostData::BF16(_)));
+    }
+
+    #[test]
+    fn fp8_rows_stay_fp8_through_slices_and_stacks() {
+        // 0x38 = 1.0, 0x40 = 2.0, 0x44 = 3.0, 0x48 = 4.0 in e4m3.
+        let q = Fp8Rows { cols: 2, bits: vec![0x38, 0x40, 0x44, 0x48], scales: vec![0.5, 2.0] };
+        let m = HostTensor { shape: vec![2, 2], data: HostData::Fp8(q) };
+        assert_eq!(m.data.to_f32(), vec![0.5, 1.0, 6.0, 8.0]);
+        let c = m.clone().slice_cols(1..2);
+        assert!(matches!(&c.data, HostData::Fp8(q) if q.cols == 1 && q.scales == [0.5, 2.0]));
+        assert_eq!(c.data.to_f32(), vec![1.0, 8.0]);
+        let r = m.clone().slice_rows(1..2);
+        assert!(matches!(&r.data, HostData::Fp8(q) if q.scales == [2.0]));
+        assert_eq!(r.data.to_f32(), vec![6.0, 8.0]);
+        let s = HostTensor::stack_rows(&[&m, &r]);
+        assert!(matches!(&s.data, HostData::Fp8(q) if q.scales == [0.5, 2.0, 2.0]));
+        assert_eq!(s.data.to_f32(), vec![0.5, 1.0, 6.0, 8.0, 6.0, 8.0]);
+        // Mixed with 16-bit rows, a stack is f32 of the dequantized values.
+        let b = HostTensor { shape: vec![1, 2], data: HostData::F32(vec![7.0, 9.0]) };
+        let mixed = HostTensor::stack_rows(&[&m, &b]);
+        assert_eq!(mixed.data, HostData::F32(vec![0.5, 1.0, 6.0, 8.0, 7.0, 9.0]));
     }
 
     #[test]

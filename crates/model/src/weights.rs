@@ -83,7 +83,7 @@ impl SafetensorsSource {
         Ok((view.dtype(), view.shape().to_vec(), view.data()))
     }
 
-    /// The FP8 weight `name`, dequantized with its `{name}_scale` (one value, or one per
+    /// The FP8 weight `name` with its `{name}_scale` (one value, or one per
     /// row: `[]`, `[1]`, `[rows]` or `[rows, 1]`).
     fn fp8(&self, name: &str, shape: &[usize], bytes: &[u8]) -> Result<HostData> {
         let scale_name = format!("{name}_scale");
@@ -110,9 +110,9 @@ impl SafetensorsSource {
                  scale or one per row"
             )));
         }
-        let data = crate::fp8::dequantize(bytes, &scales, rows, cols)
+        let rows = crate::fp8::fp8_rows(bytes.to_vec(), &scales, rows, cols)
             .map_err(|e| ModelError::Weights(format!("{name}: {e}")))?;
-        Ok(HostData::F32(data))
+        Ok(HostData::Fp8(rows))
     }
 }
 

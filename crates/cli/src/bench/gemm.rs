@@ -1,6 +1,14 @@
 //! `bench gemm`: our cuBLASLt wrapper on bf16 GEMMs, timed with CUDA events (median of
 //! many runs after warm-up), on random inputs. Peer: bench/peers/torch_gemm.py.
 //!
+//! `--dtype fp8`: cuBLASLt's FP8 GEMM (e4m3 × e4m3 → bf16, a scale per token and per
+//! output channel) as the FP8 linear layers run it, on activations and weights quantized
+//! by our per-row quantizer; the quantizer's own time is printed beside it. Peer:
+//! `torch._scaled_mm` with row-wise scales (bench/peers/torch_gemm.py --dtype fp8). For
+//! M <= 8 it also times, back to back over weight copies beyond L2 (as decode reads
+//! them), cuBLASLt's FP8 GEMM and our FP8-weight GEMV on the 16-bit activations, as
+//! weight-read bandwidth.
+//!
 //! `--gemv`: decode-sized products (M <= 8) through our GEMV kernel beside cuBLASLt in the
 //! same run, both back to back over weight copies that together exceed the L2 cache (a
 //! step's layers never find their weights there), as weight-read bandwidth.
@@ -76,7 +84,8 @@ pub fn run(args: GemmArgs) -> anyhow::Result<()> {
     match args.dtype {
         DType::BF16 => run_typed::<bf16>(&args, &shapes),
         DType::F16 => run_typed::<f16>(&args, &shapes),
-        other => anyhow::bail!("bench gemm takes bf16 or f16, not {other}"),
+        DType::F8E4M3 if !args.gemv => run_fp8(&args, &shapes),
+        other => anyhow::bail!("bench gemm takes bf16, f16 or fp8 (not with --gemv), not {other}"),
     }
 }
 
@@ -122,6 +131,145 @@ fn run_typed<T: HalfFloat>(
     }
     bar.finish_and_clear();
     write_json(args.json.as_ref(), &rows)
+}
+
+/// The FP8 GEMM on quantized random operands (see the module doc).
+fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<()> {
+    use radix_kernels::fp8::quantize_rows;
+    let device = Device::open(0)?;
+    let gemm = Gemm::new(&device)?;
+    let jit = radix_gpu::Jit::with_default_cache();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let block: Vec<bf16> =
+        (0..(1usize << 22)).map(|_| bf16::from_f64(rng.random_range(-1.0..1.0))).collect();
+    // bf16 rows quantized on the device: e4m3 bytes and a scale per row.
+    let quantized = |rows: usize, cols: usize| -> anyhow::Result<_> {
+        let x = upload_cycled(&device, &block, rows * cols)?;
+        let mut q = device.alloc::<u8>(rows * cols)?;
+        let mut scales = device.alloc::<f32>(rows)?;
+        quantize_rows(&jit, &x, rows, cols, &mut q, &mut scales)?;
+        Ok((x, q, scales))
+    };
+    let bar = progress(shapes.len(), "gemm fp8");
+    let mut rows = Vec::new();
+    println!("{:<28} {:>10} {:>10} {:>14}", "shape (MxNxK)", "median ms", "TFLOP/s", "quantize us");
+    for &(m, n, k) in shapes {
+        let (x, mut xq, mut xs) = quantized(m, k)?;
+        let (_, wq, ws) = quantized(n, k)?;
+        let mut out = device.alloc::<bf16>(m * n)?;
+        let t = time_runs(&device, args.warmup, args.runs, |_| {
+            // SAFETY: every buffer was allocated at the size the shape names.
+            unsafe {
+                gemm.matmul_fp8_raw(
+                    m,
+                    n,
+                    k,
+                    xq.ptr(),
+                    xs.ptr(),
+                    wq.ptr(),
+                    ws.ptr(),
+                    0,
+                    out.ptr_mut(),
+                )
+            }
+        })?;
+        let quant = time_runs(&device, args.warmup, args.runs, |_| {
+            quantize_rows(&jit, &x, m, k, &mut xq, &mut xs)
+        })?;
+        let decode = if radix_kernels::gemv::fits_fp8(m, n, k) {
+            Some(fp8_decode_pair(args, &device, &gemm, &jit, (m, n, k), (&x, &xq, &xs), &block)?)
+        } else {
+            None
+        };
+        let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
+        let shape = format!("M={m} N={n} K={k} fp8");
+        bar.suspend(|| {
+            println!(
+                "{:<28} {:>10.4} {:>10.1} {:>14.2}",
+                format!("{m}x{n}x{k}"),
+                t.median_ms,
+                tflops,
+                quant.median_ms * 1e3
+            );
+            if let Some(d) = &decode {
+                let f = |key: &str| d[key].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "    back to back beyond L2: cuBLASLt FP8 {:.2} us ({:.1}% of copy) | FP8 GEMV {:.2} us ({:.1}%)",
+                    f("cublaslt_us"),
+                    f("cublaslt_copy_pct"),
+                    f("gemv_us"),
+                    f("gemv_copy_pct")
+                );
+            }
+        });
+        let mut extra = serde_json::json!({ "quantize_us": quant.median_ms * 1e3 });
+        if let Some(d) = decode {
+            extra["decode"] = d;
+        }
+        rows.push(Measurement {
+            benchmark: "gemm".into(),
+            shape,
+            ours: tflops,
+            unit: "TFLOP/s".into(),
+            median_ms: t.median_ms,
+            device: device.info().name.clone(),
+            extra: Some(extra),
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    write_json(args.json.as_ref(), &rows)
+}
+
+/// Decode-sized FP8 products back to back over weight copies beyond L2: cuBLASLt's FP8
+/// GEMM (activations already quantized) and our FP8-weight GEMV (16-bit activations).
+#[allow(clippy::type_complexity)]
+fn fp8_decode_pair(
+    args: &GemmArgs,
+    device: &Device,
+    gemm: &Gemm,
+    jit: &radix_gpu::Jit,
+    (m, n, k): (usize, usize, usize),
+    (x, xq, xs): (
+        &radix_gpu::DeviceBuffer<bf16>,
+        &radix_gpu::DeviceBuffer<u8>,
+        &radix_gpu::DeviceBuffer<f32>,
+    ),
+    block: &[bf16],
+) -> anyhow::Result<serde_json::Value> {
+    use radix_kernels::{fp8::quantize_rows, gemv};
+    let copy = super::decode::copy_bandwidth(device)?;
+    let copies = (256usize << 20).div_ceil(n * k).clamp(1, 16);
+    let mut weights = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        let w = upload_cycled(device, block, n * k)?;
+        let mut q = device.alloc::<u8>(n * k)?;
+        let mut s = device.alloc::<f32>(n)?;
+        quantize_rows(jit, &w, n, k, &mut q, &mut s)?;
+        weights.push((q, s));
+    }
+    let mut out = device.alloc::<bf16>(m * n)?;
+    let lt = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+        let (q, s) = &weights[i % copies];
+        // SAFETY: every buffer was allocated at the size the shape names.
+        unsafe {
+            gemm.matmul_fp8_raw(m, n, k, xq.ptr(), xs.ptr(), q.ptr(), s.ptr(), 0, out.ptr_mut())
+        }
+    })?;
+    let ours = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+        let (q, s) = &weights[i % copies];
+        gemv::gemv_fp8(jit, m, n, k, x, q, s, &mut out)
+    })?;
+    let bytes = (n * k + 4 * n + 2 * m * k + 2 * m * n) as f64;
+    let pct = |ms: f64| 100.0 * bytes / (ms * 1e-3) / copy;
+    Ok(serde_json::json!({
+        "cublaslt_us": lt.median_ms * 1e3,
+        "cublaslt_copy_pct": pct(lt.median_ms),
+        "gemv_us": ours.median_ms * 1e3,
+        "gemv_copy_pct": pct(ours.median_ms),
+        "copy_gbps": copy / 1e9,
+        "weight_copies": copies,
+    }))
 }
 
 /// Our GEMV beside cuBLASLt on decode shapes, as weight-read bandwidth (see the module doc).

@@ -73,7 +73,7 @@ pub fn run(mut args: OfflineArgs) -> anyhow::Result<()> {
             tokenizer.clone(),
             cfg,
         )?;
-        runner = Some(run_once(&args, engine, &name)?.into_runner());
+        runner = Some(run_once(&args, engine, &name, loaded.fp8_weights)?.into_runner());
     }
     Ok(())
 }
@@ -82,6 +82,7 @@ fn run_once(
     args: &OfflineArgs,
     mut engine: radix_engine::Engine,
     name: &str,
+    fp8_linear: bool,
 ) -> anyhow::Result<radix_engine::Engine> {
     let samples = dataset::load(&args.dataset, args.num_prompts, engine.tokenizer(), args.seed)?;
     let n = samples.len();
@@ -98,6 +99,7 @@ fn run_once(
         &lens,
         gpus * args.roofline_copy_gbps * 1e9,
         gpus * args.roofline_tflops * 1e12,
+        fp8_linear,
     );
     let prompt_lens: Vec<usize> = lens.iter().map(|&(p, _)| p).collect();
     let mut sinks = Vec::with_capacity(n);
@@ -227,7 +229,8 @@ fn run_once(
             100.0 * roof.total_s() / secs
         );
     }
-    let shape = format!("{} n={n} {name} max_running={max_running}", args.dataset);
+    let weights = if fp8_linear { " fp8" } else { "" };
+    let shape = format!("{} n={n} {name}{weights} max_running={max_running}", args.dataset);
     write_json(
         args.json.as_ref(),
         &[Measurement {
@@ -253,6 +256,7 @@ fn run_once(
                 "roofline_decode_s": roof.decode_s,
                 "roofline_out_tok_s": output_tokens as f64 / roof.total_s(),
                 "roofline_gpus": gpus,
+                "fp8_linear": fp8_linear,
                 "sparse_budget": engine.config().sparse.map(|s| s.budget.to_string()),
                 "kv_read_gb": kv_read / 1e9,
                 "kv_read_dense_gb": kv_dense / 1e9,

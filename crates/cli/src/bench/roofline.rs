@@ -7,6 +7,10 @@
 //!   of reading the weights once and their matmul FLOPs at the peak, plus reading their
 //!   KV cache (prompt + t tokens each) at the copy bandwidth.
 //!
+//! FP8 linear layers (`fp8_linear`): their weights are read at one byte per parameter
+//! and multiplied at twice the bf16 peak (Hopper's FP8 tensor rate); embeddings and the
+//! LM head stay bf16.
+//!
 //! Attention FLOPs, norms, sampling and launch gaps are left out, so real engines stay
 //! above it. It tells how much of a gap to a target a dataset's shape alone explains:
 //! a long tail of outputs makes many weight-bound steps for few tokens.
@@ -26,23 +30,29 @@ impl Roofline {
     }
 }
 
-/// `lens`: (prompt, output) tokens per request; bf16 weights and KV.
+/// `lens`: (prompt, output) tokens per request; bf16 KV, bf16 weights or FP8 linear
+/// layers (`fp8_linear`); `peak_flops`: the bf16 GEMM peak.
 pub fn roofline(
     cfg: &ModelConfig,
     lens: &[(usize, usize)],
     copy_bps: f64,
     peak_flops: f64,
+    fp8_linear: bool,
 ) -> Roofline {
     let embed = cfg.vocab_size * cfg.hidden_size;
     let matmul_params = (cfg.num_params() - embed) as f64; // layers (+ an untied head)
     let head = (cfg.vocab_size * cfg.hidden_size) as f64;
     // The head runs only for sampled rows: leave it out of prefill tokens.
     let body = if cfg.tie_word_embeddings { matmul_params } else { matmul_params - head };
-    let weight_bytes = 2.0 * cfg.num_params() as f64;
+    let (weight_bytes, body_flops) = if fp8_linear {
+        (2.0 * cfg.num_params() as f64 - body, 2.0 * peak_flops)
+    } else {
+        (2.0 * cfg.num_params() as f64, peak_flops)
+    };
     let kv_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2) as f64;
 
     let prompt_tokens: usize = lens.iter().map(|l| l.0).sum();
-    let prefill_s = prompt_tokens as f64 * 2.0 * body / peak_flops;
+    let prefill_s = prompt_tokens as f64 * 2.0 * body / body_flops;
     let longest = lens.iter().map(|l| l.1).max().unwrap_or(0);
     // Requests alive at step t: those whose output is at least t long.
     let mut by_len: Vec<(usize, usize)> = lens.iter().map(|&(p, o)| (o, p)).collect();
@@ -58,8 +68,8 @@ pub fn roofline(
         }
         // Each alive request reads prompt + t tokens of KV at step t.
         let kv = (ctx_sum + (alive * t) as f64) * kv_per_token;
-        let flops = alive as f64 * 2.0 * (body + head);
-        decode_s += (weight_bytes / copy_bps).max(flops / peak_flops) + kv / copy_bps;
+        let compute_s = alive as f64 * 2.0 * (body / body_flops + head / peak_flops);
+        decode_s += (weight_bytes / copy_bps).max(compute_s) + kv / copy_bps;
     }
     Roofline { prefill_s, decode_s }
 }
@@ -75,7 +85,7 @@ mod tests {
     #[test]
     fn one_request_costs_its_prompt_flops_and_a_weight_read_per_output_token() {
         let c = cfg();
-        let r = roofline(&c, &[(1000, 10)], 3e12, 750e12);
+        let r = roofline(&c, &[(1000, 10)], 3e12, 750e12, false);
         let weights = 2.0 * c.num_params() as f64;
         // Ten weight-bound steps plus a little KV.
         assert!(r.decode_s > 10.0 * weights / 3e12 && r.decode_s < 10.5 * weights / 3e12);
@@ -90,7 +100,7 @@ mod tests {
         let lens: Vec<(usize, usize)> =
             samples.iter().map(|s| (s.prompt.len(), s.output_len)).collect();
         let out: usize = lens.iter().map(|l| l.1).sum();
-        let r = roofline(&cfg(), &lens, 2990e9, 750e12);
+        let r = roofline(&cfg(), &lens, 2990e9, 750e12, false);
         let tps = out as f64 / r.total_s();
         eprintln!(
             "{dataset} roofline: {:.2} s (prefill {:.2}, decode {:.2}), {tps:.0} out tok/s",
@@ -119,13 +129,28 @@ mod tests {
         assert!((10_000.0..16_200.0).contains(&tps), "{tps}");
     }
 
+    /// FP8 linear layers: a weight-bound step reads about half the bytes (the embedding
+    /// and head stay bf16), and prefill runs at twice the rate.
+    #[test]
+    fn fp8_linear_layers_halve_the_weight_reads() {
+        let c = cfg();
+        let (b16, f8) = (
+            roofline(&c, &[(1000, 10)], 3e12, 750e12, false),
+            roofline(&c, &[(1000, 10)], 3e12, 750e12, true),
+        );
+        let ratio = f8.decode_s / b16.decode_s;
+        assert!((0.52..0.58).contains(&ratio), "{ratio}"); // 1 GB of bf16 embed + head in 16
+        assert!((f8.prefill_s / b16.prefill_s - 0.5).abs() < 1e-9);
+    }
+
     #[test]
     fn a_long_tail_costs_weight_reads() {
         let c = cfg();
         let even: Vec<(usize, usize)> = (0..100).map(|_| (200, 200)).collect();
         let mut tail = even.clone();
         tail[0].1 = 1000; // one request runs 800 steps alone
-        let (a, b) = (roofline(&c, &even, 3e12, 750e12), roofline(&c, &tail, 3e12, 750e12));
+        let (a, b) =
+            (roofline(&c, &even, 3e12, 750e12, false), roofline(&c, &tail, 3e12, 750e12, false));
         let extra = b.decode_s - a.decode_s;
         assert!(extra > 800.0 * 2.0 * c.num_params() as f64 / 3e12, "{extra}");
     }

@@ -28,6 +28,9 @@ pub struct StepArgs {
     steps: usize,
     #[arg(long, default_value_t = 16)]
     page_size: usize,
+    /// `fp8`: the linear layers quantized to FP8 at load (as `serve --quantization fp8`).
+    #[arg(long, value_enum)]
+    quantization: Option<crate::engine_args::Quantization>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -37,7 +40,10 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
         a.batch > 0 && !a.context.is_empty() && a.context.iter().all(|&c| c > 0),
         "bench step needs --batch and every --context above 0"
     );
-    let source = crate::engine_args::open_model(&a.model)?;
+    let mut source = crate::engine_args::open_model(&a.model)?;
+    if a.quantization.is_some() {
+        source = source.quantize_fp8()?;
+    }
     let cfg = source.config.clone();
     let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
     let mut rows = Vec::new();
@@ -153,7 +159,8 @@ fn step_at(
     walls.sort_by(f64::total_cmp);
     let wall = walls.iter().sum::<f64>() / n;
     let gpu = times.total_ms() / n;
-    let weight_bytes = cfg.num_params() as f64 * 2.0;
+    // What the GPU holds (FP8 linear layers read one byte per weight).
+    let weight_bytes = model.backend.weight_bytes() as f64;
     let kv_bytes = a.batch as f64 * (context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
     let floor_ms = (weight_bytes + kv_bytes) / copy_bw * 1e3;
     println!(
@@ -188,7 +195,13 @@ fn step_at(
     );
     Ok(Measurement {
         benchmark: "decode_step_breakdown".into(),
-        shape: format!("{} batch={} context={}", a.model, a.batch, context),
+        shape: format!(
+            "{}{} batch={} context={}",
+            a.model,
+            if a.quantization.is_some() { " fp8" } else { "" },
+            a.batch,
+            context
+        ),
         ours: graph_wall,
         unit: "ms".into(),
         median_ms: graph_walls[graph_walls.len() / 2],

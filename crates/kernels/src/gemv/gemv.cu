@@ -8,6 +8,10 @@
 // independent 16-byte weight loads in flight per step (UNROLL steps at a time) and the
 // loads of a row are contiguous across the block; x is read through L1 (a few KB, shared
 // by every block). Then a shuffle reduction per warp and one through shared memory.
+//
+// W_FP8: the weight is e4m3 bytes with an f32 scale per row (an FP8 linear layer), x
+// stays 16-bit: half the bytes of a 16-bit weight, no activation quantization. A 16-byte
+// load then holds 16 weights; the scale is applied once per output.
 #include "common/types.cuh"
 
 #ifndef M_ROWS
@@ -15,6 +19,17 @@
 #endif
 #ifndef OUT_F32
 #define OUT_F32 0
+#endif
+#ifndef W_FP8
+#define W_FP8 0
+#endif
+
+#if W_FP8
+typedef unsigned char w_t;
+constexpr int CHUNK = 16;  // weights per 16-byte load
+#else
+typedef elem_t w_t;
+constexpr int CHUNK = 8;
 #endif
 
 constexpr int M = M_ROWS;
@@ -32,12 +47,13 @@ typedef elem_t out_t;
 
 // Mirrors GemvParams in gemv/mod.rs.
 struct GemvParams {
-  const elem_t* x;  // [m_rows, k]
-  const elem_t* w;  // [n, k]
-  out_t* out;       // [m_rows, n]
-  int m_rows;       // <= M
+  const elem_t* x;         // [m_rows, k]
+  const w_t* w;            // [n, k]
+  out_t* out;              // [m_rows, n]
+  const float* w_scales;   // W_FP8: [n]
+  int m_rows;              // <= M
   int n;
-  int k;            // a multiple of 8
+  int k;                   // a multiple of CHUNK
   int reserved;
 };
 
@@ -54,8 +70,34 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
   return s;
 }
 
+#if W_FP8
+// Two e4m3 bytes (low byte first) as floats, through the f16x2 conversion (sm_89+).
+__device__ __forceinline__ void e4m3x2_to_float(u32 v, float& lo, float& hi) {
+  u32 h2;
+  asm("{.reg .b16 a;\n mov.b16 a, %1;\n cvt.rn.f16x2.e4m3x2 %0, a;}\n" : "=r"(h2) : "h"((u16)v));
+  unpack2<half_t>(h2, lo, hi);
+}
+
+// Sixteen e4m3 weights against sixteen 16-bit x values (two 16-byte vectors).
+__device__ __forceinline__ float dot16_fp8(uint4 w, uint4 x0, uint4 x1) {
+  const u32 wv[4] = {w.x, w.y, w.z, w.w};
+  const u32 xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float w0, w1, w2, w3, a0, a1, a2, a3;
+    e4m3x2_to_float(wv[i] & 0xffffu, w0, w1);
+    e4m3x2_to_float(wv[i] >> 16, w2, w3);
+    unpack2<elem_t>(xv[2 * i], a0, a1);
+    unpack2<elem_t>(xv[2 * i + 1], a2, a3);
+    s = fmaf(w0, a0, fmaf(w1, a1, fmaf(w2, a2, fmaf(w3, a3, s))));
+  }
+  return s;
+}
+#endif
+
 // Weights are read once: keep them out of L1.
-__device__ __forceinline__ uint4 load_stream(const elem_t* p) {
+__device__ __forceinline__ uint4 load_stream(const w_t* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -66,14 +108,14 @@ __device__ __forceinline__ uint4 load_stream(const elem_t* p) {
 extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant__ GemvParams p) {
   __shared__ float partial[WARPS][ROWS * M];
   const int n0 = blockIdx.x * ROWS;
-  const int chunks = p.k / 8;
+  const int chunks = p.k / CHUNK;
   float acc[ROWS][M];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   // Rows past N read row N - 1 (in bounds) and are never written.
-  const elem_t* wrow[ROWS];
+  const w_t* wrow[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) wrow[r] = p.w + (long long)min(n0 + r, p.n - 1) * p.k;
 
@@ -83,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
     for (int u = 0; u < UNROLL; ++u) {
       const int c = c0 + u * THREADS;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) wv[u][r] = c < chunks ? load_stream(wrow[r] + c * 8) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < ROWS; ++r) wv[u][r] = c < chunks ? load_stream(wrow[r] + c * CHUNK) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -92,9 +134,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           if (m < p.m_rows) {
+#if W_FP8
+            const uint4* xp = reinterpret_cast<const uint4*>(p.x + (long long)m * p.k) + 2 * c;
+            const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[r][m] += dot16_fp8(wv[u][r], x0, x1);
+#else
             const uint4 xv = __ldg(reinterpret_cast<const uint4*>(p.x + (long long)m * p.k) + c);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) acc[r][m] += dot8(wv[u][r], xv);
+#endif
           }
         }
       }
@@ -116,6 +165,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) s += partial[w][threadIdx.x];
     if (n0 + r < p.n && m < p.m_rows) {
+#if W_FP8
+      s *= p.w_scales[n0 + r];
+#endif
 #if OUT_F32
       p.out[(long long)m * p.n + n0 + r] = s;
 #else
@@ -125,4 +177,4 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
   }
 }
 
-static_assert(sizeof(GemvParams) == 40, "GemvParams mirrors gemv/mod.rs");
+static_assert(sizeof(GemvParams) == 48, "GemvParams mirrors gemv/mod.rs");

@@ -1,8 +1,11 @@
 //! Skinny GEMMs for decode (gemv.cu): `out[M,N] = x[M,K] · wᵀ` for M up to 8 and a
 //! Linear weight `w[N,K]`, bandwidth-bound, beside cuBLASLt (`bench gemm --gemv`).
+//! `gemv_fp8`: the same with an FP8 weight (e4m3 bytes, a scale per row) and 16-bit x.
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
-use radix_gpu::{DeviceBuffer, Element, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure};
+use radix_gpu::{
+    Arch, DeviceBuffer, Element, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure,
+};
 
 use crate::{HEADERS, dtype_define};
 
@@ -22,6 +25,11 @@ pub fn spec<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
         .define("OUT_F32", out_f32 as u32)
 }
 
+/// The FP8-weight specialisation (e4m3 conversion in hardware: sm_89 and later).
+pub fn spec_fp8<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
+    spec::<T>(m_rows, out_f32).define("W_FP8", 1).min_arch(Arch::SM89)
+}
+
 /// Mirrors `GemvParams` in gemv.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +37,7 @@ struct GemvParams {
     x: u64,
     w: u64,
     out: u64,
+    w_scales: u64,
     m_rows: i32,
     n: i32,
     k: i32,
@@ -38,7 +47,7 @@ struct GemvParams {
 // SAFETY: plain data mirroring the kernel's parameter struct.
 unsafe impl DeviceRepr for GemvParams {}
 
-const _: () = assert!(std::mem::size_of::<GemvParams>() == 40);
+const _: () = assert!(std::mem::size_of::<GemvParams>() == 48);
 
 /// Whether `gemv` takes this product: few rows, K in whole 16-byte chunks, sizes in i32.
 pub fn fits(m: usize, n: usize, k: usize) -> bool {
@@ -77,6 +86,7 @@ pub fn gemv<T: HalfFloat, O: Element>(
         x: x.ptr(),
         w: w.ptr(),
         out: out.ptr_mut(),
+        w_scales: 0,
         m_rows: m as i32,
         n: n as i32,
         k: k as i32,
@@ -88,5 +98,57 @@ pub fn gemv<T: HalfFloat, O: Element>(
         shared_mem_bytes: 0,
     };
     // SAFETY: sizes checked above; the kernel reads rows < n of w and m_rows rows of x.
+    unsafe { kernel.launch(x.device(), cfg, &params) }
+}
+
+/// Whether `gemv_fp8` takes this product: `fits`, with K in whole 16-byte weight chunks.
+pub fn fits_fp8(m: usize, n: usize, k: usize) -> bool {
+    fits(m, n, k) && k.is_multiple_of(16)
+}
+
+/// `out[m, n] = scales[n] · Σ_k x[m, k] · e4m3(w[n, k])` (f32 accumulation); `O` is `T`
+/// or f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_fp8<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<u8>,
+    scales: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<O>,
+) -> Result<()> {
+    ensure!(
+        fits_fp8(m, n, k),
+        "gemv_fp8 takes 1..={MAX_ROWS} rows and K a multiple of 16, got M={m} N={n} K={k}"
+    );
+    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
+    ensure!(
+        out_f32 || O::DTYPE == T::DTYPE,
+        "gemv_fp8 writes f32 or the input dtype, not {}",
+        O::DTYPE
+    );
+    ensure!(x.len() >= m * k, "gemv_fp8 x holds {} elements, expected {m}*{k}", x.len());
+    ensure!(w.len() >= n * k, "gemv_fp8 w holds {} bytes, expected {n}*{k}", w.len());
+    ensure!(scales.len() >= n, "gemv_fp8 has {} scales for {n} rows", scales.len());
+    ensure!(out.len() >= m * n, "gemv_fp8 out holds {} elements, expected {m}*{n}", out.len());
+    let kernel = jit.kernel(x.device(), &spec_fp8::<T>(m, out_f32), "gemv")?;
+    let params = GemvParams {
+        x: x.ptr(),
+        w: w.ptr(),
+        out: out.ptr_mut(),
+        w_scales: scales.ptr(),
+        m_rows: m as i32,
+        n: n as i32,
+        k: k as i32,
+        reserved: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: sizes checked above; the kernel reads rows < n of w and scales, m_rows of x.
     unsafe { kernel.launch(x.device(), cfg, &params) }
 }

@@ -50,12 +50,44 @@ params!(NormParams {
     delta: u64,
     weight: u64,
     out: u64,
+    q: u64,
+    q_scales: u64,
     rows: i32,
     hidden: i32,
     eps: f32,
     reserved: i32
 });
-params!(SiluParams { gate_up: u64, out: u64, rows: i32, inter: i32 });
+params!(SiluParams { gate_up: u64, out: u64, q: u64, q_scales: u64, rows: i32, inter: i32 });
+
+/// Where an op that fuses FP8 quantization into its output writes it: `[rows, cols]` e4m3
+/// bytes and a scale per row, as `fp8::quantize_rows` would give them for that output.
+pub struct Fp8Out<'a> {
+    pub q: &'a mut DeviceBuffer<u8>,
+    pub scales: &'a mut DeviceBuffer<f32>,
+}
+
+impl Fp8Out<'_> {
+    fn ptrs(&mut self, rows: usize, cols: usize) -> Result<(u64, u64)> {
+        let arch = self.q.device().arch();
+        ensure!(
+            arch.sm() >= radix_gpu::Arch::SM89.sm(),
+            "FP8 quantization needs sm_89 or later; this GPU is {arch}"
+        );
+        ensure!(
+            self.q.len() >= rows * cols && self.scales.len() >= rows,
+            "FP8 output too small for [{rows}, {cols}] (q {}, scales {})",
+            self.q.len(),
+            self.scales.len()
+        );
+        Ok((self.q.ptr_mut(), self.scales.ptr_mut()))
+    }
+}
+
+/// Rows RMSNorm keeps in registers (`NORM_VECS` 16-byte vectors of 256 threads), the only
+/// ones it quantizes itself.
+pub const NORM_FP8_MAX: usize = 8192;
+/// The longest row `silu_mul_fp8` takes (`SILU_FP8_VECS` in ops.cu).
+pub const SILU_FP8_MAX: usize = 16384;
 params!(GatherParams { x: u64, rows: u64, out: u64, count: i32, cols: i32 });
 params!(SampleParams {
     logits: u64,
@@ -119,9 +151,25 @@ pub fn rms_norm<T: HalfFloat>(
     eps: f32,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
+    rms_norm_fp8(jit, x, weight, rows, hidden, eps, out, None)
+}
+
+/// `rms_norm`, and its output quantized to `fp8` (rows of at most `NORM_FP8_MAX`, a
+/// multiple of 8, on sm_89 or later).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_fp8<T: HalfFloat>(
+    jit: &Jit,
+    x: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut DeviceBuffer<T>,
+    fp8: Option<Fp8Out<'_>>,
+) -> Result<()> {
     ensure!(x.len() >= rows * hidden, "rms_norm: input too small for {rows} x {hidden}");
     // SAFETY: without a delta the kernel only reads `x` through its residual pointer.
-    unsafe { launch_norm(jit, x.ptr(), None, weight, rows, hidden, eps, out) }
+    unsafe { launch_norm(jit, x.ptr(), None, weight, rows, hidden, eps, out, fp8) }
 }
 
 /// `residual += delta` (stored rounded), then `out = residual / rms(residual) * weight`.
@@ -136,13 +184,31 @@ pub fn add_rms_norm<T: HalfFloat>(
     eps: f32,
     out: &mut DeviceBuffer<T>,
 ) -> Result<()> {
+    add_rms_norm_fp8(jit, residual, delta, weight, rows, hidden, eps, out, None)
+}
+
+/// `add_rms_norm`, and its output quantized to `fp8` (as `rms_norm_fp8`).
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_fp8<T: HalfFloat>(
+    jit: &Jit,
+    residual: &mut DeviceBuffer<T>,
+    delta: &DeviceBuffer<T>,
+    weight: &DeviceBuffer<T>,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut DeviceBuffer<T>,
+    fp8: Option<Fp8Out<'_>>,
+) -> Result<()> {
     let n = rows * hidden;
     ensure!(
         residual.len() >= n && delta.len() >= n,
         "add_rms_norm: inputs too small for {rows} x {hidden}"
     );
     // SAFETY: `residual` is borrowed mutably for the launch.
-    unsafe { launch_norm(jit, residual.ptr_mut(), Some(delta), weight, rows, hidden, eps, out) }
+    unsafe {
+        launch_norm(jit, residual.ptr_mut(), Some(delta), weight, rows, hidden, eps, out, fp8)
+    }
 }
 
 /// # Safety
@@ -157,6 +223,7 @@ unsafe fn launch_norm<T: HalfFloat>(
     hidden: usize,
     eps: f32,
     out: &mut DeviceBuffer<T>,
+    fp8: Option<Fp8Out<'_>>,
 ) -> Result<()> {
     ensure!(
         weight.len() == hidden,
@@ -164,6 +231,16 @@ unsafe fn launch_norm<T: HalfFloat>(
         weight.len()
     );
     ensure!(out.len() >= rows * hidden, "rms_norm: output too small for {rows} x {hidden}");
+    let (q, q_scales) = match fp8 {
+        None => (0, 0),
+        Some(mut f) => {
+            ensure!(
+                hidden.is_multiple_of(8) && hidden <= NORM_FP8_MAX,
+                "RMSNorm quantizes rows of a multiple of 8 up to {NORM_FP8_MAX}, not {hidden}"
+            );
+            f.ptrs(rows, hidden)?
+        }
+    };
     if rows == 0 {
         return Ok(());
     }
@@ -173,6 +250,8 @@ unsafe fn launch_norm<T: HalfFloat>(
         delta: delta.map_or(0, |d| d.ptr()),
         weight: weight.ptr(),
         out: out.ptr_mut(),
+        q,
+        q_scales,
         rows: rows as i32,
         hidden: hidden as i32,
         eps,
@@ -201,6 +280,8 @@ pub fn silu_mul<T: HalfFloat>(
     let p = SiluParams {
         gate_up: gate_up.ptr(),
         out: out.ptr_mut(),
+        q: 0,
+        q_scales: 0,
         rows: rows as i32,
         inter: inter as i32,
     };
@@ -209,6 +290,41 @@ pub fn silu_mul<T: HalfFloat>(
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: sizes checked above.
     unsafe { k.launch(gate_up.device(), cfg, &p) }
+}
+
+/// `silu_mul`, and its output quantized to `fp8` (`inter` a multiple of 8 up to
+/// `SILU_FP8_MAX`; sm_89 or later).
+pub fn silu_mul_fp8<T: HalfFloat>(
+    jit: &Jit,
+    gate_up: &DeviceBuffer<T>,
+    rows: usize,
+    inter: usize,
+    out: &mut DeviceBuffer<T>,
+    mut fp8: Fp8Out<'_>,
+) -> Result<()> {
+    ensure!(
+        gate_up.len() >= rows * 2 * inter && out.len() >= rows * inter,
+        "silu_mul: buffers too small"
+    );
+    ensure!(
+        inter > 0 && inter.is_multiple_of(8) && inter <= SILU_FP8_MAX,
+        "silu_mul_fp8 takes rows of a multiple of 8 up to {SILU_FP8_MAX}, not {inter}"
+    );
+    let (q, q_scales) = fp8.ptrs(rows, inter)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let k = jit.kernel(gate_up.device(), &ops_spec::<T>(), "silu_mul_fp8")?;
+    let p = SiluParams {
+        gate_up: gate_up.ptr(),
+        out: out.ptr_mut(),
+        q,
+        q_scales,
+        rows: rows as i32,
+        inter: inter as i32,
+    };
+    // SAFETY: sizes checked above; one block per row.
+    unsafe { k.launch(gate_up.device(), rows_cfg(rows, 256), &p) }
 }
 
 /// `out[i] = x[rows[i]]` for `count` rows of `cols`; `rows[i] < x.len() / cols` is the

@@ -1,7 +1,11 @@
 // The small ops of a Llama layer around the GEMMs and attention: embedding lookup, RMSNorm
 // (alone, or fused with the residual add), SiLU·mul of the fused gate|up projection, and
 // gathering the rows that need logits. Activations are elem_t, math in f32.
-#include "common/types.cuh"
+//
+// Before an FP8 linear layer, RMSNorm and SiLU·mul also write their output as per-row
+// e4m3 bytes and scales (q non-null; common/fp8.cuh): the values they store, quantized
+// exactly as fp8/fp8.cu would, without a second pass over the activations.
+#include "common/fp8.cuh"
 
 struct EmbedParams {
   const elem_t* table;  // [vocab, hidden]
@@ -28,6 +32,8 @@ struct NormParams {
   const elem_t* delta;  // [rows, hidden] or null (plain RMSNorm of residual)
   const elem_t* weight; // [hidden]
   elem_t* out;          // [rows, hidden]
+  unsigned char* q;     // [rows, hidden] e4m3 of out, or null
+  float* q_scales;      // [rows]
   int rows;
   int hidden;
   float eps;
@@ -67,7 +73,8 @@ constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: h
 
 // grid rows, block 256. residual (+= delta, rounded to elem_t as the stream is stored),
 // then out = residual / rms(residual) * weight. Rows of up to 8192 elements (a multiple of
-// 8) stay in registers between the two passes; longer ones are read twice.
+// 8) stay in registers between the two passes; longer ones are read twice (and are never
+// asked for FP8: the launcher quantizes them apart).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid_constant__ NormParams p) {
   __shared__ float scratch[32];
   const long long base = (long long)blockIdx.x * p.hidden;
@@ -91,15 +98,30 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid
       for (int e = 0; e < 8; ++e) sq += x[j][e] * x[j][e];
     }
     const float inv = rsqrtf(block_sum(sq, scratch) / p.hidden + p.eps);
+    float amax = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VECS; ++j) {
       const int v = threadIdx.x + j * NORM_THREADS;
       if (v >= nvec) break;
-      float w[8], y[8];
+      float w[8];
       load8(p.weight + v * 8, w);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) y[e] = x[j][e] * inv * w[e];
-      store8(p.out + base + v * 8, y);
+      for (int e = 0; e < 8; ++e) {
+        x[j][e] = to_float(from_float<elem_t>(x[j][e] * inv * w[e]));  // as stored
+        if (p.q) amax = fmaxf(amax, fabsf(x[j][e]));
+      }
+      store8(p.out + base + v * 8, x[j]);
+    }
+    if (p.q) {
+      float scale;
+      const float qinv = fp8_row_inv(block_max(amax, scratch), &scale);
+      if (threadIdx.x == 0) p.q_scales[blockIdx.x] = scale;
+#pragma unroll
+      for (int j = 0; j < NORM_VECS; ++j) {
+        const int v = threadIdx.x + j * NORM_THREADS;
+        if (v >= nvec) break;
+        store_e4m3x8(p.q + base + v * 8, x[j], qinv);
+      }
     }
     return;
   }
@@ -124,9 +146,46 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid
 struct SiluParams {
   const elem_t* gate_up;  // [rows, 2 * inter]: gate then up
   elem_t* out;            // [rows, inter]
+  unsigned char* q;       // silu_mul_fp8: [rows, inter] e4m3 of out
+  float* q_scales;        // [rows]
   int rows;
   int inter;
 };
+
+constexpr int SILU_FP8_VECS = 8;  // 16-byte vectors per thread in registers: inter <= 16384
+
+// grid rows, block 256: silu_mul of one row kept in registers, then its e4m3 bytes and
+// scale (inter a multiple of 8, at most 16384).
+extern "C" __global__ void __launch_bounds__(256) silu_mul_fp8(const __grid_constant__ SiluParams p) {
+  __shared__ float scratch[32];
+  const long long r = blockIdx.x;
+  const int nvec = p.inter / 8;
+  float y[SILU_FP8_VECS][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < SILU_FP8_VECS; ++j) {
+    const int v = threadIdx.x + j * 256;
+    if (v >= nvec) break;
+    float g[8], u[8];
+    load8(p.gate_up + r * 2 * p.inter + v * 8, g);
+    load8(p.gate_up + r * 2 * p.inter + p.inter + v * 8, u);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      y[j][e] = to_float(from_float<elem_t>(g[e] / (1.f + __expf(-g[e])) * u[e]));  // as stored
+      amax = fmaxf(amax, fabsf(y[j][e]));
+    }
+    store8(p.out + r * p.inter + v * 8, y[j]);
+  }
+  float scale;
+  const float inv = fp8_row_inv(block_max(amax, scratch), &scale);
+  if (threadIdx.x == 0) p.q_scales[r] = scale;
+#pragma unroll
+  for (int j = 0; j < SILU_FP8_VECS; ++j) {
+    const int v = threadIdx.x + j * 256;
+    if (v >= nvec) break;
+    store_e4m3x8(p.q + r * p.inter + v * 8, y[j], inv);
+  }
+}
 
 // Eight outputs per thread when `inter` is a multiple of 8 (16-byte loads and stores).
 extern "C" __global__ void silu_mul(const __grid_constant__ SiluParams p) {

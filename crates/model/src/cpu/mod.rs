@@ -177,7 +177,13 @@ impl Backend for CpuBackend {
 
     fn upload(&mut self, t: &HostTensor) -> Result<CpuWeight> {
         let (rows, cols) = t.matrix_dims();
-        Ok(CpuWeight { data: t.data.clone(), rows, cols })
+        // FP8 weights dequantize once here (`q * s` in f32): the same numbers, without
+        // dequantizing a panel on every product.
+        let data = match &t.data {
+            HostData::Fp8(_) => HostData::F32(t.data.to_f32()),
+            other => other.clone(),
+        };
+        Ok(CpuWeight { data, rows, cols })
     }
 
     fn kv_dtype(&self) -> KvDtype {

@@ -179,7 +179,7 @@ impl CudaBackend {
             kv_indices,
             sparse_entries: sparse_entries(sparse, kv_indices, cfg.num_kv_heads),
         };
-        self.ensure_workspace(act_shape(cfg), &caps)?;
+        self.ensure_workspace(act_shape(cfg, self.fp8_cols), &caps)?;
         Ok(self.workspace().map_or(0, |w| w.device_bytes()))
     }
 

@@ -1,4 +1,5 @@
-//! The CUDA backend: bf16 weights and activations, f32 logits; cuBLASLt GEMMs, our
+//! The CUDA backend: bf16 weights and activations (FP8 linear weights where the model has
+//! them: see `linear`), f32 logits; cuBLASLt GEMMs, our
 //! attention (prefill and paged decode in one launch per layer), KV append with RoPE, and
 //! the small ops and the sampler from radix-kernels. Mirrors the CPU backend op by op.
 //!
@@ -25,9 +26,10 @@ use std::sync::Arc;
 
 use half::bf16;
 use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup, StagedUploader};
+use radix_kernels::fp8 as fp8_acts;
 use radix_kernels::gemv;
 use radix_kernels::kv_append;
-use radix_kernels::ops::{self, SampleRow};
+use radix_kernels::ops::{self, Fp8Out, SampleRow};
 use radix_kernels::sparse as sparse_select;
 use radix_kv::{KvDtype, KvGeometry};
 
@@ -44,7 +46,7 @@ use crate::backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
-use crate::tensor::{HostData, HostTensor};
+use crate::tensor::{Fp8Rows, HostData, HostTensor};
 use crate::tp::TpShard;
 
 /// A bf16 activation `[rows, cols]` on the GPU.
@@ -63,11 +65,36 @@ impl Activation for GpuAct {
     }
 }
 
-/// A bf16 weight `[rows, cols]` (a vector is one row).
+/// A weight `[rows, cols]` (a vector is one row).
 pub struct GpuWeight {
-    pub buf: DeviceBuffer<bf16>,
+    pub data: WeightData,
     pub rows: usize,
     pub cols: usize,
+}
+
+/// A weight's elements on the device.
+pub enum WeightData {
+    Bf16(DeviceBuffer<bf16>),
+    /// A linear layer's FP8 weight: e4m3 bytes `[rows, cols]` and a scale per row (per
+    /// output channel), read by cuBLASLt's FP8 GEMM.
+    Fp8 {
+        bits: DeviceBuffer<u8>,
+        scales: DeviceBuffer<f32>,
+    },
+}
+
+impl GpuWeight {
+    /// The bf16 elements every op but the FP8 GEMM reads; FP8 stays in linear layers.
+    fn bf16(&self) -> Result<&DeviceBuffer<bf16>> {
+        match &self.data {
+            WeightData::Bf16(b) => Ok(b),
+            WeightData::Fp8 { .. } => Err(ModelError::Invalid(format!(
+                "an FP8 weight [{}, {}] reached an op that takes bf16 (only linear layers \
+                 run FP8)",
+                self.rows, self.cols
+            ))),
+        }
+    }
 }
 
 /// The backend's memory besides the weights, in the order it is taken.
@@ -90,6 +117,26 @@ pub struct CudaBackend {
     weight_bytes: usize,
     /// Pinned buffers the weights are uploaded through while loading; freed by `init_kv`.
     uploader: Option<StagedUploader<bf16>>,
+    uploader_fp8: Option<StagedUploader<u8>>,
+    /// FP8 weights stay FP8 and run FP8 GEMMs (sm_89 and later); otherwise they are
+    /// dequantized to bf16 at upload. Opt-in for now (`RADIX_SPARSE_FP8_GEMM=1`): on the
+    /// H200 one cuBLASLt FP8 GEMM (M=7 N=4096 K=4096) wrote non-finite values, and the
+    /// change meant to avoid it (no split-K algorithms) is not yet measured there.
+    fp8_gemms: bool,
+    /// The widest input (K) of the FP8 weights uploaded: the step workspace keeps that
+    /// many e4m3 bytes per token for the quantized activations.
+    fp8_cols: usize,
+    /// RMSNorm and SiLU·mul write their output's FP8 form too (one pass instead of a
+    /// separate quantizer before each FP8 GEMM); `RADIX_SPARSE_FP8_FUSED=0` turns it off.
+    fp8_fused: bool,
+    /// The activation whose FP8 form the workspace holds now, (address, rows, cols): an
+    /// FP8 linear layer on it skips quantizing. Any op that may write that activation, or
+    /// the workspace's FP8 rows, clears it.
+    fp8_holds: Option<(u64, usize, usize)>,
+    /// FP8 layers on at most this many rows run our FP8-weight GEMV on the 16-bit
+    /// activations (no quantization) instead of cuBLASLt's FP8 GEMM, which reads small-M
+    /// weights slowly (bench/NOTES.md); `RADIX_SPARSE_FP8_GEMV_ROWS` sets it (0: never).
+    fp8_gemv_rows: usize,
     memory: Memory,
     /// The step begun by `begin_step`: views of the workspace, dropped before the
     /// workspace or the pool can change.
@@ -126,13 +173,100 @@ impl Drop for CudaBackend {
 impl CudaBackend {
     /// Whether `x.rows` rows against weight `w` go to the GEMV kernel.
     fn gemv_fits(&self, rows: usize, w: &GpuWeight) -> bool {
-        self.use_gemv && gemv::fits(rows, w.rows, w.cols)
+        self.use_gemv && matches!(w.data, WeightData::Bf16(_)) && gemv::fits(rows, w.rows, w.cols)
+    }
+
+    /// An FP8 weight's bytes and scales onto the device, as they are.
+    fn upload_fp8(&mut self, q: &Fp8Rows, rows: usize, cols: usize) -> Result<GpuWeight> {
+        Self::check(q.bits.len() == rows * cols && q.scales.len() == rows, || {
+            format!(
+                "FP8 weight [{rows}, {cols}] holds {} bytes and {} scales",
+                q.bits.len(),
+                q.scales.len()
+            )
+        })?;
+        let bits = if q.bits.len() < STAGED_UPLOAD_MIN {
+            self.device.upload(&q.bits)?
+        } else {
+            let uploader = match &mut self.uploader_fp8 {
+                Some(u) => u,
+                None => {
+                    self.uploader_fp8.insert(StagedUploader::new(&self.device, 2 * UPLOAD_CHUNK)?)
+                }
+            };
+            uploader.upload(&self.device, &q.bits)?
+        };
+        let scales = self.device.upload(&q.scales)?;
+        self.weight_bytes += bits.num_bytes() + scales.num_bytes();
+        self.fp8_cols = self.fp8_cols.max(cols);
+        Ok(GpuWeight { data: WeightData::Fp8 { bits, scales }, rows, cols })
+    }
+
+    /// Whether a fused op writing `rows` of `cols` (`max`: the longest row it quantizes
+    /// itself) also writes their FP8 form: when the model has FP8 layers to read it, on
+    /// more rows than the FP8 GEMV takes.
+    fn fuses_fp8(&self, rows: usize, cols: usize, max: usize) -> bool {
+        self.fp8_fused
+            && rows > self.fp8_gemv_rows
+            && cols <= self.fp8_cols
+            && cols <= max
+            && cols.is_multiple_of(8)
+    }
+
+    /// `out = x · wᵀ (+ bias)` with an FP8 weight: x is quantized per token into the
+    /// workspace's e4m3 rows, then cuBLASLt's FP8 GEMM applies both scale vectors.
+    fn linear_fp8(
+        &mut self,
+        x: &GpuAct,
+        (bits, scales): (&DeviceBuffer<u8>, &DeviceBuffer<f32>),
+        n: usize,
+        bias: Option<&DeviceBuffer<bf16>>,
+        out: &mut GpuAct,
+    ) -> Result<()> {
+        let (rows, k) = (x.rows, x.cols);
+        if let Some(b) = bias {
+            Self::check(b.len() == n, || format!("FP8 linear: {} bias values for {n}", b.len()))?;
+        }
+        if bias.is_none() && rows <= self.fp8_gemv_rows && gemv::fits_fp8(rows, n, k) {
+            return self.timed(Op::Gemm, |b| {
+                Ok(gemv::gemv_fp8(&b.jit, rows, n, k, &x.buf, bits, scales, &mut out.buf)?)
+            });
+        }
+        let (mut q, mut q_scales) = self.ready()?.0.fp8_acts(rows, k)?;
+        let held = (x.buf.ptr(), rows, k);
+        if self.fp8_holds != Some(held) {
+            self.timed(Op::Other, |b| {
+                Ok(fp8_acts::quantize_rows(&b.jit, &x.buf, rows, k, &mut q, &mut q_scales)?)
+            })?;
+            self.fp8_holds = Some(held);
+        }
+        let bias = bias.map_or(0, |b| b.ptr());
+        self.timed(Op::Gemm, |b| {
+            // SAFETY: q is [rows, k] and q_scales [rows] (workspace views of that size),
+            // bits [n, k] and scales [n] (checked at upload), out [rows, n] (checked by
+            // `linear`), bias [n] when given (checked by the model's loader).
+            Ok(unsafe {
+                b.gemm.matmul_fp8_raw(
+                    rows,
+                    n,
+                    k,
+                    q.ptr(),
+                    q_scales.ptr(),
+                    bits.ptr(),
+                    scales.ptr(),
+                    bias,
+                    out.buf.ptr_mut(),
+                )
+            }?)
+        })
     }
 
     /// Opens GPU `ordinal`; kernels compile (or come from the cache) on first use.
     pub fn new(ordinal: usize) -> Result<Self> {
         let device = Device::open(ordinal)?;
         let gemm = Gemm::new(&device)?;
+        let fp8_gemms = device.arch().sm() >= radix_gpu::Arch::SM89.sm()
+            && std::env::var("RADIX_SPARSE_FP8_GEMM").is_ok_and(|v| v == "1");
         Ok(Self {
             device,
             jit: Jit::with_default_cache(),
@@ -140,6 +274,16 @@ impl CudaBackend {
             profiler: None,
             weight_bytes: 0,
             uploader: None,
+            uploader_fp8: None,
+            fp8_gemms,
+            fp8_cols: 0,
+            fp8_fused: std::env::var("RADIX_SPARSE_FP8_FUSED").map_or(true, |v| v != "0"),
+            fp8_holds: None,
+            fp8_gemv_rows: std::env::var("RADIX_SPARSE_FP8_GEMV_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4)
+                .min(gemv::MAX_ROWS),
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
@@ -192,6 +336,26 @@ impl CudaBackend {
     /// (graphs captured, graph replays) so far.
     pub fn graph_stats(&self) -> (usize, u64) {
         (self.graphs.captured, self.graphs.replayed)
+    }
+
+    /// Whether FP8 weights uploaded from now on run FP8 GEMMs (`true`: sm_89 and later) or
+    /// are dequantized to bf16 (the same weights, 16-bit speed; the default for now).
+    pub fn set_fp8_gemms(&mut self, on: bool) -> Result<()> {
+        if on && self.device.arch().sm() < radix_gpu::Arch::SM89.sm() {
+            return Err(ModelError::Invalid(format!(
+                "FP8 GEMMs need sm_89 or later; this GPU is {}",
+                self.device.arch()
+            )));
+        }
+        self.fp8_gemms = on;
+        Ok(())
+    }
+
+    /// Whether RMSNorm and SiLU·mul quantize their output for the FP8 layers themselves
+    /// (`true`, the default) or a separate quantizer runs before each FP8 GEMM: the same
+    /// bytes either way.
+    pub fn set_fp8_fused(&mut self, on: bool) {
+        self.fp8_fused = on;
     }
 
     /// Bytes of the weights uploaded so far.
@@ -293,8 +457,9 @@ fn sparse_entries(key_bounds: bool, kv_indices: usize, num_kv_heads: usize) -> u
     if key_bounds { kv_indices * num_kv_heads } else { 0 }
 }
 
-/// The model sizes the workspace is planned from.
-fn act_shape(cfg: &ModelConfig) -> ActShape {
+/// The model sizes the workspace is planned from; `fp8_cols`: e4m3 bytes per token for
+/// the FP8 GEMMs' activations (0 without FP8 weights).
+fn act_shape(cfg: &ModelConfig, fp8_cols: usize) -> ActShape {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     ActShape {
         // residual, normed, delta (h each); qkv; q and attn; gate|up and mlp (3i): what
@@ -305,6 +470,7 @@ fn act_shape(cfg: &ModelConfig) -> ActShape {
         num_qo_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
+        fp8_cols,
     }
 }
 
@@ -318,8 +484,16 @@ fn to_bf16(data: &HostData) -> Vec<bf16> {
         HostData::BF16(v) => v.clone(),
         HostData::F16(v) => v.iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
         HostData::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
-        HostData::Blocks(_) => data.to_f32().into_iter().map(bf16::from_f32).collect(),
+        HostData::Blocks(_) | HostData::Fp8(_) => {
+            data.to_f32().into_iter().map(bf16::from_f32).collect()
+        }
     }
+}
+
+/// Whether cuBLASLt's FP8 GEMM takes a `[rows, cols]` weight: 16-byte rows of its inputs
+/// (`cols`) and of its bf16 output (`rows`).
+fn fp8_gemm_fits(rows: usize, cols: usize) -> bool {
+    cols.is_multiple_of(16) && rows.is_multiple_of(8)
 }
 
 impl Backend for CudaBackend {
@@ -335,6 +509,7 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce(&mut self, x: &mut GpuAct) -> Result<()> {
+        self.fp8_holds = None;
         let Some(g) = &self.group else { return Ok(()) };
         let (nccl, rank) = (g.nccl.clone(), g.shard.rank);
         let len = x.rows * x.cols;
@@ -352,6 +527,13 @@ impl Backend for CudaBackend {
 
     fn upload(&mut self, t: &HostTensor) -> Result<GpuWeight> {
         let (rows, cols) = t.matrix_dims();
+        if let HostData::Fp8(q) = &t.data
+            && self.fp8_gemms
+            && t.shape.len() == 2
+            && fp8_gemm_fits(rows, cols)
+        {
+            return self.upload_fp8(q, rows, cols);
+        }
         let converted;
         let data: &[bf16] = match &t.data {
             HostData::BF16(v) => v,
@@ -370,7 +552,7 @@ impl Backend for CudaBackend {
             uploader.upload(&self.device, data)?
         };
         self.weight_bytes += buf.num_bytes();
-        Ok(GpuWeight { buf, rows, cols })
+        Ok(GpuWeight { data: WeightData::Bf16(buf), rows, cols })
     }
 
     fn kv_dtype(&self) -> KvDtype {
@@ -380,6 +562,7 @@ impl Backend for CudaBackend {
     fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry> {
         // The weights are in: the upload buffers' pinned memory goes back.
         self.uploader = None;
+        self.uploader_fp8 = None;
         // Views and graphs point into the pool being replaced.
         self.step = None;
         self.graphs.clear();
@@ -400,7 +583,7 @@ impl Backend for CudaBackend {
         let kv_indices = kv.shape.num_pages() + base.seqs;
         let entries = sparse_entries(geometry.key_bounds(), kv_indices, cfg.num_kv_heads);
         let caps = Caps { kv_indices, sparse_entries: entries, ..base };
-        self.ensure_workspace(act_shape(cfg), &caps)?;
+        self.ensure_workspace(act_shape(cfg, self.fp8_cols), &caps)?;
         let workspace = match std::mem::replace(&mut self.memory, Memory::Weights) {
             Memory::Planned(ws) | Memory::Ready { workspace: ws, .. } => ws,
             Memory::Weights => {
@@ -420,6 +603,7 @@ impl Backend for CudaBackend {
             "a logit row is past the step's tokens".into()
         })?;
         self.step = None;
+        self.fp8_holds = None;
         self.sync_with_group();
         let (scratch, page_size, policy) = {
             let kv = self.kv()?;
@@ -494,10 +678,11 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&mut self, table: &GpuWeight, out: &mut GpuAct) -> Result<()> {
+        self.fp8_holds = None;
         Self::check(out.cols == table.cols, || "embed: shape mismatch".into())?;
         self.timed(Op::Other, |b| {
             let st = b.step()?;
-            Ok(ops::embed(&b.jit, &table.buf, &st.tokens, out.rows, out.cols, &mut out.buf)?)
+            Ok(ops::embed(&b.jit, table.bf16()?, &st.tokens, out.rows, out.cols, &mut out.buf)?)
         })
     }
 
@@ -505,9 +690,19 @@ impl Backend for CudaBackend {
         Self::check(x.rows == out.rows && x.cols == out.cols, || {
             "rms_norm: shape mismatch".into()
         })?;
+        let (rows, cols) = (x.rows, x.cols);
+        self.fp8_holds = None;
+        let fused = self.fuses_fp8(rows, cols, ops::NORM_FP8_MAX);
+        let mut fp8 =
+            fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
         self.timed(Op::Norm, |b| {
-            Ok(ops::rms_norm(&b.jit, &x.buf, &w.buf, x.rows, x.cols, eps, &mut out.buf)?)
-        })
+            let f = fp8.as_mut().map(|(q, scales)| Fp8Out { q, scales });
+            Ok(ops::rms_norm_fp8(&b.jit, &x.buf, w.bf16()?, rows, cols, eps, &mut out.buf, f)?)
+        })?;
+        if fp8.is_some() {
+            self.fp8_holds = Some((out.buf.ptr(), rows, cols));
+        }
+        Ok(())
     }
 
     fn add_rms_norm(
@@ -522,18 +717,27 @@ impl Backend for CudaBackend {
             "add_rms_norm: shape mismatch".into()
         })?;
         let (rows, cols) = (residual.rows, residual.cols);
+        self.fp8_holds = None;
+        let fused = self.fuses_fp8(rows, cols, ops::NORM_FP8_MAX);
+        let mut fp8 =
+            fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
         self.timed(Op::Norm, |b| {
-            Ok(ops::add_rms_norm(
+            Ok(ops::add_rms_norm_fp8(
                 &b.jit,
                 &mut residual.buf,
                 &delta.buf,
-                &w.buf,
+                w.bf16()?,
                 rows,
                 cols,
                 eps,
                 &mut out.buf,
+                fp8.as_mut().map(|(q, scales)| Fp8Out { q, scales }),
             )?)
-        })
+        })?;
+        if fp8.is_some() {
+            self.fp8_holds = Some((out.buf.ptr(), rows, cols));
+        }
+        Ok(())
     }
 
     fn linear(
@@ -552,6 +756,16 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
+        let bias = bias.map(GpuWeight::bf16).transpose()?;
+        if self.fp8_holds.is_some_and(|(at, ..)| at == out.buf.ptr()) {
+            self.fp8_holds = None;
+        }
+        let w_bf16 = match &w.data {
+            WeightData::Bf16(buf) => buf,
+            WeightData::Fp8 { bits, scales } => {
+                return self.linear_fp8(x, (bits, scales), w.rows, bias, out);
+            }
+        };
         let use_gemv = bias.is_none() && self.gemv_fits(x.rows, w);
         self.timed(Op::Gemm, |b| {
             if use_gemv {
@@ -561,17 +775,16 @@ impl Backend for CudaBackend {
                     w.rows,
                     w.cols,
                     &x.buf,
-                    &w.buf,
+                    w_bf16,
                     &mut out.buf,
                 )?);
             }
-            let bias = bias.map(|w| &w.buf);
             Ok(b.gemm.matmul::<bf16, bf16>(
                 x.rows,
                 w.rows,
                 w.cols,
                 &x.buf,
-                &w.buf,
+                w_bf16,
                 BLayout::NK,
                 bias,
                 0.0,
@@ -581,6 +794,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope_append(&mut self, layer: usize, qkv: &GpuAct, q: &mut GpuAct) -> Result<()> {
+        self.fp8_holds = None;
         self.timed(Op::KvAppend, |b| {
             let Self { step, memory, jit, .. } = b;
             let st =
@@ -598,6 +812,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&mut self, layer: usize, q: &GpuAct, out: &mut GpuAct) -> Result<()> {
+        self.fp8_holds = None;
         self.timed(Op::Attention, |b| {
             let Self { step, memory, jit, .. } = b;
             let st =
@@ -631,12 +846,25 @@ impl Backend for CudaBackend {
         Self::check(gate_up.cols == 2 * out.cols && gate_up.rows == out.rows, || {
             "silu_mul: shape mismatch".into()
         })?;
-        self.timed(Op::Other, |b| {
-            Ok(ops::silu_mul(&b.jit, &gate_up.buf, out.rows, out.cols, &mut out.buf)?)
-        })
+        let (rows, cols) = (out.rows, out.cols);
+        self.fp8_holds = None;
+        let fused = self.fuses_fp8(rows, cols, ops::SILU_FP8_MAX);
+        let fp8 = fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
+        self.timed(Op::Other, |b| match fp8 {
+            Some((mut q, mut scales)) => {
+                let f = Fp8Out { q: &mut q, scales: &mut scales };
+                Ok(ops::silu_mul_fp8(&b.jit, &gate_up.buf, rows, cols, &mut out.buf, f)?)
+            }
+            None => Ok(ops::silu_mul(&b.jit, &gate_up.buf, rows, cols, &mut out.buf)?),
+        })?;
+        if fused {
+            self.fp8_holds = Some((out.buf.ptr(), rows, cols));
+        }
+        Ok(())
     }
 
     fn gather_logit_rows(&mut self, x: &GpuAct, out: &mut GpuAct) -> Result<()> {
+        self.fp8_holds = None;
         Self::check(out.rows == self.step()?.num_logit_rows && out.cols == x.cols, || {
             "gather: shape mismatch".into()
         })?;
@@ -656,17 +884,18 @@ impl Backend for CudaBackend {
         // SAFETY: a view of the workspace used only within this call.
         let mut logits = unsafe { ws.logits.view(0, len) }?;
         let use_gemv = self.gemv_fits(x.rows, head);
+        let head_bf16 = head.bf16()?;
         self.timed(Op::Gemm, |b| {
             if use_gemv {
                 let (m, n, k) = (x.rows, head.rows, head.cols);
-                return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, &head.buf, &mut logits)?);
+                return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
             }
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,
                 head.rows,
                 head.cols,
                 &x.buf,
-                &head.buf,
+                head_bf16,
                 BLayout::NK,
                 None,
                 0.0,

@@ -144,6 +144,9 @@ pub struct ActShape {
     pub num_qo_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// e4m3 bytes per token of the FP8 GEMMs' quantized activations (the widest FP8
+    /// weight's K); 0 without FP8 weights.
+    pub fp8_cols: usize,
 }
 
 pub struct Workspace {
@@ -164,6 +167,10 @@ pub struct Workspace {
     /// Sparse paging: the per-head page tables the selection writes, and page scores.
     pub sparse_indices: DeviceBuffer<i32>,
     pub page_scores: DeviceBuffer<f32>,
+    /// FP8 linear layers: one layer's activations quantized per token, and their scales
+    /// (reused by every FP8 GEMM of the step, one after another on the stream).
+    fp8_q: DeviceBuffer<u8>,
+    fp8_scales: DeviceBuffer<f32>,
 }
 
 /// Elements of each workspace buffer for some capacities.
@@ -177,6 +184,8 @@ struct Sizes {
     sample_words: usize,
     rows: usize,
     sparse: usize,
+    fp8_q: usize,
+    fp8_scales: usize,
 }
 
 impl Sizes {
@@ -194,6 +203,8 @@ impl Sizes {
             sample_words: rows * radix_kernels::ops::SampleRow::WORDS,
             rows,
             sparse: caps.sparse_entries.max(1),
+            fp8_q: (caps.tokens * shape.fp8_cols).max(1),
+            fp8_scales: caps.tokens.max(1),
         }
     }
 }
@@ -231,6 +242,8 @@ impl Workspace {
             sampled_logprobs: device.alloc(n.rows)?,
             sparse_indices: device.alloc(n.sparse)?,
             page_scores: device.alloc(n.sparse)?,
+            fp8_q: device.alloc(n.fp8_q)?,
+            fp8_scales: device.alloc(n.fp8_scales)?,
         })
     }
 
@@ -256,6 +269,8 @@ impl Workspace {
         fit(device, &mut self.sampled_logprobs, n.rows)?;
         fit(device, &mut self.sparse_indices, n.sparse)?;
         fit(device, &mut self.page_scores, n.sparse)?;
+        fit(device, &mut self.fp8_q, n.fp8_q)?;
+        fit(device, &mut self.fp8_scales, n.fp8_scales)?;
         self.caps = caps;
         self.layout = layout;
         self.act_used = 0;
@@ -274,6 +289,26 @@ impl Workspace {
             + self.sampled_logprobs.num_bytes()
             + self.sparse_indices.num_bytes()
             + self.page_scores.num_bytes()
+            + self.fp8_q.num_bytes()
+            + self.fp8_scales.num_bytes()
+    }
+
+    /// Room for `rows` tokens of `cols` e4m3 activations and their scales.
+    pub fn fp8_acts(
+        &self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(DeviceBuffer<u8>, DeviceBuffer<f32>)> {
+        if rows * cols > self.fp8_q.len() || rows > self.fp8_scales.len() {
+            return Err(ModelError::Invalid(format!(
+                "FP8 activations of [{rows}, {cols}] do not fit the workspace ({} bytes for \
+                 {} rows)",
+                self.fp8_q.len(),
+                self.fp8_scales.len()
+            )));
+        }
+        // SAFETY: as for the metadata views (see `meta_view`).
+        Ok(unsafe { (self.fp8_q.view(0, rows * cols)?, self.fp8_scales.view(0, rows)?) })
     }
 
     /// Frees the activations of the previous step.

@@ -1,0 +1,55 @@
+// Per-row FP8 (e4m3) quantization shared by the quantizer (fp8/fp8.cu) and the ops that
+// fuse it into their output (RMSNorm, SiLU·mul in ops/ops.cu): one scale per row,
+// scale = amax / 448 (1 for a row of zeros or a non-finite amax), q = e4m3(x * 448 / amax).
+// Division and product are IEEE round-to-nearest, so every kernel and the CPU reference
+// (fp8::quantize_rows_reference) give the same bytes.
+#pragma once
+#include "common/types.cuh"
+
+constexpr float E4M3_MAX = 448.f;
+
+// Two floats to two e4m3 bytes, `lo` in the low byte; rounded to nearest even, saturated
+// to ±448 (NaN stays NaN). The conversion is hardware on sm_89 and later; the kernels
+// that use it are only launched there.
+__device__ __forceinline__ u16 e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+// The row's multiplier 448 / amax; its scale (amax / 448) goes to *scale.
+__device__ __forceinline__ float fp8_row_inv(float amax, float* scale) {
+  const bool usable = amax > 0.f && amax <= 3.402823466e38f;  // not zero, not inf or NaN
+  *scale = usable ? __fdiv_rn(amax, E4M3_MAX) : 1.f;
+  return usable ? __fdiv_rn(E4M3_MAX, amax) : 1.f;
+}
+
+// Eight values times `inv` as eight e4m3 bytes at `dst` (8-byte aligned).
+__device__ __forceinline__ void store_e4m3x8(unsigned char* dst, const float (&y)[8], float inv) {
+  u32 w[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float* v = y + 4 * j;
+    w[j] = (u32)e4m3x2(__fmul_rn(v[0], inv), __fmul_rn(v[1], inv)) |
+           ((u32)e4m3x2(__fmul_rn(v[2], inv), __fmul_rn(v[3], inv)) << 16);
+  }
+  *(uint2*)dst = make_uint2(w[0], w[1]);
+}
+
+// Largest of `v` over the block (blockDim.x a multiple of 32, at most 1024 threads);
+// `scratch` holds 32 floats. Every thread gets the result.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = 0.f;
+  for (int w = 0; w < (int)blockDim.x / 32; ++w) m = fmaxf(m, scratch[w]);
+  __syncthreads();
+  return m;
+}

@@ -1,0 +1,274 @@
+//! GPU tests of the FP8 path (`--features cuda`): the per-token quantizer equals its CPU
+//! reference byte for byte (zero rows, NaN, odd row counts, both input dtypes), and the
+//! FP8 GEMM (cuBLASLt, per-token × per-channel scales) matches the f64 product of the
+//! dequantized operands on odd and Llama-sized shapes, with and without bias. RMSNorm and
+//! SiLU·mul with the quantization fused give the bytes the quantizer gives for their
+//! output.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use radix_gpu::{DeviceBuffer, Element, Gemm, HalfFloat, Jit, require_gpu};
+use radix_kernels::fp8::{E4M3_MAX, e4m3_to_f32, quantize_rows, quantize_rows_reference};
+use radix_kernels::ops::{self, Fp8Out};
+use radix_kernels::relative_error;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+/// Rows of random values whose magnitudes differ from row to row (as activations do).
+fn activations<T: Element>(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let scale = 10f64.powf(rng.random_range(-2.0..2.0)) * (1 + r % 3) as f64;
+        out.extend((0..cols).map(|_| T::from_f64(rng.random_range(-1.0..1.0) * scale)));
+    }
+    out
+}
+
+fn quantize_on_gpu<T: HalfFloat>(
+    jit: &Jit,
+    x: &[T],
+    rows: usize,
+    cols: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    let dev = require_gpu();
+    let dx = dev.upload(x).unwrap();
+    let mut q: DeviceBuffer<u8> = dev.alloc(rows * cols).unwrap();
+    let mut s: DeviceBuffer<f32> = dev.alloc(rows.max(1)).unwrap();
+    q.fill_bytes(0x7f).unwrap(); // e4m3 NaN: a byte not written stays visible
+    s.fill_bytes(0xff).unwrap();
+    quantize_rows(jit, &dx, rows, cols, &mut q, &mut s).unwrap();
+    (q.to_vec().unwrap(), s.to_vec().unwrap()[..rows].to_vec())
+}
+
+fn check_quantizer<T: HalfFloat>(jit: &Jit, rng: &mut SmallRng) {
+    for (rows, cols) in [(1, 8), (3, 576), (7, 4096), (33, 14336), (2, 4104)] {
+        let mut x: Vec<T> = activations(rng, rows, cols);
+        if rows > 2 {
+            // A row of zeros keeps scale 1; a NaN stays NaN without spoiling its row.
+            x[cols..2 * cols].iter_mut().for_each(|v| *v = T::from_f64(0.0));
+            x[2 * cols + 5] = T::from_f64(f64::NAN);
+        }
+        let (q, s) = quantize_on_gpu(jit, &x, rows, cols);
+        let (want_q, want_s) = quantize_rows_reference(&x, rows, cols);
+        assert_eq!(s, want_s, "{} [{rows}, {cols}]: scales", T::DTYPE);
+        // Any NaN encoding (0x7f or 0xff) is NaN.
+        let same = |a: u8, b: u8| a == b || (a & 0x7f == 0x7f && b & 0x7f == 0x7f);
+        let diff = q.iter().zip(&want_q).position(|(&a, &b)| !same(a, b));
+        assert!(diff.is_none(), "{} [{rows}, {cols}]: byte {diff:?} differs", T::DTYPE);
+        // Each row's largest magnitude lands on ±448.
+        let top = q[..cols].iter().map(|&b| e4m3_to_f32(b).abs()).fold(0.0, f32::max);
+        assert_eq!(top, E4M3_MAX);
+    }
+}
+
+#[test]
+fn quantizer_matches_its_reference_bit_for_bit() {
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(8);
+    check_quantizer::<bf16>(&jit, &mut rng);
+    check_quantizer::<f16>(&jit, &mut rng);
+}
+
+/// FP8 GEMM of quantized activations (per token) and a weight quantized per channel,
+/// against the f64 product of what both dequantize to.
+fn gemm_error(
+    jit: &Jit,
+    gemm: &Gemm,
+    rng: &mut SmallRng,
+    (m, n, k): (usize, usize, usize),
+    bias: bool,
+) -> f64 {
+    let dev = require_gpu();
+    let x: Vec<bf16> = activations(rng, m, k);
+    let w: Vec<bf16> = activations(rng, n, k);
+    let (wq, ws) = quantize_rows_reference(&w, n, k);
+    let b: Vec<bf16> = (0..n).map(|_| bf16::from_f64(rng.random_range(-1.0..1.0))).collect();
+    let (q, qs) = quantize_on_gpu(jit, &x, m, k);
+    let (dq, dqs) = (dev.upload(&q).unwrap(), dev.upload(&qs).unwrap());
+    let (dwq, dws, db) =
+        (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
+    let mut out: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    let bias_ptr = if bias { db.ptr() } else { 0 };
+    // SAFETY: every buffer was allocated at the size the shape names.
+    unsafe {
+        gemm.matmul_fp8_raw(
+            m,
+            n,
+            k,
+            dq.ptr(),
+            dqs.ptr(),
+            dwq.ptr(),
+            dws.ptr(),
+            bias_ptr,
+            out.ptr_mut(),
+        )
+    }
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    let deq = |bits: &[u8], scales: &[f32], cols: usize| -> Vec<f64> {
+        bits.iter()
+            .enumerate()
+            .map(|(i, &v)| e4m3_to_f32(v) as f64 * scales[i / cols] as f64)
+            .collect()
+    };
+    let (xd, wd) = (deq(&q, &qs, k), deq(&wq, &ws, k));
+    let mut want = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k).map(|t| xd[i * k + t] * wd[j * k + t]).sum();
+            want[i * n + j] = dot + if bias { b[j].to_f64() } else { 0.0 };
+        }
+    }
+    relative_error(&got, &want)
+}
+
+#[test]
+fn fp8_gemm_matches_the_dequantized_product() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let gemm = Gemm::new(&dev).unwrap();
+    let mut rng = SmallRng::seed_from_u64(9);
+    let shapes = [
+        (1, 8, 16),
+        (5, 264, 128),
+        (3, 40, 48),
+        (1, 1536, 576),
+        (1, 4096, 4096),
+        (7, 4096, 4096),
+        (16, 4096, 4096),
+        (1, 28672, 4096),
+        (1, 4096, 14336),
+        (64, 6144, 4096),
+        (257, 1024, 14336),
+        (1000, 4096, 4096),
+    ];
+    // Every shape's error first, so that one run shows the whole pattern.
+    let mut bad = Vec::new();
+    for (i, shape) in shapes.into_iter().enumerate() {
+        let bias = i == 1;
+        let err = gemm_error(&jit, &gemm, &mut rng, shape, bias);
+        eprintln!("FP8 GEMM {shape:?} bias={bias}: rel err {err:.3e}");
+        // bf16 output: 2^-9 per value; f32 accumulation adds little.
+        if err.is_nan() || err > 8e-3 {
+            bad.push((shape, err));
+        }
+    }
+    assert!(bad.is_empty(), "FP8 GEMM errors above 8e-3: {bad:?}");
+}
+
+#[test]
+fn fp8_gemm_rejects_unaligned_shapes() {
+    let dev = require_gpu();
+    let gemm = Gemm::new(&dev).unwrap();
+    for (m, n, k) in [(1, 16, 24), (1, 12, 32), (0, 16, 16)] {
+        // SAFETY: refused before any pointer is read.
+        let err =
+            unsafe { gemm.matmul_fp8_raw(m, n, k, 1, 1, 1, 1, 0, 1) }.unwrap_err().to_string();
+        assert!(err.contains("FP8 GEMM") || err.contains("positive"), "{err}");
+    }
+}
+
+/// The fused ops' e4m3 output equals the quantizer run on their bf16 output.
+#[test]
+fn fused_norm_and_silu_quantize_as_the_quantizer_does() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(10);
+    let fused_vs_apart = |out: &DeviceBuffer<bf16>,
+                          q: &DeviceBuffer<u8>,
+                          s: &DeviceBuffer<f32>,
+                          rows: usize,
+                          cols: usize,
+                          what: &str| {
+        let (want_q, want_s) =
+            quantize_on_gpu(&jit, &out.to_vec().unwrap()[..rows * cols], rows, cols);
+        assert_eq!(s.to_vec().unwrap()[..rows], want_s[..], "{what} [{rows}, {cols}]: scales");
+        assert!(q.to_vec().unwrap()[..rows * cols] == want_q[..], "{what} [{rows}, {cols}]: bytes");
+    };
+    for (rows, hidden) in [(1, 576), (5, 4096), (3, 8192)] {
+        let x: Vec<bf16> = activations(&mut rng, rows, hidden);
+        let d: Vec<bf16> = activations(&mut rng, rows, hidden);
+        let w: Vec<bf16> = activations(&mut rng, 1, hidden);
+        let (dx, dd, dw) =
+            (dev.upload(&x).unwrap(), dev.upload(&d).unwrap(), dev.upload(&w).unwrap());
+        let mut out: DeviceBuffer<bf16> = dev.alloc(rows * hidden).unwrap();
+        let mut q: DeviceBuffer<u8> = dev.alloc(rows * hidden).unwrap();
+        let mut s: DeviceBuffer<f32> = dev.alloc(rows).unwrap();
+        q.fill_bytes(0x7f).unwrap();
+        let f = Fp8Out { q: &mut q, scales: &mut s };
+        ops::rms_norm_fp8(&jit, &dx, &dw, rows, hidden, 1e-5, &mut out, Some(f)).unwrap();
+        fused_vs_apart(&out, &q, &s, rows, hidden, "rms_norm");
+        let mut residual = dev.upload(&x).unwrap();
+        q.fill_bytes(0x7f).unwrap();
+        let f = Fp8Out { q: &mut q, scales: &mut s };
+        ops::add_rms_norm_fp8(&jit, &mut residual, &dd, &dw, rows, hidden, 1e-5, &mut out, Some(f))
+            .unwrap();
+        fused_vs_apart(&out, &q, &s, rows, hidden, "add_rms_norm");
+    }
+    for (rows, inter) in [(1, 1536), (4, 14336), (2, 16384)] {
+        let gu: Vec<bf16> = activations(&mut rng, rows, 2 * inter);
+        let dgu = dev.upload(&gu).unwrap();
+        let mut out: DeviceBuffer<bf16> = dev.alloc(rows * inter).unwrap();
+        let mut q: DeviceBuffer<u8> = dev.alloc(rows * inter).unwrap();
+        let mut s: DeviceBuffer<f32> = dev.alloc(rows).unwrap();
+        q.fill_bytes(0x7f).unwrap();
+        ops::silu_mul_fp8(&jit, &dgu, rows, inter, &mut out, Fp8Out { q: &mut q, scales: &mut s })
+            .unwrap();
+        fused_vs_apart(&out, &q, &s, rows, inter, "silu_mul");
+        // The bf16 output is the plain kernel's.
+        let mut plain: DeviceBuffer<bf16> = dev.alloc(rows * inter).unwrap();
+        ops::silu_mul(&jit, &dgu, rows, inter, &mut plain).unwrap();
+        assert!(
+            plain.to_vec().unwrap() == out.to_vec().unwrap(),
+            "silu_mul_fp8 [{rows}, {inter}]: bf16 output"
+        );
+    }
+    // Rows the fused kernels do not hold are refused, not quantized wrongly.
+    let x = dev.alloc_zeros::<bf16>(16384).unwrap();
+    let w = dev.alloc_zeros::<bf16>(16384).unwrap();
+    let mut out = dev.alloc_zeros::<bf16>(16384).unwrap();
+    let (mut q, mut s) =
+        (dev.alloc_zeros::<u8>(16384).unwrap(), dev.alloc_zeros::<f32>(1).unwrap());
+    let f = Fp8Out { q: &mut q, scales: &mut s };
+    let err = ops::rms_norm_fp8(&jit, &x, &w, 1, 16384, 1e-5, &mut out, Some(f)).unwrap_err();
+    assert!(err.to_string().contains("8192"), "{err}");
+}
+
+/// The FP8-weight GEMV (16-bit x, e4m3 weight with a scale per row) against the f64
+/// product with the dequantized weight, every row count, N off the block's 8 rows.
+#[test]
+fn fp8_gemv_matches_the_dequantized_product() {
+    use radix_kernels::gemv;
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(11);
+    for (n, k) in [(1, 16), (13, 4096), (1000, 4112), (2048, 14336)] {
+        let w: Vec<bf16> = activations(&mut rng, n, k);
+        let (wq, ws) = quantize_rows_reference(&w, n, k);
+        let wd: Vec<f64> =
+            wq.iter().enumerate().map(|(i, &b)| e4m3_to_f32(b) as f64 * ws[i / k] as f64).collect();
+        let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
+        for m in 1..=8 {
+            let x: Vec<bf16> = activations(&mut rng, m, k);
+            let dx = dev.upload(&x).unwrap();
+            let mut want = vec![0.0f64; m * n];
+            for i in 0..m {
+                let row: Vec<f64> = x[i * k..(i + 1) * k].iter().map(|v| v.to_f64()).collect();
+                for j in 0..n {
+                    want[i * n + j] =
+                        row.iter().zip(&wd[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
+                }
+            }
+            let mut out: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+            out.fill_bytes(0xff).unwrap();
+            gemv::gemv_fp8(&jit, m, n, k, &dx, &dwq, &dws, &mut out).unwrap();
+            let err = relative_error(&out.to_vec().unwrap(), &want);
+            assert!(err <= 8e-3, "gemv_fp8 bf16 M={m} N={n} K={k}: rel err {err:.3e}");
+            let mut out32: DeviceBuffer<f32> = dev.alloc(m * n).unwrap();
+            out32.fill_bytes(0xff).unwrap();
+            gemv::gemv_fp8(&jit, m, n, k, &dx, &dwq, &dws, &mut out32).unwrap();
+            let err = relative_error(&out32.to_vec().unwrap(), &want);
+            assert!(err <= 1e-5, "gemv_fp8 f32 M={m} N={n} K={k}: rel err {err:.3e}");
+        }
+    }
+}
