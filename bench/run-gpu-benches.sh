@@ -3,7 +3,8 @@
 # (scripts/gpu-bundle.sh puts this file at gpu-bundle/run-gpu-benches.sh), and writes the
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
 #   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
-#                      [prefix] [latency] [sweep] [fp8]   (default: gemm attention decode step offline)
+#                      [prefix] [latency] [sweep] [fp8] [allreduce]
+#                      (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 rs="$here/radix-sparse"
@@ -165,6 +166,19 @@ fp8)
       --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse $args --quantization fp8 (peer: without it)"
   done
   unset RADIX_SPARSE_FP8_GEMM
+  ;;
+allreduce)
+  # The tensor-parallel all-reduce (the multi-GPU issue) on every visible GPU, beside
+  # torch.distributed: NCCL from torch's wheel, NVLink SHARP off (KINDS.md).
+  export NCCL_NVLS_ENABLE=0
+  nccl_lib=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib'))")
+  export RADIX_SPARSE_CUDA_LIB_DIRS="${RADIX_SPARSE_CUDA_LIB_DIRS:-$nccl_lib}"
+  gpus=$(nvidia-smi -L | wc -l)
+  rm -f "$out/ar_ours.jsonl" "$out/ar_peer.jsonl"
+  "$rs" bench allreduce --gpus "$gpus" --json "$out/ar_ours.jsonl"
+  python3 "$here/bench/torch_allreduce.py" --gpus "$gpus" --json "$out/ar_peer.jsonl"
+  record --ours "$out/ar_ours.jsonl" --peer "$out/ar_peer.jsonl" \
+    --command "radix-sparse bench allreduce --gpus $gpus; bench/peers/torch_allreduce.py --gpus $gpus (NCCL_NVLS_ENABLE=0)"
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use radix_engine::{Engine, EngineConfig, SparseConfig};
 use radix_model::cuda::MemoryLimits;
-use radix_model::{CpuBackend, CudaBackend, ModelSource, TpShard};
+use radix_model::{Backend, CpuBackend, CudaBackend, ModelSource, TpShard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -120,8 +120,9 @@ pub struct ModelArgs {
     /// experimental) runs them as FP8 GEMMs.
     #[arg(long, value_enum)]
     pub quantization: Option<Quantization>,
-    /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache; FP8
-    /// caches (`fp8`, `fp8_e4m3`) are refused with a message until they exist.
+    /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache (f32 on
+    /// the CPU); `fp8` / `fp8_e4m3` round keys and values to e4m3 with the checkpoint's
+    /// per-layer `k_scale`/`v_scale` (else 1.0): CPU backend only so far.
     #[arg(long, value_enum, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     #[command(flatten)]
@@ -235,10 +236,13 @@ impl ModelArgs {
     /// Loads the model onto the chosen device and sizes its KV pool.
     pub fn load_runner(&self) -> anyhow::Result<LoadedRunner> {
         let spec = self.model.clone().unwrap_or_else(default_model);
-        if matches!(self.kv_cache_dtype, KvCacheDtype::Fp8 | KvCacheDtype::Fp8E4m3) {
+        let fp8_kv = matches!(self.kv_cache_dtype, KvCacheDtype::Fp8 | KvCacheDtype::Fp8E4m3);
+        let device = self.device.resolve();
+        let tp = self.tensor_parallel_size;
+        if fp8_kv && (device == Device::Cuda || tp > 1) {
             anyhow::bail!(
-                "--kv-cache-dtype {}: an FP8 KV cache is not supported yet; the cache is bf16 \
-                 (--kv-cache-dtype auto)",
+                "--kv-cache-dtype {}: the FP8 KV cache exists on the CPU backend (one rank) \
+                 only so far; on the GPU the cache is bf16 (--kv-cache-dtype auto)",
                 clap::ValueEnum::to_possible_value(&self.kv_cache_dtype)
                     .map_or_else(String::new, |v| v.get_name().to_string())
             );
@@ -248,8 +252,6 @@ impl ModelArgs {
             source = source.quantize_fp8()?;
             tracing::info!(model = %source.name, "--quantization fp8: linear weights quantized to FP8 per channel at load");
         }
-        let device = self.device.resolve();
-        let tp = self.tensor_parallel_size;
         // Before any weight is read: a size the model cannot take is named at once.
         TpShard::check(tp, &source.config)
             .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {tp}: {e}"))?;
@@ -277,12 +279,39 @@ impl ModelArgs {
                     radix_model::tp::cpu_model(&source.config, source.weights.as_ref(), tp)?;
                 (Box::new(group), self.kv_pages.unwrap_or(4096))
             }
-            _ => (Box::new(source.load(CpuBackend::new())?), self.kv_pages.unwrap_or(4096)),
+            _ => {
+                let mut backend = CpuBackend::new();
+                if fp8_kv {
+                    backend.set_kv_cache_fp8(fp8_kv_scales(&source)?)?;
+                }
+                (Box::new(source.load(backend)?), self.kv_pages.unwrap_or(4096))
+            }
         };
         let fp8_weights = source.quantization.is_some();
         let ModelSource { name, tokenizer, chat_template, .. } = source;
         Ok(LoadedRunner { runner, num_pages, device, name, tokenizer, chat_template, fp8_weights })
     }
+}
+
+/// The FP8 KV cache's per-layer scales: the checkpoint's, else 1.0 with a warning (as
+/// vLLM does).
+fn fp8_kv_scales(source: &ModelSource) -> anyhow::Result<radix_model::fp8::KvScales> {
+    use radix_model::fp8::KvScales;
+    let layers = source.config.num_layers;
+    Ok(match KvScales::from_checkpoint(source.weights.as_ref(), layers)? {
+        Some(s) => {
+            tracing::info!(model = %source.name, "FP8 KV cache with the checkpoint's per-layer scales");
+            s
+        }
+        None => {
+            tracing::warn!(
+                model = %source.name,
+                "FP8 KV cache without scales in the checkpoint: using 1.0 for every layer \
+                 (keys or values beyond ±448 saturate)"
+            );
+            KvScales::ones(layers)
+        }
+    })
 }
 
 /// A model loaded on a device, before an engine wraps it.

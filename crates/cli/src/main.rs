@@ -163,10 +163,12 @@ mod tests {
         // FP8 weights at load run (dequantized) on the CPU; bf16 caches are the default.
         assert!(load(&["--quantization", "fp8"]).unwrap().is_none());
         assert!(load(&["--kv-cache-dtype", "bfloat16"]).unwrap().is_none());
+        // The FP8 KV cache runs on the CPU (one rank); with more ranks it is refused.
         for dtype in ["fp8", "fp8_e4m3"] {
-            let e = load(&["--kv-cache-dtype", dtype]).unwrap().expect("refused");
+            assert!(load(&["--kv-cache-dtype", dtype]).unwrap().is_none());
+            let e = load(&["--kv-cache-dtype", dtype, "-tp", "2"]).unwrap().expect("refused");
             assert!(
-                e.contains(&format!("--kv-cache-dtype {dtype}")) && e.contains("not supported yet"),
+                e.contains(&format!("--kv-cache-dtype {dtype}")) && e.contains("CPU backend"),
                 "{e}"
             );
         }

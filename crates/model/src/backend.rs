@@ -251,6 +251,16 @@ pub trait Backend {
     /// Element type of the KV pool this backend allocates.
     fn kv_dtype(&self) -> KvDtype;
 
+    /// Keeps the KV cache in FP8 e4m3 with these per-layer scales (`--kv-cache-dtype
+    /// fp8_e4m3`), from the next `init_kv` on. Backends without an FP8 cache refuse.
+    fn set_kv_cache_fp8(&mut self, scales: crate::fp8::KvScales) -> Result<()> {
+        let _ = scales;
+        Err(ModelError::Invalid(format!(
+            "{} has no FP8 KV cache yet (--kv-cache-dtype auto keeps it 16-bit)",
+            self.name()
+        )))
+    }
+
     /// Allocates the KV pool (once; a second call replaces it): `spec.num_pages` pages of
     /// `spec.page_size` tokens for every layer, with key bounds when `spec.sparse` turns
     /// query-aware sparse paging on. Returns the pool's geometry.

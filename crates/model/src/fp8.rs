@@ -190,6 +190,76 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Ve
     (q, scales)
 }
 
+/// An FP8 (e4m3) KV cache's per-layer scales: a key is stored as `e4m3(k / k[layer])`
+/// and read as that times `k[layer]`; values likewise with `v`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvScales {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl KvScales {
+    /// Scale 1 for every layer (what vLLM uses when a checkpoint has no KV scales).
+    pub fn ones(num_layers: usize) -> Self {
+        Self { k: vec![1.0; num_layers], v: vec![1.0; num_layers] }
+    }
+
+    /// The checkpoint's KV scales: `model.layers.{i}.self_attn.k_scale` and `v_scale`
+    /// (vLLM's and llm-compressor's layout), or the older single `kv_scale` for both;
+    /// `None` when it has none. A checkpoint with some layers' scales but not all, or a
+    /// scale that is not a positive number, is an error naming the tensor.
+    pub fn from_checkpoint(weights: &dyn WeightSource, num_layers: usize) -> Result<Option<Self>> {
+        let name = |i: usize, what: &str| format!("model.layers.{i}.self_attn.{what}");
+        let has = |i: usize| {
+            weights.contains(&name(i, "k_scale")) || weights.contains(&name(i, "kv_scale"))
+        };
+        let present = (0..num_layers).filter(|&i| has(i)).count();
+        if present == 0 {
+            return Ok(None);
+        }
+        if present < num_layers {
+            let missing = (0..num_layers).find(|&i| !has(i)).unwrap_or(0);
+            return Err(ModelError::Weights(format!(
+                "KV cache scales: {} is missing ({present} of {num_layers} layers have one)",
+                name(missing, "k_scale")
+            )));
+        }
+        let read = |n: String| -> Result<f32> {
+            let t = weights.tensor(&n, &[])?;
+            let s = match t.data.to_f32()[..] {
+                [s] => s,
+                _ => {
+                    return Err(ModelError::Weights(format!(
+                        "{n} holds {} values; a KV scale is one",
+                        t.data.len()
+                    )));
+                }
+            };
+            if !(s.is_finite() && s > 0.0) {
+                return Err(ModelError::Weights(format!("{n} is {s}, not a positive number")));
+            }
+            Ok(s)
+        };
+        let mut scales = Self::ones(num_layers);
+        for i in 0..num_layers {
+            if weights.contains(&name(i, "k_scale")) {
+                scales.k[i] = read(name(i, "k_scale"))?;
+                scales.v[i] = read(name(i, "v_scale"))?;
+            } else {
+                scales.k[i] = read(name(i, "kv_scale"))?;
+                scales.v[i] = scales.k[i];
+            }
+        }
+        Ok(Some(scales))
+    }
+}
+
+/// `x` as an FP8 cache with scale `scale` holds it: `e4m3(x / scale) * scale` (round to
+/// nearest even, saturating at ±448·scale).
+pub fn round_e4m3(x: f32, scale: f32) -> f32 {
+    F8E4M3::from_f32(x / scale).to_f32() * scale
+}
+
 /// Whether `name` is the weight of one of a layer's linear projections (what FP8 schemes
 /// quantize; embeddings, norms and the LM head stay 16-bit).
 pub fn is_linear_weight(name: &str) -> bool {
@@ -321,6 +391,46 @@ mod tests {
             let err = parse(q).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains("quantization_config"), "{err}");
         }
+    }
+
+    /// A map of named scalars as a weight source.
+    struct Scalars(std::collections::HashMap<String, f32>);
+
+    impl WeightSource for Scalars {
+        fn tensor(&self, name: &str, _shape: &[usize]) -> Result<HostTensor> {
+            let v = self.0[name];
+            Ok(HostTensor { shape: vec![], data: HostData::F32(vec![v]) })
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.contains_key(name)
+        }
+        fn describe(&self) -> String {
+            "scalars".into()
+        }
+    }
+
+    #[test]
+    fn kv_scales_come_from_the_checkpoint_or_are_absent() {
+        let src = |pairs: &[(&str, f32)]| {
+            Scalars(pairs.iter().map(|(n, v)| (format!("model.layers.{n}"), *v)).collect())
+        };
+        assert_eq!(KvScales::from_checkpoint(&src(&[]), 2).unwrap(), None);
+        let s = src(&[
+            ("0.self_attn.k_scale", 0.5),
+            ("0.self_attn.v_scale", 0.25),
+            ("1.self_attn.kv_scale", 2.0),
+        ]);
+        let got = KvScales::from_checkpoint(&s, 2).unwrap().unwrap();
+        assert_eq!(got, KvScales { k: vec![0.5, 2.0], v: vec![0.25, 2.0] });
+        let half = src(&[("0.self_attn.k_scale", 0.5), ("0.self_attn.v_scale", 0.5)]);
+        let err = KvScales::from_checkpoint(&half, 2).unwrap_err().to_string();
+        assert!(err.contains("model.layers.1.self_attn.k_scale is missing"), "{err}");
+        let bad = src(&[("0.self_attn.kv_scale", -1.0)]);
+        let err = KvScales::from_checkpoint(&bad, 1).unwrap_err().to_string();
+        assert!(err.contains("not a positive number"), "{err}");
+        assert_eq!(round_e4m3(1.0625, 1.0), 1.0);
+        assert_eq!(round_e4m3(3.3, 0.5), 3.25);
+        assert_eq!(round_e4m3(1e6, 1.0), E4M3_MAX, "saturates");
     }
 
     #[test]

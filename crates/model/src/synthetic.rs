@@ -119,8 +119,9 @@ impl WeightSource for SyntheticWeights {
     }
 
     fn contains(&self, name: &str) -> bool {
-        // Synthetic models have no separate lm_head (it is generated when asked for).
-        !name.is_empty()
+        // Synthetic models have no separate lm_head (it is generated when asked for), and
+        // no quantization scales (FP8 weight or KV cache scales).
+        !name.is_empty() && !name.ends_with("_scale")
     }
 
     fn describe(&self) -> String {

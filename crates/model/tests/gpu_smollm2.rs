@@ -14,6 +14,10 @@
 //! 0.1 total variation of the CPU's, the mean row within 5e-2, and the same greedy token
 //! at every clear margin. An error in a kernel (a wrong head, position or scale) gives
 //! errors of order 1 and swapped tokens.
+//!
+//! FP8 (`--quantization fp8` with FP8 GEMMs): 256 greedy steps of the same prompts beside
+//! the bf16 GPU run, teacher-forced with bf16's tokens, reporting how often the two pick
+//! the same token (the FP8 issue's agreement rate).
 //! The model file: `RADIX_SPARSE_SMOLLM2`, else models/ at the workspace root; the GPU
 //! run must have it (it fails, not skips, without it).
 #![cfg(feature = "cuda")]
@@ -106,4 +110,52 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     );
     assert!(mean <= 5e-2, "mean logits rel err {mean:.3e}");
     assert!(confident >= STEPS, "too few confident steps to compare ({confident})");
+}
+
+/// FP8 linear layers against bf16 on SmolLM2, both on the GPU: the greedy token of every
+/// step of three prompts over 256 steps, both fed bf16's choice. Reported; asserted at
+/// 75%, far under what 8-bit weights and activations give a trained model, far over
+/// what a wrong scale or layout would (near 0).
+#[test]
+fn smollm2_fp8_agrees_with_bf16_over_256_greedy_steps() {
+    const FP8_STEPS: usize = 256;
+    let source = ModelSource::open(&smollm2_path()).unwrap();
+    let cfg = source.config.clone();
+    let template = &source.chat_template;
+    let seqs: Vec<Vec<u32>> =
+        ["What is the capital of France?", "Write a haiku about the sea.", "Tell me a story."]
+            .iter()
+            .map(|q| {
+                let msgs = [radix_model::ChatMessage::new("user", *q)];
+                let text = template.render(&msgs, true).unwrap();
+                source.tokenizer.encode(&text, false).unwrap()
+            })
+            .collect();
+    let mut bf16 = source.load(CudaBackend::new(0).unwrap()).unwrap();
+    let mut fp8_backend = CudaBackend::new(0).unwrap();
+    fp8_backend.set_fp8_gemms(true).unwrap();
+    let fp8_source = ModelSource::open(&smollm2_path()).unwrap().quantize_fp8().unwrap();
+    let mut fp8 = fp8_source.load(fp8_backend).unwrap();
+    let spec = KvPoolSpec { num_pages: 256, page_size: PS, sparse: None };
+    bf16.backend.init_kv(&cfg, &spec).unwrap();
+    fp8.backend.init_kv(&cfg, &spec).unwrap();
+    let vocab = cfg.vocab_size;
+    let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
+    let (mut same, mut total) = (0usize, 0usize);
+    let argmax = |r: &[f32]| (0..r.len()).max_by(|&x, &y| r[x].total_cmp(&r[y])).unwrap() as u32;
+    for i in 0..FP8_STEPS {
+        let b16 = batch.step(&mut bf16);
+        let f8 = batch.step(&mut fp8);
+        assert!(f8.iter().all(|x| x.is_finite()), "step {i}: non-finite FP8 logits");
+        for b in 0..batch.seqs.len() {
+            let next = argmax(&b16[b * vocab..(b + 1) * vocab]);
+            same += usize::from(argmax(&f8[b * vocab..(b + 1) * vocab]) == next);
+            total += 1;
+            batch.computed[b] = batch.seqs[b].len();
+            batch.seqs[b].push(next);
+        }
+    }
+    let rate = same as f64 / total as f64;
+    eprintln!("SmolLM2 FP8 vs bf16: greedy agreement {same}/{total} ({:.1}%)", 100.0 * rate);
+    assert!(rate >= 0.75, "greedy agreement {rate:.3}");
 }

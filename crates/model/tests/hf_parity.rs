@@ -3,7 +3,9 @@
 //! the CUDA backend is also checked on) saved by tools/make_fixtures.py with their
 //! logits and greedy continuations. Our CPU forward must match the logits (relative error
 //! <= 1e-4, f32) and the greedy tokens exactly, through the KV cache (prefill, then one
-//! decode step per token).
+//! decode step per token). The FP8 fixtures (tools/make_fp8_fixtures.py: hd64 with its
+//! linear layers in FP8, per-tensor "fp8" and per-channel compressed-tensors) hold
+//! transformers' logits with those weights dequantized, which the CPU computes too.
 
 mod common;
 
@@ -26,4 +28,16 @@ fn tiny_qwen2_matches_transformers() {
 #[test]
 fn tiny_llama_hd64_matches_transformers() {
     check("tiny-llama-hd64", CpuBackend::new, CPU);
+}
+
+/// vLLM-style FP8 (`quant_method: "fp8"`, per-tensor scales, static input scales).
+#[test]
+fn fp8_per_tensor_checkpoint_matches_transformers() {
+    check("tiny-llama-hd64-fp8", CpuBackend::new, CPU);
+}
+
+/// compressed-tensors FP8 (per-channel scales, dynamic per-token activations).
+#[test]
+fn fp8_compressed_tensors_checkpoint_matches_transformers() {
+    check("tiny-llama-hd64-fp8-ct", CpuBackend::new, CPU);
 }

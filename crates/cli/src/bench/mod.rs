@@ -2,6 +2,7 @@
 //! anywhere; the rest need a GPU). Each prints a table and, with `--json`,
 //! writes one JSON object per measured shape for bench/record.py to pair with its peer.
 
+mod allreduce;
 mod attention;
 pub mod dataset;
 mod decode;
@@ -22,6 +23,8 @@ use serde::Serialize;
 pub enum BenchCommand {
     /// cuBLASLt GEMM throughput on Llama-3-8B shapes and 8192³.
     Gemm(gemm::GemmArgs),
+    /// NCCL all-reduce (bf16 sum) bus bandwidth over a tensor-parallel group of GPUs.
+    Allreduce(allreduce::AllReduceArgs),
     /// Prefill attention (tensor cores) on equal-length sequences; default the seed shape.
     Attention(attention::AttentionArgs),
     /// Paged decode attention bandwidth beside a device-to-device copy.
@@ -40,6 +43,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Gemm(args) => gemm::run(args),
+        BenchCommand::Allreduce(args) => allreduce::run(args),
         BenchCommand::Attention(args) => attention::run(args),
         BenchCommand::Decode(args) => decode::run(args),
         BenchCommand::Serve(args) => serve::run(args),

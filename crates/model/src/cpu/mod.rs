@@ -16,6 +16,7 @@ use radix_kv::{KvDtype, KvGeometry, SparsePolicy};
 use crate::backend::{Activation, Backend, KvPoolSpec, Step, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::fp8::{KvScales, round_e4m3};
 use crate::sampling::{self, SampleRequest, Sampled};
 use crate::tensor::{HostData, HostTensor};
 use crate::tp::{CpuComm, TpShard};
@@ -91,6 +92,10 @@ pub struct CpuBackend {
     probe: Option<Vec<Vec<f32>>>,
     /// Tensor parallelism: this rank's handle on the group's in-process all-reduce.
     comm: Option<CpuComm>,
+    /// `--kv-cache-dtype fp8_e4m3`: keys and values are rounded to e4m3 with these
+    /// per-layer scales as they are appended (the pool stays f32: the numbers of an FP8
+    /// cache, the reference for the GPU's).
+    kv_fp8: Option<KvScales>,
 }
 
 impl CpuBackend {
@@ -102,6 +107,7 @@ impl CpuBackend {
             vocab: 0,
             probe: None,
             comm: None,
+            kv_fp8: None,
         }
     }
 
@@ -190,7 +196,17 @@ impl Backend for CpuBackend {
         KvDtype::F32
     }
 
+    fn set_kv_cache_fp8(&mut self, scales: KvScales) -> Result<()> {
+        self.kv_fp8 = Some(scales);
+        Ok(())
+    }
+
     fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry> {
+        if let Some(s) = &self.kv_fp8 {
+            Self::check(s.k.len() == cfg.num_layers && s.v.len() == cfg.num_layers, || {
+                format!("FP8 KV cache: {} scales for {} layers", s.k.len(), cfg.num_layers)
+            })?;
+        }
         let geometry = spec.geometry(cfg, self.kv_dtype())?;
         let per_layer = geometry.layer_elems(spec.num_pages);
         self.pool = Some(CpuPool {
@@ -315,6 +331,7 @@ impl Backend for CpuBackend {
         )?;
         let kv = &mut pool.layers[layer];
         let inv_freq = &pool.inv_freq;
+        let fp8 = self.kv_fp8.as_ref();
         for t in 0..qkv.rows {
             let row = qkv.row(t);
             let pos = self.step.positions[t] as f32;
@@ -332,6 +349,11 @@ impl Backend for CpuBackend {
                 let at = ((page * hkv + kh) * ps + off) * d;
                 rotate(&row[(hq + kh) * d..][..d], pos, inv_freq, &mut kv.k[at..at + d]);
                 kv.v[at..at + d].copy_from_slice(&row[(hq + hkv + kh) * d..][..d]);
+                if let Some(s) = fp8 {
+                    let (ks, vs) = (s.k[layer], s.v[layer]);
+                    kv.k[at..at + d].iter_mut().for_each(|x| *x = round_e4m3(*x, ks));
+                    kv.v[at..at + d].iter_mut().for_each(|x| *x = round_e4m3(*x, vs));
+                }
             }
         }
         Ok(())

@@ -213,8 +213,10 @@ impl CudaBackend {
             && cols.is_multiple_of(8)
     }
 
-    /// `out = x · wᵀ (+ bias)` with an FP8 weight: x is quantized per token into the
-    /// workspace's e4m3 rows, then cuBLASLt's FP8 GEMM applies both scale vectors.
+    /// `out = x · wᵀ (+ bias)` with an FP8 weight. Up to `fp8_gemv_rows` rows: the FP8
+    /// GEMV on x as it is. More: x quantized per token into the workspace's e4m3 rows
+    /// (unless the op that wrote x already did), then cuBLASLt's FP8 GEMM applies both
+    /// scale vectors.
     fn linear_fp8(
         &mut self,
         x: &GpuAct,

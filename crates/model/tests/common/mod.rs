@@ -53,6 +53,35 @@ impl Sequence {
     }
 }
 
+/// The logits of prompt positions `rows` from one prefill of `ids` (a fresh KV pool).
+#[allow(dead_code)] // the GPU tests' (built with `--features cuda` only)
+pub fn prefill_logits<B: Backend>(
+    model: &mut LlamaModel<B>,
+    ids: &[u32],
+    rows: &[u32],
+) -> Vec<f32> {
+    let cfg = model.config.clone();
+    let spec = KvPoolSpec { num_pages: 64, page_size: PAGE_SIZE, sparse: None };
+    model.backend.init_kv(&cfg, &spec).unwrap();
+    Sequence { tokens: ids.to_vec(), computed: 0 }.step(model, rows)
+}
+
+/// A case's prompt ids, the prompt positions of its logits rows, and the rows: the
+/// "logits" of `rows_of` (the case itself, or another reference laid out the same way).
+pub fn case_rows(case: &Value, rows_of: &Value) -> (Vec<u32>, Vec<u32>, Vec<Vec<f64>>) {
+    let ids: Vec<u32> =
+        case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let first = case["logits_first_position"].as_u64().unwrap() as usize;
+    let want: Vec<Vec<f64>> = rows_of["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+        .collect();
+    let rows = (first..first + want.len()).map(|r| r as u32).collect();
+    (ids, rows, want)
+}
+
 /// How closely a backend must reproduce a fixture.
 pub struct Tolerance {
     /// Relative error of the logits.
@@ -69,8 +98,8 @@ pub fn check<B: Backend>(name: &str, make: impl Fn() -> B, tol: Tolerance) {
     let source = ModelSource::open(dir.to_str().unwrap()).unwrap();
     let vocab = source.config.vocab_size;
     for case in expected["cases"].as_array().unwrap() {
-        let ids: Vec<u32> =
-            case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let (ids, rows, want_rows) = case_rows(case, case);
+        let first = rows[0] as usize;
         let prompt = case["prompt"].as_str().unwrap();
         assert_eq!(
             source.tokenizer.encode(prompt, true).unwrap(),
@@ -82,14 +111,6 @@ pub fn check<B: Backend>(name: &str, make: impl Fn() -> B, tol: Tolerance) {
         let cfg = model.config.clone();
         let spec = KvPoolSpec { num_pages: 64, page_size: PAGE_SIZE, sparse: None };
         model.backend.init_kv(&cfg, &spec).unwrap();
-        let first = case["logits_first_position"].as_u64().unwrap() as usize;
-        let want_rows: Vec<Vec<f64>> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
-            .collect();
-        let rows: Vec<u32> = (first..first + want_rows.len()).map(|r| r as u32).collect();
         let mut seq = Sequence { tokens: ids.clone(), computed: 0 };
         let got = seq.step(&mut model, &rows);
         for (i, want) in want_rows.iter().enumerate() {
