@@ -137,6 +137,8 @@ pub struct CudaBackend {
     /// activations (no quantization) instead of cuBLASLt's FP8 GEMM, which reads small-M
     /// weights slowly (bench/NOTES.md); `RADIX_SPARSE_FP8_GEMV_ROWS` sets it (0: never).
     fp8_gemv_rows: usize,
+    /// The log has said how FP8 weights run.
+    fp8_said: bool,
     memory: Memory,
     /// The step begun by `begin_step`: views of the workspace, dropped before the
     /// workspace or the pool can change.
@@ -286,6 +288,7 @@ impl CudaBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(4)
                 .min(gemv::MAX_ROWS),
+            fp8_said: false,
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
@@ -529,12 +532,21 @@ impl Backend for CudaBackend {
 
     fn upload(&mut self, t: &HostTensor) -> Result<GpuWeight> {
         let (rows, cols) = t.matrix_dims();
-        if let HostData::Fp8(q) = &t.data
-            && self.fp8_gemms
-            && t.shape.len() == 2
-            && fp8_gemm_fits(rows, cols)
-        {
-            return self.upload_fp8(q, rows, cols);
+        if let HostData::Fp8(q) = &t.data {
+            if !self.fp8_said {
+                self.fp8_said = true;
+                if self.fp8_gemms {
+                    tracing::info!("FP8 weights kept as e4m3: FP8 GEMMs (experimental)");
+                } else {
+                    tracing::info!(
+                        "FP8 weights dequantized to bf16 (RADIX_SPARSE_FP8_GEMM=1: FP8 GEMMs, \
+                         experimental)"
+                    );
+                }
+            }
+            if self.fp8_gemms && t.shape.len() == 2 && fp8_gemm_fits(rows, cols) {
+                return self.upload_fp8(q, rows, cols);
+            }
         }
         let converted;
         let data: &[bf16] = match &t.data {
