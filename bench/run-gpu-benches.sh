@@ -155,17 +155,30 @@ fp8)
   python3 "$here/bench/torch_gemm.py" --dtype fp8 $decode_shapes --json "$out/f_peer.jsonl"
   record --ours "$out/f_ours.jsonl" --peer "$out/f_peer.jsonl" \
     --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse bench gemm --dtype fp8 [decode shapes]; bench/peers/torch_gemm.py --dtype fp8"
+  # The FP8 KV cache (RADIX_SPARSE_FP8_KV=1): decode attention over e4m3 pages beside
+  # bf16 pages, same call.
+  export RADIX_SPARSE_FP8_KV=1
+  rm -f "$out/fk_16.jsonl" "$out/fk_8.jsonl" "$out/fk_16_peer.jsonl"
+  "$rs" bench decode --back-to-back --json "$out/fk_16.jsonl"
+  "$rs" bench decode --back-to-back --kv-fp8 --json "$out/fk_8.jsonl"
+  same_run_peer "$out/fk_16.jsonl" "$out/fk_16_peer.jsonl" "radix-sparse bf16 pages, same call" "$out/fk_8.jsonl"
+  record --ours "$out/fk_8.jsonl" --peer "$out/fk_16_peer.jsonl" \
+    --command "radix-sparse bench decode --back-to-back --kv-fp8 (peer: without --kv-fp8)" \
+    --note "GB/s of the bytes each reads (FP8 pages are half); ratio > 1: the FP8 run reads faster"
   for what in step offline; do
-    if [ $what = step ]; then args="bench step --batch 1 --context 1024,8192"
-    else args="bench offline --model synthetic:llama3-8b --dataset lengths:bench/datasets/sharegpt-1000.json --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda --roofline-copy-gbps 4230 --roofline-tflops 790"; fi
+    if [ $what = step ]; then args="bench step --batch 1 --context 1024,8192"; extra=""
+    else
+      args="bench offline --model synthetic:llama3-8b --dataset lengths:bench/datasets/sharegpt-1000.json --num-prompts ${OFFLINE_PROMPTS:-1000} --device cuda --roofline-copy-gbps 4230 --roofline-tflops 790"
+      extra="--kv-cache-dtype fp8_e4m3"
+    fi
     rm -f "$out/f_16.jsonl" "$out/f_8.jsonl" "$out/f_16_peer.jsonl"
     "$rs" $args --json "$out/f_16.jsonl"
-    "$rs" $args --quantization fp8 --json "$out/f_8.jsonl"
-    same_run_peer "$out/f_16.jsonl" "$out/f_16_peer.jsonl" "radix-sparse bf16 weights, same call" "$out/f_8.jsonl"
+    "$rs" $args --quantization fp8 $extra --json "$out/f_8.jsonl"
+    same_run_peer "$out/f_16.jsonl" "$out/f_16_peer.jsonl" "radix-sparse bf16 weights and KV, same call" "$out/f_8.jsonl"
     record --ours "$out/f_8.jsonl" --peer "$out/f_16_peer.jsonl" \
-      --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse $args --quantization fp8 (peer: without it)"
+      --command "RADIX_SPARSE_FP8_GEMM=1 RADIX_SPARSE_FP8_KV=1 radix-sparse $args --quantization fp8 $extra (peer: without them)"
   done
-  unset RADIX_SPARSE_FP8_GEMM
+  unset RADIX_SPARSE_FP8_GEMM RADIX_SPARSE_FP8_KV
   ;;
 allreduce)
   # The tensor-parallel all-reduce (the multi-GPU issue) on every visible GPU, beside

@@ -121,8 +121,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum)]
     pub quantization: Option<Quantization>,
     /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache (f32 on
-    /// the CPU); `fp8` / `fp8_e4m3` round keys and values to e4m3 with the checkpoint's
-    /// per-layer `k_scale`/`v_scale` (else 1.0): CPU backend only so far.
+    /// the CPU); `fp8` / `fp8_e4m3` keep keys and values as e4m3 with the checkpoint's
+    /// per-layer `k_scale`/`v_scale` (else 1.0): on the CPU, and on one GPU with
+    /// `RADIX_SPARSE_FP8_KV=1` (experimental).
     #[arg(long, value_enum, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     #[command(flatten)]
@@ -233,16 +234,24 @@ impl ModelArgs {
         Ok(BuiltEngine { engine, name: loaded.name, chat_template: loaded.chat_template })
     }
 
+    /// Whether the KV cache is FP8 (`--kv-cache-dtype fp8` / `fp8_e4m3`).
+    pub fn fp8_kv_cache(&self) -> bool {
+        matches!(self.kv_cache_dtype, KvCacheDtype::Fp8 | KvCacheDtype::Fp8E4m3)
+    }
+
     /// Loads the model onto the chosen device and sizes its KV pool.
     pub fn load_runner(&self) -> anyhow::Result<LoadedRunner> {
         let spec = self.model.clone().unwrap_or_else(default_model);
-        let fp8_kv = matches!(self.kv_cache_dtype, KvCacheDtype::Fp8 | KvCacheDtype::Fp8E4m3);
+        let fp8_kv = self.fp8_kv_cache();
         let device = self.device.resolve();
         let tp = self.tensor_parallel_size;
-        if fp8_kv && (device == Device::Cuda || tp > 1) {
+        // The GPU's FP8 cache is experimental until verified on the H200 (bench/NOTES.md).
+        let gpu_fp8_kv = std::env::var("RADIX_SPARSE_FP8_KV").is_ok_and(|v| v == "1");
+        if fp8_kv && (tp > 1 || (device == Device::Cuda && !gpu_fp8_kv)) {
             anyhow::bail!(
-                "--kv-cache-dtype {}: the FP8 KV cache exists on the CPU backend (one rank) \
-                 only so far; on the GPU the cache is bf16 (--kv-cache-dtype auto)",
+                "--kv-cache-dtype {}: the FP8 KV cache runs on one rank: the CPU backend, or \
+                 the GPU with RADIX_SPARSE_FP8_KV=1 (experimental, not yet verified on a GPU); \
+                 --kv-cache-dtype auto keeps it 16-bit",
                 clap::ValueEnum::to_possible_value(&self.kv_cache_dtype)
                     .map_or_else(String::new, |v| v.get_name().to_string())
             );
@@ -268,7 +277,11 @@ impl ModelArgs {
                 (Box::new(group.model), group.kv_pages)
             }
             Device::Cuda => {
-                let mut model = source.load(CudaBackend::new(0)?)?;
+                let mut backend = CudaBackend::new(0)?;
+                if fp8_kv {
+                    backend.set_kv_cache_fp8(fp8_kv_scales(&source)?)?;
+                }
+                let mut model = source.load(backend)?;
                 let plan = model.backend.plan_memory(&model.local, &self.memory_limits())?;
                 plan.log();
                 (Box::new(model), plan.kv_pages)

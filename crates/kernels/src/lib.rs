@@ -44,6 +44,8 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
             }
+            // The FP8 KV cache is a paged pool.
+            specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, tiles));
         }
     }
     for m in [1, 2, 4, 8] {
@@ -61,6 +63,7 @@ pub fn catalog() -> Vec<KernelSpec> {
     for head_dim in [64, 128] {
         specs.push(kv_append::spec::<f16>(head_dim));
         specs.push(kv_append::spec::<bf16>(head_dim));
+        specs.push(kv_append::spec_fp8::<bf16>(head_dim));
         // Llama's groups (8B: 4, 70B: 8) and MHA.
         for group in [1, 4, 8] {
             specs.push(sparse::spec::<f16>(head_dim, group));

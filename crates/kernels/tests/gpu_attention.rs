@@ -322,3 +322,85 @@ fn rejects_wrong_buffer_sizes() {
     let mut bad_lse = dev.alloc_zeros::<f32>(5).unwrap();
     assert!(batch.run(&jit, &q, &k, &k, &mut o, Some(&mut bad_lse)).is_err());
 }
+
+/// An FP8 (e4m3) pool with per-layer scales: K and V quantized from random values, the
+/// kernel against the f64 reference over what the bytes dequantize to (exact in the
+/// reference: e4m3 × scale). Decode (split-KV, small and key-split tiles) and prefill
+/// (causal, GQA), page sizes 16 and 64, head dims 64 and 128.
+#[test]
+fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
+    use radix_kernels::attention::KvFp8Scales;
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let scales = KvFp8Scales { k: 0.0078125, v: 0.003 }; // a power of two and not
+    let cases = [
+        Case {
+            q_lens: vec![1],
+            kv_lens: vec![1000],
+            hq: 32,
+            hkv: 8,
+            d: 128,
+            causal: true,
+            kv: Kv::Paged(16),
+        },
+        Case {
+            q_lens: vec![1; 5],
+            kv_lens: vec![3, 70, 513, 2000, 16],
+            hq: 8,
+            hkv: 2,
+            d: 64,
+            causal: true,
+            kv: Kv::Paged(16),
+        },
+        Case {
+            q_lens: vec![37, 1, 130],
+            kv_lens: vec![37, 90, 130],
+            hq: 8,
+            hkv: 8,
+            d: 128,
+            causal: true,
+            kv: Kv::Paged(64),
+        },
+        Case {
+            q_lens: vec![1; 3],
+            kv_lens: vec![40, 200, 33],
+            hq: 16,
+            hkv: 2,
+            d: 128,
+            causal: true,
+            kv: Kv::Subset(16),
+        },
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let mut rng = SmallRng::seed_from_u64(500 + i as u64);
+        let shape = AttentionShape::new(c.hq, c.hkv, c.d, c.causal);
+        let mut qo = vec![0i32];
+        for &l in &c.q_lens {
+            qo.push(qo.last().unwrap() + l as i32);
+        }
+        let total_q = *qo.last().unwrap() as usize;
+        let (kv, k, v) = build_kv::<f32>(&mut rng, c);
+        let meta = BatchMeta::new(qo, kv, c.causal).unwrap();
+        let q: Vec<bf16> = random(&mut rng, total_q * c.hq * c.d);
+        // Values of a few units: keys / 2^-7 and values / 0.003 span e4m3's range.
+        let quant = |x: &[f32], s: f32| -> (Vec<u8>, Vec<f32>) {
+            let bytes: Vec<u8> =
+                x.iter().map(|&x| float8::F8E4M3::from_f32(x * 2.0 / s).to_bits()).collect();
+            let deq = bytes.iter().map(|&b| float8::F8E4M3::from_bits(b).to_f32() * s).collect();
+            (bytes, deq)
+        };
+        let (kb, kd) = quant(&k, scales.k);
+        let (vb, vd) = quant(&v, scales.v);
+        let batch = AttentionBatch::new(&dev, shape, meta.clone(), None).unwrap();
+        let (dq, dk, dv) =
+            (dev.upload(&q).unwrap(), dev.upload(&kb).unwrap(), dev.upload(&vb).unwrap());
+        let mut o = dev.alloc::<bf16>(q.len()).unwrap();
+        o.fill_bytes(0xFF).unwrap();
+        batch.run_fp8(&jit, &dq, &dk, &dv, scales, &mut o, None).unwrap();
+        let got = o.to_vec().unwrap();
+        let qf: Vec<f32> = q.iter().map(|x| x.to_f32()).collect(); // exact
+        let want = attention_reference(&shape, &meta, &qf, &kd, &vd);
+        let err = relative_error(&got, &want.o);
+        assert!(err <= 1e-2, "FP8 pool case {i} (d={} kv={:?}): rel err {err:.3e}", c.d, c.kv);
+    }
+}

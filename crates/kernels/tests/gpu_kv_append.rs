@@ -255,3 +255,96 @@ fn extreme_keys_get_the_cpu_encoders_bounds() {
         }
     }
 }
+
+/// Appending into an FP8 pool: every stored byte times its scale is within e4m3's
+/// rounding of the f64 reference's key (after RoPE) or value, slots not written keep
+/// their bytes, and every touched page's bounds record is, to the bit, the CPU encoder's
+/// for the keys the bytes hold.
+#[test]
+fn append_into_an_fp8_pool() {
+    use radix_kernels::attention::KvFp8Scales;
+    use radix_kernels::kv_append::append_fp8;
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(77);
+    let (page_size, d, hq, hkv) = (16, 128, 8, 2);
+    let kv = KvGeometry::new(1, hkv, page_size, d, KvDtype::F8E4M3, true).unwrap();
+    let shape = PoolShape::new(kv, 12, hq).unwrap();
+    let scales = KvFp8Scales { k: 0.02, v: 0.0078125 };
+    let inv_freq = RopeConfig { head_dim: d, theta: 500000.0, llama3: None }.inv_freq();
+    let (mut dk, mut dv) = (
+        dev.alloc::<u8>(shape.pool_elems()).unwrap(),
+        dev.alloc::<u8>(shape.pool_elems()).unwrap(),
+    );
+    dk.fill_bytes(0x11).unwrap();
+    dv.fill_bytes(0x22).unwrap();
+    let mut bounds = dev.alloc::<u8>(shape.bounds_bytes()).unwrap();
+    bounds.fill_bytes(0xFF).unwrap();
+    // One sequence of 21 tokens on pages 5 and 2, at positions from 1000.
+    let slots: Vec<i32> =
+        (0..21).map(|t| if t < 16 { 5 * 16 + t } else { 2 * 16 + t - 16 }).collect();
+    let positions: Vec<i32> = (0..21).map(|t| 1000 + t).collect();
+    let qkv: Vec<bf16> = random(&mut rng, 21 * shape.qkv_row());
+    let batch = AppendBatch { positions: &positions, slots: &slots };
+    let inputs = AppendInputs::upload(&dev, &shape, &batch, &inv_freq).unwrap();
+    let dqkv = dev.upload(&qkv).unwrap();
+    let mut q_out = dev.alloc::<bf16>(21 * hq * d).unwrap();
+    append_fp8(
+        &jit,
+        &shape,
+        &inputs,
+        &dqkv,
+        &mut q_out,
+        &mut dk,
+        &mut dv,
+        scales,
+        Some(&mut bounds),
+    )
+    .unwrap();
+    let zeros = vec![bf16::ZERO; shape.pool_elems()];
+    let (_, want_k, want_v) =
+        append_reference(&shape, &qkv, &positions, &slots, &inv_freq, &zeros, &zeros);
+    let (kb, vb) = (dk.to_vec().unwrap(), dv.to_vec().unwrap());
+    let deq = |b: u8, s: f32| float8::F8E4M3::from_bits(b).to_f32() * s;
+    let written: std::collections::HashSet<usize> = slots.iter().map(|&s| s as usize).collect();
+    for slot in 0..shape.num_pages() * page_size {
+        let (page, off) = (slot / page_size, slot % page_size);
+        for kh in 0..hkv {
+            let at = ((page * hkv + kh) * page_size + off) * d;
+            for i in at..at + d {
+                if !written.contains(&slot) {
+                    assert_eq!((kb[i], vb[i]), (0x11, 0x22), "slot {slot} was not written");
+                    continue;
+                }
+                // e4m3: 3 mantissa bits, half an ulp 2^-4 relative; below 2^-6 x scale,
+                // subnormal steps of 2^-9 x scale.
+                for (got, want, s) in [
+                    (deq(kb[i], scales.k), want_k[i], scales.k),
+                    (deq(vb[i], scales.v), want_v[i], scales.v),
+                ] {
+                    let bound = want.abs() / 16.0 + s as f64 / 1024.0 + 1e-3 * want.abs();
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "slot {slot} dim {}: {got} vs {want}",
+                        i - at
+                    );
+                }
+            }
+        }
+    }
+    let got = bounds.to_vec().unwrap();
+    let rb = record_bytes(d);
+    for (page, fill) in [(5usize, 16usize), (2, 5)] {
+        for kh in 0..hkv {
+            let base = (page * hkv + kh) * page_size * d;
+            let keys: Vec<f32> =
+                kb[base..base + fill * d].iter().map(|&b| deq(b, scales.k)).collect();
+            let at = (page * hkv + kh) * rb;
+            assert_eq!(
+                &got[at..at + rb],
+                &key_bounds_record(&keys, d)[..],
+                "page {page} head {kh}"
+            );
+        }
+    }
+}

@@ -57,6 +57,8 @@ pub enum KvDtype {
     F32,
     BF16,
     F16,
+    /// An FP8 cache: e4m3 bytes with a scale per layer for keys and one for values.
+    F8E4M3,
 }
 
 impl KvDtype {
@@ -65,6 +67,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::BF16 | KvDtype::F16 => 2,
+            KvDtype::F8E4M3 => 1,
         }
     }
 }

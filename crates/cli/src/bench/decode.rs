@@ -49,6 +49,34 @@ pub struct DecodeArgs {
     /// e.g. `--sparse-budget 0.1,0.2,0.3,0.5`. Default cases then: 1@32768, 32@32768.
     #[arg(long, value_delimiter = ',')]
     sparse_budget: Vec<radix_kv::SparseBudget>,
+    /// An FP8 (e4m3) K/V pool, scales 1, instead of 16-bit (`--kv-cache-dtype fp8_e4m3`):
+    /// half the bytes per token read.
+    #[arg(long)]
+    kv_fp8: bool,
+}
+
+/// A K/V pool as the kernel reads it: 16-bit, or e4m3 bytes.
+enum KvPools<T: radix_gpu::Element> {
+    Half(radix_gpu::DeviceBuffer<T>, radix_gpu::DeviceBuffer<T>),
+    Fp8(radix_gpu::DeviceBuffer<u8>, radix_gpu::DeviceBuffer<u8>),
+}
+
+impl<T: HalfFloat> KvPools<T> {
+    fn run(
+        &self,
+        batch: &AttentionBatch,
+        jit: &Jit,
+        q: &radix_gpu::DeviceBuffer<T>,
+        o: &mut radix_gpu::DeviceBuffer<T>,
+    ) -> radix_gpu::Result<()> {
+        match self {
+            KvPools::Half(k, v) => batch.run(jit, q, k, v, o, None),
+            KvPools::Fp8(k, v) => {
+                let scales = radix_kernels::attention::KvFp8Scales { k: 1.0, v: 1.0 };
+                batch.run_fp8(jit, q, k, v, scales, o, None)
+            }
+        }
+    }
 }
 
 fn parse_case(s: &str) -> anyhow::Result<Vec<usize>> {
@@ -99,9 +127,16 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
     } else {
         a.cases.iter().map(|c| Ok((c.clone(), parse_case(c)?))).collect::<anyhow::Result<_>>()?
     };
+    anyhow::ensure!(
+        !a.kv_fp8 || a.sparse_budget.is_empty(),
+        "--kv-fp8 times dense decode only (no --sparse-budget)"
+    );
     let device = Device::open(0)?;
     let jit = Jit::with_default_cache();
     let copy_bw = copy_bandwidth(&device)?;
+    // e4m3 bytes of values in about -2..2 (no NaN): the timing does not depend on them.
+    let byte_block: Vec<u8> =
+        (0..(1usize << 24)).map(|i| [0x30u8, 0xb8, 0x3c, 0xc0, 0x28, 0xa4][i % 6]).collect();
     println!("device-to-device copy: {:.0} GB/s (read + write)", copy_bw / 1e9);
     let (hq, hkv, d, ps) = (a.heads, a.kv_heads, a.head_dim, a.page_size);
     let shape = AttentionShape::new(hq, hkv, d, true);
@@ -134,18 +169,26 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         let block: Vec<T> =
             (0..(1usize << 24)).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
         let random = |len: usize| upload_cycled(&device, &block, len);
+        let pools = || -> anyhow::Result<KvPools<T>> {
+            Ok(if a.kv_fp8 {
+                let bytes = |len| upload_cycled(&device, &byte_block, len);
+                KvPools::Fp8(bytes(pool)?, bytes(pool)?)
+            } else {
+                KvPools::Half(random(pool)?, random(pool)?)
+            })
+        };
         let q = random(b * hq * d)?;
-        let k = random(pool)?;
-        let v = random(pool)?;
+        let kv_pools = pools()?;
         let mut o = device.alloc::<T>(b * hq * d)?;
         let sparse_meta = (!a.sparse_budget.is_empty()).then(|| meta.clone());
         let batch = AttentionBatch::with_options(&device, shape, meta, None, a.target_blocks)?;
-        let t =
-            time_runs(&device, a.warmup, a.runs, |_| batch.run(&jit, &q, &k, &v, &mut o, None))?;
+        let t = time_runs(&device, a.warmup, a.runs, |_| kv_pools.run(&batch, &jit, &q, &mut o))?;
         let tokens: usize = lens.iter().sum();
-        let bytes = (2 * tokens * hkv * d + 2 * b * hq * d) * 2;
+        let kv_elem_bytes = if a.kv_fp8 { 1 } else { 2 };
+        let bytes = 2 * tokens * hkv * d * kv_elem_bytes + 2 * b * hq * d * 2;
         let bw = bytes as f64 / (t.median_ms * 1e-3);
-        let label = format!("{name} Hq={hq} Hkv={hkv} D={d} page={ps} {}", T::DTYPE);
+        let kv_label = if a.kv_fp8 { " kv=fp8" } else { "" };
+        let label = format!("{name} Hq={hq} Hkv={hkv} D={d} page={ps} {}{kv_label}", T::DTYPE);
         let work = batch.work();
         let split_tiles = work.merge.len() / hkv;
         println!(
@@ -157,14 +200,11 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         );
         let b2b_ms = if a.back_to_back {
             // Enough pool copies to exceed the L2 cache (50 MB on the H100/H200) fourfold.
-            let copies =
-                (256usize << 20).div_ceil(2 * pool * std::mem::size_of::<T>()).clamp(1, 16);
-            let extra: Vec<_> = (1..copies)
-                .map(|_| Ok((random(pool)?, random(pool)?)))
-                .collect::<anyhow::Result<_>>()?;
+            let copies = (256usize << 20).div_ceil(2 * pool * kv_elem_bytes).clamp(1, 16);
+            let extra: Vec<_> = (1..copies).map(|_| pools()).collect::<anyhow::Result<_>>()?;
             let t = time_back_to_back(&device, a.warmup, 5, a.runs, |i| match i % copies {
-                0 => batch.run(&jit, &q, &k, &v, &mut o, None),
-                c => batch.run(&jit, &q, &extra[c - 1].0, &extra[c - 1].1, &mut o, None),
+                0 => kv_pools.run(&batch, &jit, &q, &mut o),
+                c => extra[c - 1].run(&batch, &jit, &q, &mut o),
             })?;
             let bw = bytes as f64 / (t.median_ms * 1e-3);
             println!(
@@ -194,12 +234,11 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                     b2b_ms.map(|ms| bytes as f64 / (ms * 1e-3) / copy_bw),
             })),
         });
-        if let Some(meta) = sparse_meta {
+        if let (Some(meta), KvPools::Half(k, v)) = (sparse_meta, &kv_pools) {
             let bounds = random_bounds(&device, num_pages * hkv, d)?;
             for &budget in &a.sparse_budget {
                 let dense_us = t.median_ms * 1e3;
-                let row =
-                    time_sparse(&device, &jit, a, &meta, budget, &q, &k, &v, &bounds, &mut o)?;
+                let row = time_sparse(&device, &jit, a, &meta, budget, &q, k, v, &bounds, &mut o)?;
                 let Some(st) = row else {
                     println!("{label} sparse {budget}: dense at this budget (nothing to select)");
                     continue;

@@ -94,12 +94,14 @@ fn run_once(
     // multiply at once: the roofline of n GPUs is one GPU's at n times the rates (the
     // all-reduces it leaves out are what stands between).
     let gpus = args.model.tensor_parallel_size.max(1) as f64;
+    let fp8_kv = args.model.fp8_kv_cache();
     let roof = roofline(
         engine.runner().config(),
         &lens,
         gpus * args.roofline_copy_gbps * 1e9,
         gpus * args.roofline_tflops * 1e12,
         fp8_linear,
+        if fp8_kv { 1 } else { 2 },
     );
     let prompt_lens: Vec<usize> = lens.iter().map(|&(p, _)| p).collect();
     let mut sinks = Vec::with_capacity(n);
@@ -230,7 +232,8 @@ fn run_once(
         );
     }
     let weights = if fp8_linear { " fp8" } else { "" };
-    let shape = format!("{} n={n} {name}{weights} max_running={max_running}", args.dataset);
+    let kv = if fp8_kv { " kv=fp8" } else { "" };
+    let shape = format!("{} n={n} {name}{weights}{kv} max_running={max_running}", args.dataset);
     write_json(
         args.json.as_ref(),
         &[Measurement {
@@ -257,6 +260,7 @@ fn run_once(
                 "roofline_out_tok_s": output_tokens as f64 / roof.total_s(),
                 "roofline_gpus": gpus,
                 "fp8_linear": fp8_linear,
+                "fp8_kv": fp8_kv,
                 "sparse_budget": engine.config().sparse.map(|s| s.budget.to_string()),
                 "kv_read_gb": kv_read / 1e9,
                 "kv_read_dense_gb": kv_dense / 1e9,

@@ -30,14 +30,16 @@ impl Roofline {
     }
 }
 
-/// `lens`: (prompt, output) tokens per request; bf16 KV, bf16 weights or FP8 linear
-/// layers (`fp8_linear`); `peak_flops`: the bf16 GEMM peak.
+/// `lens`: (prompt, output) tokens per request; bf16 weights or FP8 linear layers
+/// (`fp8_linear`); KV elements of `kv_bytes` (2: bf16, 1: FP8); `peak_flops`: the bf16
+/// GEMM peak.
 pub fn roofline(
     cfg: &ModelConfig,
     lens: &[(usize, usize)],
     copy_bps: f64,
     peak_flops: f64,
     fp8_linear: bool,
+    kv_bytes: usize,
 ) -> Roofline {
     let embed = cfg.vocab_size * cfg.hidden_size;
     let matmul_params = (cfg.num_params() - embed) as f64; // layers (+ an untied head)
@@ -49,7 +51,7 @@ pub fn roofline(
     } else {
         (2.0 * cfg.num_params() as f64, peak_flops)
     };
-    let kv_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2) as f64;
+    let kv_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_bytes) as f64;
 
     let prompt_tokens: usize = lens.iter().map(|l| l.0).sum();
     let prefill_s = prompt_tokens as f64 * 2.0 * body / body_flops;
@@ -85,7 +87,7 @@ mod tests {
     #[test]
     fn one_request_costs_its_prompt_flops_and_a_weight_read_per_output_token() {
         let c = cfg();
-        let r = roofline(&c, &[(1000, 10)], 3e12, 750e12, false);
+        let r = roofline(&c, &[(1000, 10)], 3e12, 750e12, false, 2);
         let weights = 2.0 * c.num_params() as f64;
         // Ten weight-bound steps plus a little KV.
         assert!(r.decode_s > 10.0 * weights / 3e12 && r.decode_s < 10.5 * weights / 3e12);
@@ -100,7 +102,7 @@ mod tests {
         let lens: Vec<(usize, usize)> =
             samples.iter().map(|s| (s.prompt.len(), s.output_len)).collect();
         let out: usize = lens.iter().map(|l| l.1).sum();
-        let r = roofline(&cfg(), &lens, 2990e9, 750e12, false);
+        let r = roofline(&cfg(), &lens, 2990e9, 750e12, false, 2);
         let tps = out as f64 / r.total_s();
         eprintln!(
             "{dataset} roofline: {:.2} s (prefill {:.2}, decode {:.2}), {tps:.0} out tok/s",
@@ -135,8 +137,8 @@ mod tests {
     fn fp8_linear_layers_halve_the_weight_reads() {
         let c = cfg();
         let (b16, f8) = (
-            roofline(&c, &[(1000, 10)], 3e12, 750e12, false),
-            roofline(&c, &[(1000, 10)], 3e12, 750e12, true),
+            roofline(&c, &[(1000, 10)], 3e12, 750e12, false, 2),
+            roofline(&c, &[(1000, 10)], 3e12, 750e12, true, 2),
         );
         let ratio = f8.decode_s / b16.decode_s;
         assert!((0.52..0.58).contains(&ratio), "{ratio}"); // 1 GB of bf16 embed + head in 16
@@ -149,8 +151,10 @@ mod tests {
         let even: Vec<(usize, usize)> = (0..100).map(|_| (200, 200)).collect();
         let mut tail = even.clone();
         tail[0].1 = 1000; // one request runs 800 steps alone
-        let (a, b) =
-            (roofline(&c, &even, 3e12, 750e12, false), roofline(&c, &tail, 3e12, 750e12, false));
+        let (a, b) = (
+            roofline(&c, &even, 3e12, 750e12, false, 2),
+            roofline(&c, &tail, 3e12, 750e12, false, 2),
+        );
         let extra = b.decode_s - a.decode_s;
         assert!(extra > 800.0 * 2.0 * c.num_params() as f64 / 3e12, "{extra}");
     }

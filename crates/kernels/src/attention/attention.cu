@@ -19,7 +19,14 @@
 // exp2 domain with the scale folded in; P goes from the S accumulators straight into A
 // fragments (their layouts coincide). Shared tiles are XOR-swizzled by 16-byte chunk so
 // ldmatrix reads 8 rows without bank conflicts.
-#include "common/types.cuh"
+//
+// KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
+// then holds a tile's bytes (8-byte cp.async per thread chunk, unswizzled); before the
+// MMAs every thread widens the chunks it copied into one bf16/f16 K and V tile (exact:
+// every e4m3 value is a bf16 and an f16 value), which the MMAs read as usual. The key
+// scale is folded into scale_log2 on the host and the value scale into the epilogue's
+// normalisation (v_scale), so the MMAs see the stored values as they are.
+#include "common/fp8.cuh"
 #include "common/mma.cuh"
 
 #ifndef HEAD_DIM
@@ -42,6 +49,15 @@
 #endif
 #ifndef KEY_SPLIT
 #define KEY_SPLIT 0
+#endif
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+
+#if KV_FP8
+typedef unsigned char kv_t;
+#else
+typedef elem_t kv_t;
 #endif
 
 constexpr int D = HEAD_DIM;
@@ -73,7 +89,10 @@ static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(ST >= 2 && ST <= 4, "2 to 4 pipeline stages");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
 static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
-static_assert(!KS || WARPS * 16 * (D + 2) * 4 <= 2 * ST * BN * D * 2, "the warps' states fit the K/V stages");
+// Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
+// the stages of bytes).
+constexpr int KV_SMEM = KV_FP8 ? 2 * BN * D * 2 + 2 * ST * BN * D : 2 * ST * BN * D * 2;
+static_assert(!KS || WARPS * 16 * (D + 2) * 4 <= KV_SMEM, "the warps' states fit the K/V stages");
 static_assert((BN * DC) % THREADS == 0 && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
@@ -98,8 +117,8 @@ struct MergeItem {
 // Mirrors AttentionParams in launch.rs (8-byte fields first, then 4-byte ones).
 struct AttentionParams {
   const elem_t* q;            // [total_q, q_stride] rows; head h at h * D
-  const elem_t* k;            // contiguous: [total_kv, kv_stride]; paged: [pages, Hkv, page_size, D]
-  const elem_t* v;
+  const kv_t* k;              // contiguous: [total_kv, kv_stride]; paged: [pages, Hkv, page_size, D]
+  const kv_t* v;
   elem_t* o;                  // [total_q, o_stride]
   float* lse;                 // [total_q, Hq] natural-log LSE, or null
   float* partial_o;           // [partial rows, Hq, D] for split items
@@ -123,7 +142,7 @@ struct AttentionParams {
   float scale_log2;           // softmax scale * log2(e)
   int head_tables;            // paged: each kv head of a sequence has its own page table
   int heads_inner;            // 1-D grid, block i = item i / Hkv, kv head i % Hkv (plan.rs)
-  int reserved;
+  float v_scale;              // the FP8 cache's value scale (1 for a 16-bit cache)
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows, D] tile.
@@ -173,6 +192,7 @@ struct KvCursor {
 #endif
   int r0;              // this thread's first row within a tile
   u32 s_off;           // its swizzled byte offset within a tile
+  u32 f_off;           // KV_FP8: its byte offset within a stage of bytes (row * D + chunk * 8)
   int kv_stop;
 };
 
@@ -205,11 +225,48 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
 #else
     long long off = cur.base + (long long)kk * p.kv_stride;
 #endif
+#if KV_FP8
+    u32 dst = cur.f_off + it * RSTEP * D;
+    cp_async_8(sk + dst, p.k + off, valid);
+    cp_async_8(sv + dst, p.v + off, valid);
+#else
     u32 dst = cur.s_off + it * RSTEP * D * 2;
     cp_async_16(sk + dst, p.k + off, valid);
     cp_async_16(sv + dst, p.v + off, valid);
+#endif
   }
 }
+
+#if KV_FP8
+// Eight e4m3 bytes as eight elem_t values, packed as ldmatrix reads them.
+__device__ __forceinline__ uint4 widen8(uint2 b) {
+  const u32 w[2] = {b.x, b.y};
+  u32 out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float lo, hi;
+    e4m3x2_to_float(w[i / 2] >> ((i % 2) * 16), lo, hi);
+    out[i] = pack2<elem_t>(lo, hi);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// Widens the chunks this thread copied of the stage at (fk, fv) into the K and V tiles
+// at (hk, hv), swizzled as load_kv_tile would have written 16-bit values. Only its own
+// copies: after cp.async.wait_group they are visible to this thread without a barrier.
+__device__ __forceinline__ void widen_kv_tile(const KvCursor& cur, u32 fk, u32 fv, u32 hk, u32 hv) {
+#pragma unroll
+  for (int it = 0; it < KV_ITERS; ++it) {
+    const u32 src = cur.f_off + it * RSTEP * D, dst = cur.s_off + it * RSTEP * D * 2;
+    uint2 k8, v8;
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(k8.x), "=r"(k8.y) : "r"(fk + src));
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v8.x), "=r"(v8.y) : "r"(fv + src));
+    const uint4 k16 = widen8(k8), v16 = widen8(v8);
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(hk + dst), "r"(k16.x), "r"(k16.y), "r"(k16.z), "r"(k16.w));
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(hv + dst), "r"(v16.x), "r"(v16.y), "r"(v16.z), "r"(v16.w));
+  }
+}
+#endif
 
 // Combines the splits of rows [row0, end) of sequence b's query tile for kv head kvh:
 // o = Σ w_s o_s / Σ w_s with w_s = exp(lse_s - max lse), lse = max + log Σ w_s. One warp
@@ -293,9 +350,17 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const int mask_free_end = p.causal ? first_t + causal_shift + 1 : kv_stop;
 
   const u32 sq = smem_addr(smem);
+#if KV_FP8
+  const u32 sk_wide = sq + BM * D * 2;  // the widened K and V tiles the MMAs read
+  const u32 sv_wide = sk_wide + BN * D * 2;
+  const u32 sk0 = sv_wide + BN * D * 2;  // the stages of bytes
+  const u32 sv0 = sk0 + ST * BN * D;
+  const u32 stage_bytes = BN * D;
+#else
   const u32 sk0 = sq + BM * D * 2;
   const u32 sv0 = sk0 + ST * BN * D * 2;
   const u32 stage_bytes = BN * D * 2;
+#endif
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
   const u32 s_off = swz(r0, chunk);
 
@@ -310,6 +375,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   KvCursor cur;
   cur.r0 = r0;
   cur.s_off = s_off;
+  cur.f_off = r0 * D + chunk * 8;
   cur.kv_stop = kv_stop;
 #if PAGED
   cur.pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
@@ -370,7 +436,14 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       if (j + ST < n_tiles) fetch_pages(p, cur, tile_start + ST * BN);
     }
     cp_async_commit();
+#if KV_FP8
+    // Every warp is past tile j - 1 (the barrier above): its widened tiles are free.
+    widen_kv_tile(cur, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
+    __syncthreads();
+    const u32 sk = sk_wide, sv = sv_wide;
+#else
     const u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
+#endif
 
     if (warp_active) {
       if constexpr (Q_IN_REGS) {
@@ -534,7 +607,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       wt[wi] = fast_exp2(sm[wi * 16 + r] - m_use);
       l += wt[wi] * sl[wi * 16 + r];
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? p.v_scale / l : 0.f;
     float x[CPT];
 #pragma unroll
     for (int i = 0; i < CPT; i += 4) {
@@ -573,7 +646,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float l = warp_sum4(l_run[mt][half]);
-        float inv = l > 0.f ? 1.f / l : 0.f;
+        float inv = l > 0.f ? p.v_scale / l : 0.f;
         int r = wrow + mt * 16 + lane / 4 + half * 8;
         int gr = row0 + r;
         bool valid = warp_active && gr < rows;

@@ -38,7 +38,7 @@ pub(crate) struct AttentionParams {
     scale_log2: f32,
     head_tables: i32,
     heads_inner: i32,
-    reserved: i32,
+    v_scale: f32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -55,6 +55,18 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("BLOCK_N", tiles.block_n)
         .define("STAGES", tiles.stages)
         .define("KEY_SPLIT", tiles.key_split as u32)
+}
+
+/// The specialisation reading an FP8 (e4m3) K/V pool (hardware e4m3 conversion: sm_89+).
+pub fn spec_fp8_kv<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
+    spec::<T>(head_dim, paged, tiles).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89)
+}
+
+/// An FP8 KV cache's per-layer scales: stored bytes times these are the keys and values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvFp8Scales {
+    pub k: f32,
+    pub v: f32,
 }
 
 /// The device arrays an attention batch reads: owned by the batch, or views of a step
@@ -235,6 +247,50 @@ impl AttentionBatch {
         o: &mut DeviceBuffer<T>,
         lse: Option<&mut DeviceBuffer<f32>>,
     ) -> Result<()> {
+        self.launch(
+            jit,
+            q,
+            KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), fp8: None },
+            o,
+            lse,
+        )
+    }
+
+    /// `run` over an FP8 K/V pool: `k` and `v` hold e4m3 bytes in the same layouts, read
+    /// as those values times `scales`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_fp8<T: HalfFloat>(
+        &self,
+        jit: &Jit,
+        q: &DeviceBuffer<T>,
+        k: &DeviceBuffer<u8>,
+        v: &DeviceBuffer<u8>,
+        scales: KvFp8Scales,
+        o: &mut DeviceBuffer<T>,
+        lse: Option<&mut DeviceBuffer<f32>>,
+    ) -> Result<()> {
+        ensure!(
+            scales.k.is_finite() && scales.k > 0.0 && scales.v.is_finite() && scales.v > 0.0,
+            "FP8 KV scales must be positive numbers, got {scales:?}"
+        );
+        for buf in [k.device(), v.device()] {
+            ensure!(
+                buf.info().ordinal == q.device().info().ordinal,
+                "attention buffers live on different GPUs"
+            );
+        }
+        let kv = KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), fp8: Some(scales) };
+        self.launch(jit, q, kv, o, lse)
+    }
+
+    fn launch<T: HalfFloat>(
+        &self,
+        jit: &Jit,
+        q: &DeviceBuffer<T>,
+        kv: KvRead,
+        o: &mut DeviceBuffer<T>,
+        lse: Option<&mut DeviceBuffer<f32>>,
+    ) -> Result<()> {
         let s = &self.shape;
         let d = s.head_dim;
         let total_q = self.meta.total_q();
@@ -259,8 +315,8 @@ impl AttentionBatch {
                 num_pages * s.num_kv_heads * page_size * d
             }
         };
-        ensure!(k.len() == kv_elems, "k holds {} elements, expected {kv_elems}", k.len());
-        ensure!(v.len() == kv_elems, "v holds {} elements, expected {kv_elems}", v.len());
+        ensure!(kv.k.1 == kv_elems, "k holds {} elements, expected {kv_elems}", kv.k.1);
+        ensure!(kv.v.1 == kv_elems, "v holds {} elements, expected {kv_elems}", kv.v.1);
         if let Some(l) = &lse {
             ensure!(
                 l.len() == total_q * s.num_qo_heads,
@@ -269,12 +325,10 @@ impl AttentionBatch {
                 total_q * s.num_qo_heads
             );
         }
-        for buf in [k.device(), v.device(), o.device()] {
-            ensure!(
-                buf.info().ordinal == q.device().info().ordinal,
-                "attention buffers live on different GPUs"
-            );
-        }
+        ensure!(
+            o.device().info().ordinal == q.device().info().ordinal,
+            "attention buffers live on different GPUs"
+        );
         if self.plan.work.is_empty() || total_q == 0 {
             return Ok(());
         }
@@ -282,9 +336,11 @@ impl AttentionBatch {
             KvSource::Paged { page_size, head_tables, .. } => (*page_size, true, *head_tables),
             KvSource::Contiguous { .. } => (1, false, false),
         };
-        let spec = spec::<T>(d, paged, self.tiles);
+        let (spec, smem) = match kv.fp8 {
+            None => (spec::<T>(d, paged, self.tiles), self.tiles.smem_bytes(d, 2)),
+            Some(_) => (spec_fp8_kv::<T>(d, paged, self.tiles), self.tiles.smem_bytes_fp8_kv(d)),
+        };
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
-        let smem = self.tiles.smem_bytes(d, 2);
         kernel.set_max_dynamic_smem(&self.device, smem)?;
         let lse_ptr = match lse {
             Some(l) => l.ptr_mut(),
@@ -292,8 +348,8 @@ impl AttentionBatch {
         };
         let params = AttentionParams {
             q: q.ptr(),
-            k: k.ptr(),
-            v: v.ptr(),
+            k: kv.k.0,
+            v: kv.v.0,
             o: o.ptr_mut(),
             lse: lse_ptr,
             partial_o: self.buffers.partial_o.ptr(),
@@ -313,10 +369,11 @@ impl AttentionBatch {
             page_size: page_size as i32,
             page_shift: page_size.trailing_zeros() as i32,
             causal: s.causal as i32,
-            scale_log2: s.scale * std::f32::consts::LOG2_E,
+            // An FP8 cache's key scale multiplies every score: folded in here.
+            scale_log2: s.scale * kv.fp8.map_or(1.0, |f| f.k) * std::f32::consts::LOG2_E,
             head_tables: head_tables as i32,
             heads_inner: self.plan.heads_inner as i32,
-            reserved: 0,
+            v_scale: kv.fp8.map_or(1.0, |f| f.v),
         };
         let cfg = LaunchConfig {
             grid_dim: if self.plan.heads_inner {
@@ -333,6 +390,13 @@ impl AttentionBatch {
         unsafe { kernel.launch(&self.device, cfg, &params) }?;
         Ok(())
     }
+}
+
+/// The K/V pool a launch reads: (address, elements) of each, and its FP8 scales.
+struct KvRead {
+    k: (u64, usize),
+    v: (u64, usize),
+    fp8: Option<KvFp8Scales>,
 }
 
 // Keep the host structs the size the kernels expect.

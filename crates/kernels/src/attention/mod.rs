@@ -8,7 +8,10 @@ mod plan;
 mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
-pub use launch::{AttentionBatch, AttentionBuffers, default_target_blocks, plan_batch, spec};
+pub use launch::{
+    AttentionBatch, AttentionBuffers, KvFp8Scales, default_target_blocks, plan_batch, spec,
+    spec_fp8_kv,
+};
 pub use plan::{
     MergeItem, StepWorkBound, TileConfig, WorkItem, WorkList, decode_work_bound, plan,
     step_work_bound,

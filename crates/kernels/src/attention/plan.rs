@@ -69,6 +69,13 @@ impl TileConfig {
         (self.block_m() + 2 * (self.stages * self.block_n) as usize) * head_dim * elem_bytes
     }
 
+    /// Dynamic shared memory over an FP8 pool: the 16-bit Q tile, one widened 16-bit K and
+    /// V tile, and `stages` K and V tiles of e4m3 bytes.
+    pub fn smem_bytes_fp8_kv(&self, head_dim: usize) -> usize {
+        let bn = self.block_n as usize;
+        (self.block_m() + 2 * bn) * head_dim * 2 + 2 * self.stages as usize * bn * head_dim
+    }
+
     /// Prefill tiles: 4 warps of 32 rows (two 16-row MMA tiles share each K/V fragment,
     /// halving shared-memory reads per MMA), 64 keys per tile. Fastest of the shapes swept
     /// on the H100 at head_dim 64 and 128 (bench/NOTES.md).

@@ -22,6 +22,21 @@ __device__ __forceinline__ u16 e4m3x2(float lo, float hi) {
 #endif
 }
 
+// Two e4m3 bytes (low byte first) as floats, exactly, through the f16x2 conversion.
+__device__ __forceinline__ void e4m3x2_to_float(u32 v, float& lo, float& hi) {
+#if __CUDA_ARCH__ >= 890
+  u32 h2;
+  asm("{.reg .b16 a;\n mov.b16 a, %1;\n cvt.rn.f16x2.e4m3x2 %0, a;}\n" : "=r"(h2) : "h"((u16)v));
+  unpack2<half_t>(h2, lo, hi);
+#else
+  __trap();
+  lo = hi = 0.f;
+#endif
+}
+
+// One e4m3 byte of `x` (round to nearest even, saturated; NaN stays NaN).
+__device__ __forceinline__ unsigned char to_e4m3(float x) { return (unsigned char)(e4m3x2(x, 0.f) & 0xff); }
+
 // The row's multiplier 448 / amax; its scale (amax / 448) goes to *scale.
 __device__ __forceinline__ float fp8_row_inv(float amax, float* scale) {
   const bool usable = amax > 0.f && amax <= 3.402823466e38f;  // not zero, not inf or NaN

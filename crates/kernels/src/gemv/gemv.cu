@@ -12,7 +12,7 @@
 // W_FP8: the weight is e4m3 bytes with an f32 scale per row (an FP8 linear layer), x
 // stays 16-bit: half the bytes of a 16-bit weight, no activation quantization. A 16-byte
 // load then holds 16 weights; the scale is applied once per output.
-#include "common/types.cuh"
+#include "common/fp8.cuh"
 
 #ifndef M_ROWS
 #define M_ROWS 1
@@ -71,13 +71,6 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 }
 
 #if W_FP8
-// Two e4m3 bytes (low byte first) as floats, through the f16x2 conversion (sm_89+).
-__device__ __forceinline__ void e4m3x2_to_float(u32 v, float& lo, float& hi) {
-  u32 h2;
-  asm("{.reg .b16 a;\n mov.b16 a, %1;\n cvt.rn.f16x2.e4m3x2 %0, a;}\n" : "=r"(h2) : "h"((u16)v));
-  unpack2<half_t>(h2, lo, hi);
-}
-
 // Sixteen e4m3 weights against sixteen 16-bit x values (two 16-byte vectors).
 __device__ __forceinline__ float dot16_fp8(uint4 w, uint4 x0, uint4 x1) {
   const u32 wv[4] = {w.x, w.y, w.z, w.w};

@@ -12,7 +12,13 @@
 // outward with a power-of-two scale per 8 dims (kv_append/bounds.rs has the format and its
 // CPU twin): 272 bytes per (page, head) at D = 128 instead of 512 in bf16, so sparse
 // scoring reads half the bytes and the bounds still contain every finite key.
+//
+// KV_FP8: the pool holds e4m3 bytes of k / k_scale and v / v_scale (an FP8 KV cache,
+// quantized here from the f32 rotated keys and the values; IEEE division, so the CPU
+// backend's rounding gives the same bytes); the bounds are those of the keys the cache
+// holds, byte times k_scale.
 #include "common/key_bounds.cuh"
+#include "common/fp8.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -20,11 +26,38 @@
 constexpr int D = HEAD_DIM;
 constexpr int HALF = D / 2;
 
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+typedef unsigned char kv_t;
+#else
+typedef elem_t kv_t;
+#endif
+
+// A key or value as the pool stores it (`scale`: the FP8 cache's), and back.
+__device__ __forceinline__ kv_t to_kv(float x, float scale) {
+#if KV_FP8
+  return to_e4m3(__fdiv_rn(x, scale));
+#else
+  return from_float<elem_t>(x);
+#endif
+}
+__device__ __forceinline__ float from_kv(kv_t x, float scale) {
+#if KV_FP8
+  float lo, hi;
+  e4m3x2_to_float(x, lo, hi);
+  return lo * scale;
+#else
+  return to_float(x);
+#endif
+}
+
 struct AppendParams {
   const elem_t* qkv;        // [tokens, qkv_stride]
   elem_t* q_out;            // [tokens, num_qo_heads, D]
-  elem_t* k_pool;           // [pages, num_kv_heads, page_size, D]
-  elem_t* v_pool;
+  kv_t* k_pool;             // [pages, num_kv_heads, page_size, D]
+  kv_t* v_pool;
   const int* positions;     // [tokens]
   const int* slots;         // [tokens] page * page_size + offset
   const float* inv_freq;    // [D / 2]
@@ -33,6 +66,8 @@ struct AppendParams {
   int num_qo_heads;
   int num_kv_heads;
   int page_size;
+  float k_scale;            // KV_FP8: the cache's scales (unused otherwise)
+  float v_scale;
 };
 
 __device__ __forceinline__ void rope_pair(float x1, float x2, float c, float s, float& y1, float& y2) {
@@ -57,32 +92,37 @@ extern "C" __global__ void kv_append(const __grid_constant__ AppendParams p) {
     const elem_t* src = row + head * D;
     float y1, y2;
     rope_pair(to_float(src[i]), to_float(src[i + HALF]), c, s, y1, y2);
-    elem_t* dst;
     if (head < hq) {
-      dst = p.q_out + ((long long)t * hq + head) * D;
+      elem_t* dst = p.q_out + ((long long)t * hq + head) * D;
+      dst[i] = from_float<elem_t>(y1);
+      dst[i + HALF] = from_float<elem_t>(y2);
     } else {
       int kh = head - hq;
-      dst = p.k_pool + (((long long)page * hkv + kh) * p.page_size + off) * D;
+      kv_t* dst = p.k_pool + (((long long)page * hkv + kh) * p.page_size + off) * D;
+      dst[i] = to_kv(y1, p.k_scale);
+      dst[i + HALF] = to_kv(y2, p.k_scale);
     }
-    dst[i] = from_float<elem_t>(y1);
-    dst[i + HALF] = from_float<elem_t>(y2);
   }
   // v heads: copied as they are.
   for (int idx = threadIdx.x; idx < hkv * D; idx += blockDim.x) {
     int vh = idx / D, d = idx - vh * D;
+#if KV_FP8
+    p.v_pool[(((long long)page * hkv + vh) * p.page_size + off) * D + d] = to_kv(to_float(row[(hq + hkv) * D + idx]), p.v_scale);
+#else
     p.v_pool[(((long long)page * hkv + vh) * p.page_size + off) * D + d] = row[(hq + hkv) * D + idx];
+#endif
   }
 }
 
 struct BoundsParams {
-  const elem_t* k_pool;     // [pages, num_kv_heads, page_size, D]
+  const kv_t* k_pool;       // [pages, num_kv_heads, page_size, D]
   unsigned char* bounds;    // [pages, num_kv_heads] records of BOUNDS_RECORD bytes
   const int* pages;         // [num_touched] page ids
   const int* filled;        // [num_touched] filled slots of each page (1..=page_size)
   int num_touched;
   int num_kv_heads;
   int page_size;
-  int reserved;
+  float k_scale;            // KV_FP8: the cache's key scale (unused otherwise)
 };
 
 static_assert(D / EXP_GROUP <= 16, "exponents fit the record's 16 trailing bytes");
@@ -119,10 +159,10 @@ extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
   const int i = blockIdx.x, kh = blockIdx.y, d = threadIdx.x;
   if (i >= p.num_touched) return;  // uniform over the block
   const long long page = p.pages[i];
-  const elem_t* k = p.k_pool + ((page * p.num_kv_heads + kh) * p.page_size) * D + d;
-  float lo = to_float(k[0]), hi = lo;
+  const kv_t* k = p.k_pool + ((page * p.num_kv_heads + kh) * p.page_size) * D + d;
+  float lo = from_kv(k[0], p.k_scale), hi = lo;
   for (int s = 1; s < p.filled[i]; ++s) {
-    float x = to_float(k[(long long)s * D]);
+    float x = from_kv(k[(long long)s * D], p.k_scale);
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }

@@ -10,6 +10,7 @@ use radix_kv::{KvDtype, KvGeometry};
 
 pub use reference::{append_reference, key_bounds_record, key_bounds_reference};
 
+use crate::attention::KvFp8Scales;
 use crate::{HEADERS, dtype_define};
 
 pub const SOURCE: SourceFile =
@@ -22,6 +23,11 @@ pub fn spec<T: HalfFloat>(head_dim: usize) -> KernelSpec {
         .define("BOUNDS_RECORD_BYTES", radix_kv::bounds_record_bytes(head_dim))
 }
 
+/// The specialisation writing an FP8 (e4m3) pool from `T` activations (sm_89+).
+pub fn spec_fp8<T: HalfFloat>(head_dim: usize) -> KernelSpec {
+    spec::<T>(head_dim).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89)
+}
+
 /// One layer of the page pool and the query heads appended beside it: the pool's
 /// geometry (radix-kv's, the one description of a page) with its page count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +38,8 @@ pub struct PoolShape {
 }
 
 impl PoolShape {
-    /// Checks what the kernels take: head dims 64 and 128, a half-float pool, query heads
-    /// a multiple of the kv heads, at least one page.
+    /// Checks what the kernels take: head dims 64 and 128, a half-float or FP8 pool, query
+    /// heads a multiple of the kv heads, at least one page.
     pub fn new(kv: KvGeometry, num_pages: usize, num_qo_heads: usize) -> Result<Self> {
         ensure!(
             matches!(kv.head_dim(), 64 | 128),
@@ -41,8 +47,8 @@ impl PoolShape {
             kv.head_dim()
         );
         ensure!(
-            matches!(kv.dtype(), KvDtype::BF16 | KvDtype::F16),
-            "the CUDA KV pool is bf16 or f16, not {:?}",
+            matches!(kv.dtype(), KvDtype::BF16 | KvDtype::F16 | KvDtype::F8E4M3),
+            "the CUDA KV pool is bf16, f16 or fp8 e4m3, not {:?}",
             kv.dtype()
         );
         ensure!(
@@ -104,6 +110,8 @@ struct AppendParams {
     num_qo_heads: i32,
     num_kv_heads: i32,
     page_size: i32,
+    k_scale: f32,
+    v_scale: f32,
 }
 // SAFETY: plain data mirroring AppendParams in kv_append.cu.
 unsafe impl DeviceRepr for AppendParams {}
@@ -118,7 +126,7 @@ struct BoundsParams {
     num_touched: i32,
     num_kv_heads: i32,
     page_size: i32,
-    reserved: i32,
+    k_scale: f32,
 }
 // SAFETY: plain data mirroring BoundsParams in kv_append.cu.
 unsafe impl DeviceRepr for BoundsParams {}
@@ -233,6 +241,56 @@ pub fn append<T: HalfFloat>(
         shape.geometry().dtype(),
         T::DTYPE
     );
+    let pool =
+        PoolWrite { k: (k_pool.ptr_mut(), k_pool.len()), v: (v_pool.ptr_mut(), v_pool.len()) };
+    launch_append(jit, shape, inputs, qkv, q_out, pool, None, bounds)
+}
+
+/// `append` into an FP8 pool: keys and values stored as e4m3 bytes of `k / scales.k` and
+/// `v / scales.v`, the bounds those of the stored keys.
+#[allow(clippy::too_many_arguments)]
+pub fn append_fp8<T: HalfFloat>(
+    jit: &Jit,
+    shape: &PoolShape,
+    inputs: &AppendInputs,
+    qkv: &DeviceBuffer<T>,
+    q_out: &mut DeviceBuffer<T>,
+    k_pool: &mut DeviceBuffer<u8>,
+    v_pool: &mut DeviceBuffer<u8>,
+    scales: KvFp8Scales,
+    bounds: Option<&mut DeviceBuffer<u8>>,
+) -> Result<()> {
+    ensure!(
+        shape.geometry().dtype() == KvDtype::F8E4M3,
+        "append_fp8 into a {:?} pool",
+        shape.geometry().dtype()
+    );
+    ensure!(
+        scales.k.is_finite() && scales.k > 0.0 && scales.v.is_finite() && scales.v > 0.0,
+        "FP8 KV scales must be positive numbers, got {scales:?}"
+    );
+    let pool =
+        PoolWrite { k: (k_pool.ptr_mut(), k_pool.len()), v: (v_pool.ptr_mut(), v_pool.len()) };
+    launch_append(jit, shape, inputs, qkv, q_out, pool, Some(scales), bounds)
+}
+
+/// The K and V pools an append writes: (address, elements) of each.
+struct PoolWrite {
+    k: (u64, usize),
+    v: (u64, usize),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_append<T: HalfFloat>(
+    jit: &Jit,
+    shape: &PoolShape,
+    inputs: &AppendInputs,
+    qkv: &DeviceBuffer<T>,
+    q_out: &mut DeviceBuffer<T>,
+    pool: PoolWrite,
+    fp8: Option<KvFp8Scales>,
+    bounds: Option<&mut DeviceBuffer<u8>>,
+) -> Result<()> {
     let n = inputs.num_tokens;
     ensure!(
         qkv.len() == n * shape.qkv_row(),
@@ -247,7 +305,7 @@ pub fn append<T: HalfFloat>(
         n * shape.num_qo_heads() * shape.head_dim()
     );
     ensure!(
-        k_pool.len() == shape.pool_elems() && v_pool.len() == shape.pool_elems(),
+        pool.k.1 == shape.pool_elems() && pool.v.1 == shape.pool_elems(),
         "K/V pools must hold {} elements",
         shape.pool_elems()
     );
@@ -269,13 +327,17 @@ pub fn append<T: HalfFloat>(
         return Ok(());
     }
     let device = qkv.device();
-    let spec = spec::<T>(shape.head_dim());
+    let spec = match fp8 {
+        None => spec::<T>(shape.head_dim()),
+        Some(_) => spec_fp8::<T>(shape.head_dim()),
+    };
+    let (k_scale, v_scale) = fp8.map_or((1.0, 1.0), |s| (s.k, s.v));
     let kernel = jit.kernel(device, &spec, "kv_append")?;
     let params = AppendParams {
         qkv: qkv.ptr(),
         q_out: q_out.ptr_mut(),
-        k_pool: k_pool.ptr_mut(),
-        v_pool: v_pool.ptr_mut(),
+        k_pool: pool.k.0,
+        v_pool: pool.v.0,
         positions: inputs.positions.ptr(),
         slots: inputs.slots.ptr(),
         inv_freq: inputs.inv_freq.ptr(),
@@ -284,6 +346,8 @@ pub fn append<T: HalfFloat>(
         num_qo_heads: shape.num_qo_heads() as i32,
         num_kv_heads: shape.num_kv_heads() as i32,
         page_size: shape.page_size() as i32,
+        k_scale,
+        v_scale,
     };
     let cfg =
         LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -293,14 +357,14 @@ pub fn append<T: HalfFloat>(
     if let Some(bounds) = bounds {
         let kernel = jit.kernel(device, &spec, "key_bounds")?;
         let params = BoundsParams {
-            k_pool: k_pool.ptr(),
+            k_pool: pool.k.0,
             bounds: bounds.ptr_mut(),
             pages: inputs.touched_pages.ptr(),
             filled: inputs.touched_filled.ptr(),
             num_touched: inputs.num_touched as i32,
             num_kv_heads: shape.num_kv_heads() as i32,
             page_size: shape.page_size() as i32,
-            reserved: 0,
+            k_scale,
         };
         let cfg = LaunchConfig {
             grid_dim: (inputs.num_touched as u32, shape.num_kv_heads() as u32, 1),
@@ -312,6 +376,10 @@ pub fn append<T: HalfFloat>(
     }
     Ok(())
 }
+
+// Keep the host structs the size the kernel expects.
+const _: () = assert!(std::mem::size_of::<AppendParams>() == 88);
+const _: () = assert!(std::mem::size_of::<BoundsParams>() == 48);
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,12 @@
-//! The CUDA backend's KV pool: per layer K and V in bf16 (the shared HND layout) and,
-//! with sparse paging, the key-bounds records beside them; plus what the appends read
+//! The CUDA backend's KV pool: per layer K and V in bf16 (the shared HND layout), or as
+//! e4m3 bytes with the layer's scales (`--kv-cache-dtype fp8_e4m3`), and, with sparse
+//! paging, the key-bounds records beside them; plus what the appends read
 //! with it (the RoPE frequencies). Everything is allocated once, from the pool's
 //! geometry, by `init_kv`.
 
 use half::bf16;
 use radix_gpu::{Device, DeviceBuffer};
+use radix_kernels::attention::KvFp8Scales;
 use radix_kernels::kv_append::PoolShape;
 use radix_kv::{KvDtype, SparsePolicy};
 
@@ -12,16 +14,30 @@ use super::CudaBackend;
 use crate::backend::KvPoolSpec;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::fp8::KvScales;
 
-/// The dtype of the CUDA backend's pool.
+/// The dtype of the CUDA backend's 16-bit pool.
 pub(super) const KV_DTYPE: KvDtype = KvDtype::BF16;
 
 /// One layer's pages.
 pub(super) struct LayerKv {
-    pub k: DeviceBuffer<bf16>,
-    pub v: DeviceBuffer<bf16>,
+    pub kv: LayerData,
     /// A record per (page, kv head) when sparse paging is on.
     pub bounds: Option<DeviceBuffer<u8>>,
+}
+
+/// One layer's keys and values.
+pub(super) enum LayerData {
+    Bf16 {
+        k: DeviceBuffer<bf16>,
+        v: DeviceBuffer<bf16>,
+    },
+    /// e4m3 bytes; a key is its byte times `scales.k`, a value times `scales.v`.
+    Fp8 {
+        k: DeviceBuffer<u8>,
+        v: DeviceBuffer<u8>,
+        scales: KvFp8Scales,
+    },
 }
 
 pub(super) struct KvPool {
@@ -34,9 +50,25 @@ pub(super) struct KvPool {
 
 impl KvPool {
     /// Allocates the pool `spec` asks for, zeroed: `spec.num_pages` pages for the engine
-    /// and one scratch page past them, which padding rows of a CUDA graph write to.
-    pub fn new(device: &Device, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<Self> {
-        let geometry = spec.geometry(cfg, KV_DTYPE)?;
+    /// and one scratch page past them, which padding rows of a CUDA graph write to. With
+    /// `fp8` scales (one per layer) the pool holds e4m3 bytes.
+    pub fn new(
+        device: &Device,
+        cfg: &ModelConfig,
+        spec: &KvPoolSpec,
+        fp8: Option<&KvScales>,
+    ) -> Result<Self> {
+        if let Some(s) = fp8
+            && (s.k.len() != cfg.num_layers || s.v.len() != cfg.num_layers)
+        {
+            return Err(ModelError::Invalid(format!(
+                "FP8 KV cache: {} scales for {} layers",
+                s.k.len(),
+                cfg.num_layers
+            )));
+        }
+        let dtype = if fp8.is_some() { KvDtype::F8E4M3 } else { KV_DTYPE };
+        let geometry = spec.geometry(cfg, dtype)?;
         if !matches!(cfg.head_dim, 64 | 128) {
             return Err(ModelError::Invalid(format!(
                 "the CUDA attention kernels take head_dim 64 or 128, this model has {}",
@@ -45,16 +77,21 @@ impl KvPool {
         }
         let shape = PoolShape::new(geometry, spec.num_pages + 1, cfg.num_heads)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
+        for layer in 0..cfg.num_layers {
             let bounds = match geometry.key_bounds() {
                 true => Some(device.alloc_zeros(shape.bounds_bytes())?),
                 false => None,
             };
-            layers.push(LayerKv {
-                k: device.alloc_zeros(shape.pool_elems())?,
-                v: device.alloc_zeros(shape.pool_elems())?,
-                bounds,
-            });
+            let n = shape.pool_elems();
+            let kv = match fp8 {
+                None => LayerData::Bf16 { k: device.alloc_zeros(n)?, v: device.alloc_zeros(n)? },
+                Some(s) => LayerData::Fp8 {
+                    k: device.alloc_zeros(n)?,
+                    v: device.alloc_zeros(n)?,
+                    scales: KvFp8Scales { k: s.k[layer], v: s.v[layer] },
+                },
+            };
+            layers.push(LayerKv { kv, bounds });
         }
         let inv_freq = device.upload(&cfg.rope.inv_freq())?;
         Ok(Self { shape, layers, inv_freq, sparse: spec.sparse })
@@ -79,9 +116,15 @@ impl KvPool {
 }
 
 impl CudaBackend {
-    /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests).
+    /// Layer `layer`'s keys, `[pages, num_kv_heads, page_size, head_dim]` (tests; a 16-bit
+    /// pool).
     pub fn read_keys(&self, layer: usize) -> Result<Vec<bf16>> {
-        Ok(self.kv()?.layer(layer)?.k.to_vec()?)
+        match &self.kv()?.layer(layer)?.kv {
+            LayerData::Bf16 { k, .. } => Ok(k.to_vec()?),
+            LayerData::Fp8 { .. } => {
+                Err(ModelError::Invalid("the KV pool is FP8: read_keys reads bf16 pools".into()))
+            }
+        }
     }
 
     /// Layer `layer`'s key bounds, a `kv_append::bounds` record per (page, kv head)

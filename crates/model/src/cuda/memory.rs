@@ -8,9 +8,9 @@ use radix_kv::KvGeometry;
 use radix_kernels::attention::{default_target_blocks, step_work_bound};
 
 use super::graphs::all_buckets;
-use super::kv_pool::KV_DTYPE;
 use super::workspace::{ActShape, Caps, Workspace};
 use super::{CudaBackend, Memory, act_shape, sparse_entries};
+use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 
@@ -75,6 +75,7 @@ impl MemoryPlan {
             kv_pages = self.kv_pages,
             kv_tokens = self.kv_tokens(),
             page_kib = self.geometry.bytes_per_page() >> 10,
+            kv_dtype = ?self.geometry.dtype(),
             key_bounds = self.geometry.key_bounds(),
             cuda_graph_max_batch = self.graph_max_batch,
             cuda_graphs = self.graph_buckets,
@@ -123,7 +124,8 @@ impl CudaBackend {
                 limits.mem_fraction
             )));
         }
-        let geometry = cfg.kv_geometry(limits.page_size, KV_DTYPE, limits.sparse)?;
+        // At the pool's own element size: an FP8 cache fits twice the pages of bf16.
+        let geometry = cfg.kv_geometry(limits.page_size, self.kv_dtype(), limits.sparse)?;
         // Every running request decodes a token per step: no step has more sequences
         // than tokens.
         let max_seqs = limits.max_running.min(limits.max_batched_tokens);
@@ -220,6 +222,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
+    use super::super::kv_pool::KV_DTYPE;
     use super::*;
     use crate::tp::TpShard;
 

@@ -37,7 +37,7 @@ pub use self::memory::{MemoryLimits, MemoryPlan, group_kv_pages, kv_pages_left};
 pub use self::profiler::OpTimes;
 
 use self::graphs::{DecodeGraphs, GraphKey, scratch_prefill, scratch_step};
-use self::kv_pool::{KV_DTYPE, KvPool};
+use self::kv_pool::{KV_DTYPE, KvPool, LayerData};
 use self::profiler::{Op, Profiler};
 use self::sampler::{ExtrasBuffers, SamplerPlan};
 use self::staging::{StepMeta, StepViews};
@@ -139,6 +139,9 @@ pub struct CudaBackend {
     fp8_gemv_rows: usize,
     /// The log has said how FP8 weights run.
     fp8_said: bool,
+    /// `--kv-cache-dtype fp8_e4m3`: the per-layer scales of the FP8 KV pool `init_kv`
+    /// makes (none: bf16).
+    kv_fp8: Option<crate::fp8::KvScales>,
     memory: Memory,
     /// The step begun by `begin_step`: views of the workspace, dropped before the
     /// workspace or the pool can change.
@@ -289,6 +292,7 @@ impl CudaBackend {
                 .unwrap_or(4)
                 .min(gemv::MAX_ROWS),
             fp8_said: false,
+            kv_fp8: None,
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
@@ -570,7 +574,15 @@ impl Backend for CudaBackend {
     }
 
     fn kv_dtype(&self) -> KvDtype {
-        KV_DTYPE
+        if self.kv_fp8.is_some() { KvDtype::F8E4M3 } else { KV_DTYPE }
+    }
+
+    fn set_kv_cache_fp8(&mut self, scales: crate::fp8::KvScales) -> Result<()> {
+        Self::check(self.device.arch().sm() >= radix_gpu::Arch::SM89.sm(), || {
+            format!("an FP8 KV cache needs sm_89 or later; this GPU is {}", self.device.arch())
+        })?;
+        self.kv_fp8 = Some(scales);
+        Ok(())
     }
 
     fn init_kv(&mut self, cfg: &ModelConfig, spec: &KvPoolSpec) -> Result<KvGeometry> {
@@ -587,7 +599,7 @@ impl Backend for CudaBackend {
         if let Some(ws) = workspace {
             self.memory = Memory::Planned(ws);
         }
-        let kv = KvPool::new(&self.device, cfg, spec)?;
+        let kv = KvPool::new(&self.device, cfg, spec, self.kv_fp8.as_ref())?;
         let geometry = *kv.shape.geometry();
         // A page table as large as the pool, so that decode graphs captured now are not
         // dropped when contexts grow; the smallest step's caps when nothing was reserved.
@@ -819,9 +831,16 @@ impl Backend for CudaBackend {
             let shape = kv.shape;
             let l = kv.layer_mut(layer)?;
             let bounds = l.bounds.as_mut();
-            Ok(kv_append::append(
-                jit, &shape, &st.append, &qkv.buf, &mut q.buf, &mut l.k, &mut l.v, bounds,
-            )?)
+            let (inputs, qkv, q) = (&st.append, &qkv.buf, &mut q.buf);
+            match &mut l.kv {
+                LayerData::Bf16 { k, v } => {
+                    kv_append::append(jit, &shape, inputs, qkv, q, k, v, bounds)?
+                }
+                LayerData::Fp8 { k, v, scales } => {
+                    kv_append::append_fp8(jit, &shape, inputs, qkv, q, k, v, *scales, bounds)?
+                }
+            }
+            Ok(())
         })
     }
 
@@ -835,7 +854,13 @@ impl Backend for CudaBackend {
                 return Err(ModelError::Invalid("call init_kv first".into()));
             };
             let l = kv.layer(layer)?;
-            let (k, v) = (&l.k, &l.v);
+            let run =
+                |batch: &radix_kernels::attention::AttentionBatch, out: &mut GpuAct| match &l.kv {
+                    LayerData::Bf16 { k, v } => batch.run(jit, &q.buf, k, v, &mut out.buf, None),
+                    LayerData::Fp8 { k, v, scales } => {
+                        batch.run_fp8(jit, &q.buf, k, v, *scales, &mut out.buf, None)
+                    }
+                };
             match &mut st.sparse {
                 Some(sp) if sp.policy.layer_is_sparse(layer) => {
                     let bounds = l.bounds.as_ref().ok_or_else(|| {
@@ -849,9 +874,9 @@ impl Backend for CudaBackend {
                         bounds,
                         &mut sp.select,
                     )?;
-                    Ok(sp.attention.run(jit, &q.buf, k, v, &mut out.buf, None)?)
+                    Ok(run(&sp.attention, out)?)
                 }
-                _ => Ok(st.attention.run(jit, &q.buf, k, v, &mut out.buf, None)?),
+                _ => Ok(run(&st.attention, out)?),
             }
         })
     }
