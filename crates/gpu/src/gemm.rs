@@ -424,7 +424,8 @@ impl CachedMatmul {
         }
         .call("cublasLtMatmulPreferenceSetAttribute")?;
         tracing::trace!("cuBLASLt: heuristic query");
-        // FP8: several candidates, for the first without split-K (see `split_k`).
+        // FP8: several candidates, so that `RADIX_SPARSE_FP8_NO_SPLITK=1` can prefer one
+        // without split-K (see `split_k`).
         let want = if fp8 { 8 } else { 1 };
         // SAFETY: plain C structs; cuBLASLt fills the first `found`.
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
@@ -451,11 +452,11 @@ impl CachedMatmul {
             r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
         };
         let candidates = &results[..(found.max(0) as usize).min(want)];
-        let allow_split_k = std::env::var("RADIX_SPARSE_FP8_SPLITK").is_ok_and(|v| v == "1");
-        let best = if fp8 && !allow_split_k {
-            candidates.iter().filter(ok).find(|r| split_k(&r.algo) <= 1)
-        } else {
-            candidates.iter().find(ok)
+        let no_split_k = std::env::var("RADIX_SPARSE_FP8_NO_SPLITK").is_ok_and(|v| v == "1");
+        let unsplit = || candidates.iter().filter(ok).find(|r| split_k(&r.algo) <= 1);
+        let best = match fp8 && no_split_k {
+            true => unsplit().or_else(|| candidates.iter().find(ok)),
+            false => candidates.iter().find(ok),
         };
         let Some(best) = best else {
             return Err(GpuError::Invalid(format!("cuBLASLt has no algorithm for GEMM {s:?}")));
@@ -482,10 +483,9 @@ impl Drop for CachedMatmul {
     }
 }
 
-/// The split-K factor of `algo` (1: none). FP8 GEMMs with outer-vector scales take only
-/// algorithms without split-K: on the H200 (cuBLASLt 13.0) the heuristic's first choice
-/// for M=7 N=4096 K=4096 wrote non-finite values, split-K being the suspect (not yet
-/// confirmed: bench/NOTES.md).
+/// The split-K factor of `algo` (1: none). A diagnostic: an H200 test saw non-finite FP8
+/// output at M=7 N=4096 K=4096, suspected of split-K at first; that test raced its
+/// uploads on a second stream against the GEMM, the likelier cause (bench/NOTES.md).
 fn split_k(algo: &sys::cublasLtMatmulAlgo_t) -> u32 {
     let mut v = 1u32;
     let mut written = 0usize;

@@ -325,14 +325,14 @@ fn rejects_wrong_buffer_sizes() {
 
 /// An FP8 (e4m3) pool with per-layer scales: K and V quantized from random values, the
 /// kernel against the f64 reference over what the bytes dequantize to (exact in the
-/// reference: e4m3 × scale). Decode (split-KV, small and key-split tiles) and prefill
-/// (causal, GQA), page sizes 16 and 64, head dims 64 and 128.
+/// reference: e4m3 × scale). Decode (split-KV; key-split, 3-stage and prefill tiles) and
+/// prefill (causal, GQA), page sizes 16 and 64, head dims 64 and 128, a subset table.
 #[test]
 fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
     use radix_kernels::attention::KvFp8Scales;
     let dev = require_gpu();
     let jit = Jit::new(None);
-    let scales = KvFp8Scales { k: 0.0078125, v: 0.003 }; // a power of two and not
+    let scales = KvFp8Scales { k: 0.0078125, v: 0.006 }; // a power of two and not
     let cases = [
         Case {
             q_lens: vec![1],
@@ -370,6 +370,16 @@ fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
             causal: true,
             kv: Kv::Subset(16),
         },
+        // 17-64 rows a block: the 3-stage DECODE tiles, split along the keys and merged.
+        Case {
+            q_lens: vec![4, 1],
+            kv_lens: vec![3000, 700],
+            hq: 32,
+            hkv: 4,
+            d: 128,
+            causal: true,
+            kv: Kv::Paged(16),
+        },
     ];
     for (i, c) in cases.iter().enumerate() {
         let mut rng = SmallRng::seed_from_u64(500 + i as u64);
@@ -382,10 +392,10 @@ fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
         let (kv, k, v) = build_kv::<f32>(&mut rng, c);
         let meta = BatchMeta::new(qo, kv, c.causal).unwrap();
         let q: Vec<bf16> = random(&mut rng, total_q * c.hq * c.d);
-        // Values of a few units: keys / 2^-7 and values / 0.003 span e4m3's range.
+        // Values in -1..1: keys / 2^-7 reach 128, values / 0.006 about 167 (e4m3: 448).
         let quant = |x: &[f32], s: f32| -> (Vec<u8>, Vec<f32>) {
             let bytes: Vec<u8> =
-                x.iter().map(|&x| float8::F8E4M3::from_f32(x * 2.0 / s).to_bits()).collect();
+                x.iter().map(|&x| float8::F8E4M3::from_f32(x / s).to_bits()).collect();
             let deq = bytes.iter().map(|&b| float8::F8E4M3::from_bits(b).to_f32() * s).collect();
             (bytes, deq)
         };

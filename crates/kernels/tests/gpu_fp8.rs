@@ -7,7 +7,7 @@
 #![cfg(feature = "cuda")]
 
 use half::{bf16, f16};
-use radix_gpu::{DeviceBuffer, Element, Gemm, HalfFloat, Jit, require_gpu};
+use radix_gpu::{Device, DeviceBuffer, Element, Gemm, HalfFloat, Jit, require_gpu};
 use radix_kernels::fp8::{E4M3_MAX, e4m3_to_f32, quantize_rows, quantize_rows_reference};
 use radix_kernels::ops::{self, Fp8Out};
 use radix_kernels::relative_error;
@@ -23,13 +23,15 @@ fn activations<T: Element>(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<
     out
 }
 
+/// Every buffer of a check on one `Device`: each `Device` has its own stream, and work on
+/// two streams is not ordered (an upload on one can land after a kernel on the other).
 fn quantize_on_gpu<T: HalfFloat>(
+    dev: &Device,
     jit: &Jit,
     x: &[T],
     rows: usize,
     cols: usize,
 ) -> (Vec<u8>, Vec<f32>) {
-    let dev = require_gpu();
     let dx = dev.upload(x).unwrap();
     let mut q: DeviceBuffer<u8> = dev.alloc(rows * cols).unwrap();
     let mut s: DeviceBuffer<f32> = dev.alloc(rows.max(1)).unwrap();
@@ -39,7 +41,7 @@ fn quantize_on_gpu<T: HalfFloat>(
     (q.to_vec().unwrap(), s.to_vec().unwrap()[..rows].to_vec())
 }
 
-fn check_quantizer<T: HalfFloat>(jit: &Jit, rng: &mut SmallRng) {
+fn check_quantizer<T: HalfFloat>(dev: &Device, jit: &Jit, rng: &mut SmallRng) {
     for (rows, cols) in [(1, 8), (3, 576), (7, 4096), (33, 14336), (2, 4104)] {
         let mut x: Vec<T> = activations(rng, rows, cols);
         if rows > 2 {
@@ -47,7 +49,7 @@ fn check_quantizer<T: HalfFloat>(jit: &Jit, rng: &mut SmallRng) {
             x[cols..2 * cols].iter_mut().for_each(|v| *v = T::from_f64(0.0));
             x[2 * cols + 5] = T::from_f64(f64::NAN);
         }
-        let (q, s) = quantize_on_gpu(jit, &x, rows, cols);
+        let (q, s) = quantize_on_gpu(dev, jit, &x, rows, cols);
         let (want_q, want_s) = quantize_rows_reference(&x, rows, cols);
         assert_eq!(s, want_s, "{} [{rows}, {cols}]: scales", T::DTYPE);
         // Any NaN encoding (0x7f or 0xff) is NaN.
@@ -64,8 +66,9 @@ fn check_quantizer<T: HalfFloat>(jit: &Jit, rng: &mut SmallRng) {
 fn quantizer_matches_its_reference_bit_for_bit() {
     let jit = Jit::new(None);
     let mut rng = SmallRng::seed_from_u64(8);
-    check_quantizer::<bf16>(&jit, &mut rng);
-    check_quantizer::<f16>(&jit, &mut rng);
+    let dev = require_gpu();
+    check_quantizer::<bf16>(&dev, &jit, &mut rng);
+    check_quantizer::<f16>(&dev, &jit, &mut rng);
 }
 
 /// FP8 GEMM of quantized activations (per token) and a weight quantized per channel,
@@ -77,12 +80,12 @@ fn gemm_error(
     (m, n, k): (usize, usize, usize),
     bias: bool,
 ) -> f64 {
-    let dev = require_gpu();
+    let dev = gemm.device().clone();
     let x: Vec<bf16> = activations(rng, m, k);
     let w: Vec<bf16> = activations(rng, n, k);
     let (wq, ws) = quantize_rows_reference(&w, n, k);
     let b: Vec<bf16> = (0..n).map(|_| bf16::from_f64(rng.random_range(-1.0..1.0))).collect();
-    let (q, qs) = quantize_on_gpu(jit, &x, m, k);
+    let (q, qs) = quantize_on_gpu(&dev, jit, &x, m, k);
     let (dq, dqs) = (dev.upload(&q).unwrap(), dev.upload(&qs).unwrap());
     let (dwq, dws, db) =
         (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
@@ -181,7 +184,7 @@ fn fused_norm_and_silu_quantize_as_the_quantizer_does() {
                           cols: usize,
                           what: &str| {
         let (want_q, want_s) =
-            quantize_on_gpu(&jit, &out.to_vec().unwrap()[..rows * cols], rows, cols);
+            quantize_on_gpu(&dev, &jit, &out.to_vec().unwrap()[..rows * cols], rows, cols);
         assert_eq!(s.to_vec().unwrap()[..rows], want_s[..], "{what} [{rows}, {cols}]: scales");
         assert!(q.to_vec().unwrap()[..rows * cols] == want_q[..], "{what} [{rows}, {cols}]: bytes");
     };

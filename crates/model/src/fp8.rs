@@ -181,7 +181,12 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Ve
     q.par_chunks_mut(cols).zip(scales.par_iter_mut()).zip(w.par_chunks(cols)).for_each(
         |((q_row, scale), row)| {
             let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            *scale = if amax > 0.0 && amax.is_finite() { amax / E4M3_MAX } else { 1.0 };
+            *scale = if !(amax > 0.0 && amax.is_finite()) {
+                1.0
+            } else {
+                // Not below 2^-100: w / scale must not overflow (a row of tiny weights).
+                (amax / E4M3_MAX).max(7.888_609e-31)
+            };
             for (q, x) in q_row.iter_mut().zip(row) {
                 *q = F8E4M3::from_f32(x / *scale).to_bits();
             }
@@ -199,6 +204,23 @@ pub struct KvScales {
 }
 
 impl KvScales {
+    /// Every scale a positive finite number, one per layer for keys and for values.
+    pub fn validate(&self) -> Result<()> {
+        if self.k.len() != self.v.len() {
+            return Err(ModelError::Invalid(format!(
+                "FP8 KV cache: {} key scales and {} value scales",
+                self.k.len(),
+                self.v.len()
+            )));
+        }
+        match self.k.iter().chain(&self.v).find(|s| !(s.is_finite() && **s > 0.0)) {
+            Some(bad) => Err(ModelError::Invalid(format!(
+                "FP8 KV cache scale {bad} is not a positive number"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Scale 1 for every layer (what vLLM uses when a checkpoint has no KV scales).
     pub fn ones(num_layers: usize) -> Self {
         Self { k: vec![1.0; num_layers], v: vec![1.0; num_layers] }

@@ -146,7 +146,10 @@ impl WeightSource for SafetensorsSource {
             )));
         }
         let data = match dtype {
-            Dtype::F8_E4M3 => self.fp8(name, shape, bytes)?,
+            // Only the linear layers run FP8; any other FP8 tensor (an embedding table,
+            // an LM head) is dequantized here for the 16-bit ops that read it.
+            Dtype::F8_E4M3 if crate::fp8::is_linear_weight(name) => self.fp8(name, shape, bytes)?,
+            Dtype::F8_E4M3 => HostData::F32(self.fp8(name, shape, bytes)?.to_f32()),
             other => decode(name, other, bytes)?,
         };
         Ok(HostTensor { shape: shape.to_vec(), data })

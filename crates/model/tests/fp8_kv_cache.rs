@@ -2,7 +2,8 @@
 //! mixed batch through prefill and decode): keys and values rounded to e4m3 as they are
 //! appended move the logits, but only by what 3 mantissa bits explain; an FP8 cache with
 //! scales that push every value into e4m3's subnormals (or saturate it) is far off, so the
-//! scales are applied; and the pool refuses scales for the wrong number of layers.
+//! scales are applied; and scales that are not positive numbers, a call after `init_kv`
+//! and scales for the wrong number of layers are refused.
 
 mod numerics;
 mod paged_batch;
@@ -63,6 +64,20 @@ fn fp8_kv_cache_rounds_keys_and_values() {
     let off = run(&mut model(Some(tiny)));
     let far = exact.iter().zip(&off).map(|(a, b)| rel_err(b, a)).fold(0.0f64, f64::max);
     assert!(far > 4.0 * worst, "scales 1e4: rel err {far:.3e} (scale 1: {worst:.3e})");
+}
+
+#[test]
+fn fp8_kv_cache_refuses_bad_scales_and_a_late_call() {
+    let mut backend = CpuBackend::new();
+    let err = backend.set_kv_cache_fp8(KvScales { k: vec![1.0, f32::NAN], v: vec![1.0; 2] });
+    assert!(err.unwrap_err().to_string().contains("not a positive number"));
+    let source = ModelSource::open("synthetic:tiny").unwrap();
+    let cfg = source.config.clone();
+    let mut model = source.load(backend).unwrap();
+    let spec = KvPoolSpec { num_pages: 16, page_size: PS, sparse: None };
+    model.backend.init_kv(&cfg, &spec).unwrap();
+    let err = model.backend.set_kv_cache_fp8(KvScales::ones(cfg.num_layers)).unwrap_err();
+    assert!(err.to_string().contains("before init_kv"), "{err}");
 }
 
 #[test]

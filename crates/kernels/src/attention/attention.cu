@@ -607,7 +607,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       wt[wi] = fast_exp2(sm[wi * 16 + r] - m_use);
       l += wt[wi] * sl[wi * 16 + r];
     }
-    const float inv = l > 0.f ? p.v_scale / l : 0.f;
+    float inv = l > 0.f ? 1.f / l : 0.f;
+#if KV_FP8
+    inv *= p.v_scale;
+#endif
     float x[CPT];
 #pragma unroll
     for (int i = 0; i < CPT; i += 4) {
@@ -646,7 +649,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float l = warp_sum4(l_run[mt][half]);
-        float inv = l > 0.f ? p.v_scale / l : 0.f;
+        float inv = l > 0.f ? 1.f / l : 0.f;
+#if KV_FP8
+        inv *= p.v_scale;
+#endif
         int r = wrow + mt * 16 + lane / 4 + half * 8;
         int gr = row0 + r;
         bool valid = warp_active && gr < rows;

@@ -247,13 +247,9 @@ impl AttentionBatch {
         o: &mut DeviceBuffer<T>,
         lse: Option<&mut DeviceBuffer<f32>>,
     ) -> Result<()> {
-        self.launch(
-            jit,
-            q,
-            KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), fp8: None },
-            o,
-            lse,
-        )
+        let gpus = [k.device().info().ordinal, v.device().info().ordinal];
+        let kv = KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), gpus, fp8: None };
+        self.launch(jit, q, kv, o, lse)
     }
 
     /// `run` over an FP8 K/V pool: `k` and `v` hold e4m3 bytes in the same layouts, read
@@ -273,13 +269,8 @@ impl AttentionBatch {
             scales.k.is_finite() && scales.k > 0.0 && scales.v.is_finite() && scales.v > 0.0,
             "FP8 KV scales must be positive numbers, got {scales:?}"
         );
-        for buf in [k.device(), v.device()] {
-            ensure!(
-                buf.info().ordinal == q.device().info().ordinal,
-                "attention buffers live on different GPUs"
-            );
-        }
-        let kv = KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), fp8: Some(scales) };
+        let gpus = [k.device().info().ordinal, v.device().info().ordinal];
+        let kv = KvRead { k: (k.ptr(), k.len()), v: (v.ptr(), v.len()), gpus, fp8: Some(scales) };
         self.launch(jit, q, kv, o, lse)
     }
 
@@ -325,8 +316,9 @@ impl AttentionBatch {
                 total_q * s.num_qo_heads
             );
         }
+        let gpu = q.device().info().ordinal;
         ensure!(
-            o.device().info().ordinal == q.device().info().ordinal,
+            kv.gpus.iter().chain([&o.device().info().ordinal]).all(|&g| g == gpu),
             "attention buffers live on different GPUs"
         );
         if self.plan.work.is_empty() || total_q == 0 {
@@ -392,10 +384,12 @@ impl AttentionBatch {
     }
 }
 
-/// The K/V pool a launch reads: (address, elements) of each, and its FP8 scales.
+/// The K/V pool a launch reads: (address, elements) of each, their GPUs, and its FP8
+/// scales.
 struct KvRead {
     k: (u64, usize),
     v: (u64, usize),
+    gpus: [usize; 2],
     fp8: Option<KvFp8Scales>,
 }
 

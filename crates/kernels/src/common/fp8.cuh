@@ -37,11 +37,21 @@ __device__ __forceinline__ void e4m3x2_to_float(u32 v, float& lo, float& hi) {
 // One e4m3 byte of `x` (round to nearest even, saturated; NaN stays NaN).
 __device__ __forceinline__ unsigned char to_e4m3(float x) { return (unsigned char)(e4m3x2(x, 0.f) & 0xff); }
 
-// The row's multiplier 448 / amax; its scale (amax / 448) goes to *scale.
+// The row's multiplier 448 / amax; its scale (amax / 448) goes to *scale. A row of zeros
+// (or a non-finite amax) takes scale 1; a row whose amax is below 448 * 2^-100 takes scale
+// 2^-100, so that 448 / amax cannot overflow to infinity (0 * inf would be NaN).
 __device__ __forceinline__ float fp8_row_inv(float amax, float* scale) {
   const bool usable = amax > 0.f && amax <= 3.402823466e38f;  // not zero, not inf or NaN
-  *scale = usable ? __fdiv_rn(amax, E4M3_MAX) : 1.f;
-  return usable ? __fdiv_rn(E4M3_MAX, amax) : 1.f;
+  if (!usable) {
+    *scale = 1.f;
+    return 1.f;
+  }
+  if (amax < E4M3_MAX * 0x1p-100f) {
+    *scale = 0x1p-100f;
+    return 0x1p100f;
+  }
+  *scale = __fdiv_rn(amax, E4M3_MAX);
+  return __fdiv_rn(E4M3_MAX, amax);
 }
 
 // Eight values times `inv` as eight e4m3 bytes at `dst` (8-byte aligned).

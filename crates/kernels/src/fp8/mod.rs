@@ -74,9 +74,22 @@ pub fn quantize_rows<T: HalfFloat>(
     unsafe { k.launch(device, cfg, &p) }
 }
 
-/// CPU reference of `quantize_rows`, bit for bit: `scale = amax / 448` (1 when the row's
-/// largest magnitude is 0 or not finite), `q = e4m3(x * (448 / amax))` rounded to nearest
-/// even and saturated.
+/// A row's (scale, multiplier) from its largest magnitude, as common/fp8.cuh computes
+/// them: `(amax / 448, 448 / amax)`; `(1, 1)` for 0 or a non-finite amax; `(2^-100,
+/// 2^100)` below `448 · 2^-100`, where `448 / amax` would overflow.
+pub fn row_scale(amax: f32) -> (f32, f32) {
+    const TINY: f32 = 7.888_609e-31; // 2^-100
+    if !(amax > 0.0 && amax.is_finite()) {
+        (1.0, 1.0)
+    } else if amax < E4M3_MAX * TINY {
+        (TINY, 1.0 / TINY)
+    } else {
+        (amax / E4M3_MAX, E4M3_MAX / amax)
+    }
+}
+
+/// CPU reference of `quantize_rows`, bit for bit: `(scale, inv) = row_scale(amax)`,
+/// `q = e4m3(x * inv)` rounded to nearest even and saturated.
 pub fn quantize_rows_reference<T: Element>(
     x: &[T],
     rows: usize,
@@ -87,9 +100,8 @@ pub fn quantize_rows_reference<T: Element>(
     for row in x.chunks(cols).take(rows) {
         let row: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
         let amax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let usable = amax > 0.0 && amax.is_finite();
-        let inv = if usable { E4M3_MAX / amax } else { 1.0 };
-        scales.push(if usable { amax / E4M3_MAX } else { 1.0 });
+        let (scale, inv) = row_scale(amax);
+        scales.push(scale);
         q.extend(row.iter().map(|v| F8E4M3::from_f32(v * inv).to_bits()));
     }
     (q, scales)
@@ -118,5 +130,10 @@ mod tests {
         let back: Vec<f32> = q[..4].iter().map(|&b| e4m3_to_f32(b) * s[0]).collect();
         assert_eq!(back, vec![1.0, -2.0, 0.5, 4.0]);
         assert_eq!(&q[4..], &[0, 0, 0, 0]);
+        // A row far below any scale: no infinite multiplier, no NaN.
+        let (scale, inv) = row_scale(1e-38);
+        assert_eq!((scale, inv), (2f32.powi(-100), 2f32.powi(100)));
+        let (q, _) = quantize_rows_reference(&[1e-38f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1, 8);
+        assert!(q.iter().all(|&b| b & 0x7f != 0x7f), "{q:?}");
     }
 }

@@ -197,6 +197,10 @@ impl Backend for CpuBackend {
     }
 
     fn set_kv_cache_fp8(&mut self, scales: KvScales) -> Result<()> {
+        scales.validate()?;
+        Self::check(self.pool.is_none(), || {
+            "set the FP8 KV cache before init_kv: the pool exists".into()
+        })?;
         self.kv_fp8 = Some(scales);
         Ok(())
     }

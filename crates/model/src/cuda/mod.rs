@@ -119,9 +119,9 @@ pub struct CudaBackend {
     uploader: Option<StagedUploader<bf16>>,
     uploader_fp8: Option<StagedUploader<u8>>,
     /// FP8 weights stay FP8 and run FP8 GEMMs (sm_89 and later); otherwise they are
-    /// dequantized to bf16 at upload. Opt-in for now (`RADIX_SPARSE_FP8_GEMM=1`): on the
-    /// H200 one cuBLASLt FP8 GEMM (M=7 N=4096 K=4096) wrote non-finite values, and the
-    /// change meant to avoid it (no split-K algorithms) is not yet measured there.
+    /// dequantized to bf16 at upload. Opt-in for now (`RADIX_SPARSE_FP8_GEMM=1`): an H200
+    /// test saw non-finite FP8 GEMM output at M=7 N=4096 K=4096 (most likely that test's
+    /// own race between two streams, since fixed) and the GEMV path has not run yet.
     fp8_gemms: bool,
     /// The widest input (K) of the FP8 weights uploaded: the step workspace keeps that
     /// many e4m3 bytes per token for the quantized activations.
@@ -580,6 +580,10 @@ impl Backend for CudaBackend {
     fn set_kv_cache_fp8(&mut self, scales: crate::fp8::KvScales) -> Result<()> {
         Self::check(self.device.arch().sm() >= radix_gpu::Arch::SM89.sm(), || {
             format!("an FP8 KV cache needs sm_89 or later; this GPU is {}", self.device.arch())
+        })?;
+        scales.validate()?;
+        Self::check(!matches!(self.memory, Memory::Ready { .. }), || {
+            "set the FP8 KV cache before init_kv: the pool exists".into()
         })?;
         self.kv_fp8 = Some(scales);
         Ok(())
