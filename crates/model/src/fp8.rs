@@ -19,9 +19,9 @@ use crate::error::{ModelError, Result};
 use crate::tensor::{Fp8Rows, HostData, HostTensor};
 use crate::weights::WeightSource;
 
-/// Largest finite e4m3 value. (`float8::F8E4M3::MAX` says 416, the largest value below
-/// 0x7e; 0x7e itself is 448, what torch and the OCP spec give.)
-pub const E4M3_MAX: f32 = 448.0;
+/// Largest finite e4m3 value, the kernels' (`float8::F8E4M3::MAX` says 416, the largest
+/// value below 0x7e; 0x7e itself is 448, what torch and the OCP spec give).
+pub use radix_kernels::fp8::E4M3_MAX;
 
 /// How a checkpoint's weight scales are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,12 +138,6 @@ fn parse_compressed_tensors(q: &Value) -> Result<Fp8Scheme> {
     Ok(Fp8Scheme { format: "compressed-tensors".into(), weights, static_activations })
 }
 
-/// Dequantizes e4m3 bytes `q` (a `[rows, cols]` matrix, or a vector when `rows` is 1)
-/// with `scales` of one value or one per row.
-pub fn dequantize(q: &[u8], scales: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
-    Ok(HostData::Fp8(fp8_rows(q.to_vec(), scales, rows, cols)?).to_f32())
-}
-
 /// Checked FP8 rows from a checkpoint: `q` holds `[rows, cols]` e4m3 bytes, `scales` one
 /// value (repeated for every row) or one per row, each a positive finite number.
 pub fn fp8_rows(q: Vec<u8>, scales: &[f32], rows: usize, cols: usize) -> Result<Fp8Rows> {
@@ -181,12 +175,9 @@ pub fn quantize_per_channel(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Ve
     q.par_chunks_mut(cols).zip(scales.par_iter_mut()).zip(w.par_chunks(cols)).for_each(
         |((q_row, scale), row)| {
             let amax = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            *scale = if !(amax > 0.0 && amax.is_finite()) {
-                1.0
-            } else {
-                // Not below 2^-100: w / scale must not overflow (a row of tiny weights).
-                (amax / E4M3_MAX).max(7.888_609e-31)
-            };
+            // The activations' rule: 1 for zero or non-finite rows, never below 2^-100
+            // (w / scale must not overflow for a row of tiny weights).
+            *scale = radix_kernels::fp8::row_scale(amax).0;
             for (q, x) in q_row.iter_mut().zip(row) {
                 *q = F8E4M3::from_f32(x / *scale).to_bits();
             }
@@ -330,6 +321,12 @@ impl WeightSource for QuantizeFp8 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Dequantizes e4m3 bytes `q` (a `[rows, cols]` matrix, or a vector when `rows` is 1)
+    /// with `scales` of one value or one per row.
+    fn dequantize(q: &[u8], scales: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+        Ok(HostData::Fp8(fp8_rows(q.to_vec(), scales, rows, cols)?).to_f32())
+    }
 
     #[test]
     fn e4m3_values_round_to_nearest_even_and_saturate() {

@@ -28,15 +28,7 @@ fn model(scales: Option<KvScales>) -> LlamaModel<CpuBackend> {
 
 /// Logits of 4 steps (a prefill, then decodes) of a 3-sequence batch.
 fn run(model: &mut LlamaModel<CpuBackend>) -> Vec<Vec<f32>> {
-    let mut batch = Batch {
-        seqs: vec![
-            (0..5).collect(),
-            (0..37).map(|i| (i * 7) % 256).collect(),
-            (0..70).map(|i| (i * 13 + 1) % 256).collect(),
-        ],
-        computed: vec![0; 3],
-        sparse: None,
-    };
+    let mut batch = Batch::mixed(70);
     let mut out = Vec::new();
     for step in 0..4u32 {
         out.push(batch.step(model));

@@ -26,15 +26,7 @@ fn cuda_matches_cpu_on_synthetic_tiny() {
     cpu.backend.init_kv(&cfg, &spec).unwrap();
     gpu.backend.init_kv(&cfg, &spec).unwrap();
     let vocab = cfg.vocab_size;
-    let mut batch = Batch {
-        seqs: vec![
-            (0..5).collect(),
-            (0..37).map(|i| (i * 7) % 256).collect(),
-            (0..100).map(|i| (i * 13 + 1) % 256).collect(),
-        ],
-        computed: vec![0; 3],
-        sparse: None,
-    };
+    let mut batch = Batch::mixed(100);
     let (mut confident, mut agree) = (0, 0);
     for step in 0..6 {
         let c = batch.step(&mut cpu);
@@ -303,15 +295,7 @@ fn fp8_linear_layers_on_the_gpu() {
     deq.backend.init_kv(&cfg, &spec).unwrap();
     apart.backend.init_kv(&cfg, &spec).unwrap();
     cpu.backend.init_kv(&cfg, &spec).unwrap();
-    let mut batch = Batch {
-        seqs: vec![
-            (0..5).collect(),
-            (0..37).map(|i| (i * 7) % 256).collect(),
-            (0..100).map(|i| (i * 13 + 1) % 256).collect(),
-        ],
-        computed: vec![0; 3],
-        sparse: None,
-    };
+    let mut batch = Batch::mixed(100);
     let vocab = cfg.vocab_size;
     let (mut worst_cpu, mut worst_deq) = (0.0f64, 0.0f64);
     for step in 0..6 {
@@ -379,15 +363,7 @@ fn fp8_kv_cache_on_the_gpu() {
     cpu.backend.init_kv(&cfg, &spec).unwrap();
     fp8.backend.init_kv(&cfg, &spec).unwrap();
     bf16.backend.init_kv(&cfg, &spec).unwrap();
-    let mut batch = Batch {
-        seqs: vec![
-            (0..5).collect(),
-            (0..37).map(|i| (i * 7) % 256).collect(),
-            (0..100).map(|i| (i * 13 + 1) % 256).collect(),
-        ],
-        computed: vec![0; 3],
-        sparse: None,
-    };
+    let mut batch = Batch::mixed(100);
     let vocab = cfg.vocab_size;
     for step in 0..6 {
         let c = batch.step(&mut cpu);

@@ -34,6 +34,18 @@ use smollm2_model::smollm2_path;
 
 const STEPS: usize = 32;
 
+/// Each question as a one-message chat, rendered with the model's template and tokenized.
+fn chat_prompts(source: &ModelSource, questions: &[&str]) -> Vec<Vec<u32>> {
+    questions
+        .iter()
+        .map(|q| {
+            let msgs = [radix_model::ChatMessage::new("user", *q)];
+            let text = source.chat_template.render(&msgs, true).unwrap();
+            source.tokenizer.encode(&text, false).unwrap()
+        })
+        .collect()
+}
+
 /// Total variation distance between the softmax distributions of two logit rows.
 fn total_variation(a: &[f32], b: &[f32]) -> f64 {
     let softmax = |x: &[f32]| {
@@ -55,19 +67,14 @@ fn smollm2_on_cuda_matches_the_cpu_for_32_greedy_steps() {
     let spec = KvPoolSpec { num_pages: 256, page_size: PS, sparse: None };
     cpu.backend.init_kv(&cfg, &spec).unwrap();
     gpu.backend.init_kv(&cfg, &spec).unwrap();
-    let template = source.chat_template;
-    let seqs: Vec<Vec<u32>> = [
-        "What is the capital of France?",
-        "Write a haiku about the sea.",
-        "List three prime numbers and explain why they are prime.",
-    ]
-    .iter()
-    .map(|q| {
-        let msgs = [radix_model::ChatMessage::new("user", *q)];
-        let text = template.render(&msgs, true).unwrap();
-        source.tokenizer.encode(&text, false).unwrap()
-    })
-    .collect();
+    let seqs = chat_prompts(
+        &source,
+        &[
+            "What is the capital of France?",
+            "Write a haiku about the sea.",
+            "List three prime numbers and explain why they are prime.",
+        ],
+    );
     let vocab = cfg.vocab_size;
     let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
     let mut confident = 0;
@@ -121,16 +128,10 @@ fn smollm2_fp8_agrees_with_bf16_over_256_greedy_steps() {
     const FP8_STEPS: usize = 256;
     let source = ModelSource::open(&smollm2_path()).unwrap();
     let cfg = source.config.clone();
-    let template = &source.chat_template;
-    let seqs: Vec<Vec<u32>> =
-        ["What is the capital of France?", "Write a haiku about the sea.", "Tell me a story."]
-            .iter()
-            .map(|q| {
-                let msgs = [radix_model::ChatMessage::new("user", *q)];
-                let text = template.render(&msgs, true).unwrap();
-                source.tokenizer.encode(&text, false).unwrap()
-            })
-            .collect();
+    let seqs = chat_prompts(
+        &source,
+        &["What is the capital of France?", "Write a haiku about the sea.", "Tell me a story."],
+    );
     let mut bf16 = source.load(CudaBackend::new(0).unwrap()).unwrap();
     let mut fp8_backend = CudaBackend::new(0).unwrap();
     fp8_backend.set_fp8_gemms(true).unwrap();

@@ -50,15 +50,6 @@
 #ifndef KEY_SPLIT
 #define KEY_SPLIT 0
 #endif
-#ifndef KV_FP8
-#define KV_FP8 0
-#endif
-
-#if KV_FP8
-typedef unsigned char kv_t;
-#else
-typedef elem_t kv_t;
-#endif
 
 constexpr int D = HEAD_DIM;
 constexpr int WARPS = NUM_WARPS;

@@ -34,6 +34,16 @@ __device__ __forceinline__ void e4m3x2_to_float(u32 v, float& lo, float& hi) {
 #endif
 }
 
+// The element type of a K/V pool: e4m3 bytes in an FP8 cache (KV_FP8), else elem_t.
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8
+typedef unsigned char kv_t;
+#else
+typedef elem_t kv_t;
+#endif
+
 // One e4m3 byte of `x` (round to nearest even, saturated; NaN stays NaN).
 __device__ __forceinline__ unsigned char to_e4m3(float x) { return (unsigned char)(e4m3x2(x, 0.f) & 0xff); }
 
@@ -64,17 +74,4 @@ __device__ __forceinline__ void store_e4m3x8(unsigned char* dst, const float (&y
            ((u32)e4m3x2(__fmul_rn(v[2], inv), __fmul_rn(v[3], inv)) << 16);
   }
   *(uint2*)dst = make_uint2(w[0], w[1]);
-}
-
-// Largest of `v` over the block (blockDim.x a multiple of 32, at most 1024 threads);
-// `scratch` holds 32 floats. Every thread gets the result.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  v = warp_max(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float m = 0.f;
-  for (int w = 0; w < (int)blockDim.x / 32; ++w) m = fmaxf(m, scratch[w]);
-  __syncthreads();
-  return m;
 }

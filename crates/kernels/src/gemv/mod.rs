@@ -72,33 +72,8 @@ pub fn gemv<T: HalfFloat, O: Element>(
         fits(m, n, k),
         "gemv takes 1..={MAX_ROWS} rows and K a multiple of 8, got M={m} N={n} K={k}"
     );
-    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
-    ensure!(
-        out_f32 || O::DTYPE == T::DTYPE,
-        "gemv writes f32 or the input dtype, not {}",
-        O::DTYPE
-    );
-    ensure!(x.len() >= m * k, "gemv x holds {} elements, expected M*K = {m}*{k}", x.len());
     ensure!(w.len() >= n * k, "gemv w holds {} elements, expected N*K = {n}*{k}", w.len());
-    ensure!(out.len() >= m * n, "gemv out holds {} elements, expected M*N = {m}*{n}", out.len());
-    let kernel = jit.kernel(x.device(), &spec::<T>(m, out_f32), "gemv")?;
-    let params = GemvParams {
-        x: x.ptr(),
-        w: w.ptr(),
-        out: out.ptr_mut(),
-        w_scales: 0,
-        m_rows: m as i32,
-        n: n as i32,
-        k: k as i32,
-        reserved: 0,
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: sizes checked above; the kernel reads rows < n of w and m_rows rows of x.
-    unsafe { kernel.launch(x.device(), cfg, &params) }
+    launch(jit, (m, n, k), x, w.ptr(), None, out, "gemv")
 }
 
 /// Whether `gemv_fp8` takes this product: `fits`, with K in whole 16-byte weight chunks.
@@ -123,22 +98,40 @@ pub fn gemv_fp8<T: HalfFloat, O: Element>(
         fits_fp8(m, n, k),
         "gemv_fp8 takes 1..={MAX_ROWS} rows and K a multiple of 16, got M={m} N={n} K={k}"
     );
+    ensure!(w.len() >= n * k, "gemv_fp8 w holds {} bytes, expected N*K = {n}*{k}", w.len());
+    ensure!(scales.len() >= n, "gemv_fp8 has {} scales for {n} rows", scales.len());
+    launch(jit, (m, n, k), x, w.ptr(), Some(scales.ptr()), out, "gemv_fp8")
+}
+
+/// Checks x and out and launches the specialisation for `m` rows: 16-bit weights at
+/// `w`, or e4m3 ones with their `scales` (the callers checked `w` and `scales`).
+fn launch<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    (m, n, k): (usize, usize, usize),
+    x: &DeviceBuffer<T>,
+    w: u64,
+    scales: Option<u64>,
+    out: &mut DeviceBuffer<O>,
+    what: &str,
+) -> Result<()> {
     let out_f32 = O::DTYPE == radix_gpu::DType::F32;
     ensure!(
         out_f32 || O::DTYPE == T::DTYPE,
-        "gemv_fp8 writes f32 or the input dtype, not {}",
+        "{what} writes f32 or the input dtype, not {}",
         O::DTYPE
     );
-    ensure!(x.len() >= m * k, "gemv_fp8 x holds {} elements, expected {m}*{k}", x.len());
-    ensure!(w.len() >= n * k, "gemv_fp8 w holds {} bytes, expected {n}*{k}", w.len());
-    ensure!(scales.len() >= n, "gemv_fp8 has {} scales for {n} rows", scales.len());
-    ensure!(out.len() >= m * n, "gemv_fp8 out holds {} elements, expected {m}*{n}", out.len());
-    let kernel = jit.kernel(x.device(), &spec_fp8::<T>(m, out_f32), "gemv")?;
+    ensure!(x.len() >= m * k, "{what} x holds {} elements, expected M*K = {m}*{k}", x.len());
+    ensure!(out.len() >= m * n, "{what} out holds {} elements, expected M*N = {m}*{n}", out.len());
+    let spec = match scales {
+        None => spec::<T>(m, out_f32),
+        Some(_) => spec_fp8::<T>(m, out_f32),
+    };
+    let kernel = jit.kernel(x.device(), &spec, "gemv")?;
     let params = GemvParams {
         x: x.ptr(),
-        w: w.ptr(),
+        w,
         out: out.ptr_mut(),
-        w_scales: scales.ptr(),
+        w_scales: scales.unwrap_or(0),
         m_rows: m as i32,
         n: n as i32,
         k: k as i32,
@@ -149,6 +142,7 @@ pub fn gemv_fp8<T: HalfFloat, O: Element>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: sizes checked above; the kernel reads rows < n of w and scales, m_rows of x.
+    // SAFETY: sizes checked here and by the callers; the kernel reads rows < n of w (and
+    // of scales) and m_rows rows of x.
     unsafe { kernel.launch(x.device(), cfg, &params) }
 }

@@ -26,14 +26,6 @@
 constexpr int D = HEAD_DIM;
 constexpr int HALF = D / 2;
 
-#ifndef KV_FP8
-#define KV_FP8 0
-#endif
-#if KV_FP8
-typedef unsigned char kv_t;
-#else
-typedef elem_t kv_t;
-#endif
 
 // A key or value as the pool stores it (`scale`: the FP8 cache's), and back.
 __device__ __forceinline__ kv_t to_kv(float x, float scale) {

@@ -40,16 +40,6 @@ struct NormParams {
   int reserved;
 };
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < (int)blockDim.x / 32; ++w) total += scratch[w];
-  __syncthreads();
-  return total;
-}
 
 // Eight elements of a 16-byte vector as floats, and back.
 __device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) {

@@ -207,15 +207,26 @@ impl CudaBackend {
         Ok(GpuWeight { data: WeightData::Fp8 { bits, scales }, rows, cols })
     }
 
-    /// Whether a fused op writing `rows` of `cols` (`max`: the longest row it quantizes
-    /// itself) also writes their FP8 form: when the model has FP8 layers to read it, on
-    /// more rows than the FP8 GEMV takes.
-    fn fuses_fp8(&self, rows: usize, cols: usize, max: usize) -> bool {
-        self.fp8_fused
+    /// For an op about to write `rows` of `cols` (`max`: the longest row it quantizes
+    /// itself): the workspace's FP8 rows if it should also write their FP8 form (the model
+    /// has FP8 layers to read it, on more rows than the FP8 GEMV takes). Either way the
+    /// workspace holds no activation's FP8 form from here on, until the op says so.
+    fn fused_fp8_rows(
+        &mut self,
+        rows: usize,
+        cols: usize,
+        max: usize,
+    ) -> Result<Option<(DeviceBuffer<u8>, DeviceBuffer<f32>)>> {
+        self.fp8_holds = None;
+        let fuses = self.fp8_fused
             && rows > self.fp8_gemv_rows
             && cols <= self.fp8_cols
             && cols <= max
-            && cols.is_multiple_of(8)
+            && cols.is_multiple_of(8);
+        if !fuses {
+            return Ok(None);
+        }
+        Ok(Some(self.ready()?.0.fp8_acts(rows, cols)?))
     }
 
     /// `out = x · wᵀ (+ bias)` with an FP8 weight. Up to `fp8_gemv_rows` rows: the FP8
@@ -721,10 +732,7 @@ impl Backend for CudaBackend {
             "rms_norm: shape mismatch".into()
         })?;
         let (rows, cols) = (x.rows, x.cols);
-        self.fp8_holds = None;
-        let fused = self.fuses_fp8(rows, cols, ops::NORM_FP8_MAX);
-        let mut fp8 =
-            fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
+        let mut fp8 = self.fused_fp8_rows(rows, cols, ops::NORM_FP8_MAX)?;
         self.timed(Op::Norm, |b| {
             let f = fp8.as_mut().map(|(q, scales)| Fp8Out { q, scales });
             Ok(ops::rms_norm_fp8(&b.jit, &x.buf, w.bf16()?, rows, cols, eps, &mut out.buf, f)?)
@@ -747,10 +755,7 @@ impl Backend for CudaBackend {
             "add_rms_norm: shape mismatch".into()
         })?;
         let (rows, cols) = (residual.rows, residual.cols);
-        self.fp8_holds = None;
-        let fused = self.fuses_fp8(rows, cols, ops::NORM_FP8_MAX);
-        let mut fp8 =
-            fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
+        let mut fp8 = self.fused_fp8_rows(rows, cols, ops::NORM_FP8_MAX)?;
         self.timed(Op::Norm, |b| {
             Ok(ops::add_rms_norm_fp8(
                 &b.jit,
@@ -890,9 +895,8 @@ impl Backend for CudaBackend {
             "silu_mul: shape mismatch".into()
         })?;
         let (rows, cols) = (out.rows, out.cols);
-        self.fp8_holds = None;
-        let fused = self.fuses_fp8(rows, cols, ops::SILU_FP8_MAX);
-        let fp8 = fused.then(|| self.ready().and_then(|r| r.0.fp8_acts(rows, cols))).transpose()?;
+        let fp8 = self.fused_fp8_rows(rows, cols, ops::SILU_FP8_MAX)?;
+        let fused = fp8.is_some();
         self.timed(Op::Other, |b| match fp8 {
             Some((mut q, mut scales)) => {
                 let f = Fp8Out { q: &mut q, scales: &mut scales };

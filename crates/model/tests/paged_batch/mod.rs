@@ -14,6 +14,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Three dense sequences of 5, 37 and `long` tokens, nothing computed yet: the mixed
+    /// batch (a short prompt, one off the page size, a long one) the backend tests share.
+    #[allow(dead_code)] // not every test target that includes this module uses it
+    pub fn mixed(long: usize) -> Batch {
+        Batch {
+            seqs: vec![
+                (0..5).collect(),
+                (0..37).map(|i| (i * 7) % 256).collect(),
+                (0..long as u32).map(|i| (i * 13 + 1) % 256).collect(),
+            ],
+            computed: vec![0; 3],
+            sparse: None,
+        }
+    }
+
     /// Runs the tokens not yet computed of every sequence; logits of each sequence's last.
     pub fn step<B: Backend>(&self, model: &mut LlamaModel<B>) -> Vec<f32> {
         let (mut tokens, mut positions, mut slots) = (vec![], vec![], vec![]);
