@@ -3,7 +3,7 @@
 # (scripts/gpu-bundle.sh puts this file at gpu-bundle/run-gpu-benches.sh), and writes the
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
 #   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
-#                      [prefix] [latency] [sweep] [fp8] [allreduce]
+#                      [prefix] [latency] [sweep] [fp8|fp8gemm|fp8kv|fp8e2e] [allreduce]
 #                      (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -138,12 +138,14 @@ latency)
   record --ours "$out/l_ours.jsonl" --command "radix-sparse bench step --batch 1 --context 1024,8192,32768" \
     --note "no peer: the floor is in extra.floor_ms"
   ;;
-fp8)
-  # FP8 linear layers (the FP8 issue), opted in with RADIX_SPARSE_FP8_GEMM=1: GEMMs beside
-  # torch._scaled_mm (row-wise scales) on the default shapes and the decode shapes (whose
-  # rows also time cuBLASLt FP8 and our FP8 GEMV back to back beyond L2), then a batch-1
-  # step and the offline run each beside bf16 in the same call.
-  export RADIX_SPARSE_FP8_GEMM=1
+fp8|fp8gemm|fp8kv|fp8e2e)
+  # FP8 (the FP8 issue). `fp8` runs the three parts:
+  # - fp8gemm: GEMMs beside torch._scaled_mm (row-wise scales) on the default shapes and
+  #   the decode shapes, whose rows also time cuBLASLt FP8, the skinny FP8 GEMM and our
+  #   FP8-weight GEMV back to back beyond L2;
+  # - fp8kv: decode attention over e4m3 pages beside bf16 pages;
+  # - fp8e2e: a batch-1 step and the offline run, FP8 weights (and KV offline) beside bf16.
+  if [ $phase = fp8 ] || [ $phase = fp8gemm ]; then
   rm -f "$out/f_ours.jsonl" "$out/f_peer.jsonl"
   decode_shapes=""
   for m in 1 2 4 8; do for nk in 6144x4096 4096x4096 28672x4096 4096x14336; do
@@ -154,10 +156,9 @@ fp8)
   python3 "$here/bench/torch_gemm.py" --dtype fp8 --json "$out/f_peer.jsonl"
   python3 "$here/bench/torch_gemm.py" --dtype fp8 $decode_shapes --json "$out/f_peer.jsonl"
   record --ours "$out/f_ours.jsonl" --peer "$out/f_peer.jsonl" \
-    --command "RADIX_SPARSE_FP8_GEMM=1 radix-sparse bench gemm --dtype fp8 [decode shapes]; bench/peers/torch_gemm.py --dtype fp8"
-  # The FP8 KV cache (RADIX_SPARSE_FP8_KV=1): decode attention over e4m3 pages beside
-  # bf16 pages, same call.
-  export RADIX_SPARSE_FP8_KV=1
+    --command "radix-sparse bench gemm --dtype fp8 [decode shapes]; bench/peers/torch_gemm.py --dtype fp8"
+  fi
+  if [ $phase = fp8 ] || [ $phase = fp8kv ]; then
   rm -f "$out/fk_16.jsonl" "$out/fk_8.jsonl" "$out/fk_16_peer.jsonl"
   "$rs" bench decode --back-to-back --json "$out/fk_16.jsonl"
   "$rs" bench decode --back-to-back --kv-fp8 --json "$out/fk_8.jsonl"
@@ -165,6 +166,8 @@ fp8)
   record --ours "$out/fk_8.jsonl" --peer "$out/fk_16_peer.jsonl" \
     --command "radix-sparse bench decode --back-to-back --kv-fp8 (peer: without --kv-fp8)" \
     --note "GB/s of the bytes each reads (FP8 pages are half); ratio > 1: the FP8 run reads faster"
+  fi
+  if [ $phase = fp8 ] || [ $phase = fp8e2e ]; then
   for what in step offline; do
     if [ $what = step ]; then args="bench step --batch 1 --context 1024,8192"; extra=""
     else
@@ -176,9 +179,9 @@ fp8)
     "$rs" $args --quantization fp8 $extra --json "$out/f_8.jsonl"
     same_run_peer "$out/f_16.jsonl" "$out/f_16_peer.jsonl" "radix-sparse bf16 weights and KV, same call" "$out/f_8.jsonl"
     record --ours "$out/f_8.jsonl" --peer "$out/f_16_peer.jsonl" \
-      --command "RADIX_SPARSE_FP8_GEMM=1 RADIX_SPARSE_FP8_KV=1 radix-sparse $args --quantization fp8 $extra (peer: without them)"
+      --command "radix-sparse $args --quantization fp8 $extra (peer: without them)"
   done
-  unset RADIX_SPARSE_FP8_GEMM RADIX_SPARSE_FP8_KV
+  fi
   ;;
 allreduce)
   # The tensor-parallel all-reduce (the multi-GPU issue) on every visible GPU, beside

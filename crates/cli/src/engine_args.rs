@@ -115,15 +115,15 @@ pub struct ModelArgs {
     pub disable_cuda_graphs: bool,
     /// Weight quantization (vLLM's flag): `fp8` quantizes the linear layers' weights to FP8
     /// e4m3 per output channel at load. FP8 checkpoints (`quantization_config` of
-    /// `fp8` or FP8 `compressed-tensors`) are recognised without it. Either way the
-    /// layers run dequantized to bf16, unless `RADIX_SPARSE_FP8_GEMM=1` (GPU,
-    /// experimental) runs them as FP8 GEMMs.
+    /// `fp8` or FP8 `compressed-tensors`) are recognised without it. On GPUs with FP8
+    /// tensor cores (sm_89 and later) the layers run as FP8 GEMMs; elsewhere (or with
+    /// `RADIX_SPARSE_FP8_GEMM=0`) dequantized to bf16.
     #[arg(long, value_enum)]
     pub quantization: Option<Quantization>,
     /// KV cache element type (vLLM's flag): `auto` and `bf16` are the 16-bit cache (f32 on
     /// the CPU); `fp8` / `fp8_e4m3` keep keys and values as e4m3 with the checkpoint's
-    /// per-layer `k_scale`/`v_scale` (else 1.0): on the CPU, and on one GPU with
-    /// `RADIX_SPARSE_FP8_KV=1` (experimental).
+    /// per-layer `k_scale`/`v_scale` (else 1.0): on the CPU, and on one GPU (sm_89 and
+    /// later).
     #[arg(long, value_enum, default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
     #[command(flatten)]
@@ -245,13 +245,10 @@ impl ModelArgs {
         let fp8_kv = self.fp8_kv_cache();
         let device = self.device.resolve();
         let tp = self.tensor_parallel_size;
-        // The GPU's FP8 cache is experimental until verified on the H200 (bench/NOTES.md).
-        let gpu_fp8_kv = std::env::var("RADIX_SPARSE_FP8_KV").is_ok_and(|v| v == "1");
-        if fp8_kv && (tp > 1 || (device == Device::Cuda && !gpu_fp8_kv)) {
+        if fp8_kv && tp > 1 {
             anyhow::bail!(
-                "--kv-cache-dtype {}: the FP8 KV cache runs on one rank: the CPU backend, or \
-                 the GPU with RADIX_SPARSE_FP8_KV=1 (experimental, not yet verified on a GPU); \
-                 --kv-cache-dtype auto keeps it 16-bit",
+                "--kv-cache-dtype {}: the FP8 KV cache runs on one rank (one GPU, or the CPU \
+                 backend); --kv-cache-dtype auto keeps it 16-bit",
                 clap::ValueEnum::to_possible_value(&self.kv_cache_dtype)
                     .map_or_else(String::new, |v| v.get_name().to_string())
             );

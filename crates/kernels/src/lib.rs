@@ -44,8 +44,12 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
             }
-            // The FP8 KV cache is a paged pool.
+            // The FP8 KV cache is a paged pool, with Hopper's deeper pipeline.
             specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, tiles));
+            let hopper = tiles.fp8_pipeline(head_dim, 227 * 1024);
+            if hopper != tiles {
+                specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, hopper));
+            }
         }
     }
     for m in [1, 2, 4, 8] {
@@ -54,6 +58,9 @@ pub fn catalog() -> Vec<KernelSpec> {
             specs.push(gemv::spec::<bf16>(m, out_f32));
             specs.push(gemv::spec_fp8::<bf16>(m, out_f32));
         }
+    }
+    for m in [8, 16, 32, 64] {
+        specs.push(fp8::skinny::spec::<bf16>(m));
     }
     specs.push(fp8::spec::<f16>());
     specs.push(fp8::spec::<bf16>());

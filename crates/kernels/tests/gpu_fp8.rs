@@ -23,6 +23,11 @@ fn activations<T: Element>(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<
     out
 }
 
+/// The f64 values of e4m3 rows of `cols` bytes, each row times its scale.
+fn dequantize(bits: &[u8], scales: &[f32], cols: usize) -> Vec<f64> {
+    bits.iter().enumerate().map(|(i, &v)| e4m3_to_f32(v) as f64 * scales[i / cols] as f64).collect()
+}
+
 /// Every buffer of a check on one `Device`: each `Device` has its own stream, and work on
 /// two streams is not ordered (an upload on one can land after a kernel on the other).
 fn quantize_on_gpu<T: HalfFloat>(
@@ -108,13 +113,7 @@ fn gemm_error(
     }
     .unwrap();
     let got = out.to_vec().unwrap();
-    let deq = |bits: &[u8], scales: &[f32], cols: usize| -> Vec<f64> {
-        bits.iter()
-            .enumerate()
-            .map(|(i, &v)| e4m3_to_f32(v) as f64 * scales[i / cols] as f64)
-            .collect()
-    };
-    let (xd, wd) = (deq(&q, &qs, k), deq(&wq, &ws, k));
+    let (xd, wd) = (dequantize(&q, &qs, k), dequantize(&wq, &ws, k));
     let mut want = vec![0.0f64; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -273,5 +272,112 @@ fn fp8_gemv_matches_the_dequantized_product() {
             let err = relative_error(&out32.to_vec().unwrap(), &want);
             assert!(err <= 1e-5, "gemv_fp8 f32 M={m} N={n} K={k}: rel err {err:.3e}");
         }
+    }
+}
+
+/// The skinny FP8 GEMM against the f64 product of the dequantized operands: every MMA
+/// column count (1-8, 9-16, 17-32, 33-64 rows, partly filled), N off the 64-row block
+/// and the 16-row warp tile, K split unevenly (6144x4096: 5 splits, the last shorter) and
+/// not at all (28672 rows fill the GPU alone), with bias; f16 output too. Each
+/// product runs twice: the split-K counters must be back at zero, so the second run
+/// equals the first bit for bit.
+#[test]
+fn skinny_fp8_gemm_matches_the_dequantized_product() {
+    use radix_kernels::fp8::skinny::{self, SkinnyScratch};
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(12);
+    let mut partial: DeviceBuffer<f32> = dev.alloc(1 << 21).unwrap();
+    let mut counters: DeviceBuffer<i32> = dev.alloc_zeros(4096).unwrap();
+    let cases: &[(usize, usize, usize)] = &[
+        (1, 1, 64),
+        (1, 4096, 4096),
+        (3, 13, 4096),
+        (8, 1000, 4160),
+        (9, 6144, 4096),
+        (17, 2048, 14336),
+        (33, 200, 192),
+        (64, 4096, 4096),
+        (3, 28672, 4096),
+    ];
+    let mut bad = Vec::new();
+    for (i, &(m, n, k)) in cases.iter().enumerate() {
+        let with_bias = i % 3 == 1;
+        let x: Vec<bf16> = activations(&mut rng, m, k);
+        let w: Vec<bf16> = activations(&mut rng, n, k);
+        let (wq, ws) = quantize_rows_reference(&w, n, k);
+        let (xq, xs) = quantize_on_gpu(&dev, &jit, &x, m, k);
+        let b: Vec<bf16> = (0..n).map(|_| bf16::from_f64(rng.random_range(-1.0..1.0))).collect();
+        let (xd, wd) = (dequantize(&xq, &xs, k), dequantize(&wq, &ws, k));
+        let mut want = vec![0.0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let dot: f64 = xd[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&wd[j * k..(j + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                want[r * n + j] = dot + if with_bias { b[j].to_f64() } else { 0.0 };
+            }
+        }
+        let (dxq, dxs) = (dev.upload(&xq).unwrap(), dev.upload(&xs).unwrap());
+        let (dwq, dws, db) =
+            (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
+        let bias = with_bias.then_some(&db);
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut out: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+            out.fill_bytes(0xff).unwrap();
+            let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
+            skinny::gemm(&jit, (m, n, k), (&dxq, &dxs), (&dwq, &dws), bias, &mut out, scratch)
+                .unwrap();
+            runs.push(out.to_vec().unwrap());
+        }
+        let err = relative_error(&runs[0], &want);
+        eprintln!("skinny FP8 GEMM {m}x{n}x{k} bias={with_bias}: rel err {err:.3e}");
+        if err.is_nan() || err > 8e-3 {
+            bad.push(((m, n, k), err));
+        }
+        let same = runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{m}x{n}x{k}: a second run differs (split-K counters not reset?)");
+    }
+    assert!(bad.is_empty(), "skinny FP8 GEMM errors above 8e-3: {bad:?}");
+    // f16 output (values within f16's range), K split.
+    let (m, n, k) = (5, 300, 4096);
+    let unit = |rng: &mut SmallRng, len: usize| -> Vec<f16> {
+        (0..len).map(|_| f16::from_f64(rng.random_range(-1.0..1.0))).collect()
+    };
+    let (x, w) = (unit(&mut rng, m * k), unit(&mut rng, n * k));
+    let (xq, xs) = quantize_on_gpu(&dev, &jit, &x, m, k);
+    let (wq, ws) = quantize_rows_reference(&w, n, k);
+    let mut want = vec![0.0f64; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            want[r * n + j] = (0..k)
+                .map(|t| {
+                    e4m3_to_f32(xq[r * k + t]) as f64
+                        * xs[r] as f64
+                        * e4m3_to_f32(wq[j * k + t]) as f64
+                        * ws[j] as f64
+                })
+                .sum();
+        }
+    }
+    let (dxq, dxs) = (dev.upload(&xq).unwrap(), dev.upload(&xs).unwrap());
+    let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
+    let mut out: DeviceBuffer<f16> = dev.alloc(m * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
+    skinny::gemm::<f16>(&jit, (m, n, k), (&dxq, &dxs), (&dwq, &dws), None, &mut out, scratch)
+        .unwrap();
+    let err = relative_error(&out.to_vec().unwrap(), &want);
+    assert!(err <= 2e-3, "skinny FP8 GEMM f16 {m}x{n}x{k}: rel err {err:.3e}");
+    // Shapes it does not take are refused, not run.
+    let mut out: DeviceBuffer<bf16> = dev.alloc(65 * 64).unwrap();
+    let (q, s) = (dev.alloc::<u8>(65 * 96).unwrap(), dev.alloc::<f32>(65).unwrap());
+    for (m, n, k) in [(65, 1, 64), (1, 1, 96), (0, 1, 64)] {
+        let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
+        let e = skinny::gemm(&jit, (m, n, k), (&q, &s), (&q, &s), None, &mut out, scratch);
+        assert!(e.unwrap_err().to_string().contains("skinny FP8 GEMM"), "{m}x{n}x{k}");
     }
 }

@@ -27,6 +27,15 @@ const PS: usize = 16;
 const PAGES_PER_SEQ: usize = 16;
 const PAGES: usize = 4 * PAGES_PER_SEQ;
 
+/// One test at a time on the GPUs: two groups' NCCL kernels queued concurrently on the
+/// same GPUs can wait on each other (NCCL orders collectives per communicator only), so
+/// the tests take this lock, as the engine has one group per process.
+static GPUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gpus_to_myself() -> std::sync::MutexGuard<'static, ()> {
+    GPUS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Fails the test unless `n` GPUs are visible.
 fn require_gpus(n: usize) {
     match radix_gpu::Device::count() {
@@ -117,11 +126,13 @@ fn tp2_matches_tp1(cfg: &ModelConfig) {
 
 #[test]
 fn tp2_logits_match_tp1_with_kv_heads_split() {
+    let _gpus = gpus_to_myself();
     tp2_matches_tp1(&tiny(2));
 }
 
 #[test]
 fn tp2_logits_match_tp1_with_kv_heads_replicated() {
+    let _gpus = gpus_to_myself();
     tp2_matches_tp1(&tiny(1));
 }
 
@@ -130,6 +141,7 @@ fn tp2_logits_match_tp1_with_kv_heads_replicated() {
 /// logits equal an eager group's.
 #[test]
 fn tp2_graph_replay_matches_eager() {
+    let _gpus = gpus_to_myself();
     let cfg = tiny(2);
     let mut eager = group(&cfg, false);
     let mut graphed = group(&cfg, true);
@@ -153,6 +165,7 @@ fn tp2_graph_replay_matches_eager() {
 /// communicators, and the next steps give TP 1's logits again, through graphs too.
 #[test]
 fn tp2_recovers_from_a_failed_step() {
+    let _gpus = gpus_to_myself();
     let cfg = tiny(2);
     let mut one = single(&cfg);
     let mut two = group(&cfg, true);

@@ -4,10 +4,11 @@
 //! `--dtype fp8`: cuBLASLt's FP8 GEMM (e4m3 × e4m3 → bf16, a scale per token and per
 //! output channel) as the FP8 linear layers run it, on activations and weights quantized
 //! by our per-row quantizer; the quantizer's own time is printed beside it. Peer:
-//! `torch._scaled_mm` with row-wise scales (bench/peers/torch_gemm.py --dtype fp8). For
-//! M <= 8 it also times, back to back over weight copies beyond L2 (as decode reads
-//! them), cuBLASLt's FP8 GEMM and our FP8-weight GEMV on the 16-bit activations, as
-//! weight-read bandwidth.
+//! `torch._scaled_mm` with row-wise scales (bench/peers/torch_gemm.py --dtype fp8). Up to
+//! 8 rows the engine runs our skinny FP8 GEMM instead, so that is the figure there
+//! (cuBLASLt's beside it). Up to 64 rows the shapes are also timed back to back over weight copies
+//! beyond L2 (as decode reads them), as weight-read bandwidth: cuBLASLt's FP8 GEMM, the
+//! skinny one and, up to 8 rows, our FP8-weight GEMV on the 16-bit activations.
 //!
 //! `--gemv`: decode-sized products (M <= 8) through our GEMV kernel beside cuBLASLt in the
 //! same run, both back to back over weight copies that together exceed the L2 cache (a
@@ -17,6 +18,8 @@ use clap::Args;
 use half::{bf16, f16};
 use radix_gpu::{BLayout, DType, Device, Gemm, HalfFloat, time_back_to_back, time_runs};
 use rand::{Rng, SeedableRng};
+
+use radix_kernels::fp8::skinny;
 
 use super::{Measurement, progress, upload_cycled, write_json};
 
@@ -150,14 +153,26 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         quantize_rows(&jit, &x, rows, cols, &mut q, &mut scales)?;
         Ok((x, q, scales))
     };
+    let mut scratch = SkinnyBuffers::new(&device)?;
     let bar = progress(shapes.len(), "gemm fp8");
     let mut rows = Vec::new();
-    println!("{:<28} {:>10} {:>10} {:>14}", "shape (MxNxK)", "median ms", "TFLOP/s", "quantize us");
+    println!(
+        "{:<28} {:>10} {:>10} {:>14} {:>14}",
+        "shape (MxNxK)", "median ms", "TFLOP/s", "quantize us", "cuBLASLt ms"
+    );
     for &(m, n, k) in shapes {
         let (x, mut xq, mut xs) = quantized(m, k)?;
         let (_, wq, ws) = quantized(n, k)?;
         let mut out = device.alloc::<bf16>(m * n)?;
-        let t = time_runs(&device, args.warmup, args.runs, |_| {
+        let skinny = if skinny::fits(m, n, k) {
+            Some(time_runs(&device, args.warmup, args.runs, |_| {
+                let (a, w) = ((&xq, &xs), (&wq, &ws));
+                skinny::gemm(&jit, (m, n, k), a, w, None, &mut out, scratch.get())
+            })?)
+        } else {
+            None
+        };
+        let lt = time_runs(&device, args.warmup, args.runs, |_| {
             // SAFETY: every buffer was allocated at the size the shape names.
             unsafe {
                 gemm.matmul_fp8_raw(
@@ -176,25 +191,32 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         let quant = time_runs(&device, args.warmup, args.runs, |_| {
             quantize_rows(&jit, &x, m, k, &mut xq, &mut xs)
         })?;
-        let decode = if radix_kernels::gemv::fits_fp8(m, n, k) {
-            Some(fp8_decode_pair(args, &device, &gemm, &jit, (m, n, k), (&x, &xq, &xs), &block)?)
+        let decode = if skinny.is_some() {
+            let ops = (&x, &xq, &xs);
+            Some(fp8_decode(args, &device, &gemm, &jit, (m, n, k), ops, &block, &mut scratch)?)
         } else {
             None
         };
+        // The figure is what the engine runs at this M (the skinny kernel up to 8 rows).
+        let engine_skinny = m <= 8;
+        let t = skinny.as_ref().filter(|_| engine_skinny).unwrap_or(&lt);
         let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
         let shape = format!("M={m} N={n} K={k} fp8");
         bar.suspend(|| {
             println!(
-                "{:<28} {:>10.4} {:>10.1} {:>14.2}",
+                "{:<28} {:>10.4} {:>10.1} {:>14.2} {:>14.4}",
                 format!("{m}x{n}x{k}"),
                 t.median_ms,
                 tflops,
-                quant.median_ms * 1e3
+                quant.median_ms * 1e3,
+                lt.median_ms
             );
             if let Some(d) = &decode {
                 let f = |key: &str| d[key].as_f64().unwrap_or(f64::NAN);
                 println!(
-                    "    back to back beyond L2: cuBLASLt FP8 {:.2} us ({:.1}% of copy) | FP8 GEMV {:.2} us ({:.1}%)",
+                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%)",
+                    f("skinny_us"),
+                    f("skinny_copy_pct"),
                     f("cublaslt_us"),
                     f("cublaslt_copy_pct"),
                     f("gemv_us"),
@@ -202,7 +224,15 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                 );
             }
         });
-        let mut extra = serde_json::json!({ "quantize_us": quant.median_ms * 1e3 });
+        let kernel = if skinny.is_some() && engine_skinny { "skinny" } else { "cublaslt" };
+        let mut extra = serde_json::json!({
+            "quantize_us": quant.median_ms * 1e3,
+            "kernel": kernel,
+            "cublaslt_ms": lt.median_ms,
+        });
+        if let Some(sk) = &skinny {
+            extra["skinny_ms"] = sk.median_ms.into();
+        }
         if let Some(d) = decode {
             extra["decode"] = d;
         }
@@ -221,10 +251,27 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
     write_json(args.json.as_ref(), &rows)
 }
 
+/// The skinny FP8 GEMM's split-K scratch, as the engine's workspace holds it.
+struct SkinnyBuffers {
+    partial: radix_gpu::DeviceBuffer<f32>,
+    counters: radix_gpu::DeviceBuffer<i32>,
+}
+
+impl SkinnyBuffers {
+    fn new(device: &Device) -> anyhow::Result<Self> {
+        Ok(Self { partial: device.alloc(1 << 21)?, counters: device.alloc_zeros(4096)? })
+    }
+
+    fn get(&mut self) -> skinny::SkinnyScratch<'_> {
+        skinny::SkinnyScratch { partial: &mut self.partial, counters: &mut self.counters }
+    }
+}
+
 /// Decode-sized FP8 products back to back over weight copies beyond L2: cuBLASLt's FP8
-/// GEMM (activations already quantized) and our FP8-weight GEMV (16-bit activations).
-#[allow(clippy::type_complexity)]
-fn fp8_decode_pair(
+/// GEMM and the skinny one (activations already quantized) and, up to 8 rows, our
+/// FP8-weight GEMV (16-bit activations).
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+fn fp8_decode(
     args: &GemmArgs,
     device: &Device,
     gemm: &Gemm,
@@ -236,6 +283,7 @@ fn fp8_decode_pair(
         &radix_gpu::DeviceBuffer<f32>,
     ),
     block: &[bf16],
+    scratch: &mut SkinnyBuffers,
 ) -> anyhow::Result<serde_json::Value> {
     use radix_kernels::{fp8::quantize_rows, gemv};
     let copy = super::decode::copy_bandwidth(device)?;
@@ -256,20 +304,36 @@ fn fp8_decode_pair(
             gemm.matmul_fp8_raw(m, n, k, xq.ptr(), xs.ptr(), q.ptr(), s.ptr(), 0, out.ptr_mut())
         }
     })?;
-    let ours = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+    let sk = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
         let (q, s) = &weights[i % copies];
-        gemv::gemv_fp8(jit, m, n, k, x, q, s, &mut out)
+        skinny::gemm(jit, (m, n, k), (xq, xs), (q, s), None, &mut out, scratch.get())
     })?;
-    let bytes = (n * k + 4 * n + 2 * m * k + 2 * m * n) as f64;
-    let pct = |ms: f64| 100.0 * bytes / (ms * 1e-3) / copy;
-    Ok(serde_json::json!({
+    let gemv = if gemv::fits_fp8(m, n, k) {
+        Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+            let (q, s) = &weights[i % copies];
+            gemv::gemv_fp8(jit, m, n, k, x, q, s, &mut out)
+        })?)
+    } else {
+        None
+    };
+    // Weights and their scales, the activations (e4m3 and their scales; the GEMV reads
+    // bf16 ones), bf16 out.
+    let bytes = |x_bytes: usize| (n * k + 4 * n + x_bytes + 2 * m * n) as f64;
+    let pct_of = |x_bytes: usize, ms: f64| 100.0 * bytes(x_bytes) / (ms * 1e-3) / copy;
+    let pct = |ms: f64| pct_of(m * k + 4 * m, ms);
+    let mut out = serde_json::json!({
+        "skinny_us": sk.median_ms * 1e3,
+        "skinny_copy_pct": pct(sk.median_ms),
         "cublaslt_us": lt.median_ms * 1e3,
         "cublaslt_copy_pct": pct(lt.median_ms),
-        "gemv_us": ours.median_ms * 1e3,
-        "gemv_copy_pct": pct(ours.median_ms),
         "copy_gbps": copy / 1e9,
         "weight_copies": copies,
-    }))
+    });
+    if let Some(g) = gemv {
+        out["gemv_us"] = (g.median_ms * 1e3).into();
+        out["gemv_copy_pct"] = pct_of(2 * m * k, g.median_ms).into();
+    }
+    Ok(out)
 }
 
 /// Our GEMV beside cuBLASLt on decode shapes, as weight-read bandwidth (see the module doc).

@@ -21,13 +21,31 @@
 // ldmatrix reads 8 rows without bank conflicts.
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
-// then holds a tile's bytes (8-byte cp.async per thread chunk, unswizzled); before the
-// MMAs every thread widens the chunks it copied into one bf16/f16 K and V tile (exact:
-// every e4m3 value is a bf16 and an f16 value), which the MMAs read as usual. The key
-// scale is folded into scale_log2 on the host and the value scale into the epilogue's
-// normalisation (v_scale), so the MMAs see the stored values as they are.
+// then holds a tile's bytes (16-byte cp.async copies, unswizzled); before the MMAs they
+// are widened into one f16 K and V tile, swizzled as 16-bit tiles are: by the thread
+// that copied them, or in KEY_SPLIT blocks by the warp that computes on those keys
+// (then a __syncwarp instead of a second block barrier). The widening moves bits, it
+// does not convert: each e4m3 byte's sign, exponent and mantissa moved into an f16
+// (s eeee mmm -> s 0eeee mmm0000000) are its value times 2^-8 exactly, normal or
+// subnormal (the conversion instructions run at a quarter of the ALU rate). So over an
+// FP8 pool the MMAs run in f16 (mma_t): the Q tile is converted to f16 once per block
+// (clamped to +-65504; values below 2^-24 flush to zero), and the launcher folds 2^8 and
+// the per-layer key scale into scale_log2, 2^8 and the value scale into the epilogue's
+// normalisation (v_scale). An e4m3 NaN byte widens to a finite +-480: the KV writer
+// saturates, so only a NaN key or value reaches one.
+//
+// Measured on the H200 (bench/NOTES.md): decode over e4m3 pages takes about as long per
+// tile as over bf16 pages, 53-57% of the copy bandwidth to their 100%, and neither the
+// deeper pipeline nor the bit moves nor 16-byte copies changed that: at 8 warps per SM
+// a tile's chain of wait, barrier and MMAs is the bound there.
 #include "common/fp8.cuh"
 #include "common/mma.cuh"
+
+#if KV_FP8
+typedef half_t mma_t;
+#else
+typedef elem_t mma_t;
+#endif
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -77,7 +95,7 @@ constexpr float LN2 = 0.6931471805599453f;
 #define NEG_INF __int_as_float(0xff800000)
 
 static_assert(D == 64 || D == 128, "head_dim 64 or 128");
-static_assert(ST >= 2 && ST <= 4, "2 to 4 pipeline stages");
+static_assert(ST >= 2 && ST <= (KV_FP8 ? 8 : 4), "2 to 4 pipeline stages (8 over an FP8 pool)");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
 static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
 // Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
@@ -162,28 +180,35 @@ __device__ __forceinline__ int seq_kv_len(const AttentionParams& p, int b, int k
 }
 
 // Each thread copies one fixed 16-byte chunk column (c = tid % DC) of rows r0, r0 + RSTEP,
-// ... of every tile. RSTEP is a multiple of 8, so a row's swizzle (row & 7) is the same for
+// ... of every Q tile (K/V tiles: KV_RSTEP and KDC below, the same over a 16-bit pool). RSTEP is a multiple of 8, so a row's swizzle (row & 7) is the same for
 // all of a thread's rows and its shared-memory offsets advance by a constant: the copy
 // loops carry no per-row address arithmetic beyond one multiply-add (and, paged, one
 // page-id load).
 constexpr int RSTEP = THREADS / DC;
-constexpr int KV_ITERS = BN / RSTEP;
 constexpr int Q_ITERS = BM / RSTEP;
 static_assert(THREADS % DC == 0 && RSTEP % 8 == 0, "rows per copy step must be a multiple of 8");
 static_assert(BN % RSTEP == 0 && BM % RSTEP == 0, "tiles split evenly into copy steps");
+// K/V copies are 16 bytes too: 8 values of a 16-bit pool, 16 of an FP8 one (8-byte copies
+// of e4m3 chunks took as long per tile as 16-byte ones of bf16: half the bandwidth).
+constexpr int KV_CHUNK = KV_FP8 ? 16 : 8;  // values per copy
+constexpr int KDC = D / KV_CHUNK;          // copies per K/V row
+constexpr int KV_RSTEP = THREADS / KDC;
+constexpr int KV_ITERS = BN / KV_RSTEP;
+static_assert(KV_RSTEP % 8 == 0 && BN % KV_RSTEP == 0, "K/V tiles split evenly into copy steps");
 
 struct KvCursor {
 #if PAGED
   const int* pages;    // this sequence's page ids
   int page[KV_ITERS];  // page ids of this thread's rows of the next tile to load
-  long long head_off;  // kvh * page_size * D + chunk * 8
+  long long head_off;  // kvh * page_size * D + kv_chunk * KV_CHUNK
   long long page_stride;
 #else
-  long long base;      // first key's element offset + kvh * D + chunk * 8
+  long long base;      // first key's element offset + kvh * D + kv_chunk * KV_CHUNK
 #endif
   int r0;              // this thread's first row within a tile
+  int kv_chunk;        // its copy column within a row
   u32 s_off;           // its swizzled byte offset within a tile
-  u32 f_off;           // KV_FP8: its byte offset within a stage of bytes (row * D + chunk * 8)
+  u32 f_off;           // KV_FP8: its byte offset within a stage of bytes (row * D + kv_chunk * 16)
   int kv_stop;
 };
 
@@ -195,7 +220,7 @@ __device__ __forceinline__ void fetch_pages(const AttentionParams& p, KvCursor& 
 #if PAGED
 #pragma unroll
   for (int it = 0; it < KV_ITERS; ++it) {
-    int kk = min(tile_start + cur.r0 + it * RSTEP, cur.kv_stop - 1);
+    int kk = min(tile_start + cur.r0 + it * KV_RSTEP, cur.kv_stop - 1);
     cur.page[it] = __ldg(cur.pages + (kk >> p.page_shift));
   }
 #endif
@@ -207,7 +232,7 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
                                              u32 sk, u32 sv) {
 #pragma unroll
   for (int it = 0; it < KV_ITERS; ++it) {
-    int key = tile_start + cur.r0 + it * RSTEP;
+    int key = tile_start + cur.r0 + it * KV_RSTEP;
     bool valid = key < cur.kv_stop;
     int kk = min(key, cur.kv_stop - 1);  // keep the (unread) address inside the sequence
 #if PAGED
@@ -217,11 +242,11 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
     long long off = cur.base + (long long)kk * p.kv_stride;
 #endif
 #if KV_FP8
-    u32 dst = cur.f_off + it * RSTEP * D;
-    cp_async_8(sk + dst, p.k + off, valid);
-    cp_async_8(sv + dst, p.v + off, valid);
+    u32 dst = cur.f_off + it * KV_RSTEP * D;
+    cp_async_16(sk + dst, p.k + off, valid);
+    cp_async_16(sv + dst, p.v + off, valid);
 #else
-    u32 dst = cur.s_off + it * RSTEP * D * 2;
+    u32 dst = cur.s_off + it * KV_RSTEP * D * 2;
     cp_async_16(sk + dst, p.k + off, valid);
     cp_async_16(sv + dst, p.v + off, valid);
 #endif
@@ -229,32 +254,79 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
 }
 
 #if KV_FP8
-// Eight e4m3 bytes as eight elem_t values, packed as ldmatrix reads them.
+// Two e4m3 bytes at bits 0-7 and 16-23 as two f16 of 2^-8 times their values (see the
+// file's head): the sign to bit 15, exponent and mantissa to bits 7-13, of each half.
+__device__ __forceinline__ u32 e4m3x2_as_f16x2_scaled(u32 pair) {
+  return ((pair << 8) & 0x80008000u) | ((pair << 7) & 0x3f803f80u);
+}
+
+// Eight e4m3 bytes as eight f16 values (2^-8 times theirs), packed as ldmatrix reads them.
 __device__ __forceinline__ uint4 widen8(uint2 b) {
-  const u32 w[2] = {b.x, b.y};
-  u32 out[4];
+  return make_uint4(e4m3x2_as_f16x2_scaled(__byte_perm(b.x, 0, 0x4140)),
+                    e4m3x2_as_f16x2_scaled(__byte_perm(b.x, 0, 0x4342)),
+                    e4m3x2_as_f16x2_scaled(__byte_perm(b.y, 0, 0x4140)),
+                    e4m3x2_as_f16x2_scaled(__byte_perm(b.y, 0, 0x4342)));
+}
+
+// The Q chunks this thread copied, from elem_t to f16 in place (clamped to f16's range),
+// for the f16 MMAs over an FP8 pool.
+__device__ __forceinline__ void q_to_f16(u32 sq, u32 s_off) {
+#if !(defined(DTYPE) && DTYPE == RS_F16)
+  {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float lo, hi;
-    e4m3x2_to_float(w[i / 2] >> ((i % 2) * 16), lo, hi);
-    out[i] = pack2<elem_t>(lo, hi);
+    for (int it = 0; it < Q_ITERS; ++it) {
+      const u32 at = sq + s_off + it * RSTEP * D * 2;
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
+      u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float lo, hi;
+        unpack2<elem_t>(w[i], lo, hi);
+        w[i] = pack2<half_t>(fminf(fmaxf(lo, -65504.f), 65504.f), fminf(fmaxf(hi, -65504.f), 65504.f));
+      }
+      asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(at), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]));
+    }
   }
-  return make_uint4(out[0], out[1], out[2], out[3]);
+#endif
+}
+
+// Sixteen e4m3 bytes at shared address `src` as f16 (see widen8) into the 16-bit tile at
+// `tile`, row `row`, 8-value chunks 2c and 2c + 1 (swizzled as 16-bit tiles are).
+__device__ __forceinline__ void widen16(u32 src, u32 tile, int row, int c) {
+  uint4 b;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w) : "r"(src));
+  const uint4 lo = widen8(make_uint2(b.x, b.y)), hi = widen8(make_uint2(b.z, b.w));
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz(row, 2 * c)), "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w));
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz(row, 2 * c + 1)), "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w));
 }
 
 // Widens the chunks this thread copied of the stage at (fk, fv) into the K and V tiles
-// at (hk, hv), swizzled as load_kv_tile would have written 16-bit values. Only its own
-// copies: after cp.async.wait_group they are visible to this thread without a barrier.
+// at (hk, hv). Only its own copies: after cp.async.wait_group they are visible to this
+// thread without a barrier.
 __device__ __forceinline__ void widen_kv_tile(const KvCursor& cur, u32 fk, u32 fv, u32 hk, u32 hv) {
 #pragma unroll
   for (int it = 0; it < KV_ITERS; ++it) {
-    const u32 src = cur.f_off + it * RSTEP * D, dst = cur.s_off + it * RSTEP * D * 2;
-    uint2 k8, v8;
-    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(k8.x), "=r"(k8.y) : "r"(fk + src));
-    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v8.x), "=r"(v8.y) : "r"(fv + src));
-    const uint4 k16 = widen8(k8), v16 = widen8(v8);
-    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(hk + dst), "r"(k16.x), "r"(k16.y), "r"(k16.z), "r"(k16.w));
-    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(hv + dst), "r"(v16.x), "r"(v16.y), "r"(v16.z), "r"(v16.w));
+    const int row = cur.r0 + it * KV_RSTEP;
+    const u32 src = cur.f_off + it * KV_RSTEP * D;
+    widen16(fk + src, hk, row, cur.kv_chunk);
+    widen16(fv + src, hv, row, cur.kv_chunk);
+  }
+}
+
+// KEY_SPLIT: a warp computes on its own WK keys of each tile only, so it widens just those
+// rows (any thread's copies: the barrier after cp.async.wait_group made the whole stage
+// visible), and a __syncwarp instead of a second block barrier orders them before its
+// MMAs. The warp alone reads and rewrites those wide rows.
+__device__ __forceinline__ void widen_warp_keys(int wkey, int lane, u32 fk, u32 fv, u32 hk, u32 hv) {
+  constexpr int CHUNKS = WK * KDC;  // 16-byte chunks of the warp's keys
+  static_assert(CHUNKS % 32 == 0, "the warp's chunks split evenly over its lanes");
+#pragma unroll
+  for (int i = lane; i < CHUNKS; i += 32) {
+    const int row = wkey + i / KDC, c = i % KDC;
+    const u32 src = row * D + c * 16;
+    widen16(fk + src, hk, row, c);
+    widen16(fv + src, hv, row, c);
   }
 }
 #endif
@@ -364,16 +436,17 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     cp_async_16(sq + s_off + it * RSTEP * D * 2, src, row0 + r0 + it * RSTEP < rows);
   }
   KvCursor cur;
-  cur.r0 = r0;
-  cur.s_off = s_off;
-  cur.f_off = r0 * D + chunk * 8;
+  cur.kv_chunk = threadIdx.x % KDC;
+  cur.r0 = threadIdx.x / KDC;
+  cur.s_off = swz(cur.r0, cur.kv_chunk);
+  cur.f_off = cur.r0 * D + cur.kv_chunk * 16;
   cur.kv_stop = kv_stop;
 #if PAGED
   cur.pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
   cur.page_stride = (long long)p.num_kv_heads * p.page_size * D;
-  cur.head_off = (long long)kvh * p.page_size * D + chunk * 8;
+  cur.head_off = (long long)kvh * p.page_size * D + cur.kv_chunk * KV_CHUNK;
 #else
-  cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + chunk * 8;
+  cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + cur.kv_chunk * KV_CHUNK;
 #endif
   // The first ST - 1 tiles, one commit group each (empty past the last tile, so that
   // group j always holds tile j; Q rides in group 0).
@@ -428,9 +501,20 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     }
     cp_async_commit();
 #if KV_FP8
+    if (j == 0) {
+      // Q landed with tile 0: to f16 for the MMAs, before any warp reads it (KEY_SPLIT
+      // blocks have no second barrier below; the others' covers it).
+      q_to_f16(sq, s_off);
+      if constexpr (KS) __syncthreads();
+    }
     // Every warp is past tile j - 1 (the barrier above): its widened tiles are free.
-    widen_kv_tile(cur, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
-    __syncthreads();
+    if constexpr (KS) {
+      widen_warp_keys(wkey, lane, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
+      __syncwarp();
+    } else {
+      widen_kv_tile(cur, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
+      __syncthreads();
+    }
     const u32 sk = sk_wide, sv = sv_wide;
 #else
     const u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
@@ -474,8 +558,8 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
           ldmatrix_x4(b0, b1, b2, b3, sk + swz(wkey + n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            mma_16816<elem_t>(s[mt][n], a[mt], b0, b1);
-            mma_16816<elem_t>(s[mt][n + 1], a[mt], b2, b3);
+            mma_16816<mma_t>(s[mt][n], a[mt], b0, b1);
+            mma_16816<mma_t>(s[mt][n + 1], a[mt], b2, b3);
           }
         }
       }
@@ -541,10 +625,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pack2<elem_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          a[mt][1] = pack2<elem_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          a[mt][2] = pack2<elem_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          a[mt][3] = pack2<elem_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          a[mt][0] = pack2<mma_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          a[mt][1] = pack2<mma_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          a[mt][2] = pack2<mma_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          a[mt][3] = pack2<mma_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
 #pragma unroll
         for (int n = 0; n < ON; n += 2) {
@@ -552,8 +636,8 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
           ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz(wkey + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            mma_16816<elem_t>(o_acc[mt][n], a[mt], b0, b1);
-            mma_16816<elem_t>(o_acc[mt][n + 1], a[mt], b2, b3);
+            mma_16816<mma_t>(o_acc[mt][n], a[mt], b0, b1);
+            mma_16816<mma_t>(o_acc[mt][n + 1], a[mt], b2, b3);
           }
         }
       }

@@ -62,6 +62,10 @@ pub fn spec_fp8_kv<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig
     spec::<T>(head_dim, paged, tiles).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89)
 }
 
+/// The kernel widens e4m3 bytes into f16 values 2^-8 times theirs (bit moves, no
+/// conversions): the scales it gets carry the 2^8 back.
+const FP8_WIDEN: f32 = 256.0;
+
 /// An FP8 KV cache's per-layer scales: stored bytes times these are the keys and values.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KvFp8Scales {
@@ -330,7 +334,20 @@ impl AttentionBatch {
         };
         let (spec, smem) = match kv.fp8 {
             None => (spec::<T>(d, paged, self.tiles), self.tiles.smem_bytes(d, 2)),
-            Some(_) => (spec_fp8_kv::<T>(d, paged, self.tiles), self.tiles.smem_bytes_fp8_kv(d)),
+            Some(_) => {
+                // 16-byte copies of e4m3 rows: a copy step of threads / (D / 16) rows must
+                // divide the tile (attention.cu's KV_RSTEP).
+                let step = self.tiles.threads() as usize * 16 / d;
+                ensure!(
+                    (self.tiles.block_n as usize).is_multiple_of(step),
+                    "tiles {:?} over an FP8 pool at head_dim {d}: BLOCK_N must be a multiple of \
+                     {step}",
+                    self.tiles
+                );
+                // Deeper pipeline, same work list: stages do not change the plan.
+                let tiles = self.tiles.fp8_pipeline(d, self.device.info().max_shared_per_block);
+                (spec_fp8_kv::<T>(d, paged, tiles), tiles.smem_bytes_fp8_kv(d))
+            }
         };
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
         kernel.set_max_dynamic_smem(&self.device, smem)?;
@@ -361,11 +378,14 @@ impl AttentionBatch {
             page_size: page_size as i32,
             page_shift: page_size.trailing_zeros() as i32,
             causal: s.causal as i32,
-            // An FP8 cache's key scale multiplies every score: folded in here.
-            scale_log2: s.scale * kv.fp8.map_or(1.0, |f| f.k) * std::f32::consts::LOG2_E,
+            // An FP8 cache's key scale multiplies every score: folded in here, with the
+            // 2^8 the kernel's widened f16 keys are short of (attention.cu's head).
+            scale_log2: s.scale
+                * kv.fp8.map_or(1.0, |f| f.k * FP8_WIDEN)
+                * std::f32::consts::LOG2_E,
             head_tables: head_tables as i32,
             heads_inner: self.plan.heads_inner as i32,
-            v_scale: kv.fp8.map_or(1.0, |f| f.v),
+            v_scale: kv.fp8.map_or(1.0, |f| f.v * FP8_WIDEN),
         };
         let cfg = LaunchConfig {
             grid_dim: if self.plan.heads_inner {

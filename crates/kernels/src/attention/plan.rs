@@ -76,6 +76,28 @@ impl TileConfig {
         (self.block_m() + 2 * bn) * head_dim * 2 + 2 * self.stages as usize * bn * head_dim
     }
 
+    /// These tiles over an FP8 pool: as many stages as keep two blocks on an SM with
+    /// `max_shared_per_block` (Hopper: 4 at head_dim 128 where the 16-bit pool has 3), at
+    /// most 8; `RADIX_SPARSE_FP8_KV_STAGES` (2-8) overrides it where it fits. An e4m3
+    /// tile is half the bytes of a 16-bit one, so at the same depth a block kept half the
+    /// bytes in flight, and decode read an FP8 pool at 51-56% of the copy bandwidth on
+    /// the H200 where the 16-bit pool reached 100%.
+    pub fn fp8_pipeline(self, head_dim: usize, max_shared_per_block: usize) -> TileConfig {
+        let stage = 2 * self.block_n as usize * head_dim;
+        let fixed = self.smem_bytes_fp8_kv(head_dim) - self.stages as usize * stage;
+        // Two blocks per SM: each gets half the SM's shared memory, less 1 KiB the driver
+        // reserves per block.
+        let per_block = ((max_shared_per_block + 1024) / 2).saturating_sub(1024);
+        let fit = |stages: usize| fixed + stages * stage <= max_shared_per_block;
+        let auto = (per_block.saturating_sub(fixed) / stage).clamp(2, 8).max(self.stages as usize);
+        static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let wanted = OVERRIDE.get_or_init(|| {
+            std::env::var("RADIX_SPARSE_FP8_KV_STAGES").ok().and_then(|v| v.parse().ok())
+        });
+        let stages = wanted.filter(|&s| (2..=8).contains(&s) && fit(s)).unwrap_or(auto);
+        TileConfig { stages: stages as u32, ..self }
+    }
+
     /// Prefill tiles: 4 warps of 32 rows (two 16-row MMA tiles share each K/V fragment,
     /// halving shared-memory reads per MMA), 64 keys per tile. Fastest of the shapes swept
     /// on the H100 at head_dim 64 and 128 (bench/NOTES.md).
@@ -340,6 +362,29 @@ pub fn plan(
     // causal mask later tiles see more keys, so q_tile breaks ties the same way.
     out.work.sort_by_key(|w| std::cmp::Reverse(((w.kv_end - w.kv_begin) as i64, w.q_tile)));
     out
+}
+
+#[cfg(test)]
+mod fp8_pipeline_tests {
+    use super::TileConfig;
+
+    #[test]
+    fn fp8_pools_get_the_stages_two_blocks_per_sm_allow() {
+        // Hopper: 227 KiB a block at most.
+        let hopper = 227 * 1024;
+        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(128, hopper).stages, 4);
+        assert_eq!(TileConfig::DECODE.fp8_pipeline(128, hopper).stages, 4);
+        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(64, hopper).stages, 8);
+        for tiles in [TileConfig::DECODE_SMALL, TileConfig::DECODE, TileConfig::PREFILL] {
+            for d in [64, 128] {
+                let t = tiles.fp8_pipeline(d, hopper);
+                assert!(2 * (t.smem_bytes_fp8_kv(d) + 1024) <= hopper + 1024, "{t:?} at {d}");
+                assert!(t.stages >= tiles.stages, "never shallower than the 16-bit pool");
+            }
+        }
+        // A GPU with 99 KiB a block: one block per SM, the configuration's own depth.
+        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(128, 99 * 1024).stages, 3);
+    }
 }
 
 #[cfg(test)]

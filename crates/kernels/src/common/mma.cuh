@@ -15,12 +15,6 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid
   int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
 }
-// 8-byte global->shared copy (through L1: cp.async.cg takes only 16 bytes); zeros when
-// `valid` is false, as cp_async_16.
-__device__ __forceinline__ void cp_async_8(u32 dst, const void* src, bool valid) {
-  int src_size = valid ? 8 : 0;
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_size));
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N committed groups are still in flight.
 template <int N> __device__ __forceinline__ void cp_async_wait() {

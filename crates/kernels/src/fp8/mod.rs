@@ -1,6 +1,8 @@
 //! FP8 (e4m3) activations for the FP8 GEMMs (fp8.cu): each row quantized with its own
 //! scale, as the GEMM's per-token scale vector wants them.
 
+pub mod skinny;
+
 use float8::F8E4M3;
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
 use radix_gpu::{

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use half::bf16;
 use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup, StagedUploader};
 use radix_kernels::fp8 as fp8_acts;
+use radix_kernels::fp8::skinny;
 use radix_kernels::gemv;
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, Fp8Out, SampleRow};
@@ -118,10 +119,8 @@ pub struct CudaBackend {
     /// Pinned buffers the weights are uploaded through while loading; freed by `init_kv`.
     uploader: Option<StagedUploader<bf16>>,
     uploader_fp8: Option<StagedUploader<u8>>,
-    /// FP8 weights stay FP8 and run FP8 GEMMs (sm_89 and later); otherwise they are
-    /// dequantized to bf16 at upload. Opt-in for now (`RADIX_SPARSE_FP8_GEMM=1`): an H200
-    /// test saw non-finite FP8 GEMM output at M=7 N=4096 K=4096 (most likely that test's
-    /// own race between two streams, since fixed) and the GEMV path has not run yet.
+    /// FP8 weights stay FP8 and run FP8 GEMMs (sm_89 and later); otherwise (older GPUs,
+    /// or `RADIX_SPARSE_FP8_GEMM=0`) they are dequantized to bf16 at upload.
     fp8_gemms: bool,
     /// The widest input (K) of the FP8 weights uploaded: the step workspace keeps that
     /// many e4m3 bytes per token for the quantized activations.
@@ -134,9 +133,16 @@ pub struct CudaBackend {
     /// the workspace's FP8 rows, clears it.
     fp8_holds: Option<(u64, usize, usize)>,
     /// FP8 layers on at most this many rows run our FP8-weight GEMV on the 16-bit
-    /// activations (no quantization) instead of cuBLASLt's FP8 GEMM, which reads small-M
-    /// weights slowly (bench/NOTES.md); `RADIX_SPARSE_FP8_GEMV_ROWS` sets it (0: never).
+    /// activations (no quantization); `RADIX_SPARSE_FP8_GEMV_ROWS` sets it (default 0:
+    /// never, the skinny FP8 GEMM reads the weights faster).
     fp8_gemv_rows: usize,
+    /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) run our skinny FP8
+    /// GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-60% of the
+    /// copy bandwidth; `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most 64).
+    /// Default 8: on the H200 it beat cuBLASLt on every Llama-3-8B shape up to 8 rows
+    /// (1.01-1.7x) and lost beyond (4x slower at 64: Hopper runs FP8 `mma.sync` as f16
+    /// MMAs behind conversions, the activations' repeated per 16 weight rows; bench/NOTES.md).
+    fp8_skinny_rows: usize,
     /// The log has said how FP8 weights run.
     fp8_said: bool,
     /// `--kv-cache-dtype fp8_e4m3`: the per-layer scales of the FP8 KV pool `init_kv`
@@ -231,8 +237,8 @@ impl CudaBackend {
 
     /// `out = x · wᵀ (+ bias)` with an FP8 weight. Up to `fp8_gemv_rows` rows: the FP8
     /// GEMV on x as it is. More: x quantized per token into the workspace's e4m3 rows
-    /// (unless the op that wrote x already did), then cuBLASLt's FP8 GEMM applies both
-    /// scale vectors.
+    /// (unless the op that wrote x already did), then our skinny FP8 GEMM (up to
+    /// `fp8_skinny_rows` rows) or cuBLASLt's FP8 GEMM applies both scale vectors.
     fn linear_fp8(
         &mut self,
         x: &GpuAct,
@@ -257,6 +263,16 @@ impl CudaBackend {
                 Ok(fp8_acts::quantize_rows(&b.jit, &x.buf, rows, k, &mut q, &mut q_scales)?)
             })?;
             self.fp8_holds = Some(held);
+        }
+        if rows <= self.fp8_skinny_rows && skinny::fits(rows, n, k) {
+            return self.timed(Op::Gemm, |b| {
+                let Memory::Ready { workspace, .. } = &mut b.memory else {
+                    return Err(ModelError::Invalid("the KV pool is not initialised".into()));
+                };
+                let scratch = workspace.fp8_skinny_scratch();
+                let (x, w) = ((&q, &q_scales), (bits, scales));
+                Ok(skinny::gemm(&b.jit, (rows, n, k), x, w, bias, &mut out.buf, scratch)?)
+            });
         }
         let bias = bias.map_or(0, |b| b.ptr());
         self.timed(Op::Gemm, |b| {
@@ -284,7 +300,10 @@ impl CudaBackend {
         let device = Device::open(ordinal)?;
         let gemm = Gemm::new(&device)?;
         let fp8_gemms = device.arch().sm() >= radix_gpu::Arch::SM89.sm()
-            && std::env::var("RADIX_SPARSE_FP8_GEMM").is_ok_and(|v| v == "1");
+            && std::env::var("RADIX_SPARSE_FP8_GEMM").map_or(true, |v| v != "0");
+        let rows_from_env = |name: &str, default: usize, max: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default).min(max)
+        };
         Ok(Self {
             device,
             jit: Jit::with_default_cache(),
@@ -297,11 +316,8 @@ impl CudaBackend {
             fp8_cols: 0,
             fp8_fused: std::env::var("RADIX_SPARSE_FP8_FUSED").map_or(true, |v| v != "0"),
             fp8_holds: None,
-            fp8_gemv_rows: std::env::var("RADIX_SPARSE_FP8_GEMV_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(4)
-                .min(gemv::MAX_ROWS),
+            fp8_gemv_rows: rows_from_env("RADIX_SPARSE_FP8_GEMV_ROWS", 0, gemv::MAX_ROWS),
+            fp8_skinny_rows: rows_from_env("RADIX_SPARSE_FP8_SKINNY_ROWS", 8, skinny::MAX_ROWS),
             fp8_said: false,
             kv_fp8: None,
             memory: Memory::Weights,
@@ -551,11 +567,10 @@ impl Backend for CudaBackend {
             if !self.fp8_said {
                 self.fp8_said = true;
                 if self.fp8_gemms {
-                    tracing::info!("FP8 weights kept as e4m3: FP8 GEMMs (experimental)");
+                    tracing::info!("FP8 weights kept as e4m3: FP8 GEMMs");
                 } else {
                     tracing::info!(
-                        "FP8 weights dequantized to bf16 (RADIX_SPARSE_FP8_GEMM=1: FP8 GEMMs, \
-                         experimental)"
+                        "FP8 weights dequantized to bf16 (no FP8 GEMMs on this GPU, or RADIX_SPARSE_FP8_GEMM=0)"
                     );
                 }
             }

@@ -171,6 +171,9 @@ pub struct Workspace {
     /// (reused by every FP8 GEMM of the step, one after another on the stream).
     fp8_q: DeviceBuffer<u8>,
     fp8_scales: DeviceBuffer<f32>,
+    /// The skinny FP8 GEMM's split-K partial sums and counters (zero between launches).
+    fp8_partial: DeviceBuffer<f32>,
+    fp8_counters: DeviceBuffer<i32>,
 }
 
 /// Elements of each workspace buffer for some capacities.
@@ -186,7 +189,16 @@ struct Sizes {
     sparse: usize,
     fp8_q: usize,
     fp8_scales: usize,
+    fp8_partial: usize,
+    fp8_counters: usize,
 }
+
+/// Split-K partial sums of the skinny FP8 GEMM: 8 MiB, enough for Llama-3-8B's and 70B's
+/// layers at 64 rows and the splits that fill an H200 (the launcher splits less when a
+/// product's partial sums would not fit).
+const FP8_PARTIAL_FLOATS: usize = 1 << 21;
+/// Its counters: one per 64 weight rows, up to 262,144 rows.
+const FP8_COUNTERS: usize = 4096;
 
 impl Sizes {
     fn of(shape: &ActShape, caps: &Caps, layout: &MetaLayout) -> Self {
@@ -205,6 +217,8 @@ impl Sizes {
             sparse: caps.sparse_entries.max(1),
             fp8_q: (caps.tokens * shape.fp8_cols).max(1),
             fp8_scales: caps.tokens.max(1),
+            fp8_partial: if shape.fp8_cols > 0 { FP8_PARTIAL_FLOATS } else { 1 },
+            fp8_counters: if shape.fp8_cols > 0 { FP8_COUNTERS } else { 1 },
         }
     }
 }
@@ -244,6 +258,8 @@ impl Workspace {
             page_scores: device.alloc(n.sparse)?,
             fp8_q: device.alloc(n.fp8_q)?,
             fp8_scales: device.alloc(n.fp8_scales)?,
+            fp8_partial: device.alloc(n.fp8_partial)?,
+            fp8_counters: device.alloc_zeros(n.fp8_counters)?,
         })
     }
 
@@ -271,6 +287,10 @@ impl Workspace {
         fit(device, &mut self.page_scores, n.sparse)?;
         fit(device, &mut self.fp8_q, n.fp8_q)?;
         fit(device, &mut self.fp8_scales, n.fp8_scales)?;
+        fit(device, &mut self.fp8_partial, n.fp8_partial)?;
+        if self.fp8_counters.len() < n.fp8_counters {
+            self.fp8_counters = device.alloc_zeros(n.fp8_counters)?;
+        }
         self.caps = caps;
         self.layout = layout;
         self.act_used = 0;
@@ -291,6 +311,8 @@ impl Workspace {
             + self.page_scores.num_bytes()
             + self.fp8_q.num_bytes()
             + self.fp8_scales.num_bytes()
+            + self.fp8_partial.num_bytes()
+            + self.fp8_counters.num_bytes()
     }
 
     /// Room for `rows` tokens of `cols` e4m3 activations and their scales.
@@ -309,6 +331,14 @@ impl Workspace {
         }
         // SAFETY: as for the metadata views (see `meta_view`).
         Ok(unsafe { (self.fp8_q.view(0, rows * cols)?, self.fp8_scales.view(0, rows)?) })
+    }
+
+    /// The skinny FP8 GEMM's scratch.
+    pub fn fp8_skinny_scratch(&mut self) -> radix_kernels::fp8::skinny::SkinnyScratch<'_> {
+        radix_kernels::fp8::skinny::SkinnyScratch {
+            partial: &mut self.fp8_partial,
+            counters: &mut self.fp8_counters,
+        }
     }
 
     /// Frees the activations of the previous step.

@@ -1,0 +1,189 @@
+// Skinny FP8 GEMM for decode steps: out[m, n] = xs[m] · ws[n] · Σ_k xq[m, k] · wq[n, k]
+// (+ bias[n]) for up to 64 rows m, xq the activations quantized per token (e4m3, scale
+// xs[m]) and wq a Linear weight [N, K] in e4m3 with a scale per row ws[n].
+//
+// Why not cuBLASLt: at 1-64 rows its FP8 kernels read the weights at 26-64% of the copy
+// bandwidth on the H200, where a decode step is its weights read once. Measured there,
+// this kernel wins up to 8 rows (1.01-1.7x back to back) and loses beyond: Hopper runs
+// FP8 mma.sync as f16 HMMAs behind F2FP conversions, and the activations' conversions
+// repeat for every warp's 16 weight rows (bench/NOTES.md), so the engine uses it up to 8.
+//
+// Roles are swapped against the usual GEMM: the weight rows are the MMA's 16-row A
+// operand and the tokens its 8 columns (mma.sync m16n8k32 e4m3 → f32), so a decode step
+// of one token wastes only MMA lanes, never weight bytes. A warp owns 16 weight rows over
+// the block's K range, a block 64 rows (4 warps) sharing the activations through L1, and
+// blocks split K (grid.y) when the rows alone do not fill the GPU: each split writes f32
+// partial sums and the last block of a row group to finish adds them up (a counter per
+// row group, reset by that block, so the kernel needs no second launch and replays in a
+// CUDA graph).
+//
+// Loads: a dot product does not care in which order its k terms come, as long as both
+// operands use the same order. So a thread loads 16 consecutive bytes of its weight row
+// (and of its token's activations) per 64-byte K segment, and hands the four words to two
+// MMAs as their k-slots (4c..4c+3 and 16+4c..16+4c+3 of each k32 step, c = lane % 4):
+// full 16-byte loads, no shuffles, no shared memory. U segments are in flight per thread,
+// double-buffered in registers.
+#include "common/fp8.cuh"
+
+#ifndef N_TILES
+#define N_TILES 1  // 8-token MMA columns: up to 8 * N_TILES rows of x
+#endif
+constexpr int NT = N_TILES;
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block
+constexpr int SEG = 64;                 // K bytes of one warp step: two k32 MMAs
+constexpr int U = 4;                    // segments per thread in flight
+static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
+
+// Mirrors SkinnyParams in fp8/skinny.rs.
+struct SkinnyParams {
+  const unsigned char* x;   // [m, k] e4m3
+  const float* x_scales;    // [m]
+  const unsigned char* w;   // [n, k] e4m3
+  const float* w_scales;    // [n]
+  const elem_t* bias;       // [n], or null
+  elem_t* out;              // [m, n]
+  float* partial;           // [gridDim.y, m, n] f32, when K is split
+  int* counters;            // [gridDim.x], zero between launches, when K is split
+  int m;                    // <= 8 * NT
+  int n;
+  int k;                    // a multiple of SEG
+  int k_split;              // K bytes per split (a multiple of SEG)
+};
+
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Weights are read once: keep them out of L1 (the activations live there).
+__device__ __forceinline__ uint4 load_stream(const unsigned char* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// The block's result for (token m, weight row f) from the raw sum: scales, bias, dtype.
+__device__ __forceinline__ void store_out(const SkinnyParams& p, int m, int f, float s) {
+  s *= p.x_scales[m] * p.w_scales[f];
+  if (p.bias) s += to_float(p.bias[f]);
+  p.out[(long long)m * p.n + f] = from_float<elem_t>(s);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __grid_constant__ SkinnyParams p) {
+  __shared__ int last_split;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int f0 = blockIdx.x * BLOCK_ROWS + warp * 16;
+  const int kb = blockIdx.y * p.k_split;
+  const int segs = max(0, min(p.k_split, p.k - kb)) / SEG;
+  // Rows past N read row N - 1 (in bounds) and are never written.
+  const unsigned char* w_lo = p.w + (long long)min(f0 + g, p.n - 1) * p.k + kb + 16 * c;
+  const unsigned char* w_hi = p.w + (long long)min(f0 + g + 8, p.n - 1) * p.k + kb + 16 * c;
+  // Token t * 8 + g's activations; tokens past m contribute zeros (their columns of the
+  // result are never stored either).
+  const unsigned char* xrow[NT];
+  bool has_row[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    has_row[t] = t * 8 + g < p.m;
+    xrow[t] = p.x + (long long)min(t * 8 + g, p.m - 1) * p.k + kb + 16 * c;
+  }
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+
+  uint4 lo[U], hi[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    lo[u] = u < segs ? load_stream(w_lo + u * SEG) : make_uint4(0, 0, 0, 0);
+    hi[u] = u < segs ? load_stream(w_hi + u * SEG) : make_uint4(0, 0, 0, 0);
+  }
+  for (int s0 = 0; s0 < segs; s0 += U) {
+    uint4 cur_lo[U], cur_hi[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      cur_lo[u] = lo[u];
+      cur_hi[u] = hi[u];
+    }
+    // The next U segments' weights go out before this group's MMAs.
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + U + u;
+      if (s < segs) {
+        lo[u] = load_stream(w_lo + s * SEG);
+        hi[u] = load_stream(w_hi + s * SEG);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u;
+      if (s < segs) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          uint4 xv = make_uint4(0, 0, 0, 0);
+          if (has_row[t]) xv = __ldg(reinterpret_cast<const uint4*>(xrow[t] + s * SEG));
+          mma_e4m3(acc[t], cur_lo[u].x, cur_hi[u].x, cur_lo[u].y, cur_hi[u].y, xv.x, xv.y);
+          mma_e4m3(acc[t], cur_lo[u].z, cur_hi[u].z, cur_lo[u].w, cur_hi[u].w, xv.z, xv.w);
+        }
+      }
+    }
+  }
+
+  // acc[t] holds rows f0 + g (0, 1) and f0 + g + 8 (2, 3), tokens t * 8 + 2c (0, 2) and
+  // t * 8 + 2c + 1 (1, 3).
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = t * 8 + 2 * c + (i & 1), f = f0 + g + 8 * (i >> 1);
+        if (m < p.m && f < p.n) store_out(p, m, f, acc[t][i]);
+      }
+    return;
+  }
+  float* part = p.partial + (long long)blockIdx.y * p.m * p.n;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = t * 8 + 2 * c + (i & 1), f = f0 + g + 8 * (i >> 1);
+      if (m < p.m && f < p.n) part[(long long)m * p.n + f] = acc[t][i];
+    }
+  // Publish this split's partials, then count it; the last split of the row group sums.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(&p.counters[blockIdx.x], 1);
+    last_split = done == (int)gridDim.y - 1;
+  }
+  __syncthreads();
+  if (!last_split) return;
+  __threadfence();
+  const int row0 = blockIdx.x * BLOCK_ROWS;
+  const int rows = min(BLOCK_ROWS, p.n - row0);
+  for (int i = threadIdx.x; i < p.m * BLOCK_ROWS; i += THREADS) {
+    const int m = i / BLOCK_ROWS, r = i % BLOCK_ROWS;
+    if (r >= rows) continue;
+    const long long at = (long long)m * p.n + row0 + r;
+    float s = 0.f;
+    for (int y = 0; y < (int)gridDim.y; ++y) s += __ldcg(p.partial + (long long)y * p.m * p.n + at);
+    store_out(p, m, row0 + r, s);
+  }
+  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+static_assert(sizeof(SkinnyParams) == 80, "SkinnyParams mirrors fp8/skinny.rs");
