@@ -197,8 +197,8 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         } else {
             None
         };
-        // The figure is what the engine runs at this M (the skinny kernel up to 8 rows).
-        let engine_skinny = m <= 8;
+        // The figure is what the engine runs at this M by default.
+        let engine_skinny = m <= skinny::DEFAULT_ROWS;
         let t = skinny.as_ref().filter(|_| engine_skinny).unwrap_or(&lt);
         let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
         let shape = format!("M={m} N={n} K={k} fp8");

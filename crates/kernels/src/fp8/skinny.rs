@@ -13,6 +13,9 @@ pub const SKINNY: SourceFile =
 
 /// Rows of x the kernel takes at most (8 MMA columns of 8 tokens).
 pub const MAX_ROWS: usize = 64;
+/// Rows up to which the engine runs it by default: beyond, cuBLASLt's FP8 GEMM was faster
+/// on the H200 (skinny.cu's head).
+pub const DEFAULT_ROWS: usize = 8;
 /// Weight rows per block (`BLOCK_ROWS` in skinny.cu): one counter each when K is split.
 pub const BLOCK_ROWS: usize = 64;
 /// K bytes of one warp step (`SEG`): K must be a multiple of it.

@@ -317,7 +317,11 @@ impl CudaBackend {
             fp8_fused: std::env::var("RADIX_SPARSE_FP8_FUSED").map_or(true, |v| v != "0"),
             fp8_holds: None,
             fp8_gemv_rows: rows_from_env("RADIX_SPARSE_FP8_GEMV_ROWS", 0, gemv::MAX_ROWS),
-            fp8_skinny_rows: rows_from_env("RADIX_SPARSE_FP8_SKINNY_ROWS", 8, skinny::MAX_ROWS),
+            fp8_skinny_rows: rows_from_env(
+                "RADIX_SPARSE_FP8_SKINNY_ROWS",
+                skinny::DEFAULT_ROWS,
+                skinny::MAX_ROWS,
+            ),
             fp8_said: false,
             kv_fp8: None,
             memory: Memory::Weights,
