@@ -116,24 +116,39 @@ fn run_typed<T: HalfFloat>(
         let t = time_runs(&device, args.warmup, args.runs, |_| {
             gemm.matmul::<T, T>(m, n, k, &a, &b, BLayout::NK, None, 0.0, &mut out)
         })?;
-        let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
-        let shape = format!("M={m} N={n} K={k} {}", T::DTYPE);
+        let row = gemm_row(&device, (m, n, k), T::DTYPE, t.median_ms, None);
         bar.suspend(|| {
-            println!("{:<28} {:>10.4} {:>10.1}", format!("{m}x{n}x{k}"), t.median_ms, tflops)
+            println!("{:<28} {:>10.4} {:>10.1}", format!("{m}x{n}x{k}"), t.median_ms, row.ours)
         });
-        rows.push(Measurement {
-            benchmark: "gemm".into(),
-            shape,
-            ours: tflops,
-            unit: "TFLOP/s".into(),
-            median_ms: t.median_ms,
-            device: device.info().name.clone(),
-            extra: None,
-        });
+        rows.push(row);
         bar.inc(1);
     }
     bar.finish_and_clear();
     write_json(args.json.as_ref(), &rows)
+}
+
+/// TFLOP/s of an MxNxK product taking `median_ms`.
+fn tflops((m, n, k): (usize, usize, usize), median_ms: f64) -> f64 {
+    2.0 * (m * n * k) as f64 / (median_ms * 1e-3) / 1e12
+}
+
+/// One `bench gemm` row: the product's TFLOP/s, its shape named with `dtype`.
+fn gemm_row(
+    device: &Device,
+    (m, n, k): (usize, usize, usize),
+    dtype: impl std::fmt::Display,
+    median_ms: f64,
+    extra: Option<serde_json::Value>,
+) -> Measurement {
+    Measurement {
+        benchmark: "gemm".into(),
+        shape: format!("M={m} N={n} K={k} {dtype}"),
+        ours: tflops((m, n, k), median_ms),
+        unit: "TFLOP/s".into(),
+        median_ms,
+        device: device.info().name.clone(),
+        extra,
+    }
 }
 
 /// The FP8 GEMM on quantized random operands (see the module doc).
@@ -200,8 +215,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         // The figure is what the engine runs at this M by default.
         let engine_skinny = m <= skinny::DEFAULT_ROWS;
         let t = skinny.as_ref().filter(|_| engine_skinny).unwrap_or(&lt);
-        let tflops = 2.0 * (m * n * k) as f64 / (t.median_ms * 1e-3) / 1e12;
-        let shape = format!("M={m} N={n} K={k} fp8");
+        let tflops = tflops((m, n, k), t.median_ms);
         bar.suspend(|| {
             println!(
                 "{:<28} {:>10.4} {:>10.1} {:>14.2} {:>14.4}",
@@ -236,15 +250,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         if let Some(d) = decode {
             extra["decode"] = d;
         }
-        rows.push(Measurement {
-            benchmark: "gemm".into(),
-            shape,
-            ours: tflops,
-            unit: "TFLOP/s".into(),
-            median_ms: t.median_ms,
-            device: device.info().name.clone(),
-            extra: Some(extra),
-        });
+        rows.push(gemm_row(&device, (m, n, k), "fp8", t.median_ms, Some(extra)));
         bar.inc(1);
     }
     bar.finish_and_clear();
