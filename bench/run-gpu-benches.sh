@@ -4,6 +4,7 @@
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
 #   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
 #                      [prefix] [latency] [sweep] [fp8|fp8gemm|fp8kv|fp8e2e] [allreduce]
+#                      [prefill]
 #                      (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -39,15 +40,26 @@ gemm)
   record --ours "$out/g_ours.jsonl" --peer "$out/g_peer.jsonl" --command "radix-sparse bench gemm; bench/peers/torch_gemm.py"
   ;;
 attention)
-  # The shapes the prefill issue records: the seed shape (f16/bf16, causal or not),
-  # B=8 H=32 S=4096 D=128 causal, and GQA Hq=32 Hkv=8 D=128 S=4096 causal.
+  # The shapes the prefill issues record: the seed shape (f16/bf16, causal or not),
+  # B=8 H=32 S=4096 D=128 causal, GQA Hq=32 Hkv=8 D=128 S=4096 causal, and the Hopper
+  # prefill issue's table. Ours is the launcher's choice (wgmma on Hopper); the mma.sync
+  # kernel runs the same shapes in the same call as a peer (RADIX_SPARSE_PREFILL_KERNEL=mma).
+  # A paged shape (--page-size) is paired with the peers' contiguous K/V.
   while read -r args; do
-    rm -f "$out/a_ours.jsonl" "$out/a_fa2.jsonl" "$out/a_cudnn.jsonl"
+    rm -f "$out"/a_*.jsonl
     "$rs" bench attention $args --json "$out/a_ours.jsonl"
-    python3 "$here/bench/torch_sdpa.py" --backend flash $args --json "$out/a_fa2.jsonl"
-    python3 "$here/bench/torch_sdpa.py" --backend cudnn $args --json "$out/a_cudnn.jsonl"
-    record --ours "$out/a_ours.jsonl" --peer "$out/a_fa2.jsonl" --peer "$out/a_cudnn.jsonl" \
-      --command "radix-sparse bench attention $args; bench/peers/torch_sdpa.py --backend flash|cudnn $args"
+    RADIX_SPARSE_PREFILL_KERNEL=mma "$rs" bench attention $args --json "$out/a_mma_ours.jsonl"
+    same_run_peer "$out/a_mma_ours.jsonl" "$out/a_mma.jsonl" "radix-sparse mma.sync prefill kernel, same call"
+    peer_args=$(echo "$args" | sed 's/--page-size [0-9]*//')
+    page=$(echo "$args" | sed -n 's/.*--page-size \([0-9]*\).*/ page=\1/p')
+    for backend in flash cudnn; do
+      python3 "$here/bench/torch_sdpa.py" --backend $backend $peer_args --json "$out/a_$backend.jsonl"
+      # The paged shape's label names its page size; the peers' contiguous rows take it.
+      python3 -c 'import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]
+open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]})+"\n" for r in rows)' "$out/a_$backend.jsonl" "$page"
+    done
+    record --ours "$out/a_ours.jsonl" --peer "$out/a_mma.jsonl" --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" \
+      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
   done <<'SHAPES'
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16 --causal
@@ -55,6 +67,12 @@ attention)
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype bf16 --causal
 --batch 8 --heads 32 --seq-len 4096 --head-dim 128 --dtype bf16 --causal
 --batch 8 --heads 32 --kv-heads 8 --seq-len 4096 --head-dim 128 --dtype bf16 --causal
+--batch 3 --heads 40 --kv-heads 8 --seq-len 3000 --head-dim 128 --dtype bf16 --causal
+--batch 1 --heads 32 --kv-heads 8 --seq-len 16384 --head-dim 128 --dtype bf16 --causal
+--batch 64 --heads 32 --kv-heads 8 --seq-len 500 --head-dim 128 --dtype bf16 --causal
+--batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal --page-size 16
+--batch 2 --heads 32 --kv-heads 8 --seq-len 8192 --head-dim 128 --dtype bf16 --causal
+--batch 8 --heads 32 --kv-heads 8 --seq-len 4096 --head-dim 128 --dtype bf16
 SHAPES
   ;;
 decode)
@@ -195,6 +213,31 @@ allreduce)
   python3 "$here/bench/torch_allreduce.py" --gpus "$gpus" --json "$out/ar_peer.jsonl"
   record --ours "$out/ar_ours.jsonl" --peer "$out/ar_peer.jsonl" \
     --command "radix-sparse bench allreduce --gpus $gpus; bench/peers/torch_allreduce.py --gpus $gpus (NCCL_NVLS_ENABLE=0)"
+  ;;
+prefill)
+  # The Hopper prefill issue's end-to-end check: the prompt-step time of random:4000:100
+  # with the launcher's prefill kernel (wgmma on Hopper) beside the mma.sync one, same call.
+  common="--model synthetic:llama3-8b --dataset random:4000:100 --num-prompts 64 --device cuda"
+  rm -f "$out"/pf_*.jsonl
+  "$rs" bench offline $common --json "$out/pf_ours.jsonl"
+  RADIX_SPARSE_PREFILL_KERNEL=mma "$rs" bench offline $common --json "$out/pf_mma.jsonl"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+for run in ("ours", "mma"):
+    r = json.loads(open(f"{out}/pf_{run}.jsonl").readline())
+    row = {"benchmark": "offline_prompt_steps", "shape": r["shape"], "ours": r["extra"]["prefill_s"],
+           "unit": "s", "device": r.get("device"),
+           "extra": {"prefill_steps": r["extra"]["prefill_steps"], "output_tok_s": r["ours"]}}
+    open(f"{out}/pf_steps_{run}.jsonl", "w").write(json.dumps(row) + "\n")
+PY
+  peer="radix-sparse mma.sync prefill kernel (RADIX_SPARSE_PREFILL_KERNEL=mma), same call"
+  same_run_peer "$out/pf_steps_mma.jsonl" "$out/pf_steps_peer.jsonl" "$peer"
+  same_run_peer "$out/pf_mma.jsonl" "$out/pf_peer.jsonl" "$peer"
+  for what in steps_ours:steps_peer ours:peer; do
+    record --ours "$out/pf_${what%%:*}.jsonl" --peer "$out/pf_${what##*:}.jsonl" \
+      --command "radix-sparse bench offline $common (peer: RADIX_SPARSE_PREFILL_KERNEL=mma)"
+  done
   ;;
 sweep)
   # Tile shapes for the prefill kernel, to choose defaults.

@@ -19,6 +19,7 @@ pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "common/mma.cuh", code: include_str!("common/mma.cuh") },
     SourceFile { path: "common/key_bounds.cuh", code: include_str!("common/key_bounds.cuh") },
     SourceFile { path: "common/fp8.cuh", code: include_str!("common/fp8.cuh") },
+    SourceFile { path: "common/wgmma.cuh", code: include_str!("common/wgmma.cuh") },
 ];
 
 /// The `-DDTYPE=` value for element type `T` (see common/types.cuh).
@@ -35,6 +36,12 @@ pub fn catalog() -> Vec<KernelSpec> {
     use radix_gpu::half::{bf16, f16};
     let mut specs = Vec::new();
     for head_dim in [64, 128] {
+        // The Hopper prefill kernel (wgmma), 16-bit pools only.
+        for paged in [false, true] {
+            let tiles = attention::TileConfig::PREFILL_SM90;
+            specs.push(attention::spec::<f16>(head_dim, paged, tiles));
+            specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
+        }
         for tiles in [
             attention::TileConfig::PREFILL,
             attention::TileConfig::DECODE,

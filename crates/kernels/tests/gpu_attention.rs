@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 use radix_gpu::{Device, Element, HalfFloat, Jit, require_gpu};
 use radix_kernels::attention::{
-    AttentionBatch, AttentionShape, BatchMeta, KvSource, attention_reference,
+    AttentionBatch, AttentionShape, BatchMeta, KvSource, TileConfig, attention_reference,
 };
 use radix_kernels::relative_error;
 use rand::seq::SliceRandom;
@@ -96,7 +96,22 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
     }
 }
 
+/// Runs a case with the tiles the launcher picks and, where that is the Hopper (wgmma)
+/// prefill kernel, again with the mma.sync prefill tiles it replaces there.
 fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
+    if run_case_with::<T>(dev, jit, c, seed, None).wgmma {
+        run_case_with::<T>(dev, jit, c, seed, Some(TileConfig::PREFILL));
+    }
+}
+
+/// Runs a case with `tiles` (None: the launcher's choice) and returns the tiles that ran.
+fn run_case_with<T: HalfFloat>(
+    dev: &Device,
+    jit: &Jit,
+    c: &Case,
+    seed: u64,
+    tiles: Option<TileConfig>,
+) -> TileConfig {
     let mut rng = SmallRng::seed_from_u64(seed);
     let shape = AttentionShape::new(c.hq, c.hkv, c.d, c.causal);
     let mut qo = vec![0i32];
@@ -108,7 +123,7 @@ fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
     let meta = BatchMeta::new(qo, kv, c.causal).unwrap();
     let q: Vec<T> = random(&mut rng, total_q * c.hq * c.d);
 
-    let batch = AttentionBatch::new(dev, shape, meta.clone(), None).unwrap();
+    let batch = AttentionBatch::new(dev, shape, meta.clone(), tiles).unwrap();
     let (dq, dk, dv) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
     let mut o = dev.alloc::<T>(q.len()).unwrap();
     let mut lse = dev.alloc::<f32>(total_q * c.hq).unwrap();
@@ -137,8 +152,9 @@ fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
         .map(|(g, w)| if g.is_finite() { (*g as f64 - w).abs() } else { f64::INFINITY })
         .fold(0.0, f64::max);
     let what = format!(
-        "{} d={} hq={} hkv={} causal={} kv={:?} q_lens={:?} kv_lens={:?} merge entries={}",
+        "{} {:?} d={} hq={} hkv={} causal={} kv={:?} q_lens={:?} kv_lens={:?} merge entries={}",
         T::DTYPE,
+        batch.tiles(),
         c.d,
         c.hq,
         c.hkv,
@@ -150,6 +166,7 @@ fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
     );
     assert!(err <= tol::<T>(), "{what}: rel err {err:.3e}");
     assert!(lse_err <= 1e-3, "{what}: lse err {lse_err:.3e}");
+    batch.tiles()
 }
 
 fn both_dtypes(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
@@ -163,7 +180,8 @@ fn prefill_contiguous_every_combination() {
     let jit = Jit::new(None);
     let mut seed = 0;
     for d in [64, 128] {
-        for (hq, hkv) in [(4, 4), (8, 2), (8, 1)] {
+        // GQA 1:1, 4:1, 8:1 and 5:1 (a group that does not divide the 64-row warpgroups).
+        for (hq, hkv) in [(4, 4), (8, 2), (8, 1), (10, 2)] {
             for causal in [false, true] {
                 seed += 1;
                 // Mixed lengths: 1, off-tile sizes, q shorter than kv (a suffix).

@@ -31,7 +31,8 @@ pub struct AttentionArgs {
     /// Read K/V from the page pool with this page size instead of contiguous tensors.
     #[arg(long)]
     page_size: Option<usize>,
-    /// Tile configs to time, WARPS,M_TILES,BLOCK_N (repeatable; default: the built-in one).
+    /// Tile configs to time, WARPS,M_TILES,BLOCK_N[,STAGES] or wgmma[,BLOCK_N[,STAGES]]
+    /// (repeatable; default: the launcher's choice, wgmma on Hopper).
     #[arg(long = "tiles", value_parser = TileConfig::parse)]
     tiles: Vec<TileConfig>,
     #[arg(long, default_value_t = 5)]
@@ -113,9 +114,10 @@ fn run_typed<T: HalfFloat>(a: &AttentionArgs) -> anyhow::Result<()> {
         let tiles = batch.tiles();
         let label =
             shape_label(a, hkv) + &a.page_size.map(|p| format!(" page={p}")).unwrap_or_default();
+        let kernel = if tiles.wgmma { "wgmma" } else { "mma.sync" };
         println!(
-            "{label}  tiles={},{},{}  {:.3} ms  {:.1} TFLOP/s",
-            tiles.num_warps, tiles.m_tiles, tiles.block_n, t.median_ms, tflops
+            "{label}  {kernel} tiles={},{},{},{}  {:.3} ms  {:.1} TFLOP/s",
+            tiles.num_warps, tiles.m_tiles, tiles.block_n, tiles.stages, t.median_ms, tflops
         );
         rows.push(Measurement {
             benchmark: "attention_prefill".into(),
@@ -125,7 +127,8 @@ fn run_typed<T: HalfFloat>(a: &AttentionArgs) -> anyhow::Result<()> {
             median_ms: t.median_ms,
             device: device.info().name.clone(),
             extra: Some(serde_json::json!({
-                "tiles": [tiles.num_warps, tiles.m_tiles, tiles.block_n],
+                "tiles": [tiles.num_warps, tiles.m_tiles, tiles.block_n, tiles.stages],
+                "kernel": kernel,
                 "default_tiles": cfg.is_none(),
             })),
         });

@@ -40,6 +40,12 @@
 // a tile's chain of wait, barrier and MMAs is the bound there.
 #include "common/fp8.cuh"
 #include "common/mma.cuh"
+#ifndef WGMMA
+#define WGMMA 0
+#endif
+#if WGMMA
+#include "common/wgmma.cuh"
+#endif
 
 #if KV_FP8
 typedef half_t mma_t;
@@ -70,6 +76,9 @@ typedef elem_t mma_t;
 #endif
 
 constexpr int D = HEAD_DIM;
+// Bytes from one row of a shared tile to the next: wgmma's 128-byte swizzle stores a head
+// dim of 128 as two [rows, 64] column blocks (see swz), the mma.sync path whole rows.
+constexpr int ROW_PITCH = WGMMA ? 128 : D * 2;
 constexpr int WARPS = NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
 constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
@@ -90,7 +99,7 @@ constexpr int NT = WK / 8;           // n8 tiles of a warp's S
 constexpr int ON = D / 8;            // n8 tiles of O
 constexpr int PK = WK / 16;          // k16 steps over a warp's keys (P V)
 // Q fragments live in registers when they are few; otherwise each tile re-reads them.
-constexpr bool Q_IN_REGS = MT * DK <= 8;
+constexpr bool Q_IN_REGS = !WGMMA && MT * DK <= 8;  // (wgmma reads Q from shared memory)
 constexpr float LN2 = 0.6931471805599453f;
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -98,6 +107,8 @@ static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(ST >= 2 && ST <= (KV_FP8 ? 8 : 4), "2 to 4 pipeline stages (8 over an FP8 pool)");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
 static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
+static_assert(!WGMMA || (WARPS == 8 && MT == 1 && !KS && !KV_FP8 && (BN == 64 || BN == 128)),
+              "wgmma blocks: two warpgroups of 64 rows, 64 or 128 keys a tile, 16-bit K/V");
 // Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
 // the stages of bytes).
 constexpr int KV_SMEM = KV_FP8 ? 2 * BN * D * 2 + 2 * ST * BN * D : 2 * ST * BN * D * 2;
@@ -154,9 +165,15 @@ struct AttentionParams {
   float v_scale;              // the FP8 cache's value scale (1 for a 16-bit cache)
 };
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows, D] tile.
-__device__ __forceinline__ u32 swz(int row, int chunk) {
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [ROWS, D] tile. WGMMA:
+// D / 64 column blocks of [ROWS, 64], rows of 128 bytes (common/wgmma.cuh); at D = 64 the
+// two layouts agree.
+template <int ROWS> __device__ __forceinline__ u32 swz(int row, int chunk) {
+#if WGMMA
+  return (u32)((chunk >> 3) * ROWS * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+#else
   return (u32)(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+#endif
 }
 
 // Row of the page table of sequence b's kv head kvh: per-head tables (sparse selection)
@@ -246,7 +263,7 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
     cp_async_16(sk + dst, p.k + off, valid);
     cp_async_16(sv + dst, p.v + off, valid);
 #else
-    u32 dst = cur.s_off + it * KV_RSTEP * D * 2;
+    u32 dst = cur.s_off + it * KV_RSTEP * ROW_PITCH;
     cp_async_16(sk + dst, p.k + off, valid);
     cp_async_16(sv + dst, p.v + off, valid);
 #endif
@@ -297,8 +314,8 @@ __device__ __forceinline__ void widen16(u32 src, u32 tile, int row, int c) {
   uint4 b;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(b.x), "=r"(b.y), "=r"(b.z), "=r"(b.w) : "r"(src));
   const uint4 lo = widen8(make_uint2(b.x, b.y)), hi = widen8(make_uint2(b.z, b.w));
-  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz(row, 2 * c)), "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w));
-  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz(row, 2 * c + 1)), "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w));
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz<BN>(row, 2 * c)), "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w));
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(tile + swz<BN>(row, 2 * c + 1)), "r"(hi.x), "r"(hi.y), "r"(hi.z), "r"(hi.w));
 }
 
 // Widens the chunks this thread copied of the stage at (fk, fv) into the K and V tiles
@@ -384,7 +401,8 @@ __device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+// wgmma blocks at D = 64 fit two to an SM (80 KiB of tiles each).
+extern "C" __global__ void __launch_bounds__(THREADS, WGMMA && D == 64 ? 2 : 1)
 attention_kernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
@@ -412,7 +430,13 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const int first_t = row0 / p.group;
   const int mask_free_end = p.causal ? first_t + causal_shift + 1 : kv_stop;
 
+#if WGMMA
+  // The swizzle atoms wgmma reads must start 1024-byte aligned: the launcher asks for 1 KiB
+  // more than the tiles take.
+  const u32 sq = (smem_addr(smem) + 1023u) & ~1023u;
+#else
   const u32 sq = smem_addr(smem);
+#endif
 #if KV_FP8
   const u32 sk_wide = sq + BM * D * 2;  // the widened K and V tiles the MMAs read
   const u32 sv_wide = sk_wide + BN * D * 2;
@@ -425,7 +449,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const u32 stage_bytes = BN * D * 2;
 #endif
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
-  const u32 s_off = swz(r0, chunk);
+  const u32 s_off = swz<BM>(r0, chunk);
 
   // Q tile: rows past the sequence read as zeros.
 #pragma unroll
@@ -433,12 +457,12 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     int gr = min(row0 + r0 + it * RSTEP, rows - 1);
     int t = gr / p.group, g = gr - t * p.group;
     const elem_t* src = p.q + (long long)(qo_start + t) * p.q_stride + (long long)(kvh * p.group + g) * D + chunk * 8;
-    cp_async_16(sq + s_off + it * RSTEP * D * 2, src, row0 + r0 + it * RSTEP < rows);
+    cp_async_16(sq + s_off + it * RSTEP * ROW_PITCH, src, row0 + r0 + it * RSTEP < rows);
   }
   KvCursor cur;
   cur.kv_chunk = threadIdx.x % KDC;
   cur.r0 = threadIdx.x / KDC;
-  cur.s_off = swz(cur.r0, cur.kv_chunk);
+  cur.s_off = swz<BN>(cur.r0, cur.kv_chunk);
   cur.f_off = cur.r0 * D + cur.kv_chunk * 16;
   cur.kv_stop = kv_stop;
 #if PAGED
@@ -462,7 +486,8 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 
   // Warps whose rows all lie past the sequence only help load.
   const int wrow = KS ? 0 : warp * WARP_ROWS;  // first row of this warp within the tile
-  const bool warp_active = row0 + wrow < rows;
+  // (wgmma: a whole warpgroup's, whose instructions all its warps must issue.)
+  const bool warp_active = row0 + (WGMMA ? wrow / 64 * 64 : wrow) < rows;
   const int wkey = KS ? warp * WK : 0;        // first key of this warp within a K/V tile
 
   float o_acc[MT][ON][4];
@@ -476,7 +501,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     m_run[mt][0] = m_run[mt][1] = NEG_INF;
     l_run[mt][0] = l_run[mt][1] = 0.f;
   }
-  u32 q_frag[Q_IN_REGS ? MT : 1][Q_IN_REGS ? DK : 1][4];
+  [[maybe_unused]] u32 q_frag[Q_IN_REGS ? MT : 1][Q_IN_REGS ? DK : 1][4];
   // One past the last key each of this thread's rows may see (its token's causal limit).
   int row_limit[MT][2];
 #pragma unroll
@@ -493,6 +518,9 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     // this barrier every warp is also done with tile j - 1, so its stage takes tile
     // j + ST - 1 while we compute on tile j.
     cp_async_wait<ST - 2>();
+#if WGMMA
+    fence_proxy_async();  // the copies this thread saw land, to the proxy wgmma reads through
+#endif
     __syncthreads();
     if (j + ST - 1 < n_tiles) {
       u32 st = ((j + ST - 1) % ST) * stage_bytes;
@@ -521,6 +549,22 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #endif
 
     if (warp_active) {
+#if WGMMA
+      // S = Q Kᵀ on the warpgroup's 64 rows: DK k16 steps, Q and K from shared memory.
+      const u32 q_rows = sq + wrow / 64 * 64 * 128;
+      float s[MT][NT][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DK; ++kk) {
+        // Column block kk / 4 (of BM or BN rows of 128 bytes), then 32 bytes a step within it.
+        const u64 da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+        const u64 db = wgmma_desc(sk + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss<BN, mma_t>(reinterpret_cast<float(&)[NT * 4]>(s[0]), da, db, kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(reinterpret_cast<float(&)[NT * 4]>(s[0]));
+#else
       if constexpr (Q_IN_REGS) {
         if (j == 0) {
 #pragma unroll
@@ -528,7 +572,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
             for (int kk = 0; kk < DK; ++kk)
               ldmatrix_x4(q_frag[mt][kk][0], q_frag[mt][kk][1], q_frag[mt][kk][2], q_frag[mt][kk][3],
-                          sq + swz(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
+                          sq + swz<BM>(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
         }
       }
       // S = Q Kᵀ
@@ -549,13 +593,13 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
             for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[mt][kk][i];
           } else {
             ldmatrix_x4(a[mt][0], a[mt][1], a[mt][2], a[mt][3],
-                        sq + swz(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
+                        sq + swz<BM>(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
           }
         }
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
           u32 b0, b1, b2, b3;
-          ldmatrix_x4(b0, b1, b2, b3, sk + swz(wkey + n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+          ldmatrix_x4(b0, b1, b2, b3, sk + swz<BN>(wkey + n * 8 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma_16816<mma_t>(s[mt][n], a[mt], b0, b1);
@@ -563,6 +607,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
           }
         }
       }
+#endif
 
       // Mask keys past the end of this item and, when causal, keys after a row's token.
       const bool need_mask = tile_start + wkey + WK > min(kv_stop, mask_free_end);
@@ -620,6 +665,21 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       }
 
       // O += P V: the S accumulators of n8 tiles 2kk, 2kk+1 are the A fragment of k16 step kk.
+#if WGMMA
+      wgmma_fence();  // the rescaled O and the P fragments, before the wgmmas read them
+#pragma unroll
+      for (int kk = 0; kk < PK; ++kk) {
+        const u32 a[4] = {pack2<mma_t>(s[0][2 * kk][0], s[0][2 * kk][1]), pack2<mma_t>(s[0][2 * kk][2], s[0][2 * kk][3]),
+                          pack2<mma_t>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]),
+                          pack2<mma_t>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3])};
+        // V is MN-major here: 16 keys a step (2048 bytes), column blocks BN rows apart.
+        const u64 db = wgmma_desc(sv + kk * 16 * 128, BN * 128, 1024);
+        wgmma_rs<D, mma_t>(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]), a, db, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]));
+#else
 #pragma unroll
       for (int kk = 0; kk < PK; ++kk) {
         u32 a[MT][4];
@@ -633,7 +693,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #pragma unroll
         for (int n = 0; n < ON; n += 2) {
           u32 b0, b1, b2, b3;
-          ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz(wkey + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
+          ldmatrix_x4_trans(b0, b1, b2, b3, sv + swz<BN>(wkey + kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, n + lane / 16));
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             mma_16816<mma_t>(o_acc[mt][n], a[mt], b0, b1);
@@ -641,6 +701,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
           }
         }
       }
+#endif
     }
   }
   cp_async_wait<0>();
@@ -745,7 +806,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
             }
           } else {
             // Stage through the (now idle) Q tile so global stores are 16 bytes wide.
-            u32 addr = sq + swz(r, n) + (lane % 4) * 4;
+            u32 addr = sq + swz<BM>(r, n) + (lane % 4) * 4;
             u32 packed = pack2<elem_t>(x0, x1);
             asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(packed));
           }
@@ -768,7 +829,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         u32 v0, v1, v2, v3;
         asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
-                     : "r"(sq + s_off + it * RSTEP * D * 2));
+                     : "r"(sq + s_off + it * RSTEP * ROW_PITCH));
         elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + chunk * 8;
         asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3));
       }

@@ -44,9 +44,10 @@ pub(crate) struct AttentionParams {
 // SAFETY: plain data mirroring the kernel's parameter struct.
 unsafe impl DeviceRepr for AttentionParams {}
 
-/// The kernel specialisation for a dtype, head dim, KV source and tile shape.
+/// The kernel specialisation for a dtype, head dim, KV source and tile shape (wgmma
+/// tiles: sm_90a only).
 pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
-    KernelSpec::new(SOURCE, HEADERS)
+    let spec = KernelSpec::new(SOURCE, HEADERS)
         .define("DTYPE", dtype_define::<T>())
         .define("HEAD_DIM", head_dim)
         .define("PAGED", paged as u32)
@@ -54,7 +55,23 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("M_TILES", tiles.m_tiles)
         .define("BLOCK_N", tiles.block_n)
         .define("STAGES", tiles.stages)
-        .define("KEY_SPLIT", tiles.key_split as u32)
+        .define("KEY_SPLIT", tiles.key_split as u32);
+    if tiles.wgmma { spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A) } else { spec }
+}
+
+/// Which prefill kernel `plan_batch` picks by itself on Hopper: the wgmma one, unless
+/// `RADIX_SPARSE_PREFILL_KERNEL=mma` asks for the mma.sync one (for comparisons, or as a
+/// fallback). Other GPUs always run mma.sync.
+pub fn prefill_tiles(device: &Device) -> TileConfig {
+    static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let mma = *MMA.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_PREFILL_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("mma"))
+    });
+    if device.info().arch() == radix_gpu::Arch::SM90A && !mma {
+        TileConfig::PREFILL_SM90
+    } else {
+        TileConfig::PREFILL
+    }
 }
 
 /// The specialisation reading an FP8 (e4m3) K/V pool (hardware e4m3 conversion: sm_89+).
@@ -102,11 +119,19 @@ pub fn plan_batch(
     shape.validate()?;
     let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
     let tiles = tiles.unwrap_or_else(|| {
-        let chosen = TileConfig::choose(max_rows);
+        let mut chosen = TileConfig::choose(max_rows);
+        if chosen == TileConfig::PREFILL {
+            chosen = prefill_tiles(device);
+        }
         // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
         let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;
         if fits { chosen } else { TileConfig { stages: 2, ..chosen } }
     });
+    ensure!(
+        !tiles.wgmma || device.info().arch() == radix_gpu::Arch::SM90A,
+        "wgmma tiles need a Hopper GPU (sm_90a); this one is {}",
+        device.info().arch()
+    );
     let smem = tiles.smem_bytes(shape.head_dim, 2);
     ensure!(
         smem <= device.info().max_shared_per_block,
@@ -332,21 +357,25 @@ impl AttentionBatch {
             KvSource::Paged { page_size, head_tables, .. } => (*page_size, true, *head_tables),
             KvSource::Contiguous { .. } => (1, false, false),
         };
-        let (spec, smem) = match kv.fp8 {
-            None => (spec::<T>(d, paged, self.tiles), self.tiles.smem_bytes(d, 2)),
+        let (spec, smem, threads) = match kv.fp8 {
+            None => {
+                (spec::<T>(d, paged, self.tiles), self.tiles.smem_bytes(d, 2), self.tiles.threads())
+            }
             Some(_) => {
+                // The wgmma kernel reads 16-bit tiles only: over an FP8 pool the mma.sync
+                // prefill tiles run the same plan (the same 128 rows a block).
+                let base = if self.tiles.wgmma { TileConfig::PREFILL } else { self.tiles };
                 // 16-byte copies of e4m3 rows: a copy step of threads / (D / 16) rows must
                 // divide the tile (attention.cu's KV_RSTEP).
-                let step = self.tiles.threads() as usize * 16 / d;
+                let step = base.threads() as usize * 16 / d;
                 ensure!(
-                    (self.tiles.block_n as usize).is_multiple_of(step),
-                    "tiles {:?} over an FP8 pool at head_dim {d}: BLOCK_N must be a multiple of \
-                     {step}",
-                    self.tiles
+                    (base.block_n as usize).is_multiple_of(step),
+                    "tiles {base:?} over an FP8 pool at head_dim {d}: BLOCK_N must be a multiple of \
+                     {step}"
                 );
                 // Deeper pipeline, same work list: stages do not change the plan.
-                let tiles = self.tiles.fp8_pipeline(d, self.device.info().max_shared_per_block);
-                (spec_fp8_kv::<T>(d, paged, tiles), tiles.smem_bytes_fp8_kv(d))
+                let tiles = base.fp8_pipeline(d, self.device.info().max_shared_per_block);
+                (spec_fp8_kv::<T>(d, paged, tiles), tiles.smem_bytes_fp8_kv(d), tiles.threads())
             }
         };
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
@@ -393,7 +422,7 @@ impl AttentionBatch {
             } else {
                 (self.plan.work.len() as u32, s.num_kv_heads as u32, 1)
             },
-            block_dim: (self.tiles.threads(), 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above

@@ -9,7 +9,7 @@ mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{
-    AttentionBatch, AttentionBuffers, KvFp8Scales, default_target_blocks, plan_batch, spec,
+    AttentionBatch, AttentionBuffers, KvFp8Scales, default_target_blocks, plan_batch, prefill_tiles, spec,
     spec_fp8_kv,
 };
 pub use plan::{

@@ -51,6 +51,9 @@ pub struct TileConfig {
     /// Every warp takes the block's same 16 rows against its share of each K/V tile (one
     /// 16-row MMA tile per block, `m_tiles` 1); else each warp has its own rows.
     pub key_split: bool,
+    /// Hopper's warpgroup MMAs (sm_90a only): two warpgroups of 64 rows, Q Kᵀ and P V
+    /// as `wgmma` from 128-byte-swizzled shared tiles (`num_warps` 8, `m_tiles` 1).
+    pub wgmma: bool,
 }
 
 impl TileConfig {
@@ -64,9 +67,11 @@ impl TileConfig {
         self.num_warps * 32
     }
 
-    /// Dynamic shared memory: the Q tile plus `stages` K and V tiles.
+    /// Dynamic shared memory: the Q tile plus `stages` K and V tiles (wgmma: and 1 KiB
+    /// to align them to the 1024-byte swizzle atoms).
     pub fn smem_bytes(&self, head_dim: usize, elem_bytes: usize) -> usize {
         (self.block_m() + 2 * (self.stages * self.block_n) as usize) * head_dim * elem_bytes
+            + if self.wgmma { 1024 } else { 0 }
     }
 
     /// Dynamic shared memory over an FP8 pool: the 16-bit Q tile, one widened 16-bit K and
@@ -101,21 +106,50 @@ impl TileConfig {
     /// Prefill tiles: 4 warps of 32 rows (two 16-row MMA tiles share each K/V fragment,
     /// halving shared-memory reads per MMA), 64 keys per tile. Fastest of the shapes swept
     /// on the H100 at head_dim 64 and 128 (bench/NOTES.md).
-    pub const PREFILL: TileConfig =
-        TileConfig { num_warps: 4, m_tiles: 2, block_n: 64, stages: 2, key_split: false };
+    pub const PREFILL: TileConfig = TileConfig {
+        num_warps: 4,
+        m_tiles: 2,
+        block_n: 64,
+        stages: 2,
+        key_split: false,
+        wgmma: false,
+    };
+    /// Prefill tiles on Hopper: the same 128 rows a block as `PREFILL` (so the same plan),
+    /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (160 KiB at
+    /// head_dim 128).
+    pub const PREFILL_SM90: TileConfig = TileConfig {
+        num_warps: 8,
+        m_tiles: 1,
+        block_n: 128,
+        stages: 2,
+        key_split: false,
+        wgmma: true,
+    };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
     /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
     /// third stage keeps two K/V tiles in flight while one is computed on (a block at
     /// batch 1 reads only a few tiles, each a memory round trip with two stages). At
     /// head_dim 128 that is 112 KiB, still two blocks per SM on Hopper.
-    pub const DECODE: TileConfig =
-        TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3, key_split: false };
+    pub const DECODE: TileConfig = TileConfig {
+        num_warps: 4,
+        m_tiles: 1,
+        block_n: 64,
+        stages: 3,
+        key_split: false,
+        wgmma: false,
+    };
     /// Decode tiles for at most 16 rows (one token of a GQA group up to 16): the four warps
     /// split each K/V tile's keys instead of rows, so all of them compute. With `DECODE`,
     /// a block of 4 rows ran on one warp, whose instruction stream was the block's time at
     /// batch 1 (ncu on the H200: 17 us for 4 tiles a block at 1@1024).
-    pub const DECODE_SMALL: TileConfig =
-        TileConfig { num_warps: 4, m_tiles: 1, block_n: 64, stages: 3, key_split: true };
+    pub const DECODE_SMALL: TileConfig = TileConfig {
+        num_warps: 4,
+        m_tiles: 1,
+        block_n: 64,
+        stages: 3,
+        key_split: true,
+        wgmma: false,
+    };
 
     /// Tiles for a batch whose longest sequence has `max_rows` rows (q_len × group).
     pub fn choose(max_rows: usize) -> TileConfig {
@@ -128,8 +162,29 @@ impl TileConfig {
         }
     }
 
-    /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given).
+    /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given), or `wgmma[,BLOCK_N[,STAGES]]`
+    /// for the Hopper kernel (`PREFILL_SM90` unless given).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
+        if let Some(rest) = s.strip_prefix("wgmma") {
+            let v: Vec<u32> = rest
+                .split(',')
+                .filter(|x| !x.trim().is_empty())
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("bad tile config {s:?}: expected wgmma[,BLOCK_N[,STAGES]]"))?;
+            let base = Self::PREFILL_SM90;
+            let (block_n, stages) = match v[..] {
+                [] => (base.block_n, base.stages),
+                [n] => (n, base.stages),
+                [n, st] => (n, st),
+                _ => (0, 0),
+            };
+            return if [64, 128].contains(&block_n) && (2..=4).contains(&stages) {
+                Ok(TileConfig { block_n, stages, ..base })
+            } else {
+                Err(format!("bad tile config {s:?}: wgmma BLOCK_N in 64,128; STAGES in 2..=4"))
+            };
+        }
         let v: Vec<u32> =
             s.split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>().map_err(|_| {
                 format!("bad tile config {s:?}: expected WARPS,M_TILES,BLOCK_N[,STAGES]")
@@ -144,7 +199,7 @@ impl TileConfig {
             && [32, 64, 128].contains(&block_n)
             && (2..=4).contains(&stages)
         {
-            Ok(TileConfig { num_warps, m_tiles, block_n, stages, key_split: false })
+            Ok(TileConfig { num_warps, m_tiles, block_n, stages, key_split: false, wgmma: false })
         } else {
             Err(format!(
                 "bad tile config {s:?}: WARPS in 2,4,8; M_TILES in 1,2; BLOCK_N in 32,64,128; \
@@ -572,5 +627,15 @@ mod tests {
         assert!(TileConfig::parse("4,1,64,5").is_err());
         assert!(TileConfig::parse("3,1,64").is_err());
         assert!(TileConfig::parse("4,1").is_err());
+        // The Hopper tiles: the same 128 rows as PREFILL (one plan serves both), 160 KiB
+        // of tiles at head_dim 128 plus 1 KiB to align them for wgmma.
+        let t = TileConfig::parse("wgmma").unwrap();
+        assert_eq!(t, TileConfig::PREFILL_SM90);
+        assert_eq!((t.block_m(), t.threads()), (TileConfig::PREFILL.block_m(), 256));
+        assert_eq!(t.smem_bytes(128, 2), 161 * 1024);
+        let t = TileConfig::parse("wgmma,64,3").unwrap();
+        assert!(t.wgmma && t.block_n == 64 && t.stages == 3);
+        assert!(TileConfig::parse("wgmma,32").is_err());
+        assert!(TileConfig::parse("wgmma,x").is_err());
     }
 }
