@@ -36,11 +36,16 @@ pub fn catalog() -> Vec<KernelSpec> {
     use radix_gpu::half::{bf16, f16};
     let mut specs = Vec::new();
     for head_dim in [64, 128] {
-        // The Hopper prefill kernel (wgmma), 16-bit pools only.
-        for paged in [false, true] {
-            let tiles = attention::TileConfig::PREFILL_SM90;
-            specs.push(attention::spec::<f16>(head_dim, paged, tiles));
-            specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
+        // The Hopper prefill kernel (wgmma), 16-bit pools only; three stages: the overlapped
+        // loop (`bench attention --tiles wgmma,128,3`).
+        for tiles in [
+            attention::TileConfig::PREFILL_SM90,
+            attention::TileConfig { stages: 3, ..attention::TileConfig::PREFILL_SM90 },
+        ] {
+            for paged in [false, true] {
+                specs.push(attention::spec::<f16>(head_dim, paged, tiles));
+                specs.push(attention::spec::<bf16>(head_dim, paged, tiles));
+            }
         }
         for tiles in [
             attention::TileConfig::PREFILL,

@@ -20,6 +20,18 @@
 // fragments (their layouts coincide). Shared tiles are XOR-swizzled by 16-byte chunk so
 // ldmatrix reads 8 rows without bank conflicts.
 //
+// WGMMA (Hopper, sm_90a; the launcher's choice for prefill there): two warpgroups of 64
+// rows each, BM = 128. Q Kᵀ runs as wgmma with Q and K read from shared memory through
+// descriptors, P V as wgmma with P from registers (the S accumulators, packed) and V read
+// transposed; tiles use the 128-byte swizzle wgmma expects (common/wgmma.cuh), so a head
+// dim of 128 is two [rows, 64] column blocks. Every thread still copies K/V with cp.async,
+// but stages are handed over by mbarriers (full: the copies landed; empty: every thread is
+// done with them) instead of a block barrier a tile, so the warpgroups drift apart and one
+// runs its softmax while the other's wgmmas run. With 3+ stages the loop issues tile j's
+// Q Kᵀ together with tile j-1's P V (FlashAttention-3's intra-warpgroup overlap); measured
+// slower here, as the warpgroup that falls behind issues its half of the next tile's copies
+// late: that wants a producer warpgroup (bench/NOTES.md).
+//
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
 // then holds a tile's bytes (16-byte cp.async copies, unswizzled); before the MMAs they
 // are widened into one f16 K and V tile, swizzled as 16-bit tiles are: by the thread
@@ -93,6 +105,11 @@ constexpr int BM = KS ? WARP_ROWS : WARP_ROWS * WARPS;  // rows per block
 constexpr int BN = BLOCK_N;          // keys per K/V tile
 constexpr int WK = KS ? BN / WARPS : BN;  // keys of a tile one warp computes on
 constexpr int ST = STAGES;           // K/V tiles in the cp.async pipeline
+// wgmma with 3+ stages overlaps a tile's softmax with the previous tile's P V (the file's
+// head); that V is read an iteration late, so its stage is refilled one tile later: tile
+// j + AHEAD is loaded while tile j is computed on.
+constexpr bool OVERLAP = WGMMA && ST >= 3;
+constexpr int AHEAD = OVERLAP ? ST - 2 : ST - 1;
 constexpr int DC = D / 8;            // 16-byte chunks per row
 constexpr int DK = D / 16;           // k16 steps over head_dim (Q Kᵀ)
 constexpr int NT = WK / 8;           // n8 tiles of a warp's S
@@ -401,8 +418,83 @@ __device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row
   }
 }
 
-// wgmma blocks at D = 64 fit two to an SM (80 KiB of tiles each).
-extern "C" __global__ void __launch_bounds__(THREADS, WGMMA && D == 64 ? 2 : 1)
+#if WGMMA
+// Issues O += P V for one tile (PK k16 steps) as one wgmma group: P from registers (the
+// S accumulators packed, mma.sync's A layout), V from the stage at `sv`, MN-major: 16 keys
+// (2048 bytes) a step, its two 64-wide column blocks BN rows apart. The caller waits; P
+// and O must stay untouched until then (wgmma reads and writes them asynchronously):
+// wgmma_pv_done waits and pins them.
+__device__ __forceinline__ void wgmma_pv(u32 (&p_frag)[PK][4], u32 sv, float (&o_acc)[MT][ON][4]) {
+  wgmma_fence();  // the rescaled O and P's registers, before the wgmmas read them
+#pragma unroll
+  for (int kk = 0; kk < PK; ++kk) {
+    const u64 db = wgmma_desc(sv + kk * 16 * 128, BN * 128, 1024);
+    wgmma_rs<D, mma_t>(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]), p_frag[kk], db, 1);
+  }
+  wgmma_commit();
+}
+
+// Waits for every wgmma of the warpgroup (the P V in flight), then pins P and O there.
+__device__ __forceinline__ void wgmma_pv_done(u32 (&p_frag)[PK][4], float (&o_acc)[MT][ON][4]) {
+  wgmma_wait<0>();
+  wgmma_fence_regs(p_frag);
+  wgmma_fence_regs(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]));
+}
+#endif
+
+// One K/V tile's step of the online softmax, on a warp's S accumulators: masks keys at or
+// past each row's limit (the item's end, and when causal the row's token) if `need_mask`
+// (`key0`: the key of column 0), then in the exp2 domain turns S into P (unnormalised),
+// updates the running max and sum and gives each row's rescale factor `alpha` for O.
+// Returns whether any of this thread's rows raised its max.
+__device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_run)[MT][2], float (&l_run)[MT][2],
+                                             float (&alpha)[MT][2], const int (&row_limit)[MT][2], int key0,
+                                             bool need_mask, float scale_log2, int lane) {
+  if (need_mask) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        int limit = row_limit[mt][half] - key0 - (lane % 4) * 2;  // relative to column 0
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (n * 8 + e >= limit) s[mt][n][half * 2 + e] = NEG_INF;
+      }
+  }
+  bool rescale = false;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = NEG_INF;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][half * 2], s[mt][n][half * 2 + 1]));
+      mx = warp_max4(mx) * scale_log2;
+      float m_new = fmaxf(m_run[mt][half], mx);
+      // A row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
+      float m_use = m_new == NEG_INF ? 0.f : m_new;
+      alpha[mt][half] = fast_exp2(m_run[mt][half] - m_use);
+      rescale |= m_new != m_run[mt][half];
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float pv = fast_exp2(fmaf(s[mt][n][half * 2 + e], scale_log2, -m_use));
+          s[mt][n][half * 2 + e] = pv;
+          sum += pv;
+        }
+      l_run[mt][half] = l_run[mt][half] * alpha[mt][half] + sum;
+      m_run[mt][half] = m_new;
+    }
+  return rescale;
+}
+
+// wgmma blocks at D = 64 without the overlap fit two to an SM (80 KiB of tiles each, at
+// most 128 registers a thread).
+extern "C" __global__ void __launch_bounds__(THREADS, WGMMA && D == 64 && !OVERLAP ? 2 : 1)
 attention_kernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
@@ -472,17 +564,33 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #else
   cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + cur.kv_chunk * KV_CHUNK;
 #endif
-  // The first ST - 1 tiles, one commit group each (empty past the last tile, so that
+#if WGMMA
+  // Stage s is full when every thread's copies of its tile have landed (each thread's
+  // cp.async arrival, Q riding with tile 0's), and empty when every thread is done with it:
+  // the two warpgroups wait on these instead of meeting at a block barrier each tile, so
+  // one can run its softmax while the other's wgmmas run.
+  __shared__ __align__(8) u64 stage_bars[2 * ST];
+  const u32 full_bar = smem_addr(stage_bars), empty_bar = full_bar + ST * 8;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < 2 * ST; ++s) mbar_init(full_bar + s * 8, THREADS);
+  }
+  __syncthreads();
+#endif
+  // The first AHEAD tiles, one commit group each (empty past the last tile, so that
   // group j always holds tile j; Q rides in group 0).
 #pragma unroll
-  for (int s = 0; s < ST - 1; ++s) {
+  for (int s = 0; s < AHEAD; ++s) {
     if (s < n_tiles) {
       fetch_pages(p, cur, w.kv_begin + s * BN);
       load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
+#if WGMMA
+      cp_async_mbar_arrive(full_bar + s * 8);
+#endif
     }
     cp_async_commit();
   }
-  if (ST - 1 < n_tiles) fetch_pages(p, cur, w.kv_begin + (ST - 1) * BN);
+  if (AHEAD < n_tiles) fetch_pages(p, cur, w.kv_begin + AHEAD * BN);
 
   // Warps whose rows all lie past the sequence only help load.
   const int wrow = KS ? 0 : warp * WARP_ROWS;  // first row of this warp within the tile
@@ -512,22 +620,43 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       row_limit[mt][half] = p.causal ? min(kv_stop, gr / p.group + causal_shift + 1) : kv_stop;
     }
 
+#if WGMMA
+  // OVERLAP: tile j - 1's P, packed for P V, waits here while tile j's Q Kᵀ and softmax run.
+  [[maybe_unused]] u32 p_frag[PK][4];
+#endif
   for (int j = 0; j < n_tiles; ++j) {
     const int tile_start = w.kv_begin + j * BN;
-    // Groups 0..j are complete (at most ST - 2 younger ones pending): tile j landed. After
-    // this barrier every warp is also done with tile j - 1, so its stage takes tile
-    // j + ST - 1 while we compute on tile j.
-    cp_async_wait<ST - 2>();
 #if WGMMA
-    fence_proxy_async();  // the copies this thread saw land, to the proxy wgmma reads through
-#endif
-    __syncthreads();
-    if (j + ST - 1 < n_tiles) {
-      u32 st = ((j + ST - 1) % ST) * stage_bytes;
-      load_kv_tile(p, cur, tile_start + (ST - 1) * BN, sk0 + st, sv0 + st);
-      if (j + ST < n_tiles) fetch_pages(p, cur, tile_start + ST * BN);
+    // Tile j + AHEAD goes into the stage of tile j + AHEAD - ST once every thread is done
+    // with that one; then wait for tile j.
+    if (j + AHEAD < n_tiles) {
+      const int t = j + AHEAD, st = t % ST;
+      if (t >= ST) mbar_wait(empty_bar + st * 8, (t / ST - 1) & 1);
+      load_kv_tile(p, cur, tile_start + AHEAD * BN, sk0 + st * stage_bytes, sv0 + st * stage_bytes);
+      cp_async_mbar_arrive(full_bar + st * 8);
+      if (t + 1 < n_tiles) fetch_pages(p, cur, tile_start + (AHEAD + 1) * BN);
     }
     cp_async_commit();
+    mbar_wait(full_bar + (j % ST) * 8, (j / ST) & 1);
+    // Other threads' copies, seen land through the barrier, to the proxy wgmma reads with.
+    fence_proxy_async();
+    if (!warp_active) {  // rows past the sequence: only help load
+      mbar_arrive(empty_bar + (j % ST) * 8);
+      continue;
+    }
+#else
+    // Groups 0..j are complete (at most AHEAD - 1 younger ones pending): tile j landed.
+    // After this barrier every warp is also done with tile j - 1, so its stage takes tile
+    // j + AHEAD while we compute on tile j.
+    cp_async_wait<AHEAD - 1>();
+    __syncthreads();
+    if (j + AHEAD < n_tiles) {
+      u32 st = ((j + AHEAD) % ST) * stage_bytes;
+      load_kv_tile(p, cur, tile_start + AHEAD * BN, sk0 + st, sv0 + st);
+      if (j + AHEAD + 1 < n_tiles) fetch_pages(p, cur, tile_start + (AHEAD + 1) * BN);
+    }
+    cp_async_commit();
+#endif
 #if KV_FP8
     if (j == 0) {
       // Q landed with tile 0: to f16 for the MMAs, before any warp reads it (KEY_SPLIT
@@ -562,7 +691,17 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         wgmma_ss<BN, mma_t>(reinterpret_cast<float(&)[NT * 4]>(s[0]), da, db, kk > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      if constexpr (OVERLAP) {
+        if (j > 0) {
+          // P V of tile j - 1 behind it: the tensor cores run it during this tile's softmax.
+          wgmma_pv(p_frag, sv0 + ((j - 1) % ST) * stage_bytes, o_acc);
+          wgmma_wait<1>();  // Q Kᵀ done; P V may still run
+        } else {
+          wgmma_wait<0>();
+        }
+      } else {
+        wgmma_wait<0>();
+      }
       wgmma_fence_regs(reinterpret_cast<float(&)[NT * 4]>(s[0]));
 #else
       if constexpr (Q_IN_REGS) {
@@ -609,50 +748,21 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       }
 #endif
 
-      // Mask keys past the end of this item and, when causal, keys after a row's token.
-      const bool need_mask = tile_start + wkey + WK > min(kv_stop, mask_free_end);
-      if (need_mask) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            int limit = row_limit[mt][half] - tile_start - wkey - (lane % 4) * 2;  // relative to column 0
-#pragma unroll
-            for (int n = 0; n < NT; ++n)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                if (n * 8 + e >= limit) s[mt][n][half * 2 + e] = NEG_INF;
-          }
-      }
-
-      // Online softmax in the exp2 domain.
       float alpha[MT][2];
-      bool rescale = false;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float mx = NEG_INF;
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][half * 2], s[mt][n][half * 2 + 1]));
-          mx = warp_max4(mx) * p.scale_log2;
-          float m_new = fmaxf(m_run[mt][half], mx);
-          // A row with no visible key yet keeps m = -inf; subtract 0 so exp2 gives 0, not NaN.
-          float m_use = m_new == NEG_INF ? 0.f : m_new;
-          alpha[mt][half] = fast_exp2(m_run[mt][half] - m_use);
-          rescale |= m_new != m_run[mt][half];
-          float sum = 0.f;
-#pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float pv = fast_exp2(fmaf(s[mt][n][half * 2 + e], p.scale_log2, -m_use));
-              s[mt][n][half * 2 + e] = pv;
-              sum += pv;
-            }
-          l_run[mt][half] = l_run[mt][half] * alpha[mt][half] + sum;
-          m_run[mt][half] = m_new;
+      const bool rescale = softmax_tile(s, m_run, l_run, alpha, row_limit, tile_start + wkey,
+                                        tile_start + wkey + WK > min(kv_stop, mask_free_end), p.scale_log2, lane);
+#if WGMMA
+      if constexpr (OVERLAP) {
+        // Tile j - 1's P V is done with O (and its P) before O is rescaled for tile j. The
+        // softmax above must not sink below the wait (the compiler may move plain
+        // arithmetic across it): pinning S here keeps it in the P V's shadow.
+        wgmma_fence_regs(reinterpret_cast<float(&)[NT * 4]>(s[0]));
+        if (j > 0) {
+          wgmma_pv_done(p_frag, o_acc);
+          mbar_arrive(empty_bar + ((j - 1) % ST) * 8);
         }
+      }
+#endif
       // Rescale O only when some row of the warp raised its max: one warp-uniform branch,
       // taken less and less often as keys go by.
       if (__any_sync(0xffffffffu, rescale)) {
@@ -666,19 +776,18 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 
       // O += P V: the S accumulators of n8 tiles 2kk, 2kk+1 are the A fragment of k16 step kk.
 #if WGMMA
-      wgmma_fence();  // the rescaled O and the P fragments, before the wgmmas read them
 #pragma unroll
       for (int kk = 0; kk < PK; ++kk) {
-        const u32 a[4] = {pack2<mma_t>(s[0][2 * kk][0], s[0][2 * kk][1]), pack2<mma_t>(s[0][2 * kk][2], s[0][2 * kk][3]),
-                          pack2<mma_t>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]),
-                          pack2<mma_t>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3])};
-        // V is MN-major here: 16 keys a step (2048 bytes), column blocks BN rows apart.
-        const u64 db = wgmma_desc(sv + kk * 16 * 128, BN * 128, 1024);
-        wgmma_rs<D, mma_t>(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]), a, db, 1);
+        p_frag[kk][0] = pack2<mma_t>(s[0][2 * kk][0], s[0][2 * kk][1]);
+        p_frag[kk][1] = pack2<mma_t>(s[0][2 * kk][2], s[0][2 * kk][3]);
+        p_frag[kk][2] = pack2<mma_t>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        p_frag[kk][3] = pack2<mma_t>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_regs(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]));
+      if constexpr (!OVERLAP) {
+        wgmma_pv(p_frag, sv, o_acc);
+        wgmma_pv_done(p_frag, o_acc);
+        mbar_arrive(empty_bar + (j % ST) * 8);
+      }
 #else
 #pragma unroll
       for (int kk = 0; kk < PK; ++kk) {
@@ -704,6 +813,12 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
 #endif
     }
   }
+#if WGMMA
+  if (OVERLAP && warp_active && n_tiles > 0) {  // the last tile's P V
+    wgmma_pv(p_frag, sv0 + ((n_tiles - 1) % ST) * stage_bytes, o_acc);
+    wgmma_pv_done(p_frag, o_acc);
+  }
+#endif
   cp_async_wait<0>();
   __syncthreads();
 

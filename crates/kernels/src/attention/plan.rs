@@ -116,7 +116,9 @@ impl TileConfig {
     };
     /// Prefill tiles on Hopper: the same 128 rows a block as `PREFILL` (so the same plan),
     /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (160 KiB at
-    /// head_dim 128).
+    /// head_dim 128, 80 KiB at 64: two blocks an SM). Three stages select the loop that
+    /// overlaps a tile's softmax with the previous tile's P V; with the block's own threads
+    /// issuing the copies it measured slower on the H200 (371 vs 428 TFLOP/s, bench/NOTES.md).
     pub const PREFILL_SM90: TileConfig = TileConfig {
         num_warps: 8,
         m_tiles: 1,
