@@ -38,9 +38,14 @@ pub fn catalog() -> Vec<KernelSpec> {
     for head_dim in [64, 128] {
         // The Hopper prefill kernel (wgmma), 16-bit pools only; three stages: the overlapped
         // loop (`bench attention --tiles wgmma,128,3`).
+        let sm90 = attention::TileConfig::PREFILL_SM90;
         for tiles in [
-            attention::TileConfig::PREFILL_SM90,
-            attention::TileConfig { stages: 3, ..attention::TileConfig::PREFILL_SM90 },
+            sm90,
+            attention::TileConfig { stages: 3, ..sm90 },
+            // With one or four producer warps (`--tiles wgmma-ws[,128,3]`, `wgmma-ws4`).
+            attention::TileConfig { num_warps: 9, ..sm90 },
+            attention::TileConfig { num_warps: 9, stages: 3, ..sm90 },
+            attention::TileConfig { num_warps: 12, ..sm90 },
         ] {
             for paged in [false, true] {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));

@@ -97,10 +97,22 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
 }
 
 /// Runs a case with the tiles the launcher picks and, where that is the Hopper (wgmma)
-/// prefill kernel, again with the mma.sync prefill tiles it replaces there.
+/// prefill kernel, again with the mma.sync prefill tiles it replaces there and with the
+/// wgmma kernel's other variants: three stages (the overlapped loop), one or four producer
+/// warps.
 fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
-    if run_case_with::<T>(dev, jit, c, seed, None).wgmma {
-        run_case_with::<T>(dev, jit, c, seed, Some(TileConfig::PREFILL));
+    let chosen = run_case_with::<T>(dev, jit, c, seed, None);
+    if chosen.wgmma {
+        let others = [
+            TileConfig::PREFILL,
+            TileConfig { stages: 3, ..chosen },
+            TileConfig { num_warps: 9, ..chosen },
+            TileConfig { num_warps: 9, stages: 3, ..chosen },
+            TileConfig { num_warps: 12, ..chosen },
+        ];
+        for tiles in others {
+            run_case_with::<T>(dev, jit, c, seed, Some(tiles));
+        }
     }
 }
 

@@ -30,7 +30,9 @@
 // runs its softmax while the other's wgmmas run. With 3+ stages the loop issues tile j's
 // Q Kᵀ together with tile j-1's P V (FlashAttention-3's intra-warpgroup overlap); measured
 // slower here, as the warpgroup that falls behind issues its half of the next tile's copies
-// late: that wants a producer warpgroup (bench/NOTES.md).
+// late. NUM_WARPS 9 or 12 add one or four producer warps that issue every copy, and the two
+// warpgroups then take turns issuing wgmmas (ping-pong); four measured 3-4% faster than the
+// default, one 20% slower: cp.async issue is their bound, TMA the next step (bench/NOTES.md).
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
 // then holds a tile's bytes (16-byte cp.async copies, unswizzled); before the MMAs they
@@ -91,8 +93,20 @@ constexpr int D = HEAD_DIM;
 // Bytes from one row of a shared tile to the next: wgmma's 128-byte swizzle stores a head
 // dim of 128 as two [rows, 64] column blocks (see swz), the mma.sync path whole rows.
 constexpr int ROW_PITCH = WGMMA ? 128 : D * 2;
-constexpr int WARPS = NUM_WARPS;
+// wgmma blocks: 8 compute warps (two warpgroups), plus with NUM_WARPS = 9 or 12 one or four
+// producer warps that issue every K/V copy (PRODUCER). WARPS and THREADS count the compute
+// warps.
+constexpr bool PRODUCER = WGMMA && NUM_WARPS > 8;
+static_assert(!PRODUCER || (BLOCK_N * (HEAD_DIM / 8)) % ((NUM_WARPS - 8) * 32) == 0, "producer copies split evenly");
+constexpr int PRODUCER_THREADS = PRODUCER ? (NUM_WARPS - 8) * 32 : 0;
+// With a producer, the warpgroups may take turns issuing their wgmmas (FlashAttention-3's
+// ping-pong: named barriers 2 and 3), so one's softmax runs under the other's GEMMs.
+#ifndef PINGPONG
+#define PINGPONG 0
+#endif
+constexpr int WARPS = WGMMA ? 8 : NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
+constexpr int BLOCK_THREADS = NUM_WARPS * 32;
 constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
 constexpr int WARP_ROWS = 16 * MT;
 // Key split (small decode blocks: a GQA group of one token is 4-8 rows): every warp takes
@@ -124,7 +138,7 @@ static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(ST >= 2 && ST <= (KV_FP8 ? 8 : 4), "2 to 4 pipeline stages (8 over an FP8 pool)");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
 static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
-static_assert(!WGMMA || (WARPS == 8 && MT == 1 && !KS && !KV_FP8 && (BN == 64 || BN == 128)),
+static_assert(!WGMMA || ((NUM_WARPS == 8 || NUM_WARPS == 9 || NUM_WARPS == 12) && MT == 1 && !KS && !KV_FP8 && (BN == 64 || BN == 128)),
               "wgmma blocks: two warpgroups of 64 rows, 64 or 128 keys a tile, 16-bit K/V");
 // Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
 // the stages of bytes).
@@ -440,6 +454,47 @@ __device__ __forceinline__ void wgmma_pv_done(u32 (&p_frag)[PK][4], float (&o_ac
   wgmma_fence_regs(p_frag);
   wgmma_fence_regs(reinterpret_cast<float(&)[ON * 4]>(o_acc[0]));
 }
+
+// The producer warps (PRODUCER): copy tile t of keys [kv_begin, kv_stop) into stage t % ST
+// as soon as every compute thread has released the stage's previous tile, one cp.async
+// arrival on the stage's full barrier per thread. They run as far ahead as the stages
+// allow, whatever the two warpgroups' pace. Producer thread i copies 16-byte chunks i,
+// i + PRODUCER_THREADS, ... of each [BN, D] tile, with the row's page id from the table.
+__device__ void produce_kv(const AttentionParams& p, int b, int kvh, int kv_begin, int n_tiles, int kv_stop,
+                           u32 sk0, u32 sv0, u32 stage_bytes, u32 full_bar, u32 empty_bar, int ptid) {
+#if PAGED
+  const int* pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
+  const long long page_stride = (long long)p.num_kv_heads * p.page_size * D;
+  const long long head_off = (long long)kvh * p.page_size * D;
+#else
+  const long long base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D;
+#endif
+  constexpr int PT = PRODUCER_THREADS > 0 ? PRODUCER_THREADS : 32;
+  constexpr int COPIES = BN * DC / PT;  // per thread, of each of K and V
+  for (int t = 0; t < n_tiles; ++t) {
+    const int st = t % ST;
+    if (t >= ST) mbar_wait(empty_bar + st * 8, (t / ST - 1) & 1);
+    const int tile_start = kv_begin + t * BN;
+    const u32 sk = sk0 + st * stage_bytes, sv = sv0 + st * stage_bytes;
+#pragma unroll 8
+    for (int i = 0; i < COPIES; ++i) {
+      const int idx = i * PT + ptid, row = idx / DC, c = idx % DC;
+      const int key = tile_start + row;
+      const int kk = min(key, kv_stop - 1);  // keep the (unread) address inside the sequence
+#if PAGED
+      const long long off = (long long)__ldg(pages + (kk >> p.page_shift)) * page_stride + head_off +
+                            (long long)(kk & (p.page_size - 1)) * D + c * 8;
+#else
+      const long long off = base + (long long)kk * p.kv_stride + c * 8;
+#endif
+      const u32 dst = swz<BN>(row, c);
+      cp_async_16(sk + dst, p.k + off, key < kv_stop);
+      cp_async_16(sv + dst, p.v + off, key < kv_stop);
+    }
+    cp_async_mbar_arrive(full_bar + st * 8);
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
 #endif
 
 // One K/V tile's step of the online softmax, on a warp's S accumulators: masks keys at or
@@ -494,7 +549,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
 
 // wgmma blocks at D = 64 without the overlap fit two to an SM (80 KiB of tiles each, at
 // most 128 registers a thread).
-extern "C" __global__ void __launch_bounds__(THREADS, WGMMA && D == 64 && !OVERLAP ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, WGMMA && D == 64 && !OVERLAP && !PRODUCER ? 2 : 1)
 attention_kernel(const __grid_constant__ AttentionParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
@@ -543,9 +598,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
   const u32 s_off = swz<BM>(r0, chunk);
 
-  // Q tile: rows past the sequence read as zeros.
+  // Q tile (by the compute threads): rows past the sequence read as zeros.
+  const bool producer = PRODUCER && warp >= WARPS;
 #pragma unroll
-  for (int it = 0; it < Q_ITERS; ++it) {
+  for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
     int gr = min(row0 + r0 + it * RSTEP, rows - 1);
     int t = gr / p.group, g = gr - t * p.group;
     const elem_t* src = p.q + (long long)(qo_start + t) * p.q_stride + (long long)(kvh * p.group + g) * D + chunk * 8;
@@ -573,14 +629,27 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   const u32 full_bar = smem_addr(stage_bars), empty_bar = full_bar + ST * 8;
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int s = 0; s < 2 * ST; ++s) mbar_init(full_bar + s * 8, THREADS);
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(full_bar + s * 8, PRODUCER ? PRODUCER_THREADS : THREADS);  // the threads that copy
+      mbar_init(empty_bar + s * 8, THREADS);                 // the threads that compute
+    }
   }
   __syncthreads();
+  if (producer) {
+    produce_kv(p, b, kvh, w.kv_begin, n_tiles, kv_stop, sk0, sv0, stage_bytes, full_bar, empty_bar,
+               threadIdx.x - THREADS);
+  } else if (PRODUCER) {
+    // Q is the compute threads' own: landed and published among them before any wgmma.
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+  }
 #endif
   // The first AHEAD tiles, one commit group each (empty past the last tile, so that
   // group j always holds tile j; Q rides in group 0).
 #pragma unroll
-  for (int s = 0; s < AHEAD; ++s) {
+  for (int s = 0; s < (PRODUCER ? 0 : AHEAD); ++s) {
     if (s < n_tiles) {
       fetch_pages(p, cur, w.kv_begin + s * BN);
       load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
@@ -590,13 +659,19 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     }
     cp_async_commit();
   }
-  if (AHEAD < n_tiles) fetch_pages(p, cur, w.kv_begin + AHEAD * BN);
+  if (!PRODUCER && AHEAD < n_tiles) fetch_pages(p, cur, w.kv_begin + AHEAD * BN);
 
   // Warps whose rows all lie past the sequence only help load.
   const int wrow = KS ? 0 : warp * WARP_ROWS;  // first row of this warp within the tile
   // (wgmma: a whole warpgroup's, whose instructions all its warps must issue.)
-  const bool warp_active = row0 + (WGMMA ? wrow / 64 * 64 : wrow) < rows;
+  const bool warp_active = !producer && row0 + (WGMMA ? wrow / 64 * 64 : wrow) < rows;
   const int wkey = KS ? warp * WK : 0;        // first key of this warp within a K/V tile
+#if WGMMA
+  // Ping-pong needs both warpgroups in the loop (each waits for the other's turn).
+  const int wg = warp / 4;
+  const bool pingpong = PRODUCER && PINGPONG && !producer && row0 + 64 < rows;
+  if (pingpong && wg == 1) asm volatile("bar.arrive 2, 256;\n" ::: "memory");  // warpgroup 0 first
+#endif
 
   float o_acc[MT][ON][4];
   float m_run[MT][2], l_run[MT][2];
@@ -624,12 +699,12 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   // OVERLAP: tile j - 1's P, packed for P V, waits here while tile j's Q Kᵀ and softmax run.
   [[maybe_unused]] u32 p_frag[PK][4];
 #endif
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = 0; j < (producer ? 0 : n_tiles); ++j) {
     const int tile_start = w.kv_begin + j * BN;
 #if WGMMA
     // Tile j + AHEAD goes into the stage of tile j + AHEAD - ST once every thread is done
     // with that one; then wait for tile j.
-    if (j + AHEAD < n_tiles) {
+    if (!PRODUCER && j + AHEAD < n_tiles) {
       const int t = j + AHEAD, st = t % ST;
       if (t >= ST) mbar_wait(empty_bar + st * 8, (t / ST - 1) & 1);
       load_kv_tile(p, cur, tile_start + AHEAD * BN, sk0 + st * stage_bytes, sv0 + st * stage_bytes);
@@ -682,6 +757,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       // S = Q Kᵀ on the warpgroup's 64 rows: DK k16 steps, Q and K from shared memory.
       const u32 q_rows = sq + wrow / 64 * 64 * 128;
       float s[MT][NT][4];
+      if (pingpong) {  // this warpgroup's turn
+        if (wg == 0) asm volatile("bar.sync 2, 256;\n" ::: "memory");
+        else asm volatile("bar.sync 3, 256;\n" ::: "memory");
+      }
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < DK; ++kk) {
@@ -691,14 +770,14 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         wgmma_ss<BN, mma_t>(reinterpret_cast<float(&)[NT * 4]>(s[0]), da, db, kk > 0);
       }
       wgmma_commit();
-      if constexpr (OVERLAP) {
-        if (j > 0) {
-          // P V of tile j - 1 behind it: the tensor cores run it during this tile's softmax.
-          wgmma_pv(p_frag, sv0 + ((j - 1) % ST) * stage_bytes, o_acc);
-          wgmma_wait<1>();  // Q Kᵀ done; P V may still run
-        } else {
-          wgmma_wait<0>();
-        }
+      // P V of tile j - 1 behind it: the tensor cores run it during this tile's softmax.
+      if (OVERLAP && j > 0) wgmma_pv(p_frag, sv0 + ((j - 1) % ST) * stage_bytes, o_acc);
+      if (pingpong) {  // the other warpgroup's turn to issue
+        if (wg == 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+        else asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+      }
+      if (OVERLAP && j > 0) {
+        wgmma_wait<1>();  // Q Kᵀ done; P V may still run
       } else {
         wgmma_wait<0>();
       }
@@ -814,6 +893,8 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     }
   }
 #if WGMMA
+  // Warpgroup 1's first arrival on barrier 2 has one wait more to meet: leave it balanced.
+  if (pingpong && wg == 0) asm volatile("bar.sync 2, 256;\n" ::: "memory");
   if (OVERLAP && warp_active && n_tiles > 0) {  // the last tile's P V
     wgmma_pv(p_frag, sv0 + ((n_tiles - 1) % ST) * stage_bytes, o_acc);
     wgmma_pv_done(p_frag, o_acc);
@@ -895,8 +976,9 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     }
     if (!partial) return;
   } else {
+    // (The producer warp has no rows: its would-be rows lie past the Q tile it stages in.)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < (producer ? 0 : MT); ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float l = warp_sum4(l_run[mt][half]);
@@ -937,7 +1019,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     if (!partial) {
       __syncthreads();
 #pragma unroll
-      for (int it = 0; it < Q_ITERS; ++it) {
+      for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
         int gr = row0 + r0 + it * RSTEP;
         if (gr >= rows) break;  // rows only grow with `it`
         int t = gr / p.group, head = kvh * p.group + gr % p.group;
@@ -966,7 +1048,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  merge_rows(p, *m, row0, min(rows, row0 + BM), kvh, qo_start, warp, lane);
+  if (!producer) merge_rows(p, *m, row0, min(rows, row0 + BM), kvh, qo_start, warp, lane);
 }
 
 static_assert(sizeof(AttentionParams) == 168, "AttentionParams mirrors launch.rs");

@@ -56,7 +56,16 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
         .define("BLOCK_N", tiles.block_n)
         .define("STAGES", tiles.stages)
         .define("KEY_SPLIT", tiles.key_split as u32);
-    if tiles.wgmma { spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A) } else { spec }
+    if !tiles.wgmma {
+        return spec;
+    }
+    // The producer-warp variant takes turns between its warpgroups unless
+    // RADIX_SPARSE_WGMMA_PINGPONG=0 (for comparisons).
+    static PINGPONG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let pingpong = *PINGPONG
+        .get_or_init(|| std::env::var("RADIX_SPARSE_WGMMA_PINGPONG").map_or(true, |v| v != "0"));
+    let spec = spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A);
+    if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
 }
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper: the wgmma one, unless

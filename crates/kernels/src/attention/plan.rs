@@ -52,13 +52,18 @@ pub struct TileConfig {
     /// 16-row MMA tile per block, `m_tiles` 1); else each warp has its own rows.
     pub key_split: bool,
     /// Hopper's warpgroup MMAs (sm_90a only): two warpgroups of 64 rows, Q Kᵀ and P V
-    /// as `wgmma` from 128-byte-swizzled shared tiles (`num_warps` 8, `m_tiles` 1).
+    /// as `wgmma` from 128-byte-swizzled shared tiles (`m_tiles` 1; `num_warps` 8, or 9 / 12
+    /// with one / four producer warps that issue every K/V copy).
     pub wgmma: bool,
 }
 
 impl TileConfig {
-    /// Rows (token × group head) per block.
+    /// Rows (token × group head) per block (wgmma: two warpgroups of 64, whatever the
+    /// producer warp).
     pub fn block_m(&self) -> usize {
+        if self.wgmma {
+            return 128;
+        }
         let warps = if self.key_split { 1 } else { self.num_warps };
         (16 * self.m_tiles * warps) as usize
     }
@@ -165,8 +170,16 @@ impl TileConfig {
     }
 
     /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given), or `wgmma[,BLOCK_N[,STAGES]]`
-    /// for the Hopper kernel (`PREFILL_SM90` unless given).
+    /// for the Hopper kernel (`PREFILL_SM90` unless given; `wgmma-ws`, `wgmma-ws4`: with one
+    /// or four producer warps).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
+        for (prefix, num_warps) in [("wgmma-ws4", 12), ("wgmma-ws", 9)] {
+            if let Some(rest) = s.strip_prefix(prefix) {
+                return Self::parse(&format!("wgmma{rest}"))
+                    .map(|t| TileConfig { num_warps, ..t })
+                    .map_err(|e| e.replace("wgmma", prefix));
+            }
+        }
         if let Some(rest) = s.strip_prefix("wgmma") {
             let v: Vec<u32> = rest
                 .split(',')
@@ -639,5 +652,7 @@ mod tests {
         assert!(t.wgmma && t.block_n == 64 && t.stages == 3);
         assert!(TileConfig::parse("wgmma,32").is_err());
         assert!(TileConfig::parse("wgmma,x").is_err());
+        let t = TileConfig::parse("wgmma-ws,128,3").unwrap();
+        assert_eq!((t.num_warps, t.threads(), t.block_m(), t.stages), (9, 288, 128, 3));
     }
 }
