@@ -31,7 +31,8 @@
 // Q Kᵀ together with tile j-1's P V (FlashAttention-3's intra-warpgroup overlap); measured
 // slower here, as the warpgroup that falls behind issues its half of the next tile's copies
 // late. NUM_WARPS 9 or 12 add one or four producer warps that issue every copy, and the two
-// warpgroups then take turns issuing wgmmas (ping-pong); four measured 3-4% faster than the
+// warpgroups then take turns issuing wgmmas (ping-pong, when both have rows and unless
+// RADIX_SPARSE_WGMMA_PINGPONG=0); four measured 3-4% faster than the
 // default, one 20% slower: cp.async issue is their bound, TMA the next step (bench/NOTES.md).
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
@@ -621,8 +622,9 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + cur.kv_chunk * KV_CHUNK;
 #endif
 #if WGMMA
-  // Stage s is full when every thread's copies of its tile have landed (each thread's
-  // cp.async arrival, Q riding with tile 0's), and empty when every thread is done with it:
+  // Stage s is full when every copying thread's copies of its tile have landed (each one's
+  // cp.async arrival; without producer warps Q rides with tile 0's, with them the compute
+  // threads publish Q among themselves), and empty when every compute thread is done with it:
   // the two warpgroups wait on these instead of meeting at a block barrier each tile, so
   // one can run its softmax while the other's wgmmas run.
   __shared__ __align__(8) u64 stage_bars[2 * ST];

@@ -62,19 +62,28 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     // The producer-warp variant takes turns between its warpgroups unless
     // RADIX_SPARSE_WGMMA_PINGPONG=0 (for comparisons).
     static PINGPONG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let pingpong = *PINGPONG
-        .get_or_init(|| std::env::var("RADIX_SPARSE_WGMMA_PINGPONG").map_or(true, |v| v != "0"));
+    let pingpong = *PINGPONG.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_WGMMA_PINGPONG")
+            .map_or(true, |v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "off"))
+    });
     let spec = spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A);
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
 }
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper: the wgmma one, unless
 /// `RADIX_SPARSE_PREFILL_KERNEL=mma` asks for the mma.sync one (for comparisons, or as a
-/// fallback). Other GPUs always run mma.sync.
+/// fallback; any other value than `mma` or `wgmma` is named in a warning and ignored).
+/// Other GPUs always run mma.sync.
 pub fn prefill_tiles(device: &Device) -> TileConfig {
     static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let mma = *MMA.get_or_init(|| {
-        std::env::var("RADIX_SPARSE_PREFILL_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("mma"))
+    let mma = *MMA.get_or_init(|| match std::env::var("RADIX_SPARSE_PREFILL_KERNEL") {
+        Ok(v) if v.eq_ignore_ascii_case("mma") => true,
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("wgmma") => false,
+        Ok(v) => {
+            tracing::warn!("RADIX_SPARSE_PREFILL_KERNEL={v:?} is not mma or wgmma; ignored");
+            false
+        }
+        Err(_) => false,
     });
     if device.info().arch() == radix_gpu::Arch::SM90A && !mma {
         TileConfig::PREFILL_SM90
@@ -147,7 +156,13 @@ pub fn plan_batch(
         "tiles {tiles:?} need {smem} bytes of shared memory; the device allows {}",
         device.info().max_shared_per_block
     );
-    let target_blocks = target_blocks.unwrap_or_else(|| default_target_blocks(device));
+    // Keys are split until about one wave of blocks runs: as many as fit on the SMs at once
+    // (the Hopper prefill tiles fit one an SM at head_dim 128).
+    let target_blocks = target_blocks.unwrap_or_else(|| {
+        let fit = device.info().sm_count as usize
+            * tiles.blocks_per_sm(shape.head_dim, device.info().max_shared_per_block);
+        fit.min(default_target_blocks(device))
+    });
     let plan = plan(
         &meta.q_lens,
         &meta.kv_lens,
@@ -291,7 +306,9 @@ impl AttentionBatch {
     }
 
     /// `run` over an FP8 K/V pool: `k` and `v` hold e4m3 bytes in the same layouts, read
-    /// as those values times `scales`.
+    /// as those values times `scales`. The wgmma kernel reads 16-bit tiles only: wgmma
+    /// tiles run here as the mma.sync `TileConfig::PREFILL` (same plan), whatever `tiles()`
+    /// says.
     #[allow(clippy::too_many_arguments)]
     pub fn run_fp8<T: HalfFloat>(
         &self,

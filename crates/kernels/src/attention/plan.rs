@@ -79,6 +79,13 @@ impl TileConfig {
             + if self.wgmma { 1024 } else { 0 }
     }
 
+    /// Blocks of these tiles that fit on one SM by shared memory, at most two (the kernels'
+    /// launch bounds); `max_shared_per_block` is the SM's shared memory less the 1 KiB the
+    /// driver reserves per block.
+    pub fn blocks_per_sm(&self, head_dim: usize, max_shared_per_block: usize) -> usize {
+        ((max_shared_per_block + 1024) / (self.smem_bytes(head_dim, 2) + 1024)).clamp(1, 2)
+    }
+
     /// Dynamic shared memory over an FP8 pool: the 16-bit Q tile, one widened 16-bit K and
     /// V tile, and `stages` K and V tiles of e4m3 bytes.
     pub fn smem_bytes_fp8_kv(&self, head_dim: usize) -> usize {
@@ -120,8 +127,8 @@ impl TileConfig {
         wgmma: false,
     };
     /// Prefill tiles on Hopper: the same 128 rows a block as `PREFILL` (so the same plan),
-    /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (160 KiB at
-    /// head_dim 128, 80 KiB at 64: two blocks an SM). Three stages select the loop that
+    /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (161 KiB with
+    /// the alignment pad at head_dim 128, one block an SM; 81 KiB at 64, two). Three stages select the loop that
     /// overlaps a tile's softmax with the previous tile's P V; with the block's own threads
     /// issuing the copies it measured slower on the H200 (371 vs 428 TFLOP/s, bench/NOTES.md).
     pub const PREFILL_SM90: TileConfig = TileConfig {
@@ -173,11 +180,20 @@ impl TileConfig {
     /// for the Hopper kernel (`PREFILL_SM90` unless given; `wgmma-ws`, `wgmma-ws4`: with one
     /// or four producer warps).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
+        // Only the variants the GPU tests run (gpu_attention.rs): 128 keys a tile; two or
+        // three stages (four producer warps: two).
         for (prefix, num_warps) in [("wgmma-ws4", 12), ("wgmma-ws", 9)] {
             if let Some(rest) = s.strip_prefix(prefix) {
                 return Self::parse(&format!("wgmma{rest}"))
                     .map(|t| TileConfig { num_warps, ..t })
-                    .map_err(|e| e.replace("wgmma", prefix));
+                    .map_err(|e| e.replace("wgmma", prefix))
+                    .and_then(|t| {
+                        if num_warps == 12 && t.stages != 2 {
+                            Err(format!("bad tile config {s:?}: wgmma-ws4 runs two stages"))
+                        } else {
+                            Ok(t)
+                        }
+                    });
             }
         }
         if let Some(rest) = s.strip_prefix("wgmma") {
@@ -194,10 +210,10 @@ impl TileConfig {
                 [n, st] => (n, st),
                 _ => (0, 0),
             };
-            return if [64, 128].contains(&block_n) && (2..=4).contains(&stages) {
+            return if block_n == 128 && (2..=3).contains(&stages) {
                 Ok(TileConfig { block_n, stages, ..base })
             } else {
-                Err(format!("bad tile config {s:?}: wgmma BLOCK_N in 64,128; STAGES in 2..=4"))
+                Err(format!("bad tile config {s:?}: wgmma BLOCK_N 128; STAGES 2 or 3"))
             };
         }
         let v: Vec<u32> =
@@ -648,9 +664,18 @@ mod tests {
         assert_eq!(t, TileConfig::PREFILL_SM90);
         assert_eq!((t.block_m(), t.threads()), (TileConfig::PREFILL.block_m(), 256));
         assert_eq!(t.smem_bytes(128, 2), 161 * 1024);
-        let t = TileConfig::parse("wgmma,64,3").unwrap();
-        assert!(t.wgmma && t.block_n == 64 && t.stages == 3);
-        assert!(TileConfig::parse("wgmma,32").is_err());
+        let t = TileConfig::parse("wgmma,128,3").unwrap();
+        assert!(t.wgmma && t.block_n == 128 && t.stages == 3);
+        assert!(TileConfig::parse("wgmma,64").is_err());
+        assert!(TileConfig::parse("wgmma,128,4").is_err());
+        assert!(TileConfig::parse("wgmma-ws4,128,3").is_err());
+        // One block an SM at head_dim 128 on Hopper (227 KiB a block), two for the others.
+        let hopper = 227 * 1024;
+        assert_eq!(TileConfig::PREFILL_SM90.blocks_per_sm(128, hopper), 1);
+        assert_eq!(TileConfig::PREFILL_SM90.blocks_per_sm(64, hopper), 2);
+        for t in [TileConfig::PREFILL, TileConfig::DECODE, TileConfig::DECODE_SMALL] {
+            assert_eq!(t.blocks_per_sm(128, hopper), 2, "{t:?}");
+        }
         assert!(TileConfig::parse("wgmma,x").is_err());
         let t = TileConfig::parse("wgmma-ws,128,3").unwrap();
         assert_eq!((t.num_warps, t.threads(), t.block_m(), t.stages), (9, 288, 128, 3));

@@ -32,8 +32,9 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Makes this thread's generic-proxy shared-memory writes (st.shared, cp.async) visible to
-// the async proxy that wgmma reads through. Before the barrier that publishes them.
+// Orders generic-proxy shared-memory accesses (st.shared, cp.async) with the async proxy
+// that wgmma reads through: by the writer before the barrier that publishes its writes, or
+// by a reader after the barrier through which it saw them land.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // Pins accumulator registers at this point of the instruction stream: after a wgmma_wait
 // the compiler must not read them earlier (it cannot see the asynchronous write).
