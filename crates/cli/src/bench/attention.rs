@@ -31,7 +31,8 @@ pub struct AttentionArgs {
     /// Read K/V from the page pool with this page size instead of contiguous tensors.
     #[arg(long)]
     page_size: Option<usize>,
-    /// Tile configs to time, WARPS,M_TILES,BLOCK_N[,STAGES] or wgmma[,BLOCK_N[,STAGES]]
+    /// Tile configs to time, WARPS,M_TILES,BLOCK_N[,STAGES], or on Hopper
+    /// wgmma[,128[,STAGES]], wgmma-ws[,128[,STAGES]] (a producer warp), wgmma-ws4 (four)
     /// (repeatable; default: the launcher's choice, wgmma on Hopper).
     #[arg(long = "tiles", value_parser = TileConfig::parse)]
     tiles: Vec<TileConfig>,
