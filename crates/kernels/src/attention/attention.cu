@@ -498,6 +498,15 @@ __device__ void produce_kv(const AttentionParams& p, int b, int kvh, int kv_begi
 }
 #endif
 
+// The A fragment of P for k16 step kk of MMA tile mt: the S accumulators of its n8 tiles
+// 2kk and 2kk + 1 (the layouts coincide), packed to 16 bits.
+__device__ __forceinline__ void pack_p(const float (&s)[MT][NT][4], int mt, int kk, u32 (&a)[4]) {
+  a[0] = pack2<mma_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+  a[1] = pack2<mma_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+  a[2] = pack2<mma_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+  a[3] = pack2<mma_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+}
+
 // One K/V tile's step of the online softmax, on a warp's S accumulators: masks keys at or
 // past each row's limit (the item's end, and when causal the row's token) if `need_mask`
 // (`key0`: the key of column 0), then in the exp2 domain turns S into P (unnormalised),
@@ -645,7 +654,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
-    asm volatile("bar.sync 1, %0;\n" ::"n"(THREADS) : "memory");
+    named_bar_sync<1, THREADS>();
   }
 #endif
   // The first AHEAD tiles, one commit group each (empty past the last tile, so that
@@ -672,7 +681,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   // Ping-pong needs both warpgroups in the loop (each waits for the other's turn).
   const int wg = warp / 4;
   const bool pingpong = PRODUCER && PINGPONG && !producer && row0 + 64 < rows;
-  if (pingpong && wg == 1) asm volatile("bar.arrive 2, 256;\n" ::: "memory");  // warpgroup 0 first
+  if (pingpong && wg == 1) named_bar_arrive<2, THREADS>();  // warpgroup 0 first
 #endif
 
   float o_acc[MT][ON][4];
@@ -759,9 +768,10 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       // S = Q Kᵀ on the warpgroup's 64 rows: DK k16 steps, Q and K from shared memory.
       const u32 q_rows = sq + wrow / 64 * 64 * 128;
       float s[MT][NT][4];
-      if (pingpong) {  // this warpgroup's turn
-        if (wg == 0) asm volatile("bar.sync 2, 256;\n" ::: "memory");
-        else asm volatile("bar.sync 3, 256;\n" ::: "memory");
+      float(&s_flat)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s[0]);  // as wgmma lays it out
+      if (pingpong) {  // this warpgroup's turn: barrier 2 for warpgroup 0, 3 for 1
+        if (wg == 0) named_bar_sync<2, THREADS>();
+        else named_bar_sync<3, THREADS>();
       }
       wgmma_fence();
 #pragma unroll
@@ -769,21 +779,21 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         // Column block kk / 4 (of BM or BN rows of 128 bytes), then 32 bytes a step within it.
         const u64 da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
         const u64 db = wgmma_desc(sk + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
-        wgmma_ss<BN, mma_t>(reinterpret_cast<float(&)[NT * 4]>(s[0]), da, db, kk > 0);
+        wgmma_ss<BN, mma_t>(s_flat, da, db, kk > 0);
       }
       wgmma_commit();
       // P V of tile j - 1 behind it: the tensor cores run it during this tile's softmax.
       if (OVERLAP && j > 0) wgmma_pv(p_frag, sv0 + ((j - 1) % ST) * stage_bytes, o_acc);
       if (pingpong) {  // the other warpgroup's turn to issue
-        if (wg == 0) asm volatile("bar.arrive 3, 256;\n" ::: "memory");
-        else asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+        if (wg == 0) named_bar_arrive<3, THREADS>();
+        else named_bar_arrive<2, THREADS>();
       }
       if (OVERLAP && j > 0) {
         wgmma_wait<1>();  // Q Kᵀ done; P V may still run
       } else {
         wgmma_wait<0>();
       }
-      wgmma_fence_regs(reinterpret_cast<float(&)[NT * 4]>(s[0]));
+      wgmma_fence_regs(s_flat);
 #else
       if constexpr (Q_IN_REGS) {
         if (j == 0) {
@@ -837,7 +847,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
         // Tile j - 1's P V is done with O (and its P) before O is rescaled for tile j. The
         // softmax above must not sink below the wait (the compiler may move plain
         // arithmetic across it): pinning S here keeps it in the P V's shadow.
-        wgmma_fence_regs(reinterpret_cast<float(&)[NT * 4]>(s[0]));
+        wgmma_fence_regs(s_flat);
         if (j > 0) {
           wgmma_pv_done(p_frag, o_acc);
           mbar_arrive(empty_bar + ((j - 1) % ST) * 8);
@@ -858,12 +868,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       // O += P V: the S accumulators of n8 tiles 2kk, 2kk+1 are the A fragment of k16 step kk.
 #if WGMMA
 #pragma unroll
-      for (int kk = 0; kk < PK; ++kk) {
-        p_frag[kk][0] = pack2<mma_t>(s[0][2 * kk][0], s[0][2 * kk][1]);
-        p_frag[kk][1] = pack2<mma_t>(s[0][2 * kk][2], s[0][2 * kk][3]);
-        p_frag[kk][2] = pack2<mma_t>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        p_frag[kk][3] = pack2<mma_t>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
+      for (int kk = 0; kk < PK; ++kk) pack_p(s, 0, kk, p_frag[kk]);
       if constexpr (!OVERLAP) {
         wgmma_pv(p_frag, sv, o_acc);
         wgmma_pv_done(p_frag, o_acc);
@@ -874,12 +879,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
       for (int kk = 0; kk < PK; ++kk) {
         u32 a[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pack2<mma_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          a[mt][1] = pack2<mma_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          a[mt][2] = pack2<mma_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          a[mt][3] = pack2<mma_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
+        for (int mt = 0; mt < MT; ++mt) pack_p(s, mt, kk, a[mt]);
 #pragma unroll
         for (int n = 0; n < ON; n += 2) {
           u32 b0, b1, b2, b3;
@@ -896,7 +896,7 @@ attention_kernel(const __grid_constant__ AttentionParams p) {
   }
 #if WGMMA
   // Warpgroup 1's first arrival on barrier 2 has one wait more to meet: leave it balanced.
-  if (pingpong && wg == 0) asm volatile("bar.sync 2, 256;\n" ::: "memory");
+  if (pingpong && wg == 0) named_bar_sync<2, THREADS>();
   if (OVERLAP && warp_active && n_tiles > 0) {  // the last tile's P V
     wgmma_pv(p_frag, sv0 + ((n_tiles - 1) % ST) * stage_bytes, o_acc);
     wgmma_pv_done(p_frag, o_acc);

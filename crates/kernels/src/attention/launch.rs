@@ -157,11 +157,11 @@ pub fn plan_batch(
         device.info().max_shared_per_block
     );
     // Keys are split until about one wave of blocks runs: as many as fit on the SMs at once
-    // (the Hopper prefill tiles fit one an SM at head_dim 128).
+    // (the Hopper prefill tiles fit one an SM at head_dim 128; at most the two a step's
+    // work bound assumes, `default_target_blocks`).
     let target_blocks = target_blocks.unwrap_or_else(|| {
-        let fit = device.info().sm_count as usize
-            * tiles.blocks_per_sm(shape.head_dim, device.info().max_shared_per_block);
-        fit.min(default_target_blocks(device))
+        device.info().sm_count as usize
+            * tiles.blocks_per_sm(shape.head_dim, device.info().max_shared_per_block)
     });
     let plan = plan(
         &meta.q_lens,

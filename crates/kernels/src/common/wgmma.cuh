@@ -50,6 +50,16 @@ template <int N> __device__ __forceinline__ void wgmma_fence_regs(u32 (&a)[N][4]
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
+// Named CTA barrier ID (1-15) over THREADS threads (bar.sync waits, bar.arrive does not):
+// warpgroups synchronise among themselves without the block's barrier 0. Compile-time
+// operands, so the barrier instruction takes immediates.
+template <int ID, int THREADS_> __device__ __forceinline__ void named_bar_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS_) : "memory");
+}
+template <int ID, int THREADS_> __device__ __forceinline__ void named_bar_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(THREADS_) : "memory");
+}
+
 // Shared-memory barriers (mbarrier): a thread may arrive at one point and wait at another,
 // so warpgroups that share K/V stages need not run in step. Phases alternate parity.
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
