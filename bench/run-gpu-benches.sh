@@ -42,14 +42,18 @@ gemm)
 attention)
   # The shapes the prefill issues record: the seed shape (f16/bf16, causal or not),
   # B=8 H=32 S=4096 D=128 causal, GQA Hq=32 Hkv=8 D=128 S=4096 causal, and the Hopper
-  # prefill issue's table. Ours is the launcher's choice (wgmma on Hopper); the mma.sync
-  # kernel runs the same shapes in the same call as a peer (RADIX_SPARSE_PREFILL_KERNEL=mma).
+  # prefill issue's table. Ours is the launcher's choice (on Hopper wgmma, with the TMA
+  # producer at head_dim 128); the cp.async wgmma kernel and the mma.sync one run the same
+  # shapes in the same call as peers (RADIX_SPARSE_PREFILL_KERNEL=wgmma, =mma).
   # A paged shape (--page-size) is paired with the peers' contiguous K/V.
   while read -r args; do
     rm -f "$out"/a_*.jsonl
     "$rs" bench attention $args --json "$out/a_ours.jsonl"
     RADIX_SPARSE_PREFILL_KERNEL=mma "$rs" bench attention $args --json "$out/a_mma_ours.jsonl"
     same_run_peer "$out/a_mma_ours.jsonl" "$out/a_mma.jsonl" "radix-sparse mma.sync prefill kernel, same call"
+    RADIX_SPARSE_PREFILL_KERNEL=wgmma "$rs" bench attention $args --json "$out/a_wgmma_ours.jsonl"
+    same_run_peer "$out/a_wgmma_ours.jsonl" "$out/a_wgmma.jsonl" \
+      "radix-sparse wgmma prefill kernel with cp.async copies (no TMA), same call"
     peer_args=$(echo "$args" | sed 's/--page-size [0-9]*//')
     page=$(echo "$args" | sed -n 's/.*--page-size \([0-9]*\).*/ page=\1/p')
     for backend in flash cudnn; do
@@ -58,8 +62,9 @@ attention)
       python3 -c 'import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]
 open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]})+"\n" for r in rows)' "$out/a_$backend.jsonl" "$page"
     done
-    record --ours "$out/a_ours.jsonl" --peer "$out/a_mma.jsonl" --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" \
-      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
+    record --ours "$out/a_ours.jsonl" --peer "$out/a_mma.jsonl" --peer "$out/a_wgmma.jsonl" \
+      --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" \
+      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma, =wgmma); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
   done <<'SHAPES'
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16 --causal
@@ -71,9 +76,11 @@ open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]}
 --batch 1 --heads 32 --kv-heads 8 --seq-len 16384 --head-dim 128 --dtype bf16 --causal
 --batch 64 --heads 32 --kv-heads 8 --seq-len 500 --head-dim 128 --dtype bf16 --causal
 --batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal --page-size 16
+--batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal
 --batch 2 --heads 32 --kv-heads 8 --seq-len 8192 --head-dim 128 --dtype bf16 --causal
 --batch 8 --heads 32 --kv-heads 8 --seq-len 4096 --head-dim 128 --dtype bf16
 SHAPES
+  rm -f "$out"/a_*.jsonl
   ;;
 decode)
   rm -f "$out/d_ours.jsonl"

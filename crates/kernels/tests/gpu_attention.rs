@@ -83,6 +83,26 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
                 last.push((l - (listed.len() - 1) * ps) as i32);
             }
             let pool = num_pages * c.hkv * ps * c.d;
+            // Every slot the table does not cover holds NaN (unlisted and spare pages, the
+            // last page's unused slots): a kernel that let one into P V would output NaN.
+            let mut covered = vec![0usize; num_pages]; // slots in use per page id
+            for b in 0..c.kv_lens.len() {
+                let listed = &indices[indptr[b] as usize..indptr[b + 1] as usize];
+                for (i, &id) in listed.iter().enumerate() {
+                    covered[id as usize] =
+                        if i + 1 == listed.len() { last[b] as usize } else { ps };
+                }
+            }
+            let poison = |mut x: Vec<T>| {
+                let slot = ps * c.d; // one kv head's page is hkv slots of ps rows
+                for (id, &used) in covered.iter().enumerate() {
+                    for h in 0..c.hkv {
+                        let page = (id * c.hkv + h) * slot;
+                        x[page + used * c.d..page + slot].fill(T::from_f64(f64::NAN));
+                    }
+                }
+                x
+            };
             let kv = KvSource::Paged {
                 page_size: ps,
                 num_pages,
@@ -91,7 +111,7 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
                 kv_last_page_len: last,
                 head_tables: false,
             };
-            (kv, random(rng, pool), random(rng, pool))
+            (kv, poison(random(rng, pool)), poison(random(rng, pool)))
         }
     }
 }
@@ -99,18 +119,25 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
 /// Runs a case with the tiles the launcher picks and, where that is the Hopper (wgmma)
 /// prefill kernel, again with the mma.sync prefill tiles it replaces there and with the
 /// wgmma kernel's other variants: three stages (the overlapped loop), one or four producer
-/// warps.
+/// warps, the TMA producer (pages of 8 tokens or more).
 fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
     let chosen = run_case_with::<T>(dev, jit, c, seed, None);
     if chosen.wgmma {
+        let sm90 = TileConfig::PREFILL_SM90;
+        let small_pages = matches!(c.kv, Kv::Paged(ps) | Kv::Subset(ps) if ps < 8);
         let others = [
             TileConfig::PREFILL,
-            TileConfig { stages: 3, ..chosen },
-            TileConfig { num_warps: 9, ..chosen },
-            TileConfig { num_warps: 9, stages: 3, ..chosen },
-            TileConfig { num_warps: 12, ..chosen },
+            sm90,
+            TileConfig { stages: 3, ..sm90 },
+            TileConfig { num_warps: 9, ..sm90 },
+            TileConfig { num_warps: 9, stages: 3, ..sm90 },
+            TileConfig { num_warps: 12, ..sm90 },
+            TileConfig::PREFILL_SM90_TMA,
         ];
         for tiles in others {
+            if tiles == chosen || (tiles.tma && small_pages) {
+                continue;
+            }
             run_case_with::<T>(dev, jit, c, seed, Some(tiles));
         }
     }

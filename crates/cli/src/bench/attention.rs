@@ -32,8 +32,9 @@ pub struct AttentionArgs {
     #[arg(long)]
     page_size: Option<usize>,
     /// Tile configs to time, WARPS,M_TILES,BLOCK_N[,STAGES], or on Hopper
-    /// wgmma[,128[,STAGES]], wgmma-ws[,128[,STAGES]] (a producer warp), wgmma-ws4 (four)
-    /// (repeatable; default: the launcher's choice, wgmma on Hopper).
+    /// wgmma[,128[,STAGES]], wgmma-ws[,128[,STAGES]] (a producer warp), wgmma-ws4 (four),
+    /// wgmma-tma (a TMA producer warpgroup) (repeatable; default: the launcher's choice,
+    /// wgmma on Hopper).
     #[arg(long = "tiles", value_parser = TileConfig::parse)]
     tiles: Vec<TileConfig>,
     #[arg(long, default_value_t = 5)]
@@ -115,7 +116,11 @@ fn run_typed<T: HalfFloat>(a: &AttentionArgs) -> anyhow::Result<()> {
         let tiles = batch.tiles();
         let label =
             shape_label(a, hkv) + &a.page_size.map(|p| format!(" page={p}")).unwrap_or_default();
-        let kernel = if tiles.wgmma { "wgmma" } else { "mma.sync" };
+        let kernel = match (tiles.wgmma, tiles.tma) {
+            (true, true) => "wgmma-tma",
+            (true, false) => "wgmma",
+            _ => "mma.sync",
+        };
         println!(
             "{label}  {kernel} tiles={},{},{},{}  {:.3} ms  {:.1} TFLOP/s",
             tiles.num_warps, tiles.m_tiles, tiles.block_n, tiles.stages, t.median_ms, tflops

@@ -44,6 +44,69 @@ pub(crate) struct AttentionParams {
 // SAFETY: plain data mirroring the kernel's parameter struct.
 unsafe impl DeviceRepr for AttentionParams {}
 
+/// A TMA tensor map as the driver encodes it (`CUtensorMap`): 128 opaque bytes, aligned as
+/// attention.cu's `TmaMap` (128, as CUDA 13 declares it).
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug, Default)]
+struct TmaMap([u64; 16]);
+
+/// Mirrors `KernelParams` of the TMA specialisation: the parameters, then the K and V maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct TmaKernelParams {
+    p: AttentionParams,
+    k_map: TmaMap,
+    v_map: TmaMap,
+}
+
+// SAFETY: plain data mirroring the kernel's parameter struct.
+unsafe impl DeviceRepr for TmaKernelParams {}
+
+/// Encodes a tensor map over 16-bit values at `addr`: `dims` innermost first, `strides` the
+/// bytes between steps of dims 1.., `boxes` the box the kernel copies, swizzled by 128
+/// bytes (rows of 64 values, attention.cu's tile layout). Out-of-range boxes fill zeros.
+fn encode_tma_map(addr: u64, dims: &[u64], strides: &[u64], boxes: &[u32]) -> Result<TmaMap> {
+    use radix_gpu::cudarc::driver::sys;
+    ensure!(
+        dims.len() == boxes.len() && strides.len() + 1 == dims.len(),
+        "tensor map: {} dims, {} strides, {} box dims",
+        dims.len(),
+        strides.len(),
+        boxes.len()
+    );
+    ensure!(addr.is_multiple_of(16), "TMA needs 16-byte aligned K/V, got address {addr:#x}");
+    ensure!(
+        dims.iter().all(|&d| (1..=1 << 32).contains(&d))
+            && strides.iter().all(|&s| s.is_multiple_of(16) && s < 1 << 40),
+        "tensor map out of TMA's range: dims {dims:?}, strides {strides:?}"
+    );
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let ones = [1u32; 5];
+    // SAFETY: the arrays hold `dims.len()` (strides: one fewer) entries as the call reads;
+    // the map is written in place; nothing is dereferenced on the device here.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            dims.len() as u32,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            ones.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    ensure!(
+        r == sys::CUresult::CUDA_SUCCESS,
+        "cuTensorMapEncodeTiled failed ({r:?}) for dims {dims:?}, strides {strides:?}, box {boxes:?}"
+    );
+    Ok(TmaMap(map.opaque))
+}
+
 /// The kernel specialisation for a dtype, head dim, KV source and tile shape (wgmma
 /// tiles: sm_90a only).
 pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
@@ -67,28 +130,55 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
             .map_or(true, |v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "off"))
     });
     let spec = spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A);
+    let spec = if tiles.tma { spec.define("TMA", 1) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
 }
 
-/// Which prefill kernel `plan_batch` picks by itself on Hopper: the wgmma one, unless
-/// `RADIX_SPARSE_PREFILL_KERNEL=mma` asks for the mma.sync one (for comparisons, or as a
-/// fallback; any other value than `mma` or `wgmma` is named in a warning and ignored).
-/// Other GPUs always run mma.sync.
-pub fn prefill_tiles(device: &Device) -> TileConfig {
-    static MMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let mma = *MMA.get_or_init(|| match std::env::var("RADIX_SPARSE_PREFILL_KERNEL") {
-        Ok(v) if v.eq_ignore_ascii_case("mma") => true,
-        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("wgmma") => false,
-        Ok(v) => {
-            tracing::warn!("RADIX_SPARSE_PREFILL_KERNEL={v:?} is not mma or wgmma; ignored");
-            false
+/// The prefill kernels `RADIX_SPARSE_PREFILL_KERNEL` chooses between on Hopper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrefillKernel {
+    /// The TMA kernel where it is faster and can run, else wgmma (unset, `auto`).
+    Auto,
+    /// wgmma with the block's own cp.async copies (`wgmma`).
+    Wgmma,
+    /// wgmma with the TMA producer wherever it can run (`tma`).
+    Tma,
+    /// The mma.sync kernel of other GPUs (`mma`).
+    Mma,
+}
+
+/// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim` and, paged,
+/// `page_size`: at head_dim 128 the wgmma kernel with a TMA producer (1.25-1.37x the
+/// cp.async one on the H200, bench/NOTES.md), at 64 the cp.async one (two blocks an SM
+/// there; the TMA one fits one: 4-9% slower), and also where TMA cannot read the pages
+/// (fewer than 8 tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|mma` forces one (for
+/// comparisons, or as a fallback; other values are named in a warning and ignored). Other
+/// GPUs always run mma.sync.
+pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>) -> TileConfig {
+    static CHOICE: std::sync::OnceLock<PrefillKernel> = std::sync::OnceLock::new();
+    let choice = *CHOICE.get_or_init(|| {
+        let v = std::env::var("RADIX_SPARSE_PREFILL_KERNEL").unwrap_or_default();
+        match v.to_ascii_lowercase().as_str() {
+            "" | "auto" => PrefillKernel::Auto,
+            "wgmma" => PrefillKernel::Wgmma,
+            "tma" => PrefillKernel::Tma,
+            "mma" => PrefillKernel::Mma,
+            _ => {
+                tracing::warn!(
+                    "RADIX_SPARSE_PREFILL_KERNEL={v:?} is not auto, tma, wgmma or mma; ignored"
+                );
+                PrefillKernel::Auto
+            }
         }
-        Err(_) => false,
     });
-    if device.info().arch() == radix_gpu::Arch::SM90A && !mma {
-        TileConfig::PREFILL_SM90
-    } else {
-        TileConfig::PREFILL
+    if device.info().arch() != radix_gpu::Arch::SM90A || choice == PrefillKernel::Mma {
+        return TileConfig::PREFILL;
+    }
+    let tma_reads = page_size.is_none_or(|ps| ps >= 8);
+    match choice {
+        PrefillKernel::Auto if head_dim == 128 && tma_reads => TileConfig::PREFILL_SM90_TMA,
+        PrefillKernel::Tma if tma_reads => TileConfig::PREFILL_SM90_TMA,
+        _ => TileConfig::PREFILL_SM90,
     }
 }
 
@@ -139,12 +229,23 @@ pub fn plan_batch(
     let tiles = tiles.unwrap_or_else(|| {
         let mut chosen = TileConfig::choose(max_rows);
         if chosen == TileConfig::PREFILL {
-            chosen = prefill_tiles(device);
+            let page_size = match &meta.kv {
+                KvSource::Paged { page_size, .. } => Some(*page_size),
+                KvSource::Contiguous { .. } => None,
+            };
+            chosen = prefill_tiles(device, shape.head_dim, page_size);
         }
         // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
         let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;
         if fits { chosen } else { TileConfig { stages: 2, ..chosen } }
     });
+    // TMA boxes of a page keep the 1024-byte swizzle atoms only with 8 rows or more.
+    if let KvSource::Paged { page_size, .. } = &meta.kv {
+        ensure!(
+            !tiles.tma || *page_size >= 8,
+            "the TMA prefill kernel reads pages of 8 tokens or more, not {page_size}"
+        );
+    }
     ensure!(
         !tiles.wgmma || device.info().arch() == radix_gpu::Arch::SM90A,
         "wgmma tiles need a Hopper GPU (sm_90a); this one is {}",
@@ -451,11 +552,41 @@ impl AttentionBatch {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        if self.tiles.tma && kv.fp8.is_none() {
+            let (k_map, v_map) = self.tma_maps(&kv)?;
+            let params = TmaKernelParams { p: params, k_map, v_map };
+            // SAFETY: as below; the maps cover exactly the K/V buffers checked above.
+            unsafe { kernel.launch(&self.device, cfg, &params) }?;
+            return Ok(());
+        }
         // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above
         // against the validated metadata, which the work list only indexes within (split
         // items' merge entries included).
         unsafe { kernel.launch(&self.device, cfg, &params) }?;
         Ok(())
+    }
+
+    /// The TMA kernel's K and V maps: contiguous K/V as `[tokens][Hkv][D]` with boxes of
+    /// `[BN][1][64]`; a page pool as rows of D with a box of a page (at most BN rows).
+    fn tma_maps(&self, kv: &KvRead) -> Result<(TmaMap, TmaMap)> {
+        let s = &self.shape;
+        let (d, hkv, bn) = (s.head_dim as u64, s.num_kv_heads as u64, self.tiles.block_n as u64);
+        let map = |addr: u64| match &self.meta.kv {
+            KvSource::Contiguous { kv_indptr } => {
+                let tokens = (*kv_indptr.last().unwrap() as u64).max(1);
+                encode_tma_map(addr, &[d, hkv, tokens], &[d * 2, hkv * d * 2], &[64, 1, bn as u32])
+            }
+            KvSource::Paged { page_size, num_pages, .. } => {
+                let rows = (*num_pages as u64 * hkv * *page_size as u64).max(1);
+                ensure!(
+                    rows < 1 << 31,
+                    "a page pool of {rows} rows of head_dim is past the TMA kernel's 2^31"
+                );
+                let box_rows = (*page_size as u64).min(bn) as u32;
+                encode_tma_map(addr, &[d, rows], &[d * 2], &[64, box_rows])
+            }
+        };
+        Ok((map(kv.k.0)?, map(kv.v.0)?))
     }
 }
 
@@ -470,5 +601,6 @@ struct KvRead {
 
 // Keep the host structs the size the kernels expect.
 const _: () = assert!(std::mem::size_of::<AttentionParams>() == 168);
+const _: () = assert!(std::mem::size_of::<TmaKernelParams>() == 512);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

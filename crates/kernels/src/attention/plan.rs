@@ -55,6 +55,9 @@ pub struct TileConfig {
     /// as `wgmma` from 128-byte-swizzled shared tiles (`m_tiles` 1; `num_warps` 8, or 9 / 12
     /// with one / four producer warps that issue every K/V copy).
     pub wgmma: bool,
+    /// wgmma tiles whose producer warpgroup brings K/V in with TMA copies (`num_warps` 12,
+    /// two stages of K and two of V, the softmax overlapped with the previous tile's P V).
+    pub tma: bool,
 }
 
 impl TileConfig {
@@ -82,8 +85,10 @@ impl TileConfig {
     /// Blocks of these tiles that fit on one SM by shared memory, at most two (the kernels'
     /// launch bounds); `max_shared_per_block` is the SM's shared memory less the 1 KiB the
     /// driver reserves per block.
+    /// The TMA tiles' 384 threads take the SM's registers: one block.
     pub fn blocks_per_sm(&self, head_dim: usize, max_shared_per_block: usize) -> usize {
-        ((max_shared_per_block + 1024) / (self.smem_bytes(head_dim, 2) + 1024)).clamp(1, 2)
+        let cap = if self.tma { 1 } else { 2 };
+        ((max_shared_per_block + 1024) / (self.smem_bytes(head_dim, 2) + 1024)).clamp(1, cap)
     }
 
     /// Dynamic shared memory over an FP8 pool: the 16-bit Q tile, one widened 16-bit K and
@@ -125,6 +130,7 @@ impl TileConfig {
         stages: 2,
         key_split: false,
         wgmma: false,
+        tma: false,
     };
     /// Prefill tiles on Hopper: the same 128 rows a block as `PREFILL` (so the same plan),
     /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (161 KiB with
@@ -138,7 +144,12 @@ impl TileConfig {
         stages: 2,
         key_split: false,
         wgmma: true,
+        tma: false,
     };
+    /// `PREFILL_SM90` with a TMA producer warpgroup (attention.cu's TMA): 12 warps, the
+    /// same 161 KiB of tiles at head_dim 128, K and V in two stages each.
+    pub const PREFILL_SM90_TMA: TileConfig =
+        TileConfig { num_warps: 12, tma: true, ..Self::PREFILL_SM90 };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
     /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
     /// third stage keeps two K/V tiles in flight while one is computed on (a block at
@@ -151,6 +162,7 @@ impl TileConfig {
         stages: 3,
         key_split: false,
         wgmma: false,
+        tma: false,
     };
     /// Decode tiles for at most 16 rows (one token of a GQA group up to 16): the four warps
     /// split each K/V tile's keys instead of rows, so all of them compute. With `DECODE`,
@@ -163,6 +175,7 @@ impl TileConfig {
         stages: 3,
         key_split: true,
         wgmma: false,
+        tma: false,
     };
 
     /// Tiles for a batch whose longest sequence has `max_rows` rows (q_len × group).
@@ -182,6 +195,14 @@ impl TileConfig {
     pub fn parse(s: &str) -> Result<TileConfig, String> {
         // Only the variants the GPU tests run (gpu_attention.rs): 128 keys a tile; two or
         // three stages (four producer warps: two).
+        if let Some(rest) = s.strip_prefix("wgmma-tma") {
+            return match rest {
+                "" | ",128" | ",128,2" => Ok(Self::PREFILL_SM90_TMA),
+                _ => Err(format!(
+                    "bad tile config {s:?}: wgmma-tma runs 128 keys a tile, two stages"
+                )),
+            };
+        }
         for (prefix, num_warps) in [("wgmma-ws4", 12), ("wgmma-ws", 9)] {
             if let Some(rest) = s.strip_prefix(prefix) {
                 return Self::parse(&format!("wgmma{rest}"))
@@ -230,7 +251,15 @@ impl TileConfig {
             && [32, 64, 128].contains(&block_n)
             && (2..=4).contains(&stages)
         {
-            Ok(TileConfig { num_warps, m_tiles, block_n, stages, key_split: false, wgmma: false })
+            Ok(TileConfig {
+                num_warps,
+                m_tiles,
+                block_n,
+                stages,
+                key_split: false,
+                wgmma: false,
+                tma: false,
+            })
         } else {
             Err(format!(
                 "bad tile config {s:?}: WARPS in 2,4,8; M_TILES in 1,2; BLOCK_N in 32,64,128; \
@@ -679,5 +708,14 @@ mod tests {
         assert!(TileConfig::parse("wgmma,x").is_err());
         let t = TileConfig::parse("wgmma-ws,128,3").unwrap();
         assert_eq!((t.num_warps, t.threads(), t.block_m(), t.stages), (9, 288, 128, 3));
+        // The TMA producer: 12 warps, the same rows and tiles, one block an SM (registers).
+        let t = TileConfig::parse("wgmma-tma").unwrap();
+        assert_eq!(t, TileConfig::PREFILL_SM90_TMA);
+        assert!(t.tma && t.wgmma);
+        assert_eq!((t.threads(), t.block_m(), t.smem_bytes(128, 2)), (384, 128, 161 * 1024));
+        assert_eq!((t.blocks_per_sm(128, hopper), t.blocks_per_sm(64, hopper)), (1, 1));
+        assert_eq!(TileConfig::parse("wgmma-tma,128,2").unwrap(), t);
+        assert!(TileConfig::parse("wgmma-tma,128,3").is_err());
+        assert!(TileConfig::parse("wgmma-tma,64").is_err());
     }
 }

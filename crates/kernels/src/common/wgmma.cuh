@@ -83,6 +83,50 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
       : "memory");
 }
 
+// Arrives on `bar` and raises the bytes its phase waits for by `bytes`: the TMA copies
+// issued against it count down as they land (complete_tx).
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// A TMA tensor map (CUtensorMap, built on the host by cuTensorMapEncodeTiled): 128 opaque
+// bytes, read by the copy instructions from kernel parameter space; aligned to 128 as CUDA
+// 13 declares it (the hardware needs 64).
+struct __align__(128) TmaMap {
+  u64 opaque[16];
+};
+
+// Starts fetching a tensor map into the TMA unit's descriptor cache.
+__device__ __forceinline__ void tma_prefetch_map(const TmaMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+
+// One box of a 2-D / 3-D tensor (coordinates innermost first, in elements) into shared
+// memory at `dst`, laid out and swizzled as the map says; its bytes count down `bar`.
+// Boxes reaching past the tensor's bounds land zero-filled (and still count in full).
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+      ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaMap* map, u32 bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+      ::"r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
+// Moves registers between warpgroups (every warp of the warpgroup runs the same one):
+// the producer gives up what it does not need, the consumers take it. ptxas allocates the
+// code after each for its new limit.
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 // D (+)= A B for a 64 x N tile: A and B from shared memory, both K-major. scale_d = 0
 // overwrites D.
 template <int N, typename T> __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], u64 a, u64 b, int scale_d);
