@@ -50,11 +50,13 @@ unsafe impl DeviceRepr for AttentionParams {}
 #[derive(Clone, Copy, Debug, Default)]
 struct TmaMap([u64; 16]);
 
-/// Mirrors `KernelParams` of the TMA specialisation: the parameters, then the K and V maps.
+/// Mirrors `KernelParams` of the TMA specialisation: the parameters, the task count of the
+/// persistent grid, then the K and V maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct TmaKernelParams {
     p: AttentionParams,
+    num_tasks: i32,
     k_map: TmaMap,
     v_map: TmaMap,
 }
@@ -553,9 +555,14 @@ impl AttentionBatch {
             shared_mem_bytes: smem as u32,
         };
         if self.tiles.tma && kv.fp8.is_none() {
+            // Persistent: one block an SM takes tasks (work item, kv head) in turn.
+            let num_tasks = self.plan.work.len() * s.num_kv_heads;
+            let blocks = num_tasks.min(self.device.info().sm_count as usize);
             let (k_map, v_map) = self.tma_maps(&kv)?;
-            let params = TmaKernelParams { p: params, k_map, v_map };
-            // SAFETY: as below; the maps cover exactly the K/V buffers checked above.
+            let params = TmaKernelParams { p: params, num_tasks: num_tasks as i32, k_map, v_map };
+            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), ..cfg };
+            // SAFETY: as below; the maps cover exactly the K/V buffers checked above, and
+            // the kernel reads work items below num_tasks / num_kv_heads only.
             unsafe { kernel.launch(&self.device, cfg, &params) }?;
             return Ok(());
         }

@@ -77,8 +77,12 @@ impl TileConfig {
 
     /// Dynamic shared memory: the Q tile plus `stages` K and V tiles (wgmma: and 1 KiB
     /// to align them to the 1024-byte swizzle atoms).
+    /// The TMA tiles add a staging tile for the output (the next task's Q loads meanwhile).
     pub fn smem_bytes(&self, head_dim: usize, elem_bytes: usize) -> usize {
-        (self.block_m() + 2 * (self.stages * self.block_n) as usize) * head_dim * elem_bytes
+        let staging = if self.tma { self.block_m() } else { 0 };
+        (staging + self.block_m() + 2 * (self.stages * self.block_n) as usize)
+            * head_dim
+            * elem_bytes
             + if self.wgmma { 1024 } else { 0 }
     }
 
@@ -146,8 +150,8 @@ impl TileConfig {
         wgmma: true,
         tma: false,
     };
-    /// `PREFILL_SM90` with a TMA producer warpgroup (attention.cu's TMA): 12 warps, the
-    /// same 161 KiB of tiles at head_dim 128, K and V in two stages each.
+    /// `PREFILL_SM90` with a TMA producer warpgroup, persistent (attention/tma.cuh): 12
+    /// warps, K and V in two stages each, an output staging tile (193 KiB at head_dim 128).
     pub const PREFILL_SM90_TMA: TileConfig =
         TileConfig { num_warps: 12, tma: true, ..Self::PREFILL_SM90 };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
@@ -712,7 +716,7 @@ mod tests {
         let t = TileConfig::parse("wgmma-tma").unwrap();
         assert_eq!(t, TileConfig::PREFILL_SM90_TMA);
         assert!(t.tma && t.wgmma);
-        assert_eq!((t.threads(), t.block_m(), t.smem_bytes(128, 2)), (384, 128, 161 * 1024));
+        assert_eq!((t.threads(), t.block_m(), t.smem_bytes(128, 2)), (384, 128, 193 * 1024));
         assert_eq!((t.blocks_per_sm(128, hopper), t.blocks_per_sm(64, hopper)), (1, 1));
         assert_eq!(TileConfig::parse("wgmma-tma,128,2").unwrap(), t);
         assert!(TileConfig::parse("wgmma-tma,128,3").is_err());
