@@ -48,8 +48,10 @@ pub fn catalog() -> Vec<KernelSpec> {
             attention::TileConfig { num_warps: 9, ..sm90 },
             attention::TileConfig { num_warps: 9, stages: 3, ..sm90 },
             attention::TileConfig { num_warps: 12, ..sm90 },
-            // With a TMA producer warpgroup (`--tiles wgmma-tma`).
+            // With a TMA producer warpgroup (`--tiles wgmma-tma`), also persistent
+            // (`--tiles wgmma-tma-persistent`).
             attention::TileConfig::PREFILL_SM90_TMA,
+            attention::TileConfig::PREFILL_SM90_TMA_PERSISTENT,
         ] {
             for paged in [false, true] {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));

@@ -36,7 +36,8 @@
 // 20% slower: cp.async issue is their bound. TMA (12 warps, Hopper's default at head dim
 // 128): the producer warpgroup's first thread brings K and V in with TMA copies into stages
 // of their own, and the overlapped loop runs on them: 1.25-1.43x the cp.async kernel on the
-// H200 (bench/NOTES.md).
+// H200 (bench/NOTES.md). PERSISTENT: the same with one block an SM taking tasks in turn
+// (attention/tma.cuh); 1.2x on 500-token sequences, 3-8% slower on long ones, so far opt-in.
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
 // then holds a tile's bytes (16-byte cp.async copies, unswizzled); before the MMAs they
@@ -117,6 +118,12 @@ constexpr int PRODUCER_THREADS = PRODUCER ? (NUM_WARPS - 8) * 32 : 0;
 #define TMA 0
 #endif
 static_assert(!TMA || (WGMMA && NUM_WARPS == 12), "TMA blocks: two consumer warpgroups and a producer one");
+// PERSISTENT (with TMA): one block an SM takes (work item, kv head) tasks in turn, loading
+// across task boundaries (attention/tma.cuh).
+#ifndef PERSISTENT
+#define PERSISTENT 0
+#endif
+static_assert(!PERSISTENT || TMA, "the persistent kernel is the TMA one");
 constexpr int WARPS = WGMMA ? 8 : NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_THREADS = NUM_WARPS * 32;
@@ -209,9 +216,10 @@ struct AttentionParams {
   float v_scale;              // the FP8 cache's value scale (1 for a 16-bit cache)
 };
 
-// The kernel's one parameter: with TMA also the task count and the K and V tensor maps
-// (launch.rs builds them per launch: contiguous K/V as [tokens][Hkv][D] with boxes of
-// [BN][1][64], a page pool as rows of D with boxes of [min(page_size, BN)][64]).
+// The kernel's one parameter: with TMA also the task count (of the persistent variant) and
+// the K and V tensor maps (launch.rs builds them per launch: contiguous K/V as
+// [tokens][Hkv][D] with boxes of [BN][1][64], a page pool as rows of D with boxes of
+// [min(page_size, BN)][64]).
 struct KernelParams {
   AttentionParams p;
 #if TMA
@@ -220,6 +228,16 @@ struct KernelParams {
   TmaMap v_map;
 #endif
 };
+
+// The block's barrier among the threads still running: once a TMA producer warpgroup has
+// finished (it leaves after its last copy), the compute threads alone.
+__device__ __forceinline__ void block_sync() {
+#if TMA
+  named_bar_sync<1, THREADS>();
+#else
+  __syncthreads();
+#endif
+}
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [ROWS, D] tile. WGMMA:
 // D / 64 column blocks of [ROWS, 64], rows of 128 bytes (common/wgmma.cuh); at D = 64 the
@@ -521,6 +539,83 @@ __device__ void produce_kv(const AttentionParams& p, int b, int kvh, int kv_begi
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+#if TMA && !PERSISTENT
+// The TMA producer (one warp; lane 0 issues): K tile t into K stage t % ST once both
+// warpgroups have released that stage's previous tile, then V tile t likewise, each
+// landing on its full barrier by byte count. Contiguous K/V: one [BN, 64] box per column
+// block at the sequence's first token plus the tile's (past the tensor's end TMA fills
+// zeros). Paged: one box per page (min(page_size, BN) rows, page_size >= 8 so boxes keep
+// the swizzle's 1024-byte atoms), each lane looking up one box's page id, pages past
+// the sequence not copied. Rows past kv_stop hold whatever was there: scores mask them,
+// and the consumers zero V's before P V reads them (0 x NaN would not be 0).
+__device__ void produce_kv_tma(const KernelParams& kp, int b, int kvh, int kv_begin, int n_tiles, int kv_stop,
+                               u32 sk0, u32 sv0, u32 stage_bytes, u32 kfull, u32 kempty, u32 vfull, u32 vempty,
+                               int lane) {
+  const AttentionParams& p = kp.p;
+  if (lane == 0) {
+    tma_prefetch_map(&kp.k_map);
+    tma_prefetch_map(&kp.v_map);
+  }
+#if PAGED
+  const int* pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
+  const int prow = min(p.page_size, BN);  // rows per box
+#else
+  const int first_token = p.kv_indptr[b];
+#endif
+  for (int t = 0; t < n_tiles; ++t) {
+    const int st = t % ST;
+    const u32 parity = (t / ST - 1) & 1;  // of the release awaited (t >= ST)
+    const int tile_start = kv_begin + t * BN;
+#if PAGED
+    const int boxes = (min(BN, kv_stop - tile_start) + prow - 1) / prow;
+    int box_row = 0;  // lane i: the pool row where box i starts
+    if (lane < boxes) {
+      const int key = tile_start + lane * prow;
+      const int page = __ldg(pages + (key >> p.page_shift));
+      box_row = (page * p.num_kv_heads + kvh) * p.page_size + (key & (p.page_size - 1));
+    }
+    const u32 bytes = boxes * prow * D * 2;
+#else
+    const u32 bytes = BN * D * 2;
+#endif
+#pragma unroll
+    for (int kv = 0; kv < 2; ++kv) {
+      const u32 full = (kv ? vfull : kfull) + st * 8;
+      const u32 dst = (kv ? sv0 : sk0) + st * stage_bytes;
+      const TmaMap* map = kv ? &kp.v_map : &kp.k_map;
+      if (t >= ST) mbar_wait((kv ? vempty : kempty) + st * 8, parity);
+      if (lane == 0) mbar_arrive_expect_tx(full, bytes);
+#if PAGED
+      for (int i = 0; i < boxes; ++i) {
+        const int row = __shfl_sync(0xffffffffu, box_row, i);
+        if (lane == 0) {
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c) tma_load_2d(dst + c * BN * 128 + i * prow * 128, map, full, c * 64, row);
+        }
+      }
+#else
+      if (lane == 0) {
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * BN * 128, map, full, c * 64, kvh, first_token + tile_start);
+      }
+#endif
+    }
+  }
+}
+
+// Zeroes rows [valid, BN) of the V tile at `sv` (the last tile's rows past kv_stop), by
+// the 128 threads of warpgroup `wg`, before its P V reads the tile: P is 0 there, but the
+// rows hold whatever the box brought (another sequence's values, a page's unused slots).
+// Both warpgroups write the same zeros; each orders its own writes before its wgmmas.
+__device__ __forceinline__ void zero_v_tail(u32 sv, int valid, int wg) {
+  for (int i = valid * DC + threadIdx.x % 128; i < BN * DC; i += 128) {
+    asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(sv + swz<BN>(i / DC, i % DC)), "r"(0u) : "memory");
+  }
+  fence_proxy_async();
+  if (wg == 0) named_bar_sync<4, 128>();
+  else named_bar_sync<5, 128>();
+}
+#endif
 #endif
 
 // The A fragment of P for k16 step kk of MMA tile mt: the S accumulators of its n8 tiles
@@ -582,9 +677,8 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
   return rescale;
 }
 
-#if TMA
-// The persistent kernel with a TMA producer warpgroup (its own file: little of the loop
-// below carries over).
+#if PERSISTENT
+// The persistent TMA kernel (its own file: its loop runs over tasks, not one item).
 #include "attention/tma.cuh"
 #else
 // wgmma blocks at D = 64 without the overlap fit two to an SM (80 KiB of tiles each, at
@@ -667,8 +761,39 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   // threads publish Q among themselves), and empty when every compute thread is done with it:
   // the two warpgroups wait on these instead of meeting at a block barrier each tile, so
   // one can run its softmax while the other's wgmmas run.
-  __shared__ __align__(8) u64 stage_bars[2 * ST];
+  // (TMA: K and V each have their own full and empty barriers, behind these.)
+  __shared__ __align__(8) u64 stage_bars[(TMA ? 4 : 2) * ST];
   const u32 full_bar = smem_addr(stage_bars), empty_bar = full_bar + ST * 8;
+#if TMA
+  const u32 vfull_bar = empty_bar + ST * 8, vempty_bar = vfull_bar + ST * 8;
+  if (threadIdx.x == 0) {
+    // Full: the producer's one arrival plus the tile's bytes. Empty: every thread of the
+    // warpgroups with rows (the second has none when the tile's rows end within 64).
+    const int consumers = row0 + 64 < rows ? THREADS : THREADS / 2;
+#pragma unroll
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(full_bar + s * 8, 1);
+      mbar_init(vfull_bar + s * 8, 1);
+      mbar_init(empty_bar + s * 8, consumers);
+      mbar_init(vempty_bar + s * 8, consumers);
+    }
+  }
+  __syncthreads();
+  if (producer) {
+    // From here on the producer warpgroup meets the consumers at no block barrier.
+    setmaxnreg_dec<24>();
+    if (warp == WARPS) {
+      produce_kv_tma(kp, b, kvh, w.kv_begin, n_tiles, kv_stop, sk0, sv0, stage_bytes, full_bar, empty_bar, vfull_bar,
+                     vempty_bar, lane);
+    }
+    return;
+  }
+  setmaxnreg_inc<240>();
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_bar_sync<1, THREADS>();
+#else
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < ST; ++s) {
@@ -687,6 +812,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     fence_proxy_async();
     named_bar_sync<1, THREADS>();
   }
+#endif
 #endif
   // The first AHEAD tiles, one commit group each (empty past the last tile, so that
   // group j always holds tile j; Q rides in group 0).
@@ -741,7 +867,90 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   // OVERLAP: tile j - 1's P, packed for P V, waits here while tile j's Q Kᵀ and softmax run.
   [[maybe_unused]] u32 p_frag[PK][4];
 #endif
-  for (int j = 0; j < (producer ? 0 : n_tiles); ++j) {
+#if TMA
+  // The overlapped loop over TMA stages: Q Kᵀ of tile j is issued with P V of tile j - 1,
+  // whose P waits in p_frag; K's stage is released once the scores are in registers, V's
+  // once its P V is done. Tile 0's Q Kᵀ is peeled off so that the loop body has one shape:
+  // with branches on j between a wgmma and its wait, ptxas serialises the wgmmas (C7514,
+  // C7518 in the verbose log).
+  if (warp_active && n_tiles > 0) {
+    const u32 q_rows = sq + wrow / 64 * 64 * 128;
+    float s[MT][NT][4];
+    float(&s_flat)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s[0]);  // as wgmma lays it out
+    // Issues S = Q Kᵀ against the K stage `st`.
+    auto issue_qk = [&](int st) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < DK; ++kk) {
+        const u64 da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+        const u64 db = wgmma_desc(sk0 + st * stage_bytes + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss<BN, mma_t>(s_flat, da, db, kk > 0);
+      }
+      wgmma_commit();
+    };
+    auto my_turn = [&] {  // ping-pong: barrier 2 for warpgroup 0, 3 for 1
+      if (pingpong) {
+        if (wg == 0) named_bar_sync<2, THREADS>();
+        else named_bar_sync<3, THREADS>();
+      }
+    };
+    auto their_turn = [&] {
+      if (pingpong) {
+        if (wg == 0) named_bar_arrive<3, THREADS>();
+        else named_bar_arrive<2, THREADS>();
+      }
+    };
+    mbar_wait(full_bar, 0);
+    my_turn();
+    issue_qk(0);
+    their_turn();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s_flat);
+    mbar_arrive(empty_bar);
+    {
+      float alpha[MT][2];  // O is still zero: no rescale
+      softmax_tile(s, m_run, l_run, alpha, row_limit, w.kv_begin, w.kv_begin + BN > min(kv_stop, mask_free_end),
+                   p.scale_log2, lane);
+    }
+#pragma unroll
+    for (int kk = 0; kk < PK; ++kk) pack_p(s, 0, kk, p_frag[kk]);
+    for (int j = 1; j < n_tiles; ++j) {
+      const int st = j % ST, pst = (j - 1) % ST;  // this tile's stage, the previous one's
+      const int tile_start = w.kv_begin + j * BN;
+      mbar_wait(full_bar + st * 8, (j / ST) & 1);
+      my_turn();
+      issue_qk(st);
+      mbar_wait(vfull_bar + pst * 8, ((j - 1) / ST) & 1);
+      wgmma_pv(p_frag, sv0 + pst * stage_bytes, o_acc);
+      their_turn();
+      wgmma_wait<1>();  // Q Kᵀ done; P V may still run
+      wgmma_fence_regs(s_flat);
+      mbar_arrive(empty_bar + st * 8);
+      float alpha[MT][2];
+      const bool rescale = softmax_tile(s, m_run, l_run, alpha, row_limit, tile_start,
+                                        tile_start + BN > min(kv_stop, mask_free_end), p.scale_log2, lane);
+      wgmma_fence_regs(s_flat);  // the softmax stays in the P V's shadow (see the loop below)
+      wgmma_pv_done(p_frag, o_acc);
+      mbar_arrive(vempty_bar + pst * 8);
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int n = 0; n < ON; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o_acc[0][n][i] *= alpha[0][i / 2];
+      }
+#pragma unroll
+      for (int kk = 0; kk < PK; ++kk) pack_p(s, 0, kk, p_frag[kk]);
+    }
+    // The last tile's P V, its rows past kv_stop zeroed first.
+    const int last = n_tiles - 1, lst = last % ST;
+    mbar_wait(vfull_bar + lst * 8, (last / ST) & 1);
+    const int valid = kv_stop - (w.kv_begin + last * BN);
+    if (valid < BN) zero_v_tail(sv0 + lst * stage_bytes, valid, wg);
+    wgmma_pv(p_frag, sv0 + lst * stage_bytes, o_acc);
+    wgmma_pv_done(p_frag, o_acc);
+  }
+#endif
+  for (int j = 0; j < (producer || TMA ? 0 : n_tiles); ++j) {
     const int tile_start = w.kv_begin + j * BN;
 #if WGMMA
     // Tile j + AHEAD goes into the stage of tile j + AHEAD - ST once every thread is done
@@ -928,13 +1137,13 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #if WGMMA
   // Warpgroup 1's first arrival on barrier 2 has one wait more to meet: leave it balanced.
   if (pingpong && wg == 0) named_bar_sync<2, THREADS>();
-  if (OVERLAP && warp_active && n_tiles > 0) {  // the last tile's P V
+  if (OVERLAP && !TMA && warp_active && n_tiles > 0) {  // the last tile's P V
     wgmma_pv(p_frag, sv0 + ((n_tiles - 1) % ST) * stage_bytes, o_acc);
     wgmma_pv_done(p_frag, o_acc);
   }
 #endif
   cp_async_wait<0>();
-  __syncthreads();
+  block_sync();
 
   // Epilogue: normalise, then write O (or the fp32 partial) and the LSE.
   const bool partial = w.partial_row >= 0;
@@ -1050,7 +1259,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
         }
       }
     if (!partial) {
-      __syncthreads();
+      block_sync();
 #pragma unroll
       for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
         int gr = row0 + r0 + it * RSTEP;
@@ -1072,19 +1281,19 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   __shared__ int is_last;
   MergeItem* m = p.merge + w.merge + kvh;
   __threadfence();
-  __syncthreads();
+  block_sync();
   if (threadIdx.x == 0) {
     const int done = atomicAdd(&m->arrived, 1) + 1;
     is_last = done == m->num_splits;
     if (is_last) atomicExch(&m->arrived, 0);  // all have arrived: ready for the next launch
   }
-  __syncthreads();
+  block_sync();
   if (!is_last) return;
   __threadfence();
   if (!producer) merge_rows(p, *m, row0, min(rows, row0 + BM), kvh, qo_start, warp, lane);
 }
 
-#endif  // TMA
+#endif  // PERSISTENT
 
 static_assert(sizeof(AttentionParams) == 168, "AttentionParams mirrors launch.rs");
 static_assert(sizeof(KernelParams) == (TMA ? 512 : 168), "KernelParams mirrors launch.rs");

@@ -58,6 +58,9 @@ pub struct TileConfig {
     /// wgmma tiles whose producer warpgroup brings K/V in with TMA copies (`num_warps` 12,
     /// two stages of K and two of V, the softmax overlapped with the previous tile's P V).
     pub tma: bool,
+    /// TMA tiles run persistently: one block an SM takes (work item, kv head) tasks in
+    /// turn, loading across task boundaries (attention/tma.cuh), with an output staging tile.
+    pub persistent: bool,
 }
 
 impl TileConfig {
@@ -77,9 +80,10 @@ impl TileConfig {
 
     /// Dynamic shared memory: the Q tile plus `stages` K and V tiles (wgmma: and 1 KiB
     /// to align them to the 1024-byte swizzle atoms).
-    /// The TMA tiles add a staging tile for the output (the next task's Q loads meanwhile).
+    /// The persistent tiles add a staging tile for the output (the next task's Q loads
+    /// meanwhile).
     pub fn smem_bytes(&self, head_dim: usize, elem_bytes: usize) -> usize {
-        let staging = if self.tma { self.block_m() } else { 0 };
+        let staging = if self.persistent { self.block_m() } else { 0 };
         (staging + self.block_m() + 2 * (self.stages * self.block_n) as usize)
             * head_dim
             * elem_bytes
@@ -135,6 +139,7 @@ impl TileConfig {
         key_split: false,
         wgmma: false,
         tma: false,
+        persistent: false,
     };
     /// Prefill tiles on Hopper: the same 128 rows a block as `PREFILL` (so the same plan),
     /// as two warpgroups of `wgmma`, against 128 keys a tile, double-buffered (161 KiB with
@@ -149,11 +154,16 @@ impl TileConfig {
         key_split: false,
         wgmma: true,
         tma: false,
+        persistent: false,
     };
-    /// `PREFILL_SM90` with a TMA producer warpgroup, persistent (attention/tma.cuh): 12
-    /// warps, K and V in two stages each, an output staging tile (193 KiB at head_dim 128).
+    /// `PREFILL_SM90` with a TMA producer warpgroup (attention.cu's TMA): 12 warps, the
+    /// same 161 KiB of tiles at head_dim 128, K and V in two stages each.
     pub const PREFILL_SM90_TMA: TileConfig =
         TileConfig { num_warps: 12, tma: true, ..Self::PREFILL_SM90 };
+    /// `PREFILL_SM90_TMA` run persistently (attention/tma.cuh), with an output staging tile
+    /// (193 KiB at head_dim 128).
+    pub const PREFILL_SM90_TMA_PERSISTENT: TileConfig =
+        TileConfig { persistent: true, ..Self::PREFILL_SM90_TMA };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
     /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
     /// third stage keeps two K/V tiles in flight while one is computed on (a block at
@@ -167,6 +177,7 @@ impl TileConfig {
         key_split: false,
         wgmma: false,
         tma: false,
+        persistent: false,
     };
     /// Decode tiles for at most 16 rows (one token of a GQA group up to 16): the four warps
     /// split each K/V tile's keys instead of rows, so all of them compute. With `DECODE`,
@@ -180,6 +191,7 @@ impl TileConfig {
         key_split: true,
         wgmma: false,
         tma: false,
+        persistent: false,
     };
 
     /// Tiles for a batch whose longest sequence has `max_rows` rows (q_len × group).
@@ -199,6 +211,9 @@ impl TileConfig {
     pub fn parse(s: &str) -> Result<TileConfig, String> {
         // Only the variants the GPU tests run (gpu_attention.rs): 128 keys a tile; two or
         // three stages (four producer warps: two).
+        if s == "wgmma-tma-persistent" {
+            return Ok(Self::PREFILL_SM90_TMA_PERSISTENT);
+        }
         if let Some(rest) = s.strip_prefix("wgmma-tma") {
             return match rest {
                 "" | ",128" | ",128,2" => Ok(Self::PREFILL_SM90_TMA),
@@ -263,6 +278,7 @@ impl TileConfig {
                 key_split: false,
                 wgmma: false,
                 tma: false,
+                persistent: false,
             })
         } else {
             Err(format!(
@@ -716,7 +732,9 @@ mod tests {
         let t = TileConfig::parse("wgmma-tma").unwrap();
         assert_eq!(t, TileConfig::PREFILL_SM90_TMA);
         assert!(t.tma && t.wgmma);
-        assert_eq!((t.threads(), t.block_m(), t.smem_bytes(128, 2)), (384, 128, 193 * 1024));
+        assert_eq!((t.threads(), t.block_m(), t.smem_bytes(128, 2)), (384, 128, 161 * 1024));
+        let p = TileConfig::parse("wgmma-tma-persistent").unwrap();
+        assert!(p.persistent && p.tma && p.smem_bytes(128, 2) == 193 * 1024);
         assert_eq!((t.blocks_per_sm(128, hopper), t.blocks_per_sm(64, hopper)), (1, 1));
         assert_eq!(TileConfig::parse("wgmma-tma,128,2").unwrap(), t);
         assert!(TileConfig::parse("wgmma-tma,128,3").is_err());

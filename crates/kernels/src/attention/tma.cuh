@@ -1,5 +1,5 @@
-// The Hopper prefill kernel with a TMA producer (TMA = 1; included by attention.cu, whose
-// constants, tile layout and softmax it uses), persistent: gridDim.x blocks, one an SM,
+// The Hopper prefill kernel with a TMA producer, persistent (PERSISTENT = 1; included by
+// attention.cu, whose constants, tile layout and softmax it uses): gridDim.x blocks, one an SM,
 // each taking the launch's next task (work item x kv head, make_task, schedule_tasks;
 // items are sorted longest first) whenever it has room for one.
 //
