@@ -255,6 +255,11 @@ impl Kernel {
         &self.name
     }
 
+    /// Registers a thread of the kernel starts with (what ptxas allocated).
+    pub fn num_regs(&self) -> Result<i32> {
+        self.func.num_regs().call("cuFuncGetAttribute")
+    }
+
     /// Lets the kernel use `bytes` of dynamic shared memory (needed past 48 KiB).
     pub fn set_max_dynamic_smem(&self, device: &Device, bytes: usize) -> Result<()> {
         use std::sync::atomic::Ordering;

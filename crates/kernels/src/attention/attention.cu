@@ -35,8 +35,8 @@
 // RADIX_SPARSE_WGMMA_PINGPONG=0); four measured 3-4% faster than the cp.async default, one
 // 20% slower: cp.async issue is their bound. TMA (12 warps, Hopper's default at head dim
 // 128): the producer warpgroup's first thread brings K and V in with TMA copies into stages
-// of their own, and the overlapped loop runs on them: 1.25-1.43x the cp.async kernel on the
-// H200 (bench/NOTES.md). PERSISTENT: the same with one block an SM taking tasks in turn
+// of their own, and the overlapped loop runs on them: 1.20-1.44x the cp.async kernel on the
+// H200 (contiguous K/V; pages of 16 about 1.0x: 2 KiB boxes, bench/NOTES.md). PERSISTENT: the same with one block an SM taking tasks in turn
 // (attention/tma.cuh); 1.2x on 500-token sequences, 3-8% slower on long ones, so far opt-in.
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
@@ -606,7 +606,8 @@ __device__ void produce_kv_tma(const KernelParams& kp, int b, int kvh, int kv_be
 // Zeroes rows [valid, BN) of the V tile at `sv` (the last tile's rows past kv_stop), by
 // the 128 threads of warpgroup `wg`, before its P V reads the tile: P is 0 there, but the
 // rows hold whatever the box brought (another sequence's values, a page's unused slots).
-// Both warpgroups write the same zeros; each orders its own writes before its wgmmas.
+// Both warpgroups write the same zeros, one perhaps while the other's P V reads them: the
+// bytes do not change. Each orders its own writes before its wgmmas.
 __device__ __forceinline__ void zero_v_tail(u32 sv, int valid, int wg) {
   for (int i = valid * DC + threadIdx.x % 128; i < BN * DC; i += 128) {
     asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(sv + swz<BN>(i / DC, i % DC)), "r"(0u) : "memory");

@@ -153,8 +153,8 @@ enum PrefillKernel {
 }
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim` and, paged,
-/// `page_size`: at head_dim 128 the wgmma kernel with a TMA producer (1.25-1.37x the
-/// cp.async one on the H200, bench/NOTES.md), at 64 the cp.async one (two blocks an SM
+/// `page_size`: at head_dim 128 the wgmma kernel with a TMA producer (1.20-1.44x the
+/// cp.async one on the H200 where keys are contiguous or pages of 32+, bench/NOTES.md), at 64 the cp.async one (two blocks an SM
 /// there; the TMA one fits one: 4-9% slower), and also where TMA cannot read the pages
 /// (fewer than 8 tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces
 /// one (the persistent TMA kernel: 1.2x on 500-token sequences, 3-8% slower on long ones; for
@@ -561,7 +561,15 @@ impl AttentionBatch {
             shared_mem_bytes: smem as u32,
         };
         if self.tiles.tma && kv.fp8.is_none() {
-            // Persistent: one block an SM takes tasks (work item, kv head) in turn.
+            // setmaxnreg moves registers from 24 a producer thread to 240 a consumer one:
+            // that balances only from the 168 each starts with (fewer, and the consumers'
+            // request would wait forever).
+            let regs = kernel.num_regs()?;
+            ensure!(
+                regs == 168,
+                "the TMA attention kernel starts with {regs} registers a thread, not 168"
+            );
+            // The persistent kernel: one block an SM takes tasks (work item, kv head) in turn.
             let num_tasks = self.plan.work.len() * s.num_kv_heads;
             let blocks = num_tasks.min(self.device.info().sm_count as usize);
             let (k_map, v_map) = self.tma_maps(&kv)?;
@@ -591,6 +599,7 @@ impl AttentionBatch {
         let map = |addr: u64| match &self.meta.kv {
             KvSource::Contiguous { kv_indptr } => {
                 let tokens = (*kv_indptr.last().unwrap() as u64).max(1);
+                ensure!(tokens < 1 << 31, "{tokens} tokens of K/V are past the TMA kernel's 2^31");
                 encode_tma_map(addr, &[d, hkv, tokens], &[d * 2, hkv * d * 2], &[64, 1, bn as u32])
             }
             KvSource::Paged { page_size, num_pages, .. } => {

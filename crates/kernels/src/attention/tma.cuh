@@ -11,7 +11,8 @@
 // Q Kᵀ issued with tile j-1's P V, the softmax in the P V's shadow), and the epilogue
 // (through a staging tile of their own). Barriers between them: K and V stages, full and
 // empty (counts include the warpgroup without rows, which keeps step), named barrier 1 for
-// the split-merge count, 2/3 for ping-pong, 4/5 within a warpgroup.
+// the split-merge count, 2/3 for ping-pong (6 closes a task's turns), 4/5 within a
+// warpgroup.
 //
 // Per task the one-item kernel paid its launch, Q's and the first tiles' latency and the
 // epilogue with nothing overlapped: about five tiles' time on the H200, measured as the gap
@@ -85,6 +86,7 @@ __device__ void schedule_tasks(const KernelParams& kp, const TaskRing& ring) {
     if (!end && !make_task(kp.p, kp.num_tasks, task, t)) continue;
     if (end) {
       t.b = -1;
+      __threadfence();  // this block's last take from task_next before its count below
       if (atomicAdd(&task_blocks_done, 1) == (int)gridDim.x - 1) {
         task_next = 0;  // every block is past its last atomicAdd on it
         task_blocks_done = 0;
@@ -216,7 +218,8 @@ __device__ __forceinline__ void load_q_rows(const AttentionParams& p, const Task
 // Zeroes rows [valid, BN) of the V tile at `sv` (the task's last tile, rows past kv_stop)
 // before warpgroup wg's P V reads it: P is 0 there, but the rows hold whatever the box
 // brought (another sequence's values, a page's unused slots). Both warpgroups write the
-// same zeros; each orders its own writes before its wgmmas.
+// same zeros, one perhaps while the other's P V reads them: the bytes do not change. Each
+// orders its own writes before its wgmmas.
 __device__ __forceinline__ void zero_v_tail(u32 sv, int valid, int wg) {
   for (int i = valid * DC + threadIdx.x % 128; i < BN * DC; i += 128) {
     asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(sv + swz<BN>(i / DC, i % DC)), "r"(0u) : "memory");
@@ -370,6 +373,13 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
   } else if (active) {
     if (has_next) load_q_rows(p, next, sq, wg);
     cp_async_commit();
+  }
+  // Warpgroup 0's last sync on ping-pong barrier 2 balances warpgroup 1's first arrival;
+  // warpgroup 1 must not arrive for the next task before that sync, or its two arrivals
+  // would complete a phase without warpgroup 0 and both would wait forever (barrier 6).
+  if (pingpong && n_tiles > 0) {
+    if (wg == 0) named_bar_arrive<6, THREADS>();
+    else named_bar_sync<6, THREADS>();
   }
 
   // Epilogue: normalise, then write O (through this warpgroup's staging rows, 16-byte
