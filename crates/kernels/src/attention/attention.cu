@@ -602,7 +602,9 @@ __device__ void produce_kv_tma(const KernelParams& kp, int b, int kvh, int kv_be
     }
   }
 }
+#endif
 
+#if TMA
 // Zeroes rows [valid, BN) of the V tile at `sv` (the last tile's rows past kv_stop), by
 // the 128 threads of warpgroup `wg`, before its P V reads the tile: P is 0 there, but the
 // rows hold whatever the box brought (another sequence's values, a page's unused slots).

@@ -215,18 +215,6 @@ __device__ __forceinline__ void load_q_rows(const AttentionParams& p, const Task
   }
 }
 
-// Zeroes rows [valid, BN) of the V tile at `sv` (the task's last tile, rows past kv_stop)
-// before warpgroup wg's P V reads it: P is 0 there, but the rows hold whatever the box
-// brought (another sequence's values, a page's unused slots). Both warpgroups write the
-// same zeros, one perhaps while the other's P V reads them: the bytes do not change. Each
-// orders its own writes before its wgmmas.
-__device__ __forceinline__ void zero_v_tail(u32 sv, int valid, int wg) {
-  for (int i = valid * DC + threadIdx.x % 128; i < BN * DC; i += 128) {
-    asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(sv + swz<BN>(i / DC, i % DC)), "r"(0u) : "memory");
-  }
-  fence_proxy_async();
-  wg_sync(wg);
-}
 
 // One task for warpgroup wg (both run every task; one without rows only keeps the stages'
 // count). Q of the task is in flight (this warpgroup's rows, its own cp.async); `next`,
