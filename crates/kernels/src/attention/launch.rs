@@ -154,10 +154,11 @@ enum PrefillKernel {
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim` and, paged,
 /// `page_size`: at head_dim 128 the wgmma kernel with a TMA producer (1.20-1.44x the
-/// cp.async one on the H200 where keys are contiguous or pages of 32+, bench/NOTES.md), at 64 the cp.async one (two blocks an SM
-/// there; the TMA one fits one: 4-9% slower), and also where TMA cannot read the pages
-/// (fewer than 8 tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces
-/// one (the persistent TMA kernel: 1.2x on 500-token sequences, 3-8% slower on long ones; for
+/// cp.async one on the H200 where keys are contiguous or in pages of 32+; about 1.0x in
+/// pages of 16, bench/NOTES.md), at 64 the cp.async one (two blocks an SM there; the TMA
+/// one fits one: 4-9% slower), and also where TMA cannot read the pages (fewer than 8
+/// tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (the
+/// persistent TMA kernel: 1.2x on 500-token sequences, 3-8% slower on long ones; for
 /// comparisons, or as a fallback; other values are named in a warning and ignored). Other
 /// GPUs always run mma.sync.
 pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>) -> TileConfig {
@@ -569,7 +570,8 @@ impl AttentionBatch {
                 regs == 168,
                 "the TMA attention kernel starts with {regs} registers a thread, not 168"
             );
-            // The persistent kernel: one block an SM takes tasks (work item, kv head) in turn.
+            // The persistent kernel runs one block an SM, taking tasks (work item, kv head)
+            // in turn; the one-item kernel keeps the plan's grid.
             let num_tasks = self.plan.work.len() * s.num_kv_heads;
             let blocks = num_tasks.min(self.device.info().sm_count as usize);
             let (k_map, v_map) = self.tma_maps(&kv)?;
