@@ -233,6 +233,7 @@ impl Module {
             ordinal: self.device.info().ordinal,
             name: name.to_string(),
             smem_allowed: Default::default(),
+            num_regs: Default::default(),
         })
     }
 }
@@ -248,6 +249,8 @@ pub struct Kernel {
     /// Dynamic shared memory already allowed (shared by the memoised clones), so a launch
     /// per layer does not repeat the driver call.
     smem_allowed: Arc<std::sync::atomic::AtomicUsize>,
+    /// Registers a thread starts with, once asked (shared by the memoised clones).
+    num_regs: Arc<std::sync::OnceLock<i32>>,
 }
 
 impl Kernel {
@@ -255,9 +258,14 @@ impl Kernel {
         &self.name
     }
 
-    /// Registers a thread of the kernel starts with (what ptxas allocated).
+    /// Registers a thread of the kernel starts with (what ptxas allocated); the driver is
+    /// asked once, so a check per launch costs no call.
     pub fn num_regs(&self) -> Result<i32> {
-        self.func.num_regs().call("cuFuncGetAttribute")
+        if let Some(&n) = self.num_regs.get() {
+            return Ok(n);
+        }
+        let n = self.func.num_regs().call("cuFuncGetAttribute")?;
+        Ok(*self.num_regs.get_or_init(|| n))
     }
 
     /// Lets the kernel use `bytes` of dynamic shared memory (needed past 48 KiB).
