@@ -54,6 +54,18 @@ attention)
     RADIX_SPARSE_PREFILL_KERNEL=wgmma "$rs" bench attention $args --json "$out/a_wgmma_ours.jsonl"
     same_run_peer "$out/a_wgmma_ours.jsonl" "$out/a_wgmma.jsonl" \
       "radix-sparse wgmma prefill kernel with cp.async copies (no TMA), same call"
+    # The persistent TMA kernel (opt-in), and with paged K/V the TMA producer's serial
+    # issue (lane 0 after the page lookup; RADIX_SPARSE_TMA_PAGED_ISSUE=serial).
+    RADIX_SPARSE_PREFILL_KERNEL=tma-persistent "$rs" bench attention $args --json "$out/a_persist_ours.jsonl"
+    same_run_peer "$out/a_persist_ours.jsonl" "$out/a_persist.jsonl" \
+      "radix-sparse persistent TMA prefill kernel (RADIX_SPARSE_PREFILL_KERNEL=tma-persistent), same call"
+    extra="--peer $out/a_persist.jsonl"
+    case "$args" in *--page-size*)
+      RADIX_SPARSE_TMA_PAGED_ISSUE=serial "$rs" bench attention $args --json "$out/a_serial_ours.jsonl"
+      same_run_peer "$out/a_serial_ours.jsonl" "$out/a_serial.jsonl" \
+        "radix-sparse TMA prefill kernel, paged boxes issued by lane 0 after the lookup (RADIX_SPARSE_TMA_PAGED_ISSUE=serial), same call"
+      extra="$extra --peer $out/a_serial.jsonl" ;;
+    esac
     peer_args=$(echo "$args" | sed 's/--page-size [0-9]*//')
     page=$(echo "$args" | sed -n 's/.*--page-size \([0-9]*\).*/ page=\1/p')
     for backend in flash cudnn; do
@@ -63,8 +75,8 @@ attention)
 open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]})+"\n" for r in rows)' "$out/a_$backend.jsonl" "$page"
     done
     record --ours "$out/a_ours.jsonl" --peer "$out/a_mma.jsonl" --peer "$out/a_wgmma.jsonl" \
-      --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" \
-      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma, =wgmma); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
+      --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" $extra \
+      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma, =wgmma, =tma-persistent); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
   done <<'SHAPES'
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16 --causal
@@ -76,6 +88,7 @@ open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]}
 --batch 1 --heads 32 --kv-heads 8 --seq-len 16384 --head-dim 128 --dtype bf16 --causal
 --batch 64 --heads 32 --kv-heads 8 --seq-len 500 --head-dim 128 --dtype bf16 --causal
 --batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal --page-size 16
+--batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal --page-size 32
 --batch 4 --heads 28 --kv-heads 4 --seq-len 2500 --head-dim 128 --dtype bf16 --causal
 --batch 2 --heads 32 --kv-heads 8 --seq-len 8192 --head-dim 128 --dtype bf16 --causal
 --batch 8 --heads 32 --kv-heads 8 --seq-len 4096 --head-dim 128 --dtype bf16

@@ -134,6 +134,13 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     let spec = spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A);
     let spec = if tiles.tma { spec.define("TMA", 1) } else { spec };
     let spec = if tiles.persistent { spec.define("PERSISTENT", 1) } else { spec };
+    // RADIX_SPARSE_TMA_PAGED_ISSUE=serial: the paged TMA producer as it was before page ids
+    // were looked up a tile ahead (for comparisons).
+    static SERIAL_ISSUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let serial = *SERIAL_ISSUE.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_TMA_PAGED_ISSUE").is_ok_and(|v| v.eq_ignore_ascii_case("serial"))
+    });
+    let spec = if tiles.tma && paged && serial { spec.define("TMA_PAGED_AHEAD", 0) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
 }
 

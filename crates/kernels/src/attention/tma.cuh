@@ -111,76 +111,19 @@ __device__ __forceinline__ bool take_task(const TaskRing& ring, int k, Task& t, 
   return t.b >= 0;
 }
 
-// The barriers of the K and V stages: full (the producer's arrival plus the tile's bytes)
-// and empty (all 256 consumer threads), stage s at + 8 s. Tile g of the block (counted
-// over all its tasks) goes into stage g % ST, phase (g / ST) & 1. Every task starts at a
-// multiple of ST (padded_tiles): its tile j is in stage j % ST, which the compiler then
-// computes on the uniform datapath, wgmma descriptors included (from a count carried
-// across tasks it built them per thread, two R2UR before every wgmma).
+// Every task starts at a multiple of ST (padded_tiles): its tile j is in stage j % ST,
+// which the compiler then computes on the uniform datapath, wgmma descriptors included
+// (from a count carried across tasks it built them per thread, two R2UR before every
+// wgmma). Stages: attention.cu.
 static_assert(ST == 2, "the TMA kernel's stage padding assumes two stages");
-struct Stages {
-  u32 kfull, kempty, vfull, vempty;
-};
 
 // Tiles a task takes in the stage count: its own, rounded up to ST (the last one empty).
 __device__ __forceinline__ int padded_tiles(int n_tiles) { return (n_tiles + ST - 1) / ST * ST; }
 
-// The producer warp (lane 0 issues): K tile g into its stage once the consumers released
-// the stage's previous tile, then V tile g likewise. Contiguous K/V: one [BN, 64] box per
-// column block at the sequence's first token plus the tile's (past the tensor's end TMA
-// fills zeros). Paged: one box per page (min(page_size, BN) rows; pages of 8+ tokens keep
-// the swizzle's 1024-byte atoms), each lane looking up one box's page id; pages past the
-// sequence are not copied. Rows past kv_stop hold whatever was there: scores mask them,
-// and the consumers zero V's before P V reads them (0 x NaN would not be 0).
+// The producer warp's share of a task: its tiles (produce_kv_tma), then the padding tile.
 __device__ void produce_task(const KernelParams& kp, const Task& t, int g0, u32 sk0, u32 sv0, const Stages& bar,
                              int lane) {
-  const AttentionParams& p = kp.p;
-  constexpr u32 STAGE = BN * D * 2;
-#if PAGED
-  const int* pages = p.kv_indices + t.kv_base;
-  const int prow = min(p.page_size, BN);  // rows per box
-#else
-  const int first_token = t.kv_base;
-#endif
-  for (int i = 0; i < t.n_tiles; ++i) {
-    const int g = g0 + i, st = g % ST;
-    const u32 parity = (g / ST - 1) & 1;  // of the release awaited (g >= ST)
-    const int tile_start = t.w.kv_begin + i * BN;
-#if PAGED
-    const int boxes = (min(BN, t.kv_stop - tile_start) + prow - 1) / prow;
-    int box_row = 0;  // lane j: the pool row where box j starts
-    if (lane < boxes) {
-      const int key = tile_start + lane * prow;
-      const int page = __ldg(pages + (key >> p.page_shift));
-      box_row = (page * p.num_kv_heads + t.kvh) * p.page_size + (key & (p.page_size - 1));
-    }
-    const u32 bytes = boxes * prow * D * 2;
-#else
-    const u32 bytes = STAGE;
-#endif
-#pragma unroll
-    for (int kv = 0; kv < 2; ++kv) {
-      const u32 full = (kv ? bar.vfull : bar.kfull) + st * 8;
-      const u32 dst = (kv ? sv0 : sk0) + st * STAGE;
-      const TmaMap* map = kv ? &kp.v_map : &kp.k_map;
-      if (g >= ST) mbar_wait((kv ? bar.vempty : bar.kempty) + st * 8, parity);
-      if (lane == 0) mbar_arrive_expect_tx(full, bytes);
-#if PAGED
-      for (int j = 0; j < boxes; ++j) {
-        const int row = __shfl_sync(0xffffffffu, box_row, j);
-        if (lane == 0) {
-#pragma unroll
-          for (int c = 0; c < D / 64; ++c) tma_load_2d(dst + c * BN * 128 + j * prow * 128, map, full, c * 64, row);
-        }
-      }
-#else
-      if (lane == 0) {
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) tma_load_3d(dst + c * BN * 128, map, full, c * 64, t.kvh, first_token + tile_start);
-      }
-#endif
-    }
-  }
+  produce_kv_tma(kp, t.kvh, t.w.kv_begin, t.n_tiles, t.kv_stop, t.kv_base, g0, sk0, sv0, bar, lane);
   // The padding tile: its stages change hands without a copy.
   for (int g = g0 + t.n_tiles; g < g0 + padded_tiles(t.n_tiles); ++g) {
     const int st = g % ST;
@@ -223,7 +166,6 @@ __device__ __forceinline__ void load_q_rows(const AttentionParams& p, const Task
 __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_next, const Task& next, int g_in,
                              u32 sq, u32 so, u32 sk0, u32 sv0, const Stages& bar) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  constexpr u32 STAGE = BN * D * 2;
   // Warp-uniform copies of what the loop's addresses, barriers and branches derive from: a
   // value carried across tasks is the same in every lane, but the compiler cannot see it,
   // and then computed the wgmma descriptors per thread (R2UR before every wgmma) and
@@ -268,87 +210,14 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
 
   if (active && n_tiles > 0) {
     if (pingpong && wg == 1) named_bar_arrive<2, THREADS>();  // warpgroup 0 first
-    const u32 q_rows = sq + wg * 64 * 128;
-    float s[MT][NT][4];
-    float(&s_flat)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(s[0]);  // as wgmma lays it out
     u32 p_frag[PK][4];  // tile j - 1's P, waiting for its P V
-    auto issue_qk = [&](int st) {  // S = Q Kᵀ against K stage st
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < DK; ++kk) {
-        const u64 da = wgmma_desc(q_rows + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-        const u64 db = wgmma_desc(sk0 + st * STAGE + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
-        wgmma_ss<BN, mma_t>(s_flat, da, db, kk > 0);
-      }
-      wgmma_commit();
-    };
-    auto my_turn = [&] {  // ping-pong: barrier 2 for warpgroup 0, 3 for 1
-      if (pingpong) {
-        if (wg == 0) named_bar_sync<2, THREADS>();
-        else named_bar_sync<3, THREADS>();
-      }
-    };
-    auto their_turn = [&] {
-      if (pingpong) {
-        if (wg == 0) named_bar_arrive<3, THREADS>();
-        else named_bar_arrive<2, THREADS>();
-      }
-    };
-    // Tile 0 alone, so that the loop body has one shape: with branches on j between a
-    // wgmma and its wait, ptxas serialises the wgmmas (C7514 / C7518 in its verbose log).
-    {
-      const int st = 0;
-      mbar_wait(bar.kfull + st * 8, (g / ST) & 1);
-      my_turn();
-      issue_qk(st);
-      their_turn();
-      wgmma_wait<0>();
-      wgmma_fence_regs(s_flat);
-      mbar_arrive(bar.kempty + st * 8);
-      float alpha[MT][2];  // O is still zero: no rescale
-      softmax_tile(s, m_run, l_run, alpha, row_limit, kv_begin,
-                   kv_begin + BN > min(kv_stop, mask_free_end), p.scale_log2, lane);
-#pragma unroll
-      for (int kk = 0; kk < PK; ++kk) pack_p(s, 0, kk, p_frag[kk]);
-    }
-    for (int j = 1; j < n_tiles; ++j) {
-      const int st = j % ST, pst = (j - 1) % ST;  // this tile's stage, the previous one's
-      const int tile_start = kv_begin + j * BN;
-      mbar_wait(bar.kfull + st * 8, ((g + j) / ST) & 1);
-      my_turn();
-      issue_qk(st);
-      mbar_wait(bar.vfull + pst * 8, ((g + j - 1) / ST) & 1);
-      wgmma_pv(p_frag, sv0 + pst * STAGE, o_acc);
-      their_turn();
-      wgmma_wait<1>();  // Q Kᵀ done; P V may still run
-      wgmma_fence_regs(s_flat);
-      mbar_arrive(bar.kempty + st * 8);
-      float alpha[MT][2];
-      const bool rescale = softmax_tile(s, m_run, l_run, alpha, row_limit, tile_start,
-                                        tile_start + BN > min(kv_stop, mask_free_end), p.scale_log2, lane);
-      wgmma_fence_regs(s_flat);  // keeps the softmax above the wait, in the P V's shadow
-      wgmma_pv_done(p_frag, o_acc);
-      mbar_arrive(bar.vempty + pst * 8);
-      if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-        for (int n = 0; n < ON; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) o_acc[0][n][i] *= alpha[0][i / 2];
-      }
-#pragma unroll
-      for (int kk = 0; kk < PK; ++kk) pack_p(s, 0, kk, p_frag[kk]);
-    }
+    tma_overlapped_tiles(p, sq + wg * 64 * 128, sk0, sv0, bar, g, n_tiles, kv_begin, kv_stop, mask_free_end, row_limit,
+                         pingpong, wg, lane, o_acc, m_run, l_run, p_frag);
     if (pingpong && wg == 0) named_bar_sync<2, THREADS>();  // warpgroup 1's extra arrival
     // Every Q Kᵀ of this warpgroup is done: its Q rows take the next task's.
     if (has_next) load_q_rows(p, next, sq, wg);
     cp_async_commit();
-    // The last tile's P V, its rows past kv_stop zeroed first.
-    const int last = g + n_tiles - 1, lst = (n_tiles - 1) % ST;
-    mbar_wait(bar.vfull + lst * 8, (last / ST) & 1);
-    const int valid = kv_stop - (kv_begin + (n_tiles - 1) * BN);
-    if (valid < BN) zero_v_tail(sv0 + lst * STAGE, valid, wg);
-    wgmma_pv(p_frag, sv0 + lst * STAGE, o_acc);
-    wgmma_pv_done(p_frag, o_acc);
+    const int lst = tma_last_pv(sv0, bar, g, n_tiles, kv_begin, kv_stop, wg, o_acc, p_frag);
     mbar_arrive(bar.vempty + lst * 8);
     // The padding tile (an odd count): its stages change hands empty.
     for (int j = n_tiles; j < padded_tiles(n_tiles); ++j) {
