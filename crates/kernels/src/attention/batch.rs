@@ -80,6 +80,18 @@ pub struct BatchMeta {
 }
 
 impl BatchMeta {
+    /// The keys a query row attends, averaged over the batch's rows (causal: aligned
+    /// bottom-right, row i of q attending kv - q + i + 1 keys).
+    pub fn mean_keys_per_row(&self, causal: bool) -> f64 {
+        let (mut keys, mut rows) = (0f64, 0f64);
+        for (&q, &kv) in self.q_lens.iter().zip(&self.kv_lens) {
+            let (q, kv) = (q as f64, kv as f64);
+            keys += if causal { q * (kv - (q - 1.0) / 2.0).max(0.0) } else { q * kv };
+            rows += q;
+        }
+        if rows == 0.0 { 0.0 } else { keys / rows }
+    }
+
     pub fn new(qo_indptr: Vec<i32>, kv: KvSource, causal: bool) -> Result<Self> {
         let q_lens = lengths("qo_indptr", &qo_indptr)?;
         let batch = q_lens.len();
@@ -230,6 +242,9 @@ mod tests {
         assert_eq!(m.q_lens, vec![3, 1]);
         assert_eq!(m.kv_lens, vec![20, 16]);
         assert_eq!(m.total_q(), 4);
+        // Causal, aligned bottom-right: rows attend 18, 19, 20 and 16 keys.
+        assert_eq!(m.mean_keys_per_row(true), 73.0 / 4.0);
+        assert_eq!(m.mean_keys_per_row(false), 76.0 / 4.0);
     }
 
     #[test]

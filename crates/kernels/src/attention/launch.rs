@@ -159,16 +159,17 @@ enum PrefillKernel {
     Mma,
 }
 
-/// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim` and, paged,
-/// `page_size`: at head_dim 128 the wgmma kernel with a TMA producer (1.20-1.44x the
-/// cp.async one on the H200 where keys are contiguous or in pages of 32+; about 1.0x in
-/// pages of 16, bench/NOTES.md), at 64 the cp.async one (two blocks an SM there; the TMA
-/// one fits one: 4-9% slower), and also where TMA cannot read the pages (fewer than 8
-/// tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (the
-/// persistent TMA kernel: 1.2x on 500-token sequences, 3-8% slower on long ones; for
+/// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim`, paged
+/// `page_size`, and `mean_keys` (the keys a query row attends, averaged over the batch's
+/// rows): at head_dim 128 the wgmma kernel with a TMA producer (1.2-1.4x the cp.async one
+/// on the H200, pages of 16 included), persistent where rows attend 2,048 keys or fewer
+/// (1.17x the one-item kernel on 500-token sequences, 1.06x at 2,500; 0.9x on 16K or full
+/// 4K rows: bench/NOTES.md), at 64 the cp.async one (two blocks an SM there; the TMA one
+/// fits one: 4-10% slower), and also where TMA cannot read the pages (fewer than 8
+/// tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (for
 /// comparisons, or as a fallback; other values are named in a warning and ignored). Other
 /// GPUs always run mma.sync.
-pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>) -> TileConfig {
+pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>, mean_keys: f64) -> TileConfig {
     static CHOICE: std::sync::OnceLock<PrefillKernel> = std::sync::OnceLock::new();
     let choice = *CHOICE.get_or_init(|| {
         let v = std::env::var("RADIX_SPARSE_PREFILL_KERNEL").unwrap_or_default();
@@ -191,6 +192,9 @@ pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>)
     }
     let tma_reads = page_size.is_none_or(|ps| ps >= 8);
     match choice {
+        PrefillKernel::Auto if head_dim == 128 && tma_reads && mean_keys <= 2048.0 => {
+            TileConfig::PREFILL_SM90_TMA_PERSISTENT
+        }
         PrefillKernel::Auto if head_dim == 128 && tma_reads => TileConfig::PREFILL_SM90_TMA,
         PrefillKernel::Tma if tma_reads => TileConfig::PREFILL_SM90_TMA,
         PrefillKernel::TmaPersistent if tma_reads => TileConfig::PREFILL_SM90_TMA_PERSISTENT,
@@ -249,7 +253,7 @@ pub fn plan_batch(
                 KvSource::Paged { page_size, .. } => Some(*page_size),
                 KvSource::Contiguous { .. } => None,
             };
-            chosen = prefill_tiles(device, shape.head_dim, page_size);
+            chosen = prefill_tiles(device, shape.head_dim, page_size, meta.mean_keys_per_row(shape.causal));
         }
         // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
         let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;
