@@ -138,7 +138,8 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     // were looked up a tile ahead (for comparisons).
     static SERIAL_ISSUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let serial = *SERIAL_ISSUE.get_or_init(|| {
-        std::env::var("RADIX_SPARSE_TMA_PAGED_ISSUE").is_ok_and(|v| v.eq_ignore_ascii_case("serial"))
+        std::env::var("RADIX_SPARSE_TMA_PAGED_ISSUE")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("serial"))
     });
     let spec = if tiles.tma && paged && serial { spec.define("TMA_PAGED_AHEAD", 0) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
@@ -159,6 +160,10 @@ enum PrefillKernel {
     Mma,
 }
 
+/// The mean keys a query row attends (over a batch) up to which Hopper runs the persistent
+/// prefill kernel at head_dim 128 (`prefill_tiles`).
+pub const PERSISTENT_MAX_MEAN_KEYS: f64 = 2048.0;
+
 /// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim`, paged
 /// `page_size`, and `mean_keys` (the keys a query row attends, averaged over the batch's
 /// rows): at head_dim 128 the wgmma kernel with a TMA producer (1.2-1.4x the cp.async one
@@ -169,7 +174,12 @@ enum PrefillKernel {
 /// tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (for
 /// comparisons, or as a fallback; other values are named in a warning and ignored). Other
 /// GPUs always run mma.sync.
-pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>, mean_keys: f64) -> TileConfig {
+pub fn prefill_tiles(
+    device: &Device,
+    head_dim: usize,
+    page_size: Option<usize>,
+    mean_keys: f64,
+) -> TileConfig {
     static CHOICE: std::sync::OnceLock<PrefillKernel> = std::sync::OnceLock::new();
     let choice = *CHOICE.get_or_init(|| {
         let v = std::env::var("RADIX_SPARSE_PREFILL_KERNEL").unwrap_or_default();
@@ -192,7 +202,9 @@ pub fn prefill_tiles(device: &Device, head_dim: usize, page_size: Option<usize>,
     }
     let tma_reads = page_size.is_none_or(|ps| ps >= 8);
     match choice {
-        PrefillKernel::Auto if head_dim == 128 && tma_reads && mean_keys <= 2048.0 => {
+        PrefillKernel::Auto
+            if head_dim == 128 && tma_reads && mean_keys <= PERSISTENT_MAX_MEAN_KEYS =>
+        {
             TileConfig::PREFILL_SM90_TMA_PERSISTENT
         }
         PrefillKernel::Auto if head_dim == 128 && tma_reads => TileConfig::PREFILL_SM90_TMA,
@@ -253,7 +265,12 @@ pub fn plan_batch(
                 KvSource::Paged { page_size, .. } => Some(*page_size),
                 KvSource::Contiguous { .. } => None,
             };
-            chosen = prefill_tiles(device, shape.head_dim, page_size, meta.mean_keys_per_row(shape.causal));
+            chosen = prefill_tiles(
+                device,
+                shape.head_dim,
+                page_size,
+                meta.mean_keys_per_row(shape.causal),
+            );
         }
         // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
         let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;

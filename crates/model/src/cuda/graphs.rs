@@ -99,19 +99,23 @@ pub fn scratch_step(bucket: usize, scratch_page: i32, page_size: usize) -> Step 
     out
 }
 
-/// One sequence of `len` tokens, all written to the scratch page (slots wrap around it)
-/// and read back through it listed `len / page_size` times: a prefill that touches no
-/// page of the engine's, for warm-up.
-pub fn scratch_prefill(len: usize, scratch_page: i32, page_size: usize) -> Step {
-    let pages = len.div_ceil(page_size);
+/// One sequence of `len` tokens after `prefix` earlier ones, all written to the scratch
+/// page (slots wrap around it) and read back through it listed once per page of
+/// `prefix + len`: a prefill (or, with a prefix, a prompt chunk) that touches no page of
+/// the engine's, for warm-up.
+pub fn scratch_prefill(len: usize, prefix: usize, scratch_page: i32, page_size: usize) -> Step {
+    let kv_len = prefix + len;
+    let pages = kv_len.div_ceil(page_size);
     Step {
         tokens: vec![0; len],
-        positions: (0..len as i32).collect(),
-        slots: (0..len).map(|i| scratch_page * page_size as i32 + (i % page_size) as i32).collect(),
+        positions: (prefix as i32..kv_len as i32).collect(),
+        slots: (prefix..kv_len)
+            .map(|i| scratch_page * page_size as i32 + (i % page_size) as i32)
+            .collect(),
         qo_indptr: vec![0, len as i32],
         kv_indptr: vec![0, pages as i32],
         kv_indices: vec![scratch_page; pages],
-        kv_last_page_len: vec![(len - (pages - 1) * page_size) as i32],
+        kv_last_page_len: vec![(kv_len - (pages - 1) * page_size) as i32],
         logit_rows: vec![len as u32 - 1],
         kv_keep: Vec::new(),
     }
@@ -311,10 +315,13 @@ mod tests {
         assert_eq!(w.slots, vec![144; 3]);
         assert!(is_decode_step(&w));
         assert_eq!(all_buckets(20), vec![1, 2, 4, 8, 16, 20]);
-        let p = scratch_prefill(40, 9, 16);
+        let p = scratch_prefill(40, 0, 9, 16);
         assert_eq!((p.kv_indices.len(), p.kv_last_page_len[0]), (3, 8));
         assert!(p.slots.iter().all(|&s| (144..160).contains(&s)));
         assert!(!is_decode_step(&p));
+        let c = scratch_prefill(8, 30, 9, 16);
+        assert_eq!((c.kv_indices.len(), c.kv_last_page_len[0], c.positions[0]), (3, 6, 30));
+        assert_eq!((c.slots[0], c.slots[7]), (144 + 14, 144 + 5));
         let prefill = Step { qo_indptr: vec![0, 2], logit_rows: vec![1], ..s };
         assert!(!is_decode_step(&prefill));
     }

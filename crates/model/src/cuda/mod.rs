@@ -706,16 +706,23 @@ impl Backend for CudaBackend {
     fn warm_up_steps(&self) -> Vec<Step> {
         let Ok(kv) = self.kv() else { return Vec::new() };
         let (scratch, page_size) = (kv.scratch_page(), kv.shape.page_size());
-        // A prefill first (its attention tiles and the sampler compile here, not in the
-        // first request's step), then every decode bucket's graph.
-        std::iter::once(scratch_prefill(256, scratch, page_size))
-            .chain(
-                self.graphs
-                    .missing_dense_buckets()
-                    .into_iter()
-                    .map(|b| scratch_step(b, scratch, page_size)),
-            )
-            .collect()
+        // Prefills first (their attention tiles and the sampler compile here, not in the
+        // first request's step): a short one, and a chunk after a long prefix, whose rows
+        // attend more keys than the short prefill kernel takes (on Hopper the two are
+        // different kernels); then every decode bucket's graph.
+        let long_prefix = radix_kernels::attention::PERSISTENT_MAX_MEAN_KEYS.ceil() as usize + 256;
+        [
+            scratch_prefill(256, 0, scratch, page_size),
+            scratch_prefill(256, long_prefix, scratch, page_size),
+        ]
+        .into_iter()
+        .chain(
+            self.graphs
+                .missing_dense_buckets()
+                .into_iter()
+                .map(|b| scratch_step(b, scratch, page_size)),
+        )
+        .collect()
     }
 
     fn end_step(&mut self, recorded: bool) -> Result<()> {
