@@ -52,7 +52,12 @@ pub fn catalog() -> Vec<KernelSpec> {
             // (`--tiles wgmma-tma-persistent`).
             attention::TileConfig::PREFILL_SM90_TMA,
             attention::TileConfig::PREFILL_SM90_TMA_PERSISTENT,
+            // Three compute warpgroups (`--tiles wgmma-tma3`), head_dim 64 only.
+            attention::TileConfig::PREFILL_SM90_TMA_D64,
         ] {
+            if tiles.num_warps == 16 && head_dim != 64 {
+                continue;
+            }
             for paged in [false, true] {
                 specs.push(attention::spec::<f16>(head_dim, paged, tiles));
                 specs.push(attention::spec::<bf16>(head_dim, paged, tiles));

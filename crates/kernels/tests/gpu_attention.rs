@@ -119,7 +119,8 @@ fn build_kv<T: Element>(rng: &mut SmallRng, c: &Case) -> (KvSource, Vec<T>, Vec<
 /// Runs a case with the tiles the launcher picks and, where that is the Hopper (wgmma)
 /// prefill kernel, again with the mma.sync prefill tiles it replaces there and with the
 /// wgmma kernel's other variants: three stages (the overlapped loop), one or four producer
-/// warps, the TMA producer, one-item or persistent (pages of 8 tokens or more).
+/// warps, the TMA producer, one-item or persistent (pages of 8 tokens or more), and at
+/// head_dim 64 with three compute warpgroups.
 fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
     let chosen = run_case_with::<T>(dev, jit, c, seed, None);
     if chosen.wgmma {
@@ -134,9 +135,11 @@ fn run_case<T: HalfFloat>(dev: &Device, jit: &Jit, c: &Case, seed: u64) {
             TileConfig { num_warps: 12, ..sm90 },
             TileConfig::PREFILL_SM90_TMA,
             TileConfig::PREFILL_SM90_TMA_PERSISTENT,
+            TileConfig::PREFILL_SM90_TMA_D64,
         ];
         for tiles in others {
-            if tiles == chosen || (tiles.tma && small_pages) {
+            let head_dim_64_only = tiles == TileConfig::PREFILL_SM90_TMA_D64 && c.d != 64;
+            if tiles == chosen || (tiles.tma && small_pages) || head_dim_64_only {
                 continue;
             }
             run_case_with::<T>(dev, jit, c, seed, Some(tiles));

@@ -33,8 +33,8 @@ pub struct AttentionArgs {
     page_size: Option<usize>,
     /// Tile configs to time, WARPS,M_TILES,BLOCK_N[,STAGES], or on Hopper
     /// wgmma[,128[,STAGES]], wgmma-ws[,128[,STAGES]] (a producer warp), wgmma-ws4 (four),
-    /// wgmma-tma (a TMA producer warpgroup), wgmma-tma-persistent (repeatable; default: the
-    /// launcher's choice, wgmma on Hopper).
+    /// wgmma-tma (a TMA producer warpgroup), wgmma-tma-persistent, wgmma-tma3 (three compute
+    /// warpgroups, head_dim 64) (repeatable; default: the launcher's choice, wgmma on Hopper).
     #[arg(long = "tiles", value_parser = TileConfig::parse)]
     tiles: Vec<TileConfig>,
     #[arg(long, default_value_t = 5)]
@@ -118,6 +118,7 @@ fn run_typed<T: HalfFloat>(a: &AttentionArgs) -> anyhow::Result<()> {
             shape_label(a, hkv) + &a.page_size.map(|p| format!(" page={p}")).unwrap_or_default();
         let kernel = match (tiles.wgmma, tiles.tma) {
             (true, true) if tiles.persistent => "wgmma-tma-persistent",
+            (true, true) if tiles.num_warps == 16 => "wgmma-tma3",
             (true, true) => "wgmma-tma",
             (true, false) => "wgmma",
             _ => "mma.sync",

@@ -99,11 +99,14 @@ constexpr int D = HEAD_DIM;
 // dim of 128 as two [rows, 64] column blocks (see swz), the mma.sync path whole rows.
 constexpr int ROW_PITCH = WGMMA ? 128 : D * 2;
 // wgmma blocks: 8 compute warps (two warpgroups), plus with NUM_WARPS = 9 or 12 one or four
-// producer warps that issue every K/V copy (PRODUCER). WARPS and THREADS count the compute
-// warps.
+// producer warps that issue every K/V copy (PRODUCER); with TMA at head_dim 64, NUM_WARPS 16:
+// three compute warpgroups (192 rows, as FlashAttention-3 runs head_dim 64: the scores
+// cost as much as at 128 while the MMAs halve, so a third warpgroup's softmax hides under
+// the other two's GEMMs). WARPS and THREADS count the compute warps.
 constexpr bool PRODUCER = WGMMA && NUM_WARPS > 8;
-static_assert(!PRODUCER || (BLOCK_N * (HEAD_DIM / 8)) % ((NUM_WARPS - 8) * 32) == 0, "producer copies split evenly");
-constexpr int PRODUCER_THREADS = PRODUCER ? (NUM_WARPS - 8) * 32 : 0;
+constexpr int CWG = WGMMA && NUM_WARPS == 16 ? 3 : 2;  // compute warpgroups (wgmma)
+static_assert(!PRODUCER || (BLOCK_N * (HEAD_DIM / 8)) % ((NUM_WARPS - 4 * CWG) * 32) == 0, "producer copies split evenly");
+constexpr int PRODUCER_THREADS = PRODUCER ? (NUM_WARPS - 4 * CWG) * 32 : 0;
 // With a producer, the warpgroups may take turns issuing their wgmmas (FlashAttention-3's
 // ping-pong: named barriers 2 and 3), so one's softmax runs under the other's GEMMs.
 #ifndef PINGPONG
@@ -117,20 +120,24 @@ constexpr int PRODUCER_THREADS = PRODUCER ? (NUM_WARPS - 8) * 32 : 0;
 #ifndef TMA
 #define TMA 0
 #endif
-static_assert(!TMA || (WGMMA && NUM_WARPS == 12), "TMA blocks: two consumer warpgroups and a producer one");
+static_assert(!TMA || (WGMMA && (NUM_WARPS == 12 || (NUM_WARPS == 16 && HEAD_DIM == 64))),
+              "TMA blocks: two consumer warpgroups (three at head_dim 64) and a producer one");
 // PERSISTENT (with TMA): one block an SM takes (work item, kv head) tasks in turn, loading
 // across task boundaries (attention/tma.cuh).
 #ifndef PERSISTENT
 #define PERSISTENT 0
 #endif
-static_assert(!PERSISTENT || TMA, "the persistent kernel is the TMA one");
+static_assert(!PERSISTENT || (TMA && CWG == 2), "the persistent kernel is the TMA one, two warpgroups");
+// The registers setmaxnreg gives a TMA consumer thread: what the producer's 24 leave of the
+// block's 64K (384 threads x 168 = 128 x 24 + 256 x 240; 512 x 128 = 128 x 24 + 384 x 160).
+constexpr int CONSUMER_REGS = CWG == 3 ? 160 : 240;
 // TMA_PAGED_AHEAD (paged TMA): page ids looked up a tile ahead and every lane of the
 // producer warp issuing its own page's box, rather than lane 0 issuing all of them after
 // the lookup (RADIX_SPARSE_TMA_PAGED_ISSUE=serial, for comparisons).
 #ifndef TMA_PAGED_AHEAD
 #define TMA_PAGED_AHEAD 1
 #endif
-constexpr int WARPS = WGMMA ? 8 : NUM_WARPS;
+constexpr int WARPS = WGMMA ? 4 * CWG : NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_THREADS = NUM_WARPS * 32;
 constexpr int MT = M_TILES;          // 16-row MMA tiles per warp
@@ -164,13 +171,14 @@ static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 static_assert(ST >= 2 && ST <= (KV_FP8 ? 8 : 4), "2 to 4 pipeline stages (8 over an FP8 pool)");
 static_assert(BN % 16 == 0 && NT % 2 == 0, "BLOCK_N a multiple of 16 (of 16 per warp with KEY_SPLIT)");
 static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
-static_assert(!WGMMA || ((NUM_WARPS == 8 || NUM_WARPS == 9 || NUM_WARPS == 12) && MT == 1 && !KS && !KV_FP8 && (BN == 64 || BN == 128)),
-              "wgmma blocks: two warpgroups of 64 rows, 64 or 128 keys a tile, 16-bit K/V");
+static_assert(!WGMMA || ((NUM_WARPS == 8 || NUM_WARPS == 9 || NUM_WARPS == 12 || (NUM_WARPS == 16 && TMA)) && MT == 1 &&
+                         !KS && !KV_FP8 && (BN == 64 || BN == 128)),
+              "wgmma blocks: warpgroups of 64 rows, 64 or 128 keys a tile, 16-bit K/V");
 // Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
 // the stages of bytes).
 constexpr int KV_SMEM = KV_FP8 ? 2 * BN * D * 2 + 2 * ST * BN * D : 2 * ST * BN * D * 2;
 static_assert(!KS || WARPS * 16 * (D + 2) * 4 <= KV_SMEM, "the warps' states fit the K/V stages");
-static_assert((BN * DC) % THREADS == 0 && (BM * DC) % THREADS == 0, "tiles split evenly");
+static_assert((TMA || (BN * DC) % THREADS == 0) && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
 struct WorkItem {
@@ -284,14 +292,14 @@ __device__ __forceinline__ int seq_kv_len(const AttentionParams& p, int b, int k
 constexpr int RSTEP = THREADS / DC;
 constexpr int Q_ITERS = BM / RSTEP;
 static_assert(THREADS % DC == 0 && RSTEP % 8 == 0, "rows per copy step must be a multiple of 8");
-static_assert(BN % RSTEP == 0 && BM % RSTEP == 0, "tiles split evenly into copy steps");
+static_assert((TMA || BN % RSTEP == 0) && BM % RSTEP == 0, "tiles split evenly into copy steps");
 // K/V copies are 16 bytes too: 8 values of a 16-bit pool, 16 of an FP8 one (8-byte copies
 // of e4m3 chunks took as long per tile as 16-byte ones of bf16: half the bandwidth).
 constexpr int KV_CHUNK = KV_FP8 ? 16 : 8;  // values per copy
 constexpr int KDC = D / KV_CHUNK;          // copies per K/V row
 constexpr int KV_RSTEP = THREADS / KDC;
 constexpr int KV_ITERS = BN / KV_RSTEP;
-static_assert(KV_RSTEP % 8 == 0 && BN % KV_RSTEP == 0, "K/V tiles split evenly into copy steps");
+static_assert(TMA || (KV_RSTEP % 8 == 0 && BN % KV_RSTEP == 0), "K/V tiles split evenly into copy steps");
 
 struct KvCursor {
 #if PAGED
@@ -632,18 +640,31 @@ __device__ void produce_kv_tma(const KernelParams& kp, int kvh, int kv_begin, in
   }
 }
 
+// Ping-pong (FlashAttention-3): the n warpgroups with rows take turns issuing their
+// wgmmas in a ring. Warpgroup w's turn is named barrier 2 + w, which its predecessor
+// arrives at when it has issued (256 threads: the two of them).
+__device__ __forceinline__ void turn_wait(int wg) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int wg, int n) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(wg + 1 == n ? 2 : 3 + wg) : "memory");
+}
+// A barrier among warpgroup wg's own 128 threads (named barrier 8 + wg).
+__device__ __forceinline__ void wg_bar_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(8 + wg) : "memory");
+}
+
 // Zeroes rows [valid, BN) of the V tile at `sv` (the last tile's rows past kv_stop), by
 // the 128 threads of warpgroup `wg`, before its P V reads the tile: P is 0 there, but the
 // rows hold whatever the box brought (another sequence's values, a page's unused slots).
-// Both warpgroups write the same zeros, one perhaps while the other's P V reads them: the
+// Every warpgroup writes the same zeros, one perhaps while the other's P V reads them: the
 // bytes do not change. Each orders its own writes before its wgmmas.
 __device__ __forceinline__ void zero_v_tail(u32 sv, int valid, int wg) {
   for (int i = valid * DC + threadIdx.x % 128; i < BN * DC; i += 128) {
     asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(sv + swz<BN>(i / DC, i % DC)), "r"(0u) : "memory");
   }
   fence_proxy_async();
-  if (wg == 0) named_bar_sync<4, 128>();
-  else named_bar_sync<5, 128>();
+  wg_bar_sync(wg);
 }
 #endif
 #endif
@@ -714,11 +735,11 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
 // the loop body has one shape: with branches on j between a wgmma and its wait, ptxas
 // serialises the wgmmas (C7514, C7518 in the verbose log). Tiles are counted from g, a
 // multiple of ST (stage j % ST: the compiler keeps the descriptors on the uniform datapath).
-// With ping-pong the warpgroups take turns issuing (barrier 2 for warpgroup 0, 3 for 1).
+// With ping-pong the n_wg warpgroups take turns issuing (turn_wait, turn_pass).
 __device__ __forceinline__ void tma_overlapped_tiles(const AttentionParams& p, u32 q_rows, u32 sk0, u32 sv0,
                                                      const Stages& bar, int g, int n_tiles, int kv_begin, int kv_stop,
                                                      int mask_free_end, const int (&row_limit)[MT][2], bool pingpong,
-                                                     int wg, int lane, float (&o_acc)[MT][ON][4],
+                                                     int wg, int n_wg, int lane, float (&o_acc)[MT][ON][4],
                                                      float (&m_run)[MT][2], float (&l_run)[MT][2],
                                                      u32 (&p_frag)[PK][4]) {
   constexpr u32 STAGE = BN * D * 2;
@@ -735,16 +756,10 @@ __device__ __forceinline__ void tma_overlapped_tiles(const AttentionParams& p, u
     wgmma_commit();
   };
   auto my_turn = [&] {
-    if (pingpong) {
-      if (wg == 0) named_bar_sync<2, THREADS>();
-      else named_bar_sync<3, THREADS>();
-    }
+    if (pingpong) turn_wait(wg);
   };
   auto their_turn = [&] {
-    if (pingpong) {
-      if (wg == 0) named_bar_arrive<3, THREADS>();
-      else named_bar_arrive<2, THREADS>();
-    }
+    if (pingpong) turn_pass(wg, n_wg);
   };
   mbar_wait(bar.kfull, (g / ST) & 1);
   my_turn();
@@ -896,8 +911,8 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   const Stages bar = {full_bar, empty_bar, vfull_bar, vempty_bar};
   if (threadIdx.x == 0) {
     // Full: the producer's one arrival plus the tile's bytes. Empty: every thread of the
-    // warpgroups with rows (the second has none when the tile's rows end within 64).
-    const int consumers = row0 + 64 < rows ? THREADS : THREADS / 2;
+    // warpgroups with rows (the last ones have none when the tile's rows end early).
+    const int consumers = 128 * min(CWG, (rows - row0 + 63) / 64);
 #pragma unroll
     for (int s = 0; s < ST; ++s) {
       mbar_init(full_bar + s * 8, 1);
@@ -920,7 +935,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     }
     return;
   }
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<CONSUMER_REGS>();
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();
@@ -967,10 +982,16 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   const bool warp_active = !producer && row0 + (WGMMA ? wrow / 64 * 64 : wrow) < rows;
   const int wkey = KS ? warp * WK : 0;        // first key of this warp within a K/V tile
 #if WGMMA
-  // Ping-pong needs both warpgroups in the loop (each waits for the other's turn).
+  // Ping-pong runs among the warpgroups with rows (each waits for its predecessor's turn).
   const int wg = warp / 4;
+  [[maybe_unused]] const int n_wg = min(CWG, (rows - row0 + 63) / 64);
+#if TMA
+  const bool pingpong = PINGPONG && !producer && n_wg > 1;
+  if (pingpong && wg == n_wg - 1) turn_pass(wg, n_wg);  // warpgroup 0 first
+#else
   const bool pingpong = PRODUCER && PINGPONG && !producer && row0 + 64 < rows;
   if (pingpong && wg == 1) named_bar_arrive<2, THREADS>();  // warpgroup 0 first
+#endif
 #endif
 
   float o_acc[MT][ON][4];
@@ -1003,7 +1024,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   // The overlapped loop over the TMA stages (tma_overlapped_tiles), then the last P V.
   if (warp_active && n_tiles > 0) {
     tma_overlapped_tiles(p, sq + wrow / 64 * 64 * 128, sk0, sv0, bar, 0, n_tiles, w.kv_begin, kv_stop, mask_free_end,
-                         row_limit, pingpong, wg, lane, o_acc, m_run, l_run, p_frag);
+                         row_limit, pingpong, wg, n_wg, lane, o_acc, m_run, l_run, p_frag);
     tma_last_pv(sv0, bar, 0, n_tiles, w.kv_begin, kv_stop, wg, o_acc, p_frag);
   }
 #endif
@@ -1192,8 +1213,13 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     }
   }
 #if WGMMA
-  // Warpgroup 1's first arrival on barrier 2 has one wait more to meet: leave it balanced.
+  // The last warpgroup's first arrival on warpgroup 0's turn has one wait more to meet:
+  // leave it balanced.
+#if TMA
+  if (pingpong && wg == 0) turn_wait(0);
+#else
   if (pingpong && wg == 0) named_bar_sync<2, THREADS>();
+#endif
   if (OVERLAP && !TMA && warp_active && n_tiles > 0) {  // the last tile's P V
     wgmma_pv(p_frag, sv0 + ((n_tiles - 1) % ST) * stage_bytes, o_acc);
     wgmma_pv_done(p_frag, o_acc);

@@ -161,19 +161,25 @@ enum PrefillKernel {
 }
 
 /// The mean keys a query row attends (over a batch) up to which Hopper runs the persistent
-/// prefill kernel at head_dim 128 (`prefill_tiles`).
+/// prefill kernel at head_dim 128, and above which the three-warpgroup TMA kernel at
+/// head_dim 64 (`prefill_tiles`).
 pub const PERSISTENT_MAX_MEAN_KEYS: f64 = 2048.0;
+pub const TMA3_MIN_MEAN_KEYS: f64 = 1024.0;
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim`, paged
 /// `page_size`, and `mean_keys` (the keys a query row attends, averaged over the batch's
-/// rows): at head_dim 128 the wgmma kernel with a TMA producer (1.2-1.4x the cp.async one
-/// on the H200, pages of 16 included), persistent where rows attend 2,048 keys or fewer
-/// (1.17x the one-item kernel on 500-token sequences, 1.06x at 2,500; 0.9x on 16K or full
-/// 4K rows: bench/NOTES.md), at 64 the cp.async one (two blocks an SM there; the TMA one
-/// fits one: 4-10% slower), and also where TMA cannot read the pages (fewer than 8
-/// tokens). `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (for
-/// comparisons, or as a fallback; other values are named in a warning and ignored). Other
-/// GPUs always run mma.sync.
+/// rows), as measured on the H200 (bench/NOTES.md):
+/// - head_dim 128: the wgmma kernel with a TMA producer (1.2-1.4x the cp.async one, pages of
+///   16 included), persistent where rows attend 2,048 keys or fewer (1.17x the one-item
+///   kernel on 500-token sequences, 1.06x at 2,500; 0.9x on 16K or full 4K rows);
+/// - head_dim 64: the TMA kernel with three compute warpgroups where rows attend more than
+///   1,024 keys (1.14-1.17x the cp.async one on full 2K and causal 8K rows, 1.0x on causal
+///   2K, 0.82x on causal 500), else the cp.async wgmma kernel (two blocks an SM);
+/// - the cp.async wgmma kernel where TMA cannot read the pages (fewer than 8 tokens).
+///
+/// `RADIX_SPARSE_PREFILL_KERNEL=wgmma|tma|tma-persistent|mma` forces one (`tma` at head_dim
+/// 64: three warpgroups; for comparisons, or as a fallback; other values are named in a
+/// warning and ignored). Other GPUs always run mma.sync.
 pub fn prefill_tiles(
     device: &Device,
     head_dim: usize,
@@ -208,6 +214,10 @@ pub fn prefill_tiles(
             TileConfig::PREFILL_SM90_TMA_PERSISTENT
         }
         PrefillKernel::Auto if head_dim == 128 && tma_reads => TileConfig::PREFILL_SM90_TMA,
+        PrefillKernel::Auto if head_dim == 64 && tma_reads && mean_keys > TMA3_MIN_MEAN_KEYS => {
+            TileConfig::PREFILL_SM90_TMA_D64
+        }
+        PrefillKernel::Tma if tma_reads && head_dim == 64 => TileConfig::PREFILL_SM90_TMA_D64,
         PrefillKernel::Tma if tma_reads => TileConfig::PREFILL_SM90_TMA,
         PrefillKernel::TmaPersistent if tma_reads => TileConfig::PREFILL_SM90_TMA_PERSISTENT,
         _ => TileConfig::PREFILL_SM90,
@@ -283,6 +293,11 @@ pub fn plan_batch(
             "the TMA prefill kernel reads pages of 8 tokens or more, not {page_size}"
         );
     }
+    ensure!(
+        !tiles.tma || tiles.num_warps != 16 || shape.head_dim == 64,
+        "three compute warpgroups (wgmma-tma3) run head_dim 64 only, not {}",
+        shape.head_dim
+    );
     ensure!(
         !tiles.wgmma || device.info().arch() == radix_gpu::Arch::SM90A,
         "wgmma tiles need a Hopper GPU (sm_90a); this one is {}",
@@ -590,13 +605,15 @@ impl AttentionBatch {
             shared_mem_bytes: smem as u32,
         };
         if self.tiles.tma && kv.fp8.is_none() {
-            // setmaxnreg moves registers from 24 a producer thread to 240 a consumer one:
-            // that balances only from the 168 each starts with (fewer, and the consumers'
-            // request would wait forever).
+            // setmaxnreg moves registers from 24 a producer thread to 240 a consumer one
+            // (160 with three compute warpgroups): that balances only from the 168 (128)
+            // each starts with, all of the SM's 64K (fewer, and the consumers' request
+            // would wait forever).
             let regs = kernel.num_regs()?;
+            let want = if threads == 512 { 128 } else { 168 };
             ensure!(
-                regs == 168,
-                "the TMA attention kernel starts with {regs} registers a thread, not 168"
+                regs == want,
+                "the TMA attention kernel starts with {regs} registers a thread, not {want}"
             );
             // The persistent kernel runs one block an SM, taking tasks (work item, kv head)
             // in turn; the one-item kernel keeps the plan's grid.

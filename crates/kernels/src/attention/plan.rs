@@ -65,10 +65,10 @@ pub struct TileConfig {
 
 impl TileConfig {
     /// Rows (token × group head) per block (wgmma: two warpgroups of 64, whatever the
-    /// producer warp).
+    /// producer warp; three with the 16 warps of `PREFILL_SM90_TMA_D64`).
     pub fn block_m(&self) -> usize {
         if self.wgmma {
-            return 128;
+            return if self.num_warps == 16 { 192 } else { 128 };
         }
         let warps = if self.key_split { 1 } else { self.num_warps };
         (16 * self.m_tiles * warps) as usize
@@ -164,6 +164,10 @@ impl TileConfig {
     /// (193 KiB at head_dim 128).
     pub const PREFILL_SM90_TMA_PERSISTENT: TileConfig =
         TileConfig { persistent: true, ..Self::PREFILL_SM90_TMA };
+    /// `PREFILL_SM90_TMA` with three compute warpgroups (16 warps, 192 rows a block), for
+    /// head_dim 64 only (89 KiB of tiles; 160 registers a consumer thread).
+    pub const PREFILL_SM90_TMA_D64: TileConfig =
+        TileConfig { num_warps: 16, ..Self::PREFILL_SM90_TMA };
     /// Decode tiles: a block of 64 rows holds a whole GQA group of a few tokens with less
     /// shared memory; the kernel is bound by memory bandwidth there, not by MMAs, so a
     /// third stage keeps two K/V tiles in flight while one is computed on (a block at
@@ -207,12 +211,16 @@ impl TileConfig {
 
     /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given), or `wgmma[,BLOCK_N[,STAGES]]`
     /// for the Hopper kernel (`PREFILL_SM90` unless given; `wgmma-ws`, `wgmma-ws4`: with one
-    /// or four producer warps).
+    /// or four producer warps; `wgmma-tma`, `wgmma-tma-persistent`, `wgmma-tma3`: the TMA
+    /// producer, also persistent or with three compute warpgroups).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
         // Only the variants the GPU tests run (gpu_attention.rs): 128 keys a tile; two or
         // three stages (four producer warps: two).
         if s == "wgmma-tma-persistent" {
             return Ok(Self::PREFILL_SM90_TMA_PERSISTENT);
+        }
+        if s == "wgmma-tma3" {
+            return Ok(Self::PREFILL_SM90_TMA_D64);
         }
         if let Some(rest) = s.strip_prefix("wgmma-tma") {
             return match rest {
@@ -739,5 +747,10 @@ mod tests {
         assert_eq!(TileConfig::parse("wgmma-tma,128,2").unwrap(), t);
         assert!(TileConfig::parse("wgmma-tma,128,3").is_err());
         assert!(TileConfig::parse("wgmma-tma,64").is_err());
+        // Three compute warpgroups at head_dim 64: 192 rows, one block an SM.
+        let t3 = TileConfig::parse("wgmma-tma3").unwrap();
+        assert_eq!(t3, TileConfig::PREFILL_SM90_TMA_D64);
+        assert_eq!((t3.threads(), t3.block_m(), t3.smem_bytes(64, 2)), (512, 192, 89 * 1024));
+        assert_eq!(t3.blocks_per_sm(64, hopper), 1);
     }
 }

@@ -136,12 +136,6 @@ __device__ void produce_task(const KernelParams& kp, const Task& t, int g0, u32 
   }
 }
 
-// Warpgroup barriers (IDs 4 and 5, 128 threads).
-__device__ __forceinline__ void wg_sync(int wg) {
-  if (wg == 0) named_bar_sync<4, 128>();
-  else named_bar_sync<5, 128>();
-}
-
 // Issues the cp.async copies of warpgroup wg's 64 rows of task t's Q tile (rows past the
 // sequence read as zeros); the caller commits them.
 __device__ __forceinline__ void load_q_rows(const AttentionParams& p, const Task& t, u32 sq, int wg) {
@@ -180,7 +174,7 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
 
   cp_async_wait<0>();  // this thread's Q copies; the warpgroup's, past the barrier
   fence_proxy_async();
-  wg_sync(wg);
+  wg_bar_sync(wg);
   if (!active) {
     // Keep step with the stages' counts: release each tile once it has landed.
     for (int j = 0; j < padded_tiles(n_tiles); ++j) {
@@ -209,11 +203,11 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
   }
 
   if (active && n_tiles > 0) {
-    if (pingpong && wg == 1) named_bar_arrive<2, THREADS>();  // warpgroup 0 first
+    if (pingpong && wg == 1) turn_pass(1, 2);  // warpgroup 0 first
     u32 p_frag[PK][4];  // tile j - 1's P, waiting for its P V
     tma_overlapped_tiles(p, sq + wg * 64 * 128, sk0, sv0, bar, g, n_tiles, kv_begin, kv_stop, mask_free_end, row_limit,
-                         pingpong, wg, lane, o_acc, m_run, l_run, p_frag);
-    if (pingpong && wg == 0) named_bar_sync<2, THREADS>();  // warpgroup 1's extra arrival
+                         pingpong, wg, 2, lane, o_acc, m_run, l_run, p_frag);
+    if (pingpong && wg == 0) turn_wait(0);  // warpgroup 1's extra arrival
     // Every Q Kᵀ of this warpgroup is done: its Q rows take the next task's.
     if (has_next) load_q_rows(p, next, sq, wg);
     cp_async_commit();
@@ -242,7 +236,7 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
   // Epilogue: normalise, then write O (through this warpgroup's staging rows, 16-byte
   // stores) or the fp32 partial, and the LSE.
   const bool partial = t.w.partial_row >= 0;
-  if (!partial) wg_sync(wg);  // the previous task's staging rows are read
+  if (!partial) wg_bar_sync(wg);  // the previous task's staging rows are read
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = warp_sum4(l_run[0][half]);
@@ -274,7 +268,7 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
     }
   }
   if (!partial) {
-    wg_sync(wg);
+    wg_bar_sync(wg);
     constexpr int STEP = 128 / DC;
     const int tid = threadIdx.x % 128, chunk = tid % DC;
 #pragma unroll
@@ -360,7 +354,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     }
     return;
   }
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<CONSUMER_REGS>();
   bool has = take_task(ring, 0, t, true);
   if (has) load_q_rows(p, t, sq, wg);
   cp_async_commit();
