@@ -593,6 +593,7 @@ __device__ void produce_kv_tma(const KernelParams& kp, int kvh, int kv_begin, in
   const int first_token = kv_base;
 #endif
   for (int i = 0; i < n_tiles; ++i) {
+    __syncwarp();  // (every lane waits on the stages itself: keep them in step)
     const int g = g0 + i, st = g % ST;
     const u32 parity = (g / ST - 1) & 1;  // of the release awaited (g >= ST)
     const int tile_start = kv_begin + i * BN;

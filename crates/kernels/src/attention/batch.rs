@@ -38,11 +38,20 @@ pub struct AttentionShape {
     pub causal: bool,
     /// Softmax scale, usually 1/sqrt(head_dim).
     pub scale: f32,
+    /// K/V are e4m3 bytes (an FP8 pool, `AttentionBatch::run_fp8`): the plan keeps to the
+    /// tiles that read them (no Hopper wgmma kernel).
+    pub kv_fp8: bool,
 }
 
 impl AttentionShape {
     pub fn new(num_qo_heads: usize, num_kv_heads: usize, head_dim: usize, causal: bool) -> Self {
-        Self { num_qo_heads, num_kv_heads, head_dim, causal, scale: 1.0 / (head_dim as f32).sqrt() }
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        Self { num_qo_heads, num_kv_heads, head_dim, causal, scale, kv_fp8: false }
+    }
+
+    /// The same shape over an FP8 (e4m3) K/V pool.
+    pub fn with_fp8_kv(self, kv_fp8: bool) -> Self {
+        Self { kv_fp8, ..self }
     }
 
     pub fn group(&self) -> usize {

@@ -270,7 +270,8 @@ pub fn plan_batch(
     let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
     let tiles = tiles.unwrap_or_else(|| {
         let mut chosen = TileConfig::choose(max_rows);
-        if chosen == TileConfig::PREFILL {
+        // (FP8 pools run the mma.sync tiles: the wgmma kernels read 16-bit K/V only.)
+        if chosen == TileConfig::PREFILL && !shape.kv_fp8 {
             let page_size = match &meta.kv {
                 KvSource::Paged { page_size, .. } => Some(*page_size),
                 KvSource::Contiguous { .. } => None,
@@ -293,6 +294,12 @@ pub fn plan_batch(
             "the TMA prefill kernel reads pages of 8 tokens or more, not {page_size}"
         );
     }
+    ensure!(
+        !shape.kv_fp8 || !tiles.wgmma || tiles.block_m() == TileConfig::PREFILL.block_m(),
+        "tiles {tiles:?} cannot read an FP8 pool ({} rows a block where the FP8 kernel has {})",
+        tiles.block_m(),
+        TileConfig::PREFILL.block_m()
+    );
     ensure!(
         !tiles.tma || tiles.num_warps != 16 || shape.head_dim == 64,
         "three compute warpgroups (wgmma-tma3) run head_dim 64 only, not {}",
@@ -542,7 +549,14 @@ impl AttentionBatch {
             }
             Some(_) => {
                 // The wgmma kernel reads 16-bit tiles only: over an FP8 pool the mma.sync
-                // prefill tiles run the same plan (the same 128 rows a block).
+                // prefill tiles run the same plan when it has the same 128 rows a block
+                // (a shape marked `kv_fp8` is never planned otherwise).
+                ensure!(
+                    !self.tiles.wgmma || self.tiles.block_m() == TileConfig::PREFILL.block_m(),
+                    "this batch was planned with {} rows a block for 16-bit K/V; plan it with \
+                     AttentionShape::with_fp8_kv(true) to run it over an FP8 pool",
+                    self.tiles.block_m()
+                );
                 let base = if self.tiles.wgmma { TileConfig::PREFILL } else { self.tiles };
                 // 16-byte copies of e4m3 rows: a copy step of threads / (D / 16) rows must
                 // divide the tile (attention.cu's KV_RSTEP).

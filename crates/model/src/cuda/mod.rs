@@ -464,7 +464,8 @@ impl CudaBackend {
             let (ws, kv) = self.ready()?;
             (ws.shape, kv.sparse.filter(|_| sparse), kv.shape.geometry().key_bounds())
         };
-        let meta = StepMeta::new(&self.device, &self.kv()?.shape, s, bucket, policy)?;
+        let kv_fp8 = self.kv_fp8.is_some();
+        let meta = StepMeta::new(&self.device, &self.kv()?.shape, kv_fp8, s, bucket, policy)?;
         let entries = sparse_entries(key_bounds, s.kv_indices.len(), shape.num_kv_heads);
         self.ensure_workspace(shape, &meta.caps(s, entries))?;
         let device = self.device.clone();
@@ -709,20 +710,19 @@ impl Backend for CudaBackend {
         // Prefills first (their attention tiles and the sampler compile here, not in the
         // first request's step): a short one, and a chunk after a long prefix, whose rows
         // attend more keys than the short prefill kernel takes (on Hopper the two are
-        // different kernels); then every decode bucket's graph.
+        // different kernels; a pool too small to hold it never runs such rows); then every
+        // decode bucket's graph.
         let long_prefix = radix_kernels::attention::PERSISTENT_MAX_MEAN_KEYS.ceil() as usize + 256;
-        [
-            scratch_prefill(256, 0, scratch, page_size),
-            scratch_prefill(256, long_prefix, scratch, page_size),
-        ]
-        .into_iter()
-        .chain(
-            self.graphs
-                .missing_dense_buckets()
-                .into_iter()
-                .map(|b| scratch_step(b, scratch, page_size)),
-        )
-        .collect()
+        let long_fits = (long_prefix + 256).div_ceil(page_size) < kv.shape.num_pages();
+        std::iter::once(scratch_prefill(256, 0, scratch, page_size))
+            .chain(long_fits.then(|| scratch_prefill(256, long_prefix, scratch, page_size)))
+            .chain(
+                self.graphs
+                    .missing_dense_buckets()
+                    .into_iter()
+                    .map(|b| scratch_step(b, scratch, page_size)),
+            )
+            .collect()
     }
 
     fn end_step(&mut self, recorded: bool) -> Result<()> {

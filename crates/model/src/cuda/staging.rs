@@ -54,10 +54,11 @@ pub(super) struct StepMeta {
 impl StepMeta {
     /// Plans step `s` over `pool`. `bucket`: the step is padded to that CUDA graph's batch
     /// (pad the work lists to its bound); `sparse`: the policy when the step has sparse
-    /// rows (`Step::sparse_rows`).
+    /// rows (`Step::sparse_rows`); `kv_fp8`: the pool holds e4m3 bytes.
     pub fn new(
         device: &Device,
         pool: &PoolShape,
+        kv_fp8: bool,
         s: &Step,
         bucket: Option<usize>,
         sparse: Option<SparsePolicy>,
@@ -86,7 +87,8 @@ impl StepMeta {
             true,
         )?;
         let shape =
-            AttentionShape::new(pool.num_qo_heads(), pool.num_kv_heads(), pool.head_dim(), true);
+            AttentionShape::new(pool.num_qo_heads(), pool.num_kv_heads(), pool.head_dim(), true)
+                .with_fp8_kv(kv_fp8);
         let (tiles, mut work) = plan_batch(device, &shape, &meta, None, None)?;
         let pad = |tiles, list: &mut WorkList| pad_to_bucket(device, &shape, tiles, list, bucket);
         pad(tiles, &mut work)?;
