@@ -161,9 +161,10 @@ enum PrefillKernel {
 }
 
 /// The mean keys a query row attends (over a batch) up to which Hopper runs the persistent
-/// prefill kernel at head_dim 128, and above which the three-warpgroup TMA kernel at
-/// head_dim 64 (`prefill_tiles`).
+/// prefill kernel at head_dim 128 (`prefill_tiles`).
 pub const PERSISTENT_MAX_MEAN_KEYS: f64 = 2048.0;
+/// The mean keys a query row attends above which Hopper runs the three-warpgroup TMA
+/// kernel at head_dim 64 (`prefill_tiles`).
 pub const TMA3_MIN_MEAN_KEYS: f64 = 1024.0;
 
 /// Which prefill kernel `plan_batch` picks by itself on Hopper for `head_dim`, paged
