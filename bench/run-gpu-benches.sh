@@ -31,6 +31,16 @@ with open(dst, "w") as out:
 PY
 }
 
+# median_row OUT KEY IN...: the row of the IN files (one row each) whose KEY is the median.
+median_row() {
+  python3 - "$@" <<'PY'
+import json, sys
+out, key, *files = sys.argv[1:]
+rows = sorted((json.loads(open(f).readline()) for f in files), key=lambda r: r[key])
+open(out, "w").write(json.dumps(rows[len(rows) // 2]) + "\n")
+PY
+}
+
 for phase in $phases; do
 case $phase in
 gemm)
@@ -45,10 +55,20 @@ attention)
   # prefill issue's table. Ours is the launcher's choice (on Hopper wgmma, with the TMA
   # producer at head_dim 128); the cp.async wgmma kernel and the mma.sync one run the same
   # shapes in the same call as peers (RADIX_SPARSE_PREFILL_KERNEL=wgmma, =mma).
-  # A paged shape (--page-size) is paired with the peers' contiguous K/V.
+  # A paged shape (--page-size) is paired with the peers' contiguous K/V. Ours and cuDNN
+  # run ATTN_REPEATS times (default 3) in turn and each keeps its median: cuDNN's figure
+  # moves 5-10% between runs of one call, ours up to 5% (bench/NOTES.md).
+  reps=${ATTN_REPEATS:-3}
   while read -r args; do
     rm -f "$out"/a_*.jsonl
-    "$rs" bench attention $args --json "$out/a_ours.jsonl"
+    peer_args=$(echo "$args" | sed 's/--page-size [0-9]*//')
+    page=$(echo "$args" | sed -n 's/.*--page-size \([0-9]*\).*/ page=\1/p')
+    for r in $(seq 1 "$reps"); do
+      "$rs" bench attention $args --json "$out/a_ours_$r.jsonl"
+      python3 "$here/bench/torch_sdpa.py" --backend cudnn $peer_args --json "$out/a_cudnn_$r.jsonl"
+    done
+    median_row "$out/a_ours.jsonl" ours "$out"/a_ours_[0-9]*.jsonl
+    median_row "$out/a_cudnn.jsonl" value "$out"/a_cudnn_[0-9]*.jsonl
     RADIX_SPARSE_PREFILL_KERNEL=mma "$rs" bench attention $args --json "$out/a_mma_ours.jsonl"
     same_run_peer "$out/a_mma_ours.jsonl" "$out/a_mma.jsonl" "radix-sparse mma.sync prefill kernel, same call"
     RADIX_SPARSE_PREFILL_KERNEL=wgmma "$rs" bench attention $args --json "$out/a_wgmma_ours.jsonl"
@@ -66,17 +86,15 @@ attention)
         "radix-sparse TMA prefill kernel, paged boxes issued by lane 0 after the lookup (RADIX_SPARSE_TMA_PAGED_ISSUE=serial), same call"
       extra="$extra --peer $out/a_serial.jsonl" ;;
     esac
-    peer_args=$(echo "$args" | sed 's/--page-size [0-9]*//')
-    page=$(echo "$args" | sed -n 's/.*--page-size \([0-9]*\).*/ page=\1/p')
+    python3 "$here/bench/torch_sdpa.py" --backend flash $peer_args --json "$out/a_flash.jsonl"
     for backend in flash cudnn; do
-      python3 "$here/bench/torch_sdpa.py" --backend $backend $peer_args --json "$out/a_$backend.jsonl"
       # The paged shape's label names its page size; the peers' contiguous rows take it.
       python3 -c 'import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]
 open(sys.argv[1],"w").writelines(json.dumps({**r,"shape":r["shape"]+sys.argv[2]})+"\n" for r in rows)' "$out/a_$backend.jsonl" "$page"
     done
     record --ours "$out/a_ours.jsonl" --peer "$out/a_mma.jsonl" --peer "$out/a_wgmma.jsonl" \
       --peer "$out/a_flash.jsonl" --peer "$out/a_cudnn.jsonl" $extra \
-      --command "radix-sparse bench attention $args (and with RADIX_SPARSE_PREFILL_KERNEL=mma, =wgmma, =tma-persistent); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args"
+      --command "radix-sparse bench attention $args (median of $reps, in turn with cuDNN's; and with RADIX_SPARSE_PREFILL_KERNEL=mma, =wgmma, =tma-persistent); bench/peers/torch_sdpa.py --backend flash|cudnn $peer_args (cuDNN: median of $reps)"
   done <<'SHAPES'
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16
 --batch 16 --heads 16 --seq-len 2048 --head-dim 64 --dtype f16 --causal
