@@ -324,22 +324,32 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
         let (dwq, dws, db) =
             (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
         let bias = with_bias.then_some(&db);
-        let mut runs = Vec::new();
-        for _ in 0..2 {
-            let mut out: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
-            out.fill_bytes(0xff).unwrap();
-            let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
-            skinny::gemm(&jit, (m, n, k), (&dxq, &dxs), (&dwq, &dws), bias, &mut out, scratch)
-                .unwrap();
-            runs.push(out.to_vec().unwrap());
+        // The mma.sync kernel, and on Hopper with K in whole 128-byte stages the wgmma one.
+        let hopper = dev.info().arch() == radix_gpu::Arch::SM90A;
+        for wgmma in [false, true] {
+            if wgmma && !(hopper && k % 128 == 0) {
+                continue;
+            }
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut out: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+                out.fill_bytes(0xff).unwrap();
+                let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
+                let (x, w) = ((&dxq, &dxs), (&dwq, &dws));
+                skinny::gemm_with(&jit, (m, n, k), x, w, bias, &mut out, scratch, Some(wgmma))
+                    .unwrap();
+                runs.push(out.to_vec().unwrap());
+            }
+            let err = relative_error(&runs[0], &want);
+            eprintln!(
+                "skinny FP8 GEMM {m}x{n}x{k} bias={with_bias} wgmma={wgmma}: rel err {err:.3e}"
+            );
+            if err.is_nan() || err > 8e-3 {
+                bad.push(((m, n, k, wgmma), err));
+            }
+            let same = runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{m}x{n}x{k} wgmma={wgmma}: a second run differs (split-K counters?)");
         }
-        let err = relative_error(&runs[0], &want);
-        eprintln!("skinny FP8 GEMM {m}x{n}x{k} bias={with_bias}: rel err {err:.3e}");
-        if err.is_nan() || err > 8e-3 {
-            bad.push(((m, n, k), err));
-        }
-        let same = runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{m}x{n}x{k}: a second run differs (split-K counters not reset?)");
     }
     assert!(bad.is_empty(), "skinny FP8 GEMM errors above 8e-3: {bad:?}");
     // f16 output (values within f16's range), K split.

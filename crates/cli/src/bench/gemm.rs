@@ -228,9 +228,11 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             if let Some(d) = &decode {
                 let f = |key: &str| d[key].as_f64().unwrap_or(f64::NAN);
                 println!(
-                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%)",
+                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | skinny wgmma {:.2} us ({:.1}%) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%)",
                     f("skinny_us"),
                     f("skinny_copy_pct"),
+                    f("skinny_wgmma_us"),
+                    f("skinny_wgmma_copy_pct"),
                     f("cublaslt_us"),
                     f("cublaslt_copy_pct"),
                     f("gemv_us"),
@@ -312,8 +314,19 @@ fn fp8_decode(
     })?;
     let sk = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
         let (q, s) = &weights[i % copies];
-        skinny::gemm(jit, (m, n, k), (xq, xs), (q, s), None, &mut out, scratch.get())
+        let x = (xq, xs);
+        skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), Some(false))
     })?;
+    // On Hopper, the skinny kernel on FP8 wgmma too (K in whole 128-byte stages).
+    let wgmma = if device.info().arch() == radix_gpu::Arch::SM90A && k % 128 == 0 {
+        Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+            let (q, s) = &weights[i % copies];
+            let x = (xq, xs);
+            skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), Some(true))
+        })?)
+    } else {
+        None
+    };
     let gemv = if gemv::fits_fp8(m, n, k) {
         Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
             let (q, s) = &weights[i % copies];
@@ -335,6 +348,10 @@ fn fp8_decode(
         "copy_gbps": copy / 1e9,
         "weight_copies": copies,
     });
+    if let Some(t) = wgmma {
+        out["skinny_wgmma_us"] = (t.median_ms * 1e3).into();
+        out["skinny_wgmma_copy_pct"] = pct(t.median_ms).into();
+    }
     if let Some(g) = gemv {
         out["gemv_us"] = (g.median_ms * 1e3).into();
         out["gemv_copy_pct"] = pct_of(2 * m * k, g.median_ms).into();

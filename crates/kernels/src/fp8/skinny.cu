@@ -7,6 +7,8 @@
 // this kernel wins up to 8 rows (1.01-1.7x back to back) and loses beyond: Hopper runs
 // FP8 mma.sync as f16 HMMAs behind F2FP conversions, and the activations' conversions
 // repeat for every warp's 16 weight rows (bench/NOTES.md), so the engine uses it up to 8.
+// On Hopper a WGMMA variant (below) runs the same blocks on the FP8 tensor cores; opt-in
+// (RADIX_SPARSE_FP8_SKINNY=wgmma) until it has been measured there.
 //
 // Roles are swapped against the usual GEMM: the weight rows are the MMA's 16-row A
 // operand and the tokens its 8 columns (mma.sync m16n8k32 e4m3 → f32), so a decode step
@@ -24,6 +26,8 @@
 // full 16-byte loads, no shuffles, no shared memory. U segments are in flight per thread,
 // double-buffered in registers.
 #include "common/fp8.cuh"
+#include "common/mma.cuh"
+#include "common/wgmma.cuh"
 
 #ifndef N_TILES
 #define N_TILES 1  // 8-token MMA columns: up to 8 * N_TILES rows of x
@@ -32,9 +36,19 @@ constexpr int NT = N_TILES;
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block
-constexpr int SEG = 64;                 // K bytes of one warp step: two k32 MMAs
-constexpr int U = 4;                    // segments per thread in flight
 static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
+// WGMMA (sm_90a): the same block of 64 weight rows on Hopper's FP8 tensor cores (no
+// conversions: wgmma m64nNk32 e4m3, N the 8 * N_TILES tokens), the weight rows and the
+// tokens staged through shared memory in K steps of 128 bytes (one 128-byte swizzled row
+// each) by cp.async, STAGES deep; the accumulators have mma.sync's m16n8 layout per warp,
+// so the epilogue below serves both.
+#ifndef WGMMA
+#define WGMMA 0
+#endif
+#if !WGMMA
+constexpr int SEG = 64;  // K bytes of one warp step: two k32 MMAs
+constexpr int U = 4;     // segments per thread in flight
+#endif
 
 // Mirrors SkinnyParams in fp8/skinny.rs.
 struct SkinnyParams {
@@ -80,12 +94,109 @@ __device__ __forceinline__ void store_out(const SkinnyParams& p, int m, int f, f
   p.out[(long long)m * p.n + f] = from_float<elem_t>(s);
 }
 
+#if WGMMA
+constexpr int KB = 128;                      // K bytes of one stage
+constexpr int TOK = 8 * NT;                  // wgmma N: token columns
+constexpr int W_BYTES = BLOCK_ROWS * KB;     // a stage's weight rows
+constexpr int STAGE_BYTES = W_BYTES + TOK * KB;
+// Four stages in dynamic shared memory (36-64 KiB; skinny.rs asks for 1 KiB more to align
+// them): three in flight, 24 KiB of weights a block.
+constexpr int STAGES = 4;
+static_assert(STAGE_BYTES % 1024 == 0, "stages start on 1024-byte swizzle atoms");
+
+// D (+)= A B: A = 64 weight rows x 32 K bytes, B = N tokens x 32 K bytes, both K-major
+// from 128-byte-swizzled shared memory (e4m3 takes no transposes).
+template <int N> __device__ __forceinline__ void wgmma_e4m3(float (&d)[N / 2], u64 a, u64 b);
+template <> __device__ __forceinline__ void wgmma_e4m3<8>(float (&d)[4], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, %4, %5, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_e4m3<16>(float (&d)[8], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_e4m3<32>(float (&d)[16], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_e4m3<64>(float (&d)[32], u64 a, u64 b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(1));
+}
+
+// Stage `step` (K bytes [kb + step * KB, + KB)) of the block's weight rows (rows past N read
+// row N - 1, never stored) and of the tokens (rows past m read as zeros) into `base`.
+__device__ __forceinline__ void load_stage(const SkinnyParams& p, u32 base, int f_block, int k0) {
+#pragma unroll
+  for (int i = threadIdx.x; i < BLOCK_ROWS * 8; i += THREADS) {
+    const int r = i / 8, ch = i % 8;
+    const unsigned char* src = p.w + (long long)min(f_block + r, p.n - 1) * p.k + k0 + ch * 16;
+    cp_async_16(base + r * KB + ((ch ^ (r & 7)) << 4), src, true);
+  }
+#pragma unroll
+  for (int i = threadIdx.x; i < TOK * 8; i += THREADS) {
+    const int r = i / 8, ch = i % 8;
+    const unsigned char* src = p.x + (long long)min(r, p.m - 1) * p.k + k0 + ch * 16;
+    cp_async_16(base + W_BYTES + r * KB + ((ch ^ (r & 7)) << 4), src, r < p.m);
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __grid_constant__ SkinnyParams p) {
   __shared__ int last_split;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int f0 = blockIdx.x * BLOCK_ROWS + warp * 16;
   const int kb = blockIdx.y * p.k_split;
+#if WGMMA
+  extern __shared__ unsigned char dyn_smem[];
+  const u32 s0 = (smem_addr(dyn_smem) + 1023u) & ~1023u;  // the swizzle atoms' alignment
+  const int f_block = blockIdx.x * BLOCK_ROWS;
+  const int steps = max(0, min(p.k_split, p.k - kb)) / KB;
+  float d[NT * 4];
+#pragma unroll
+  for (int i = 0; i < NT * 4; ++i) d[i] = 0.f;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) load_stage(p, s0 + s * STAGE_BYTES, f_block, kb + s * KB);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    // Stage `step` has landed for every thread, and every thread's wgmmas of step - 1 are
+    // done: its buffer takes step + STAGES - 1.
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    const int next = step + STAGES - 1;
+    if (next < steps) load_stage(p, s0 + (next % STAGES) * STAGE_BYTES, f_block, kb + next * KB);
+    cp_async_commit();
+    const u32 base = s0 + (step % STAGES) * STAGE_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KB / 32; ++kk) {
+      wgmma_e4m3<TOK>(d, wgmma_desc(base + kk * 32, 16, 1024), wgmma_desc(base + W_BYTES + kk * 32, 16, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = d[4 * t + i];
+#else
   const int segs = max(0, min(p.k_split, p.k - kb)) / SEG;
   // Rows past N read row N - 1 (in bounds) and are never written.
   const unsigned char* w_lo = p.w + (long long)min(f0 + g, p.n - 1) * p.k + kb + 16 * c;
@@ -142,6 +253,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       }
     }
   }
+#endif
 
   // acc[t] holds rows f0 + g (0, 1) and f0 + g + 8 (2, 3), tokens t * 8 + 2c (0, 2) and
   // t * 8 + 2c + 1 (1, 3).

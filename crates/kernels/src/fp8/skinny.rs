@@ -20,6 +20,17 @@ pub const DEFAULT_ROWS: usize = 8;
 pub const BLOCK_ROWS: usize = 64;
 /// K bytes of one warp step (`SEG`): K must be a multiple of it.
 const SEG: usize = 64;
+/// K bytes of one stage of the wgmma variant (`KB`).
+const WGMMA_SEG: usize = 128;
+/// Stages of the wgmma variant (`STAGES`).
+const WGMMA_STAGES: usize = 4;
+
+/// Dynamic shared memory of the wgmma variant for `m` rows: its stages of 64 weight rows
+/// and the token rows (8, 16, 32 or 64) of 128 bytes, and 1 KiB to align them.
+fn wgmma_smem(m: usize) -> usize {
+    let tokens = 8 * m.div_ceil(8).next_power_of_two().clamp(1, MAX_ROWS / 8);
+    WGMMA_STAGES * (BLOCK_ROWS + tokens) * WGMMA_SEG + 1024
+}
 /// Splits of K at most: more would leave each warp too few steps to hide a load.
 const MAX_SPLITS: usize = 16;
 
@@ -30,6 +41,22 @@ pub fn spec<T: HalfFloat>(m: usize) -> KernelSpec {
         .define("DTYPE", dtype_define::<T>())
         .define("N_TILES", tiles)
         .min_arch(Arch::SM89)
+}
+
+/// The same on Hopper's FP8 wgmma (skinny.cu's WGMMA; sm_90a).
+pub fn spec_wgmma<T: HalfFloat>(m: usize) -> KernelSpec {
+    spec::<T>(m).define("WGMMA", 1).min_arch(Arch::SM90A)
+}
+
+/// Whether launches run the wgmma variant: on sm_90a with
+/// `RADIX_SPARSE_FP8_SKINNY=wgmma` (opt-in until it is measured beside the mma.sync one
+/// and cuBLASLt), where K is whole 128-byte stages.
+fn use_wgmma(arch: Arch, k: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_FP8_SKINNY").is_ok_and(|v| v.eq_ignore_ascii_case("wgmma"))
+    });
+    on && arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)
 }
 
 /// Mirrors `SkinnyParams` in skinny.cu.
@@ -75,13 +102,25 @@ pub fn plan(
     target_blocks: usize,
     partial_cap: usize,
 ) -> (usize, usize) {
+    plan_steps(m, n, k, target_blocks, partial_cap, SEG)
+}
+
+/// `plan` in steps of `seg` K bytes.
+fn plan_steps(
+    m: usize,
+    n: usize,
+    k: usize,
+    target_blocks: usize,
+    partial_cap: usize,
+    seg: usize,
+) -> (usize, usize) {
     let groups = n.div_ceil(BLOCK_ROWS);
-    let steps = k / SEG;
+    let steps = k / seg;
     let mut splits = (target_blocks / groups).clamp(1, MAX_SPLITS.min(steps));
     while splits > 1 && splits * m * n > partial_cap {
         splits -= 1;
     }
-    let k_split = steps.div_ceil(splits) * SEG;
+    let k_split = steps.div_ceil(splits) * seg;
     (k_split, k.div_ceil(k_split))
 }
 
@@ -111,12 +150,28 @@ pub struct SkinnyScratch<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: HalfFloat>(
     jit: &Jit,
+    dims: (usize, usize, usize),
+    x: (&DeviceBuffer<u8>, &DeviceBuffer<f32>),
+    w: (&DeviceBuffer<u8>, &DeviceBuffer<f32>),
+    bias: Option<&DeviceBuffer<T>>,
+    out: &mut DeviceBuffer<T>,
+    scratch: SkinnyScratch<'_>,
+) -> Result<()> {
+    gemm_with(jit, dims, x, w, bias, out, scratch, None)
+}
+
+/// `gemm` with the variant chosen: `Some(true)` the wgmma one (sm_90a, K a multiple of
+/// 128), `Some(false)` the mma.sync one, `None` as `RADIX_SPARSE_FP8_SKINNY` says.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with<T: HalfFloat>(
+    jit: &Jit,
     (m, n, k): (usize, usize, usize),
     (xq, xs): (&DeviceBuffer<u8>, &DeviceBuffer<f32>),
     (wq, ws): (&DeviceBuffer<u8>, &DeviceBuffer<f32>),
     bias: Option<&DeviceBuffer<T>>,
     out: &mut DeviceBuffer<T>,
     scratch: SkinnyScratch<'_>,
+    wgmma: Option<bool>,
 ) -> Result<()> {
     ensure!(
         fits(m, n, k),
@@ -141,7 +196,15 @@ pub fn gemm<T: HalfFloat>(
     }
     let device = xq.device();
     let sms = device.info().sm_count as usize;
-    let (k_split, splits) = plan(m, n, k, target_blocks(sms), scratch.partial.len());
+    let arch = device.info().arch();
+    let wgmma = wgmma.unwrap_or_else(|| use_wgmma(arch, k));
+    ensure!(
+        !wgmma || (arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)),
+        "the skinny FP8 GEMM's wgmma variant runs on sm_90a with K a multiple of \
+         {WGMMA_SEG}, not on {arch} with K={k}"
+    );
+    let seg = if wgmma { WGMMA_SEG } else { SEG };
+    let (k_split, splits) = plan_steps(m, n, k, target_blocks(sms), scratch.partial.len(), seg);
     let groups = n.div_ceil(BLOCK_ROWS);
     if splits > 1 {
         ensure!(
@@ -150,7 +213,10 @@ pub fn gemm<T: HalfFloat>(
             scratch.counters.len()
         );
     }
-    let kernel = jit.kernel(device, &spec::<T>(m), "fp8_gemm_skinny")?;
+    let spec = if wgmma { spec_wgmma::<T>(m) } else { spec::<T>(m) };
+    let kernel = jit.kernel(device, &spec, "fp8_gemm_skinny")?;
+    let smem = if wgmma { wgmma_smem(m) } else { 0 };
+    kernel.set_max_dynamic_smem(device, smem)?;
     let params = SkinnyParams {
         x: xq.ptr(),
         x_scales: xs.ptr(),
@@ -168,7 +234,7 @@ pub fn gemm<T: HalfFloat>(
     let cfg = LaunchConfig {
         grid_dim: (groups as u32, splits as u32, 1),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem as u32,
     };
     // SAFETY: sizes checked above; the kernel reads rows < n of w and ws, rows < m of x
     // and xs, writes out[m, n] and, with splits > 1, partial[splits, m, n] (plan keeps it
@@ -206,6 +272,18 @@ mod tests {
         assert_eq!(tiles(9), "2");
         assert_eq!(tiles(33), "8");
         assert_eq!(tiles(64), "8");
+    }
+
+    #[test]
+    fn wgmma_stages_fit_two_blocks_an_sm() {
+        // 4 stages of 64 weight rows and 8 (16, 32, 64) token rows of 128 bytes, + 1 KiB.
+        assert_eq!(wgmma_smem(1), 4 * 72 * 128 + 1024);
+        assert_eq!(wgmma_smem(9), 4 * 80 * 128 + 1024);
+        assert_eq!(wgmma_smem(64), 4 * 128 * 128 + 1024);
+        assert!(2 * (wgmma_smem(64) + 1024) <= 228 * 1024);
+        // Splits in whole 128-byte stages.
+        assert_eq!(plan_steps(1, 4096, 4096, 528, 1 << 22, WGMMA_SEG), (512, 8));
+        assert_eq!(plan_steps(8, 4096, 14336, 528, 1 << 22, WGMMA_SEG), (1792, 8));
     }
 
     #[test]
