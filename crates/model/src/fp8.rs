@@ -219,8 +219,11 @@ impl KvScales {
 
     /// The checkpoint's KV scales: `model.layers.{i}.self_attn.k_scale` and `v_scale`
     /// (vLLM's and llm-compressor's layout), or the older single `kv_scale` for both;
-    /// `None` when it has none. A checkpoint with some layers' scales but not all, or a
-    /// scale that is not a positive number, is an error naming the tensor.
+    /// `None` when it has none. A scale per kv head (llm-compressor's per-head strategy)
+    /// becomes the largest of them: the cache keeps one scale a layer, and the largest
+    /// lets no head's values saturate (a warning says so). A checkpoint with some layers'
+    /// scales but not all, or a scale that is not a positive number, is an error naming
+    /// the tensor.
     pub fn from_checkpoint(weights: &dyn WeightSource, num_layers: usize) -> Result<Option<Self>> {
         let name = |i: usize, what: &str| format!("model.layers.{i}.self_attn.{what}");
         let has = |i: usize| {
@@ -237,21 +240,17 @@ impl KvScales {
                 name(missing, "k_scale")
             )));
         }
+        let per_head = std::cell::Cell::new(false);
         let read = |n: String| -> Result<f32> {
-            let t = weights.tensor(&n, &[])?;
-            let s = match t.data.to_f32()[..] {
-                [s] => s,
-                _ => {
-                    return Err(ModelError::Weights(format!(
-                        "{n} holds {} values; a KV scale is one",
-                        t.data.len()
-                    )));
-                }
-            };
-            if !(s.is_finite() && s > 0.0) {
-                return Err(ModelError::Weights(format!("{n} is {s}, not a positive number")));
+            let values = weights.tensor(&n, &[])?.data.to_f32();
+            if values.is_empty() {
+                return Err(ModelError::Weights(format!("{n} holds no value")));
             }
-            Ok(s)
+            if let Some(s) = values.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(ModelError::Weights(format!("{n} holds {s}, not a positive number")));
+            }
+            per_head.set(per_head.get() || values.len() > 1);
+            Ok(values.iter().fold(0.0f32, |m, &s| m.max(s)))
         };
         let mut scales = Self::ones(num_layers);
         for i in 0..num_layers {
@@ -262,6 +261,12 @@ impl KvScales {
                 scales.k[i] = read(name(i, "kv_scale"))?;
                 scales.v[i] = scales.k[i];
             }
+        }
+        if per_head.get() {
+            tracing::warn!(
+                "the checkpoint's KV cache scales are per kv head; the FP8 cache keeps one \
+                 scale a layer, the largest of each layer's heads"
+            );
         }
         Ok(Some(scales))
     }
@@ -412,13 +417,14 @@ mod tests {
         }
     }
 
-    /// A map of named scalars as a weight source.
-    struct Scalars(std::collections::HashMap<String, f32>);
+    /// A map of named scalars (or short vectors) as a weight source.
+    struct Scalars(std::collections::HashMap<String, Vec<f32>>);
 
     impl WeightSource for Scalars {
         fn tensor(&self, name: &str, _shape: &[usize]) -> Result<HostTensor> {
-            let v = self.0[name];
-            Ok(HostTensor { shape: vec![], data: HostData::F32(vec![v]) })
+            let v = self.0[name].clone();
+            let shape = if v.len() == 1 { vec![] } else { vec![v.len()] };
+            Ok(HostTensor { shape, data: HostData::F32(v) })
         }
         fn contains(&self, name: &str) -> bool {
             self.0.contains_key(name)
@@ -431,7 +437,7 @@ mod tests {
     #[test]
     fn kv_scales_come_from_the_checkpoint_or_are_absent() {
         let src = |pairs: &[(&str, f32)]| {
-            Scalars(pairs.iter().map(|(n, v)| (format!("model.layers.{n}"), *v)).collect())
+            Scalars(pairs.iter().map(|(n, v)| (format!("model.layers.{n}"), vec![*v])).collect())
         };
         assert_eq!(KvScales::from_checkpoint(&src(&[]), 2).unwrap(), None);
         let s = src(&[
@@ -447,6 +453,23 @@ mod tests {
         let bad = src(&[("0.self_attn.kv_scale", -1.0)]);
         let err = KvScales::from_checkpoint(&bad, 1).unwrap_err().to_string();
         assert!(err.contains("not a positive number"), "{err}");
+        // Per kv head: the largest of each layer's heads; a bad head is still an error.
+        let heads = |k: Vec<f32>, v: Vec<f32>| {
+            Scalars(
+                [("k_scale", k), ("v_scale", v)]
+                    .into_iter()
+                    .map(|(n, s)| (format!("model.layers.0.self_attn.{n}"), s))
+                    .collect(),
+            )
+        };
+        let got = KvScales::from_checkpoint(&heads(vec![0.5, 2.0, 1.0], vec![0.1, 0.3]), 1);
+        assert_eq!(got.unwrap().unwrap(), KvScales { k: vec![2.0], v: vec![0.3] });
+        let err = KvScales::from_checkpoint(&heads(vec![0.5, f32::NAN], vec![0.1]), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k_scale holds NaN, not a positive number"), "{err}");
+        let err = KvScales::from_checkpoint(&heads(vec![], vec![0.1]), 1).unwrap_err().to_string();
+        assert!(err.contains("holds no value"), "{err}");
         assert_eq!(round_e4m3(1.0625, 1.0), 1.0);
         assert_eq!(round_e4m3(3.3, 0.5), 3.25);
         assert_eq!(round_e4m3(1e6, 1.0), E4M3_MAX, "saturates");
