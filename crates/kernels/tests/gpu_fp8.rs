@@ -294,6 +294,7 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
         (1, 4096, 4096),
         (3, 13, 4096),
         (8, 1000, 4160),
+        (8, 1000, 4096),
         (9, 6144, 4096),
         (17, 2048, 14336),
         (33, 200, 192),
@@ -376,12 +377,16 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
     let (dxq, dxs) = (dev.upload(&xq).unwrap(), dev.upload(&xs).unwrap());
     let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
     let mut out: DeviceBuffer<f16> = dev.alloc(m * n).unwrap();
-    out.fill_bytes(0xff).unwrap();
-    let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
-    skinny::gemm::<f16>(&jit, (m, n, k), (&dxq, &dxs), (&dwq, &dws), None, &mut out, scratch)
-        .unwrap();
-    let err = relative_error(&out.to_vec().unwrap(), &want);
-    assert!(err <= 2e-3, "skinny FP8 GEMM f16 {m}x{n}x{k}: rel err {err:.3e}");
+    // The mma.sync kernel, and on Hopper the wgmma one (the first twice elsewhere: fine).
+    for wgmma in [false, dev.info().arch() == radix_gpu::Arch::SM90A] {
+        out.fill_bytes(0xff).unwrap();
+        let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
+        let (x, w) = ((&dxq, &dxs), (&dwq, &dws));
+        skinny::gemm_with::<f16>(&jit, (m, n, k), x, w, None, &mut out, scratch, Some(wgmma))
+            .unwrap();
+        let err = relative_error(&out.to_vec().unwrap(), &want);
+        assert!(err <= 2e-3, "skinny FP8 GEMM f16 {m}x{n}x{k} wgmma={wgmma}: rel err {err:.3e}");
+    }
     // Shapes it does not take are refused, not run.
     let mut out: DeviceBuffer<bf16> = dev.alloc(65 * 64).unwrap();
     let (q, s) = (dev.alloc::<u8>(65 * 96).unwrap(), dev.alloc::<f32>(65).unwrap());

@@ -105,35 +105,35 @@ constexpr int STAGES = 4;
 static_assert(STAGE_BYTES % 1024 == 0, "stages start on 1024-byte swizzle atoms");
 
 // D (+)= A B: A = 64 weight rows x 32 K bytes, B = N tokens x 32 K bytes, both K-major
-// from 128-byte-swizzled shared memory (e4m3 takes no transposes).
-template <int N> __device__ __forceinline__ void wgmma_e4m3(float (&d)[N / 2], u64 a, u64 b);
-template <> __device__ __forceinline__ void wgmma_e4m3<8>(float (&d)[4], u64 a, u64 b) {
+// from 128-byte-swizzled shared memory (e4m3 takes no transposes); scale_d = 0 overwrites D.
+template <int N> __device__ __forceinline__ void wgmma_e4m3(float (&d)[N / 2], u64 a, u64 b, int scale_d);
+template <> __device__ __forceinline__ void wgmma_e4m3<8>(float (&d)[4], u64 a, u64 b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, %4, %5, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "l"(a), "l"(b), "r"(1));
+      : "l"(a), "l"(b), "r"(scale_d));
 }
-template <> __device__ __forceinline__ void wgmma_e4m3<16>(float (&d)[8], u64 a, u64 b) {
+template <> __device__ __forceinline__ void wgmma_e4m3<16>(float (&d)[8], u64 a, u64 b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(a), "l"(b), "r"(1));
+      : "l"(a), "l"(b), "r"(scale_d));
 }
-template <> __device__ __forceinline__ void wgmma_e4m3<32>(float (&d)[16], u64 a, u64 b) {
+template <> __device__ __forceinline__ void wgmma_e4m3<32>(float (&d)[16], u64 a, u64 b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(a), "l"(b), "r"(1));
+      : "l"(a), "l"(b), "r"(scale_d));
 }
-template <> __device__ __forceinline__ void wgmma_e4m3<64>(float (&d)[32], u64 a, u64 b) {
+template <> __device__ __forceinline__ void wgmma_e4m3<64>(float (&d)[32], u64 a, u64 b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(1));
+      : "l"(a), "l"(b), "r"(scale_d));
 }
 
 // Stage `step` (K bytes [kb + step * KB, + KB)) of the block's weight rows (rows past N read
@@ -165,9 +165,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
   const u32 s0 = (smem_addr(dyn_smem) + 1023u) & ~1023u;  // the swizzle atoms' alignment
   const int f_block = blockIdx.x * BLOCK_ROWS;
   const int steps = max(0, min(p.k_split, p.k - kb)) / KB;
-  float d[NT * 4];
+  // Each stage's 128 K bytes accumulate in the tensor cores (d), then into f32 here
+  // (acc): Hopper's FP8 wgmma keeps fewer bits than f32 while it accumulates, so a chain
+  // over all of K (448 steps of 32 at K = 14336) would lose precision.
+  float d[NT * 4], acc[NT][4];
 #pragma unroll
-  for (int i = 0; i < NT * 4; ++i) d[i] = 0.f;
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < steps) load_stage(p, s0 + s * STAGE_BYTES, f_block, kb + s * KB);
@@ -186,16 +191,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KB / 32; ++kk) {
-      wgmma_e4m3<TOK>(d, wgmma_desc(base + kk * 32, 16, 1024), wgmma_desc(base + W_BYTES + kk * 32, 16, 1024));
+      const u64 a = wgmma_desc(base + kk * 32, 16, 1024), b = wgmma_desc(base + W_BYTES + kk * 32, 16, 1024);
+      wgmma_e4m3<TOK>(d, a, b, kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_fence_regs(d);  // (the compiler cannot see the asynchronous write)
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[t][i] += d[4 * t + i];
   }
-  float acc[NT][4];
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[t][i] = d[4 * t + i];
 #else
   const int segs = max(0, min(p.k_split, p.k - kb)) / SEG;
   // Rows past N read row N - 1 (in bounds) and are never written.
