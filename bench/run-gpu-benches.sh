@@ -197,14 +197,15 @@ latency)
 fp8|fp8gemm|fp8kv|fp8e2e)
   # FP8 (the FP8 issue). `fp8` runs the three parts:
   # - fp8gemm: GEMMs beside torch._scaled_mm (row-wise scales) on the default shapes and
-  #   the decode shapes, whose rows also time cuBLASLt FP8, the skinny FP8 GEMM and our
-  #   FP8-weight GEMV back to back beyond L2;
+  #   the decode shapes (1-64 rows), whose rows also time cuBLASLt FP8, the skinny FP8
+  #   GEMM (on Hopper also its wgmma variant) and, up to 8 rows, our FP8-weight GEMV back
+  #   to back beyond L2;
   # - fp8kv: decode attention over e4m3 pages beside bf16 pages;
   # - fp8e2e: a batch-1 step and the offline run, FP8 weights (and KV offline) beside bf16.
   if [ $phase = fp8 ] || [ $phase = fp8gemm ]; then
   rm -f "$out/f_ours.jsonl" "$out/f_peer.jsonl"
   decode_shapes=""
-  for m in 1 2 4 8; do for nk in 6144x4096 4096x4096 28672x4096 4096x14336; do
+  for m in 1 2 4 8 16 32 64; do for nk in 6144x4096 4096x4096 28672x4096 4096x14336; do
     decode_shapes="$decode_shapes --shape ${m}x$nk"
   done; done
   "$rs" bench gemm --dtype fp8 --json "$out/f_ours.jsonl"
