@@ -20,7 +20,11 @@ pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "common/key_bounds.cuh", code: include_str!("common/key_bounds.cuh") },
     SourceFile { path: "common/fp8.cuh", code: include_str!("common/fp8.cuh") },
     SourceFile { path: "common/wgmma.cuh", code: include_str!("common/wgmma.cuh") },
-    // The persistent TMA variant of attention.cu (included by it).
+    // The TMA pipeline and the persistent TMA variant of attention.cu (included by it).
+    SourceFile {
+        path: "attention/tma_pipeline.cuh",
+        code: include_str!("attention/tma_pipeline.cuh"),
+    },
     SourceFile { path: "attention/tma.cuh", code: include_str!("attention/tma.cuh") },
 ];
 

@@ -11,8 +11,8 @@
 // Q Kᵀ issued with tile j-1's P V, the softmax in the P V's shadow), and the epilogue
 // (through a staging tile of their own). Barriers between them: K and V stages, full and
 // empty (counts include the warpgroup without rows, which keeps step), named barrier 1 for
-// the split-merge count, 2/3 for ping-pong (6 closes a task's turns), 4/5 within a
-// warpgroup.
+// the split-merge count, 2/3 for ping-pong (6 closes a task's turns), 8/9 within a
+// warpgroup (attention/tma_pipeline.cuh).
 //
 // Per task the one-item kernel paid its launch, Q's and the first tiles' latency and the
 // epilogue with nothing overlapped: about five tiles' time on the H200, measured as the gap
