@@ -137,6 +137,13 @@ constexpr int CONSUMER_REGS = CWG == 3 ? 160 : 240;
 #ifndef TMA_PAGED_AHEAD
 #define TMA_PAGED_AHEAD 1
 #endif
+// WG_SKIP (one-item TMA kernel, causal): a warpgroup stops computing at the last tile its
+// own rows see, then only keeps step with the others (tma_idle_tiles); without it every
+// warpgroup runs to the block's last key. Opt-in (RADIX_SPARSE_PREFILL_WG_SKIP=1) until
+// measured: it saves the diagonal tiles of a 192-row block's first warpgroups.
+#ifndef WG_SKIP
+#define WG_SKIP 0
+#endif
 constexpr int WARPS = WGMMA ? 4 * CWG : NUM_WARPS;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_THREADS = NUM_WARPS * 32;
@@ -822,9 +829,19 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #if TMA
   // The overlapped loop over the TMA stages (tma_overlapped_tiles), then the last P V.
   if (warp_active && n_tiles > 0) {
-    tma_overlapped_tiles(p, sq + wrow / 64 * 64 * 128, sk0, sv0, bar, 0, n_tiles, w.kv_begin, kv_stop, mask_free_end,
+#if WG_SKIP
+    const int last_row = min(rows, row0 + (wg + 1) * 64) - 1;
+    const int limit = p.causal ? min(kv_stop, last_row / p.group + causal_shift + 1) : kv_stop;
+    const int my_tiles = max(1, min(n_tiles, (limit - w.kv_begin + BN - 1) / BN));
+#else
+    const int my_tiles = n_tiles;
+#endif
+    tma_overlapped_tiles(p, sq + wrow / 64 * 64 * 128, sk0, sv0, bar, 0, my_tiles, w.kv_begin, kv_stop, mask_free_end,
                          row_limit, pingpong, wg, n_wg, lane, o_acc, m_run, l_run, p_frag);
-    tma_last_pv(sv0, bar, 0, n_tiles, w.kv_begin, kv_stop, wg, o_acc, p_frag);
+    tma_last_pv(sv0, bar, 0, my_tiles, w.kv_begin, kv_stop, wg, o_acc, p_frag);
+#if WG_SKIP
+    tma_idle_tiles(bar, my_tiles, n_tiles, pingpong, wg, n_wg);
+#endif
   }
 #endif
   for (int j = 0; j < (producer || TMA ? 0 : n_tiles); ++j) {

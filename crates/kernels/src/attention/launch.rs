@@ -142,6 +142,13 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
             .is_ok_and(|v| v.eq_ignore_ascii_case("serial"))
     });
     let spec = if tiles.tma && paged && serial { spec.define("TMA_PAGED_AHEAD", 0) } else { spec };
+    // RADIX_SPARSE_PREFILL_WG_SKIP=1: the one-item TMA kernel's warpgroups stop at their
+    // own rows' last tile (causal; attention.cu's WG_SKIP, until measured).
+    static WG_SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let wg_skip = *WG_SKIP
+        .get_or_init(|| std::env::var("RADIX_SPARSE_PREFILL_WG_SKIP").is_ok_and(|v| v == "1"));
+    let spec =
+        if tiles.tma && !tiles.persistent && wg_skip { spec.define("WG_SKIP", 1) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
 }
 

@@ -209,3 +209,24 @@ __device__ __forceinline__ int tma_last_pv(u32 sv0, const Stages& bar, int g, in
   wgmma_pv_done(p_frag, o_acc);
   return lst;
 }
+
+// Tiles [from, n_tiles) of the one-item kernel for a warpgroup none of whose rows sees
+// their keys (causal, WG_SKIP): it takes its ping-pong turns and releases each stage once
+// its tile has landed (an earlier release would count toward the stage's previous tile),
+// computing nothing; first the V of tile from - 1, whose P V is done.
+__device__ __forceinline__ void tma_idle_tiles(const Stages& bar, int from, int n_tiles, bool pingpong, int wg,
+                                               int n_wg) {
+  if (from >= n_tiles) return;
+  mbar_arrive(bar.vempty + ((from - 1) % ST) * 8);
+  for (int j = from; j < n_tiles; ++j) {
+    const int st = j % ST;
+    mbar_wait(bar.kfull + st * 8, (j / ST) & 1);
+    if (pingpong) {
+      turn_wait(wg);
+      turn_pass(wg, n_wg);
+    }
+    mbar_arrive(bar.kempty + st * 8);
+    mbar_wait(bar.vfull + st * 8, (j / ST) & 1);
+    mbar_arrive(bar.vempty + st * 8);
+  }
+}
