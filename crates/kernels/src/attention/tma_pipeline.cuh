@@ -210,10 +210,12 @@ __device__ __forceinline__ int tma_last_pv(u32 sv0, const Stages& bar, int g, in
   return lst;
 }
 
-// Tiles [from, n_tiles) of the one-item kernel for a warpgroup none of whose rows sees
-// their keys (causal, WG_SKIP): it takes its ping-pong turns and releases each stage once
-// its tile has landed (an earlier release would count toward the stage's previous tile),
-// computing nothing; first the V of tile from - 1, whose P V is done.
+// Tiles [from, n_tiles) of the one-item kernel (tiles counted from 0, one item a block:
+// not for the persistent kernel, whose barriers carry on across tasks) for a warpgroup
+// none of whose rows sees their keys (causal, WG_SKIP): it takes its ping-pong turns and
+// releases each stage once its tile has landed (an earlier release would count toward the
+// stage's previous tile), computing nothing. First it releases the V of tile from - 1,
+// whose P V `tma_last_pv` has done (that function releases nothing).
 __device__ __forceinline__ void tma_idle_tiles(const Stages& bar, int from, int n_tiles, bool pingpong, int wg,
                                                int n_wg) {
   if (from >= n_tiles) return;
