@@ -28,6 +28,16 @@ pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "attention/tma.cuh", code: include_str!("attention/tma.cuh") },
 ];
 
+/// Whether environment variable `name` is set to a value `test` accepts, read once per
+/// process into `cell` (launchers ask at every launch; the switches are for comparisons).
+pub(crate) fn env_flag(
+    cell: &'static std::sync::OnceLock<bool>,
+    name: &str,
+    test: fn(&str) -> bool,
+) -> bool {
+    *cell.get_or_init(|| std::env::var(name).is_ok_and(|v| test(&v)))
+}
+
 /// The `-DDTYPE=` value for element type `T` (see common/types.cuh).
 pub fn dtype_define<T: HalfFloat>() -> &'static str {
     match T::DTYPE {

@@ -326,9 +326,8 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
             (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
         let bias = with_bias.then_some(&db);
         // The mma.sync kernel, and on Hopper with K in whole 128-byte stages the wgmma one.
-        let hopper = dev.info().arch() == radix_gpu::Arch::SM90A;
         for wgmma in [false, true] {
-            if wgmma && !(hopper && k % 128 == 0) {
+            if wgmma && !skinny::wgmma_runs(dev.info().arch(), k) {
                 continue;
             }
             let mut runs = Vec::new();
@@ -378,7 +377,7 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
     let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
     let mut out: DeviceBuffer<f16> = dev.alloc(m * n).unwrap();
     // The mma.sync kernel, and on Hopper the wgmma one (the first twice elsewhere: fine).
-    for wgmma in [false, dev.info().arch() == radix_gpu::Arch::SM90A] {
+    for wgmma in [false, skinny::wgmma_runs(dev.info().arch(), k)] {
         out.fill_bytes(0xff).unwrap();
         let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
         let (x, w) = ((&dxq, &dxs), (&dwq, &dws));

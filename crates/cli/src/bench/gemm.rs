@@ -318,7 +318,7 @@ fn fp8_decode(
         skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), Some(false))
     })?;
     // On Hopper, the skinny kernel on FP8 wgmma too (K in whole 128-byte stages).
-    let wgmma = if device.info().arch() == radix_gpu::Arch::SM90A && k % 128 == 0 {
+    let wgmma = if skinny::wgmma_runs(device.info().arch(), k) {
         Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
             let (q, s) = &weights[i % copies];
             let x = (xq, xs);

@@ -128,9 +128,11 @@ static_assert(!TMA || (WGMMA && (NUM_WARPS == 12 || (NUM_WARPS == 16 && HEAD_DIM
 #define PERSISTENT 0
 #endif
 static_assert(!PERSISTENT || (TMA && CWG == 2), "the persistent kernel is the TMA one, two warpgroups");
+#if TMA
 // The registers setmaxnreg gives a TMA consumer thread: what the producer's 24 leave of the
 // block's 64K (384 threads x 168 = 128 x 24 + 256 x 240; 512 x 128 = 128 x 24 + 384 x 160).
 constexpr int CONSUMER_REGS = CWG == 3 ? 160 : 240;
+#endif
 // TMA_PAGED_AHEAD (paged TMA): page ids looked up a tile ahead and every lane of the
 // producer warp issuing its own page's box, rather than lane 0 issuing all of them after
 // the lookup (RADIX_SPARSE_TMA_PAGED_ISSUE=serial, for comparisons).

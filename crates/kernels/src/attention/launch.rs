@@ -7,7 +7,7 @@ use radix_gpu::{Device, DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, ensure
 use super::SOURCE;
 use super::batch::{AttentionShape, BatchMeta, KvSource};
 use super::plan::{MergeItem, TileConfig, WorkItem, WorkList, plan};
-use crate::{HEADERS, dtype_define};
+use crate::{HEADERS, dtype_define, env_flag};
 
 /// Mirrors `AttentionParams` in attention.cu field for field.
 #[repr(C)]
@@ -126,10 +126,9 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     }
     // The producer-warp variant takes turns between its warpgroups unless
     // RADIX_SPARSE_WGMMA_PINGPONG=0 (for comparisons).
-    static PINGPONG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let pingpong = *PINGPONG.get_or_init(|| {
-        std::env::var("RADIX_SPARSE_WGMMA_PINGPONG")
-            .map_or(true, |v| !matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "off"))
+    static NO_PINGPONG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let pingpong = !env_flag(&NO_PINGPONG, "RADIX_SPARSE_WGMMA_PINGPONG", |v| {
+        matches!(v.to_ascii_lowercase().as_str(), "0" | "false" | "off")
     });
     let spec = spec.define("WGMMA", 1).min_arch(radix_gpu::Arch::SM90A);
     let spec = if tiles.tma { spec.define("TMA", 1) } else { spec };
@@ -137,16 +136,14 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     // RADIX_SPARSE_TMA_PAGED_ISSUE=serial: the paged TMA producer as it was before page ids
     // were looked up a tile ahead (for comparisons).
     static SERIAL_ISSUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let serial = *SERIAL_ISSUE.get_or_init(|| {
-        std::env::var("RADIX_SPARSE_TMA_PAGED_ISSUE")
-            .is_ok_and(|v| v.eq_ignore_ascii_case("serial"))
+    let serial = env_flag(&SERIAL_ISSUE, "RADIX_SPARSE_TMA_PAGED_ISSUE", |v| {
+        v.eq_ignore_ascii_case("serial")
     });
     let spec = if tiles.tma && paged && serial { spec.define("TMA_PAGED_AHEAD", 0) } else { spec };
     // RADIX_SPARSE_PREFILL_WG_SKIP=1: the one-item TMA kernel's warpgroups stop at their
     // own rows' last tile (causal; attention.cu's WG_SKIP, until measured).
     static WG_SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let wg_skip = *WG_SKIP
-        .get_or_init(|| std::env::var("RADIX_SPARSE_PREFILL_WG_SKIP").is_ok_and(|v| v == "1"));
+    let wg_skip = env_flag(&WG_SKIP, "RADIX_SPARSE_PREFILL_WG_SKIP", |v| v == "1");
     let spec =
         if tiles.tma && !tiles.persistent && wg_skip { spec.define("WG_SKIP", 1) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
@@ -276,14 +273,14 @@ pub fn plan_batch(
 ) -> Result<(TileConfig, WorkList)> {
     shape.validate()?;
     let max_rows = meta.q_lens.iter().max().copied().unwrap_or(0) * shape.group();
+    let page_size = match &meta.kv {
+        KvSource::Paged { page_size, .. } => Some(*page_size),
+        KvSource::Contiguous { .. } => None,
+    };
     let tiles = tiles.unwrap_or_else(|| {
         let mut chosen = TileConfig::choose(max_rows);
         // (FP8 pools run the mma.sync tiles: the wgmma kernels read 16-bit K/V only.)
         if chosen == TileConfig::PREFILL && !shape.kv_fp8 {
-            let page_size = match &meta.kv {
-                KvSource::Paged { page_size, .. } => Some(*page_size),
-                KvSource::Contiguous { .. } => None,
-            };
             chosen = prefill_tiles(
                 device,
                 shape.head_dim,
@@ -296,9 +293,9 @@ pub fn plan_batch(
         if fits { chosen } else { TileConfig { stages: 2, ..chosen } }
     });
     // TMA boxes of a page keep the 1024-byte swizzle atoms only with 8 rows or more.
-    if let KvSource::Paged { page_size, .. } = &meta.kv {
+    if let Some(page_size) = page_size {
         ensure!(
-            !tiles.tma || *page_size >= 8,
+            !tiles.tma || page_size >= 8,
             "the TMA prefill kernel reads pages of 8 tokens or more, not {page_size}"
         );
     }
@@ -628,11 +625,11 @@ impl AttentionBatch {
         };
         if self.tiles.tma && kv.fp8.is_none() {
             // setmaxnreg moves registers from 24 a producer thread to 240 a consumer one
-            // (160 with three compute warpgroups): that balances only from the 168 (128)
-            // each starts with, all of the SM's 64K (fewer, and the consumers' request
-            // would wait forever).
+            // (160 with three compute warpgroups): that balances only from the SM's 64K
+            // shared out over the block in ptxas's steps of 8, 168 (128) a thread (fewer,
+            // and the consumers' request would wait forever).
             let regs = kernel.num_regs()?;
-            let want = if threads == 512 { 128 } else { 168 };
+            let want = (65536 / threads as i32) & !7;
             ensure!(
                 regs == want,
                 "the TMA attention kernel starts with {regs} registers a thread, not {want}"

@@ -21,13 +21,14 @@ struct Stages {
 // box per column block at the sequence's first token plus the tile's (past the tensor's end
 // TMA fills zeros), issued by lane 0. Paged: one box per page (min(page_size, BN) rows,
 // page_size >= 8 so boxes keep the swizzle's 1024-byte atoms), lane j looking up box j's
-// page id (a tile ahead) and issuing it, pages past the sequence not copied. Rows past kv_stop hold whatever was there: scores mask
-// them, and the consumers zero V's before P V reads them (0 x NaN would not be 0).
+// page id (a tile ahead) and issuing it, pages past the sequence not copied. Rows past
+// kv_stop hold whatever was there: scores mask them, and the consumers zero V's before
+// P V reads them (0 x NaN would not be 0).
 __device__ void produce_kv_tma(const KernelParams& kp, int kvh, int kv_begin, int n_tiles, int kv_stop, int kv_base,
                                int g0, u32 sk0, u32 sv0, const Stages& bar, int lane) {
-  const AttentionParams& p = kp.p;
   constexpr u32 STAGE = BN * D * 2;
 #if PAGED
+  const AttentionParams& p = kp.p;
   const int* pages = p.kv_indices + kv_base;
   const int prow = min(p.page_size, BN);  // rows per box
   // Lane j: the pool row where box j of tile i starts (boxes past the sequence: 0).

@@ -48,15 +48,19 @@ pub fn spec_wgmma<T: HalfFloat>(m: usize) -> KernelSpec {
     spec::<T>(m).define("WGMMA", 1).min_arch(Arch::SM90A)
 }
 
-/// Whether launches run the wgmma variant: on sm_90a with
+/// Whether the wgmma variant runs on `arch` with this K: sm_90a, K in whole 128-byte
+/// stages.
+pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
+    arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)
+}
+
+/// Whether launches run the wgmma variant where it can: with
 /// `RADIX_SPARSE_FP8_SKINNY=wgmma` (opt-in until it is measured beside the mma.sync one
-/// and cuBLASLt), where K is whole 128-byte stages.
+/// and cuBLASLt).
 fn use_wgmma(arch: Arch, k: usize) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| {
-        std::env::var("RADIX_SPARSE_FP8_SKINNY").is_ok_and(|v| v.eq_ignore_ascii_case("wgmma"))
-    });
-    on && arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)
+    crate::env_flag(&ON, "RADIX_SPARSE_FP8_SKINNY", |v| v.eq_ignore_ascii_case("wgmma"))
+        && wgmma_runs(arch, k)
 }
 
 /// Mirrors `SkinnyParams` in skinny.cu.
@@ -199,7 +203,7 @@ pub fn gemm_with<T: HalfFloat>(
     let arch = device.info().arch();
     let wgmma = wgmma.unwrap_or_else(|| use_wgmma(arch, k));
     ensure!(
-        !wgmma || (arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)),
+        !wgmma || wgmma_runs(arch, k),
         "the skinny FP8 GEMM's wgmma variant runs on sm_90a with K a multiple of \
          {WGMMA_SEG}, not on {arch} with K={k}"
     );

@@ -712,7 +712,8 @@ impl Backend for CudaBackend {
         // attend more keys than the short prefill kernel takes (on Hopper the two are
         // different kernels; a pool too small to hold it never runs such rows); then every
         // decode bucket's graph.
-        let long_prefix = radix_kernels::attention::PERSISTENT_MAX_MEAN_KEYS.ceil() as usize + 256;
+        use radix_kernels::attention::{PERSISTENT_MAX_MEAN_KEYS, TMA3_MIN_MEAN_KEYS};
+        let long_prefix = PERSISTENT_MAX_MEAN_KEYS.max(TMA3_MIN_MEAN_KEYS).ceil() as usize + 256;
         let long_fits = (long_prefix + 256).div_ceil(page_size) < kv.shape.num_pages();
         std::iter::once(scratch_prefill(256, 0, scratch, page_size))
             .chain(long_fits.then(|| scratch_prefill(256, long_prefix, scratch, page_size)))
