@@ -4,7 +4,7 @@
 # paired rows to $OUT/results.jsonl (copy them into bench/results.jsonl).
 #   run-gpu-benches.sh [gemm] [attention] [decode] [step] [offline] [sparse] [structured]
 #                      [prefix] [latency] [sweep] [fp8|fp8gemm|fp8kv|fp8e2e] [allreduce]
-#                      [prefill]
+#                      [prefill] [gemv] [pdl]
 #                      (default: gemm attention decode step offline)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -239,6 +239,43 @@ fp8|fp8gemm|fp8kv|fp8e2e)
       --command "radix-sparse $args --quantization fp8 $extra (peer: without them)"
   done
   fi
+  ;;
+gemv)
+  # Decode GEMVs (gemv.cu, and on Hopper the streaming stream.cu) beside cuBLASLt, back to
+  # back over weight copies exceeding L2; the cuBLASLt figure of each row is its peer.
+  rm -f "$out/gv_ours.jsonl" "$out/gv_peer.jsonl"
+  "$rs" bench gemm --gemv --runs 20 --json "$out/gv_ours.jsonl"
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+with open(f"{out}/gv_peer.jsonl", "w") as f:
+    for line in open(f"{out}/gv_ours.jsonl"):
+        r = json.loads(line)
+        f.write(json.dumps({"benchmark": r["benchmark"], "shape": r["shape"], "value": r["extra"]["cublaslt_gbps"],
+                            "unit": r["unit"], "peer": "cuBLASLt (our Gemm wrapper, heuristic algorithm), same run, back to back"}) + "\n")
+PY
+  record --ours "$out/gv_ours.jsonl" --peer "$out/gv_peer.jsonl" --command "radix-sparse bench gemm --gemv --runs 20" \
+    --note "weight-read GB/s, back to back over weight copies exceeding L2; extra.copy_gbps = the run's copy"
+  ;;
+pdl)
+  # Programmatic dependent launch (crates/gpu/src/jit/pdl.rs) on, the default, beside
+  # RADIX_SPARSE_PDL=0 in the same call: the batch-1 step and back-to-back decode attention;
+  # then the streaming GEMV (RADIX_SPARSE_GEMV=stream) beside cuBLASLt in the batch-1 step.
+  for what in step decode; do
+    if [ $what = step ]; then args="bench step --batch 1 --context 1024,8192"
+    else args="bench decode --back-to-back --case 1@1024 --case 1@8192 --case 1@32768 --case 64@4096"; fi
+    rm -f "$out/pd_on.jsonl" "$out/pd_off.jsonl" "$out/pd_peer.jsonl"
+    "$rs" $args --json "$out/pd_on.jsonl"
+    RADIX_SPARSE_PDL=0 "$rs" $args --json "$out/pd_off.jsonl"
+    same_run_peer "$out/pd_off.jsonl" "$out/pd_peer.jsonl" "radix-sparse without programmatic dependent launch (RADIX_SPARSE_PDL=0), same call"
+    record --ours "$out/pd_on.jsonl" --peer "$out/pd_peer.jsonl" --command "radix-sparse $args (peer: RADIX_SPARSE_PDL=0)"
+  done
+  args="bench step --batch 1 --context 1024,8192"
+  rm -f "$out/pd_on.jsonl" "$out/pd_peer.jsonl" "$out/pd_lt.jsonl"
+  RADIX_SPARSE_GEMV=stream "$rs" $args --json "$out/pd_on.jsonl"
+  "$rs" $args --json "$out/pd_lt.jsonl"
+  same_run_peer "$out/pd_lt.jsonl" "$out/pd_peer.jsonl" "radix-sparse with cuBLASLt for every product, same call"
+  record --ours "$out/pd_on.jsonl" --peer "$out/pd_peer.jsonl" --command "RADIX_SPARSE_GEMV=stream radix-sparse $args (peer: unset)"
   ;;
 allreduce)
   # The tensor-parallel all-reduce (the multi-GPU issue) on every visible GPU, beside

@@ -26,6 +26,8 @@ pub const HEADERS: &[SourceFile] = &[
         code: include_str!("attention/tma_pipeline.cuh"),
     },
     SourceFile { path: "attention/tma.cuh", code: include_str!("attention/tma.cuh") },
+    // The GEMVs' dot products (gemv.cu, stream.cu).
+    SourceFile { path: "gemv/dot.cuh", code: include_str!("gemv/dot.cuh") },
 ];
 
 /// Whether environment variable `name` is set to a value `test` accepts, read once per
@@ -99,6 +101,11 @@ pub fn catalog() -> Vec<KernelSpec> {
             specs.push(gemv::spec::<f16>(m, out_f32));
             specs.push(gemv::spec::<bf16>(m, out_f32));
             specs.push(gemv::spec_fp8::<bf16>(m, out_f32));
+            if m <= gemv::STREAM_MAX_ROWS {
+                specs.push(gemv::spec_stream::<f16>(m, out_f32));
+                specs.push(gemv::spec_stream::<bf16>(m, out_f32));
+                specs.push(gemv::spec_stream_fp8::<bf16>(m, out_f32));
+            }
         }
     }
     for m in [8, 16, 32, 64] {

@@ -236,15 +236,17 @@ fn fused_norm_and_silu_quantize_as_the_quantizer_does() {
     assert!(err.to_string().contains("8192"), "{err}");
 }
 
-/// The FP8-weight GEMV (16-bit x, e4m3 weight with a scale per row) against the f64
-/// product with the dequantized weight, every row count, N off the block's 8 rows.
+/// The FP8-weight GEMVs (16-bit x, e4m3 weight with a scale per row) against the f64
+/// product with the dequantized weight, every row count, N off the block's 8 rows; the
+/// streaming one (Hopper) at its 1-4 rows where K is a multiple of 2,048, with rows split
+/// unevenly over the SMs and a row longer than a stage.
 #[test]
 fn fp8_gemv_matches_the_dequantized_product() {
     use radix_kernels::gemv;
     let dev = require_gpu();
     let jit = Jit::new(None);
     let mut rng = SmallRng::seed_from_u64(11);
-    for (n, k) in [(1, 16), (13, 4096), (1000, 4112), (2048, 14336)] {
+    for (n, k) in [(1, 16), (13, 4096), (1000, 4112), (2048, 14336), (3000, 2048)] {
         let w: Vec<bf16> = activations(&mut rng, n, k);
         let (wq, ws) = quantize_rows_reference(&w, n, k);
         let wd: Vec<f64> =
@@ -271,8 +273,24 @@ fn fp8_gemv_matches_the_dequantized_product() {
             gemv::gemv_fp8(&jit, m, n, k, &dx, &dwq, &dws, &mut out32).unwrap();
             let err = relative_error(&out32.to_vec().unwrap(), &want);
             assert!(err <= 1e-5, "gemv_fp8 f32 M={m} N={n} K={k}: rel err {err:.3e}");
+            if !gemv::fits_stream_fp8(dev.arch(), m, n, k) {
+                continue;
+            }
+            out.fill_bytes(0xff).unwrap();
+            gemv::gemv_stream_fp8(&jit, m, n, k, &dx, &dwq, &dws, &mut out).unwrap();
+            let err = relative_error(&out.to_vec().unwrap(), &want);
+            assert!(err <= 8e-3, "gemv_stream_fp8 bf16 M={m} N={n} K={k}: rel err {err:.3e}");
+            out32.fill_bytes(0xff).unwrap();
+            gemv::gemv_stream_fp8(&jit, m, n, k, &dx, &dwq, &dws, &mut out32).unwrap();
+            let err = relative_error(&out32.to_vec().unwrap(), &want);
+            assert!(err <= 1e-5, "gemv_stream_fp8 f32 M={m} N={n} K={k}: rel err {err:.3e}");
         }
     }
+    // The streaming kernel runs on Hopper only; there it must have run some case above.
+    assert!(
+        dev.arch() != radix_gpu::Arch::SM90A || gemv::fits_stream_fp8(dev.arch(), 1, 13, 4096),
+        "the streaming FP8 GEMV should take 1x13x4096 on Hopper"
+    );
 }
 
 /// The skinny FP8 GEMM against the f64 product of the dequantized operands: every MMA

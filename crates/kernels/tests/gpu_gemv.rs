@@ -1,5 +1,7 @@
-//! GPU tests of the decode GEMV (`--features cuda`): every row count 1..=8 against the
-//! f64 reference, both input dtypes, f32 and half outputs, N off the block's 8 rows.
+//! GPU tests of the decode GEMVs (`--features cuda`): every row count against the f64
+//! reference, both input dtypes, f32 and half outputs, N off the blocks' row counts; the
+//! streaming kernel (Hopper) also in a chain whose second product reads the first's output
+//! under programmatic dependent launch.
 #![cfg(feature = "cuda")]
 
 use half::{bf16, f16};
@@ -12,7 +14,30 @@ fn random<T: Element>(rng: &mut SmallRng, n: usize) -> Vec<T> {
     (0..n).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect()
 }
 
+/// `gemv::gemv` or `gemv::gemv_stream`, as a function value over one dtype pair.
+type GemvFn<T, O> = fn(
+    &Jit,
+    usize,
+    usize,
+    usize,
+    &DeviceBuffer<T>,
+    &DeviceBuffer<T>,
+    &mut DeviceBuffer<O>,
+) -> radix_gpu::Result<()>;
+
 fn check<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    rng: &mut SmallRng,
+    m: usize,
+    n: usize,
+    k: usize,
+    tol: f64,
+) {
+    check_with::<T, O>(gemv::gemv, jit, rng, m, n, k, tol)
+}
+
+fn check_with<T: HalfFloat, O: Element>(
+    f: GemvFn<T, O>,
     jit: &Jit,
     rng: &mut SmallRng,
     m: usize,
@@ -26,7 +51,7 @@ fn check<T: HalfFloat, O: Element>(
     let (dx, dw) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
     let mut out: DeviceBuffer<O> = dev.alloc(m * n).unwrap();
     out.fill_bytes(0xFF).unwrap();
-    gemv::gemv(jit, m, n, k, &dx, &dw, &mut out).unwrap();
+    f(jit, m, n, k, &dx, &dw, &mut out).unwrap();
     let got = out.to_vec().unwrap();
     let want = gemm_reference(m, n, k, &x, &w, BLayout::NK, None);
     let err = relative_error(&got, &want);
@@ -60,4 +85,65 @@ fn rejects_what_it_does_not_take() {
     let mut f16_out = dev.alloc_zeros::<f16>(16).unwrap();
     let err = gemv::gemv(&jit, 1, 16, 16, &x, &w, &mut f16_out).unwrap_err().to_string();
     assert!(err.contains("f32 or the input dtype"), "{err}");
+}
+
+#[test]
+fn the_streaming_kernel_matches_the_reference() {
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(5);
+    // One row; rows split unevenly over the SMs; several rows per block and stage; a row
+    // longer than a stage; many rows per block (a 50,000-row head).
+    for m in 1..=gemv::STREAM_MAX_ROWS {
+        for (n, k) in [(1, 1024), (13, 4096), (1000, 2048), (4096, 14336), (50_000, 1024)] {
+            check_with::<bf16, bf16>(gemv::gemv_stream, &jit, &mut rng, m, n, k, 8e-3);
+            check_with::<f16, f16>(gemv::gemv_stream, &jit, &mut rng, m, n, k, 1e-3);
+            check_with::<bf16, f32>(gemv::gemv_stream, &jit, &mut rng, m, n, k, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn chained_streaming_products_read_each_others_output() {
+    // y = W1 x, then z = W2 y straight after: the second kernel starts before the first
+    // ends (programmatic dependent launch) and must still read y as the first wrote it.
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(11);
+    let (m, n, k) = (1, 2048, 4096);
+    let x: Vec<f32> = random(&mut rng, m * k);
+    let w1: Vec<f32> = random(&mut rng, n * k);
+    let w2: Vec<f32> = random(&mut rng, k * n);
+    let to_bf16 = |v: &[f32]| v.iter().map(|&a| bf16::from_f32(a)).collect::<Vec<_>>();
+    let (dx, dw1, dw2) = (
+        dev.upload(&to_bf16(&x)).unwrap(),
+        dev.upload(&to_bf16(&w1)).unwrap(),
+        dev.upload(&to_bf16(&w2)).unwrap(),
+    );
+    for round in 0..20 {
+        let mut y: DeviceBuffer<bf16> = dev.alloc(m * n).unwrap();
+        let mut z: DeviceBuffer<f32> = dev.alloc(m * k).unwrap();
+        y.fill_bytes(0xFF).unwrap();
+        z.fill_bytes(0xFF).unwrap();
+        gemv::gemv_stream(&jit, m, n, k, &dx, &dw1, &mut y).unwrap();
+        gemv::gemv_stream(&jit, m, k, n, &y, &dw2, &mut z).unwrap();
+        let y_host = y.to_vec().unwrap();
+        let want = gemm_reference(m, k, n, &y_host, &to_bf16(&w2), BLayout::NK, None);
+        let err = relative_error(&z.to_vec().unwrap(), &want);
+        assert!(err <= 1e-5, "round {round}: z from the first product's y, rel err {err:.3e}");
+    }
+}
+
+#[test]
+fn the_streaming_kernel_rejects_what_it_does_not_take() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let x = dev.alloc_zeros::<bf16>(5 * 2048).unwrap();
+    let w = dev.alloc_zeros::<bf16>(16 * 2048).unwrap();
+    let mut out = dev.alloc_zeros::<bf16>(5 * 16).unwrap();
+    let err = gemv::gemv_stream(&jit, 5, 16, 2048, &x, &w, &mut out).unwrap_err().to_string();
+    assert!(err.contains("1..=4 rows"), "{err}");
+    let err = gemv::gemv_stream(&jit, 1, 16, 1000, &x, &w, &mut out).unwrap_err().to_string();
+    assert!(err.contains("multiple of 1024"), "{err}");
+    let err = gemv::gemv_stream(&jit, 1, 16, 4096, &x, &w, &mut out).unwrap_err().to_string();
+    assert!(err.contains("w holds"), "{err}");
 }

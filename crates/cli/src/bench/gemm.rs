@@ -179,10 +179,13 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         let (x, mut xq, mut xs) = quantized(m, k)?;
         let (_, wq, ws) = quantized(n, k)?;
         let mut out = device.alloc::<bf16>(m * n)?;
-        let skinny = if skinny::fits(m, n, k) {
+        // The skinny variant the engine picks for this shape, if any (else cuBLASLt).
+        let variant =
+            skinny::engine_variant(device.arch(), m, n, k).filter(|_| m <= skinny::DEFAULT_ROWS);
+        let skinny = if let Some(wgmma) = variant {
             Some(time_runs(&device, args.warmup, args.runs, |_| {
                 let (a, w) = ((&xq, &xs), (&wq, &ws));
-                skinny::gemm(&jit, (m, n, k), a, w, None, &mut out, scratch.get())
+                skinny::gemm_with(&jit, (m, n, k), a, w, None, &mut out, scratch.get(), Some(wgmma))
             })?)
         } else {
             None
@@ -206,15 +209,14 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         let quant = time_runs(&device, args.warmup, args.runs, |_| {
             quantize_rows(&jit, &x, m, k, &mut xq, &mut xs)
         })?;
-        let decode = if skinny.is_some() {
+        let decode = if skinny::fits(m, n, k) {
             let ops = (&x, &xq, &xs);
             Some(fp8_decode(args, &device, &gemm, &jit, (m, n, k), ops, &block, &mut scratch)?)
         } else {
             None
         };
-        // The figure is what the engine runs at this M by default.
-        let engine_skinny = m <= skinny::DEFAULT_ROWS;
-        let t = skinny.as_ref().filter(|_| engine_skinny).unwrap_or(&lt);
+        // The figure is what the engine runs for this shape by default.
+        let t = skinny.as_ref().unwrap_or(&lt);
         let tflops = tflops((m, n, k), t.median_ms);
         bar.suspend(|| {
             println!(
@@ -228,7 +230,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             if let Some(d) = &decode {
                 let f = |key: &str| d[key].as_f64().unwrap_or(f64::NAN);
                 println!(
-                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | skinny wgmma {:.2} us ({:.1}%) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%)",
+                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | skinny wgmma {:.2} us ({:.1}%) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%) | streaming FP8 GEMV {:.2} us ({:.1}%)",
                     f("skinny_us"),
                     f("skinny_copy_pct"),
                     f("skinny_wgmma_us"),
@@ -236,11 +238,17 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                     f("cublaslt_us"),
                     f("cublaslt_copy_pct"),
                     f("gemv_us"),
-                    f("gemv_copy_pct")
+                    f("gemv_copy_pct"),
+                    f("stream_us"),
+                    f("stream_copy_pct")
                 );
             }
         });
-        let kernel = if skinny.is_some() && engine_skinny { "skinny" } else { "cublaslt" };
+        let kernel = match variant {
+            Some(true) => "skinny-wgmma",
+            Some(false) => "skinny",
+            None => "cublaslt",
+        };
         let mut extra = serde_json::json!({
             "quantize_us": quant.median_ms * 1e3,
             "kernel": kernel,
@@ -277,7 +285,7 @@ impl SkinnyBuffers {
 
 /// Decode-sized FP8 products back to back over weight copies beyond L2: cuBLASLt's FP8
 /// GEMM and the skinny one (activations already quantized) and, up to 8 rows, our
-/// FP8-weight GEMV (16-bit activations).
+/// FP8-weight GEMV (16-bit activations), up to 4 on Hopper its streaming one too.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn fp8_decode(
     args: &GemmArgs,
@@ -335,7 +343,16 @@ fn fp8_decode(
     } else {
         None
     };
-    // Weights and their scales, the activations (e4m3 and their scales; the GEMV reads
+    // On Hopper, up to 4 rows, the streaming GEMV over the FP8 weight (bf16 activations).
+    let stream = if gemv::fits_stream_fp8(device.arch(), m, n, k) {
+        Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+            let (q, s) = &weights[i % copies];
+            gemv::gemv_stream_fp8(jit, m, n, k, x, q, s, &mut out)
+        })?)
+    } else {
+        None
+    };
+    // Weights and their scales, the activations (e4m3 and their scales; the GEMVs read
     // bf16 ones), bf16 out.
     let bytes = |x_bytes: usize| (n * k + 4 * n + x_bytes + 2 * m * n) as f64;
     let pct_of = |x_bytes: usize, ms: f64| 100.0 * bytes(x_bytes) / (ms * 1e-3) / copy;
@@ -355,6 +372,10 @@ fn fp8_decode(
     if let Some(g) = gemv {
         out["gemv_us"] = (g.median_ms * 1e3).into();
         out["gemv_copy_pct"] = pct_of(2 * m * k, g.median_ms).into();
+    }
+    if let Some(g) = stream {
+        out["stream_us"] = (g.median_ms * 1e3).into();
+        out["stream_copy_pct"] = pct_of(2 * m * k, g.median_ms).into();
     }
     Ok(out)
 }
@@ -389,31 +410,50 @@ fn run_gemv<T: HalfFloat>(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> 
         let ours = time_back_to_back(&device, args.warmup, 5, args.runs, |i| {
             gemv::gemv(&jit, m, n, k, &x, &ws[i % copies], &mut out)
         })?;
+        // The streaming kernel (Hopper, K a multiple of 1,024, up to 4 rows), back to back
+        // as well: under programmatic dependent launch each launch's first copies overlap
+        // the previous one's tail, as they overlap the previous kernel in a decode step.
+        let stream = if gemv::fits_stream(device.arch(), m, n, k) {
+            Some(time_back_to_back(&device, args.warmup, 5, args.runs, |i| {
+                gemv::gemv_stream(&jit, m, n, k, &x, &ws[i % copies], &mut out)
+            })?)
+        } else {
+            None
+        };
         let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
-        let (o, p) = (gbps(ours.median_ms), gbps(lt.median_ms));
+        let p = gbps(lt.median_ms);
         let shape = format!("M={m} N={n} K={k} {}", T::DTYPE);
-        println!(
-            "{shape}: gemv {:.2} us {o:.0} GB/s ({:.1}% of copy) | cuBLASLt {:.2} us {p:.0} GB/s ({:.1}%) | {:.2}x",
-            ours.median_ms * 1e3,
-            100.0 * o * 1e9 / copy,
-            lt.median_ms * 1e3,
-            100.0 * p * 1e9 / copy,
-            lt.median_ms / ours.median_ms
-        );
-        rows.push(Measurement {
-            benchmark: "gemv".into(),
-            shape,
-            ours: o,
-            unit: "GB/s".into(),
-            median_ms: ours.median_ms,
-            device: device.info().name.clone(),
-            extra: Some(serde_json::json!({
-                "cublaslt_gbps": p,
-                "cublaslt_us": lt.median_ms * 1e3,
-                "copy_gbps": copy / 1e9,
-                "weight_copies": copies,
-            })),
+        let lt_extra = serde_json::json!({
+            "cublaslt_gbps": p,
+            "cublaslt_us": lt.median_ms * 1e3,
+            "copy_gbps": copy / 1e9,
+            "weight_copies": copies,
         });
+        print!(
+            "{shape}: cuBLASLt {:.2} us {p:.0} GB/s ({:.1}%)",
+            lt.median_ms * 1e3,
+            100.0 * p * 1e9 / copy
+        );
+        for (name, t) in [("gemv", Some(ours)), ("gemv_stream", stream)] {
+            let Some(t) = t else { continue };
+            let o = gbps(t.median_ms);
+            print!(
+                " | {name} {:.2} us {o:.0} GB/s ({:.1}%, {:.2}x)",
+                t.median_ms * 1e3,
+                100.0 * o * 1e9 / copy,
+                lt.median_ms / t.median_ms
+            );
+            rows.push(Measurement {
+                benchmark: name.into(),
+                shape: shape.clone(),
+                ours: o,
+                unit: "GB/s".into(),
+                median_ms: t.median_ms,
+                device: device.info().name.clone(),
+                extra: Some(lt_extra.clone()),
+            });
+        }
+        println!();
     }
     write_json(args.json.as_ref(), &rows)
 }

@@ -7,6 +7,7 @@
 
 mod cache;
 mod nvrtc;
+mod pdl;
 mod source;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use cudarc::driver::{CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKer
 use sha2::{Digest, Sha256};
 
 pub use cache::{CACHE_DIR_ENV, default_cache_dir};
+pub use pdl::PDL_ENV;
 pub use source::{SourceFile, preprocess};
 
 use crate::arch::Arch;
@@ -313,6 +315,10 @@ impl Kernel {
             )));
         }
         let stream = device.stream();
+        if pdl::enabled(device) {
+            // SAFETY: forwarded to the caller (see above).
+            return unsafe { pdl::launch(stream, &self.func, cfg, params) };
+        }
         let mut builder = stream.launch_builder(&self.func);
         builder.arg(params);
         // SAFETY: forwarded to the caller (see above).

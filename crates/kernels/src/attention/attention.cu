@@ -635,6 +635,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
 // most 128 registers a thread).
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, WGMMA && D == 64 && !OVERLAP && !PRODUCER ? 2 : 1)
 attention_kernel(const __grid_constant__ KernelParams kp) {
+  pdl_wait();
   const AttentionParams& p = kp.p;
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;

@@ -305,6 +305,7 @@ __device__ void consume_task(const AttentionParams& p, const Task& t, bool has_n
 
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1)
 attention_kernel(const __grid_constant__ KernelParams kp) {
+  pdl_wait();
   const AttentionParams& p = kp.p;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;

@@ -6,6 +6,18 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (crates/gpu/src/jit/pdl.rs): on Hopper every kernel may be
+// launched while the one before it on the stream is still running. Each kernel calls this
+// first, before any global memory access: it waits until the previous grid has finished and
+// its writes are visible, then lets the next kernel's blocks be scheduled (they wait here
+// in turn). A no-op for an ordinary launch and before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // 16 bytes moved as one (vectorised global and shared accesses).
 struct __align__(16) vec16 { u32 x, y, z, w; };
 

@@ -18,6 +18,7 @@ constexpr int QUANT_THREADS = 256;
 // (the row is at most a few tens of KB: the second read comes from L1/L2).
 extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 quantize_rows(const __grid_constant__ QuantizeParams p) {
+  pdl_wait();
   __shared__ float scratch[32];
   const long long base = (long long)blockIdx.x * p.cols;
   const vec16* x = (const vec16*)(p.x + base);

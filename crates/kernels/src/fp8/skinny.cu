@@ -155,6 +155,7 @@ __device__ __forceinline__ void load_stage(const SkinnyParams& p, u32 base, int 
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __grid_constant__ SkinnyParams p) {
+  pdl_wait();
   __shared__ int last_split;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;

@@ -13,9 +13,18 @@ pub const SKINNY: SourceFile =
 
 /// Rows of x the kernel takes at most (8 MMA columns of 8 tokens).
 pub const MAX_ROWS: usize = 64;
-/// Rows up to which the engine runs it by default: beyond, cuBLASLt's FP8 GEMM was faster
-/// on the H200 (skinny.cu's head).
-pub const DEFAULT_ROWS: usize = 8;
+/// Rows up to which the engine considers it by default (`engine_variant` decides per
+/// shape): beyond, cuBLASLt's FP8 GEMM was faster on the H200 (bench/NOTES.md).
+pub const DEFAULT_ROWS: usize = 32;
+/// Rows up to which the mma.sync variant beat cuBLASLt on every Llama-3-8B shape (H200).
+const MMA_ROWS: usize = 8;
+/// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, 9-16
+/// rows: 1.11-1.60x), and up to which it beat it on the large products only (17-32 rows:
+/// gate|up and down 1.33-1.39x; q|k|v and o 0.80-0.93x).
+const WGMMA_ALL_ROWS: usize = 16;
+const WGMMA_LARGE_ROWS: usize = 32;
+/// Weight elements from which a product counts as large (down is 58.7 M, o 16.8 M).
+const LARGE_WEIGHTS: usize = 48 << 20;
 /// Weight rows per block (`BLOCK_ROWS` in skinny.cu): one counter each when K is split.
 pub const BLOCK_ROWS: usize = 64;
 /// K bytes of one warp step (`SEG`): K must be a multiple of it.
@@ -52,6 +61,22 @@ pub fn spec_wgmma<T: HalfFloat>(m: usize) -> KernelSpec {
 /// stages.
 pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
     arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)
+}
+
+/// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`:
+/// `Some(false)` the mma.sync one, `Some(true)` the wgmma one, `None` neither (cuBLASLt's
+/// FP8 GEMM is faster there). From the H200's measurements of 2026-11-30 (bench/NOTES.md):
+/// mma.sync up to 8 rows, wgmma at 9-16 rows, and at 17-32 rows on the large products.
+pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<bool> {
+    if !fits(m, n, k) {
+        return None;
+    }
+    if m <= MMA_ROWS {
+        return Some(false);
+    }
+    let wgmma = wgmma_runs(arch, k)
+        && (m <= WGMMA_ALL_ROWS || (m <= WGMMA_LARGE_ROWS && n * k >= LARGE_WEIGHTS));
+    wgmma.then_some(true)
 }
 
 /// Whether launches run the wgmma variant where it can: with

@@ -12,7 +12,7 @@
 // W_FP8: the weight is e4m3 bytes with an f32 scale per row (an FP8 linear layer), x
 // stays 16-bit: half the bytes of a 16-bit weight, no activation quantization. A 16-byte
 // load then holds 16 weights; the scale is applied once per output.
-#include "common/fp8.cuh"
+#include "gemv/dot.cuh"
 
 #ifndef M_ROWS
 #define M_ROWS 1
@@ -57,38 +57,6 @@ struct GemvParams {
   int reserved;
 };
 
-__device__ __forceinline__ float dot8(uint4 a, uint4 b) {
-  const u32 av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float a0, a1, b0, b1;
-    unpack2<elem_t>(av[i], a0, a1);
-    unpack2<elem_t>(bv[i], b0, b1);
-    s = fmaf(a0, b0, fmaf(a1, b1, s));
-  }
-  return s;
-}
-
-#if W_FP8
-// Sixteen e4m3 weights against sixteen 16-bit x values (two 16-byte vectors).
-__device__ __forceinline__ float dot16_fp8(uint4 w, uint4 x0, uint4 x1) {
-  const u32 wv[4] = {w.x, w.y, w.z, w.w};
-  const u32 xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float w0, w1, w2, w3, a0, a1, a2, a3;
-    e4m3x2_to_float(wv[i] & 0xffffu, w0, w1);
-    e4m3x2_to_float(wv[i] >> 16, w2, w3);
-    unpack2<elem_t>(xv[2 * i], a0, a1);
-    unpack2<elem_t>(xv[2 * i + 1], a2, a3);
-    s = fmaf(w0, a0, fmaf(w1, a1, fmaf(w2, a2, fmaf(w3, a3, s))));
-  }
-  return s;
-}
-#endif
-
 // Weights are read once: keep them out of L1.
 __device__ __forceinline__ uint4 load_stream(const w_t* p) {
   uint4 v;
@@ -99,6 +67,7 @@ __device__ __forceinline__ uint4 load_stream(const w_t* p) {
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant__ GemvParams p) {
+  pdl_wait();
   __shared__ float partial[WARPS][ROWS * M];
   const int n0 = blockIdx.x * ROWS;
   const int chunks = p.k / CHUNK;

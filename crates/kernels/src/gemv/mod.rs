@@ -1,6 +1,9 @@
 //! Skinny GEMMs for decode (gemv.cu): `out[M,N] = x[M,K] · wᵀ` for M up to 8 and a
 //! Linear weight `w[N,K]`, bandwidth-bound, beside cuBLASLt (`bench gemm --gemv`).
 //! `gemv_fp8`: the same with an FP8 weight (e4m3 bytes, a scale per row) and 16-bit x.
+//! `gemv_stream` (stream.cu, Hopper): up to 4 rows, each block streaming a contiguous
+//! range of weight rows through shared memory with bulk copies, the first of them issued
+//! before the previous kernel has finished (programmatic dependent launch).
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
 use radix_gpu::{
@@ -10,6 +13,8 @@ use radix_gpu::{
 use crate::{HEADERS, dtype_define};
 
 pub const GEMV: SourceFile = SourceFile { path: "gemv/gemv.cu", code: include_str!("gemv.cu") };
+pub const GEMV_STREAM: SourceFile =
+    SourceFile { path: "gemv/stream.cu", code: include_str!("stream.cu") };
 
 /// Rows of x the kernel takes at most.
 pub const MAX_ROWS: usize = 8;
@@ -145,4 +150,165 @@ fn launch<T: HalfFloat, O: Element>(
     // SAFETY: sizes checked here and by the callers; the kernel reads rows < n of w (and
     // of scales) and m_rows rows of x.
     unsafe { kernel.launch(x.device(), cfg, &params) }
+}
+
+/// Rows of x `gemv_stream` takes at most.
+pub const STREAM_MAX_ROWS: usize = 4;
+/// Bytes of a row one warp sums per stage (`32 * VEC_PER_LANE * 16` in stream.cu): K times
+/// the weight's element size must be a multiple.
+const STREAM_WARP_BYTES: usize = 2048;
+/// Shared memory of the stage ring (`STAGES * STAGE_BYTES` in stream.cu), and the number
+/// of stages (each has a full and an empty barrier).
+const STREAM_RING_BYTES: usize = 4 * 32768;
+const STREAM_STAGES: usize = 4;
+/// Threads per block: 16 consumer warps and a producer warp.
+const STREAM_THREADS: u32 = 32 * 17;
+
+/// The streaming GEMV's specialisation for up to `m_rows` rows (rounded up to 1, 2 or 4).
+pub fn spec_stream<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
+    KernelSpec::new(GEMV_STREAM, HEADERS)
+        .define("DTYPE", dtype_define::<T>())
+        .define("M_ROWS", m_rows.next_power_of_two().max(1))
+        .define("OUT_F32", out_f32 as u32)
+        .min_arch(Arch::SM90A)
+}
+
+/// The streaming GEMV over an FP8 weight (e4m3 bytes, a scale per row) and 16-bit x.
+pub fn spec_stream_fp8<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
+    spec_stream::<T>(m_rows, out_f32).define("W_FP8", 1)
+}
+
+/// Mirrors `StreamParams` in stream.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct StreamParams {
+    x: u64,
+    w: u64,
+    out: u64,
+    w_scales: u64,
+    m_rows: i32,
+    n: i32,
+    k: i32,
+    rows_per_block: i32,
+}
+
+// SAFETY: plain data mirroring the kernel's parameter struct.
+unsafe impl DeviceRepr for StreamParams {}
+
+const _: () = assert!(std::mem::size_of::<StreamParams>() == 48);
+
+/// Whether `gemv_stream` takes this product on a GPU of `arch`: Hopper, at most 4 rows,
+/// K a multiple of 1,024 (a warp's span of a stage stays in one row), sizes in i32.
+pub fn fits_stream(arch: Arch, m: usize, n: usize, k: usize) -> bool {
+    fits_stream_bytes(arch, m, n, k, 2)
+}
+
+/// Whether `gemv_stream_fp8` takes this product: as `fits_stream`, K a multiple of 2,048.
+pub fn fits_stream_fp8(arch: Arch, m: usize, n: usize, k: usize) -> bool {
+    fits_stream_bytes(arch, m, n, k, 1)
+}
+
+fn fits_stream_bytes(arch: Arch, m: usize, n: usize, k: usize, elem_bytes: usize) -> bool {
+    arch.sm() >= Arch::SM90A.sm()
+        && (1..=STREAM_MAX_ROWS).contains(&m)
+        && n > 0
+        && k > 0
+        && (k * elem_bytes).is_multiple_of(STREAM_WARP_BYTES)
+        && n * k < i32::MAX as usize
+}
+
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]` (f32 accumulation) by the streaming kernel; `O` is
+/// `T` or f32.
+pub fn gemv_stream<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<T>,
+    out: &mut DeviceBuffer<O>,
+) -> Result<()> {
+    ensure!(w.len() >= n * k, "gemv_stream w holds {} elements, expected N*K = {n}*{k}", w.len());
+    launch_stream(jit, (m, n, k), x, (w.ptr(), None), out)
+}
+
+/// `out[m, n] = scales[n] · Σ_k x[m, k] · e4m3(w[n, k])` by the streaming kernel; `O` is
+/// `T` or f32.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_stream_fp8<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &DeviceBuffer<T>,
+    w: &DeviceBuffer<u8>,
+    scales: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<O>,
+) -> Result<()> {
+    ensure!(w.len() >= n * k, "gemv_stream w holds {} bytes, expected N*K = {n}*{k}", w.len());
+    ensure!(scales.len() >= n, "gemv_stream has {} scales for {n} rows", scales.len());
+    launch_stream(jit, (m, n, k), x, (w.ptr(), Some(scales.ptr())), out)
+}
+
+/// Checks the rest and launches the streaming kernel: 16-bit weights at `w`, or e4m3
+/// ones with their `scales` (the callers checked both).
+fn launch_stream<T: HalfFloat, O: Element>(
+    jit: &Jit,
+    (m, n, k): (usize, usize, usize),
+    x: &DeviceBuffer<T>,
+    (w, scales): (u64, Option<u64>),
+    out: &mut DeviceBuffer<O>,
+) -> Result<()> {
+    let device = x.device();
+    let info = device.info();
+    let elem_bytes = if scales.is_some() { 1 } else { 2 };
+    ensure!(
+        fits_stream_bytes(info.arch(), m, n, k, elem_bytes),
+        "gemv_stream takes 1..={STREAM_MAX_ROWS} rows, K a multiple of {} and a Hopper GPU, \
+         got M={m} N={n} K={k} on {}",
+        STREAM_WARP_BYTES / elem_bytes,
+        info.name
+    );
+    ensure!(x.len() >= m * k, "gemv_stream x holds {} elements, expected M*K = {m}*{k}", x.len());
+    ensure!(
+        out.len() >= m * n,
+        "gemv_stream out holds {} elements, expected M*N = {m}*{n}",
+        out.len()
+    );
+    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
+    ensure!(
+        out_f32 || O::DTYPE == T::DTYPE,
+        "gemv_stream writes f32 or the input dtype, not {}",
+        O::DTYPE
+    );
+    // About one block per SM, each a whole number of rows.
+    let rows_per_block = n.div_ceil(info.sm_count.max(1) as usize);
+    let m_pad = m.next_power_of_two();
+    let smem =
+        STREAM_RING_BYTES + (rows_per_block * m_pad * 4).next_multiple_of(16) + STREAM_STAGES * 16;
+    let spec = match scales {
+        None => spec_stream::<T>(m, out_f32),
+        Some(_) => spec_stream_fp8::<T>(m, out_f32),
+    };
+    let kernel = jit.kernel(device, &spec, "gemv_stream")?;
+    kernel.set_max_dynamic_smem(device, smem)?;
+    let params = StreamParams {
+        x: x.ptr(),
+        w,
+        out: out.ptr_mut(),
+        w_scales: scales.unwrap_or(0),
+        m_rows: m as i32,
+        n: n as i32,
+        k: k as i32,
+        rows_per_block: rows_per_block as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (STREAM_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: sizes checked here and by the callers; block b reads rows
+    // [b * rows_per_block, ..) < n of w (and of scales), m rows of x, and writes those rows
+    // of out.
+    unsafe { kernel.launch(device, cfg, &params) }
 }

@@ -68,6 +68,7 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, float c, float s, 
 }
 
 extern "C" __global__ void kv_append(const __grid_constant__ AppendParams p) {
+  pdl_wait();
   const int t = blockIdx.x;
   if (t >= p.num_tokens) return;
   const elem_t* row = p.qkv + (long long)t * p.qkv_stride;
@@ -148,6 +149,7 @@ __device__ __forceinline__ float finite_abs(float x) {
 // grid (num_touched, num_kv_heads), D threads: thread d scans dim d of the filled slots;
 // the 8 lanes of a group agree on its exponent by shuffles.
 extern "C" __global__ void key_bounds(const __grid_constant__ BoundsParams p) {
+  pdl_wait();
   const int i = blockIdx.x, kh = blockIdx.y, d = threadIdx.x;
   if (i >= p.num_touched) return;  // uniform over the block
   const long long page = p.pages[i];

@@ -19,6 +19,7 @@ struct EmbedParams {
 
 // grid rows, block 256: copies a row in 16-byte pieces (hidden % 8 == 0).
 extern "C" __global__ void embed(const __grid_constant__ EmbedParams p) {
+  pdl_wait();
   const int r = blockIdx.x;
   int id = p.ids[r];
   id = id < 0 ? 0 : (id >= p.vocab ? p.vocab - 1 : id);  // the host validated ids; never read out of bounds
@@ -66,6 +67,7 @@ constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: h
 // 8) stay in registers between the two passes; longer ones are read twice (and are never
 // asked for FP8: the launcher quantizes them apart).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid_constant__ NormParams p) {
+  pdl_wait();
   __shared__ float scratch[32];
   const long long base = (long long)blockIdx.x * p.hidden;
   const int nvec = p.hidden / 8;
@@ -147,6 +149,7 @@ constexpr int SILU_FP8_VECS = 8;  // 16-byte vectors per thread in registers: in
 // grid rows, block 256: silu_mul of one row kept in registers, then its e4m3 bytes and
 // scale (inter a multiple of 8, at most 16384).
 extern "C" __global__ void __launch_bounds__(256) silu_mul_fp8(const __grid_constant__ SiluParams p) {
+  pdl_wait();
   __shared__ float scratch[32];
   const long long r = blockIdx.x;
   const int nvec = p.inter / 8;
@@ -179,6 +182,7 @@ extern "C" __global__ void __launch_bounds__(256) silu_mul_fp8(const __grid_cons
 
 // Eight outputs per thread when `inter` is a multiple of 8 (16-byte loads and stores).
 extern "C" __global__ void silu_mul(const __grid_constant__ SiluParams p) {
+  pdl_wait();
   if (p.inter % 8 == 0) {
     const long long vecs = (long long)p.rows * (p.inter / 8);
     for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < vecs; v += (long long)gridDim.x * blockDim.x) {
@@ -210,6 +214,7 @@ struct GatherParams {
 };
 
 extern "C" __global__ void gather_rows(const __grid_constant__ GatherParams p) {
+  pdl_wait();
   const int i = blockIdx.x;
   const vec16* src = (const vec16*)(p.x + (long long)p.rows[i] * p.cols);
   vec16* dst = (vec16*)(p.out + (long long)i * p.cols);

@@ -118,6 +118,7 @@ __device__ void top_tokens(const float* l, int vocab, int n, float log_z, int* o
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(const __grid_constant__ SampleParams p) {
+  pdl_wait();
   __shared__ float sv[32];
   __shared__ int si[32];
   const int r = blockIdx.x;

@@ -89,6 +89,7 @@ static_assert(SCORE_CHUNK % SCORE_UNROLL == 0 && SCORE_CHUNK <= 32, "chunk of wh
 // Four blocks per SM (at most 64 registers a thread): the pass is latency-bound below
 // that (measured: 88 registers allowed two blocks, 16 warps per SM, 1.3 TB/s).
 extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_constant__ ScoreParams p) {
+  pdl_wait();
   typedef typename Bytes<PER_LANE>::type B;
   const int lane = threadIdx.x % 32;
   const int pages_total = p.kv_indptr[p.batch];
@@ -215,6 +216,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
 }
 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __grid_constant__ SelectParams p) {
+  pdl_wait();
   __shared__ int hist[256];
   __shared__ int warp_sums[SEL_WARPS];
   __shared__ u32 cache[KEY_CACHE];

@@ -136,12 +136,11 @@ pub struct CudaBackend {
     /// activations (no quantization); `RADIX_SPARSE_FP8_GEMV_ROWS` sets it (default 0:
     /// never, the skinny FP8 GEMM reads the weights faster).
     fp8_gemv_rows: usize,
-    /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) run our skinny FP8
-    /// GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-60% of the
-    /// copy bandwidth; `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most 64).
-    /// Default 8: on the H200 it beat cuBLASLt on every Llama-3-8B shape up to 8 rows
-    /// (1.01-1.7x) and lost beyond (4x slower at 64: Hopper runs FP8 `mma.sync` as f16
-    /// MMAs behind conversions, the activations' repeated per 16 weight rows; bench/NOTES.md).
+    /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) may run our skinny
+    /// FP8 GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-65% of
+    /// the copy bandwidth; `skinny::engine_variant` picks the variant or cuBLASLt per shape
+    /// (mma.sync up to 8 rows, wgmma at 9-32 where it won on the H200; bench/NOTES.md).
+    /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most 64; default 32).
     fp8_skinny_rows: usize,
     /// The log has said how FP8 weights run.
     fp8_said: bool,
@@ -159,10 +158,43 @@ pub struct CudaBackend {
     sampler_extras: ExtrasBuffers,
     /// The tensor-parallel group this backend is a rank of (`None`: the whole model).
     group: Option<RankGroup>,
-    /// Products of at most `gemv::MAX_ROWS` rows go to our GEMV kernel instead of
-    /// cuBLASLt: opt-in (`RADIX_SPARSE_GEMV=1`), since cuBLASLt won on the H200 (0.7-1.02x
-    /// at M = 1, worse at M > 1; bench/NOTES.md).
-    use_gemv: bool,
+    /// Which GEMV kernel, if any, takes the products of a few rows instead of cuBLASLt.
+    gemv_mode: GemvMode,
+}
+
+/// Which GEMV takes products of a few rows (`RADIX_SPARSE_GEMV`). By default (`Auto`) the
+/// streaming kernel (gemv/stream.cu) takes products of one row on Hopper where it fits
+/// (16-bit weights with K a multiple of 1,024, FP8 ones of 2,048): on the H200 it read the
+/// weights at 75-107% of copy where cuBLASLt read 54-99% (1.08-1.38x), but only matched
+/// cuBLASLt at 2 rows and lost at 4 (bench/NOTES.md). `0`: cuBLASLt (and the FP8 paths)
+/// always; `1`: gemv.cu up to `gemv::MAX_ROWS` rows; `stream`: the streaming kernel up to
+/// `gemv::STREAM_MAX_ROWS` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GemvMode {
+    Auto,
+    Off,
+    Blocks,
+    Stream,
+}
+
+impl GemvMode {
+    fn from_env() -> Self {
+        match std::env::var("RADIX_SPARSE_GEMV").as_deref().map(str::trim) {
+            Ok("0") => GemvMode::Off,
+            Ok("1") => GemvMode::Blocks,
+            Ok("stream") => GemvMode::Stream,
+            _ => GemvMode::Auto,
+        }
+    }
+
+    /// Rows up to which the streaming kernel takes the products it fits.
+    fn stream_rows(self) -> usize {
+        match self {
+            GemvMode::Auto => 1,
+            GemvMode::Stream => gemv::STREAM_MAX_ROWS,
+            GemvMode::Off | GemvMode::Blocks => 0,
+        }
+    }
 }
 
 /// One rank's place in an NCCL group.
@@ -182,9 +214,36 @@ impl Drop for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Whether `x.rows` rows against weight `w` go to the GEMV kernel.
-    fn gemv_fits(&self, rows: usize, w: &GpuWeight) -> bool {
-        self.use_gemv && matches!(w.data, WeightData::Bf16(_)) && gemv::fits(rows, w.rows, w.cols)
+    /// Which GEMV kernel, if any, takes `rows` rows against weight `w` (Off: cuBLASLt).
+    fn gemv_for(&self, rows: usize, w: &GpuWeight) -> GemvMode {
+        if !matches!(w.data, WeightData::Bf16(_)) {
+            return GemvMode::Off;
+        }
+        if rows <= self.gemv_mode.stream_rows()
+            && gemv::fits_stream(self.device.arch(), rows, w.rows, w.cols)
+        {
+            return GemvMode::Stream;
+        }
+        if self.gemv_mode == GemvMode::Blocks && gemv::fits(rows, w.rows, w.cols) {
+            return GemvMode::Blocks;
+        }
+        GemvMode::Off
+    }
+
+    /// Rows up to which FP8 linear layers may run the streaming GEMV (on Hopper).
+    fn fp8_stream_rows(&self) -> usize {
+        if self.device.arch().sm() >= radix_gpu::Arch::SM90A.sm() {
+            self.gemv_mode.stream_rows()
+        } else {
+            0
+        }
+    }
+
+    /// Whether an FP8 linear layer of `rows` rows against an `n x k` weight runs the
+    /// streaming GEMV on the 16-bit activations (no quantization).
+    fn fp8_streams(&self, rows: usize, n: usize, k: usize) -> bool {
+        rows <= self.gemv_mode.stream_rows()
+            && gemv::fits_stream_fp8(self.device.arch(), rows, n, k)
     }
 
     /// An FP8 weight's bytes and scales onto the device, as they are.
@@ -224,8 +283,9 @@ impl CudaBackend {
         max: usize,
     ) -> Result<Option<(DeviceBuffer<u8>, DeviceBuffer<f32>)>> {
         self.fp8_holds = None;
+        // Rows whose FP8 layers read the 16-bit activations need no FP8 copy of them.
         let fuses = self.fp8_fused
-            && rows > self.fp8_gemv_rows
+            && rows > self.fp8_gemv_rows.max(self.fp8_stream_rows())
             && cols <= self.fp8_cols
             && cols <= max
             && cols.is_multiple_of(8);
@@ -235,7 +295,8 @@ impl CudaBackend {
         Ok(Some(self.ready()?.0.fp8_acts(rows, cols)?))
     }
 
-    /// `out = x · wᵀ (+ bias)` with an FP8 weight. Up to `fp8_gemv_rows` rows: the FP8
+    /// `out = x · wᵀ (+ bias)` with an FP8 weight. Where the streaming GEMV takes it (one
+    /// row on Hopper by default, `GemvMode`) or up to `fp8_gemv_rows` rows: an FP8-weight
     /// GEMV on x as it is. More: x quantized per token into the workspace's e4m3 rows
     /// (unless the op that wrote x already did), then our skinny FP8 GEMM (up to
     /// `fp8_skinny_rows` rows) or cuBLASLt's FP8 GEMM applies both scale vectors.
@@ -251,6 +312,11 @@ impl CudaBackend {
         if let Some(b) = bias {
             Self::check(b.len() == n, || format!("FP8 linear: {} bias values for {n}", b.len()))?;
         }
+        if bias.is_none() && self.fp8_streams(rows, n, k) {
+            return self.timed(Op::Gemm, |b| {
+                Ok(gemv::gemv_stream_fp8(&b.jit, rows, n, k, &x.buf, bits, scales, &mut out.buf)?)
+            });
+        }
         if bias.is_none() && rows <= self.fp8_gemv_rows && gemv::fits_fp8(rows, n, k) {
             return self.timed(Op::Gemm, |b| {
                 Ok(gemv::gemv_fp8(&b.jit, rows, n, k, &x.buf, bits, scales, &mut out.buf)?)
@@ -264,14 +330,20 @@ impl CudaBackend {
             })?;
             self.fp8_holds = Some(held);
         }
-        if rows <= self.fp8_skinny_rows && skinny::fits(rows, n, k) {
+        let variant = if rows <= self.fp8_skinny_rows {
+            skinny::engine_variant(self.device.arch(), rows, n, k)
+        } else {
+            None
+        };
+        if let Some(wgmma) = variant {
             return self.timed(Op::Gemm, |b| {
                 let Memory::Ready { workspace, .. } = &mut b.memory else {
                     return Err(ModelError::Invalid("the KV pool is not initialised".into()));
                 };
                 let scratch = workspace.fp8_skinny_scratch();
                 let (x, w) = ((&q, &q_scales), (bits, scales));
-                Ok(skinny::gemm(&b.jit, (rows, n, k), x, w, bias, &mut out.buf, scratch)?)
+                let dims = (rows, n, k);
+                Ok(skinny::gemm_with(&b.jit, dims, x, w, bias, &mut out.buf, scratch, Some(wgmma))?)
             });
         }
         let bias = bias.map_or(0, |b| b.ptr());
@@ -327,7 +399,7 @@ impl CudaBackend {
             memory: Memory::Weights,
             step: None,
             graphs: DecodeGraphs::new(256),
-            use_gemv: std::env::var("RADIX_SPARSE_GEMV").is_ok_and(|v| v == "1"),
+            gemv_mode: GemvMode::from_env(),
             sampler_plan: SamplerPlan::default(),
             sampler_extras: ExtrasBuffers::default(),
             group: None,
@@ -828,18 +900,17 @@ impl Backend for CudaBackend {
                 return self.linear_fp8(x, (bits, scales), w.rows, bias, out);
             }
         };
-        let use_gemv = bias.is_none() && self.gemv_fits(x.rows, w);
+        let gemv_mode = if bias.is_none() { self.gemv_for(x.rows, w) } else { GemvMode::Off };
         self.timed(Op::Gemm, |b| {
-            if use_gemv {
-                return Ok(gemv::gemv(
-                    &b.jit,
-                    x.rows,
-                    w.rows,
-                    w.cols,
-                    &x.buf,
-                    w_bf16,
-                    &mut out.buf,
-                )?);
+            let (m, n, k) = (x.rows, w.rows, w.cols);
+            match gemv_mode {
+                GemvMode::Blocks => {
+                    return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, w_bf16, &mut out.buf)?);
+                }
+                GemvMode::Stream => {
+                    return Ok(gemv::gemv_stream(&b.jit, m, n, k, &x.buf, w_bf16, &mut out.buf)?);
+                }
+                GemvMode::Off | GemvMode::Auto => {}
             }
             Ok(b.gemm.matmul::<bf16, bf16>(
                 x.rows,
@@ -957,12 +1028,18 @@ impl Backend for CudaBackend {
         })?;
         // SAFETY: a view of the workspace used only within this call.
         let mut logits = unsafe { ws.logits.view(0, len) }?;
-        let use_gemv = self.gemv_fits(x.rows, head);
+        let gemv_mode = self.gemv_for(x.rows, head);
         let head_bf16 = head.bf16()?;
         self.timed(Op::Gemm, |b| {
-            if use_gemv {
-                let (m, n, k) = (x.rows, head.rows, head.cols);
-                return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
+            let (m, n, k) = (x.rows, head.rows, head.cols);
+            match gemv_mode {
+                GemvMode::Blocks => {
+                    return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
+                }
+                GemvMode::Stream => {
+                    return Ok(gemv::gemv_stream(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
+                }
+                GemvMode::Off | GemvMode::Auto => {}
             }
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,

@@ -1,0 +1,190 @@
+// Streaming GEMV for decode on Hopper: out[m, n] = Σ_k x[m, k] · w[n, k] for 1, 2 or 4 rows
+// of x (M_ROWS), w a Linear weight [N, K] row-major, f32 accumulation. W_FP8: w is e4m3
+// bytes with an f32 scale per row (an FP8 linear layer) and x stays 16-bit (no activation
+// quantization): half the bytes.
+//
+// Why another GEMV: at batch 1 a decode step is its weights read once, and the small
+// products (q|k|v 6144 x 4096 and o 4096 x 4096 at Llama-3-8B: 32-50 MB) read at 55-65% of
+// the copy bandwidth under cuBLASLt and under gemv.cu (bench/NOTES.md): hundreds of short
+// blocks whose ramp, reduction and replacement leave the memory pipe idle, a few
+// microseconds of each product's 8-12.
+//
+// Here each block owns a contiguous range of whole weight rows (the grid is about one block
+// per SM), which is one contiguous byte range, and streams it through a ring of STAGES
+// shared-memory stages with cp.async.bulk (plain bytes, no tensor map): a producer warp
+// keeps STAGES x 32 KB in flight per SM from the first byte to the last, refilling each
+// stage once all consumer warps have released it (full/empty mbarriers, so the consumers
+// never wait for each other). The weights do not depend on the kernel before, so the
+// first STAGES copies are issued before pdl_wait(): under programmatic dependent launch
+// they load during the previous kernel's tail.
+//
+// A consumer warp takes 512 contiguous bytes of each stage per 16-byte vector of its lanes,
+// four in all (1,024 16-bit or 2,048 e4m3 weights), which lie in one row because K is a
+// multiple of that (the launcher checks): one warp sum per stage, added into the block's
+// per-row sums in shared memory.
+#include "common/mma.cuh"
+#include "common/wgmma.cuh"
+#include "gemv/dot.cuh"
+
+#ifndef M_ROWS
+#define M_ROWS 1
+#endif
+#ifndef OUT_F32
+#define OUT_F32 0
+#endif
+#ifndef W_FP8
+#define W_FP8 0
+#endif
+
+#if W_FP8
+typedef unsigned char w_t;
+#else
+typedef elem_t w_t;
+#endif
+constexpr int VEC_ELEMS = 16 / sizeof(w_t);  // weights per 16-byte vector
+
+constexpr int M = M_ROWS;
+static_assert(M == 1 || M == 2 || M == 4, "M_ROWS 1, 2 or 4");
+constexpr int CWARPS = 16;                    // consumer warps
+constexpr int THREADS = 32 * (CWARPS + 1);    // and one producer warp
+constexpr int VEC_PER_LANE = 4;               // 16-byte vectors per lane and stage
+constexpr int WARP_ELEMS = 32 * VEC_PER_LANE * VEC_ELEMS;  // weights per warp and stage
+constexpr int STAGE_BYTES = CWARPS * 32 * VEC_PER_LANE * 16;  // 32 KB
+constexpr int STAGE_ELEMS = STAGE_BYTES / (int)sizeof(w_t);
+constexpr int STAGES = 4;                     // 128 KB in flight per block
+
+#if OUT_F32
+typedef float out_t;
+#else
+typedef elem_t out_t;
+#endif
+
+// Mirrors StreamParams in gemv/mod.rs.
+struct StreamParams {
+  const elem_t* x;     // [m_rows, k]
+  const w_t* w;        // [n, k]
+  out_t* out;          // [m_rows, n]
+  const float* w_scales;  // W_FP8: [n]
+  int m_rows;          // <= M
+  int n;
+  int k;               // a multiple of WARP_ELEMS
+  int rows_per_block;  // the launcher's split; sums take rows_per_block * M floats
+};
+
+// Dynamic shared memory: STAGES stages, then the per-row sums, then the stages' full and
+// empty barriers.
+__device__ __forceinline__ int sums_offset() { return STAGES * STAGE_BYTES; }
+__device__ __forceinline__ int bars_offset(int rows_per_block) {
+  return sums_offset() + ((rows_per_block * M * 4 + 15) / 16) * 16;
+}
+
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// The producer warp's lane 0: keeps every stage filled, each refill after all consumer
+// warps have released the stage. The first STAGES copies need no release.
+__device__ __forceinline__ void produce(const char* src, long long bytes, int chunks, u32 stages, u32 full, u32 empty,
+                                        int first) {
+  for (int c = first; c < chunks; ++c) {
+    const int s = c % STAGES;
+    if (c >= STAGES) mbar_wait(empty + s * 8, ((c / STAGES) - 1) & 1);
+    const u32 n = (u32)min((long long)STAGE_BYTES, bytes - (long long)c * STAGE_BYTES);
+    mbar_arrive_expect_tx(full + s * 8, n);
+    bulk_copy(stages + s * STAGE_BYTES, src + (long long)c * STAGE_BYTES, n, full + s * 8);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __grid_constant__ StreamParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int r0 = min(blockIdx.x * p.rows_per_block, p.n);
+  const int rows = min(p.rows_per_block, p.n - r0);
+  const char* src = reinterpret_cast<const char*>(p.w + (long long)r0 * p.k);
+  const long long bytes = (long long)rows * p.k * sizeof(w_t);
+  const int chunks = (int)((bytes + STAGE_BYTES - 1) / STAGE_BYTES);
+  const u32 stages = smem_addr(smem);
+  const u32 full = stages + bars_offset(p.rows_per_block), empty = full + STAGES * 8;
+  float* sums = reinterpret_cast<float*>(smem + sums_offset());
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // Weights only until pdl_wait: they do not depend on the previous kernel.
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full + s * 8, 1);
+      mbar_init(empty + s * 8, CWARPS);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    produce(src, bytes, min(STAGES, chunks), stages, full, empty, 0);
+  }
+  for (int i = threadIdx.x; i < rows * M; i += THREADS) sums[i] = 0.f;
+  __syncthreads();
+  if (warp == CWARPS) {
+    if (lane == 0) produce(src, bytes, chunks, stages, full, empty, STAGES);
+    return;
+  }
+  pdl_wait();
+
+  for (int c = 0; c < chunks; ++c) {
+    const int s = c % STAGES;
+    mbar_wait(full + s * 8, (c / STAGES) & 1);
+    // This warp's span of the stage, relative to the block's first element.
+    const long long e0 = (long long)c * STAGE_ELEMS + warp * WARP_ELEMS;
+    if (e0 < (long long)rows * p.k) {  // uniform over the warp: spans are whole or absent
+      const int row = (int)(e0 / p.k);
+      const int k0 = (int)(e0 - (long long)row * p.k);
+      const uint4* span = reinterpret_cast<const uint4*>(smem + s * STAGE_BYTES + warp * WARP_ELEMS * (int)sizeof(w_t));
+      uint4 wv[VEC_PER_LANE];
+#pragma unroll
+      for (int u = 0; u < VEC_PER_LANE; ++u) wv[u] = span[u * 32 + lane];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m < p.m_rows) {
+          float part[VEC_PER_LANE];
+#if W_FP8
+          // Sixteen x values (two vectors) per weight vector.
+          const uint4* xp = reinterpret_cast<const uint4*>(p.x + (long long)m * p.k + k0) + 2 * lane;
+          uint4 xv[VEC_PER_LANE][2];
+#pragma unroll
+          for (int u = 0; u < VEC_PER_LANE; ++u) {
+            xv[u][0] = __ldg(xp + u * 64);
+            xv[u][1] = __ldg(xp + u * 64 + 1);
+          }
+#pragma unroll
+          for (int u = 0; u < VEC_PER_LANE; ++u) part[u] = dot16_fp8(wv[u], xv[u][0], xv[u][1]);
+#else
+          const uint4* xp = reinterpret_cast<const uint4*>(p.x + (long long)m * p.k + k0) + lane;
+          uint4 xv[VEC_PER_LANE];
+#pragma unroll
+          for (int u = 0; u < VEC_PER_LANE; ++u) xv[u] = __ldg(xp + u * 32);
+#pragma unroll
+          for (int u = 0; u < VEC_PER_LANE; ++u) part[u] = dot8(wv[u], xv[u]);
+#endif
+          const float v = warp_sum((part[0] + part[1]) + (part[2] + part[3]));
+          if (lane == 0) atomicAdd(&sums[row * M + m], v);
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + s * 8);
+  }
+  named_bar_sync<1, CWARPS * 32>();  // every consumer's sums are in
+  for (int i = threadIdx.x; i < rows * M; i += CWARPS * 32) {
+    const int r = i / M, m = i % M;
+    if (m < p.m_rows) {
+#if W_FP8
+      const float v = sums[i] * p.w_scales[r0 + r];
+#else
+      const float v = sums[i];
+#endif
+#if OUT_F32
+      p.out[(long long)m * p.n + r0 + r] = v;
+#else
+      p.out[(long long)m * p.n + r0 + r] = from_float<elem_t>(v);
+#endif
+    }
+  }
+}
+
+static_assert(sizeof(StreamParams) == 48, "StreamParams mirrors gemv/mod.rs");
