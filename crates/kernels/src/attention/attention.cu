@@ -237,6 +237,9 @@ struct AttentionParams {
   int head_tables;            // paged: each kv head of a sequence has its own page table
   int heads_inner;            // 1-D grid, block i = item i / Hkv, kv head i % Hkv (plan.rs)
   float v_scale;              // the FP8 cache's value scale (1 for a 16-bit cache)
+  int meta_early;             // the work list and page tables came from the host, not from
+                              // the kernel before: read them before pdl_wait()
+  int reserved;
 };
 
 // The kernel's one parameter: with TMA also the task count (of the persistent variant) and
@@ -635,8 +638,12 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
 // most 128 registers a thread).
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, WGMMA && D == 64 && !OVERLAP && !PRODUCER ? 2 : 1)
 attention_kernel(const __grid_constant__ KernelParams kp) {
-  pdl_wait();
   const AttentionParams& p = kp.p;
+  // The plan and the page tables are the host's (unless sparse paging wrote them just now):
+  // under programmatic dependent launch their chain of loads (work item, indptrs, lengths)
+  // then runs while the kernel before (RoPE and the KV append) finishes. Q and K/V are
+  // read after pdl_wait() below.
+  if (!p.meta_early) pdl_wait();
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
   const WorkItem w = p.work[item];
@@ -684,6 +691,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
   const u32 s_off = swz<BM>(r0, chunk);
 
+  if (p.meta_early) pdl_wait();
   // Q tile (by the compute threads): rows past the sequence read as zeros.
   const bool producer = PRODUCER && warp >= WARPS;
 #pragma unroll
@@ -1197,6 +1205,6 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 
 #endif  // PERSISTENT
 
-static_assert(sizeof(AttentionParams) == 168, "AttentionParams mirrors launch.rs");
-static_assert(sizeof(KernelParams) == (TMA ? 512 : 168), "KernelParams mirrors launch.rs");
+static_assert(sizeof(AttentionParams) == 176, "AttentionParams mirrors launch.rs");
+static_assert(sizeof(KernelParams) == (TMA ? 512 : 176), "KernelParams mirrors launch.rs");
 static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

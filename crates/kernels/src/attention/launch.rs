@@ -9,6 +9,13 @@ use super::batch::{AttentionShape, BatchMeta, KvSource};
 use super::plan::{MergeItem, TileConfig, WorkItem, WorkList, plan};
 use crate::{HEADERS, dtype_define, env_flag};
 
+/// Whether the attention kernel reads host-written metadata before `pdl_wait()`:
+/// `RADIX_SPARSE_ATTN_EARLY_META=0` turns it off (to compare in one run).
+fn early_meta() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !env_flag(&OFF, "RADIX_SPARSE_ATTN_EARLY_META", |v| v.trim() == "0")
+}
+
 /// Mirrors `AttentionParams` in attention.cu field for field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,6 +46,8 @@ pub(crate) struct AttentionParams {
     head_tables: i32,
     heads_inner: i32,
     v_scale: f32,
+    meta_early: i32,
+    reserved: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -613,6 +622,11 @@ impl AttentionBatch {
             head_tables: head_tables as i32,
             heads_inner: self.plan.heads_inner as i32,
             v_scale: kv.fp8.map_or(1.0, |f| f.v * FP8_WIDEN),
+            // Per-head tables are sparse paging's, written by the selection kernel just
+            // before; every other table and the work list are the host's.
+            // (RADIX_SPARSE_ATTN_EARLY_META=0 waits first anyway, for comparisons.)
+            meta_early: (!head_tables && early_meta()) as i32,
+            reserved: 0,
         };
         let cfg = LaunchConfig {
             grid_dim: if self.plan.heads_inner {
@@ -692,7 +706,7 @@ struct KvRead {
 }
 
 // Keep the host structs the size the kernels expect.
-const _: () = assert!(std::mem::size_of::<AttentionParams>() == 168);
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 176);
 const _: () = assert!(std::mem::size_of::<TmaKernelParams>() == 512);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

@@ -7,8 +7,9 @@
 // this kernel wins up to 8 rows (1.01-1.7x back to back) and loses beyond: Hopper runs
 // FP8 mma.sync as f16 HMMAs behind F2FP conversions, and the activations' conversions
 // repeat for every warp's 16 weight rows (bench/NOTES.md), so the engine uses it up to 8.
-// On Hopper a WGMMA variant (below) runs the same blocks on the FP8 tensor cores; opt-in
-// (RADIX_SPARSE_FP8_SKINNY=wgmma) until it has been measured there.
+// On Hopper a WGMMA variant (below) runs the same blocks on the FP8 tensor cores: there it
+// beat both the mma.sync variant and cuBLASLt up to 16 rows and is the engine's choice
+// (skinny::engine_variant).
 //
 // Roles are swapped against the usual GEMM: the weight rows are the MMA's 16-row A
 // operand and the tokens its 8 columns (mma.sync m16n8k32 e4m3 → f32), so a decode step

@@ -16,11 +16,13 @@ pub const MAX_ROWS: usize = 64;
 /// Rows up to which the engine considers it by default (`engine_variant` decides per
 /// shape): beyond, cuBLASLt's FP8 GEMM was faster on the H200 (bench/NOTES.md).
 pub const DEFAULT_ROWS: usize = 32;
-/// Rows up to which the mma.sync variant beat cuBLASLt on every Llama-3-8B shape (H200).
+/// Rows up to which the mma.sync variant beat cuBLASLt on every Llama-3-8B shape (H200):
+/// where the wgmma variant cannot run.
 const MMA_ROWS: usize = 8;
-/// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, 9-16
-/// rows: 1.11-1.60x), and up to which it beat it on the large products only (17-32 rows:
-/// gate|up and down 1.33-1.39x; q|k|v and o 0.80-0.93x).
+/// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, 1.2-2.3x
+/// at 1-8 rows, where it also beat the mma.sync variant by 1.16-1.35x; 1.11-1.60x at 16),
+/// and up to which it beat it on the large products only (17-32 rows: gate|up and down
+/// 1.33-1.39x; q|k|v and o 0.80-0.93x).
 const WGMMA_ALL_ROWS: usize = 16;
 const WGMMA_LARGE_ROWS: usize = 32;
 /// Weight elements from which a product counts as large (down is 58.7 M, o 16.8 M).
@@ -66,26 +68,18 @@ pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
 /// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`:
 /// `Some(false)` the mma.sync one, `Some(true)` the wgmma one, `None` neither (cuBLASLt's
 /// FP8 GEMM is faster there). From the H200's measurements of 2026-11-30 (bench/NOTES.md):
-/// mma.sync up to 8 rows, wgmma at 9-16 rows, and at 17-32 rows on the large products.
+/// on Hopper wgmma up to 16 rows, and at 17-32 rows on the large products; elsewhere
+/// mma.sync up to 8 rows.
 pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<bool> {
     if !fits(m, n, k) {
         return None;
     }
-    if m <= MMA_ROWS {
-        return Some(false);
+    if wgmma_runs(arch, k)
+        && (m <= WGMMA_ALL_ROWS || (m <= WGMMA_LARGE_ROWS && n * k >= LARGE_WEIGHTS))
+    {
+        return Some(true);
     }
-    let wgmma = wgmma_runs(arch, k)
-        && (m <= WGMMA_ALL_ROWS || (m <= WGMMA_LARGE_ROWS && n * k >= LARGE_WEIGHTS));
-    wgmma.then_some(true)
-}
-
-/// Whether launches run the wgmma variant where it can: with
-/// `RADIX_SPARSE_FP8_SKINNY=wgmma` (opt-in until it is measured beside the mma.sync one
-/// and cuBLASLt).
-fn use_wgmma(arch: Arch, k: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::env_flag(&ON, "RADIX_SPARSE_FP8_SKINNY", |v| v.eq_ignore_ascii_case("wgmma"))
-        && wgmma_runs(arch, k)
+    (m <= MMA_ROWS).then_some(false)
 }
 
 /// Mirrors `SkinnyParams` in skinny.cu.
@@ -190,7 +184,8 @@ pub fn gemm<T: HalfFloat>(
 }
 
 /// `gemm` with the variant chosen: `Some(true)` the wgmma one (sm_90a, K a multiple of
-/// 128), `Some(false)` the mma.sync one, `None` as `RADIX_SPARSE_FP8_SKINNY` says.
+/// 128), `Some(false)` the mma.sync one, `None` the wgmma one wherever it runs (it was the
+/// faster of the two at every shape measured on the H200).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with<T: HalfFloat>(
     jit: &Jit,
@@ -226,7 +221,7 @@ pub fn gemm_with<T: HalfFloat>(
     let device = xq.device();
     let sms = device.info().sm_count as usize;
     let arch = device.info().arch();
-    let wgmma = wgmma.unwrap_or_else(|| use_wgmma(arch, k));
+    let wgmma = wgmma.unwrap_or_else(|| wgmma_runs(arch, k));
     ensure!(
         !wgmma || wgmma_runs(arch, k),
         "the skinny FP8 GEMM's wgmma variant runs on sm_90a with K a multiple of \
@@ -313,6 +308,31 @@ mod tests {
         // Splits in whole 128-byte stages.
         assert_eq!(plan_steps(1, 4096, 4096, 528, 1 << 22, WGMMA_SEG), (512, 8));
         assert_eq!(plan_steps(8, 4096, 14336, 528, 1 << 22, WGMMA_SEG), (1792, 8));
+    }
+
+    #[test]
+    fn the_engine_picks_the_variant_that_won_on_the_h200() {
+        let (hopper, ampere) = (Arch::SM90A, Arch::SM89);
+        let (qkv, o, gate_up, down) = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336));
+        for m in [1, 2, 8, 16] {
+            for (n, k) in [qkv, o, gate_up, down] {
+                assert_eq!(engine_variant(hopper, m, n, k), Some(true), "{m}x{n}x{k}");
+            }
+        }
+        // 17-32 rows: only the large products; beyond 32, cuBLASLt.
+        assert_eq!(engine_variant(hopper, 32, gate_up.0, gate_up.1), Some(true));
+        assert_eq!(engine_variant(hopper, 32, down.0, down.1), Some(true));
+        assert_eq!(engine_variant(hopper, 32, qkv.0, qkv.1), None);
+        assert_eq!(engine_variant(hopper, 17, o.0, o.1), None);
+        assert_eq!(engine_variant(hopper, 33, gate_up.0, gate_up.1), None);
+        // K not in whole 128-byte stages: the mma.sync variant up to 8 rows.
+        assert_eq!(engine_variant(hopper, 8, 4096, 4160), Some(false));
+        assert_eq!(engine_variant(hopper, 9, 4096, 4160), None);
+        // No wgmma before Hopper.
+        assert_eq!(engine_variant(ampere, 8, o.0, o.1), Some(false));
+        assert_eq!(engine_variant(ampere, 9, gate_up.0, gate_up.1), None);
+        // What the kernel does not take at all.
+        assert_eq!(engine_variant(hopper, 1, 4096, 100), None);
     }
 
     #[test]

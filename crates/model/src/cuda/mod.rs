@@ -139,7 +139,8 @@ pub struct CudaBackend {
     /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) may run our skinny
     /// FP8 GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-65% of
     /// the copy bandwidth; `skinny::engine_variant` picks the variant or cuBLASLt per shape
-    /// (mma.sync up to 8 rows, wgmma at 9-32 where it won on the H200; bench/NOTES.md).
+    /// (on Hopper wgmma up to 16 rows and at 17-32 on the large products, elsewhere
+    /// mma.sync up to 8: where each won on the H200; bench/NOTES.md).
     /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most 64; default 32).
     fp8_skinny_rows: usize,
     /// The log has said how FP8 weights run.
