@@ -179,10 +179,16 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         let (x, mut xq, mut xs) = quantized(m, k)?;
         let (_, wq, ws) = quantized(n, k)?;
         let mut out = device.alloc::<bf16>(m * n)?;
-        // The skinny variant the engine picks for this shape, if any (else cuBLASLt).
-        let variant =
-            skinny::engine_variant(device.arch(), m, n, k).filter(|_| m <= skinny::DEFAULT_ROWS);
-        let skinny = if let Some(wgmma) = variant {
+        // What the engine runs for this shape by default: at one row on Hopper the
+        // streaming GEMV (16-bit x), else the skinny variant it picks, if any, else cuBLASLt.
+        let streams = m == 1 && radix_kernels::gemv::fits_stream_fp8(device.arch(), m, n, k);
+        let variant = skinny::engine_variant(device.arch(), m, n, k)
+            .filter(|_| m <= skinny::DEFAULT_ROWS && !streams);
+        let skinny = if streams {
+            Some(time_runs(&device, args.warmup, args.runs, |_| {
+                radix_kernels::gemv::gemv_stream_fp8(&jit, m, n, k, &x, &wq, &ws, &mut out)
+            })?)
+        } else if let Some(wgmma) = variant {
             Some(time_runs(&device, args.warmup, args.runs, |_| {
                 let (a, w) = ((&xq, &xs), (&wq, &ws));
                 skinny::gemm_with(&jit, (m, n, k), a, w, None, &mut out, scratch.get(), Some(wgmma))
@@ -245,6 +251,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             }
         });
         let kernel = match variant {
+            _ if streams => "stream-gemv",
             Some(true) => "skinny-wgmma",
             Some(false) => "skinny",
             None => "cublaslt",

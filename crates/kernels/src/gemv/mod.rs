@@ -219,6 +219,10 @@ fn fits_stream_bytes(arch: Arch, m: usize, n: usize, k: usize, elem_bytes: usize
 
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]` (f32 accumulation) by the streaming kernel; `O` is
 /// `T` or f32.
+///
+/// `w` must not be written by the kernel launched just before this one on the stream: the
+/// first stages of it are read before the kernel waits for that one (programmatic
+/// dependent launch). The engine's weights are written once, at load.
 pub fn gemv_stream<T: HalfFloat, O: Element>(
     jit: &Jit,
     m: usize,
@@ -233,7 +237,7 @@ pub fn gemv_stream<T: HalfFloat, O: Element>(
 }
 
 /// `out[m, n] = scales[n] · Σ_k x[m, k] · e4m3(w[n, k])` by the streaming kernel; `O` is
-/// `T` or f32.
+/// `T` or f32. As `gemv_stream`, `w` must not come from the kernel just before.
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_stream_fp8<T: HalfFloat, O: Element>(
     jit: &Jit,
