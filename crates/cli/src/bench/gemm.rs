@@ -181,7 +181,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         let mut out = device.alloc::<bf16>(m * n)?;
         // What the engine runs for this shape by default: at one row on Hopper the
         // streaming GEMV (16-bit x), else the skinny variant it picks, if any, else cuBLASLt.
-        let streams = m == 1 && radix_kernels::gemv::fits_stream_fp8(device.arch(), m, n, k);
+        let streams = m == 1 && radix_kernels::gemv::fits_stream_fp8(device.info(), m, n, k);
         let variant = skinny::engine_variant(device.arch(), m, n, k)
             .filter(|_| m <= skinny::DEFAULT_ROWS && !streams);
         let skinny = if streams {
@@ -351,7 +351,7 @@ fn fp8_decode(
         None
     };
     // On Hopper, up to 4 rows, the streaming GEMV over the FP8 weight (bf16 activations).
-    let stream = if gemv::fits_stream_fp8(device.arch(), m, n, k) {
+    let stream = if gemv::fits_stream_fp8(device.info(), m, n, k) {
         Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
             let (q, s) = &weights[i % copies];
             gemv::gemv_stream_fp8(jit, m, n, k, x, q, s, &mut out)
@@ -420,7 +420,7 @@ fn run_gemv<T: HalfFloat>(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> 
         // The streaming kernel (Hopper, K a multiple of 1,024, up to 4 rows), back to back
         // as well: under programmatic dependent launch each launch's first copies overlap
         // the previous one's tail, as they overlap the previous kernel in a decode step.
-        let stream = if gemv::fits_stream(device.arch(), m, n, k) {
+        let stream = if gemv::fits_stream(device.info(), m, n, k) {
             Some(time_back_to_back(&device, args.warmup, 5, args.runs, |i| {
                 gemv::gemv_stream(&jit, m, n, k, &x, &ws[i % copies], &mut out)
             })?)

@@ -7,7 +7,7 @@
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
 use radix_gpu::{
-    Arch, DeviceBuffer, Element, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure,
+    Arch, DeviceBuffer, DeviceInfo, Element, HalfFloat, Jit, KernelSpec, Result, SourceFile, ensure,
 };
 
 use crate::{HEADERS, dtype_define};
@@ -154,8 +154,8 @@ fn launch<T: HalfFloat, O: Element>(
 
 /// Rows of x `gemv_stream` takes at most.
 pub const STREAM_MAX_ROWS: usize = 4;
-/// Bytes of a row one warp sums per stage (`32 * VEC_PER_LANE * 16` in stream.cu): K times
-/// the weight's element size must be a multiple.
+/// Bytes of a row one warp sums per stage, a span (`32 * VEC_PER_LANE * 16` in stream.cu):
+/// K times the weight's element size must be a multiple.
 const STREAM_WARP_BYTES: usize = 2048;
 /// Shared memory of the stage ring (`STAGES * STAGE_BYTES` in stream.cu), and the number
 /// of stages (each has a full and an empty barrier).
@@ -197,24 +197,42 @@ unsafe impl DeviceRepr for StreamParams {}
 
 const _: () = assert!(std::mem::size_of::<StreamParams>() == 48);
 
-/// Whether `gemv_stream` takes this product on a GPU of `arch`: Hopper, at most 4 rows,
-/// K a multiple of 1,024 (a warp's span of a stage stays in one row), sizes in i32.
-pub fn fits_stream(arch: Arch, m: usize, n: usize, k: usize) -> bool {
-    fits_stream_bytes(arch, m, n, k, 2)
+/// Whether `gemv_stream` takes this product on GPU `info`: sm_90a, at most 4 rows, K a
+/// multiple of 1,024 (a warp's span of a stage stays in one row), sizes in i32, and the
+/// block's span sums fit in shared memory beside the stage ring.
+pub fn fits_stream(info: &DeviceInfo, m: usize, n: usize, k: usize) -> bool {
+    fits_stream_bytes(info, m, n, k, 2)
 }
 
 /// Whether `gemv_stream_fp8` takes this product: as `fits_stream`, K a multiple of 2,048.
-pub fn fits_stream_fp8(arch: Arch, m: usize, n: usize, k: usize) -> bool {
-    fits_stream_bytes(arch, m, n, k, 1)
+pub fn fits_stream_fp8(info: &DeviceInfo, m: usize, n: usize, k: usize) -> bool {
+    fits_stream_bytes(info, m, n, k, 1)
 }
 
-fn fits_stream_bytes(arch: Arch, m: usize, n: usize, k: usize, elem_bytes: usize) -> bool {
-    arch.sm() >= Arch::SM90A.sm()
+fn fits_stream_bytes(info: &DeviceInfo, m: usize, n: usize, k: usize, elem_bytes: usize) -> bool {
+    // The kernel is sm_90a code (cp.async.bulk, mbarriers as Hopper has them), as its spec.
+    info.arch() == Arch::SM90A
         && (1..=STREAM_MAX_ROWS).contains(&m)
         && n > 0
         && k > 0
         && (k * elem_bytes).is_multiple_of(STREAM_WARP_BYTES)
         && n * k < i32::MAX as usize
+        && stream_smem(info, m, n, k, elem_bytes).1 <= info.max_shared_per_block
+}
+
+/// Rows per block (about one block per SM) and the dynamic shared memory they take: the
+/// stage ring, a sum per (span of 2,048 bytes of a row, row of x), the barriers.
+fn stream_smem(
+    info: &DeviceInfo,
+    m: usize,
+    n: usize,
+    k: usize,
+    elem_bytes: usize,
+) -> (usize, usize) {
+    let rows_per_block = n.div_ceil(info.sm_count.max(1) as usize);
+    let spans = rows_per_block * (k * elem_bytes / STREAM_WARP_BYTES);
+    let sums = (spans * m.next_power_of_two() * 4).next_multiple_of(16);
+    (rows_per_block, STREAM_RING_BYTES + sums + STREAM_STAGES * 16)
 }
 
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]` (f32 accumulation) by the streaming kernel; `O` is
@@ -267,11 +285,17 @@ fn launch_stream<T: HalfFloat, O: Element>(
     let info = device.info();
     let elem_bytes = if scales.is_some() { 1 } else { 2 };
     ensure!(
-        fits_stream_bytes(info.arch(), m, n, k, elem_bytes),
-        "gemv_stream takes 1..={STREAM_MAX_ROWS} rows, K a multiple of {} and a Hopper GPU, \
-         got M={m} N={n} K={k} on {}",
+        fits_stream_bytes(info, m, n, k, elem_bytes),
+        "gemv_stream takes 1..={STREAM_MAX_ROWS} rows, K a multiple of {}, an sm_90a GPU and \
+         its sums in shared memory, got M={m} N={n} K={k} on {}",
         STREAM_WARP_BYTES / elem_bytes,
         info.name
+    );
+    // cp.async.bulk and the 16-byte loads of x need 16-byte alignment.
+    ensure!(
+        w.is_multiple_of(16) && x.ptr().is_multiple_of(16),
+        "gemv_stream needs 16-byte aligned w and x, got {w:#x} and {:#x}",
+        x.ptr()
     );
     ensure!(x.len() >= m * k, "gemv_stream x holds {} elements, expected M*K = {m}*{k}", x.len());
     ensure!(
@@ -286,10 +310,7 @@ fn launch_stream<T: HalfFloat, O: Element>(
         O::DTYPE
     );
     // About one block per SM, each a whole number of rows.
-    let rows_per_block = n.div_ceil(info.sm_count.max(1) as usize);
-    let m_pad = m.next_power_of_two();
-    let smem =
-        STREAM_RING_BYTES + (rows_per_block * m_pad * 4).next_multiple_of(16) + STREAM_STAGES * 16;
+    let (rows_per_block, smem) = stream_smem(info, m, n, k, elem_bytes);
     let spec = match scales {
         None => spec_stream::<T>(m, out_f32),
         Some(_) => spec_stream_fp8::<T>(m, out_f32),

@@ -19,9 +19,10 @@
 // they load during the previous kernel's tail.
 //
 // A consumer warp takes 512 contiguous bytes of each stage per 16-byte vector of its lanes,
-// four in all (1,024 16-bit or 2,048 e4m3 weights), which lie in one row because K is a
-// multiple of that (the launcher checks): one warp sum per stage, added into the block's
-// per-row sums in shared memory.
+// four in all (1,024 16-bit or 2,048 e4m3 weights): a span, which lies in one row because K
+// is a multiple of it (the launcher checks). Each span's warp sum goes to its own slot in
+// shared memory, and a row's spans are added in a fixed order at the end: no atomics, so
+// every run gives the same bits (graph replays equal eager runs).
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "gemv/dot.cuh"
@@ -68,15 +69,13 @@ struct StreamParams {
   int m_rows;          // <= M
   int n;
   int k;               // a multiple of WARP_ELEMS
-  int rows_per_block;  // the launcher's split; sums take rows_per_block * M floats
+  int rows_per_block;  // the launcher's split; span sums take rows_per_block * k / WARP_ELEMS * M floats
 };
 
-// Dynamic shared memory: STAGES stages, then the per-row sums, then the stages' full and
-// empty barriers.
+// Dynamic shared memory: STAGES stages, then the span sums, then the stages' full and empty
+// barriers.
 __device__ __forceinline__ int sums_offset() { return STAGES * STAGE_BYTES; }
-__device__ __forceinline__ int bars_offset(int rows_per_block) {
-  return sums_offset() + ((rows_per_block * M * 4 + 15) / 16) * 16;
-}
+__device__ __forceinline__ int bars_offset(int spans) { return sums_offset() + ((spans * M * 4 + 15) / 16) * 16; }
 
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
@@ -105,8 +104,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
   const long long bytes = (long long)rows * p.k * sizeof(w_t);
   const int chunks = (int)((bytes + STAGE_BYTES - 1) / STAGE_BYTES);
   const u32 stages = smem_addr(smem);
-  const u32 full = stages + bars_offset(p.rows_per_block), empty = full + STAGES * 8;
-  float* sums = reinterpret_cast<float*>(smem + sums_offset());
+  const int row_spans = p.k / WARP_ELEMS;
+  const u32 full = stages + bars_offset(p.rows_per_block * row_spans), empty = full + STAGES * 8;
+  float* sums = reinterpret_cast<float*>(smem + sums_offset());  // [span][M]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   // Weights only until pdl_wait: they do not depend on the previous kernel.
@@ -118,7 +118,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     produce(src, bytes, min(STAGES, chunks), stages, full, empty, 0);
   }
-  for (int i = threadIdx.x; i < rows * M; i += THREADS) sums[i] = 0.f;
   __syncthreads();
   if (warp == CWARPS) {
     if (lane == 0) produce(src, bytes, chunks, stages, full, empty, STAGES);
@@ -132,6 +131,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
     // This warp's span of the stage, relative to the block's first element.
     const long long e0 = (long long)c * STAGE_ELEMS + warp * WARP_ELEMS;
     if (e0 < (long long)rows * p.k) {  // uniform over the warp: spans are whole or absent
+      const int span_id = (int)(e0 / WARP_ELEMS);  // every span of the block is one warp's once
       const int row = (int)(e0 / p.k);
       const int k0 = (int)(e0 - (long long)row * p.k);
       const uint4* span = reinterpret_cast<const uint4*>(smem + s * STAGE_BYTES + warp * WARP_ELEMS * (int)sizeof(w_t));
@@ -162,21 +162,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
           for (int u = 0; u < VEC_PER_LANE; ++u) part[u] = dot8(wv[u], xv[u]);
 #endif
           const float v = warp_sum((part[0] + part[1]) + (part[2] + part[3]));
-          if (lane == 0) atomicAdd(&sums[row * M + m], v);
+          if (lane == 0) sums[span_id * M + m] = v;
         }
       }
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + s * 8);
   }
-  named_bar_sync<1, CWARPS * 32>();  // every consumer's sums are in
+  named_bar_sync<1, CWARPS * 32>();  // every span's sum is in
   for (int i = threadIdx.x; i < rows * M; i += CWARPS * 32) {
     const int r = i / M, m = i % M;
     if (m < p.m_rows) {
+      float v = 0.f;
+      for (int q = 0; q < row_spans; ++q) v += sums[(r * row_spans + q) * M + m];  // in order
 #if W_FP8
-      const float v = sums[i] * p.w_scales[r0 + r];
-#else
-      const float v = sums[i];
+      v *= p.w_scales[r0 + r];
 #endif
 #if OUT_F32
       p.out[(long long)m * p.n + r0 + r] = v;

@@ -221,7 +221,7 @@ impl CudaBackend {
             return GemvMode::Off;
         }
         if rows <= self.gemv_mode.stream_rows()
-            && gemv::fits_stream(self.device.arch(), rows, w.rows, w.cols)
+            && gemv::fits_stream(self.device.info(), rows, w.rows, w.cols)
         {
             return GemvMode::Stream;
         }
@@ -231,20 +231,11 @@ impl CudaBackend {
         GemvMode::Off
     }
 
-    /// Rows up to which FP8 linear layers may run the streaming GEMV (on Hopper).
-    fn fp8_stream_rows(&self) -> usize {
-        if self.device.arch().sm() >= radix_gpu::Arch::SM90A.sm() {
-            self.gemv_mode.stream_rows()
-        } else {
-            0
-        }
-    }
-
     /// Whether an FP8 linear layer of `rows` rows against an `n x k` weight runs the
     /// streaming GEMV on the 16-bit activations (no quantization).
     fn fp8_streams(&self, rows: usize, n: usize, k: usize) -> bool {
         rows <= self.gemv_mode.stream_rows()
-            && gemv::fits_stream_fp8(self.device.arch(), rows, n, k)
+            && gemv::fits_stream_fp8(self.device.info(), rows, n, k)
     }
 
     /// An FP8 weight's bytes and scales onto the device, as they are.
@@ -284,9 +275,11 @@ impl CudaBackend {
         max: usize,
     ) -> Result<Option<(DeviceBuffer<u8>, DeviceBuffer<f32>)>> {
         self.fp8_holds = None;
-        // Rows whose FP8 layers read the 16-bit activations need no FP8 copy of them.
+        // Rows whose FP8 layers read the 16-bit activations need no FP8 copy of them (the
+        // layers fed by this op take K = cols; n = 1 stands for any of them).
         let fuses = self.fp8_fused
-            && rows > self.fp8_gemv_rows.max(self.fp8_stream_rows())
+            && rows > self.fp8_gemv_rows
+            && !self.fp8_streams(rows, 1, cols)
             && cols <= self.fp8_cols
             && cols <= max
             && cols.is_multiple_of(8);
