@@ -26,8 +26,9 @@ pub const HEADERS: &[SourceFile] = &[
         code: include_str!("attention/tma_pipeline.cuh"),
     },
     SourceFile { path: "attention/tma.cuh", code: include_str!("attention/tma.cuh") },
-    // The GEMVs' dot products (gemv.cu, stream.cu).
+    // What the GEMVs (gemv.cu, stream.cu) share.
     SourceFile { path: "gemv/dot.cuh", code: include_str!("gemv/dot.cuh") },
+    SourceFile { path: "gemv/params.cuh", code: include_str!("gemv/params.cuh") },
 ];
 
 /// Whether environment variable `name` is set to a value `test` accepts, read once per

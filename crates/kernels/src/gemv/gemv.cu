@@ -9,28 +9,9 @@
 // loads of a row are contiguous across the block; x is read through L1 (a few KB, shared
 // by every block). Then a shuffle reduction per warp and one through shared memory.
 //
-// W_FP8: the weight is e4m3 bytes with an f32 scale per row (an FP8 linear layer), x
-// stays 16-bit: half the bytes of a 16-bit weight, no activation quantization. A 16-byte
-// load then holds 16 weights; the scale is applied once per output.
-#include "gemv/dot.cuh"
-
-#ifndef M_ROWS
-#define M_ROWS 1
-#endif
-#ifndef OUT_F32
-#define OUT_F32 0
-#endif
-#ifndef W_FP8
-#define W_FP8 0
-#endif
-
-#if W_FP8
-typedef unsigned char w_t;
-constexpr int CHUNK = 16;  // weights per 16-byte load
-#else
-typedef elem_t w_t;
-constexpr int CHUNK = 8;
-#endif
+// W_FP8 (params.cuh): a 16-byte load then holds 16 weights; the scale is applied once per
+// output.
+#include "gemv/params.cuh"
 
 constexpr int M = M_ROWS;
 constexpr int ROWS = 8;      // weight rows per block
@@ -38,24 +19,6 @@ constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int UNROLL = M <= 2 ? 4 : 2;  // chunks per thread in flight, per row
 static_assert(M == 1 || M == 2 || M == 4 || M == 8, "M_ROWS 1, 2, 4 or 8");
-
-#if OUT_F32
-typedef float out_t;
-#else
-typedef elem_t out_t;
-#endif
-
-// Mirrors GemvParams in gemv/mod.rs.
-struct GemvParams {
-  const elem_t* x;         // [m_rows, k]
-  const w_t* w;            // [n, k]
-  out_t* out;              // [m_rows, n]
-  const float* w_scales;   // W_FP8: [n]
-  int m_rows;              // <= M
-  int n;
-  int k;                   // a multiple of CHUNK
-  int reserved;
-};
 
 // Weights are read once: keep them out of L1.
 __device__ __forceinline__ uint4 load_stream(const w_t* p) {
@@ -70,7 +33,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
   pdl_wait();
   __shared__ float partial[WARPS][ROWS * M];
   const int n0 = blockIdx.x * ROWS;
-  const int chunks = p.k / CHUNK;
+  const int chunks = p.k / VEC_ELEMS;
   float acc[ROWS][M];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
@@ -87,7 +50,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
     for (int u = 0; u < UNROLL; ++u) {
       const int c = c0 + u * THREADS;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) wv[u][r] = c < chunks ? load_stream(wrow[r] + c * CHUNK) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < ROWS; ++r) wv[u][r] = c < chunks ? load_stream(wrow[r] + c * VEC_ELEMS) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -139,4 +102,3 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
   }
 }
 
-static_assert(sizeof(GemvParams) == 48, "GemvParams mirrors gemv/mod.rs");

@@ -35,7 +35,7 @@ pub fn spec_fp8<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
     spec::<T>(m_rows, out_f32).define("W_FP8", 1).min_arch(Arch::SM89)
 }
 
-/// Mirrors `GemvParams` in gemv.cu.
+/// Mirrors `GemvParams` in params.cuh (both kernels' parameters).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct GemvParams {
@@ -46,7 +46,8 @@ struct GemvParams {
     m_rows: i32,
     n: i32,
     k: i32,
-    reserved: i32,
+    /// stream.cu only: rows a block owns (gemv.cu: 0, unused).
+    rows_per_block: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -108,6 +109,25 @@ pub fn gemv_fp8<T: HalfFloat, O: Element>(
     launch(jit, (m, n, k), x, w.ptr(), Some(scales.ptr()), out, "gemv_fp8")
 }
 
+/// Checks both GEMVs' x and out for an `[m, k] x [n, k]` product; returns whether out is
+/// f32 (else it is `T`).
+fn check_x_out<T: HalfFloat, O: Element>(
+    (m, n, k): (usize, usize, usize),
+    x: &DeviceBuffer<T>,
+    out: &DeviceBuffer<O>,
+    what: &str,
+) -> Result<bool> {
+    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
+    ensure!(
+        out_f32 || O::DTYPE == T::DTYPE,
+        "{what} writes f32 or the input dtype, not {}",
+        O::DTYPE
+    );
+    ensure!(x.len() >= m * k, "{what} x holds {} elements, expected M*K = {m}*{k}", x.len());
+    ensure!(out.len() >= m * n, "{what} out holds {} elements, expected M*N = {m}*{n}", out.len());
+    Ok(out_f32)
+}
+
 /// Checks x and out and launches the specialisation for `m` rows: 16-bit weights at
 /// `w`, or e4m3 ones with their `scales` (the callers checked `w` and `scales`).
 fn launch<T: HalfFloat, O: Element>(
@@ -119,14 +139,7 @@ fn launch<T: HalfFloat, O: Element>(
     out: &mut DeviceBuffer<O>,
     what: &str,
 ) -> Result<()> {
-    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
-    ensure!(
-        out_f32 || O::DTYPE == T::DTYPE,
-        "{what} writes f32 or the input dtype, not {}",
-        O::DTYPE
-    );
-    ensure!(x.len() >= m * k, "{what} x holds {} elements, expected M*K = {m}*{k}", x.len());
-    ensure!(out.len() >= m * n, "{what} out holds {} elements, expected M*N = {m}*{n}", out.len());
+    let out_f32 = check_x_out((m, n, k), x, out, what)?;
     let spec = match scales {
         None => spec::<T>(m, out_f32),
         Some(_) => spec_fp8::<T>(m, out_f32),
@@ -140,7 +153,7 @@ fn launch<T: HalfFloat, O: Element>(
         m_rows: m as i32,
         n: n as i32,
         k: k as i32,
-        reserved: 0,
+        rows_per_block: 0,
     };
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, 1, 1),
@@ -177,25 +190,6 @@ pub fn spec_stream<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
 pub fn spec_stream_fp8<T: HalfFloat>(m_rows: usize, out_f32: bool) -> KernelSpec {
     spec_stream::<T>(m_rows, out_f32).define("W_FP8", 1)
 }
-
-/// Mirrors `StreamParams` in stream.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct StreamParams {
-    x: u64,
-    w: u64,
-    out: u64,
-    w_scales: u64,
-    m_rows: i32,
-    n: i32,
-    k: i32,
-    rows_per_block: i32,
-}
-
-// SAFETY: plain data mirroring the kernel's parameter struct.
-unsafe impl DeviceRepr for StreamParams {}
-
-const _: () = assert!(std::mem::size_of::<StreamParams>() == 48);
 
 /// Whether `gemv_stream` takes this product on GPU `info`: sm_90a, at most 4 rows, K a
 /// multiple of 1,024 (a warp's span of a stage stays in one row), sizes in i32, and the
@@ -297,18 +291,7 @@ fn launch_stream<T: HalfFloat, O: Element>(
         "gemv_stream needs 16-byte aligned w and x, got {w:#x} and {:#x}",
         x.ptr()
     );
-    ensure!(x.len() >= m * k, "gemv_stream x holds {} elements, expected M*K = {m}*{k}", x.len());
-    ensure!(
-        out.len() >= m * n,
-        "gemv_stream out holds {} elements, expected M*N = {m}*{n}",
-        out.len()
-    );
-    let out_f32 = O::DTYPE == radix_gpu::DType::F32;
-    ensure!(
-        out_f32 || O::DTYPE == T::DTYPE,
-        "gemv_stream writes f32 or the input dtype, not {}",
-        O::DTYPE
-    );
+    let out_f32 = check_x_out((m, n, k), x, out, "gemv_stream")?;
     // About one block per SM, each a whole number of rows.
     let (rows_per_block, smem) = stream_smem(info, m, n, k, elem_bytes);
     let spec = match scales {
@@ -317,7 +300,7 @@ fn launch_stream<T: HalfFloat, O: Element>(
     };
     let kernel = jit.kernel(device, &spec, "gemv_stream")?;
     kernel.set_max_dynamic_smem(device, smem)?;
-    let params = StreamParams {
+    let params = GemvParams {
         x: x.ptr(),
         w,
         out: out.ptr_mut(),

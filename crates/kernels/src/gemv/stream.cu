@@ -1,7 +1,6 @@
 // Streaming GEMV for decode on Hopper: out[m, n] = Σ_k x[m, k] · w[n, k] for 1, 2 or 4 rows
-// of x (M_ROWS), w a Linear weight [N, K] row-major, f32 accumulation. W_FP8: w is e4m3
-// bytes with an f32 scale per row (an FP8 linear layer) and x stays 16-bit (no activation
-// quantization): half the bytes.
+// of x (M_ROWS), w a Linear weight [N, K] row-major, f32 accumulation; W_FP8 weights
+// (params.cuh) are e4m3 bytes with a scale per row, half the bytes.
 //
 // Why another GEMV: at batch 1 a decode step is its weights read once, and the small
 // products (q|k|v 6144 x 4096 and o 4096 x 4096 at Llama-3-8B: 32-50 MB) read at 55-65% of
@@ -25,24 +24,7 @@
 // every run gives the same bits (graph replays equal eager runs).
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
-#include "gemv/dot.cuh"
-
-#ifndef M_ROWS
-#define M_ROWS 1
-#endif
-#ifndef OUT_F32
-#define OUT_F32 0
-#endif
-#ifndef W_FP8
-#define W_FP8 0
-#endif
-
-#if W_FP8
-typedef unsigned char w_t;
-#else
-typedef elem_t w_t;
-#endif
-constexpr int VEC_ELEMS = 16 / sizeof(w_t);  // weights per 16-byte vector
+#include "gemv/params.cuh"
 
 constexpr int M = M_ROWS;
 static_assert(M == 1 || M == 2 || M == 4, "M_ROWS 1, 2 or 4");
@@ -53,24 +35,6 @@ constexpr int WARP_ELEMS = 32 * VEC_PER_LANE * VEC_ELEMS;  // weights per warp a
 constexpr int STAGE_BYTES = CWARPS * 32 * VEC_PER_LANE * 16;  // 32 KB
 constexpr int STAGE_ELEMS = STAGE_BYTES / (int)sizeof(w_t);
 constexpr int STAGES = 4;                     // 128 KB in flight per block
-
-#if OUT_F32
-typedef float out_t;
-#else
-typedef elem_t out_t;
-#endif
-
-// Mirrors StreamParams in gemv/mod.rs.
-struct StreamParams {
-  const elem_t* x;     // [m_rows, k]
-  const w_t* w;        // [n, k]
-  out_t* out;          // [m_rows, n]
-  const float* w_scales;  // W_FP8: [n]
-  int m_rows;          // <= M
-  int n;
-  int k;               // a multiple of WARP_ELEMS
-  int rows_per_block;  // the launcher's split; span sums take rows_per_block * k / WARP_ELEMS * M floats
-};
 
 // Dynamic shared memory: STAGES stages, then the span sums, then the stages' full and empty
 // barriers.
@@ -96,7 +60,7 @@ __device__ __forceinline__ void produce(const char* src, long long bytes, int ch
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __grid_constant__ StreamParams p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __grid_constant__ GemvParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int r0 = min(blockIdx.x * p.rows_per_block, p.n);
   const int rows = min(p.rows_per_block, p.n - r0);
@@ -187,4 +151,3 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
   }
 }
 
-static_assert(sizeof(StreamParams) == 48, "StreamParams mirrors gemv/mod.rs");

@@ -188,6 +188,24 @@ impl GemvMode {
         }
     }
 
+    /// Runs `out = x · wᵀ` on this mode's GEMV (as `CudaBackend::gemv_for` chose it);
+    /// false for `Off` and `Auto`, where the caller runs cuBLASLt.
+    fn run<O: radix_gpu::Element>(
+        self,
+        jit: &Jit,
+        (m, n, k): (usize, usize, usize),
+        x: &DeviceBuffer<bf16>,
+        w: &DeviceBuffer<bf16>,
+        out: &mut DeviceBuffer<O>,
+    ) -> radix_gpu::Result<bool> {
+        match self {
+            GemvMode::Blocks => gemv::gemv(jit, m, n, k, x, w, out)?,
+            GemvMode::Stream => gemv::gemv_stream(jit, m, n, k, x, w, out)?,
+            GemvMode::Off | GemvMode::Auto => return Ok(false),
+        }
+        Ok(true)
+    }
+
     /// Rows up to which the streaming kernel takes the products it fits.
     fn stream_rows(self) -> usize {
         match self {
@@ -896,15 +914,8 @@ impl Backend for CudaBackend {
         };
         let gemv_mode = if bias.is_none() { self.gemv_for(x.rows, w) } else { GemvMode::Off };
         self.timed(Op::Gemm, |b| {
-            let (m, n, k) = (x.rows, w.rows, w.cols);
-            match gemv_mode {
-                GemvMode::Blocks => {
-                    return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, w_bf16, &mut out.buf)?);
-                }
-                GemvMode::Stream => {
-                    return Ok(gemv::gemv_stream(&b.jit, m, n, k, &x.buf, w_bf16, &mut out.buf)?);
-                }
-                GemvMode::Off | GemvMode::Auto => {}
+            if gemv_mode.run(&b.jit, (x.rows, w.rows, w.cols), &x.buf, w_bf16, &mut out.buf)? {
+                return Ok(());
             }
             Ok(b.gemm.matmul::<bf16, bf16>(
                 x.rows,
@@ -1025,15 +1036,9 @@ impl Backend for CudaBackend {
         let gemv_mode = self.gemv_for(x.rows, head);
         let head_bf16 = head.bf16()?;
         self.timed(Op::Gemm, |b| {
-            let (m, n, k) = (x.rows, head.rows, head.cols);
-            match gemv_mode {
-                GemvMode::Blocks => {
-                    return Ok(gemv::gemv(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
-                }
-                GemvMode::Stream => {
-                    return Ok(gemv::gemv_stream(&b.jit, m, n, k, &x.buf, head_bf16, &mut logits)?);
-                }
-                GemvMode::Off | GemvMode::Auto => {}
+            let dims = (x.rows, head.rows, head.cols);
+            if gemv_mode.run(&b.jit, dims, &x.buf, head_bf16, &mut logits)? {
+                return Ok(());
             }
             Ok(b.gemm.matmul::<bf16, f32>(
                 x.rows,
