@@ -144,9 +144,11 @@ sparse)
   # Sparse paging (the sparse-paging issue): decode attention with selection beside dense
   # at 32K contexts, then end to end on 32K-token prompts, sparse 0.3 beside dense.
   rm -f "$out/sp_ours.jsonl"
-  "$rs" bench decode --sparse-budget 0.1,0.2,0.3,0.5 --json "$out/sp_ours.jsonl"
-  record --ours "$out/sp_ours.jsonl" --command "radix-sparse bench decode --sparse-budget 0.1,0.2,0.3,0.5" \
-    --note "time includes page scoring and selection; ratio = dense time / sparse time (same run)"
+  # --back-to-back: also in CUDA graphs (the figures #24 asks for: extra.graph_speedup).
+  "$rs" bench decode --sparse-budget 0.1,0.3,2048,4096 --back-to-back --case 1@32768 --case 1@131072 \
+    --case 32@32768 --json "$out/sp_ours.jsonl"
+  record --ours "$out/sp_ours.jsonl" --command "radix-sparse bench decode --sparse-budget 0.1,0.3,2048,4096 --back-to-back --case 1@32768 --case 1@131072 --case 32@32768" \
+    --note "time includes page scoring and selection; extra.speedup = dense / sparse eager, extra.graph_speedup in CUDA graphs (same run)"
   rm -f "$out/so_dense.jsonl" "$out/so_sparse.jsonl"
   n="${SPARSE_PROMPTS:-24}"
   common="--model synthetic:llama3-8b --dataset random:32000:256 --num-prompts $n --device cuda --max-model-len 33024"

@@ -110,6 +110,40 @@ pub fn time_back_to_back(
     Ok(Timings::from_samples(out))
 }
 
+/// Times `per_graph` runs of `f` captured into one CUDA graph, replayed `samples` times
+/// after `warmup` replays; returns the per-run times. What a sequence of kernels costs
+/// inside the engine's decode graph: no host work between its launches at all (back to
+/// back eager launches of short kernels can measure the host instead). `f(0)` runs once
+/// eagerly first, so compilation and one-time queries happen outside the capture.
+pub fn time_graph(
+    device: &Device,
+    warmup: usize,
+    samples: usize,
+    per_graph: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<Timings> {
+    f(0)?;
+    device.synchronize()?;
+    let per_graph = per_graph.max(1);
+    crate::graph::begin_capture(device)?;
+    let captured = (0..per_graph).try_for_each(&mut f);
+    let graph = crate::graph::end_capture(device);
+    captured?;
+    let graph = graph?;
+    for _ in 0..warmup {
+        graph.launch()?;
+    }
+    device.synchronize()?;
+    let timer = GpuTimer::new(device)?;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples.max(1) {
+        timer.start()?;
+        graph.launch()?;
+        out.push(timer.stop_ms()? as f64 / per_graph as f64);
+    }
+    Ok(Timings::from_samples(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,8 @@ pub const HEADERS: &[SourceFile] = &[
     // What the GEMVs (gemv.cu, stream.cu) share.
     SourceFile { path: "gemv/dot.cuh", code: include_str!("gemv/dot.cuh") },
     SourceFile { path: "gemv/params.cuh", code: include_str!("gemv/params.cuh") },
+    // What the two sparse selections (sparse.cu, fused.cu) share.
+    SourceFile { path: "sparse/select.cuh", code: include_str!("sparse/select.cuh") },
 ];
 
 /// Whether environment variable `name` is set to a value `test` accepts, read once per
@@ -126,6 +128,8 @@ pub fn catalog() -> Vec<KernelSpec> {
         for group in [1, 4, 8] {
             specs.push(sparse::spec::<f16>(head_dim, group));
             specs.push(sparse::spec::<bf16>(head_dim, group));
+            specs.push(sparse::spec_fused::<f16>(head_dim, group));
+            specs.push(sparse::spec_fused::<bf16>(head_dim, group));
         }
     }
     specs.sort_by_key(|s| s.label());

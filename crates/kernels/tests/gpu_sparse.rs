@@ -14,8 +14,8 @@ use radix_kernels::kv_append::bounds::encode;
 use radix_kernels::kv_append::key_bounds_record;
 use radix_kernels::relative_error;
 use radix_kernels::sparse::{
-    SelectBuffers, SelectSizes, SparseShape, scores_reference, select, select_reference,
-    sparse_indptr,
+    SelectBuffers, SelectPath, SelectSizes, SparseShape, auto_cluster, scores_reference,
+    select_reference, select_with, sparse_indptr,
 };
 use radix_kv::bounds_record_bytes as record_bytes;
 use radix_kv::{SparseBudget, SparsePolicy};
@@ -87,11 +87,12 @@ fn setup<T: Element>(
     Setup { shape, num_pages, kv_indptr, kv_indices, last, keep: keep.to_vec(), q, k, v, bounds }
 }
 
-/// Runs the selection on the GPU: (scores, per-head tables, their indptr).
+/// Runs the selection on the GPU along `path`: (scores, per-head tables, their indptr).
 fn run_select<T: HalfFloat>(
     dev: &Device,
     jit: &Jit,
     s: &Setup<T>,
+    path: SelectPath,
 ) -> (Vec<f32>, Vec<i32>, Vec<i32>) {
     let batch = s.last.len();
     let indptr = sparse_indptr(&s.kv_indptr, &s.keep, &s.shape).unwrap();
@@ -113,14 +114,34 @@ fn run_select<T: HalfFloat>(
     let q: DeviceBuffer<T> = dev.upload(&s.q).unwrap();
     let bounds: DeviceBuffer<u8> = dev.upload(&s.bounds).unwrap();
     let sizes = SelectSizes { batch, dense_pages: dense, sparse_entries: entries };
-    select(jit, &s.shape, &sizes, &q, &bounds, &mut bufs).unwrap();
+    select_with(jit, &s.shape, &sizes, &q, &bounds, &mut bufs, path).unwrap();
     (bufs.scores.to_vec().unwrap(), bufs.out_indices.to_vec().unwrap(), indptr)
 }
 
-/// Checks scores and tables of `s` against the references; returns the tables.
+/// Checks scores and tables of `s` against the references (the engine's path); returns
+/// the tables.
 fn check_selection<T: HalfFloat>(dev: &Device, jit: &Jit, s: &Setup<T>) -> (Vec<i32>, Vec<i32>) {
+    check_selection_on(dev, jit, s, SelectPath::Auto)
+}
+
+/// Both selections: the two kernels, and the one-launch kernel at every cluster size.
+const PATHS: [SelectPath; 6] = [
+    SelectPath::Split,
+    SelectPath::Fused(1),
+    SelectPath::Fused(2),
+    SelectPath::Fused(4),
+    SelectPath::Fused(8),
+    SelectPath::Fused(16),
+];
+
+fn check_selection_on<T: HalfFloat>(
+    dev: &Device,
+    jit: &Jit,
+    s: &Setup<T>,
+    path: SelectPath,
+) -> (Vec<i32>, Vec<i32>) {
     let hkv = s.shape.num_kv_heads;
-    let (scores, tables, indptr) = run_select(dev, jit, s);
+    let (scores, tables, indptr) = run_select(dev, jit, s, path);
     let batch = s.last.len();
     let qo: Vec<i32> = (0..=batch as i32).collect();
     let want =
@@ -132,7 +153,11 @@ fn check_selection<T: HalfFloat>(dev: &Device, jit: &Jit, s: &Setup<T>) -> (Vec<
         for h in 0..hkv {
             let row = &tables[indptr[b * hkv + h] as usize..indptr[b * hkv + h + 1] as usize];
             if !sparse {
-                assert_eq!(row, &s.kv_indices[lo..hi], "dense sequence {b} head {h}: whole table");
+                assert_eq!(
+                    row,
+                    &s.kv_indices[lo..hi],
+                    "{path:?} dense sequence {b} head {h}: whole table"
+                );
                 continue;
             }
             let dense = s.kv_indices.len(); // scores are head-major
@@ -144,7 +169,7 @@ fn check_selection<T: HalfFloat>(dev: &Device, jit: &Jit, s: &Setup<T>) -> (Vec<
                 } else {
                     (g as f64 - w).abs() <= 1e-3 * (1.0 + w.abs())
                 };
-                assert!(close, "seq {b} head {h} page {i}: score {g}, reference {w}");
+                assert!(close, "{path:?} seq {b} head {h} page {i}: score {g}, reference {w}");
             }
             let chosen = select_reference(
                 &got,
@@ -153,7 +178,7 @@ fn check_selection<T: HalfFloat>(dev: &Device, jit: &Jit, s: &Setup<T>) -> (Vec<
                 s.shape.window_pages,
             );
             let ids: Vec<i32> = chosen.iter().map(|&i| s.kv_indices[lo + i]).collect();
-            assert_eq!(row, &ids[..], "seq {b} head {h}: pages chosen");
+            assert_eq!(row, &ids[..], "{path:?} seq {b} head {h}: pages chosen");
         }
     }
     (tables, indptr)
@@ -172,7 +197,9 @@ fn selection_case<T: HalfFloat>(hq: usize, hkv: usize, d: usize, seed: u64) {
     let lens = [4800, 590, 1920, 1017, 3, 80000];
     let keep = [90, 0, 120, 3, 0, 1500];
     let s = setup::<T>(&mut rng, shape(hq, hkv, d), &lens, &keep);
-    check_selection(&dev, &jit, &s);
+    for path in PATHS {
+        check_selection_on(&dev, &jit, &s, path);
+    }
 }
 
 #[test]
@@ -200,7 +227,28 @@ fn wide_score_ranges_select_exactly() {
         // One key per page: the score is q·k up to the rounding (either sign).
         encode(&key, &key, chunk);
     }
-    check_selection(&dev, &jit, &s);
+    for path in PATHS {
+        check_selection_on(&dev, &jit, &s, path);
+    }
+}
+
+/// One sequence, as long-document users run it: the engine's path on the H200 is the
+/// one-launch kernel in clusters that fill the GPU, and it matches the reference at
+/// lengths around its slices (a page, a few pages per block, uneven slices, 8K pages).
+#[test]
+fn one_sequence_selects_in_one_launch() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let sh = shape(32, 8, 128);
+    let c = auto_cluster::<bf16>(&jit, &dev, &sh, 1).unwrap();
+    assert!(matches!(c, Some(c) if c >= 8), "batch 1 on Hopper: clusters of 8 or 16, got {c:?}");
+    let mut rng = SmallRng::seed_from_u64(41);
+    for (len, keep) in [(4 * PS, 3), (37 * PS + 5, 9), (1000 * PS + 1, 301), (8192 * PS, 820)] {
+        let s = setup::<bf16>(&mut rng, sh, &[len], &[keep]);
+        for path in [SelectPath::Auto, SelectPath::Fused(16), SelectPath::Fused(2)] {
+            check_selection_on(&dev, &jit, &s, path);
+        }
+    }
 }
 
 #[test]
@@ -214,15 +262,19 @@ fn ties_go_to_the_earlier_page() {
     for chunk in s.bounds.chunks_mut(record_bytes(64)) {
         chunk.copy_from_slice(&first);
     }
-    let (tables, _) = check_selection(&dev, &jit, &s);
     let want: Vec<i32> =
         [0, 1, 2, 3, 4, 5, 6, 7, 48, 49].iter().map(|&i| s.kv_indices[i]).collect();
-    assert_eq!(tables, want);
+    for path in PATHS {
+        let (tables, _) = check_selection_on(&dev, &jit, &s, path);
+        assert_eq!(tables, want, "{path:?}");
+    }
     // A NaN query makes every score NaN: NaN ties rank like any tie (earliest first),
     // and nothing is lost or written twice.
     s.q[5] = bf16::from_f32(f32::NAN);
-    let (tables, _) = check_selection(&dev, &jit, &s);
-    assert_eq!(tables, want);
+    for path in PATHS {
+        let (tables, _) = check_selection_on(&dev, &jit, &s, path);
+        assert_eq!(tables, want, "{path:?}");
+    }
 }
 
 /// Attention through the device-chosen per-head tables equals the f64 reference over

@@ -8,7 +8,7 @@
 
 use clap::Args;
 use half::{bf16, f16};
-use radix_gpu::{DType, Device, HalfFloat, Jit, time_back_to_back, time_runs};
+use radix_gpu::{DType, Device, HalfFloat, Jit, time_back_to_back, time_graph, time_runs};
 use radix_kernels::attention::{AttentionBatch, AttentionShape, BatchMeta, KvSource};
 use rand::{Rng, SeedableRng};
 
@@ -213,10 +213,24 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 bw / 1e9,
                 100.0 * bw / copy_bw
             );
-            Some(t.median_ms)
+            // In a CUDA graph, as the engine's decode runs it (64 runs a graph).
+            let g = time_graph(&device, 3, a.runs.clamp(5, 20), 64, |i| match i % copies {
+                0 => kv_pools.run(&batch, &jit, &q, &mut o),
+                c => extra[c - 1].run(&batch, &jit, &q, &mut o),
+            })?;
+            let gbw = bytes as f64 / (g.median_ms * 1e-3);
+            println!(
+                "{label} in a CUDA graph: {:.1} us, {:.0} GB/s = {:.1}% of copy",
+                g.median_ms * 1e3,
+                gbw / 1e9,
+                100.0 * gbw / copy_bw
+            );
+            Some((t.median_ms, g.median_ms))
         } else {
             None
         };
+        let graph_ms = b2b_ms.map(|(_, g)| g);
+        let b2b_ms = b2b_ms.map(|(t, _)| t);
         rows.push(Measurement {
             benchmark: "attention_decode".into(),
             shape: label.clone(),
@@ -232,28 +246,53 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 "back_to_back_us": b2b_ms.map(|ms| ms * 1e3),
                 "back_to_back_fraction_of_copy":
                     b2b_ms.map(|ms| bytes as f64 / (ms * 1e-3) / copy_bw),
+                "graph_us": graph_ms.map(|ms| ms * 1e3),
+                "graph_fraction_of_copy": graph_ms.map(|ms| bytes as f64 / (ms * 1e-3) / copy_bw),
             })),
         });
         if let (Some(meta), KvPools::Half(k, v)) = (sparse_meta, &kv_pools) {
             let bounds = random_bounds(&device, num_pages * hkv, d)?;
             for &budget in &a.sparse_budget {
                 let dense_us = t.median_ms * 1e3;
-                let row = time_sparse(&device, &jit, a, &meta, budget, &q, k, v, &bounds, &mut o)?;
+                let copies =
+                    SparseCopies { make_pool: &|| Ok((random(pool)?, random(pool)?)), pool };
+                let row = time_sparse(
+                    &device, &jit, a, &meta, budget, &q, k, v, &bounds, &mut o, &copies, &batch,
+                )?;
                 let Some(st) = row else {
                     println!("{label} sparse {budget}: dense at this budget (nothing to select)");
                     continue;
                 };
                 let us = st.us;
+                let selection = match (st.fused_us, st.cluster) {
+                    (Some(f), Some(c)) => format!(
+                        "one launch (clusters of {c}) {f:.1} us; two kernels: scoring {:.1} us, \
+                         selection {:.1} us",
+                        st.score_us, st.pick_us
+                    ),
+                    _ => format!("scoring {:.1} us, selection {:.1} us", st.score_us, st.pick_us),
+                };
                 println!(
                     "{label} sparse {budget}: {us:.1} us with selection (keeps {:.1}% of pages; \
-                     alone: scoring {:.1} us, selection {:.1} us, attention {:.1} us) vs dense \
-                     {dense_us:.1} us: {:.2}x",
+                     alone: {selection}, attention {:.1} us) vs dense {dense_us:.1} us: {:.2}x",
                     100.0 * st.kept_fraction,
-                    st.score_us,
-                    st.pick_us,
                     st.attention_us,
                     dense_us / us
                 );
+                if let Some(g) = &st.graphs {
+                    println!(
+                        "{label} sparse {budget} in a CUDA graph: {:.1} us (alone: selection \
+                         {:.1} us, attention {:.1} us; with the two-kernel selection {:.1} us) \
+                         vs dense {:.1} us: {:.2}x ({:.2}x with two kernels)",
+                        g.sparse_us,
+                        g.select_us,
+                        g.attention_us,
+                        g.split_us,
+                        g.dense_us,
+                        g.dense_us / g.sparse_us,
+                        g.dense_us / g.split_us
+                    );
+                }
                 rows.push(Measurement {
                     benchmark: "attention_decode_sparse".into(),
                     shape: format!("{label} budget={budget}"),
@@ -267,7 +306,15 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                         "pages_kept_fraction": st.kept_fraction,
                         "score_us": st.score_us,
                         "select_us": st.pick_us,
+                        "fused_select_us": st.fused_us,
+                        "fused_cluster": st.cluster,
                         "attention_us": st.attention_us,
+                        "graph_us": st.graphs.as_ref().map(|g| g.sparse_us),
+                        "graph_two_kernel_us": st.graphs.as_ref().map(|g| g.split_us),
+                        "graph_select_us": st.graphs.as_ref().map(|g| g.select_us),
+                        "graph_attention_us": st.graphs.as_ref().map(|g| g.attention_us),
+                        "graph_dense_us": st.graphs.as_ref().map(|g| g.dense_us),
+                        "graph_speedup": st.graphs.as_ref().map(|g| g.dense_us / g.sparse_us),
                     })),
                 });
             }
@@ -278,12 +325,41 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
 
 /// Median times of one sparse decode attention.
 struct SparseTiming {
-    /// Scoring, selection and attention back to back.
+    /// Selection (the engine's path) and attention, each run timed alone.
     us: f64,
+    /// The two-kernel selection's parts.
     score_us: f64,
     pick_us: f64,
+    /// The one-launch selection and its cluster size, where the engine's path takes it.
+    fused_us: Option<f64>,
+    cluster: Option<u32>,
     attention_us: f64,
+    /// In CUDA graphs (`--back-to-back`).
+    graphs: Option<GraphTiming>,
     kept_fraction: f64,
+}
+
+/// Sparse and dense decode attention timed in CUDA graphs, as the engine runs them, over
+/// copies of the pool and bounds that together exceed the L2 (microseconds a run).
+struct GraphTiming {
+    /// Selection (the engine's path) and attention.
+    sparse_us: f64,
+    /// The same with the two-kernel selection.
+    split_us: f64,
+    /// The parts alone.
+    select_us: f64,
+    attention_us: f64,
+    /// Dense attention over the whole pool.
+    dense_us: f64,
+}
+
+/// What `time_sparse` needs to build copies of the K/V pool for back-to-back runs.
+struct SparseCopies<'a, T: radix_gpu::Element> {
+    #[allow(clippy::type_complexity)]
+    make_pool:
+        &'a dyn Fn() -> anyhow::Result<(radix_gpu::DeviceBuffer<T>, radix_gpu::DeviceBuffer<T>)>,
+    /// Elements of one K (or V) pool.
+    pool: usize,
 }
 
 /// Times page scoring + selection + attention over the selected pages for `budget`,
@@ -301,9 +377,12 @@ fn time_sparse<T: HalfFloat>(
     v: &radix_gpu::DeviceBuffer<T>,
     bounds: &radix_gpu::DeviceBuffer<u8>,
     o: &mut radix_gpu::DeviceBuffer<T>,
+    copies: &SparseCopies<'_, T>,
+    dense: &AttentionBatch,
 ) -> anyhow::Result<Option<SparseTiming>> {
     use radix_kernels::sparse::{
-        SelectBuffers, SelectSizes, SparseShape, Stages, select, select_stages, sparse_meta,
+        SelectBuffers, SelectPath, SelectSizes, SparseShape, Stages, auto_cluster, select,
+        select_stages, select_with, sparse_meta,
     };
     let KvSource::Paged { kv_indptr, kv_indices, kv_last_page_len, num_pages, .. } = &meta.kv
     else {
@@ -379,6 +458,22 @@ fn time_sparse<T: HalfFloat>(
     };
     let t_score = stage(Stages::Score)?;
     let t_pick = stage(Stages::Pick)?;
+    let cluster = auto_cluster::<T>(jit, device, &sshape, batch)?;
+    let fit = radix_kernels::sparse::cluster_fit::<T>(jit, device, &sshape)?;
+    if !fit.is_empty() {
+        let fit: Vec<String> = fit.iter().map(|(c, n)| format!("{n} of {c}")).collect();
+        println!("one-launch selection: clusters at once {}", fit.join(", "));
+    }
+    let fused_us = match cluster {
+        Some(c) => Some(
+            time_runs(device, a.warmup, a.runs, |_| {
+                select_with(jit, &sshape, &sizes, q, bounds, &mut bufs, SelectPath::Fused(c))
+            })?
+            .median_ms
+                * 1e3,
+        ),
+        None => None,
+    };
     let t_attn = time_runs(device, a.warmup, a.runs, |_| sparse.run(jit, q, k, v, o, None))?;
     let kept: usize = keep
         .iter()
@@ -386,12 +481,64 @@ fn time_sparse<T: HalfFloat>(
         .map(|(&k, &l)| if k > 0 { k as usize } else { l.div_ceil(a.page_size) })
         .sum();
     let total: usize = meta.kv_lens.iter().map(|l| l.div_ceil(a.page_size)).sum();
+    let kept_fraction = kept as f64 / total as f64;
+    let mut graphs = None;
+    if a.back_to_back {
+        // Copies of the pool so that the kept pages of all of them exceed the L2 fourfold,
+        // and of the bounds likewise (a step's layers find neither in the L2).
+        let kept_bytes = (2.0 * copies.pool as f64 * 2.0 * kept_fraction) as usize;
+        let n_pools = (256usize << 20).div_ceil(kept_bytes.max(1)).clamp(1, 16);
+        let extra_pools: Vec<_> =
+            (1..n_pools).map(|_| (copies.make_pool)()).collect::<anyhow::Result<_>>()?;
+        let pools: Vec<_> =
+            std::iter::once((k, v)).chain(extra_pools.iter().map(|(k, v)| (k, v))).collect();
+        let n_bounds = (256usize << 20).div_ceil(bounds.len().max(1)).clamp(1, 64);
+        let mut extra_bounds = Vec::new();
+        for _ in 1..n_bounds {
+            let mut c = device.alloc::<u8>(bounds.len())?;
+            c.copy_from_device(bounds)?;
+            extra_bounds.push(c);
+        }
+        let bound_copies: Vec<_> = std::iter::once(bounds).chain(extra_bounds.iter()).collect();
+        // Each timed as the engine runs it: in a CUDA graph (64 runs a graph, pool and
+        // bounds copies in turn).
+        let per_graph = 64;
+        let graph = |f: &mut dyn FnMut(usize) -> radix_gpu::Result<()>| {
+            time_graph(device, 3, a.runs.clamp(5, 20), per_graph, f).map(|t| t.median_ms * 1e3)
+        };
+        let mut both = |path| {
+            graph(&mut |i| {
+                let (k, v) = pools[i % pools.len()];
+                let bnd = bound_copies[i % bound_copies.len()];
+                select_with(jit, &sshape, &sizes, q, bnd, &mut bufs, path)?;
+                sparse.run(jit, q, k, v, o, None)
+            })
+        };
+        let sparse_us = both(SelectPath::Auto)?;
+        let split_us = both(SelectPath::Split)?;
+        let select_us = graph(&mut |i| {
+            let bnd = bound_copies[i % bound_copies.len()];
+            select(jit, &sshape, &sizes, q, bnd, &mut bufs)
+        })?;
+        let attention_us = graph(&mut |i| {
+            let (k, v) = pools[i % pools.len()];
+            sparse.run(jit, q, k, v, o, None)
+        })?;
+        let dense_us = graph(&mut |i| {
+            let (k, v) = pools[i % pools.len()];
+            dense.run(jit, q, k, v, o, None)
+        })?;
+        graphs = Some(GraphTiming { sparse_us, split_us, select_us, attention_us, dense_us });
+    }
     Ok(Some(SparseTiming {
         us: t.median_ms * 1e3,
         score_us: t_score.median_ms * 1e3,
         pick_us: t_pick.median_ms * 1e3,
+        fused_us,
+        cluster,
         attention_us: t_attn.median_ms * 1e3,
-        kept_fraction: kept as f64 / total as f64,
+        graphs,
+        kept_fraction,
     }))
 }
 

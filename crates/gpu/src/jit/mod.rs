@@ -236,6 +236,8 @@ impl Module {
             name: name.to_string(),
             smem_allowed: Default::default(),
             num_regs: Default::default(),
+            max_cluster: Default::default(),
+            active_clusters: Default::default(),
         })
     }
 }
@@ -253,6 +255,10 @@ pub struct Kernel {
     smem_allowed: Arc<std::sync::atomic::AtomicUsize>,
     /// Registers a thread starts with, once asked (shared by the memoised clones).
     num_regs: Arc<std::sync::OnceLock<i32>>,
+    /// The largest cluster the kernel can run in, once asked (0: no clusters here).
+    max_cluster: Arc<std::sync::OnceLock<u32>>,
+    /// Clusters of each size asked about that fit on the GPU at once.
+    active_clusters: Arc<Mutex<HashMap<u32, u32>>>,
 }
 
 impl Kernel {
@@ -325,6 +331,133 @@ impl Kernel {
         unsafe { builder.launch(cfg) }
             .map(|_| ())
             .map_err(|source| GpuError::Driver { call: "cuLaunchKernel", source })
+    }
+
+    /// The largest thread-block cluster (blocks along x) that this kernel can run in with
+    /// `cfg`'s block shape and shared memory on `device`: up to 16 on Hopper, where the
+    /// sizes above the portable 8 are allowed here first; 0 before compute capability 9.0.
+    /// Asked once (later calls return the first answer).
+    pub fn max_cluster_size(&self, device: &Device, cfg: LaunchConfig) -> Result<u32> {
+        if let Some(&n) = self.max_cluster.get() {
+            return Ok(n);
+        }
+        if device.info().compute_capability.0 < 9 {
+            return Ok(*self.max_cluster.get_or_init(|| 0));
+        }
+        device.stream().context().bind_to_thread().call("cuCtxSetCurrent")?;
+        self.func
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .call("cuFuncSetAttribute")?;
+        // The query takes a launch config whose grid is a multiple of the cluster asked
+        // about; with no cluster attribute it answers the largest possible one.
+        let config = cudarc::driver::sys::CUlaunchConfig {
+            gridDimX: 16,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: device.stream().cu_stream(),
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        };
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: a valid function and config; the driver writes one int.
+        unsafe {
+            cudarc::driver::sys::cuOccupancyMaxPotentialClusterSize(
+                &mut n,
+                self.func.cu_function(),
+                &config,
+            )
+        }
+        .result()
+        .call("cuOccupancyMaxPotentialClusterSize")?;
+        Ok(*self.max_cluster.get_or_init(|| n.max(0) as u32))
+    }
+
+    /// How many clusters of `cluster` blocks (along x) with `cfg`'s block shape and shared
+    /// memory the GPU runs at once (the driver's occupancy answer; a cluster needs its
+    /// blocks on the SMs of one GPC). Asked once per cluster size.
+    pub fn max_active_clusters(
+        &self,
+        device: &Device,
+        cfg: LaunchConfig,
+        cluster: u32,
+    ) -> Result<u32> {
+        if cluster == 0 || cluster > self.max_cluster_size(device, cfg)? {
+            return Ok(0);
+        }
+        let mut memo = self.active_clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&n) = memo.get(&cluster) {
+            return Ok(n);
+        }
+        use cudarc::driver::sys;
+        // SAFETY: an all-zero attribute is a valid value; id and dims are set next.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim.x = cluster;
+        attr.value.clusterDim.y = 1;
+        attr.value.clusterDim.z = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: device.stream().cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: a valid function and config; the driver writes one int.
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, self.func.cu_function(), &config) }
+            .result()
+            .call("cuOccupancyMaxActiveClusters")?;
+        let n = n.max(0) as u32;
+        memo.insert(cluster, n);
+        Ok(n)
+    }
+
+    /// Launches `cfg.grid_dim.0 / cluster` clusters of `cluster` blocks along x (Hopper
+    /// thread-block clusters: their shared memory is one address space, and they meet at
+    /// cluster barriers), with programmatic dependent launch where it is on.
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`]; `cluster` is at most [`Kernel::max_cluster_size`] and divides
+    /// the grid's x.
+    pub unsafe fn launch_cluster<P: DeviceRepr>(
+        &self,
+        device: &Device,
+        cfg: LaunchConfig,
+        cluster: u32,
+        params: &P,
+    ) -> Result<()> {
+        let max = self.max_cluster_size(device, cfg)?;
+        if cluster == 0 || cluster > max || !cfg.grid_dim.0.is_multiple_of(cluster) {
+            return Err(GpuError::Invalid(format!(
+                "{}: a cluster of {cluster} blocks (at most {max} here) over a grid of {} along x",
+                self.name, cfg.grid_dim.0
+            )));
+        }
+        if device.info().ordinal != self.ordinal {
+            return Err(GpuError::Invalid(format!(
+                "{} was loaded on GPU {} but launched on GPU {}",
+                self.name,
+                self.ordinal,
+                device.info().ordinal
+            )));
+        }
+        let pdl = pdl::enabled(device);
+        // SAFETY: forwarded to the caller (see above).
+        unsafe {
+            pdl::launch_ex(device.stream(), &self.func, cfg, Some((cluster, 1, 1)), pdl, params)
+        }
     }
 }
 

@@ -45,11 +45,41 @@ pub(crate) unsafe fn launch<P: DeviceRepr>(
     cfg: LaunchConfig,
     params: &P,
 ) -> Result<()> {
+    // SAFETY: forwarded.
+    unsafe { launch_ex(stream, func, cfg, None, true, params) }
+}
+
+/// `cuLaunchKernelEx` with an optional thread-block cluster shape and, when `pdl`, the
+/// programmatic-stream-serialization attribute.
+///
+/// # Safety
+/// As [`launch`]; with `pdl` the kernel calls `pdl_wait()` before touching global memory,
+/// and a cluster shape divides the grid.
+pub(crate) unsafe fn launch_ex<P: DeviceRepr>(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    cluster: Option<(u32, u32, u32)>,
+    pdl: bool,
+    params: &P,
+) -> Result<()> {
     stream.context().bind_to_thread().call("cuCtxSetCurrent")?;
-    // SAFETY: an all-zero attribute is a valid (ignored) value; id and value are set next.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    // SAFETY: an all-zero attribute is a valid (ignored) value; ids and values are set next.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n = 0;
+    if pdl {
+        attrs[n].id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
+    }
+    if let Some((x, y, z)) = cluster {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[n].value.clusterDim.x = x;
+        attrs[n].value.clusterDim.y = y;
+        attrs[n].value.clusterDim.z = z;
+        n += 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -59,12 +89,12 @@ pub(crate) unsafe fn launch<P: DeviceRepr>(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: n as u32,
     };
     let mut args = [params as *const P as *mut c_void];
-    // SAFETY: the config, attribute and argument array outlive the call (the driver copies
-    // the parameters at launch); the rest is the caller's contract.
+    // SAFETY: the config, attributes and argument array outlive the call (the driver
+    // copies the parameters at launch); the rest is the caller's contract.
     unsafe {
         sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut())
     }

@@ -237,8 +237,9 @@ struct AttentionParams {
   int head_tables;            // paged: each kv head of a sequence has its own page table
   int heads_inner;            // 1-D grid, block i = item i / Hkv, kv head i % Hkv (plan.rs)
   float v_scale;              // the FP8 cache's value scale (1 for a 16-bit cache)
-  int meta_early;             // the work list and page tables came from the host, not from
-                              // the kernel before: read them before pdl_wait()
+  int meta_early;             // the work list, offsets and lengths came from the host, not
+                              // from the kernel before: read them before pdl_wait() (page
+                              // ids, which sparse selection writes, always after it)
   int reserved;
 };
 
@@ -639,10 +640,10 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[MT][NT][4], float (&m_ru
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, WGMMA && D == 64 && !OVERLAP && !PRODUCER ? 2 : 1)
 attention_kernel(const __grid_constant__ KernelParams kp) {
   const AttentionParams& p = kp.p;
-  // The plan and the page tables are the host's (unless sparse paging wrote them just now):
-  // under programmatic dependent launch their chain of loads (work item, indptrs, lengths)
-  // then runs while the kernel before (RoPE and the KV append) finishes. Q and K/V are
-  // read after pdl_wait() below.
+  // The plan, the table offsets and the lengths are the host's: under programmatic
+  // dependent launch their chain of loads (work item, indptrs, lengths) runs while the
+  // kernel before (RoPE and the KV append, or sparse selection) finishes. Page ids (which
+  // sparse selection writes), Q and K/V are read after pdl_wait() below.
   if (!p.meta_early) pdl_wait();
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;

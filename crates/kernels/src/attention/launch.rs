@@ -11,7 +11,7 @@ use crate::{HEADERS, dtype_define, env_flag};
 
 /// Whether the attention kernel reads host-written metadata before `pdl_wait()`:
 /// `RADIX_SPARSE_ATTN_EARLY_META=0` turns it off (to compare in one run).
-fn early_meta() -> bool {
+pub(crate) fn early_meta() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !env_flag(&OFF, "RADIX_SPARSE_ATTN_EARLY_META", |v| v.trim() == "0")
 }
@@ -622,10 +622,11 @@ impl AttentionBatch {
             head_tables: head_tables as i32,
             heads_inner: self.plan.heads_inner as i32,
             v_scale: kv.fp8.map_or(1.0, |f| f.v * FP8_WIDEN),
-            // Per-head tables are sparse paging's, written by the selection kernel just
-            // before; every other table and the work list are the host's.
-            // (RADIX_SPARSE_ATTN_EARLY_META=0 waits first anyway, for comparisons.)
-            meta_early: (!head_tables && early_meta()) as i32,
+            // The work list, offsets and lengths are the host's, also over sparse paging's
+            // per-head tables (whose offsets the host fixes); only those tables' page ids
+            // come from the kernel before, and every variant reads page ids after
+            // pdl_wait(). (RADIX_SPARSE_ATTN_EARLY_META=0 waits first, for comparisons.)
+            meta_early: early_meta() as i32,
             reserved: 0,
         };
         let cfg = LaunchConfig {

@@ -3,7 +3,7 @@
 //! a log-sum-exp merge. See attention.cu for the kernel's design.
 
 mod batch;
-mod launch;
+pub(crate) mod launch;
 mod plan;
 mod reference;
 

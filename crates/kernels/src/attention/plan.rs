@@ -399,6 +399,9 @@ pub fn step_work_bound(
     }
 }
 
+/// Decode chunks shorter than this many K/V tiles run one block an SM (`choose_chunk`).
+const SHORT_CHUNK_TILES: usize = 16;
+
 /// The split of a batch's keys, in K/V tiles per chunk, or `None` to leave every item
 /// whole. `items[b]` = (query tiles, key tiles) of sequence b; each item runs once per kv
 /// head, and `slots` blocks run at once.
@@ -422,15 +425,29 @@ fn choose_chunk(
     }
     let unsplit: usize = items.iter().map(|&(q, _)| q).sum();
     if unsplit * heads < slots {
-        let wave = (slots / heads).max(1);
         let count = |c: usize| items.iter().map(|&(q, k)| q * k.div_ceil(c).max(1)).sum::<usize>();
-        // count() only falls as chunks grow, and the whole items (max_kv) fit.
-        let (mut lo, mut hi) = (min_tiles, max_kv);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if count(mid) <= wave { hi = mid } else { lo = mid + 1 }
+        // The smallest chunk whose items fit in `slots` blocks: count() only falls as chunks
+        // grow, and the whole items (max_kv) fit.
+        let fit = |slots: usize| {
+            let wave = (slots / heads).max(1);
+            let (mut lo, mut hi) = (min_tiles, max_kv);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if count(mid) <= wave { hi = mid } else { lo = mid + 1 }
+            }
+            lo
+        };
+        let mut chunk = fit(slots);
+        // Decode blocks of a few tiles pay the split's fixed costs (the first tiles' round
+        // trips, the partials and their merge) more often than two blocks an SM gain in
+        // overlap: below SHORT_CHUNK_TILES, half the slots (one block an SM at the default
+        // two) and chunks twice as long. H200, in CUDA graphs: 1@8192 15.4 vs 16.7 us;
+        // sparse per-head tables of 9.8K keys 18.0 vs 20.6 us; 1@32768 (16 tiles) and
+        // 1@1024..4096 unchanged; 1@131072 (62-tile chunks) 138.8 vs 131.7 us with one an SM.
+        if chunk < SHORT_CHUNK_TILES && slots >= 2 && items.iter().all(|&(q, _)| q <= 1) {
+            chunk = fit(slots / 2);
         }
-        (lo < max_kv).then_some(lo)
+        (chunk < max_kv).then_some(chunk)
     } else {
         let work: usize = items.iter().map(|&(q, k)| q * k).sum();
         let average = (work * heads).div_ceil(slots);
@@ -607,9 +624,13 @@ mod tests {
         // 8 sequences of 16K over 8 kv heads, 264 slots: 4 chunks each, 256 blocks.
         let p = plan(&[1; 8], &[16384; 8], 4, 8, TILES, 264, 256);
         assert_eq!(blocks_and_longest(&p, 8), (256, 4096));
-        // 1@8192: chunks of the minimum (256 keys), 32 of them.
+        // 1@8192: chunks of the minimum (256 keys) would be 4 tiles: short, so one block
+        // an SM, 16 chunks of 512 keys.
         let p = plan(&[1], &[8192], 4, 8, TILES, 264, 256);
-        assert_eq!(blocks_and_longest(&p, 8), (256, 256));
+        assert_eq!(blocks_and_longest(&p, 8), (128, 512));
+        // 1@65536 splits into chunks of 16 tiles at two blocks an SM: not short.
+        let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256);
+        assert_eq!(blocks_and_longest(&p, 8), (256, 2048));
         // Never a second wave, for any mix under one.
         let mut rng = 3u64;
         for batch in 1..33 {

@@ -9,7 +9,9 @@
 mod reference;
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
-use radix_gpu::{Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Result, SourceFile};
+use radix_gpu::{
+    Arch, Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Result, SourceFile,
+};
 
 pub use reference::{page_score_reference, scores_reference, select_reference};
 
@@ -19,6 +21,9 @@ use radix_kv::bounds_record_bytes;
 
 pub const SOURCE: SourceFile =
     SourceFile { path: "sparse/sparse.cu", code: include_str!("sparse.cu") };
+/// Scoring and selection in one launch of thread-block clusters (Hopper; see fused.cu).
+pub const SOURCE_FUSED: SourceFile =
+    SourceFile { path: "sparse/fused.cu", code: include_str!("fused.cu") };
 
 /// The specialisation for a dtype, head dim and GQA group (query heads per kv head: the
 /// scoring kernel folds the group's queries with a compile-time loop).
@@ -28,6 +33,23 @@ pub fn spec<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
         .define("HEAD_DIM", head_dim)
         .define("BOUNDS_RECORD_BYTES", bounds_record_bytes(head_dim))
         .define("GROUP", group)
+}
+
+/// The one-launch selection's specialisation (sm_90a: thread-block clusters).
+pub fn spec_fused<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
+    KernelSpec::new(SOURCE_FUSED, HEADERS)
+        .define("DTYPE", dtype_define::<T>())
+        .define("HEAD_DIM", head_dim)
+        .define("BOUNDS_RECORD_BYTES", bounds_record_bytes(head_dim))
+        .define("GROUP", group)
+        .min_arch(Arch::SM90A)
+}
+
+/// `RADIX_SPARSE_SELECT_CLUSTER=n`: `SelectPath::Auto` takes clusters of n blocks
+/// wherever the one-launch kernel runs and they fit (benchmarks).
+fn forced_cluster() -> Option<u32> {
+    static C: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *C.get_or_init(|| std::env::var("RADIX_SPARSE_SELECT_CLUSTER").ok()?.trim().parse().ok())
 }
 
 /// Heads and the pages every sparse table keeps.
@@ -149,6 +171,31 @@ struct SelectParams {
 // SAFETY: plain data mirroring the kernel's struct.
 unsafe impl DeviceRepr for SelectParams {}
 
+/// Mirrors `FusedParams` in fused.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FusedParams {
+    q: u64,
+    bounds: u64,
+    scores: u64,
+    qo_indptr: u64,
+    kv_indptr: u64,
+    kv_indices: u64,
+    keep: u64,
+    out_indptr: u64,
+    out_indices: u64,
+    q_stride: i64,
+    batch: i32,
+    num_kv_heads: i32,
+    sink: i32,
+    window: i32,
+    meta_early: i32,
+    reserved: i32,
+}
+// SAFETY: plain data mirroring the kernel's struct.
+unsafe impl DeviceRepr for FusedParams {}
+
+const _: () = assert!(std::mem::size_of::<FusedParams>() == 104);
 const _: () = assert!(std::mem::size_of::<ScoreParams>() == 80);
 const _: () = assert!(std::mem::size_of::<SelectParams>() == 64);
 
@@ -188,6 +235,89 @@ pub fn score_blocks(device: &Device) -> u32 {
     4 * device.info().sm_count
 }
 
+/// How a selection runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectPath {
+    /// The one-launch kernel in clusters where it runs (Hopper) and where the batch leaves
+    /// SMs idle (at most half as many (sequence, kv head) pairs as SMs), else the two
+    /// kernels. `RADIX_SPARSE_SELECT=split` keeps the two kernels (for comparisons).
+    Auto,
+    /// `page_scores`, then `select_pages`.
+    Split,
+    /// `score_select` with clusters of this many blocks (1 to 16; Hopper only).
+    Fused(u32),
+}
+
+/// Blocks of the one-launch kernel (fused.cu's THREADS).
+const FUSED_THREADS: u32 = 512;
+
+fn fused_config(cluster: u32, batch: usize, num_kv_heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cluster, batch as u32, num_kv_heads as u32),
+        block_dim: (FUSED_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn split_forced() -> bool {
+    static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::env_flag(&SPLIT, "RADIX_SPARSE_SELECT", |v| v.trim() == "split")
+}
+
+/// The cluster size `SelectPath::Auto` gives the one-launch kernel for `batch` sequences,
+/// or `None` for the two kernels: the largest power of two (at most 16) whose clusters
+/// all fit on the GPU at once in one block an SM.
+pub fn auto_cluster<T: HalfFloat>(
+    jit: &Jit,
+    device: &Device,
+    shape: &SparseShape,
+    batch: usize,
+) -> Result<Option<u32>> {
+    let spec = spec_fused::<T>(shape.head_dim, shape.group());
+    if split_forced() || !spec.supports(device.arch()) || batch == 0 {
+        return Ok(None);
+    }
+    let kernel = jit.kernel(device, &spec, "score_select")?;
+    let pairs = batch * shape.num_kv_heads;
+    let sms = device.info().sm_count as usize;
+    let cfg = fused_config(1, batch, shape.num_kv_heads);
+    let max = kernel.max_cluster_size(device, cfg)?.min(16);
+    if let Some(c) = forced_cluster().filter(|&c| c >= 1 && c <= max) {
+        return Ok(Some(c));
+    }
+    let mut c = if max == 0 { 0 } else { 1u32 << (31 - max.leading_zeros()) };
+    while c >= 2 {
+        if pairs * c as usize <= sms
+            && kernel.max_active_clusters(device, cfg, c)? as usize >= pairs
+        {
+            return Ok(Some(c));
+        }
+        c /= 2;
+    }
+    Ok(None)
+}
+
+/// For each cluster size 1, 2, 4, 8, 16 the one-launch kernel can take here, how many such
+/// clusters run at once (empty off Hopper): what `auto_cluster` chooses from.
+pub fn cluster_fit<T: HalfFloat>(
+    jit: &Jit,
+    device: &Device,
+    shape: &SparseShape,
+) -> Result<Vec<(u32, u32)>> {
+    let spec = spec_fused::<T>(shape.head_dim, shape.group());
+    if !spec.supports(device.arch()) {
+        return Ok(Vec::new());
+    }
+    let kernel = jit.kernel(device, &spec, "score_select")?;
+    let cfg = fused_config(1, 1, shape.num_kv_heads);
+    let max = kernel.max_cluster_size(device, cfg)?;
+    [1u32, 2, 4, 8, 16]
+        .into_iter()
+        .filter(|&c| c <= max)
+        .map(|c| Ok((c, kernel.max_active_clusters(device, cfg, c)?)))
+        .collect()
+}
+
 /// Scores the pages of the sequences with `0 < keep < pages` for this layer's queries
 /// `q` (`[tokens, num_qo_heads, head_dim]`, RoPE applied) and key `bounds` (a
 /// `kv_append::bounds` record per (page, kv head)), then writes every sequence's per-head table
@@ -200,10 +330,66 @@ pub fn select<T: HalfFloat>(
     bounds: &DeviceBuffer<u8>,
     bufs: &mut SelectBuffers,
 ) -> Result<()> {
-    select_stages(jit, shape, sizes, q, bounds, bufs, Stages::Both)
+    select_with(jit, shape, sizes, q, bounds, bufs, SelectPath::Auto)
 }
 
-/// Which kernels of a selection to launch (benchmarks time them apart).
+/// `select` along `path`.
+pub fn select_with<T: HalfFloat>(
+    jit: &Jit,
+    shape: &SparseShape,
+    sizes: &SelectSizes,
+    q: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<u8>,
+    bufs: &mut SelectBuffers,
+    path: SelectPath,
+) -> Result<()> {
+    check(shape, sizes, q, bounds, bufs)?;
+    if sizes.batch == 0 {
+        return Ok(());
+    }
+    let device = q.device();
+    let cluster = match path {
+        SelectPath::Split => None,
+        SelectPath::Fused(c) => Some(c),
+        SelectPath::Auto => auto_cluster::<T>(jit, device, shape, sizes.batch)?,
+    };
+    let Some(cluster) = cluster else {
+        return launch_split(jit, shape, sizes, q, bounds, bufs, Stages::Both);
+    };
+    let spec = spec_fused::<T>(shape.head_dim, shape.group());
+    if !spec.supports(device.arch()) {
+        return Err(GpuError::Invalid(format!(
+            "the one-launch sparse selection needs sm_90a, not {}",
+            device.arch()
+        )));
+    }
+    let kernel = jit.kernel(device, &spec, "score_select")?;
+    let params = FusedParams {
+        q: q.ptr(),
+        bounds: bounds.ptr(),
+        scores: bufs.scores.ptr_mut(),
+        qo_indptr: bufs.qo_indptr.ptr(),
+        kv_indptr: bufs.kv_indptr.ptr(),
+        kv_indices: bufs.kv_indices.ptr(),
+        keep: bufs.keep.ptr(),
+        out_indptr: bufs.out_indptr.ptr(),
+        out_indices: bufs.out_indices.ptr_mut(),
+        q_stride: (shape.num_qo_heads * shape.head_dim) as i64,
+        batch: sizes.batch as i32,
+        num_kv_heads: shape.num_kv_heads as i32,
+        sink: shape.sink_pages as i32,
+        window: shape.window_pages as i32,
+        meta_early: crate::attention::launch::early_meta() as i32,
+        reserved: 0,
+    };
+    let cfg = fused_config(cluster, sizes.batch, shape.num_kv_heads);
+    // SAFETY: as `launch_split`: the tables index pages inside `bounds`, out_indptr comes
+    // from `sparse_indptr` of the same keep and dense table, sizes checked above; the
+    // launcher checks the cluster against the device.
+    unsafe { kernel.launch_cluster(device, cfg, cluster, &params) }
+}
+
+/// Which kernels of the two-kernel selection to launch (benchmarks time them apart).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stages {
     Both,
@@ -213,7 +399,7 @@ pub enum Stages {
     Pick,
 }
 
-/// `select`, launching only `stages`.
+/// The two-kernel selection, launching only `stages`.
 pub fn select_stages<T: HalfFloat>(
     jit: &Jit,
     shape: &SparseShape,
@@ -222,6 +408,20 @@ pub fn select_stages<T: HalfFloat>(
     bounds: &DeviceBuffer<u8>,
     bufs: &mut SelectBuffers,
     stages: Stages,
+) -> Result<()> {
+    check(shape, sizes, q, bounds, bufs)?;
+    if sizes.batch == 0 {
+        return Ok(());
+    }
+    launch_split(jit, shape, sizes, q, bounds, bufs, stages)
+}
+
+fn check<T: HalfFloat>(
+    shape: &SparseShape,
+    sizes: &SelectSizes,
+    q: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<u8>,
+    bufs: &SelectBuffers,
 ) -> Result<()> {
     let (hkv, d) = (shape.num_kv_heads, shape.head_dim);
     let bad = |m: String| Err(GpuError::Invalid(m));
@@ -250,9 +450,20 @@ pub fn select_stages<T: HalfFloat>(
     {
         return bad(format!("sparse selection buffers too small for {sizes:?}"));
     }
-    if b == 0 {
-        return Ok(());
-    }
+    Ok(())
+}
+
+fn launch_split<T: HalfFloat>(
+    jit: &Jit,
+    shape: &SparseShape,
+    sizes: &SelectSizes,
+    q: &DeviceBuffer<T>,
+    bounds: &DeviceBuffer<u8>,
+    bufs: &mut SelectBuffers,
+    stages: Stages,
+) -> Result<()> {
+    let (hkv, d) = (shape.num_kv_heads, shape.head_dim);
+    let b = sizes.batch;
     let device = q.device();
     let spec = spec::<T>(d, shape.group());
     let score = jit.kernel(device, &spec, "page_scores")?;

@@ -19,6 +19,7 @@
 // ordered compaction. Sequences with keep <= 0 or keep >= their page count (dense) get
 // their whole table copied.
 #include "common/key_bounds.cuh"
+#include "sparse/select.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -150,13 +151,11 @@ extern "C" __global__ void __launch_bounds__(256, 4) page_scores(const __grid_co
             }
           }
         }
-        float acc = 0.f;
+        float acc = 0.f, lo[4], hi[4];
+        s8x4_to_float(lo_raw[u], lo);
+        s8x4_to_float(hi_raw[u], hi);
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) {
-          const float lo = (float)(signed char)(lo_raw[u] >> (8 * i));
-          const float hi = (float)(signed char)(hi_raw[u] >> (8 * i));
-          acc = fmaf(pos[i], hi, fmaf(neg[i], lo, acc));
-        }
+        for (int i = 0; i < PER_LANE; ++i) acc = fmaf(pos[i], hi[i], fmaf(neg[i], lo[i], acc));
         acc = warp_sum(acc * pow2i(ex[u]));  // the scale is exact: a power of two
         // Head-major, so the selection of one (sequence, head) reads its scores contiguously.
         if (lane == 0) p.scores[(long long)kvh * pages_total + f0 + j0 + u] = acc;
@@ -185,37 +184,7 @@ constexpr int SEL_THREADS = 512;
 constexpr int KEY_CACHE = 4096;
 constexpr int SEL_WARPS = SEL_THREADS / 32;
 
-// Scores as u32 keys in the same order (NaN sorts lowest).
-__device__ __forceinline__ u32 score_key(float s) {
-  if (s != s) return 0u;
-  u32 u = __float_as_uint(s);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Exclusive prefix sum of `v` over the block; `total` gets the block's sum. Uses `warp_sums`.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < SEL_WARPS; ++w) {
-    int s = warp_sums[w];
-    if (w < warp) before += s;
-    total += s;
-  }
-  __syncthreads();  // warp_sums is reused by the next scan
-  return before + x - v;
-}
-
-extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __grid_constant__ SelectParams p) {
+extern "C" __global__ void __launch_bounds__(SEL_THREADS, 1) select_pages(const __grid_constant__ SelectParams p) {
   pdl_wait();
   __shared__ int hist[256];
   __shared__ int warp_sums[SEL_WARPS];
@@ -299,45 +268,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __g
       const u32 prefix = s_prefix;
       // Keys of a pass mostly share a few digits (scores of similar magnitude): lanes
       // with the same digit add once, through their leader.
-      for (int i = mid_begin + threadIdx.x; i < mid_end; i += SEL_THREADS) {
-        const u32 key = key_at(i);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> sh) & dmask], 1);
+      for (int base = mid_begin; base < mid_end; base += SEL_THREADS) {  // whole warps: hist_add
+        const int i = base + threadIdx.x;
+        const u32 key = i < mid_end ? key_at(i) : 0u;
+        hist_add(hist, i < mid_end && (key & mask) == prefix, (key >> sh) & dmask);
       }
       __syncthreads();
-      if (threadIdx.x < 32) {
-        // The digit holding the need-th largest key: lane l owns digits 255 - 8l down to
-        // 255 - 8l - 7; a warp scan gives the count above each lane's digits.
-        const int lane = threadIdx.x, need = s_remaining;
-        int c[8], sum = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          c[j] = hist[255 - 8 * lane - j];
-          sum += c[j];
-        }
-        int incl = sum;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          int y = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += y;
-        }
-        // Every lane has read s_remaining before one of them rewrites it below (a shuffle
-        // converges the lanes but orders no memory; racecheck flagged the pair).
-        __syncwarp();
-        int above = incl - sum;
-        if (above < need && need <= incl) {  // exactly one lane
-          int digit = 255 - 8 * lane - 7;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (above + c[j] >= need) {
-              digit = 255 - 8 * lane - j;
-              break;
-            }
-            above += c[j];
-          }
-          s_prefix = prefix | ((u32)digit << sh);
-          s_remaining = need - above;  // how many keys equal to the threshold to take
-        }
-      }
+      if (threadIdx.x < 32) radix_digit(hist, s_remaining, prefix, sh, &s_prefix, &s_remaining);
       mask |= dmask << sh;
       __syncthreads();
       if (sh == 0) break;
@@ -358,10 +295,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS) select_pages(const __g
     if (in) key = key_at(i);
     const int is_eq = in && key == thresh;
     int eq_total;
-    const int eq_rank = equal_seen + block_exclusive_scan(is_eq, warp_sums, eq_total);
+    const int eq_rank = equal_seen + block_exclusive_scan<SEL_WARPS>(is_eq, warp_sums, eq_total);
     const int chosen = in && (key > thresh || (is_eq && eq_rank < take_equal));
     int chosen_total;
-    const int slot = written + block_exclusive_scan(chosen, warp_sums, chosen_total);
+    const int slot = written + block_exclusive_scan<SEL_WARPS>(chosen, warp_sums, chosen_total);
     if (chosen) out[p.sink + slot] = pages[i];
     written += chosen_total;
     equal_seen += eq_total;
