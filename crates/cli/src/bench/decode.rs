@@ -325,7 +325,8 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
 
 /// Median times of one sparse decode attention.
 struct SparseTiming {
-    /// Selection (the engine's path) and attention, each run timed alone.
+    /// Selection (the engine's path) and attention together, each run timed with its own
+    /// pair of events.
     us: f64,
     /// The two-kernel selection's parts.
     score_us: f64,

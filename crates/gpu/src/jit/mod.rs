@@ -438,19 +438,19 @@ impl Kernel {
         cluster: u32,
         params: &P,
     ) -> Result<()> {
-        let max = self.max_cluster_size(device, cfg)?;
-        if cluster == 0 || cluster > max || !cfg.grid_dim.0.is_multiple_of(cluster) {
-            return Err(GpuError::Invalid(format!(
-                "{}: a cluster of {cluster} blocks (at most {max} here) over a grid of {} along x",
-                self.name, cfg.grid_dim.0
-            )));
-        }
         if device.info().ordinal != self.ordinal {
             return Err(GpuError::Invalid(format!(
                 "{} was loaded on GPU {} but launched on GPU {}",
                 self.name,
                 self.ordinal,
                 device.info().ordinal
+            )));
+        }
+        let max = self.max_cluster_size(device, cfg)?;
+        if cluster == 0 || cluster > max || !cfg.grid_dim.0.is_multiple_of(cluster) {
+            return Err(GpuError::Invalid(format!(
+                "{}: a cluster of {cluster} blocks (at most {max} here) over a grid of {} along x",
+                self.name, cfg.grid_dim.0
             )));
         }
         let pdl = pdl::enabled(device);

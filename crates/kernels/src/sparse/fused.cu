@@ -10,7 +10,9 @@
 // batch 1). Every block computes the same threshold, and writes its
 // chosen pages at an offset it adds up from the lower ranks' bins in the same reads: the
 // table is in ascending page order, as the two-kernel path writes it, with the same rule
-// (the best `keep - sink - window` middle pages, ties to the earlier page; NaN lowest).
+// (the best `keep - sink - window` middle pages, ties to the earlier page; NaN lowest)
+// applied to its own scores (summed in another order than page_scores': near-ties may go
+// either way between the two paths).
 //
 // Scoring: 8 lanes per page, each taking D/8 dims (one 16- or 8-byte load of lo and of hi,
 // their exponents), four rounds of a block's 64 pages in flight; the group's queries fold
@@ -159,6 +161,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   __shared__ int warp_sums[WARPS];
   __shared__ u32 s_prefix, s_digit;
   __shared__ int s_remaining, s_gt_before, s_eq_before;
+  __shared__ bool s_last;
 
   const u32 rank = cluster_rank(), csize = cluster_blocks();
   const int b = blockIdx.y, kvh = blockIdx.z;
@@ -189,6 +192,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   }
   const int pages_total = p.kv_indptr[p.batch];
   if (p.meta_early) pdl_wait();
+  // The first rounds' bounds, in flight while the queries arrive.
+  LaneBytes x[UNROLL];
+  auto load_rounds = [&]() {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (pid[u] >= 0) load_lane(p.bounds + ((long long)pid[u] * p.num_kv_heads + kvh) * RECORD, l8, x[u]);
+  };
+  load_rounds();
 
   // The group's queries, folded (not fmaxf/fminf: a NaN query must give a NaN score,
   // ranked last, as the unfolded sum does).
@@ -221,10 +232,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   const bool cached = s_end - s_begin <= KEY_CACHE;
   float* scores = p.scores + (long long)kvh * pages_total + first;
   for (int base = s_begin; base < s_end; base += UNROLL * ROUND) {
-    LaneBytes x[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-      if (pid[u] >= 0) load_lane(p.bounds + ((long long)pid[u] * p.num_kv_heads + kvh) * RECORD, l8, x[u]);
+    if (base > s_begin) load_rounds();
     int next[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -259,8 +267,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   // pass's barrier), and every block finds the same digit. Reading the other blocks' bins
   // anyway, a block also adds up the lower ranks' alone: their keys above the threshold
   // (above this pass's digit, within the prefix) and, after the last pass, equal to it,
-  // which is where its own chosen pages start in the table. (11-bit digits, three passes,
-  // measured slower: 20.3 us against 13.4 at 1@32768, eight times the bins to gather.)
+  // which is where its own chosen pages start in the table. Passes stop once the digit's
+  // keys are all taken (the threshold compares the bits fixed so far). (11-bit digits,
+  // three passes, measured slower: 20.3 us against 13.4 at 1@32768, eight times the bins
+  // to gather.)
   if (threadIdx.x == 0) {
     s_prefix = 0u;
     s_remaining = k_mid;
@@ -299,20 +309,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
       s_digit = (u32)my_bin;
       s_prefix = prefix | ((u32)my_bin << sh);
       s_remaining = need - above;  // how many keys equal to the prefix so far to take
+      // The digit's keys all taken: the lower bits cannot change which (usually so after
+      // three passes), and the last pass is skipped.
+      s_last = sh == 0 || need - above == tot;
     }
     __syncthreads();
     const int digit = (int)s_digit;
+    const bool last = s_last;
     const int gt = __reduce_add_sync(0xffffffffu, my_bin > digit ? low : 0);
     if (lane == 0 && gt) atomicAdd(&s_gt_before, gt);
-    if (sh == 0 && my_bin == digit) s_eq_before = low;
+    if (last && my_bin == digit) s_eq_before = low;
     mask |= 0xffu << sh;
     parity ^= 1;
+    if (last) break;
   }
   // Done reading the other blocks' shared memory: they may leave once all have arrived.
   cluster_arrive();
   __syncthreads();
-  const u32 thresh = s_prefix;
-  const int take_equal = s_remaining;  // of the keys == thresh, the earliest ones
+  const u32 thresh = s_prefix;  // the bits under `mask`
+  const int take_equal = s_remaining;  // of the keys equal to it there, the earliest ones
   const int eq_before = s_eq_before;
   const int offset = s_gt_before + min(eq_before, take_equal);
   const int my_take_equal = max(take_equal - eq_before, 0);
@@ -327,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   for (int base = c_begin; base < c_end && k_mid > 0; base += THREADS) {
     const int i = base + threadIdx.x;
     const bool in = i < c_end;
-    const u32 key = in ? key_at(i) : 0u;
+    const u32 key = in ? key_at(i) & mask : 0u;
     const int is_eq = in && key == thresh;
     int eq_total;
     const int eq_rank = equal_seen + block_exclusive_scan<WARPS>(is_eq, warp_sums, eq_total);

@@ -46,7 +46,8 @@ pub fn spec_fused<T: HalfFloat>(head_dim: usize, group: usize) -> KernelSpec {
 }
 
 /// `RADIX_SPARSE_SELECT_CLUSTER=n`: `SelectPath::Auto` takes clusters of n blocks
-/// wherever the one-launch kernel runs and they fit (benchmarks).
+/// wherever the one-launch kernel runs and the device allows clusters that large, even when
+/// they do not all fit at once (benchmarks).
 fn forced_cluster() -> Option<u32> {
     static C: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *C.get_or_init(|| std::env::var("RADIX_SPARSE_SELECT_CLUSTER").ok()?.trim().parse().ok())
@@ -199,7 +200,9 @@ const _: () = assert!(std::mem::size_of::<FusedParams>() == 104);
 const _: () = assert!(std::mem::size_of::<ScoreParams>() == 80);
 const _: () = assert!(std::mem::size_of::<SelectParams>() == 64);
 
-/// The device arrays of one selection (owned, or views of a step workspace).
+/// The device arrays of one selection (owned, or views of a step workspace). The tables,
+/// `keep` and `out_indptr` are the host's: the one-launch kernel reads them before
+/// `pdl_wait()` (unless `RADIX_SPARSE_ATTN_EARLY_META=0`), so no kernel may write them.
 pub struct SelectBuffers {
     /// `[batch + 1]` query offsets; each sequence's query is its last token.
     pub qo_indptr: DeviceBuffer<i32>,
@@ -244,12 +247,17 @@ pub enum SelectPath {
     Auto,
     /// `page_scores`, then `select_pages`.
     Split,
-    /// `score_select` with clusters of this many blocks (1 to 16; Hopper only).
+    /// `score_select` with clusters of this many blocks (1 to 16; Hopper only). Its scores
+    /// add up the same terms in another order than `page_scores`: each path's table
+    /// equals the CPU selection on its own scores, and near-ties may go either way
+    /// between the two paths.
     Fused(u32),
 }
 
 /// Blocks of the one-launch kernel (fused.cu's THREADS).
 const FUSED_THREADS: u32 = 512;
+/// The largest cluster the one-launch kernel adds up (fused.cu's MAX_CLUSTER).
+pub const MAX_CLUSTER: u32 = 16;
 
 fn fused_config(cluster: u32, batch: usize, num_kv_heads: usize) -> LaunchConfig {
     LaunchConfig {
@@ -277,24 +285,33 @@ pub fn auto_cluster<T: HalfFloat>(
     if split_forced() || !spec.supports(device.arch()) || batch == 0 {
         return Ok(None);
     }
-    let kernel = jit.kernel(device, &spec, "score_select")?;
-    let pairs = batch * shape.num_kv_heads;
-    let sms = device.info().sm_count as usize;
-    let cfg = fused_config(1, batch, shape.num_kv_heads);
-    let max = kernel.max_cluster_size(device, cfg)?.min(16);
-    if let Some(c) = forced_cluster().filter(|&c| c >= 1 && c <= max) {
-        return Ok(Some(c));
-    }
-    let mut c = if max == 0 { 0 } else { 1u32 << (31 - max.leading_zeros()) };
-    while c >= 2 {
-        if pairs * c as usize <= sms
-            && kernel.max_active_clusters(device, cfg, c)? as usize >= pairs
-        {
+    // The two kernels run wherever this one cannot be built or asked about: said once.
+    let choose = || -> Result<Option<u32>> {
+        let kernel = jit.kernel(device, &spec, "score_select")?;
+        let pairs = batch * shape.num_kv_heads;
+        let sms = device.info().sm_count as usize;
+        let cfg = fused_config(1, batch, shape.num_kv_heads);
+        let max = kernel.max_cluster_size(device, cfg)?.min(MAX_CLUSTER);
+        if let Some(c) = forced_cluster().filter(|&c| c >= 1 && c <= max) {
             return Ok(Some(c));
         }
-        c /= 2;
-    }
-    Ok(None)
+        let mut c = if max == 0 { 0 } else { 1u32 << (31 - max.leading_zeros()) };
+        while c >= 2 {
+            let fit = kernel.max_active_clusters(device, cfg, c)? as usize;
+            if pairs * c as usize <= sms && fit >= pairs {
+                return Ok(Some(c));
+            }
+            c /= 2;
+        }
+        Ok(None)
+    };
+    Ok(choose().unwrap_or_else(|e| {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!("one-launch sparse selection unavailable ({e}); using two kernels")
+        });
+        None
+    }))
 }
 
 /// For each cluster size 1, 2, 4, 8, 16 the one-launch kernel can take here, how many such
@@ -356,6 +373,11 @@ pub fn select_with<T: HalfFloat>(
     let Some(cluster) = cluster else {
         return launch_split(jit, shape, sizes, q, bounds, bufs, Stages::Both);
     };
+    if cluster == 0 || cluster > MAX_CLUSTER {
+        return Err(GpuError::Invalid(format!(
+            "sparse selection: clusters of 1 to {MAX_CLUSTER} blocks, not {cluster}"
+        )));
+    }
     let spec = spec_fused::<T>(shape.head_dim, shape.group());
     if !spec.supports(device.arch()) {
         return Err(GpuError::Invalid(format!(
