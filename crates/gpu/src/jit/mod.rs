@@ -361,7 +361,8 @@ impl Kernel {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: device.stream().cu_stream(),
+            // No stream: nothing is enqueued, so the answer is the same during a capture.
+            hStream: std::ptr::null_mut(),
             attrs: std::ptr::null_mut(),
             numAttrs: 0,
         };
@@ -410,7 +411,8 @@ impl Kernel {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: device.stream().cu_stream(),
+            // No stream: nothing is enqueued, so the answer is the same during a capture.
+            hStream: std::ptr::null_mut(),
             attrs: &mut attr,
             numAttrs: 1,
         };
