@@ -312,14 +312,7 @@ impl Kernel {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        if device.info().ordinal != self.ordinal {
-            return Err(GpuError::Invalid(format!(
-                "{} was loaded on GPU {} but launched on GPU {}",
-                self.name,
-                self.ordinal,
-                device.info().ordinal
-            )));
-        }
+        self.check_device(device)?;
         let stream = device.stream();
         if pdl::enabled(device) {
             // SAFETY: forwarded to the caller (see above).
@@ -331,6 +324,18 @@ impl Kernel {
         unsafe { builder.launch(cfg) }
             .map(|_| ())
             .map_err(|source| GpuError::Driver { call: "cuLaunchKernel", source })
+    }
+
+    fn check_device(&self, device: &Device) -> Result<()> {
+        if device.info().ordinal != self.ordinal {
+            return Err(GpuError::Invalid(format!(
+                "{} was loaded on GPU {} but launched on GPU {}",
+                self.name,
+                self.ordinal,
+                device.info().ordinal
+            )));
+        }
+        Ok(())
     }
 
     /// The largest thread-block cluster (blocks along x) that this kernel can run in with
@@ -353,19 +358,7 @@ impl Kernel {
             .call("cuFuncSetAttribute")?;
         // The query takes a launch config whose grid is a multiple of the cluster asked
         // about; with no cluster attribute it answers the largest possible one.
-        let config = cudarc::driver::sys::CUlaunchConfig {
-            gridDimX: 16,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            // No stream: nothing is enqueued, so the answer is the same during a capture.
-            hStream: std::ptr::null_mut(),
-            attrs: std::ptr::null_mut(),
-            numAttrs: 0,
-        };
+        let config = occupancy_config(cfg, 16, std::ptr::null_mut(), 0);
         let mut n: std::ffi::c_int = 0;
         // SAFETY: a valid function and config; the driver writes one int.
         unsafe {
@@ -403,19 +396,7 @@ impl Kernel {
         attr.value.clusterDim.x = cluster;
         attr.value.clusterDim.y = 1;
         attr.value.clusterDim.z = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: cluster,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            // No stream: nothing is enqueued, so the answer is the same during a capture.
-            hStream: std::ptr::null_mut(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
+        let config = occupancy_config(cfg, cluster, &mut attr, 1);
         let mut n: std::ffi::c_int = 0;
         // SAFETY: a valid function and config; the driver writes one int.
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, self.func.cu_function(), &config) }
@@ -440,14 +421,7 @@ impl Kernel {
         cluster: u32,
         params: &P,
     ) -> Result<()> {
-        if device.info().ordinal != self.ordinal {
-            return Err(GpuError::Invalid(format!(
-                "{} was loaded on GPU {} but launched on GPU {}",
-                self.name,
-                self.ordinal,
-                device.info().ordinal
-            )));
-        }
+        self.check_device(device)?;
         let max = self.max_cluster_size(device, cfg)?;
         if cluster == 0 || cluster > max || !cfg.grid_dim.0.is_multiple_of(cluster) {
             return Err(GpuError::Invalid(format!(
@@ -460,6 +434,29 @@ impl Kernel {
         unsafe {
             pdl::launch_ex(device.stream(), &self.func, cfg, Some((cluster, 1, 1)), pdl, params)
         }
+    }
+}
+
+/// The launch config the occupancy queries take: `cfg`'s block shape and shared memory over
+/// `grid_x` blocks, with `attrs`. No stream: nothing is enqueued, so the answer is the same
+/// during a capture.
+fn occupancy_config(
+    cfg: LaunchConfig,
+    grid_x: u32,
+    attrs: *mut cudarc::driver::sys::CUlaunchAttribute,
+    num_attrs: u32,
+) -> cudarc::driver::sys::CUlaunchConfig {
+    cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: grid_x,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: std::ptr::null_mut(),
+        attrs,
+        numAttrs: num_attrs,
     }
 }
 
