@@ -241,7 +241,7 @@ fn one_sequence_selects_in_one_launch() {
     let dev = require_gpu();
     let jit = Jit::new(None);
     let sh = shape(32, 8, 128);
-    let c = auto_cluster::<bf16>(&jit, &dev, &sh, 1).unwrap();
+    let c = auto_cluster::<bf16>(&jit, &dev, &sh, 1);
     let split_forced = std::env::var("RADIX_SPARSE_SELECT").is_ok_and(|v| v.trim() == "split");
     if dev.arch() != radix_gpu::Arch::SM90A || split_forced {
         assert_eq!(c, None, "the two kernels off Hopper or when asked for");

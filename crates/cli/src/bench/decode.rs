@@ -459,7 +459,7 @@ fn time_sparse<T: HalfFloat>(
     };
     let t_score = stage(Stages::Score)?;
     let t_pick = stage(Stages::Pick)?;
-    let cluster = auto_cluster::<T>(jit, device, &sshape, batch)?;
+    let cluster = auto_cluster::<T>(jit, device, &sshape, batch);
     let fit = radix_kernels::sparse::cluster_fit::<T>(jit, device, &sshape)?;
     if !fit.is_empty() {
         let fit: Vec<String> = fit.iter().map(|(c, n)| format!("{n} of {c}")).collect();

@@ -337,22 +337,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
     for (int i = threadIdx.x; i < p.sink; i += THREADS) out[i] = pages[i];
   if (rank == csize - 1)
     for (int i = threadIdx.x; i < p.window; i += THREADS) out[keep - p.window + i] = pages[mid_end + i];
-  // Ordered compaction of this block's chosen middle pages.
-  int written = offset, equal_seen = 0;
-  for (int base = c_begin; base < c_end && k_mid > 0; base += THREADS) {
-    const int i = base + threadIdx.x;
-    const bool in = i < c_end;
-    const u32 key = in ? key_at(i) & mask : 0u;
-    const int is_eq = in && key == thresh;
-    int eq_total;
-    const int eq_rank = equal_seen + block_exclusive_scan<WARPS>(is_eq, warp_sums, eq_total);
-    const int chosen = in && (key > thresh || (is_eq && eq_rank < my_take_equal));
-    int chosen_total;
-    const int at = written + block_exclusive_scan<WARPS>(chosen, warp_sums, chosen_total);
-    if (chosen) out[p.sink + at] = pages[i];
-    written += chosen_total;
-    equal_seen += eq_total;
-  }
+  // Ordered compaction of this block's chosen middle pages (keys compared on the bits the
+  // passes fixed).
+  if (k_mid > 0)
+    compact_chosen<WARPS, THREADS>(c_begin, c_end, [&](int i) { return key_at(i) & mask; }, thresh, my_take_equal,
+                                   pages, out + p.sink, offset, warp_sums);
   // No block leaves while another may still read its shared memory.
   cluster_wait();
 }

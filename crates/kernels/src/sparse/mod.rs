@@ -10,7 +10,7 @@ mod reference;
 
 use radix_gpu::cudarc::driver::{DeviceRepr, LaunchConfig};
 use radix_gpu::{
-    Arch, Device, DeviceBuffer, GpuError, HalfFloat, Jit, KernelSpec, Result, SourceFile,
+    Arch, Device, DeviceBuffer, GpuError, HalfFloat, Jit, Kernel, KernelSpec, Result, SourceFile,
 };
 
 pub use reference::{page_score_reference, scores_reference, select_reference};
@@ -280,38 +280,48 @@ pub fn auto_cluster<T: HalfFloat>(
     device: &Device,
     shape: &SparseShape,
     batch: usize,
-) -> Result<Option<u32>> {
+) -> Option<u32> {
+    auto_choice::<T>(jit, device, shape, batch).map(|(_, c)| c)
+}
+
+/// `auto_cluster` with the kernel it was asked about (built once a selection).
+fn auto_choice<T: HalfFloat>(
+    jit: &Jit,
+    device: &Device,
+    shape: &SparseShape,
+    batch: usize,
+) -> Option<(Kernel, u32)> {
     let spec = spec_fused::<T>(shape.head_dim, shape.group());
     if split_forced() || !spec.supports(device.arch()) || batch == 0 {
-        return Ok(None);
+        return None;
     }
     // The two kernels run wherever this one cannot be built or asked about: said once.
-    let choose = || -> Result<Option<u32>> {
+    let choose = || -> Result<Option<(Kernel, u32)>> {
         let kernel = jit.kernel(device, &spec, "score_select")?;
         let pairs = batch * shape.num_kv_heads;
         let sms = device.info().sm_count as usize;
         let cfg = fused_config(1, batch, shape.num_kv_heads);
         let max = kernel.max_cluster_size(device, cfg)?.min(MAX_CLUSTER);
         if let Some(c) = forced_cluster().filter(|&c| c >= 1 && c <= max) {
-            return Ok(Some(c));
+            return Ok(Some((kernel, c)));
         }
         let mut c = if max == 0 { 0 } else { 1u32 << (31 - max.leading_zeros()) };
         while c >= 2 {
             let fit = kernel.max_active_clusters(device, cfg, c)? as usize;
             if pairs * c as usize <= sms && fit >= pairs {
-                return Ok(Some(c));
+                return Ok(Some((kernel, c)));
             }
             c /= 2;
         }
         Ok(None)
     };
-    Ok(choose().unwrap_or_else(|e| {
+    choose().unwrap_or_else(|e| {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| {
             tracing::warn!("one-launch sparse selection unavailable ({e}); using two kernels")
         });
         None
-    }))
+    })
 }
 
 /// For each cluster size 1, 2, 4, 8, 16 the one-launch kernel can take here, how many such
@@ -365,27 +375,28 @@ pub fn select_with<T: HalfFloat>(
         return Ok(());
     }
     let device = q.device();
-    let cluster = match path {
+    let choice = match path {
         SelectPath::Split => None,
-        SelectPath::Fused(c) => Some(c),
-        SelectPath::Auto => auto_cluster::<T>(jit, device, shape, sizes.batch)?,
+        SelectPath::Auto => auto_choice::<T>(jit, device, shape, sizes.batch),
+        SelectPath::Fused(c) => {
+            if c == 0 || c > MAX_CLUSTER {
+                return Err(GpuError::Invalid(format!(
+                    "sparse selection: clusters of 1 to {MAX_CLUSTER} blocks, not {c}"
+                )));
+            }
+            let spec = spec_fused::<T>(shape.head_dim, shape.group());
+            if !spec.supports(device.arch()) {
+                return Err(GpuError::Invalid(format!(
+                    "the one-launch sparse selection needs sm_90a, not {}",
+                    device.arch()
+                )));
+            }
+            Some((jit.kernel(device, &spec, "score_select")?, c))
+        }
     };
-    let Some(cluster) = cluster else {
+    let Some((kernel, cluster)) = choice else {
         return launch_split(jit, shape, sizes, q, bounds, bufs, Stages::Both);
     };
-    if cluster == 0 || cluster > MAX_CLUSTER {
-        return Err(GpuError::Invalid(format!(
-            "sparse selection: clusters of 1 to {MAX_CLUSTER} blocks, not {cluster}"
-        )));
-    }
-    let spec = spec_fused::<T>(shape.head_dim, shape.group());
-    if !spec.supports(device.arch()) {
-        return Err(GpuError::Invalid(format!(
-            "the one-launch sparse selection needs sm_90a, not {}",
-            device.arch()
-        )));
-    }
-    let kernel = jit.kernel(device, &spec, "score_select")?;
     let params = FusedParams {
         q: q.ptr(),
         bounds: bounds.ptr(),

@@ -1,6 +1,7 @@
 // What the two selection kernels share (sparse.cu's select_pages, fused.cu's
-// score_select): scores as radix keys, a block's exclusive scan, and the search for the
-// digit of a radix pass that holds the k-th largest key.
+// score_select): scores as radix keys, a pass's histogram, a block's exclusive scan, the
+// ordered compaction of the chosen pages, and the search for the digit of a radix pass
+// that holds the k-th largest key.
 #pragma once
 #include "common/types.cuh"
 
@@ -45,6 +46,30 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
   }
   __syncthreads();  // warp_sums is reused by the next scan
   return before + x - v;
+}
+
+// Ordered compaction of one block's positions [begin, end): page `pages[i]` of every
+// chosen position goes to out[written + its rank among the chosen], in position order. A
+// key (`key_at(i)`) is chosen above `thresh`, or equal to it among the first `take_equal`
+// equal ones (the earlier pages). Every thread of the block calls it.
+template <int WARPS, int THREADS, typename KeyAt>
+__device__ __forceinline__ void compact_chosen(int begin, int end, KeyAt key_at, u32 thresh, int take_equal,
+                                               const int* pages, int* out, int written, int* warp_sums) {
+  int equal_seen = 0;
+  for (int base = begin; base < end; base += THREADS) {
+    const int i = base + threadIdx.x;
+    const bool in = i < end;
+    const u32 key = in ? key_at(i) : 0u;
+    const int is_eq = in && key == thresh;
+    int eq_total;
+    const int eq_rank = equal_seen + block_exclusive_scan<WARPS>(is_eq, warp_sums, eq_total);
+    const int chosen = in && (key > thresh || (is_eq && eq_rank < take_equal));
+    int chosen_total;
+    const int at = written + block_exclusive_scan<WARPS>(chosen, warp_sums, chosen_total);
+    if (chosen) out[at] = pages[i];
+    written += chosen_total;
+    equal_seen += eq_total;
+  }
 }
 
 // One warp (all 32 lanes): the digit of `hist` (256 bins, counts of keys matching the

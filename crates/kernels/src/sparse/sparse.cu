@@ -287,22 +287,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS, 1) select_pages(const 
   for (int i = threadIdx.x; i < p.sink; i += SEL_THREADS) out[i] = pages[i];
   for (int i = threadIdx.x; i < p.window; i += SEL_THREADS) out[keep - p.window + i] = pages[mid_end + i];
   // Ordered compaction of the chosen middle pages into out[sink .. keep - window).
-  int written = 0, equal_seen = 0;
-  for (int base = mid_begin; base < mid_end && k_mid > 0; base += SEL_THREADS) {
-    const int i = base + threadIdx.x;
-    u32 key = 0u;
-    bool in = i < mid_end;
-    if (in) key = key_at(i);
-    const int is_eq = in && key == thresh;
-    int eq_total;
-    const int eq_rank = equal_seen + block_exclusive_scan<SEL_WARPS>(is_eq, warp_sums, eq_total);
-    const int chosen = in && (key > thresh || (is_eq && eq_rank < take_equal));
-    int chosen_total;
-    const int slot = written + block_exclusive_scan<SEL_WARPS>(chosen, warp_sums, chosen_total);
-    if (chosen) out[p.sink + slot] = pages[i];
-    written += chosen_total;
-    equal_seen += eq_total;
-  }
+  if (k_mid > 0)
+    compact_chosen<SEL_WARPS, SEL_THREADS>(mid_begin, mid_end, key_at, thresh, take_equal, pages, out + p.sink, 0,
+                                           warp_sums);
 }
 
 static_assert(sizeof(ScoreParams) == 80, "ScoreParams mirrors sparse/mod.rs");
