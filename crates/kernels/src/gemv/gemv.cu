@@ -89,16 +89,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemv(const __grid_constant
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) s += partial[w][threadIdx.x];
-    if (n0 + r < p.n && m < p.m_rows) {
-#if W_FP8
-      s *= p.w_scales[n0 + r];
-#endif
-#if OUT_F32
-      p.out[(long long)m * p.n + n0 + r] = s;
-#else
-      p.out[(long long)m * p.n + n0 + r] = from_float<elem_t>(s);
-#endif
-    }
+    if (n0 + r < p.n && m < p.m_rows) store_out(p, m, n0 + r, s);
   }
 }
 

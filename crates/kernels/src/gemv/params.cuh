@@ -1,5 +1,5 @@
 // What the decode GEMVs (gemv.cu, stream.cu) share: their compile-time knobs, element types
-// and parameter struct, and the dot products of dot.cuh.
+// and parameter struct, the store of one output, and the dot products of dot.cuh.
 #pragma once
 #include "gemv/dot.cuh"
 
@@ -41,3 +41,15 @@ struct GemvParams {
 };
 
 static_assert(sizeof(GemvParams) == 48, "GemvParams mirrors gemv/mod.rs");
+
+// out[m, row] = v, times the row's scale over FP8 weights, in the output's type.
+__device__ __forceinline__ void store_out(const GemvParams& p, int m, int row, float v) {
+#if W_FP8
+  v *= p.w_scales[row];
+#endif
+#if OUT_F32
+  p.out[(long long)m * p.n + row] = v;
+#else
+  p.out[(long long)m * p.n + row] = from_float<elem_t>(v);
+#endif
+}

@@ -139,14 +139,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
     if (m < p.m_rows) {
       float v = 0.f;
       for (int q = 0; q < row_spans; ++q) v += sums[(r * row_spans + q) * M + m];  // in order
-#if W_FP8
-      v *= p.w_scales[r0 + r];
-#endif
-#if OUT_F32
-      p.out[(long long)m * p.n + r0 + r] = v;
-#else
-      p.out[(long long)m * p.n + r0 + r] = from_float<elem_t>(v);
-#endif
+      store_out(p, m, r0 + r, v);
     }
   }
 }
