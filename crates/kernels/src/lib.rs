@@ -111,6 +111,13 @@ pub fn catalog() -> Vec<KernelSpec> {
             }
         }
     }
+    // The one-row products with the norm (1) or SiLU·mul (2) before them built in.
+    for x_src in [1, 2] {
+        for fp8 in [false, true] {
+            specs.push(gemv::spec_stream_built::<bf16>(x_src, fp8, false));
+        }
+        specs.push(gemv::spec_stream_built::<f16>(x_src, false, false));
+    }
     for m in [8, 16, 32, 64] {
         specs.push(fp8::skinny::spec::<bf16>(m));
         specs.push(fp8::skinny::spec_wgmma::<bf16>(m));

@@ -167,3 +167,124 @@ fn the_streaming_kernel_rejects_what_it_does_not_take() {
     let err = gemv::gemv_stream(&jit, 1, 16, 4096, &x, &w, &mut out).unwrap_err().to_string();
     assert!(err.contains("w holds"), "{err}");
 }
+
+/// x as the fused kernel builds it, each value rounded to bf16 as ops.cu stores it: the
+/// RMSNorm of `src` times `norm` (`Some`), or SiLU(gate) · up of `src` = [gate | up].
+fn built_x(src: &[bf16], norm: Option<(&[bf16], f32)>, k: usize) -> Vec<bf16> {
+    let f = |v: &bf16| v.to_f64();
+    match norm {
+        Some((w, eps)) => {
+            let ms = src.iter().map(|v| f(v) * f(v)).sum::<f64>() / k as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            src.iter().zip(w).map(|(x, w)| bf16::from_f64(f(x) * inv * f(w))).collect()
+        }
+        None => (0..k)
+            .map(|i| {
+                let (g, u) = (f(&src[i]), f(&src[k + i]));
+                bf16::from_f64(g / (1.0 + (-g).exp()) * u)
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn the_streaming_kernel_builds_x_and_adds_into_out() {
+    if !streams_here() {
+        return;
+    }
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(11);
+    // Llama-3-8B's four products at one row (q|k|v and gate|up after a norm, down after
+    // SiLU·mul, o added into the residual), rows split unevenly, K one span.
+    for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336), (4096, 4096), (13, 1024)] {
+        let w: Vec<bf16> = random(&mut rng, n * k);
+        let dw = dev.upload(&w).unwrap();
+        // FP8 weights: e4m3 bytes of the same values, a scale per row.
+        let (wq, ws) = radix_kernels::fp8::quantize_rows_reference(&w, n, k);
+        let wd: Vec<f64> = wq
+            .iter()
+            .enumerate()
+            .map(|(i, b)| radix_kernels::fp8::e4m3_to_f32(*b) as f64 * ws[i / k] as f64)
+            .collect();
+        let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
+        let norm: Vec<bf16> = (0..k).map(|_| bf16::from_f64(rng.random_range(0.5..1.5))).collect();
+        let dnorm = dev.upload(&norm).unwrap();
+        let residual: Vec<bf16> = random(&mut rng, k);
+        let gate_up: Vec<bf16> =
+            (0..2 * k).map(|_| bf16::from_f64(rng.random_range(-3.0..3.0))).collect();
+        let (dres, dgu) = (dev.upload(&residual).unwrap(), dev.upload(&gate_up).unwrap());
+        let eps = 1e-5f32;
+        for (name, x, sx) in [
+            ("rms_norm", built_x(&residual, Some((&norm, eps)), k), 1),
+            ("silu_mul", built_x(&gate_up, None, k), 2),
+            ("plain", residual.clone(), 0),
+        ] {
+            let input = match sx {
+                1 => gemv::StreamX::RmsNorm { x: &dres, weight: &dnorm, eps },
+                2 => gemv::StreamX::SiluMul(&dgu),
+                _ => gemv::StreamX::Plain(&dres),
+            };
+            for fp8 in [false, true] {
+                let weights: Vec<f64> =
+                    if fp8 { wd.clone() } else { w.iter().map(|v| v.to_f64()).collect() };
+                let dot: Vec<f64> = (0..n)
+                    .map(|j| {
+                        x.iter()
+                            .zip(&weights[j * k..(j + 1) * k])
+                            .map(|(a, b)| a.to_f64() * b)
+                            .sum()
+                    })
+                    .collect();
+                let sw = if fp8 {
+                    gemv::StreamWeight::Fp8 { bits: &dwq, scales: &dws }
+                } else {
+                    gemv::StreamWeight::Half(&dw)
+                };
+                if sx != 0 && !gemv::fits_stream_built(dev.info(), n, k, fp8) {
+                    continue;
+                }
+                if fp8 && !gemv::fits_stream_fp8(dev.info(), 1, n, k) {
+                    continue;
+                }
+                // out = x · wᵀ, out poisoned first.
+                let mut out: DeviceBuffer<bf16> = dev.alloc(n).unwrap();
+                out.fill_bytes(0xff).unwrap();
+                gemv::gemv_stream_fused(&jit, (1, n, k), input, sw, &mut out, false).unwrap();
+                let err = relative_error(&out.to_vec().unwrap(), &dot);
+                assert!(err <= 8e-3, "{name} fp8={fp8} N={n} K={k}: rel err {err:.3e}");
+                // out += x · wᵀ over a random start, the product rounded first.
+                let start: Vec<bf16> = random(&mut rng, n);
+                let mut acc = dev.upload(&start).unwrap();
+                gemv::gemv_stream_fused(&jit, (1, n, k), input, sw, &mut acc, true).unwrap();
+                let want: Vec<f64> = start.iter().zip(&dot).map(|(s, d)| s.to_f64() + d).collect();
+                let got = acc.to_vec().unwrap();
+                assert!(got.iter().all(|v| v.is_finite()), "{name} fp8={fp8} N={n}: not finite");
+                let err = relative_error(&got, &want);
+                assert!(err <= 8e-3, "{name} add fp8={fp8} N={n} K={k}: rel err {err:.3e}");
+            }
+        }
+    }
+    // Bad input: two rows of a built x, a norm weight too short.
+    let mut out: DeviceBuffer<bf16> = dev.alloc(32).unwrap();
+    let x = dev.alloc_zeros::<bf16>(2 * 2048).unwrap();
+    let w = dev.alloc_zeros::<bf16>(16 * 1024).unwrap();
+    let short = dev.alloc_zeros::<bf16>(512).unwrap();
+    let sw = gemv::StreamWeight::Half(&w);
+    let err = gemv::gemv_stream_fused(
+        &jit,
+        (2, 16, 1024),
+        gemv::StreamX::SiluMul(&x),
+        sw,
+        &mut out,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("one row"), "{err}");
+    let norm = gemv::StreamX::RmsNorm { x: &x, weight: &short, eps: 1e-5 };
+    let err = gemv::gemv_stream_fused(&jit, (1, 16, 1024), norm, sw, &mut out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("norm weight"), "{err}");
+}

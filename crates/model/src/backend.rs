@@ -219,6 +219,27 @@ pub trait Activation {
     fn cols(&self) -> usize;
 }
 
+/// What a fused linear layer (`Backend::fused_linear`) multiplies: an activation as it is,
+/// or one built inside the product from what the op before it would have read.
+pub enum LinearInput<'a, B: Backend + ?Sized> {
+    Plain(&'a B::Act),
+    /// `rms_norm(x) · weight`, as `rms_norm` stores it.
+    RmsNorm {
+        x: &'a B::Act,
+        weight: &'a B::Weight,
+        eps: f32,
+    },
+    /// `silu(gate) · up` of a `[rows, gate|up]` activation, as `silu_mul` stores it.
+    SiluMul(&'a B::Act),
+}
+
+impl<B: Backend + ?Sized> LinearInput<'_, B> {
+    /// Whether the backend builds the input inside the product.
+    pub fn is_built(&self) -> bool {
+        !matches!(self, LinearInput::Plain(_))
+    }
+}
+
 pub trait Backend {
     type Act: Activation;
     type Weight;
@@ -332,6 +353,30 @@ pub trait Backend {
 
     /// Attention of the step's queries over layer `layer`'s KV through the page table.
     fn attention(&mut self, layer: usize, q: &Self::Act, out: &mut Self::Act) -> Result<()>;
+
+    /// Whether a step of `rows` tokens may run the product with `w` as `fused_linear`, with
+    /// its input built in the product (`built`: `LinearInput::RmsNorm` or `SiluMul`) or
+    /// not, and with or without the residual add after it. Where every product of a layer
+    /// may, the model runs the layer with no norm, SiLU·mul or residual-add ops between
+    /// them (one fewer launch each: at batch 1 each costs more than its bytes).
+    fn fuses_linear(&self, rows: usize, w: &Self::Weight, built: bool) -> bool {
+        let _ = (rows, w, built);
+        false
+    }
+
+    /// `out = input · wᵀ`, or with `add` `out += input · wᵀ` (the product rounded to the
+    /// activation type first, as `add_rms_norm` adds a stored product). Called only where
+    /// `fuses_linear` said so; `out` never overlaps what the input is built from.
+    fn fused_linear(
+        &mut self,
+        input: LinearInput<'_, Self>,
+        w: &Self::Weight,
+        out: &mut Self::Act,
+        add: bool,
+    ) -> Result<()> {
+        let _ = (input, w, out, add);
+        Err(ModelError::Invalid(format!("{} runs no fused linear layers", self.name())))
+    }
 
     /// `out = silu(gate) * up` from the fused `[tokens, gate|up]` projection.
     fn silu_mul(&mut self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;

@@ -1,6 +1,6 @@
 //! The Llama forward pass, written once over `Backend` ops.
 
-use crate::backend::{Backend, Step, StepMode, StepRun};
+use crate::backend::{Backend, LinearInput, Step, StepMode, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{SampleRequest, Sampled};
@@ -167,8 +167,60 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
+    /// Whether every product of the model runs as `Backend::fused_linear` in a step of
+    /// `rows` tokens (one GPU, no q|k|v bias: the residual add stays next to its product).
+    pub fn fuses_linear(&self, rows: usize) -> bool {
+        let b = &self.backend;
+        self.shard.size == 1
+            && self.weights.layers.iter().all(|l| {
+                l.qkv_bias.is_none()
+                    && b.fuses_linear(rows, &l.qkv, true)
+                    && b.fuses_linear(rows, &l.o_proj, false)
+                    && b.fuses_linear(rows, &l.gate_up, true)
+                    && b.fuses_linear(rows, &l.down, true)
+            })
+    }
+
+    /// `run_ops` with the norms, SiLU·mul and residual adds inside the products
+    /// (`fuses_linear`): the products update the residual stream themselves.
+    fn run_ops_fused(&mut self, run: &StepRun) -> Result<()> {
+        let n = run.tokens;
+        let c = &self.local;
+        let eps = c.rms_norm_eps;
+        let (b, w) = (&mut self.backend, &self.weights);
+        let mut residual = b.act(n, c.hidden_size)?;
+        let mut qkv = b.act(n, c.qkv_size())?;
+        let mut q = b.act(n, c.q_size())?;
+        let mut attn = b.act(n, c.q_size())?;
+        let mut gate_up = b.act(n, 2 * c.intermediate_size)?;
+
+        b.embed(&w.embed, &mut residual)?;
+        for (i, layer) in w.layers.iter().enumerate() {
+            let input = LinearInput::RmsNorm { x: &residual, weight: &layer.input_norm, eps };
+            b.fused_linear(input, &layer.qkv, &mut qkv, false)?;
+            b.rope_append(i, &qkv, &mut q)?;
+            b.attention(i, &q, &mut attn)?;
+            b.fused_linear(LinearInput::Plain(&attn), &layer.o_proj, &mut residual, true)?;
+            let input = LinearInput::RmsNorm { x: &residual, weight: &layer.post_norm, eps };
+            b.fused_linear(input, &layer.gate_up, &mut gate_up, false)?;
+            b.fused_linear(LinearInput::SiluMul(&gate_up), &layer.down, &mut residual, true)?;
+        }
+        let rows = run.logit_rows;
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut normed = b.act(n, c.hidden_size)?;
+        b.rms_norm(&residual, &w.final_norm, eps, &mut normed)?;
+        let mut last = b.act(rows, c.hidden_size)?;
+        b.gather_logit_rows(&normed, &mut last)?;
+        b.logits(&last, w.lm_head.as_ref().unwrap_or(&w.embed))
+    }
+
     /// The ops of one step, after `begin_step` said how it runs.
     fn run_ops(&mut self, run: &StepRun) -> Result<()> {
+        if self.fuses_linear(run.tokens) {
+            return self.run_ops_fused(run);
+        }
         let n = run.tokens;
         let c = &self.local;
         let (b, w) = (&mut self.backend, &self.weights);

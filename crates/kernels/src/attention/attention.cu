@@ -240,7 +240,10 @@ struct AttentionParams {
   int meta_early;             // the work list, offsets and lengths came from the host, not
                               // from the kernel before: read them before pdl_wait() (page
                               // ids, which sparse selection writes, always after it)
-  int reserved;
+  int kv_early;               // paged, host tables: the page ids, and the K/V of keys before
+                              // each sequence's last q_len (which the KV append just before
+                              // writes), are older than the kernel before, so the first
+                              // tiles of those keys load before pdl_wait() (mma.sync kernels)
 };
 
 // The kernel's one parameter: with TMA also the task count (of the persistent variant) and
@@ -691,17 +694,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #endif
   const int chunk = threadIdx.x % DC, r0 = threadIdx.x / DC;
   const u32 s_off = swz<BM>(r0, chunk);
-
-  if (p.meta_early) pdl_wait();
-  // Q tile (by the compute threads): rows past the sequence read as zeros.
   const bool producer = PRODUCER && warp >= WARPS;
-#pragma unroll
-  for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
-    int gr = min(row0 + r0 + it * RSTEP, rows - 1);
-    int t = gr / p.group, g = gr - t * p.group;
-    const elem_t* src = p.q + (long long)(qo_start + t) * p.q_stride + (long long)(kvh * p.group + g) * D + chunk * 8;
-    cp_async_16(sq + s_off + it * RSTEP * ROW_PITCH, src, row0 + r0 + it * RSTEP < rows);
-  }
   KvCursor cur;
   cur.kv_chunk = threadIdx.x % KDC;
   cur.r0 = threadIdx.x / KDC;
@@ -715,6 +708,33 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #else
   cur.base = (long long)p.kv_indptr[b] * p.kv_stride + (long long)kvh * D + cur.kv_chunk * KV_CHUNK;
 #endif
+  // The first tiles whose keys the KV append just before did not write (all but each
+  // sequence's last q_len keys) load before pdl_wait(), each its own commit group: under
+  // programmatic dependent launch their page ids and K/V arrive during the previous
+  // kernel's tail (at batch 1 the first tile's chain of round trips is a fixed cost of
+  // every launch). Q, which that kernel writes, comes after the wait.
+  int pre = 0;
+#if !WGMMA
+  if (p.kv_early && p.meta_early) {
+    const int stable = kv_len - q_len;
+    while (pre < AHEAD && pre < n_tiles && w.kv_begin + (pre + 1) * BN <= stable) ++pre;
+  }
+  for (int s = 0; s < pre; ++s) {
+    fetch_pages(p, cur, w.kv_begin + s * BN);
+    load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
+    cp_async_commit();
+  }
+#endif
+
+  if (p.meta_early) pdl_wait();
+  // Q tile (by the compute threads): rows past the sequence read as zeros.
+#pragma unroll
+  for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
+    int gr = min(row0 + r0 + it * RSTEP, rows - 1);
+    int t = gr / p.group, g = gr - t * p.group;
+    const elem_t* src = p.q + (long long)(qo_start + t) * p.q_stride + (long long)(kvh * p.group + g) * D + chunk * 8;
+    cp_async_16(sq + s_off + it * RSTEP * ROW_PITCH, src, row0 + r0 + it * RSTEP < rows);
+  }
 #if WGMMA
   // Stage s is full when every copying thread's copies of its tile have landed (each one's
   // cp.async arrival; without producer warps Q rides with tile 0's, with them the compute
@@ -780,9 +800,10 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #endif
 #endif
   // The first AHEAD tiles, one commit group each (empty past the last tile, so that
-  // group j always holds tile j; Q rides in group 0).
-#pragma unroll
-  for (int s = 0; s < (PRODUCER ? 0 : AHEAD); ++s) {
+  // group j always holds tile j; Q rides in group 0). With tiles loaded before the wait,
+  // Q rides in the first group after them, or alone when all AHEAD went before: tile 0
+  // then waits for every group (below), and later tiles' groups come at most one later.
+  for (int s = pre; s < (PRODUCER ? 0 : AHEAD); ++s) {
     if (s < n_tiles) {
       fetch_pages(p, cur, w.kv_begin + s * BN);
       load_kv_tile(p, cur, w.kv_begin + s * BN, sk0 + s * stage_bytes, sv0 + s * stage_bytes);
@@ -792,6 +813,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     }
     cp_async_commit();
   }
+  if (pre == AHEAD) cp_async_commit();  // Q alone
   if (!PRODUCER && AHEAD < n_tiles) fetch_pages(p, cur, w.kv_begin + AHEAD * BN);
 
   // Warps whose rows all lie past the sequence only help load.
@@ -880,7 +902,11 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     // Groups 0..j are complete (at most AHEAD - 1 younger ones pending): tile j landed.
     // After this barrier every warp is also done with tile j - 1, so its stage takes tile
     // j + AHEAD while we compute on tile j.
-    cp_async_wait<AHEAD - 1>();
+    if (j == 0 && pre > 0) {
+      cp_async_wait<0>();  // Q is not in group 0 then
+    } else {
+      cp_async_wait<AHEAD - 1>();
+    }
     __syncthreads();
     if (j + AHEAD < n_tiles) {
       u32 st = ((j + AHEAD) % ST) * stage_bytes;

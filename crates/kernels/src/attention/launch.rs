@@ -16,6 +16,13 @@ pub(crate) fn early_meta() -> bool {
     !env_flag(&OFF, "RADIX_SPARSE_ATTN_EARLY_META", |v| v.trim() == "0")
 }
 
+/// Whether the decode kernels load their first K/V tiles of keys older than the step
+/// before `pdl_wait()`: `RADIX_SPARSE_ATTN_KV_EARLY=0` turns it off (to compare in one run).
+fn early_kv() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !env_flag(&OFF, "RADIX_SPARSE_ATTN_KV_EARLY", |v| v.trim() == "0")
+}
+
 /// Mirrors `AttentionParams` in attention.cu field for field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,7 +54,7 @@ pub(crate) struct AttentionParams {
     heads_inner: i32,
     v_scale: f32,
     meta_early: i32,
-    reserved: i32,
+    kv_early: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -465,6 +472,11 @@ impl AttentionBatch {
     /// `k`/`v` are `[total_kv, num_kv_heads, head_dim]` (contiguous) or the layer's page
     /// pool `[num_pages, num_kv_heads, page_size, head_dim]`; `lse`, if given, receives
     /// the natural-log LSE per (token, head), `[total_q, num_qo_heads]`.
+    ///
+    /// Paged through the host's tables, the kernel may read the page ids and the K/V of
+    /// keys before each sequence's last q_len before the kernel launched just before it on
+    /// the stream has finished (programmatic dependent launch): that kernel may write the
+    /// step's own tokens (the KV append), not older keys or the tables.
     pub fn run<T: HalfFloat>(
         &self,
         jit: &Jit,
@@ -627,7 +639,11 @@ impl AttentionBatch {
             // come from the kernel before, and every variant reads page ids after
             // pdl_wait(). (RADIX_SPARSE_ATTN_EARLY_META=0 waits first, for comparisons.)
             meta_early: early_meta() as i32,
-            reserved: 0,
+            // Paged K/V through the host's tables: keys before each sequence's last q_len
+            // are older than the kernel just before (the KV append writes the step's own
+            // tokens only), so their first tiles may load before pdl_wait() (`run`'s
+            // contract).
+            kv_early: (paged && !head_tables && early_kv()) as i32,
         };
         let cfg = LaunchConfig {
             grid_dim: if self.plan.heads_inner {

@@ -83,6 +83,25 @@ typedef half_t elem_t;
 typedef bfloat16_t elem_t;
 #endif
 
+#if defined(DTYPE)
+// Eight elements of a 16-byte vector as floats, and back (rounded to elem_t).
+__device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) {
+  vec16 v = *(const vec16*)p;
+  unpack2<elem_t>(v.x, f[0], f[1]);
+  unpack2<elem_t>(v.y, f[2], f[3]);
+  unpack2<elem_t>(v.z, f[4], f[5]);
+  unpack2<elem_t>(v.w, f[6], f[7]);
+}
+__device__ __forceinline__ void store8(elem_t* p, const float (&f)[8]) {
+  vec16 v;
+  v.x = pack2<elem_t>(f[0], f[1]);
+  v.y = pack2<elem_t>(f[2], f[3]);
+  v.z = pack2<elem_t>(f[4], f[5]);
+  v.w = pack2<elem_t>(f[6], f[7]);
+  *(vec16*)p = v;
+}
+#endif
+
 // Sum and max over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

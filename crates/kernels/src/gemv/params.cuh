@@ -38,18 +38,24 @@ struct GemvParams {
   int n;
   int k;                  // gemv.cu: a multiple of VEC_ELEMS; stream.cu: of its warp span
   int rows_per_block;     // stream.cu: the launcher's split of the rows (gemv.cu: unused)
+  const elem_t* norm_w;   // stream.cu X_SRC 1: the RMSNorm weight [k] (else unused)
+  float eps;              // and its epsilon
+  int accumulate;         // out += the product instead of out = (stream.cu; gemv.cu: 0)
 };
 
-static_assert(sizeof(GemvParams) == 48, "GemvParams mirrors gemv/mod.rs");
+static_assert(sizeof(GemvParams) == 64, "GemvParams mirrors gemv/mod.rs");
 
-// out[m, row] = v, times the row's scale over FP8 weights, in the output's type.
+// out[m, row] = v, times the row's scale over FP8 weights, in the output's type; with
+// `accumulate`, out[m, row] += it, rounded as the residual add of ops.cu stores it (the
+// product in the output's type first, then the sum).
 __device__ __forceinline__ void store_out(const GemvParams& p, int m, int row, float v) {
 #if W_FP8
   v *= p.w_scales[row];
 #endif
+  out_t* at = p.out + (long long)m * p.n + row;
 #if OUT_F32
-  p.out[(long long)m * p.n + row] = v;
+  *at = p.accumulate ? *at + v : v;
 #else
-  p.out[(long long)m * p.n + row] = from_float<elem_t>(v);
+  *at = p.accumulate ? from_float<elem_t>(to_float(*at) + to_float(from_float<elem_t>(v))) : from_float<elem_t>(v);
 #endif
 }

@@ -22,12 +22,27 @@
 // is a multiple of it (the launcher checks). Each span's warp sum goes to its own slot in
 // shared memory, and a row's spans are added in a fixed order at the end: no atomics, so
 // every run gives the same bits (graph replays equal eager runs).
+//
+// At batch 1 the small ops between the products cost more than their bytes: each is a
+// launch whose chain (wait for the kernel before, load, reduce, store, drain) the next
+// product waits behind. X_SRC takes them into the product (one row of x): every block
+// builds x in shared memory after pdl_wait() while its first weight stages land,
+//   X_SRC 1: x = RMSNorm(p.x) · p.norm_w (p.x the residual stream, k wide),
+//   X_SRC 2: x = SiLU(gate) · up of p.x = [gate | up] (2k wide),
+// each value rounded to elem_t as ops.cu stores it; and `accumulate` adds the product
+// into out (the residual add). A block recomputes the whole row (4-14K values: a few
+// loads a thread, from L2).
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
 #include "gemv/params.cuh"
 
+#ifndef X_SRC
+#define X_SRC 0
+#endif
+
 constexpr int M = M_ROWS;
 static_assert(M == 1 || M == 2 || M == 4, "M_ROWS 1, 2 or 4");
+static_assert(X_SRC == 0 || M == 1, "x built in the kernel: one row");
 constexpr int CWARPS = 16;                    // consumer warps
 constexpr int THREADS = 32 * (CWARPS + 1);    // and one producer warp
 constexpr int VEC_PER_LANE = 4;               // 16-byte vectors per lane and stage
@@ -40,6 +55,62 @@ constexpr int STAGES = 4;                     // 128 KB in flight per block
 // barriers.
 __device__ __forceinline__ int sums_offset() { return STAGES * STAGE_BYTES; }
 __device__ __forceinline__ int bars_offset(int spans) { return sums_offset() + ((spans * M * 4 + 15) / 16) * 16; }
+// X_SRC: the row of x the block builds, behind the barriers.
+__device__ __forceinline__ int x_offset(int spans) { return bars_offset(spans) + STAGES * 16; }
+
+#if X_SRC
+// The row of x into `xs` (shared memory) by the consumer threads (`tid` < CWARPS * 32), as
+// ops.cu's rms_norm / silu_mul would store it; `red` holds CWARPS floats. Ends with the
+// consumers' barrier: xs is complete after it.
+__device__ void build_x(const GemvParams& p, elem_t* xs, float* red, int tid) {
+  const int nvec = p.k / 8;
+  constexpr int T = CWARPS * 32;
+#if X_SRC == 1
+  float sq = 0.f;
+  for (int v = tid; v < nvec; v += T) {
+    float f[8];
+    load8(p.x + v * 8, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+  }
+  sq = warp_sum(sq);
+  if (tid % 32 == 0) red[tid / 32] = sq;
+  named_bar_sync<1, T>();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < CWARPS; ++w) total += red[w];
+  const float inv = rsqrtf(total / p.k + p.eps);
+  for (int v = tid; v < nvec; v += T) {
+    float f[8], g[8];
+    load8(p.x + v * 8, f);
+    load8(p.norm_w + v * 8, g);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = f[e] * inv * g[e];
+    store8(xs + v * 8, f);
+  }
+#else
+  for (int v = tid; v < nvec; v += T) {
+    float g[8], u[8];
+    load8(p.x + v * 8, g);
+    load8(p.x + p.k + v * 8, u);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) g[e] = g[e] / (1.f + __expf(-g[e])) * u[e];
+    store8(xs + v * 8, g);
+  }
+#endif
+  named_bar_sync<1, T>();
+}
+#endif
+
+// A 16-byte vector of x: from shared memory when the block built it, else through the
+// read-only path.
+__device__ __forceinline__ uint4 load_x(const uint4* at) {
+#if X_SRC
+  return *at;
+#else
+  return __ldg(at);
+#endif
+}
 
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
@@ -88,6 +159,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
     return;
   }
   pdl_wait();
+#if X_SRC
+  __shared__ float red[CWARPS];
+  elem_t* xs = reinterpret_cast<elem_t*>(smem + x_offset(p.rows_per_block * row_spans));
+  build_x(p, xs, red, threadIdx.x);
+  const elem_t* x = xs;
+#else
+  const elem_t* x = p.x;
+#endif
 
   for (int c = 0; c < chunks; ++c) {
     const int s = c % STAGES;
@@ -108,20 +187,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) gemv_stream(const __gri
           float part[VEC_PER_LANE];
 #if W_FP8
           // Sixteen x values (two vectors) per weight vector.
-          const uint4* xp = reinterpret_cast<const uint4*>(p.x + (long long)m * p.k + k0) + 2 * lane;
+          const uint4* xp = reinterpret_cast<const uint4*>(x + (long long)m * p.k + k0) + 2 * lane;
           uint4 xv[VEC_PER_LANE][2];
 #pragma unroll
           for (int u = 0; u < VEC_PER_LANE; ++u) {
-            xv[u][0] = __ldg(xp + u * 64);
-            xv[u][1] = __ldg(xp + u * 64 + 1);
+            xv[u][0] = load_x(xp + u * 64);
+            xv[u][1] = load_x(xp + u * 64 + 1);
           }
 #pragma unroll
           for (int u = 0; u < VEC_PER_LANE; ++u) part[u] = dot16_fp8(wv[u], xv[u][0], xv[u][1]);
 #else
-          const uint4* xp = reinterpret_cast<const uint4*>(p.x + (long long)m * p.k + k0) + lane;
+          const uint4* xp = reinterpret_cast<const uint4*>(x + (long long)m * p.k + k0) + lane;
           uint4 xv[VEC_PER_LANE];
 #pragma unroll
-          for (int u = 0; u < VEC_PER_LANE; ++u) xv[u] = __ldg(xp + u * 32);
+          for (int u = 0; u < VEC_PER_LANE; ++u) xv[u] = load_x(xp + u * 32);
 #pragma unroll
           for (int u = 0; u < VEC_PER_LANE; ++u) part[u] = dot8(wv[u], xv[u]);
 #endif

@@ -41,24 +41,7 @@ struct NormParams {
   int reserved;
 };
 
-
-// Eight elements of a 16-byte vector as floats, and back.
-__device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) {
-  vec16 v = *(const vec16*)p;
-  unpack2<elem_t>(v.x, f[0], f[1]);
-  unpack2<elem_t>(v.y, f[2], f[3]);
-  unpack2<elem_t>(v.z, f[4], f[5]);
-  unpack2<elem_t>(v.w, f[6], f[7]);
-}
-__device__ __forceinline__ void store8(elem_t* p, const float (&f)[8]) {
-  vec16 v;
-  v.x = pack2<elem_t>(f[0], f[1]);
-  v.y = pack2<elem_t>(f[2], f[3]);
-  v.z = pack2<elem_t>(f[4], f[5]);
-  v.w = pack2<elem_t>(f[6], f[7]);
-  *(vec16*)p = v;
-}
-
+// (load8 and store8, the 16-byte vector helpers, are common/types.cuh's.)
 constexpr int NORM_THREADS = 256;
 constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: hidden <= 8192
 

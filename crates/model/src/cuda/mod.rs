@@ -28,7 +28,7 @@ use half::bf16;
 use radix_gpu::{BLayout, Device, DeviceBuffer, Gemm, GpuError, Jit, NcclGroup, StagedUploader};
 use radix_kernels::fp8 as fp8_acts;
 use radix_kernels::fp8::skinny;
-use radix_kernels::gemv;
+use radix_kernels::gemv::{self, StreamWeight, StreamX};
 use radix_kernels::kv_append;
 use radix_kernels::ops::{self, Fp8Out, SampleRow};
 use radix_kernels::sparse as sparse_select;
@@ -43,7 +43,7 @@ use self::profiler::{Op, Profiler};
 use self::sampler::{ExtrasBuffers, SamplerPlan};
 use self::staging::{StepMeta, StepViews};
 use self::workspace::{ActShape, Caps, Workspace};
-use crate::backend::{Activation, Backend, KvPoolSpec, Step, StepMode, StepRun};
+use crate::backend::{Activation, Backend, KvPoolSpec, LinearInput, Step, StepMode, StepRun};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::sampling::{self, SampleRequest, Sampled};
@@ -161,6 +161,9 @@ pub struct CudaBackend {
     group: Option<RankGroup>,
     /// Which GEMV kernel, if any, takes the products of a few rows instead of cuBLASLt.
     gemv_mode: GemvMode,
+    /// Whether steps of one row take the norms, SiLU·mul and residual adds into the
+    /// streaming GEMV (`Backend::fuses_linear`; `RADIX_SPARSE_FUSE_LINEAR=0` turns it off).
+    fuse_linear: bool,
 }
 
 /// Which GEMV takes products of a few rows (`RADIX_SPARSE_GEMV`). By default (`Auto`) the
@@ -412,6 +415,8 @@ impl CudaBackend {
             step: None,
             graphs: DecodeGraphs::new(256),
             gemv_mode: GemvMode::from_env(),
+            fuse_linear: std::env::var("RADIX_SPARSE_FUSE_LINEAR")
+                .map_or(true, |v| v.trim() != "0"),
             sampler_plan: SamplerPlan::default(),
             sampler_extras: ExtrasBuffers::default(),
             group: None,
@@ -480,6 +485,13 @@ impl CudaBackend {
     /// bytes either way.
     pub fn set_fp8_fused(&mut self, on: bool) {
         self.fp8_fused = on;
+    }
+
+    /// Whether steps of one row run their products with the small ops between them fused
+    /// (`Backend::fuses_linear`; on by default where the streaming GEMV runs). Steps
+    /// already captured as graphs keep what they recorded: set it before the first step.
+    pub fn set_fused_linear(&mut self, on: bool) {
+        self.fuse_linear = on;
     }
 
     /// Bytes of the weights uploaded so far.
@@ -990,6 +1002,62 @@ impl Backend for CudaBackend {
                 }
                 _ => Ok(run(&st.attention, out)?),
             }
+        })
+    }
+
+    fn fuses_linear(&self, rows: usize, w: &GpuWeight, built: bool) -> bool {
+        let info = self.device.info();
+        let fp8 = matches!(w.data, WeightData::Fp8 { .. });
+        self.fuse_linear
+            && rows == 1
+            && rows <= self.gemv_mode.stream_rows()
+            && match (built, fp8) {
+                (true, _) => gemv::fits_stream_built(info, w.rows, w.cols, fp8),
+                (false, false) => gemv::fits_stream(info, rows, w.rows, w.cols),
+                (false, true) => gemv::fits_stream_fp8(info, rows, w.rows, w.cols),
+            }
+    }
+
+    fn fused_linear(
+        &mut self,
+        input: LinearInput<'_, Self>,
+        w: &GpuWeight,
+        out: &mut GpuAct,
+        add: bool,
+    ) -> Result<()> {
+        let (x, k) = match &input {
+            LinearInput::Plain(x) | LinearInput::RmsNorm { x, .. } => (*x, x.cols),
+            LinearInput::SiluMul(x) => (*x, x.cols / 2),
+        };
+        Self::check(
+            k == w.cols && out.rows == x.rows && out.cols == w.rows && x.cols % k == 0,
+            || {
+                format!(
+                    "fused linear: x [{}, {}] · w [{}, {}]ᵀ into [{}, {}]",
+                    x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
+                )
+            },
+        )?;
+        Self::check(self.fuses_linear(x.rows, w, input.is_built()), || {
+            format!("fused linear: {} rows against [{}, {}] do not stream", x.rows, w.rows, w.cols)
+        })?;
+        if self.fp8_holds.is_some_and(|(at, ..)| at == out.buf.ptr()) {
+            self.fp8_holds = None;
+        }
+        let sx = match input {
+            LinearInput::Plain(x) => StreamX::Plain(&x.buf),
+            LinearInput::RmsNorm { x, weight, eps } => {
+                StreamX::RmsNorm { x: &x.buf, weight: weight.bf16()?, eps }
+            }
+            LinearInput::SiluMul(x) => StreamX::SiluMul(&x.buf),
+        };
+        let sw = match &w.data {
+            WeightData::Bf16(buf) => StreamWeight::Half(buf),
+            WeightData::Fp8 { bits, scales } => StreamWeight::Fp8 { bits, scales },
+        };
+        let dims = (x.rows, w.rows, w.cols);
+        self.timed(Op::Gemm, |b| {
+            Ok(gemv::gemv_stream_fused(&b.jit, dims, sx, sw, &mut out.buf, add)?)
         })
     }
 
