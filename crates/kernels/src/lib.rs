@@ -111,6 +111,9 @@ pub fn catalog() -> Vec<KernelSpec> {
             }
         }
     }
+    // The decode kernel that stamps its phases (`bench decode --trace`).
+    let decode = attention::TileConfig::DECODE_SMALL;
+    specs.push(attention::spec::<bf16>(128, true, decode).define("TRACE", 1));
     // The one-row products with the norm (1) or SiLU·mul (2) before them built in.
     for x_src in [1, 2] {
         for fp8 in [false, true] {

@@ -34,6 +34,14 @@ pub struct DecodeArgs {
     /// Blocks below which keys are split across SMs (default 2 × SMs).
     #[arg(long)]
     target_blocks: Option<usize>,
+    /// Tiles for the dense decode (default: by rows), e.g. `ks,64,4` (key-split tiles of 64
+    /// keys, 4 stages); see `bench attention --tiles`.
+    #[arg(long, value_parser = radix_kernels::attention::TileConfig::parse)]
+    tiles: Option<radix_kernels::attention::TileConfig>,
+    /// With --back-to-back: then run the dense decode once more in a CUDA graph with the
+    /// kernel that stamps its phases, and print where a launch's time goes.
+    #[arg(long)]
+    trace: bool,
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     #[arg(long, default_value_t = 50)]
@@ -181,7 +189,8 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         let kv_pools = pools()?;
         let mut o = device.alloc::<T>(b * hq * d)?;
         let sparse_meta = (!a.sparse_budget.is_empty()).then(|| meta.clone());
-        let batch = AttentionBatch::with_options(&device, shape, meta, None, a.target_blocks)?;
+        let mut batch =
+            AttentionBatch::with_options(&device, shape, meta, a.tiles, a.target_blocks)?;
         let t = time_runs(&device, a.warmup, a.runs, |_| kv_pools.run(&batch, &jit, &q, &mut o))?;
         let tokens: usize = lens.iter().sum();
         let kv_elem_bytes = if a.kv_fp8 { 1 } else { 2 };
@@ -225,6 +234,16 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 gbw / 1e9,
                 100.0 * gbw / copy_bw
             );
+            if a.trace && !a.kv_fp8 {
+                batch.enable_trace()?;
+                time_graph(&device, 3, 5, 64, |i| match i % copies {
+                    0 => kv_pools.run(&batch, &jit, &q, &mut o),
+                    c => extra[c - 1].run(&batch, &jit, &q, &mut o),
+                })?;
+                if let Some(stamps) = batch.read_trace()? {
+                    super::decode_trace::print_trace(&label, &stamps, device.info().clock_mhz);
+                }
+            }
             Some((t.median_ms, g.median_ms))
         } else {
             None

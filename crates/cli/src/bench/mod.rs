@@ -6,6 +6,7 @@ mod allreduce;
 mod attention;
 pub mod dataset;
 mod decode;
+mod decode_trace;
 mod gemm;
 mod offline;
 mod roofline;

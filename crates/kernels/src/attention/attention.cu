@@ -186,7 +186,7 @@ static_assert(!WGMMA || ((NUM_WARPS == 8 || NUM_WARPS == 9 || NUM_WARPS == 12 ||
 // Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
 // the stages of bytes).
 constexpr int KV_SMEM = KV_FP8 ? 2 * BN * D * 2 + 2 * ST * BN * D : 2 * ST * BN * D * 2;
-static_assert(!KS || WARPS * 16 * (D + 2) * 4 <= KV_SMEM, "the warps' states fit the K/V stages");
+static_assert(!KS || WARPS * 16 * (D + 10) * 4 <= KV_SMEM, "the warps' states (rows of D + 8, max, sum) fit the K/V stages");
 static_assert((TMA || (BN * DC) % THREADS == 0) && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
@@ -224,6 +224,7 @@ struct AttentionParams {
   const int* kv_last_page_len;  // paged: [batch]
   const WorkItem* work;       // [grid.x]
   MergeItem* merge;           // [split query tiles * num_kv_heads]
+  unsigned long long* trace;  // TRACE: TRACE_SLOTS per block (see TRACE_MARK), else null
   long long q_stride;
   long long o_stride;
   long long kv_stride;        // contiguous only: elements between tokens
@@ -258,6 +259,29 @@ struct KernelParams {
   TmaMap v_map;
 #endif
 };
+
+// TRACE (benchmarks only, `AttentionBatch::enable_trace`): thread 0 of every block stamps
+// its SM's cycle counter at each phase of the kernel (TRACE_MARK(i), slot i < 8), and the
+// global timer at entry and exit (slots 8 and 9) with its SM id (slot 10), so a benchmark
+// can say where a launch's time goes: entry, plan read, wait for the kernel before, first
+// tile in, loop done, output written, split count known, merge done.
+#ifndef TRACE
+#define TRACE 0
+#endif
+constexpr int TRACE_SLOTS = 16;
+#if TRACE
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define TRACE_AT(i, v) \
+  if (threadIdx.x == 0) p.trace[(blockIdx.x + (long long)blockIdx.y * gridDim.x) * TRACE_SLOTS + (i)] = (v)
+#define TRACE_MARK(i) TRACE_AT(i, (unsigned long long)clock64())
+#else
+#define TRACE_AT(i, v)
+#define TRACE_MARK(i)
+#endif
 
 // The block's barrier among the threads still running: once a TMA producer warpgroup has
 // finished (it leaves after its last copy), the compute threads alone.
@@ -454,43 +478,64 @@ __device__ __forceinline__ void widen_warp_keys(int wkey, int lane, u32 fk, u32 
 
 // Combines the splits of rows [row0, end) of sequence b's query tile for kv head kvh:
 // o = Σ w_s o_s / Σ w_s with w_s = exp(lse_s - max lse), lse = max + log Σ w_s. One warp
-// per row, each lane D/32 dims; lane s fetches split s's LSE, so the weights of 32 splits
-// take one round trip, and the partial rows' loads, independent of each other, go out 8 at
-// a time (the separate merge kernel this replaces read them one round trip each: 8.6 us
-// for 32 splits at batch 1, a third of the layer's attention time on the H200). Reads
-// bypass L1 (ld.global.cg): other blocks wrote them during this launch.
+// per row, each lane D/32 dims; lane s fetches split s's LSE, and the partial rows of the
+// first MERGE_AHEAD splits load in the same round trip (they do not need the max first):
+// at batch 1 the merge is on every launch's critical path, and each round trip is ~0.7 us
+// (bench decode --trace on the H200: 2.5-2.8 us a merge with the rows loaded after the
+// LSEs, 8 at a time). Later splits' rows go out 8 at a time. Reads bypass L1
+// (ld.global.cg): other blocks wrote them during this launch.
+// (Key-split decode blocks only: elsewhere the rows' registers would spill in the wgmma
+// kernels, whose splits are long prefill chunks, not latency-bound.)
+constexpr int MERGE_AHEAD = KS ? 16 : 1;
+template <int PER> struct MergeVec { typedef float2 type; };  // a lane's D / 32 values
+template <> struct MergeVec<4> { typedef float4 type; };
+__device__ __forceinline__ void add_scaled(float (&acc)[4], float w, float4 v) {
+  acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
+}
+__device__ __forceinline__ void add_scaled(float (&acc)[2], float w, float2 v) {
+  acc[0] += w * v.x; acc[1] += w * v.y;
+}
 __device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row0, int end, int kvh,
                            int qo_start, int warp, int lane) {
   constexpr int PER = D / 32;
+  typedef typename MergeVec<PER>::type vec_t;
   for (int gr = row0 + warp; gr < end; gr += WARPS) {
     const int t = gr / p.group, head = kvh * p.group + gr % p.group;
     const long long first = (long long)(m.first_row + t) * p.num_qo_heads + head;
     const long long step = (long long)m.split_stride * p.num_qo_heads;  // between splits
-    float mx = NEG_INF;
-    for (int s = lane; s < m.num_splits; s += 32) mx = fmaxf(mx, __ldcg(p.partial_lse + first + s * step));
+    const int n = m.num_splits;
+    const float lse_own = lane < n ? __ldcg(p.partial_lse + first + lane * step) : NEG_INF;
+    vec_t ahead[MERGE_AHEAD];
+#pragma unroll
+    for (int i = 0; i < MERGE_AHEAD; ++i) {
+      if (i < n) ahead[i] = __ldcg(reinterpret_cast<const vec_t*>(p.partial_o + (first + i * step) * D + lane * PER));
+    }
+    float mx = lse_own;
+    for (int s = lane + 32; s < n; s += 32) mx = fmaxf(mx, __ldcg(p.partial_lse + first + s * step));
     mx = warp_max(mx);
     float acc[PER];
 #pragma unroll
     for (int i = 0; i < PER; ++i) acc[i] = 0.f;
     float wsum = 0.f;
     if (mx != NEG_INF) {
-      for (int s0 = 0; s0 < m.num_splits; s0 += 32) {
+      for (int s0 = 0; s0 < n; s0 += 32) {
         const int s = s0 + lane;
-        float wl = s < m.num_splits ? fast_exp2((__ldcg(p.partial_lse + first + s * step) - mx) * 1.4426950408889634f)
-                                    : 0.f;
+        const float ls = s0 == 0 ? lse_own : (s < n ? __ldcg(p.partial_lse + first + s * step) : NEG_INF);
+        const float wl = s < n ? fast_exp2((ls - mx) * 1.4426950408889634f) : 0.f;
         wsum += wl;
-        const int count = min(32, m.num_splits - s0);
-#pragma unroll 8
-        for (int i = 0; i < count; ++i) {
-          const float wi = __shfl_sync(0xffffffffu, wl, i);
-          const float* src = p.partial_o + (first + (s0 + i) * step) * D + lane * PER;
-          if constexpr (PER == 4) {
-            float4 v = __ldcg(reinterpret_cast<const float4*>(src));
-            acc[0] += wi * v.x; acc[1] += wi * v.y; acc[2] += wi * v.z; acc[3] += wi * v.w;
-          } else {
-            float2 v = __ldcg(reinterpret_cast<const float2*>(src));
-            acc[0] += wi * v.x; acc[1] += wi * v.y;
+        const int count = min(32, n - s0);  // warp-uniform
+        int i0 = 0;
+        if (s0 == 0) {
+#pragma unroll
+          for (int i = 0; i < MERGE_AHEAD; ++i) {
+            if (i < count) add_scaled(acc, __shfl_sync(0xffffffffu, wl, i), ahead[i]);
           }
+          i0 = MERGE_AHEAD;
+        }
+#pragma unroll 8
+        for (int i = i0; i < count; ++i) {
+          const float wi = __shfl_sync(0xffffffffu, wl, i);
+          add_scaled(acc, wi, __ldcg(reinterpret_cast<const vec_t*>(p.partial_o + (first + (s0 + i) * step) * D + lane * PER)));
         }
       }
     }
@@ -647,6 +692,15 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   // dependent launch their chain of loads (work item, indptrs, lengths) runs while the
   // kernel before (RoPE and the KV append, or sparse selection) finishes. Page ids (which
   // sparse selection writes), Q and K/V are read after pdl_wait() below.
+  TRACE_MARK(0);
+#if TRACE
+  TRACE_AT(8, global_ns());
+  {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    TRACE_AT(10, smid);
+  }
+#endif
   if (!p.meta_early) pdl_wait();
   extern __shared__ __align__(128) unsigned char smem[];
   const int item = p.heads_inner ? blockIdx.x / p.num_kv_heads : blockIdx.x;
@@ -726,7 +780,9 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   }
 #endif
 
+  TRACE_MARK(1);
   if (p.meta_early) pdl_wait();
+  TRACE_MARK(2);
   // Q tile (by the compute threads): rows past the sequence read as zeros.
 #pragma unroll
   for (int it = 0; it < (producer ? 0 : Q_ITERS); ++it) {
@@ -908,6 +964,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       cp_async_wait<AHEAD - 1>();
     }
     __syncthreads();
+    if (j == 0) TRACE_MARK(3);
     if (j + AHEAD < n_tiles) {
       u32 st = ((j + AHEAD) % ST) * stage_bytes;
       load_kv_tile(p, cur, tile_start + AHEAD * BN, sk0 + st, sv0 + st);
@@ -1081,78 +1138,93 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #endif
   cp_async_wait<0>();
   block_sync();
+  TRACE_MARK(4);
 
   // Epilogue: normalise, then write O (or the fp32 partial) and the LSE.
   const bool partial = w.partial_row >= 0;
   if constexpr (KS) {
     // Each warp saw a quarter of the keys: combine their (m, l, O) through shared memory
-    // (the K/V stages are free now), then each thread finishes D / 8 columns of one row.
+    // (the K/V stages are free now), then each thread finishes D / TPR columns of one row,
+    // four at a time, 32 columns apart. Rows of the states are SO_PITCH floats, 8 more
+    // than D, and the threads of a row read consecutive columns: both the stores (8 rows a
+    // warp instruction) and the loads then touch every bank once per wavefront (with rows
+    // of D floats and 16 columns a thread, 8- and 16-way conflicts: 0.6 + 0.75 us of each
+    // decode block's epilogue under bench decode --trace on the H200).
     constexpr int TPR = THREADS / 16;  // threads per row
     constexpr int CPT = D / TPR;       // columns per thread
-    float* so = reinterpret_cast<float*>(smem + BM * D * 2);  // [WARPS][16][D]
-    float* sm = so + WARPS * 16 * D;                           // [WARPS][16] running max
+    constexpr int CHUNKS = KS ? CPT / 4 : 1;  // of 4 columns (this branch also parses where !KS)
+    constexpr int SO_PITCH = D + 8;
+    float* so = reinterpret_cast<float*>(smem + BM * D * 2);  // [WARPS][16][SO_PITCH]
+    float* sm = so + WARPS * 16 * SO_PITCH;                    // [WARPS][16] running max
     float* sl = sm + WARPS * 16;                               // [WARPS][16] sum
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = lane / 4 + half * 8;
       const float l = warp_sum4(l_run[0][half]);
+      if (half == 1 && row0 + 8 >= rows) break;  // rows 8-15 all past the sequence's rows
       if (lane % 4 == 0) {
         sm[warp * 16 + r] = m_run[0][half];
         sl[warp * 16 + r] = l;
       }
 #pragma unroll
       for (int n = 0; n < ON; ++n) {
-        *reinterpret_cast<float2*>(so + (warp * 16 + r) * D + n * 8 + (lane % 4) * 2) =
+        *reinterpret_cast<float2*>(so + (warp * 16 + r) * SO_PITCH + n * 8 + (lane % 4) * 2) =
             make_float2(o_acc[0][n][half * 2], o_acc[0][n][half * 2 + 1]);
       }
     }
+    TRACE_MARK(11);
     __syncthreads();
-    const int r = threadIdx.x / TPR, c0 = (threadIdx.x % TPR) * CPT;
-    float mx = NEG_INF;
-#pragma unroll
-    for (int wi = 0; wi < WARPS; ++wi) mx = fmaxf(mx, sm[wi * 16 + r]);
-    const float m_use = mx == NEG_INF ? 0.f : mx;
-    float wt[WARPS], l = 0.f;
-#pragma unroll
-    for (int wi = 0; wi < WARPS; ++wi) {
-      wt[wi] = fast_exp2(sm[wi * 16 + r] - m_use);
-      l += wt[wi] * sl[wi * 16 + r];
-    }
-    float inv = l > 0.f ? 1.f / l : 0.f;
-#if KV_FP8
-    inv *= p.v_scale;
-#endif
-    float x[CPT];
-#pragma unroll
-    for (int i = 0; i < CPT; i += 4) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int wi = 0; wi < WARPS; ++wi) {
-        const float4 v = *reinterpret_cast<const float4*>(so + (wi * 16 + r) * D + c0 + i);
-        acc.x += wt[wi] * v.x; acc.y += wt[wi] * v.y; acc.z += wt[wi] * v.z; acc.w += wt[wi] * v.w;
-      }
-      x[i] = acc.x * inv; x[i + 1] = acc.y * inv; x[i + 2] = acc.z * inv; x[i + 3] = acc.w * inv;
-    }
+    TRACE_MARK(12);
+    const int r = threadIdx.x / TPR, c0 = (threadIdx.x % TPR) * 4;  // columns c0 + 32 k
     const int gr = row0 + r;
     if (gr < rows) {
+      float mx = NEG_INF;
+#pragma unroll
+      for (int wi = 0; wi < WARPS; ++wi) mx = fmaxf(mx, sm[wi * 16 + r]);
+      const float m_use = mx == NEG_INF ? 0.f : mx;
+      float wt[WARPS], l = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < WARPS; ++wi) {
+        wt[wi] = fast_exp2(sm[wi * 16 + r] - m_use);
+        l += wt[wi] * sl[wi * 16 + r];
+      }
+      float inv = l > 0.f ? 1.f / l : 0.f;
+#if KV_FP8
+      inv *= p.v_scale;
+#endif
+      float4 x[CHUNKS];
+#pragma unroll
+      for (int k = 0; k < CHUNKS; ++k) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) {
+          const float4 v = *reinterpret_cast<const float4*>(so + (wi * 16 + r) * SO_PITCH + c0 + 4 * TPR * k);
+          acc.x += wt[wi] * v.x; acc.y += wt[wi] * v.y; acc.z += wt[wi] * v.z; acc.w += wt[wi] * v.w;
+        }
+        x[k] = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      }
+      TRACE_MARK(13);
       const int t = gr / p.group, head = kvh * p.group + gr % p.group;
       const float lse = l > 0.f ? (mx + __log2f(l)) * LN2 : NEG_INF;
       if (partial) {
         float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + c0;
 #pragma unroll
-        for (int i = 0; i < CPT; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(x[i], x[i + 1], x[i + 2], x[i + 3]);
+        for (int k = 0; k < CHUNKS; ++k) *reinterpret_cast<float4*>(dst + 4 * TPR * k) = x[k];
         if (threadIdx.x % TPR == 0) p.partial_lse[(long long)(w.partial_row + t) * p.num_qo_heads + head] = lse;
       } else {
         elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + c0;
 #pragma unroll
-        for (int i = 0; i < CPT; i += 8) {
-          uint4 packed = make_uint4(pack2<elem_t>(x[i], x[i + 1]), pack2<elem_t>(x[i + 2], x[i + 3]),
-                                    pack2<elem_t>(x[i + 4], x[i + 5]), pack2<elem_t>(x[i + 6], x[i + 7]));
-          *reinterpret_cast<uint4*>(dst + i) = packed;
+        for (int k = 0; k < CHUNKS; ++k) {
+          *reinterpret_cast<uint2*>(dst + 4 * TPR * k) =
+              make_uint2(pack2<elem_t>(x[k].x, x[k].y), pack2<elem_t>(x[k].z, x[k].w));
         }
         if (p.lse && threadIdx.x % TPR == 0) p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = lse;
       }
     }
+    TRACE_MARK(5);
+#if TRACE
+    if (!partial) TRACE_AT(9, global_ns());
+#endif
     if (!partial) return;
   } else {
     // (The producer warp has no rows: its would-be rows lie past the Q tile it stages in.)
@@ -1212,26 +1284,42 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       return;
     }
   }
-  // The last split of this (query tile, kv head) to finish merges them all. Every thread
-  // fences its partial writes before the count; the block that completes the count fences
-  // again before reading the others' (the threadFenceReduction pattern).
+  // The last split of this (query tile, kv head) to finish merges them all. The block's
+  // barrier orders every thread's partial writes before thread 0's fence and count (the
+  // fence is cumulative: it publishes what the barrier made thread 0 see, as cooperative
+  // groups' grid barrier does); the block that completes the count fences again before
+  // its threads read the others' partials.
   __shared__ int is_last;
   MergeItem* m = p.merge + w.merge + kvh;
-  __threadfence();
   block_sync();
   if (threadIdx.x == 0) {
+    __threadfence();
     const int done = atomicAdd(&m->arrived, 1) + 1;
     is_last = done == m->num_splits;
-    if (is_last) atomicExch(&m->arrived, 0);  // all have arrived: ready for the next launch
+    if (is_last) {
+      atomicExch(&m->arrived, 0);  // all have arrived: ready for the next launch
+      __threadfence();
+    }
   }
   block_sync();
+  TRACE_MARK(6);
+#if TRACE
+  // (Slot 7, merge done, is the last split's: zeroed here, after the wait, where the
+  // previous launch's last split can no longer write it.)
+  if (!is_last) TRACE_AT(7, 0ull);
+  if (!is_last) TRACE_AT(9, global_ns());
+#endif
   if (!is_last) return;
-  __threadfence();
   if (!producer) merge_rows(p, *m, row0, min(rows, row0 + BM), kvh, qo_start, warp, lane);
+#if TRACE
+  block_sync();
+  TRACE_MARK(7);
+  TRACE_AT(9, global_ns());
+#endif
 }
 
 #endif  // PERSISTENT
 
-static_assert(sizeof(AttentionParams) == 176, "AttentionParams mirrors launch.rs");
-static_assert(sizeof(KernelParams) == (TMA ? 512 : 176), "KernelParams mirrors launch.rs");
+static_assert(sizeof(AttentionParams) == 184, "AttentionParams mirrors launch.rs");
+static_assert(sizeof(KernelParams) == (TMA ? 512 : 184), "KernelParams mirrors launch.rs");
 static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

@@ -40,6 +40,7 @@ pub(crate) struct AttentionParams {
     kv_last_page_len: u64,
     work: u64,
     merge: u64,
+    trace: u64,
     q_stride: i64,
     o_stride: i64,
     kv_stride: i64,
@@ -369,7 +370,16 @@ pub struct AttentionBatch {
     meta: BatchMeta,
     plan: WorkList,
     buffers: AttentionBuffers,
+    /// `enable_trace`: `TRACE_SLOTS` stamps per block of the last launch (u64s as pairs
+    /// of u32, low word first).
+    trace: Option<DeviceBuffer<u32>>,
 }
+
+/// Stamps per block of a traced launch (attention.cu's `TRACE_SLOTS`): the SM's cycle
+/// counter at phases 0-7 (entry, plan read, wait done, first tile in, loop done, output
+/// written, split count known, merge done: 0 where the block did not merge), the global
+/// timer in ns at entry (8) and exit (9), the SM id (10).
+pub const TRACE_SLOTS: usize = 16;
 
 impl AttentionBatch {
     /// Validates the shape, plans the work (splitting keys when the batch alone cannot
@@ -453,7 +463,7 @@ impl AttentionBatch {
             "attention buffers too small for a batch of {batch} with {} work items",
             plan.work.len()
         );
-        Ok(Self { device: device.clone(), shape, tiles, meta, plan, buffers })
+        Ok(Self { device: device.clone(), shape, tiles, meta, plan, buffers, trace: None })
     }
 
     pub fn work(&self) -> &WorkList {
@@ -466,6 +476,24 @@ impl AttentionBatch {
 
     pub fn tiles(&self) -> TileConfig {
         self.tiles
+    }
+
+    /// Benchmarks: from now on launches run the kernel that stamps its phases
+    /// (`TRACE_SLOTS` per block; mma.sync tiles over 16-bit K/V only), read back by
+    /// `read_trace`.
+    pub fn enable_trace(&mut self) -> Result<()> {
+        ensure!(!self.tiles.wgmma, "traces are of the mma.sync kernel, not {:?}", self.tiles);
+        let blocks = self.plan.work.len() * self.shape.num_kv_heads;
+        self.trace = Some(self.device.alloc_zeros(2 * blocks * TRACE_SLOTS)?);
+        Ok(())
+    }
+
+    /// The last traced launch's stamps, `TRACE_SLOTS` per block (block i: work item
+    /// i / Hkv, kv head i % Hkv with heads inside, else item i % items, head i / items).
+    pub fn read_trace(&self) -> Result<Option<Vec<u64>>> {
+        let Some(t) = &self.trace else { return Ok(None) };
+        let words = t.to_vec()?;
+        Ok(Some(words.chunks(2).map(|w| w[0] as u64 | (w[1] as u64) << 32).collect()))
     }
 
     /// Runs attention for one layer. `q` and `o` are `[total_q, num_qo_heads, head_dim]`;
@@ -571,7 +599,9 @@ impl AttentionBatch {
         };
         let (spec, smem, threads) = match kv.fp8 {
             None => {
-                (spec::<T>(d, paged, self.tiles), self.tiles.smem_bytes(d, 2), self.tiles.threads())
+                let spec = spec::<T>(d, paged, self.tiles);
+                let spec = if self.trace.is_some() { spec.define("TRACE", 1) } else { spec };
+                (spec, self.tiles.smem_bytes(d, 2), self.tiles.threads())
             }
             Some(_) => {
                 // The wgmma kernel reads 16-bit tiles only: over an FP8 pool the mma.sync
@@ -617,6 +647,7 @@ impl AttentionBatch {
             kv_last_page_len: self.buffers.kv_last_page_len.ptr(),
             work: self.buffers.work.ptr(),
             merge: self.buffers.merge.ptr(),
+            trace: self.trace.as_ref().map_or(0, |t| t.ptr()),
             q_stride: row as i64,
             o_stride: row as i64,
             kv_stride: (s.num_kv_heads * d) as i64,
@@ -723,7 +754,7 @@ struct KvRead {
 }
 
 // Keep the host structs the size the kernels expect.
-const _: () = assert!(std::mem::size_of::<AttentionParams>() == 176);
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 184);
 const _: () = assert!(std::mem::size_of::<TmaKernelParams>() == 512);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

@@ -10,7 +10,7 @@ mod reference;
 pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{
     AttentionBatch, AttentionBuffers, KvFp8Scales, PERSISTENT_MAX_MEAN_KEYS, TMA3_MIN_MEAN_KEYS,
-    default_target_blocks, plan_batch, prefill_tiles, spec, spec_fp8_kv,
+    TRACE_SLOTS, default_target_blocks, plan_batch, prefill_tiles, spec, spec_fp8_kv,
 };
 pub use plan::{
     MergeItem, StepWorkBound, TileConfig, WorkItem, WorkList, decode_work_bound, plan,

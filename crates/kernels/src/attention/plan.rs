@@ -212,8 +212,29 @@ impl TileConfig {
     /// `WARPS,M_TILES,BLOCK_N[,STAGES]` (two stages unless given), or `wgmma[,BLOCK_N[,STAGES]]`
     /// for the Hopper kernel (`PREFILL_SM90` unless given; `wgmma-ws`, `wgmma-ws4`: with one
     /// or four producer warps; `wgmma-tma`, `wgmma-tma-persistent`, `wgmma-tma3`: the TMA
-    /// producer, also persistent or with three compute warpgroups).
+    /// producer, also persistent or with three compute warpgroups), or `ks[,BLOCK_N[,STAGES]]`
+    /// for the key-split decode tiles (`DECODE_SMALL` unless given).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
+        if let Some(rest) = s.strip_prefix("ks") {
+            let v: Vec<u32> = rest
+                .split(',')
+                .filter(|x| !x.trim().is_empty())
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("bad tile config {s:?}: expected ks[,BLOCK_N[,STAGES]]"))?;
+            let base = Self::DECODE_SMALL;
+            let (block_n, stages) = match v[..] {
+                [] => (base.block_n, base.stages),
+                [n] => (n, base.stages),
+                [n, st] => (n, st),
+                _ => (0, 0),
+            };
+            return if [64, 128].contains(&block_n) && (2..=4).contains(&stages) {
+                Ok(TileConfig { block_n, stages, ..base })
+            } else {
+                Err(format!("bad tile config {s:?}: ks BLOCK_N 64 or 128; STAGES 2..=4"))
+            };
+        }
         // Only the variants the GPU tests run (gpu_attention.rs): 128 keys a tile; two or
         // three stages (four producer warps: two).
         if s == "wgmma-tma-persistent" {
@@ -773,5 +794,9 @@ mod tests {
         assert_eq!(t3, TileConfig::PREFILL_SM90_TMA_D64);
         assert_eq!((t3.threads(), t3.block_m(), t3.smem_bytes(64, 2)), (512, 192, 89 * 1024));
         assert_eq!(t3.blocks_per_sm(64, hopper), 1);
+        assert_eq!(TileConfig::parse("ks").unwrap(), TileConfig::DECODE_SMALL);
+        let ks = TileConfig::parse("ks,128,2").unwrap();
+        assert!(ks.key_split && (ks.block_n, ks.stages) == (128, 2));
+        assert!(TileConfig::parse("ks,32").is_err() && TileConfig::parse("ks,64,5").is_err());
     }
 }
