@@ -253,11 +253,16 @@ fn the_streaming_kernel_builds_x_and_adds_into_out() {
                 gemv::gemv_stream_fused(&jit, (1, n, k), input, sw, &mut out, false).unwrap();
                 let err = relative_error(&out.to_vec().unwrap(), &dot);
                 assert!(err <= 8e-3, "{name} fp8={fp8} N={n} K={k}: rel err {err:.3e}");
-                // out += x · wᵀ over a random start, the product rounded first.
-                let start: Vec<bf16> = random(&mut rng, n);
+                // out += x · wᵀ over a random start as large as the product, which is
+                // rounded to bf16 before the add and the sum after it.
+                let rms = (dot.iter().map(|d| d * d).sum::<f64>() / n as f64).sqrt();
+                let start: Vec<bf16> =
+                    (0..n).map(|_| bf16::from_f64(rng.random_range(-1.0..1.0) * rms)).collect();
                 let mut acc = dev.upload(&start).unwrap();
                 gemv::gemv_stream_fused(&jit, (1, n, k), input, sw, &mut acc, true).unwrap();
-                let want: Vec<f64> = start.iter().zip(&dot).map(|(s, d)| s.to_f64() + d).collect();
+                let round = |v: f64| bf16::from_f64(v).to_f64();
+                let want: Vec<f64> =
+                    start.iter().zip(&dot).map(|(s, d)| round(s.to_f64() + round(*d))).collect();
                 let got = acc.to_vec().unwrap();
                 assert!(got.iter().all(|v| v.is_finite()), "{name} fp8={fp8} N={n}: not finite");
                 let err = relative_error(&got, &want);
@@ -287,4 +292,13 @@ fn the_streaming_kernel_builds_x_and_adds_into_out() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("norm weight"), "{err}");
+    // out over the activation x is built from: a clear error, not a race.
+    let mut gate_up = dev.alloc_zeros::<bf16>(2 * 1024).unwrap();
+    // SAFETY: a view of gate_up's own elements, dropped before gate_up.
+    let view = unsafe { gate_up.view(0, 2 * 1024) }.unwrap();
+    let silu = gemv::StreamX::SiluMul(&view);
+    let err = gemv::gemv_stream_fused(&jit, (1, 16, 1024), silu, sw, &mut gate_up, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("overlaps"), "{err}");
 }

@@ -215,7 +215,7 @@ impl TileConfig {
     /// producer, also persistent or with three compute warpgroups), or `ks[,BLOCK_N[,STAGES]]`
     /// for the key-split decode tiles (`DECODE_SMALL` unless given).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
-        if let Some(rest) = s.strip_prefix("ks") {
+        if let Some(rest) = s.strip_prefix("ks").filter(|r| r.is_empty() || r.starts_with(',')) {
             let v: Vec<u32> = rest
                 .split(',')
                 .filter(|x| !x.trim().is_empty())
@@ -798,5 +798,6 @@ mod tests {
         let ks = TileConfig::parse("ks,128,2").unwrap();
         assert!(ks.key_split && (ks.block_n, ks.stages) == (128, 2));
         assert!(TileConfig::parse("ks,32").is_err() && TileConfig::parse("ks,64,5").is_err());
+        assert!(TileConfig::parse("ks128").is_err());
     }
 }

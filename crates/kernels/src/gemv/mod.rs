@@ -322,7 +322,8 @@ fn stream_smem(
     let rows_per_block = n.div_ceil(info.sm_count.max(1) as usize);
     let spans = rows_per_block * (k * elem_bytes / STREAM_WARP_BYTES);
     let sums = (spans * m.next_power_of_two() * 4).next_multiple_of(16);
-    let x = if built { 2 * k } else { 0 };
+    // The built row, and the consumers' 16 partial sums of squares (static shared memory).
+    let x = if built { 2 * k + 16 * 4 } else { 0 };
     (rows_per_block, STREAM_RING_BYTES + sums + STREAM_STAGES * 16 + x)
 }
 
@@ -397,6 +398,21 @@ pub fn gemv_stream_fused<T: HalfFloat, O: Element>(
     };
     let built = x.x_src() != 0;
     x.check(m, k)?;
+    // Blocks write out while others still read what x is built from: they must not overlap.
+    let out_bytes = (out.ptr(), out.len() * std::mem::size_of::<O>());
+    let src = x.source();
+    let mut inputs = vec![(src.ptr(), src.len() * std::mem::size_of::<T>())];
+    if let StreamX::RmsNorm { weight, .. } = x {
+        inputs.push((weight.ptr(), weight.len() * std::mem::size_of::<T>()));
+    }
+    for (at, len) in inputs {
+        ensure!(
+            at + len as u64 <= out_bytes.0 || out_bytes.0 + out_bytes.1 as u64 <= at,
+            "gemv_stream's out overlaps its input ({at:#x}+{len} and {:#x}+{})",
+            out_bytes.0,
+            out_bytes.1
+        );
+    }
     ensure!(
         fits_stream_bytes(info, m, n, k, elem_bytes, built),
         "gemv_stream takes 1..={STREAM_MAX_ROWS} rows, K a multiple of {}, an sm_90a GPU and \
@@ -404,7 +420,6 @@ pub fn gemv_stream_fused<T: HalfFloat, O: Element>(
         STREAM_WARP_BYTES / elem_bytes,
         info.name
     );
-    let src = x.source();
     // cp.async.bulk and the 16-byte loads of x need 16-byte alignment.
     ensure!(
         w_ptr.is_multiple_of(16) && src.ptr().is_multiple_of(16),

@@ -29,8 +29,9 @@
 // builds x in shared memory after pdl_wait() while its first weight stages land,
 //   X_SRC 1: x = RMSNorm(p.x) · p.norm_w (p.x the residual stream, k wide),
 //   X_SRC 2: x = SiLU(gate) · up of p.x = [gate | up] (2k wide),
-// each value rounded to elem_t as ops.cu stores it; and `accumulate` adds the product
-// into out (the residual add). A block recomputes the whole row (4-14K values: a few
+// each value rounded to elem_t as ops.cu stores it (the norm's sum of squares adds up in
+// another order than ops.cu's block_sum: a value may differ by one ulp); and `accumulate`
+// adds the product into out (the residual add). A block recomputes the whole row (4-14K values: a few
 // loads a thread, from L2).
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"

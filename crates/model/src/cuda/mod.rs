@@ -1030,7 +1030,7 @@ impl Backend for CudaBackend {
             LinearInput::SiluMul(x) => (*x, x.cols / 2),
         };
         Self::check(
-            k == w.cols && out.rows == x.rows && out.cols == w.rows && x.cols % k == 0,
+            k > 0 && k == w.cols && out.rows == x.rows && out.cols == w.rows && x.cols % k == 0,
             || {
                 format!(
                     "fused linear: x [{}, {}] · w [{}, {}]ᵀ into [{}, {}]",
