@@ -345,6 +345,8 @@ pub fn plan_batch(
         device.info().sm_count as usize
             * tiles.blocks_per_sm(shape.head_dim, device.info().max_shared_per_block)
     });
+    // Sparse paging's per-head tables come from the kernel before (no K/V before the wait).
+    let late_tables = matches!(meta.kv, KvSource::Paged { head_tables: true, .. });
     let plan = plan(
         &meta.q_lens,
         &meta.kv_lens,
@@ -353,6 +355,7 @@ pub fn plan_batch(
         tiles,
         target_blocks,
         256,
+        late_tables,
     );
     Ok((tiles, plan))
 }

@@ -420,7 +420,8 @@ pub fn step_work_bound(
     }
 }
 
-/// Decode chunks shorter than this many K/V tiles run one block an SM (`choose_chunk`).
+/// Decode chunks over page tables from the kernel before that are shorter than this many
+/// K/V tiles run one block an SM (`choose_chunk`).
 const SHORT_CHUNK_TILES: usize = 16;
 
 /// The split of a batch's keys, in K/V tiles per chunk, or `None` to leave every item
@@ -439,6 +440,7 @@ fn choose_chunk(
     heads: usize,
     slots: usize,
     min_tiles: usize,
+    late_tables: bool,
 ) -> Option<usize> {
     let max_kv = items.iter().map(|&(_, k)| k).max()?;
     if heads == 0 || max_kv <= min_tiles {
@@ -459,13 +461,18 @@ fn choose_chunk(
             lo
         };
         let mut chunk = fit(slots);
-        // Decode blocks of a few tiles pay the split's fixed costs (the first tiles' round
-        // trips, the partials and their merge) more often than two blocks an SM gain in
-        // overlap: below SHORT_CHUNK_TILES, half the slots (one block an SM at the default
-        // two) and chunks twice as long. H200, in CUDA graphs: 1@8192 15.4 vs 16.7 us;
-        // sparse per-head tables of 9.8K keys 18.0 vs 20.6 us; 1@32768 (16 tiles) and
-        // 1@1024..4096 unchanged; 1@131072 (62-tile chunks) 138.8 vs 131.7 us with one an SM.
-        if chunk < SHORT_CHUNK_TILES && slots >= 2 && items.iter().all(|&(q, _)| q <= 1) {
+        // Page tables written by the kernel before (sparse paging's per-head tables): no
+        // tile loads before pdl_wait(), so each split's first tiles are a round trip after
+        // it, and short decode chunks run at half the slots (one block an SM) and twice as
+        // long. H200, CUDA graphs (bench/NOTES.md): 1@32768 budget 0.3 29.1 vs 31.8 us,
+        // 1@131072 budget 0.1 43.3 vs 47.9 us. With the host's tables two blocks an SM won
+        // once the merge and the key-split epilogue were cut: 1@8192 12.9 vs 13.5 us,
+        // 1@16384 20.4 vs 22.3 us.
+        if late_tables
+            && chunk < SHORT_CHUNK_TILES
+            && slots >= 2
+            && items.iter().all(|&(q, _)| q <= 1)
+        {
             chunk = fit(slots / 2);
         }
         (chunk < max_kv).then_some(chunk)
@@ -479,7 +486,9 @@ fn choose_chunk(
 /// Plans a batch: `q_lens[b]` query tokens against `kv_lens[b]` keys.
 ///
 /// `target_blocks` is how many blocks run at once (2 per SM: one wave); keys are split
-/// into chunks of at least `min_chunk` keys as `choose_chunk` decides.
+/// into chunks of at least `min_chunk` keys as `choose_chunk` decides; `late_tables`: the
+/// page tables come from the kernel before (sparse paging's per-head tables).
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     q_lens: &[usize],
     kv_lens: &[usize],
@@ -488,6 +497,7 @@ pub fn plan(
     tiles: TileConfig,
     target_blocks: usize,
     min_chunk: usize,
+    late_tables: bool,
 ) -> WorkList {
     debug_assert_eq!(q_lens.len(), kv_lens.len());
     let bm = tiles.block_m();
@@ -497,7 +507,7 @@ pub fn plan(
         (0..q_lens.len()).map(|b| (q_tiles(b), kv_lens[b].div_ceil(bn))).collect();
     let min_tiles = min_chunk.div_ceil(bn).max(1);
     // Keys per split, in whole K/V tiles; usize::MAX means "do not split".
-    let chunk = match choose_chunk(&items, num_kv_heads, target_blocks, min_tiles) {
+    let chunk = match choose_chunk(&items, num_kv_heads, target_blocks, min_tiles, late_tables) {
         Some(tiles) => tiles * bn,
         None => usize::MAX,
     };
@@ -576,7 +586,7 @@ mod tests {
 
     #[test]
     fn big_batches_are_not_split() {
-        let p = plan(&[1000, 1], &[1000, 5], 1, 8, TILES, 16, 256);
+        let p = plan(&[1000, 1], &[1000, 5], 1, 8, TILES, 16, 256, false);
         assert!(p.merge.is_empty() && p.partial_rows == 0);
         assert_eq!(p.work.len(), 1000usize.div_ceil(64) + 1);
         assert!(p.work.iter().all(|w| w.partial_row < 0 && w.kv_begin == 0));
@@ -586,7 +596,7 @@ mod tests {
     #[test]
     fn decode_of_one_long_sequence_is_split_into_chunks_covering_every_key() {
         // One token, group 4, 65536 keys, 8 kv heads, 264 blocks wanted.
-        let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256);
+        let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256, false);
         let splits = p.work.len();
         // As many equal chunks as fit one wave of 264 blocks over 8 kv heads: 32 of 2,048.
         assert_eq!(splits, 32);
@@ -622,7 +632,7 @@ mod tests {
                     })
                     .collect();
                 let q = vec![1; batch];
-                let mut p = plan(&q, &kv, 4, 8, TILES, 264, 256);
+                let mut p = plan(&q, &kv, 4, 8, TILES, 264, 256, false);
                 let bound = decode_work_bound(batch, 4, 8, TILES, 264);
                 assert!(p.work.len() <= bound, "{} items > bound {bound}", p.work.len());
                 assert!(p.merge.len() <= batch * 8);
@@ -631,7 +641,7 @@ mod tests {
                 assert!(p.work.iter().skip_while(|w| w.batch >= 0).all(|w| w.batch < 0));
             }
         }
-        let mut p = plan(&[1], &[100], 4, 8, TILES, 264, 256);
+        let mut p = plan(&[1], &[100], 4, 8, TILES, 264, 256, false);
         assert!(p.pad_to(0).is_err());
     }
 
@@ -643,14 +653,16 @@ mod tests {
     #[test]
     fn small_batches_split_into_one_full_wave() {
         // 8 sequences of 16K over 8 kv heads, 264 slots: 4 chunks each, 256 blocks.
-        let p = plan(&[1; 8], &[16384; 8], 4, 8, TILES, 264, 256);
+        let p = plan(&[1; 8], &[16384; 8], 4, 8, TILES, 264, 256, false);
         assert_eq!(blocks_and_longest(&p, 8), (256, 4096));
-        // 1@8192: chunks of the minimum (256 keys) would be 4 tiles: short, so one block
-        // an SM, 16 chunks of 512 keys.
-        let p = plan(&[1], &[8192], 4, 8, TILES, 264, 256);
+        // 1@8192: chunks of the minimum, 256 keys, two blocks an SM; over page tables
+        // from the kernel before (sparse), short chunks run one block an SM: 16 of 512.
+        let p = plan(&[1], &[8192], 4, 8, TILES, 264, 256, false);
+        assert_eq!(blocks_and_longest(&p, 8), (256, 256));
+        let p = plan(&[1], &[8192], 4, 8, TILES, 264, 256, true);
         assert_eq!(blocks_and_longest(&p, 8), (128, 512));
         // 1@65536 splits into chunks of 16 tiles at two blocks an SM: not short.
-        let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256);
+        let p = plan(&[1], &[65536], 4, 8, TILES, 264, 256, false);
         assert_eq!(blocks_and_longest(&p, 8), (256, 2048));
         // Never a second wave, for any mix under one.
         let mut rng = 3u64;
@@ -661,7 +673,7 @@ mod tests {
                     1 + (rng >> 33) as usize % 100_000
                 })
                 .collect();
-            let p = plan(&vec![1; batch], &kv, 4, 8, TILES, 264, 256);
+            let p = plan(&vec![1; batch], &kv, 4, 8, TILES, 264, 256, false);
             assert!(p.work.len() * 8 <= 264, "batch {batch}: {} items", p.work.len());
         }
     }
@@ -672,7 +684,7 @@ mod tests {
         // one alone would take longer than all the rest spread over the slots.
         let mut kv = vec![1000; 63];
         kv.push(16000);
-        let p = plan(&[1; 64], &kv, 4, 8, TILES, 264, 256);
+        let p = plan(&[1; 64], &kv, 4, 8, TILES, 264, 256, false);
         let work_tiles: usize = kv.iter().map(|k| k.div_ceil(64)).sum();
         let average_keys = (work_tiles * 8).div_ceil(264) * 64;
         let (_, longest) = blocks_and_longest(&p, 8);
@@ -680,7 +692,7 @@ mod tests {
         assert_eq!(p.merge.len(), 8, "only the long sequence is split (an entry per kv head)");
         assert!(p.heads_inner);
         // Equal lengths over a wave stay whole (the waves are already even).
-        let p = plan(&[1; 128], &[2048; 128], 4, 8, TILES, 264, 256);
+        let p = plan(&[1; 128], &[2048; 128], 4, 8, TILES, 264, 256, false);
         assert!(p.merge.is_empty() && p.work.len() == 128);
     }
 
@@ -709,7 +721,7 @@ mod tests {
                     kv.push(ql + next(40_000));
                 }
                 let rows = q.iter().max().unwrap() * group;
-                let p = plan(&q, &kv, group, heads, TileConfig::choose(rows), 264, 256);
+                let p = plan(&q, &kv, group, heads, TileConfig::choose(rows), 264, 256, false);
                 assert!(p.work.len() <= bound.work_items, "{} > {bound:?}", p.work.len());
                 assert!(p.merge.len() <= bound.merge_items, "{} > {bound:?}", p.merge.len());
                 assert!(p.partial_rows <= bound.partial_rows, "{} > {bound:?}", p.partial_rows);
@@ -721,7 +733,7 @@ mod tests {
     fn split_items_find_their_splits_through_the_merge_entries() {
         // Prompt chunks beside decode rows, group 5 (tiles straddle tokens), 3 kv heads.
         let (q, kv) = ([1usize, 40, 1, 7], [9000usize, 3000, 300, 20_000]);
-        let p = plan(&q, &kv, 5, 3, TileConfig::PREFILL, 264, 256);
+        let p = plan(&q, &kv, 5, 3, TileConfig::PREFILL, 264, 256, false);
         assert!(p.work.iter().any(|w| w.partial_row >= 0), "something splits");
         for w in p.work.iter().filter(|w| w.partial_row >= 0) {
             let mut splits: Vec<&WorkItem> =
@@ -742,7 +754,7 @@ mod tests {
 
     #[test]
     fn chunks_respect_the_minimum() {
-        let p = plan(&[1], &[1000], 1, 1, TILES, 1000, 256);
+        let p = plan(&[1], &[1000], 1, 1, TILES, 1000, 256, false);
         assert!(p.work.iter().all(|w| w.kv_end - w.kv_begin >= 256 || w.kv_end == 1000));
         assert_eq!(p.work.len(), 4);
     }
