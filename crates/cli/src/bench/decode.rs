@@ -211,9 +211,13 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
             // Enough pool copies to exceed the L2 cache (50 MB on the H100/H200) fourfold.
             let copies = (256usize << 20).div_ceil(2 * pool * kv_elem_bytes).clamp(1, 16);
             let extra: Vec<_> = (1..copies).map(|_| pools()).collect::<anyhow::Result<_>>()?;
-            let t = time_back_to_back(&device, a.warmup, 5, a.runs, |i| match i % copies {
-                0 => kv_pools.run(&batch, &jit, &q, &mut o),
-                c => extra[c - 1].run(&batch, &jit, &q, &mut o),
+            // Run i reads copy i % copies of the pool.
+            let pool_copy = |i: usize| match i % copies {
+                0 => &kv_pools,
+                c => &extra[c - 1],
+            };
+            let t = time_back_to_back(&device, a.warmup, 5, a.runs, |i| {
+                pool_copy(i).run(&batch, &jit, &q, &mut o)
             })?;
             let bw = bytes as f64 / (t.median_ms * 1e-3);
             println!(
@@ -223,9 +227,8 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
                 100.0 * bw / copy_bw
             );
             // In a CUDA graph, as the engine's decode runs it (64 runs a graph).
-            let g = time_graph(&device, 3, a.runs.clamp(5, 20), 64, |i| match i % copies {
-                0 => kv_pools.run(&batch, &jit, &q, &mut o),
-                c => extra[c - 1].run(&batch, &jit, &q, &mut o),
+            let g = time_graph(&device, 3, a.runs.clamp(5, 20), 64, |i| {
+                pool_copy(i).run(&batch, &jit, &q, &mut o)
             })?;
             let gbw = bytes as f64 / (g.median_ms * 1e-3);
             println!(
@@ -236,10 +239,7 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
             );
             if a.trace && !a.kv_fp8 {
                 batch.enable_trace()?;
-                time_graph(&device, 3, 5, 64, |i| match i % copies {
-                    0 => kv_pools.run(&batch, &jit, &q, &mut o),
-                    c => extra[c - 1].run(&batch, &jit, &q, &mut o),
-                })?;
+                time_graph(&device, 3, 5, 64, |i| pool_copy(i).run(&batch, &jit, &q, &mut o))?;
                 if let Some(stamps) = batch.read_trace()? {
                     super::decode_trace::print_trace(&label, &stamps, device.info().clock_mhz);
                 }

@@ -268,8 +268,8 @@ struct KernelParams {
 #ifndef TRACE
 #define TRACE 0
 #endif
-constexpr int TRACE_SLOTS = 16;
 #if TRACE
+constexpr int TRACE_SLOTS = 16;  // mirrors launch.rs
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -426,11 +426,8 @@ pub fn gemv_stream_fused<T: HalfFloat, O: Element>(
         "gemv_stream needs 16-byte aligned w and x, got {w_ptr:#x} and {:#x}",
         src.ptr()
     );
-    let out_f32 = if built {
-        check_x_out((m, n, 0), src, out, "gemv_stream")?
-    } else {
-        check_x_out((m, n, k), src, out, "gemv_stream")?
-    };
+    // (A built x's source was checked by `StreamX::check`, against its own width.)
+    let out_f32 = check_x_out((m, n, if built { 0 } else { k }), src, out, "gemv_stream")?;
     // About one block per SM, each a whole number of rows.
     let (rows_per_block, smem) = stream_smem(info, m, n, k, elem_bytes, built);
     let spec = match (built, scales) {
