@@ -97,6 +97,18 @@ pub fn catalog() -> Vec<KernelSpec> {
             if hopper != tiles {
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, hopper));
             }
+            // Key-split blocks' other ways to widen (RADIX_SPARSE_FP8_WIDEN; spec_fp8_kv
+            // has the default, 3).
+            if tiles.key_split {
+                for widen in [0, 1, 2] {
+                    specs.push(
+                        attention::spec::<bf16>(head_dim, true, hopper)
+                            .define("KV_FP8", 1)
+                            .define("FP8_CVT", widen)
+                            .min_arch(radix_gpu::Arch::SM89),
+                    );
+                }
+            }
         }
     }
     for m in [1, 2, 4, 8] {

@@ -454,6 +454,25 @@ fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
             kv: Kv::Paged(16),
         },
     ];
+    // Every way key-split blocks widen bytes (the one test of this binary reading FP8, so
+    // the process-wide choice reaches no other test).
+    use radix_kernels::attention::{Fp8Widen, set_fp8_widen};
+    for widen in
+        [Fp8Widen::BitMoves, Fp8Widen::ConvertKeys, Fp8Widen::ConvertValues, Fp8Widen::Convert]
+    {
+        set_fp8_widen(Some(widen));
+        fp8_cases(&dev, &jit, scales, &cases, widen);
+    }
+    set_fp8_widen(None);
+}
+
+fn fp8_cases(
+    dev: &radix_gpu::Device,
+    jit: &Jit,
+    scales: radix_kernels::attention::KvFp8Scales,
+    cases: &[Case],
+    widen: radix_kernels::attention::Fp8Widen,
+) {
     for (i, c) in cases.iter().enumerate() {
         let mut rng = SmallRng::seed_from_u64(500 + i as u64);
         let shape = AttentionShape::new(c.hq, c.hkv, c.d, c.causal).with_fp8_kv(true);
@@ -474,16 +493,21 @@ fn fp8_pool_matches_the_reference_of_its_dequantized_values() {
         };
         let (kb, kd) = quant(&k, scales.k);
         let (vb, vd) = quant(&v, scales.v);
-        let batch = AttentionBatch::new(&dev, shape, meta.clone(), None).unwrap();
+        let batch = AttentionBatch::new(dev, shape, meta.clone(), None).unwrap();
         let (dq, dk, dv) =
             (dev.upload(&q).unwrap(), dev.upload(&kb).unwrap(), dev.upload(&vb).unwrap());
         let mut o = dev.alloc::<bf16>(q.len()).unwrap();
         o.fill_bytes(0xFF).unwrap();
-        batch.run_fp8(&jit, &dq, &dk, &dv, scales, &mut o, None).unwrap();
+        batch.run_fp8(jit, &dq, &dk, &dv, scales, &mut o, None).unwrap();
         let got = o.to_vec().unwrap();
         let qf: Vec<f32> = q.iter().map(|x| x.to_f32()).collect(); // exact
         let want = attention_reference(&shape, &meta, &qf, &kd, &vd);
         let err = relative_error(&got, &want.o);
-        assert!(err <= 1e-2, "FP8 pool case {i} (d={} kv={:?}): rel err {err:.3e}", c.d, c.kv);
+        assert!(
+            err <= 1e-2,
+            "FP8 pool case {i} (d={} kv={:?}, {widen:?}): rel err {err:.3e}",
+            c.d,
+            c.kv
+        );
     }
 }

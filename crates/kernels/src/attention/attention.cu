@@ -40,23 +40,25 @@
 // (attention/tma.cuh); 1.2x on 500-token sequences, 3-8% slower on long ones, so far opt-in.
 //
 // KV_FP8: the K/V pool holds e4m3 bytes (an FP8 KV cache, half the bytes). Each stage
-// then holds a tile's bytes (16-byte cp.async copies, unswizzled); before the MMAs they
-// are widened into one f16 K and V tile, swizzled as 16-bit tiles are: by the thread
-// that copied them, or in KEY_SPLIT blocks by the warp that computes on those keys
-// (then a __syncwarp instead of a second block barrier). The widening moves bits, it
+// then holds a tile's bytes (16-byte cp.async copies, swizzled by row: fp8_chunk); before
+// the MMAs they are widened into one f16 K and V tile, swizzled as 16-bit tiles are, by
+// the thread that copied them; KEY_SPLIT blocks (decode) instead widen each warp's keys in
+// registers, straight from the stage into MMA fragments (FP8_REGS). The widening moves bits, it
 // does not convert: each e4m3 byte's sign, exponent and mantissa moved into an f16
 // (s eeee mmm -> s 0eeee mmm0000000) are its value times 2^-8 exactly, normal or
-// subnormal (the conversion instructions run at a quarter of the ALU rate). So over an
+// subnormal (the conversion instructions run at a quarter of the ALU rate; key-split
+// blocks convert by default all the same, FP8_CVT: one instruction against three). So over an
 // FP8 pool the MMAs run in f16 (mma_t): the Q tile is converted to f16 once per block
 // (clamped to +-65504; values below 2^-24 flush to zero), and the launcher folds 2^8 and
 // the per-layer key scale into scale_log2, 2^8 and the value scale into the epilogue's
-// normalisation (v_scale). An e4m3 NaN byte widens to a finite +-480: the KV writer
-// saturates, so only a NaN key or value reaches one.
+// normalisation (v_scale). An e4m3 NaN byte widens to a finite +-480 by bit moves and
+// to NaN by conversion: the KV writer saturates, so only a NaN key or value reaches one.
 //
-// Measured on the H200 (bench/NOTES.md): decode over e4m3 pages takes about as long per
-// tile as over bf16 pages, 53-57% of the copy bandwidth to their 100%, and neither the
-// deeper pipeline nor the bit moves nor 16-byte copies changed that: at 8 warps per SM
-// a tile's chain of wait, barrier and MMAs is the bound there.
+// Measured on the H200 (bench/NOTES.md): with widened tiles in shared memory, decode
+// over e4m3 pages took about as long per tile as over bf16 pages (57-62% of the copy
+// bandwidth to their 100%): the tiles' stores and ldmatrix reads were more shared-memory
+// traffic per tile than its bytes' arrival at the copy rate left time for. Widened in
+// registers (FP8_REGS) it reads at 83% (bit moves) and 94% (conversions) at 64@4096.
 #include "common/fp8.cuh"
 #include "common/mma.cuh"
 #ifndef WGMMA
@@ -183,10 +185,22 @@ static_assert(!KS || MT == 1, "KEY_SPLIT blocks are one 16-row MMA tile");
 static_assert(!WGMMA || ((NUM_WARPS == 8 || NUM_WARPS == 9 || NUM_WARPS == 12 || (NUM_WARPS == 16 && TMA)) && MT == 1 &&
                          !KS && !KV_FP8 && (BN == 64 || BN == 128)),
               "wgmma blocks: warpgroups of 64 rows, 64 or 128 keys a tile, 16-bit K/V");
-// Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, then
-// the stages of bytes).
-constexpr int KV_SMEM = KV_FP8 ? 2 * BN * D * 2 + 2 * ST * BN * D : 2 * ST * BN * D * 2;
-static_assert(!KS || WARPS * 16 * (D + 10) * 4 <= KV_SMEM, "the warps' states (rows of D + 8, max, sum) fit the K/V stages");
+// Key-split blocks over an FP8 pool read each warp's keys from the stage of bytes straight
+// into MMA fragments (fp8_scores, fp8_pv): no widened tile in shared memory.
+constexpr bool FP8_REGS = KV_FP8 && KS;
+// FP8_REGS: bit 0 converts key bytes, bit 1 value bytes with the hardware conversion
+// (exact values) instead of bit moves (2^-8 times theirs); the kernel takes the launcher's
+// 2^8 back out of what it converts (RADIX_SPARSE_FP8_WIDEN, for comparisons).
+#ifndef FP8_CVT
+#define FP8_CVT 0
+#endif
+// Shared bytes behind the Q tile: the K/V stages (FP8: the widened K and V tiles, where
+// the MMAs read them from shared memory, then the stages of bytes).
+constexpr int KV_SMEM = KV_FP8 ? (FP8_REGS ? 0 : 2 * BN * D * 2) + 2 * ST * BN * D : 2 * ST * BN * D * 2;
+// Key-split epilogue: floats from one row of a warp's state (O) to the next in shared
+// memory (see the epilogue for why 8, and 4 over FP8 pools, more than D).
+constexpr int SO_PITCH = FP8_REGS ? D + 4 : D + 8;
+static_assert(!KS || WARPS * 16 * (SO_PITCH + 2) * 4 <= KV_SMEM, "the warps' states (O rows, max, sum) fit the K/V stages");
 static_assert((TMA || (BN * DC) % THREADS == 0) && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
@@ -341,6 +355,14 @@ constexpr int KV_RSTEP = THREADS / KDC;
 constexpr int KV_ITERS = BN / KV_RSTEP;
 static_assert(TMA || (KV_RSTEP % 8 == 0 && BN % KV_RSTEP == 0), "K/V tiles split evenly into copy steps");
 
+// Byte offset of 16-byte chunk `chunk` of key `row` in a stage of e4m3 bytes (rows of D
+// bytes): chunks swizzled by the row, so that fp8_scores' and fp8_pv's loads, which read
+// the same chunk column of 4-8 rows at once, meet every bank once. A thread's copy rows lie
+// KV_RSTEP (a multiple of 8) apart: its swizzle is the same for all of them.
+__device__ __forceinline__ u32 fp8_chunk(int row, int chunk) {
+  return (u32)(row * D + ((chunk ^ (row & (KDC - 1))) << 4));
+}
+
 struct KvCursor {
 #if PAGED
   const int* pages;    // this sequence's page ids
@@ -353,7 +375,7 @@ struct KvCursor {
   int r0;              // this thread's first row within a tile
   int kv_chunk;        // its copy column within a row
   u32 s_off;           // its swizzled byte offset within a tile
-  u32 f_off;           // KV_FP8: its byte offset within a stage of bytes (row * D + kv_chunk * 16)
+  u32 f_off;           // KV_FP8: its byte offset within a stage of bytes (fp8_chunk)
   int kv_stop;
 };
 
@@ -396,6 +418,15 @@ __device__ __forceinline__ void load_kv_tile(const AttentionParams& p, const KvC
     cp_async_16(sv + dst, p.v + off, valid);
 #endif
   }
+}
+
+// The A fragment of P for k16 step kk of MMA tile mt: the S accumulators of its n8 tiles
+// 2kk and 2kk + 1 (the layouts coincide), packed to 16 bits.
+__device__ __forceinline__ void pack_p(const float (&s)[MT][NT][4], int mt, int kk, u32 (&a)[4]) {
+  a[0] = pack2<mma_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+  a[1] = pack2<mma_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+  a[2] = pack2<mma_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+  a[3] = pack2<mma_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
 }
 
 #if KV_FP8
@@ -459,20 +490,142 @@ __device__ __forceinline__ void widen_kv_tile(const KvCursor& cur, u32 fk, u32 f
   }
 }
 
-// KEY_SPLIT: a warp computes on its own WK keys of each tile only, so it widens just those
-// rows (any thread's copies: the barrier after cp.async.wait_group made the whole stage
-// visible), and a __syncwarp instead of a second block barrier orders them before its
-// MMAs. The warp alone reads and rewrites those wide rows.
-__device__ __forceinline__ void widen_warp_keys(int wkey, int lane, u32 fk, u32 fv, u32 hk, u32 hv) {
-  constexpr int CHUNKS = WK * KDC;  // 16-byte chunks of the warp's keys
-  static_assert(CHUNKS % 32 == 0, "the warp's chunks split evenly over its lanes");
+// Key-split blocks (FP8_REGS) skip the widened tiles: each warp reads its WK = 16 keys'
+// bytes from the stage straight into MMA fragments, and widens them in registers. (The
+// widened tiles' 16-byte stores, two-way bank conflicted, and their ldmatrix reads were
+// about three quarters of a tile's shared-memory traffic: per SM more than the time the
+// tile's bytes take to arrive at the copy rate; the FP8 pool read at 57-63% of copy.)
+// Dot products are sums, so the order of their terms is free: a thread takes head dims in
+// the order its bytes lie, Q's fragments (built once) take the same order, and P V's
+// output columns come out permuted, which the epilogue undoes.
+
+// Two e4m3 bytes at bits 8-15 and 24-31 of `y` (the other bits ignored) as two f16 of
+// 2^-8 times their values (e4m3x2_as_f16x2_scaled with the bytes one place up).
+__device__ __forceinline__ u32 e4m3_odd_bytes_as_f16x2(u32 y) {
+  return (y & 0x80008000u) | ((y >> 1) & 0x3f803f80u);
+}
+
+// The 16 bits of two e4m3 bytes (low byte first) as two f16 of their exact values.
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 pair) {
+#if __CUDA_ARCH__ >= 890
+  u32 h2;
+  asm("{.reg .b16 a;\n cvt.u16.u32 a, %1;\n cvt.rn.f16x2.e4m3x2 %0, a;}\n" : "=r"(h2) : "r"(pair));
+  return h2;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+// Key bytes of head dims d..d+3 (one 32-bit word of a key row) as the two B-fragment
+// registers of one k16 step: bit moves take bytes 0 and 2, then 1 and 3; the conversion
+// (FP8_CVT bit 0) bytes 0 and 1, then 2 and 3. fp8_q_frags pairs Q's dims the same way.
+__device__ __forceinline__ void key_word_frag(u32 w, u32& b0, u32& b1) {
+#if FP8_CVT & 1
+  b0 = e4m3x2_to_f16x2(w & 0xffffu);
+  b1 = e4m3x2_to_f16x2(w >> 16);
+#else
+  b0 = e4m3_odd_bytes_as_f16x2(w << 8);
+  b1 = e4m3_odd_bytes_as_f16x2(w);
+#endif
+}
+
+// Byte i of `a` and byte i of `b` (one head dim of two keys) as one B-fragment register of
+// P V, `a`'s value low.
+__device__ __forceinline__ u32 value_pair(u32 a, u32 b, int i) {
+#if FP8_CVT & 2
+  return e4m3x2_to_f16x2(__byte_perm(a, b, i | ((4 + i) << 4)));
+#else
+  return e4m3_odd_bytes_as_f16x2(__byte_perm(a, b, (i << 4) | ((4 + i) << 12)));
+#endif
+}
+
+// Q's A fragments in the head-dim order of key_word_frag, from the f16 Q tile: thread
+// (g, t) = (lane / 4, lane % 4) holds dims t * D/4 + 4 kk .. + 3 of rows g and g + 8 for
+// k16 step kk (its 16-bit words lo = {d, d+1} and hi = {d+2, d+3}).
+__device__ __forceinline__ void fp8_q_frags(u32 (&qf)[MT][DK][4], u32 sq, int lane) {
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int i = lane; i < CHUNKS; i += 32) {
-    const int row = wkey + i / KDC, c = i % KDC;
-    const u32 src = row * D + c * 16;
-    widen16(fk + src, hk, row, c);
-    widen16(fv + src, hv, row, c);
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) {  // the thread's D/4 dims: D/32 chunks of 8
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(sq + swz<BM>(g + 8 * h, t * (D / 32) + c)));
+      const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const u32 lo = w[2 * e], hi = w[2 * e + 1];
+        const int kk = 2 * c + e;
+#if FP8_CVT & 1
+        qf[0][kk][h] = lo;      // k 2t, 2t+1: dims d, d+1
+        qf[0][kk][2 + h] = hi;  // k 2t+8, 2t+9: dims d+2, d+3
+#else
+        qf[0][kk][h] = __byte_perm(lo, hi, 0x5410);      // dims d, d+2
+        qf[0][kk][2 + h] = __byte_perm(lo, hi, 0x7632);  // dims d+1, d+3
+#endif
+      }
+    }
+}
+
+// S = Q Kᵀ over the warp's 16 keys of the stage of bytes at `sk`: key n8 tile n, column g
+// is key wkey + 8n + g, whose D/4 bytes from t * D/4 thread (g, t) reads (16-byte loads,
+// fp8_chunk's swizzle: one wavefront per 8 lanes).
+__device__ __forceinline__ void fp8_scores(float (&s)[MT][NT][4], const u32 (&qf)[MT][DK][4], u32 sk, int wkey,
+                                           int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int row = wkey + n * 8 + g;
+    u32 w[DK];
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) {
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(sk + fp8_chunk(row, t * (D / 64) + c)));
+      w[4 * c] = v.x;
+      w[4 * c + 1] = v.y;
+      w[4 * c + 2] = v.z;
+      w[4 * c + 3] = v.w;
+    }
+#pragma unroll
+    for (int kk = 0; kk < DK; ++kk) {
+      u32 b0, b1;
+      key_word_frag(w[kk], b0, b1);
+      mma_16816<mma_t>(s[0][n], qf[0][kk], b0, b1);
+    }
   }
+}
+
+// O += P V over the warp's 16 keys of the stage of bytes at `sv`. The B fragment pairs two
+// keys at one head dim (k = 2t, 2t+1 and 2t+8, 2t+9), so thread (g, t) reads words of those
+// four key rows: dims 32 w + 4 g .. + 3 (four-byte loads, one wavefront a warp with
+// fp8_chunk's swizzle at D = 128). O's n8 tile 4w + i, column c, is head dim 32 w + 4 c + i:
+// thread (g, t) accumulates dims 32 w + 8 t + i and 32 w + 8 t + 4 + i.
+__device__ __forceinline__ void fp8_pv(float (&o)[MT][ON][4], const float (&s)[MT][NT][4], u32 sv, int wkey,
+                                       int lane) {
+  static_assert(!FP8_REGS || (PK == 1 && ON == 4 * (D / 32)), "16 keys a warp, D / 32 words a key row");
+  const int g = lane / 4, t = lane % 4;
+  u32 a[4];
+  pack_p(s, 0, 0, a);
+  u32 vw[4][D / 32];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int row = wkey + (r / 2) * 8 + 2 * t + r % 2;
+#pragma unroll
+    for (int w = 0; w < D / 32; ++w) {
+      asm volatile("ld.shared.u32 %0, [%1];\n"
+                   : "=r"(vw[r][w])
+                   : "r"(sv + fp8_chunk(row, 2 * w + g / 4) + (g % 4) * 4));
+    }
+  }
+#pragma unroll
+  for (int w = 0; w < D / 32; ++w)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      mma_16816<mma_t>(o[0][4 * w + i], a, value_pair(vw[0][w], vw[1][w], i), value_pair(vw[2][w], vw[3][w], i));
 }
 #endif
 
@@ -616,14 +769,6 @@ __device__ void produce_kv(const AttentionParams& p, int b, int kvh, int kv_begi
 
 #endif
 
-// The A fragment of P for k16 step kk of MMA tile mt: the S accumulators of its n8 tiles
-// 2kk and 2kk + 1 (the layouts coincide), packed to 16 bits.
-__device__ __forceinline__ void pack_p(const float (&s)[MT][NT][4], int mt, int kk, u32 (&a)[4]) {
-  a[0] = pack2<mma_t>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-  a[1] = pack2<mma_t>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-  a[2] = pack2<mma_t>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-  a[3] = pack2<mma_t>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-}
 
 // One K/V tile's step of the online softmax, on a warp's S accumulators: masks keys at or
 // past each row's limit (the item's end, and when causal the row's token) if `need_mask`
@@ -736,9 +881,11 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   const u32 sq = smem_addr(smem);
 #endif
 #if KV_FP8
-  const u32 sk_wide = sq + BM * D * 2;  // the widened K and V tiles the MMAs read
-  const u32 sv_wide = sk_wide + BN * D * 2;
-  const u32 sk0 = sv_wide + BN * D * 2;  // the stages of bytes
+  // The widened K and V tiles the MMAs read (none in key-split blocks), then the stages
+  // of bytes.
+  [[maybe_unused]] const u32 sk_wide = sq + BM * D * 2;
+  [[maybe_unused]] const u32 sv_wide = sk_wide + BN * D * 2;
+  const u32 sk0 = FP8_REGS ? sq + BM * D * 2 : sv_wide + BN * D * 2;
   const u32 sv0 = sk0 + ST * BN * D;
   const u32 stage_bytes = BN * D;
 #else
@@ -753,7 +900,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
   cur.kv_chunk = threadIdx.x % KDC;
   cur.r0 = threadIdx.x / KDC;
   cur.s_off = swz<BN>(cur.r0, cur.kv_chunk);
-  cur.f_off = cur.r0 * D + cur.kv_chunk * 16;
+  cur.f_off = fp8_chunk(cur.r0, cur.kv_chunk);
   cur.kv_stop = kv_stop;
 #if PAGED
   cur.pages = p.kv_indices + p.kv_indptr[table_row(p, b, kvh)];
@@ -912,6 +1059,8 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       row_limit[mt][half] = p.causal ? min(kv_stop, gr / p.group + causal_shift + 1) : kv_stop;
     }
 
+  // (Keys converted exactly, FP8_CVT bit 0, lack none of the 2^8 the launcher folds in.)
+  [[maybe_unused]] const float scale_log2 = FP8_REGS && (FP8_CVT & 1) ? p.scale_log2 * 0x1p-8f : p.scale_log2;
 #if WGMMA
   // OVERLAP: tile j - 1's P, packed for P V, waits here while tile j's Q Kᵀ and softmax run.
   [[maybe_unused]] u32 p_frag[PK][4];
@@ -979,15 +1128,15 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       q_to_f16(sq, s_off);
       if constexpr (KS) __syncthreads();
     }
-    // Every warp is past tile j - 1 (the barrier above): its widened tiles are free.
-    if constexpr (KS) {
-      widen_warp_keys(wkey, lane, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
-      __syncwarp();
-    } else {
-      widen_kv_tile(cur, sk0 + (j % ST) * stage_bytes, sv0 + (j % ST) * stage_bytes, sk_wide, sv_wide);
+    // Key-split warps read the stage's bytes themselves (fp8_scores, fp8_pv). The others:
+    // every warp is past tile j - 1 (the barrier above), so the widened tiles are free.
+    u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
+    if constexpr (!FP8_REGS) {
+      widen_kv_tile(cur, sk, sv, sk_wide, sv_wide);
       __syncthreads();
+      sk = sk_wide;
+      sv = sv_wide;
     }
-    const u32 sk = sk_wide, sv = sv_wide;
 #else
     const u32 sk = sk0 + (j % ST) * stage_bytes, sv = sv0 + (j % ST) * stage_bytes;
 #endif
@@ -1026,12 +1175,16 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 #else
       if constexpr (Q_IN_REGS) {
         if (j == 0) {
+#if KV_FP8 && KEY_SPLIT
+          fp8_q_frags(q_frag, sq, lane);  // (FP8_REGS: the calls below take its order of dims)
+#else
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int kk = 0; kk < DK; ++kk)
               ldmatrix_x4(q_frag[mt][kk][0], q_frag[mt][kk][1], q_frag[mt][kk][2], q_frag[mt][kk][3],
                           sq + swz<BM>(wrow + mt * 16 + lane % 16, kk * 2 + lane / 16));
+#endif
         }
       }
       // S = Q Kᵀ
@@ -1042,8 +1195,11 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
         for (int n = 0; n < NT; ++n)
 #pragma unroll
           for (int i = 0; i < 4; ++i) s[mt][n][i] = 0.f;
+#if KV_FP8 && KEY_SPLIT
+      fp8_scores(s, q_frag, sk, wkey, lane);
+#endif
 #pragma unroll
-      for (int kk = 0; kk < DK; ++kk) {
+      for (int kk = 0; kk < (FP8_REGS ? 0 : DK); ++kk) {
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -1070,7 +1226,7 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 
       float alpha[MT][2];
       const bool rescale = softmax_tile(s, m_run, l_run, alpha, row_limit, tile_start + wkey,
-                                        tile_start + wkey + WK > min(kv_stop, mask_free_end), p.scale_log2, lane);
+                                        tile_start + wkey + WK > min(kv_stop, mask_free_end), scale_log2, lane);
 #if WGMMA
       if constexpr (OVERLAP) {
         // Tile j - 1's P V is done with O (and its P) before O is rescaled for tile j. The
@@ -1104,8 +1260,11 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
         mbar_arrive(empty_bar + (j % ST) * 8);
       }
 #else
+#if KV_FP8 && KEY_SPLIT
+      fp8_pv(o_acc, s, sv, wkey, lane);
+#endif
 #pragma unroll
-      for (int kk = 0; kk < PK; ++kk) {
+      for (int kk = 0; kk < (FP8_REGS ? 0 : PK); ++kk) {
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) pack_p(s, mt, kk, a[mt]);
@@ -1149,11 +1308,12 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     // than D, and the threads of a row read consecutive columns: both the stores (8 rows a
     // warp instruction) and the loads then touch every bank once per wavefront (with rows
     // of D floats and 16 columns a thread, 8- and 16-way conflicts: 0.6 + 0.75 us of each
-    // decode block's epilogue under bench decode --trace on the H200).
+    // decode block's epilogue under bench decode --trace on the H200). fp8_pv's threads
+    // hold 8 consecutive columns each (two float4 stores): there rows 4 floats apart
+    // keep a wavefront's two rows on disjoint banks.
     constexpr int TPR = THREADS / 16;  // threads per row
     constexpr int CPT = D / TPR;       // columns per thread
     constexpr int CHUNKS = KS ? CPT / 4 : 1;  // of 4 columns (this branch also parses where !KS)
-    constexpr int SO_PITCH = D + 8;
     float* so = reinterpret_cast<float*>(smem + BM * D * 2);  // [WARPS][16][SO_PITCH]
     float* sm = so + WARPS * 16 * SO_PITCH;                    // [WARPS][16] running max
     float* sl = sm + WARPS * 16;                               // [WARPS][16] sum
@@ -1166,10 +1326,22 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
         sm[warp * 16 + r] = m_run[0][half];
         sl[warp * 16 + r] = l;
       }
+      float* row_at = so + (warp * 16 + r) * SO_PITCH;
+      if constexpr (FP8_REGS) {
 #pragma unroll
-      for (int n = 0; n < ON; ++n) {
-        *reinterpret_cast<float2*>(so + (warp * 16 + r) * SO_PITCH + n * 8 + (lane % 4) * 2) =
-            make_float2(o_acc[0][n][half * 2], o_acc[0][n][half * 2 + 1]);
+        for (int w = 0; w < D / 32; ++w)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {  // columns 2t + c of n8 tiles 4w .. 4w + 3
+            const int e = half * 2 + c;
+            *reinterpret_cast<float4*>(row_at + 32 * w + 8 * (lane % 4) + 4 * c) =
+                make_float4(o_acc[0][4 * w][e], o_acc[0][4 * w + 1][e], o_acc[0][4 * w + 2][e], o_acc[0][4 * w + 3][e]);
+          }
+      } else {
+#pragma unroll
+        for (int n = 0; n < ON; ++n) {
+          *reinterpret_cast<float2*>(row_at + n * 8 + (lane % 4) * 2) =
+              make_float2(o_acc[0][n][half * 2], o_acc[0][n][half * 2 + 1]);
+        }
       }
     }
     TRACE_MARK(11);
@@ -1190,7 +1362,8 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       }
       float inv = l > 0.f ? 1.f / l : 0.f;
 #if KV_FP8
-      inv *= p.v_scale;
+      // (Values converted exactly, FP8_CVT bit 1, lack none of the launcher's 2^8.)
+      inv *= FP8_CVT & 2 ? p.v_scale * 0x1p-8f : p.v_scale;
 #endif
       float4 x[CHUNKS];
 #pragma unroll

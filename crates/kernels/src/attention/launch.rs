@@ -247,8 +247,68 @@ pub fn prefill_tiles(
 }
 
 /// The specialisation reading an FP8 (e4m3) K/V pool (hardware e4m3 conversion: sm_89+).
+/// Key-split tiles widen in registers the way `fp8_widen()` says.
 pub fn spec_fp8_kv<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
-    spec::<T>(head_dim, paged, tiles).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89)
+    let spec =
+        spec::<T>(head_dim, paged, tiles).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89);
+    if tiles.key_split { spec.define("FP8_CVT", fp8_widen() as u8) } else { spec }
+}
+
+/// How key-split decode blocks widen e4m3 bytes to f16 (attention.cu's FP8_CVT): bit moves
+/// or the hardware conversion for keys, values or both (the default). On the H200 decode
+/// over an FP8 pool at 64@4096 read at 83% of copy with bit moves, 84% converting keys,
+/// 93% converting values and 94% converting both (bench/NOTES.md): a value's pair of
+/// keys costs a byte permute and one conversion, against a permute and three bit moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fp8Widen {
+    BitMoves = 0,
+    ConvertKeys = 1,
+    ConvertValues = 2,
+    Convert = 3,
+}
+
+impl Fp8Widen {
+    /// `bits`, `cvt-k`, `cvt-v` or `cvt` (RADIX_SPARSE_FP8_WIDEN).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "bits" => Some(Self::BitMoves),
+            "cvt-k" => Some(Self::ConvertKeys),
+            "cvt-v" => Some(Self::ConvertValues),
+            "cvt" => Some(Self::Convert),
+            _ => None,
+        }
+    }
+}
+
+static FP8_WIDEN_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Sets how later FP8 launches widen (None: back to the environment's choice); for tests
+/// and benchmarks that compare the ways in one process.
+pub fn set_fp8_widen(widen: Option<Fp8Widen>) {
+    FP8_WIDEN_OVERRIDE
+        .store(widen.map_or(u8::MAX, |w| w as u8), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The override of `set_fp8_widen`, else `RADIX_SPARSE_FP8_WIDEN`, else the conversion.
+pub fn fp8_widen() -> Fp8Widen {
+    const ALL: [Fp8Widen; 4] =
+        [Fp8Widen::BitMoves, Fp8Widen::ConvertKeys, Fp8Widen::ConvertValues, Fp8Widen::Convert];
+    if let Some(&w) =
+        ALL.get(FP8_WIDEN_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) as usize)
+    {
+        return w;
+    }
+    static ENV: std::sync::OnceLock<Fp8Widen> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| {
+        let Ok(v) = std::env::var("RADIX_SPARSE_FP8_WIDEN") else { return Fp8Widen::Convert };
+        Fp8Widen::parse(&v).unwrap_or_else(|| {
+            tracing::warn!(
+                "RADIX_SPARSE_FP8_WIDEN={v:?}: expected bits, cvt-k, cvt-v or cvt; using cvt"
+            );
+            Fp8Widen::Convert
+        })
+    })
 }
 
 /// The kernel widens e4m3 bytes into f16 values 2^-8 times theirs (bit moves, no

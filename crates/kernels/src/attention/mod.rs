@@ -9,8 +9,9 @@ mod reference;
 
 pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{
-    AttentionBatch, AttentionBuffers, KvFp8Scales, PERSISTENT_MAX_MEAN_KEYS, TMA3_MIN_MEAN_KEYS,
-    TRACE_SLOTS, default_target_blocks, plan_batch, prefill_tiles, spec, spec_fp8_kv,
+    AttentionBatch, AttentionBuffers, Fp8Widen, KvFp8Scales, PERSISTENT_MAX_MEAN_KEYS,
+    TMA3_MIN_MEAN_KEYS, TRACE_SLOTS, default_target_blocks, fp8_widen, plan_batch, prefill_tiles,
+    set_fp8_widen, spec, spec_fp8_kv,
 };
 pub use plan::{
     MergeItem, StepWorkBound, TileConfig, WorkItem, WorkList, decode_work_bound, plan,

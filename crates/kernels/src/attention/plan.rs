@@ -100,18 +100,23 @@ impl TileConfig {
     }
 
     /// Dynamic shared memory over an FP8 pool: the 16-bit Q tile, one widened 16-bit K and
-    /// V tile, and `stages` K and V tiles of e4m3 bytes.
+    /// V tile (not in key-split blocks: their warps widen in registers), and `stages` K and
+    /// V tiles of e4m3 bytes.
     pub fn smem_bytes_fp8_kv(&self, head_dim: usize) -> usize {
         let bn = self.block_n as usize;
-        (self.block_m() + 2 * bn) * head_dim * 2 + 2 * self.stages as usize * bn * head_dim
+        let widened = if self.key_split { 0 } else { 2 * bn };
+        (self.block_m() + widened) * head_dim * 2 + 2 * self.stages as usize * bn * head_dim
     }
 
     /// These tiles over an FP8 pool: as many stages as keep two blocks on an SM with
-    /// `max_shared_per_block` (Hopper: 4 at head_dim 128 where the 16-bit pool has 3), at
-    /// most 8; `RADIX_SPARSE_FP8_KV_STAGES` (2-8) overrides it where it fits. An e4m3
-    /// tile is half the bytes of a 16-bit one, so at the same depth a block kept half the
-    /// bytes in flight, and decode read an FP8 pool at 51-56% of the copy bandwidth on
-    /// the H200 where the 16-bit pool reached 100%.
+    /// `max_shared_per_block` (Hopper at head_dim 128: 4, where the 16-bit pool has 3), at
+    /// most 8; `RADIX_SPARSE_FP8_KV_STAGES` (2-8, key split 3-8: its epilogue's warp states
+    /// take three stages) overrides it where it fits. An e4m3 tile is half the bytes of a
+    /// 16-bit one, so at the same depth a block kept half the bytes in flight (decode read
+    /// an FP8 pool at 51-56% of the copy bandwidth on the H200 where the 16-bit pool
+    /// reached 100%). Key-split tiles keep their own depth: once their warps widened in
+    /// registers, 3 stages measured faster than 4 and 6 (64@4096: 85.0% of copy against
+    /// 84.2% and 83.2%; 1@8192: 11.0 us against 11.2 and 12.0).
     pub fn fp8_pipeline(self, head_dim: usize, max_shared_per_block: usize) -> TileConfig {
         let stage = 2 * self.block_n as usize * head_dim;
         let fixed = self.smem_bytes_fp8_kv(head_dim) - self.stages as usize * stage;
@@ -119,12 +124,17 @@ impl TileConfig {
         // reserves per block.
         let per_block = ((max_shared_per_block + 1024) / 2).saturating_sub(1024);
         let fit = |stages: usize| fixed + stages * stage <= max_shared_per_block;
-        let auto = (per_block.saturating_sub(fixed) / stage).clamp(2, 8).max(self.stages as usize);
+        let auto = if self.key_split {
+            self.stages as usize
+        } else {
+            (per_block.saturating_sub(fixed) / stage).clamp(2, 8).max(self.stages as usize)
+        };
         static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
         let wanted = OVERRIDE.get_or_init(|| {
             std::env::var("RADIX_SPARSE_FP8_KV_STAGES").ok().and_then(|v| v.parse().ok())
         });
-        let stages = wanted.filter(|&s| (2..=8).contains(&s) && fit(s)).unwrap_or(auto);
+        let least = if self.key_split { 3 } else { 2 };
+        let stages = wanted.filter(|&s| (least..=8).contains(&s) && fit(s)).unwrap_or(auto);
         TileConfig { stages: stages as u32, ..self }
     }
 
@@ -563,9 +573,10 @@ mod fp8_pipeline_tests {
     fn fp8_pools_get_the_stages_two_blocks_per_sm_allow() {
         // Hopper: 227 KiB a block at most.
         let hopper = 227 * 1024;
-        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(128, hopper).stages, 4);
+        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(128, hopper).stages, 3);
         assert_eq!(TileConfig::DECODE.fp8_pipeline(128, hopper).stages, 4);
-        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(64, hopper).stages, 8);
+        assert_eq!(TileConfig::DECODE.fp8_pipeline(64, hopper).stages, 8);
+        assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(64, hopper).stages, 3);
         for tiles in [TileConfig::DECODE_SMALL, TileConfig::DECODE, TileConfig::PREFILL] {
             for d in [64, 128] {
                 let t = tiles.fp8_pipeline(d, hopper);
