@@ -17,9 +17,10 @@ use super::{Measurement, write_json};
 pub struct StepArgs {
     #[arg(long, default_value = "synthetic:llama3-8b")]
     model: String,
-    /// Requests decoding together.
-    #[arg(long, default_value_t = 256)]
-    batch: usize,
+    /// Requests decoding together; several (`1,16,64`) are timed one after another on one
+    /// loaded model (each at every --context).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    batch: Vec<usize>,
     /// Tokens already in each request's KV cache; several (`1024,8192,32768`) are timed
     /// one after another on one loaded model.
     #[arg(long, value_delimiter = ',', default_value = "512")]
@@ -37,7 +38,10 @@ pub struct StepArgs {
 
 pub fn run(a: StepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.batch > 0 && !a.context.is_empty() && a.context.iter().all(|&c| c > 0),
+        !a.batch.is_empty()
+            && a.batch.iter().all(|&b| b > 0)
+            && !a.context.is_empty()
+            && a.context.iter().all(|&c| c > 0),
         "bench step needs --batch and every --context above 0"
     );
     let mut source = crate::engine_args::open_model(&a.model)?;
@@ -47,8 +51,10 @@ pub fn run(a: StepArgs) -> anyhow::Result<()> {
     let cfg = source.config.clone();
     let mut model: LlamaModel<CudaBackend> = source.load(CudaBackend::new(0)?)?;
     let mut rows = Vec::new();
-    for &context in &a.context {
-        rows.push(step_at(&mut model, &cfg, &a, context)?);
+    for &batch in &a.batch {
+        for &context in &a.context {
+            rows.push(step_at(&mut model, &cfg, &a, batch, context)?);
+        }
     }
     write_json(a.json.as_ref(), &rows)
 }
@@ -58,12 +64,13 @@ fn step_at(
     model: &mut LlamaModel<CudaBackend>,
     cfg: &ModelConfig,
     a: &StepArgs,
+    batch: usize,
     context: usize,
 ) -> anyhow::Result<Measurement> {
     let ps = a.page_size;
     let per_seq = (context + 2 * a.steps + 4).div_ceil(ps);
-    model.backend.set_graph_max_batch(a.batch);
-    let spec = KvPoolSpec { num_pages: a.batch * per_seq, page_size: ps, sparse: None };
+    model.backend.set_graph_max_batch(batch);
+    let spec = KvPoolSpec { num_pages: batch * per_seq, page_size: ps, sparse: None };
     let kv = model.backend.init_kv(cfg, &spec)?;
     let copy_bw = copy_bandwidth(model.backend.device())?;
 
@@ -79,8 +86,8 @@ fn step_at(
     let slot = |b: usize, pos: usize| ((b * per_seq + pos / ps) * ps + pos % ps) as i32;
     // Fill every context with prefill chunks of about 8K tokens.
     let seqs_per_chunk = (8192 / context.max(1)).max(1);
-    for first in (0..a.batch).step_by(seqs_per_chunk) {
-        let ids: Vec<usize> = (first..(first + seqs_per_chunk).min(a.batch)).collect();
+    for first in (0..batch).step_by(seqs_per_chunk) {
+        let ids: Vec<usize> = (first..(first + seqs_per_chunk).min(batch)).collect();
         let tokens: Vec<u32> = ids
             .iter()
             .flat_map(|&b| (0..context).map(move |p| ((b * 31 + p * 7) % 1000 + 10) as u32))
@@ -106,7 +113,7 @@ fn step_at(
     let params = SamplingParams::greedy();
     let counts = TokenCounts::default();
     let requests: Vec<SampleRequest> =
-        (0..a.batch).map(|b| SampleRequest::new(&params, &counts, b as u64, 0)).collect();
+        (0..batch).map(|b| SampleRequest::new(&params, &counts, b as u64, 0)).collect();
     let mut times = None;
     let mut walls = Vec::new();
     let mut graph_walls = Vec::new();
@@ -121,17 +128,17 @@ fn step_at(
             model.backend.set_profiling(false);
         }
         let ctx = context + s;
-        let all: Vec<usize> = (0..a.batch).collect();
+        let all: Vec<usize> = (0..batch).collect();
         let (kv_indptr, kv_indices, kv_last_page_len) = table(&all, ctx);
         let step = Step {
-            tokens: (0..a.batch).map(|b| ((b + s) % 1000 + 10) as u32).collect(),
-            positions: vec![(ctx - 1) as i32; a.batch],
-            slots: (0..a.batch).map(|b| slot(b, ctx - 1)).collect(),
-            qo_indptr: (0..=a.batch as i32).collect(),
+            tokens: (0..batch).map(|b| ((b + s) % 1000 + 10) as u32).collect(),
+            positions: vec![(ctx - 1) as i32; batch],
+            slots: (0..batch).map(|b| slot(b, ctx - 1)).collect(),
+            qo_indptr: (0..=batch as i32).collect(),
             kv_indptr,
             kv_indices,
             kv_last_page_len,
-            logit_rows: (0..a.batch as u32).collect(),
+            logit_rows: (0..batch as u32).collect(),
             kv_keep: Vec::new(),
         };
         let t = std::time::Instant::now();
@@ -161,18 +168,18 @@ fn step_at(
     let gpu = times.total_ms() / n;
     // What the GPU holds (FP8 linear layers read one byte per weight).
     let weight_bytes = model.backend.weight_bytes() as f64;
-    let kv_bytes = a.batch as f64 * (context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
+    let kv_bytes = batch as f64 * (context as f64 + n / 2.0) * (kv.bytes_per_page() / ps) as f64;
     let floor_ms = (weight_bytes + kv_bytes) / copy_bw * 1e3;
     println!(
         "decode step: batch {} at context ~{}, {} on {}",
-        a.batch,
+        batch,
         context,
         a.model,
         model.backend.name()
     );
     println!(
         "  wall, CUDA graph   {graph_wall:8.3} ms   ({:.0} tok/s)",
-        a.batch as f64 / graph_wall * 1e3
+        batch as f64 / graph_wall * 1e3
     );
     println!("  wall, eager        {wall:8.3} ms   (profiled; split below)");
     for (name, ms) in [
@@ -199,7 +206,7 @@ fn step_at(
             "{}{} batch={} context={}",
             a.model,
             if a.quantization.is_some() { " fp8" } else { "" },
-            a.batch,
+            batch,
             context
         ),
         ours: graph_wall,

@@ -138,14 +138,18 @@ template <> __device__ __forceinline__ void wgmma_e4m3<64>(float (&d)[32], u64 a
 }
 
 // Stage `step` (K bytes [kb + step * KB, + KB)) of the block's weight rows (rows past N read
-// row N - 1, never stored) and of the tokens (rows past m read as zeros) into `base`.
-__device__ __forceinline__ void load_stage(const SkinnyParams& p, u32 base, int f_block, int k0) {
+// row N - 1, never stored) into `base`.
+__device__ __forceinline__ void load_stage_weights(const SkinnyParams& p, u32 base, int f_block, int k0) {
 #pragma unroll
   for (int i = threadIdx.x; i < BLOCK_ROWS * 8; i += THREADS) {
     const int r = i / 8, ch = i % 8;
     const unsigned char* src = p.w + (long long)min(f_block + r, p.n - 1) * p.k + k0 + ch * 16;
     cp_async_16(base + r * KB + ((ch ^ (r & 7)) << 4), src, true);
   }
+}
+
+// The same stage of the tokens (rows past m read as zeros), behind the weights.
+__device__ __forceinline__ void load_stage_tokens(const SkinnyParams& p, u32 base, int k0) {
 #pragma unroll
   for (int i = threadIdx.x; i < TOK * 8; i += THREADS) {
     const int r = i / 8, ch = i % 8;
@@ -156,7 +160,9 @@ __device__ __forceinline__ void load_stage(const SkinnyParams& p, u32 base, int 
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __grid_constant__ SkinnyParams p) {
+#if !WGMMA
   pdl_wait();
+#endif
   __shared__ int last_split;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
@@ -175,9 +181,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[t][i] = 0.f;
+  // The first stages' weights depend on no kernel before: under programmatic dependent
+  // launch they load during its tail (the quantized tokens, which it writes, after
+  // pdl_wait()). They join commit group 0, so stage s is in when groups 0..s are.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < steps) load_stage(p, s0 + s * STAGE_BYTES, f_block, kb + s * KB);
+    if (s < steps) load_stage_weights(p, s0 + s * STAGE_BYTES, f_block, kb + s * KB);
+  }
+  pdl_wait();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) load_stage_tokens(p, s0 + s * STAGE_BYTES, kb + s * KB);
     cp_async_commit();
   }
   for (int step = 0; step < steps; ++step) {
@@ -187,7 +201,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
     fence_proxy_async();
     __syncthreads();
     const int next = step + STAGES - 1;
-    if (next < steps) load_stage(p, s0 + (next % STAGES) * STAGE_BYTES, f_block, kb + next * KB);
+    if (next < steps) {
+      load_stage_weights(p, s0 + (next % STAGES) * STAGE_BYTES, f_block, kb + next * KB);
+      load_stage_tokens(p, s0 + (next % STAGES) * STAGE_BYTES, kb + next * KB);
+    }
     cp_async_commit();
     const u32 base = s0 + (step % STAGES) * STAGE_BYTES;
     wgmma_fence();
