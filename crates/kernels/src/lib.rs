@@ -136,6 +136,7 @@ pub fn catalog() -> Vec<KernelSpec> {
     for m in [8, 16, 32, 64] {
         specs.push(fp8::skinny::spec::<bf16>(m));
         specs.push(fp8::skinny::spec_wgmma::<bf16>(m));
+        specs.push(fp8::skinny::spec_variant::<bf16>(m, fp8::skinny::Variant::Wgmma128));
     }
     specs.push(fp8::spec::<f16>());
     specs.push(fp8::spec::<bf16>());

@@ -345,9 +345,11 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
         let (dwq, dws, db) =
             (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap(), dev.upload(&b).unwrap());
         let bias = with_bias.then_some(&db);
-        // The mma.sync kernel, and on Hopper with K in whole 128-byte stages the wgmma one.
-        for wgmma in [false, true] {
-            if wgmma && !skinny::wgmma_runs(dev.info().arch(), k) {
+        // The mma.sync kernel, and on Hopper with K in whole 128-byte stages the wgmma one
+        // with one and two warpgroups a block.
+        use skinny::Variant;
+        for variant in [Variant::Mma, Variant::Wgmma64, Variant::Wgmma128] {
+            if variant != Variant::Mma && !skinny::wgmma_runs(dev.info().arch(), k) {
                 continue;
             }
             let mut runs = Vec::new();
@@ -356,19 +358,19 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
                 out.fill_bytes(0xff).unwrap();
                 let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
                 let (x, w) = ((&dxq, &dxs), (&dwq, &dws));
-                skinny::gemm_with(&jit, (m, n, k), x, w, bias, &mut out, scratch, Some(wgmma))
+                skinny::gemm_with(&jit, (m, n, k), x, w, bias, &mut out, scratch, Some(variant))
                     .unwrap();
                 runs.push(out.to_vec().unwrap());
             }
             let err = relative_error(&runs[0], &want);
             eprintln!(
-                "skinny FP8 GEMM {m}x{n}x{k} bias={with_bias} wgmma={wgmma}: rel err {err:.3e}"
+                "skinny FP8 GEMM {m}x{n}x{k} bias={with_bias} {variant:?}: rel err {err:.3e}"
             );
             if err.is_nan() || err > 8e-3 {
-                bad.push(((m, n, k, wgmma), err));
+                bad.push(((m, n, k, variant), err));
             }
             let same = runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{m}x{n}x{k} wgmma={wgmma}: a second run differs (split-K counters?)");
+            assert!(same, "{m}x{n}x{k} {variant:?}: a second run differs (split-K counters?)");
         }
     }
     assert!(bad.is_empty(), "skinny FP8 GEMM errors above 8e-3: {bad:?}");
@@ -396,15 +398,17 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
     let (dxq, dxs) = (dev.upload(&xq).unwrap(), dev.upload(&xs).unwrap());
     let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
     let mut out: DeviceBuffer<f16> = dev.alloc(m * n).unwrap();
-    // The mma.sync kernel, and on Hopper the wgmma one (the first twice elsewhere: fine).
-    for wgmma in [false, skinny::wgmma_runs(dev.info().arch(), k)] {
+    // The mma.sync kernel, and on Hopper the wgmma ones (the first thrice elsewhere: fine).
+    let hopper = skinny::wgmma_runs(dev.info().arch(), k);
+    for variant in [skinny::Variant::Mma, skinny::Variant::Wgmma64, skinny::Variant::Wgmma128] {
+        let variant = if hopper { variant } else { skinny::Variant::Mma };
         out.fill_bytes(0xff).unwrap();
         let scratch = SkinnyScratch { partial: &mut partial, counters: &mut counters };
         let (x, w) = ((&dxq, &dxs), (&dwq, &dws));
-        skinny::gemm_with::<f16>(&jit, (m, n, k), x, w, None, &mut out, scratch, Some(wgmma))
+        skinny::gemm_with::<f16>(&jit, (m, n, k), x, w, None, &mut out, scratch, Some(variant))
             .unwrap();
         let err = relative_error(&out.to_vec().unwrap(), &want);
-        assert!(err <= 2e-3, "skinny FP8 GEMM f16 {m}x{n}x{k} wgmma={wgmma}: rel err {err:.3e}");
+        assert!(err <= 2e-3, "skinny FP8 GEMM f16 {m}x{n}x{k} {variant:?}: rel err {err:.3e}");
     }
     // Shapes it does not take are refused, not run.
     let mut out: DeviceBuffer<bf16> = dev.alloc(65 * 64).unwrap();

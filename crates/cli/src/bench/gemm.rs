@@ -188,10 +188,10 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             Some(time_runs(&device, args.warmup, args.runs, |_| {
                 radix_kernels::gemv::gemv_stream_fp8(&jit, m, n, k, &x, &wq, &ws, &mut out)
             })?)
-        } else if let Some(wgmma) = variant {
+        } else if let Some(variant) = variant {
             Some(time_runs(&device, args.warmup, args.runs, |_| {
-                let (a, w) = ((&xq, &xs), (&wq, &ws));
-                skinny::gemm_with(&jit, (m, n, k), a, w, None, &mut out, scratch.get(), Some(wgmma))
+                let (a, w, v) = ((&xq, &xs), (&wq, &ws), Some(variant));
+                skinny::gemm_with(&jit, (m, n, k), a, w, None, &mut out, scratch.get(), v)
             })?)
         } else {
             None
@@ -236,11 +236,13 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             if let Some(d) = &decode {
                 let f = |key: &str| d[key].as_f64().unwrap_or(f64::NAN);
                 println!(
-                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | skinny wgmma {:.2} us ({:.1}%) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%) | streaming FP8 GEMV {:.2} us ({:.1}%)",
+                    "    back to back beyond L2: skinny FP8 {:.2} us ({:.1}% of copy) | skinny wgmma {:.2} us ({:.1}%), 128-row blocks {:.2} us ({:.1}%) | cuBLASLt FP8 {:.2} us ({:.1}%) | FP8 GEMV {:.2} us ({:.1}%) | streaming FP8 GEMV {:.2} us ({:.1}%)",
                     f("skinny_us"),
                     f("skinny_copy_pct"),
                     f("skinny_wgmma_us"),
                     f("skinny_wgmma_copy_pct"),
+                    f("skinny_wgmma128_us"),
+                    f("skinny_wgmma128_copy_pct"),
                     f("cublaslt_us"),
                     f("cublaslt_copy_pct"),
                     f("gemv_us"),
@@ -252,8 +254,9 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         });
         let kernel = match variant {
             _ if streams => "stream-gemv",
-            Some(true) => "skinny-wgmma",
-            Some(false) => "skinny",
+            Some(skinny::Variant::Wgmma64) => "skinny-wgmma",
+            Some(skinny::Variant::Wgmma128) => "skinny-wgmma128",
+            Some(skinny::Variant::Mma) => "skinny",
             None => "cublaslt",
         };
         let mut extra = serde_json::json!({
@@ -330,18 +333,21 @@ fn fp8_decode(
     let sk = time_back_to_back(device, args.warmup, 5, args.runs, |i| {
         let (q, s) = &weights[i % copies];
         let x = (xq, xs);
-        skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), Some(false))
+        let mma = Some(skinny::Variant::Mma);
+        skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), mma)
     })?;
-    // On Hopper, the skinny kernel on FP8 wgmma too (K in whole 128-byte stages).
-    let wgmma = if skinny::wgmma_runs(device.info().arch(), k) {
-        Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
-            let (q, s) = &weights[i % copies];
-            let x = (xq, xs);
-            skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), Some(true))
-        })?)
-    } else {
-        None
-    };
+    // On Hopper, the skinny kernel on FP8 wgmma too (K in whole 128-byte stages), with one
+    // and two warpgroups a block.
+    let mut wgmma = Vec::new();
+    if skinny::wgmma_runs(device.info().arch(), k) {
+        for variant in [skinny::Variant::Wgmma64, skinny::Variant::Wgmma128] {
+            wgmma.push(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
+                let (q, s) = &weights[i % copies];
+                let (x, v) = ((xq, xs), Some(variant));
+                skinny::gemm_with(jit, (m, n, k), x, (q, s), None, &mut out, scratch.get(), v)
+            })?);
+        }
+    }
     let gemv = if gemv::fits_fp8(m, n, k) {
         Some(time_back_to_back(device, args.warmup, 5, args.runs, |i| {
             let (q, s) = &weights[i % copies];
@@ -372,9 +378,11 @@ fn fp8_decode(
         "copy_gbps": copy / 1e9,
         "weight_copies": copies,
     });
-    if let Some(t) = wgmma {
-        out["skinny_wgmma_us"] = (t.median_ms * 1e3).into();
-        out["skinny_wgmma_copy_pct"] = pct(t.median_ms).into();
+    if let [one, two] = &wgmma[..] {
+        out["skinny_wgmma_us"] = (one.median_ms * 1e3).into();
+        out["skinny_wgmma_copy_pct"] = pct(one.median_ms).into();
+        out["skinny_wgmma128_us"] = (two.median_ms * 1e3).into();
+        out["skinny_wgmma128_copy_pct"] = pct(two.median_ms).into();
     }
     if let Some(g) = gemv {
         out["gemv_us"] = (g.median_ms * 1e3).into();

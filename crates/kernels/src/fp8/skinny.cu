@@ -34,7 +34,13 @@
 #define N_TILES 1  // 8-token MMA columns: up to 8 * N_TILES rows of x
 #endif
 constexpr int NT = N_TILES;
-constexpr int WARPS = 4;
+// WG (wgmma only): warpgroups a block, each 64 weight rows against the same tokens. Two
+// halve the token bytes a block reads per weight byte (at 64 tokens, 64-row blocks read
+// as many token bytes as weight bytes) and the split-K partial sums a launch writes.
+#ifndef WG
+#define WG 1
+#endif
+constexpr int WARPS = 4 * WG;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block
 static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
@@ -46,6 +52,7 @@ static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
 #ifndef WGMMA
 #define WGMMA 0
 #endif
+static_assert(WG == 1 || (WGMMA && WG == 2), "two warpgroups a block in the wgmma variant only");
 #if !WGMMA
 constexpr int SEG = 64;  // K bytes of one warp step: two k32 MMAs
 constexpr int U = 4;     // segments per thread in flight
@@ -100,8 +107,9 @@ constexpr int KB = 128;                      // K bytes of one stage
 constexpr int TOK = 8 * NT;                  // wgmma N: token columns
 constexpr int W_BYTES = BLOCK_ROWS * KB;     // a stage's weight rows
 constexpr int STAGE_BYTES = W_BYTES + TOK * KB;
-// Four stages in dynamic shared memory (36-64 KiB; skinny.rs asks for 1 KiB more to align
-// them): three in flight, 24 KiB of weights a block.
+// Four stages in dynamic shared memory (36-64 KiB, 68-96 KiB with two warpgroups;
+// skinny.rs asks for 1 KiB more to align them): three in flight, 24 KiB of weights a
+// block (48 KiB).
 constexpr int STAGES = 4;
 static_assert(STAGE_BYTES % 1024 == 0, "stages start on 1024-byte swizzle atoms");
 
@@ -207,10 +215,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
     }
     cp_async_commit();
     const u32 base = s0 + (step % STAGES) * STAGE_BYTES;
+    const u32 rows = base + (warp / 4) * 64 * KB;  // this warpgroup's 64 weight rows
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KB / 32; ++kk) {
-      const u64 a = wgmma_desc(base + kk * 32, 16, 1024), b = wgmma_desc(base + W_BYTES + kk * 32, 16, 1024);
+      const u64 a = wgmma_desc(rows + kk * 32, 16, 1024), b = wgmma_desc(base + W_BYTES + kk * 32, 16, 1024);
       wgmma_e4m3<TOK>(d, a, b, kk > 0);
     }
     wgmma_commit();

@@ -14,20 +14,23 @@ pub const SKINNY: SourceFile =
 /// Rows of x the kernel takes at most (8 MMA columns of 8 tokens).
 pub const MAX_ROWS: usize = 64;
 /// Rows up to which the engine considers it by default (`engine_variant` decides per
-/// shape): beyond, cuBLASLt's FP8 GEMM was faster on the H200 (bench/NOTES.md).
-pub const DEFAULT_ROWS: usize = 32;
+/// shape): all it takes (at 33-64 rows the large products, on two warpgroups a block).
+pub const DEFAULT_ROWS: usize = MAX_ROWS;
 /// Rows up to which the mma.sync variant beat cuBLASLt on every Llama-3-8B shape (H200):
 /// where the wgmma variant cannot run.
 const MMA_ROWS: usize = 8;
 /// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, 1.2-2.3x
 /// at 1-8 rows, where it also beat the mma.sync variant by 1.16-1.35x; 1.11-1.60x at 16),
 /// and up to which it beat it on the large products only (17-32 rows: gate|up and down
-/// 1.33-1.39x; q|k|v and o 0.80-0.93x).
+/// 1.33-1.39x; q|k|v and o 0.80-0.93x; 33-64 rows with two warpgroups a block: gate|up
+/// 1.18-1.35x, down 1.05-1.19x, q|k|v and o 0.44-0.69x).
 const WGMMA_ALL_ROWS: usize = 16;
-const WGMMA_LARGE_ROWS: usize = 32;
+const WGMMA_LARGE_ROWS: usize = MAX_ROWS;
 /// Weight elements from which a product counts as large (down is 58.7 M, o 16.8 M).
 const LARGE_WEIGHTS: usize = 48 << 20;
-/// Weight rows per block (`BLOCK_ROWS` in skinny.cu): one counter each when K is split.
+/// Weight rows per block (`BLOCK_ROWS` in skinny.cu) of the mma.sync variant and the
+/// one-warpgroup wgmma variant: one counter each when K is split (the two-warpgroup
+/// variant's blocks take 128 rows, so they need half as many).
 pub const BLOCK_ROWS: usize = 64;
 /// K bytes of one warp step (`SEG`): K must be a multiple of it.
 const SEG: usize = 64;
@@ -36,11 +39,53 @@ const WGMMA_SEG: usize = 128;
 /// Stages of the wgmma variant (`STAGES`).
 const WGMMA_STAGES: usize = 4;
 
-/// Dynamic shared memory of the wgmma variant for `m` rows: its stages of 64 weight rows
-/// and the token rows (8, 16, 32 or 64) of 128 bytes, and 1 KiB to align them.
-fn wgmma_smem(m: usize) -> usize {
+/// A variant of the kernel: mma.sync (any sm_89+ GPU), or wgmma (sm_90a) with one or two
+/// warpgroups of 64 weight rows a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Mma,
+    Wgmma64,
+    Wgmma128,
+}
+
+impl Variant {
+    /// Weight rows a block.
+    pub fn block_rows(self) -> usize {
+        if self == Variant::Wgmma128 { 2 * BLOCK_ROWS } else { BLOCK_ROWS }
+    }
+
+    fn is_wgmma(self) -> bool {
+        self != Variant::Mma
+    }
+}
+
+/// The wgmma variant for `m` rows: two warpgroups a block from `WGMMA128_ROWS` rows (their
+/// blocks share each stage of tokens between 128 weight rows), or as
+/// `RADIX_SPARSE_FP8_SKINNY_WG` (1 or 2) says, for comparisons.
+pub fn wgmma_variant(m: usize) -> Variant {
+    static WG: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = WG.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_FP8_SKINNY_WG").ok().and_then(|v| v.trim().parse().ok())
+    });
+    match forced {
+        Some(1) => Variant::Wgmma64,
+        Some(2) => Variant::Wgmma128,
+        _ if m >= WGMMA128_ROWS => Variant::Wgmma128,
+        _ => Variant::Wgmma64,
+    }
+}
+/// Rows from which the wgmma variant runs two warpgroups a block: at 48 and 64 rows they
+/// took gate|up from 45.5-47.9 to 34.6-35.6 us and down from 36.2-41.4 to 31.4-35.9 us
+/// back to back on the H200 (the 64-row blocks read as many token bytes as weight
+/// bytes); at 24-32 rows the two were within 3% of each other, at 8-16 one warpgroup won
+/// by up to 15%.
+const WGMMA128_ROWS: usize = 33;
+
+/// Dynamic shared memory of a wgmma variant for `m` rows: its stages of 64 or 128 weight
+/// rows and the token rows (8, 16, 32 or 64) of 128 bytes, and 1 KiB to align them.
+fn wgmma_smem(m: usize, variant: Variant) -> usize {
     let tokens = 8 * m.div_ceil(8).next_power_of_two().clamp(1, MAX_ROWS / 8);
-    WGMMA_STAGES * (BLOCK_ROWS + tokens) * WGMMA_SEG + 1024
+    WGMMA_STAGES * (variant.block_rows() + tokens) * WGMMA_SEG + 1024
 }
 /// Splits of K at most: more would leave each warp too few steps to hide a load.
 const MAX_SPLITS: usize = 16;
@@ -54,9 +99,18 @@ pub fn spec<T: HalfFloat>(m: usize) -> KernelSpec {
         .min_arch(Arch::SM89)
 }
 
-/// The same on Hopper's FP8 wgmma (skinny.cu's WGMMA; sm_90a).
+/// The same on Hopper's FP8 wgmma (skinny.cu's WGMMA; sm_90a), one warpgroup a block.
 pub fn spec_wgmma<T: HalfFloat>(m: usize) -> KernelSpec {
     spec::<T>(m).define("WGMMA", 1).min_arch(Arch::SM90A)
+}
+
+/// The specialisation of `variant` for up to `m` rows.
+pub fn spec_variant<T: HalfFloat>(m: usize, variant: Variant) -> KernelSpec {
+    match variant {
+        Variant::Mma => spec::<T>(m),
+        Variant::Wgmma64 => spec_wgmma::<T>(m),
+        Variant::Wgmma128 => spec_wgmma::<T>(m).define("WG", 2),
+    }
 }
 
 /// Whether the wgmma variant runs on `arch` with this K: sm_90a, K in whole 128-byte
@@ -65,21 +119,20 @@ pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
     arch == Arch::SM90A && k.is_multiple_of(WGMMA_SEG)
 }
 
-/// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`:
-/// `Some(false)` the mma.sync one, `Some(true)` the wgmma one, `None` neither (cuBLASLt's
-/// FP8 GEMM is faster there). From the H200's measurements of 2026-11-30 (bench/NOTES.md):
-/// on Hopper wgmma up to 16 rows, and at 17-32 rows on the large products; elsewhere
-/// mma.sync up to 8 rows.
-pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<bool> {
+/// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`, or
+/// `None` (cuBLASLt's FP8 GEMM is faster there). From the H200's measurements of
+/// 2026-11-30 (bench/NOTES.md): on Hopper wgmma up to 16 rows, and at 17-64 rows on the
+/// large products; elsewhere mma.sync up to 8 rows.
+pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<Variant> {
     if !fits(m, n, k) {
         return None;
     }
     if wgmma_runs(arch, k)
         && (m <= WGMMA_ALL_ROWS || (m <= WGMMA_LARGE_ROWS && n * k >= LARGE_WEIGHTS))
     {
-        return Some(true);
+        return Some(wgmma_variant(m));
     }
-    (m <= MMA_ROWS).then_some(false)
+    (m <= MMA_ROWS).then_some(Variant::Mma)
 }
 
 /// Mirrors `SkinnyParams` in skinny.cu.
@@ -125,10 +178,10 @@ pub fn plan(
     target_blocks: usize,
     partial_cap: usize,
 ) -> (usize, usize) {
-    plan_steps(m, n, k, target_blocks, partial_cap, SEG)
+    plan_steps(m, n, k, target_blocks, partial_cap, SEG, BLOCK_ROWS)
 }
 
-/// `plan` in steps of `seg` K bytes.
+/// `plan` in steps of `seg` K bytes, blocks of `block_rows` weight rows.
 fn plan_steps(
     m: usize,
     n: usize,
@@ -136,8 +189,9 @@ fn plan_steps(
     target_blocks: usize,
     partial_cap: usize,
     seg: usize,
+    block_rows: usize,
 ) -> (usize, usize) {
-    let groups = n.div_ceil(BLOCK_ROWS);
+    let groups = n.div_ceil(block_rows);
     let steps = k / seg;
     let mut splits = (target_blocks / groups).clamp(1, MAX_SPLITS.min(steps));
     while splits > 1 && splits * m * n > partial_cap {
@@ -183,9 +237,9 @@ pub fn gemm<T: HalfFloat>(
     gemm_with(jit, dims, x, w, bias, out, scratch, None)
 }
 
-/// `gemm` with the variant chosen: `Some(true)` the wgmma one (sm_90a, K a multiple of
-/// 128), `Some(false)` the mma.sync one, `None` the wgmma one wherever it runs (it was the
-/// faster of the two at every shape measured on the H200).
+/// `gemm` with the variant chosen (wgmma: sm_90a, K a multiple of 128); `None`: the wgmma
+/// one wherever it runs (it was the faster of the two at every shape measured on the
+/// H200), with the warpgroups `wgmma_variant` gives.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with<T: HalfFloat>(
     jit: &Jit,
@@ -195,7 +249,7 @@ pub fn gemm_with<T: HalfFloat>(
     bias: Option<&DeviceBuffer<T>>,
     out: &mut DeviceBuffer<T>,
     scratch: SkinnyScratch<'_>,
-    wgmma: Option<bool>,
+    variant: Option<Variant>,
 ) -> Result<()> {
     ensure!(
         fits(m, n, k),
@@ -221,15 +275,20 @@ pub fn gemm_with<T: HalfFloat>(
     let device = xq.device();
     let sms = device.info().sm_count as usize;
     let arch = device.info().arch();
-    let wgmma = wgmma.unwrap_or_else(|| wgmma_runs(arch, k));
+    let variant = variant
+        .unwrap_or_else(|| if wgmma_runs(arch, k) { wgmma_variant(m) } else { Variant::Mma });
+    let wgmma = variant.is_wgmma();
     ensure!(
         !wgmma || wgmma_runs(arch, k),
         "the skinny FP8 GEMM's wgmma variant runs on sm_90a with K a multiple of \
          {WGMMA_SEG}, not on {arch} with K={k}"
     );
     let seg = if wgmma { WGMMA_SEG } else { SEG };
-    let (k_split, splits) = plan_steps(m, n, k, target_blocks(sms), scratch.partial.len(), seg);
-    let groups = n.div_ceil(BLOCK_ROWS);
+    let rows = variant.block_rows();
+    // (Blocks of two warpgroups: half as many, the same warps an SM.)
+    let target = target_blocks(sms) * BLOCK_ROWS / rows;
+    let (k_split, splits) = plan_steps(m, n, k, target, scratch.partial.len(), seg, rows);
+    let groups = n.div_ceil(rows);
     if splits > 1 {
         ensure!(
             scratch.counters.len() >= groups,
@@ -237,9 +296,8 @@ pub fn gemm_with<T: HalfFloat>(
             scratch.counters.len()
         );
     }
-    let spec = if wgmma { spec_wgmma::<T>(m) } else { spec::<T>(m) };
-    let kernel = jit.kernel(device, &spec, "fp8_gemm_skinny")?;
-    let smem = if wgmma { wgmma_smem(m) } else { 0 };
+    let kernel = jit.kernel(device, &spec_variant::<T>(m, variant), "fp8_gemm_skinny")?;
+    let smem = if wgmma { wgmma_smem(m, variant) } else { 0 };
     kernel.set_max_dynamic_smem(device, smem)?;
     let params = SkinnyParams {
         x: xq.ptr(),
@@ -257,7 +315,7 @@ pub fn gemm_with<T: HalfFloat>(
     };
     let cfg = LaunchConfig {
         grid_dim: (groups as u32, splits as u32, 1),
-        block_dim: (128, 1, 1),
+        block_dim: (2 * rows as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: sizes checked above; the kernel reads rows < n of w and ws, rows < m of x
@@ -301,13 +359,17 @@ mod tests {
     #[test]
     fn wgmma_stages_fit_two_blocks_an_sm() {
         // 4 stages of 64 weight rows and 8 (16, 32, 64) token rows of 128 bytes, + 1 KiB.
-        assert_eq!(wgmma_smem(1), 4 * 72 * 128 + 1024);
-        assert_eq!(wgmma_smem(9), 4 * 80 * 128 + 1024);
-        assert_eq!(wgmma_smem(64), 4 * 128 * 128 + 1024);
-        assert!(2 * (wgmma_smem(64) + 1024) <= 228 * 1024);
+        let (one, two) = (Variant::Wgmma64, Variant::Wgmma128);
+        assert_eq!(wgmma_smem(1, one), 4 * 72 * 128 + 1024);
+        assert_eq!(wgmma_smem(9, one), 4 * 80 * 128 + 1024);
+        assert_eq!(wgmma_smem(64, one), 4 * 128 * 128 + 1024);
+        assert_eq!(wgmma_smem(64, two), 4 * 192 * 128 + 1024);
+        assert!(2 * (wgmma_smem(64, two) + 1024) <= 228 * 1024);
         // Splits in whole 128-byte stages.
-        assert_eq!(plan_steps(1, 4096, 4096, 528, 1 << 22, WGMMA_SEG), (512, 8));
-        assert_eq!(plan_steps(8, 4096, 14336, 528, 1 << 22, WGMMA_SEG), (1792, 8));
+        assert_eq!(plan_steps(1, 4096, 4096, 528, 1 << 22, WGMMA_SEG, 64), (512, 8));
+        assert_eq!(plan_steps(8, 4096, 14336, 528, 1 << 22, WGMMA_SEG, 64), (1792, 8));
+        // 128-row blocks, half the target: the o projection's 32 groups split 8 ways.
+        assert_eq!(plan_steps(64, 4096, 4096, 264, 1 << 22, WGMMA_SEG, 128), (512, 8));
     }
 
     #[test]
@@ -316,20 +378,22 @@ mod tests {
         let (qkv, o, gate_up, down) = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336));
         for m in [1, 2, 8, 16] {
             for (n, k) in [qkv, o, gate_up, down] {
-                assert_eq!(engine_variant(hopper, m, n, k), Some(true), "{m}x{n}x{k}");
+                assert_eq!(engine_variant(hopper, m, n, k), Some(Variant::Wgmma64), "{m}x{n}x{k}");
             }
         }
-        // 17-32 rows: only the large products; beyond 32, cuBLASLt.
-        assert_eq!(engine_variant(hopper, 32, gate_up.0, gate_up.1), Some(true));
-        assert_eq!(engine_variant(hopper, 32, down.0, down.1), Some(true));
+        // 17-64 rows: only the large products, from 33 rows two warpgroups a block.
+        assert_eq!(engine_variant(hopper, 32, gate_up.0, gate_up.1), Some(Variant::Wgmma64));
+        assert_eq!(engine_variant(hopper, 32, down.0, down.1), Some(Variant::Wgmma64));
+        assert_eq!(engine_variant(hopper, 33, gate_up.0, gate_up.1), Some(Variant::Wgmma128));
+        assert_eq!(engine_variant(hopper, 64, down.0, down.1), Some(Variant::Wgmma128));
+        assert_eq!(engine_variant(hopper, 64, o.0, o.1), None);
         assert_eq!(engine_variant(hopper, 32, qkv.0, qkv.1), None);
         assert_eq!(engine_variant(hopper, 17, o.0, o.1), None);
-        assert_eq!(engine_variant(hopper, 33, gate_up.0, gate_up.1), None);
         // K not in whole 128-byte stages: the mma.sync variant up to 8 rows.
-        assert_eq!(engine_variant(hopper, 8, 4096, 4160), Some(false));
+        assert_eq!(engine_variant(hopper, 8, 4096, 4160), Some(Variant::Mma));
         assert_eq!(engine_variant(hopper, 9, 4096, 4160), None);
         // No wgmma before Hopper.
-        assert_eq!(engine_variant(ampere, 8, o.0, o.1), Some(false));
+        assert_eq!(engine_variant(ampere, 8, o.0, o.1), Some(Variant::Mma));
         assert_eq!(engine_variant(ampere, 9, gate_up.0, gate_up.1), None);
         // What the kernel does not take at all.
         assert_eq!(engine_variant(hopper, 1, 4096, 100), None);

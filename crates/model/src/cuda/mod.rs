@@ -139,9 +139,9 @@ pub struct CudaBackend {
     /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) may run our skinny
     /// FP8 GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-65% of
     /// the copy bandwidth; `skinny::engine_variant` picks the variant or cuBLASLt per shape
-    /// (on Hopper wgmma up to 16 rows and at 17-32 on the large products, elsewhere
+    /// (on Hopper wgmma up to 16 rows and at 17-64 on the large products, elsewhere
     /// mma.sync up to 8: where each won on the H200; bench/NOTES.md).
-    /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most 64; default 32).
+    /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most and by default 64).
     fp8_skinny_rows: usize,
     /// The log has said how FP8 weights run.
     fp8_said: bool,
@@ -350,7 +350,7 @@ impl CudaBackend {
         } else {
             None
         };
-        if let Some(wgmma) = variant {
+        if let Some(variant) = variant {
             return self.timed(Op::Gemm, |b| {
                 let Memory::Ready { workspace, .. } = &mut b.memory else {
                     return Err(ModelError::Invalid("the KV pool is not initialised".into()));
@@ -358,7 +358,16 @@ impl CudaBackend {
                 let scratch = workspace.fp8_skinny_scratch();
                 let (x, w) = ((&q, &q_scales), (bits, scales));
                 let dims = (rows, n, k);
-                Ok(skinny::gemm_with(&b.jit, dims, x, w, bias, &mut out.buf, scratch, Some(wgmma))?)
+                Ok(skinny::gemm_with(
+                    &b.jit,
+                    dims,
+                    x,
+                    w,
+                    bias,
+                    &mut out.buf,
+                    scratch,
+                    Some(variant),
+                )?)
             });
         }
         let bias = bias.map_or(0, |b| b.ptr());
