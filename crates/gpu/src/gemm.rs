@@ -83,6 +83,34 @@ impl Gemm {
         &self.device
     }
 
+    /// The FP8 GEMM of `matmul_fp8_raw(m, n, k, ..)` (no bias) runs the heuristic's
+    /// candidate `index` from now on (0: its first choice); returns how many there are and
+    /// the chosen one's split-K factor, or None when the shape has not run yet. For
+    /// benchmarks that time every candidate.
+    pub fn choose_fp8_candidate(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        index: usize,
+    ) -> Option<(usize, u32)> {
+        let shape = GemmShape {
+            m,
+            n,
+            k,
+            input: DType::F8E4M3,
+            output: DType::BF16,
+            b_layout: BLayout::NK,
+            bias: false,
+        };
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = plans.get(&shape)?;
+        let count = plan.candidates.len();
+        let index = index.min(count - 1);
+        plan.chosen.store(index, std::sync::atomic::Ordering::Relaxed);
+        Some((count, split_k(&plan.candidates[index])))
+    }
+
     /// Checked GEMM on whole buffers: `out[M,N] = a[M,K]·op(b) (+bias) (+beta·out)`.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul<T: HalfFloat, O: Element>(
@@ -240,7 +268,7 @@ impl Gemm {
                 plan.layout_out,
                 out as *mut c_void,
                 plan.layout_out,
-                &plan.algo,
+                plan.algo(),
                 self.workspace.ptr() as *mut c_void,
                 self.workspace.num_bytes(),
                 stream,
@@ -321,7 +349,10 @@ struct CachedMatmul {
     layout_b: sys::cublasLtMatrixLayout_t,
     /// Our out ([M,N] row-major): column-major N x M.
     layout_out: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's algorithms that fit (FP8: up to 8, best first) and which of them
+    /// runs (`Gemm::choose_fp8_candidate`).
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    chosen: std::sync::atomic::AtomicUsize,
 }
 
 // SAFETY: the descriptors are immutable after creation except the bias pointer, which is
@@ -358,7 +389,8 @@ impl CachedMatmul {
             layout_b: std::ptr::null_mut(),
             layout_out: std::ptr::null_mut(),
             // SAFETY: a plain C struct of integers; zero is a valid "unset" value.
-            algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
+            chosen: std::sync::atomic::AtomicUsize::new(0),
         };
         plan.desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -462,8 +494,15 @@ impl CachedMatmul {
             return Err(GpuError::Invalid(format!("cuBLASLt has no algorithm for GEMM {s:?}")));
         };
         tracing::trace!(found, workspace = best.workspaceSize, "cuBLASLt: heuristic chose");
-        plan.algo = best.algo;
+        // The chosen one first, then the other usable candidates in the heuristic's order.
+        plan.candidates = std::iter::once(best.algo)
+            .chain(candidates.iter().filter(ok).filter(|r| !std::ptr::eq(*r, best)).map(|r| r.algo))
+            .collect();
         Ok(plan)
+    }
+
+    fn algo(&self) -> &sys::cublasLtMatmulAlgo_t {
+        &self.candidates[self.chosen.load(std::sync::atomic::Ordering::Relaxed)]
     }
 }
 

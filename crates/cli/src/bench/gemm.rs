@@ -41,6 +41,10 @@ pub struct GemmArgs {
     /// Llama-3-8B's projections and LM head).
     #[arg(long)]
     gemv: bool,
+    /// With --dtype fp8: also time every algorithm cuBLASLt's heuristic offers for each
+    /// shape (up to 8), not only its first choice.
+    #[arg(long)]
+    fp8_candidates: bool,
 }
 
 /// M ∈ {1, 2, 4, 8} against Llama-3-8B's (N, K): qkv, o, gate|up, down, LM head.
@@ -212,6 +216,25 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                 )
             }
         })?;
+        let mut candidates = Vec::new();
+        if args.fp8_candidates {
+            let count = gemm.choose_fp8_candidate(m, n, k, 0).map_or(0, |c| c.0);
+            for i in 0..count {
+                let split_k = gemm.choose_fp8_candidate(m, n, k, i).map_or(0, |c| c.1);
+                let t = time_runs(&device, args.warmup, args.runs, |_| {
+                    // SAFETY: every buffer was allocated at the size the shape names.
+                    unsafe {
+                        let (a, b) = ((xq.ptr(), xs.ptr()), (wq.ptr(), ws.ptr()));
+                        gemm.matmul_fp8_raw(m, n, k, a.0, a.1, b.0, b.1, 0, out.ptr_mut())
+                    }
+                })?;
+                candidates.push(serde_json::json!({
+                    "index": i, "us": t.median_ms * 1e3, "split_k": split_k,
+                    "tflops": tflops((m, n, k), t.median_ms),
+                }));
+            }
+            gemm.choose_fp8_candidate(m, n, k, 0);
+        }
         let quant = time_runs(&device, args.warmup, args.runs, |_| {
             quantize_rows(&jit, &x, m, k, &mut xq, &mut xs)
         })?;
@@ -251,6 +274,12 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                     f("stream_copy_pct")
                 );
             }
+            for c in &candidates {
+                println!(
+                    "    cuBLASLt candidate {}: {:.2} us ({:.0} TFLOP/s), split-K {}",
+                    c["index"], c["us"], c["tflops"], c["split_k"]
+                );
+            }
         });
         let kernel = match variant {
             _ if streams => "stream-gemv",
@@ -269,6 +298,9 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
         }
         if let Some(d) = decode {
             extra["decode"] = d;
+        }
+        if !candidates.is_empty() {
+            extra["cublaslt_candidates"] = candidates.into();
         }
         rows.push(gemm_row(&device, (m, n, k), "fp8", t.median_ms, Some(extra)));
         bar.inc(1);
