@@ -98,8 +98,10 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, hopper));
             }
             // Key-split blocks' other ways to widen (RADIX_SPARSE_FP8_WIDEN; spec_fp8_kv
-            // has the default, 3).
+            // has the default, 3), and their 128-key tiles (`bench decode --tiles ks,128`).
             if tiles.key_split {
+                let wide = attention::TileConfig { block_n: 128, ..tiles };
+                specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, wide));
                 for widen in [0, 1, 2] {
                     specs.push(
                         attention::spec::<bf16>(head_dim, true, hopper)

@@ -147,7 +147,8 @@ fn run_typed<T: HalfFloat>(a: &DecodeArgs) -> anyhow::Result<()> {
         (0..(1usize << 24)).map(|i| [0x30u8, 0xb8, 0x3c, 0xc0, 0x28, 0xa4][i % 6]).collect();
     println!("device-to-device copy: {:.0} GB/s (read + write)", copy_bw / 1e9);
     let (hq, hkv, d, ps) = (a.heads, a.kv_heads, a.head_dim, a.page_size);
-    let shape = AttentionShape::new(hq, hkv, d, true);
+    // (Planned as the engine plans a pool of that kind: FP8 pools get their own tiles.)
+    let shape = AttentionShape::new(hq, hkv, d, true).with_fp8_kv(a.kv_fp8);
     let mut rows = Vec::new();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
     for (name, lens) in cases {

@@ -569,7 +569,7 @@ __device__ __forceinline__ void fp8_q_frags(u32 (&qf)[MT][DK][4], u32 sq, int la
     }
 }
 
-// S = Q Kᵀ over the warp's 16 keys of the stage of bytes at `sk`: key n8 tile n, column g
+// S = Q Kᵀ over the warp's WK keys of the stage of bytes at `sk`: key n8 tile n, column g
 // is key wkey + 8n + g, whose D/4 bytes from t * D/4 thread (g, t) reads (16-byte loads,
 // fp8_chunk's swizzle: one wavefront per 8 lanes).
 __device__ __forceinline__ void fp8_scores(float (&s)[MT][NT][4], const u32 (&qf)[MT][DK][4], u32 sk, int wkey,
@@ -599,33 +599,37 @@ __device__ __forceinline__ void fp8_scores(float (&s)[MT][NT][4], const u32 (&qf
   }
 }
 
-// O += P V over the warp's 16 keys of the stage of bytes at `sv`. The B fragment pairs two
-// keys at one head dim (k = 2t, 2t+1 and 2t+8, 2t+9), so thread (g, t) reads words of those
-// four key rows: dims 32 w + 4 g .. + 3 (four-byte loads, one wavefront a warp with
-// fp8_chunk's swizzle at D = 128). O's n8 tile 4w + i, column c, is head dim 32 w + 4 c + i:
-// thread (g, t) accumulates dims 32 w + 8 t + i and 32 w + 8 t + 4 + i.
+// O += P V over the warp's WK keys of the stage of bytes at `sv`, 16 (one k16 step) at a
+// time. The B fragment pairs two keys at one head dim (k = 2t, 2t+1 and 2t+8, 2t+9), so
+// thread (g, t) reads words of those four key rows: dims 32 w + 4 g .. + 3 (four-byte
+// loads, one wavefront a warp with fp8_chunk's swizzle at D = 128). O's n8 tile 4w + i,
+// column c, is head dim 32 w + 4 c + i: thread (g, t) accumulates dims 32 w + 8 t + i and
+// 32 w + 8 t + 4 + i.
 __device__ __forceinline__ void fp8_pv(float (&o)[MT][ON][4], const float (&s)[MT][NT][4], u32 sv, int wkey,
                                        int lane) {
-  static_assert(!FP8_REGS || (PK == 1 && ON == 4 * (D / 32)), "16 keys a warp, D / 32 words a key row");
+  static_assert(!FP8_REGS || ON == 4 * (D / 32), "D / 32 words a key row");
   const int g = lane / 4, t = lane % 4;
-  u32 a[4];
-  pack_p(s, 0, 0, a);
-  u32 vw[4][D / 32];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int row = wkey + (r / 2) * 8 + 2 * t + r % 2;
+  for (int kk = 0; kk < PK; ++kk) {
+    u32 a[4];
+    pack_p(s, 0, kk, a);
+    u32 vw[4][D / 32];
 #pragma unroll
-    for (int w = 0; w < D / 32; ++w) {
-      asm volatile("ld.shared.u32 %0, [%1];\n"
-                   : "=r"(vw[r][w])
-                   : "r"(sv + fp8_chunk(row, 2 * w + g / 4) + (g % 4) * 4));
+    for (int r = 0; r < 4; ++r) {
+      const int row = wkey + kk * 16 + (r / 2) * 8 + 2 * t + r % 2;
+#pragma unroll
+      for (int w = 0; w < D / 32; ++w) {
+        asm volatile("ld.shared.u32 %0, [%1];\n"
+                     : "=r"(vw[r][w])
+                     : "r"(sv + fp8_chunk(row, 2 * w + g / 4) + (g % 4) * 4));
+      }
     }
+#pragma unroll
+    for (int w = 0; w < D / 32; ++w)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        mma_16816<mma_t>(o[0][4 * w + i], a, value_pair(vw[0][w], vw[1][w], i), value_pair(vw[2][w], vw[3][w], i));
   }
-#pragma unroll
-  for (int w = 0; w < D / 32; ++w)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      mma_16816<mma_t>(o[0][4 * w + i], a, value_pair(vw[0][w], vw[1][w], i), value_pair(vw[2][w], vw[3][w], i));
 }
 #endif
 

@@ -366,8 +366,26 @@ pub fn plan_batch(
             );
         }
         // GPUs with less shared memory than Hopper's (consumer parts) double-buffer.
-        let fits = chosen.smem_bytes(shape.head_dim, 2) <= device.info().max_shared_per_block;
-        if fits { chosen } else { TileConfig { stages: 2, ..chosen } }
+        let max_shared = device.info().max_shared_per_block;
+        let fits = chosen.smem_bytes(shape.head_dim, 2) <= max_shared;
+        let chosen = if fits { chosen } else { TileConfig { stages: 2, ..chosen } };
+        // Key-split decode over an FP8 pool: 128-key tiles where they fit. Its warps widen
+        // their own keys in registers, so a wider tile is more keys a barrier. On the H200
+        // (graphs, % of copy, beside 64-key tiles): 64@4096 101.8 / 95.2, 256@1024 92.7 /
+        // 85.1, 128@2048 96.1 / 91.5, mixed:64:100:16000 98.6 / 89.7, 1@8192 9.2 / 10.5 us;
+        // but 8@16384 79.1 / 70.1 us: the plan below counts blocks an SM by the 16-bit
+        // tiles' shared memory (one of these), not their FP8 stages' (two). (With the
+        // widened tiles in shared memory 128 keys had lost.)
+        let wide = TileConfig { block_n: 128, ..chosen };
+        if shape.kv_fp8
+            && chosen.key_split
+            && wide.fp8_pipeline(shape.head_dim, max_shared).smem_bytes_fp8_kv(shape.head_dim)
+                <= max_shared
+        {
+            wide
+        } else {
+            chosen
+        }
     });
     // TMA boxes of a page keep the 1024-byte swizzle atoms only with 8 rows or more.
     if let Some(page_size) = page_size {

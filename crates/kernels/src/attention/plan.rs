@@ -124,8 +124,10 @@ impl TileConfig {
         // reserves per block.
         let per_block = ((max_shared_per_block + 1024) / 2).saturating_sub(1024);
         let fit = |stages: usize| fixed + stages * stage <= max_shared_per_block;
+        let least = if self.key_split { 3 } else { 2 };
         let auto = if self.key_split {
-            self.stages as usize
+            // (At least 3: the epilogue's warp states; a plan for 99 KiB a block has 2.)
+            (self.stages as usize).max(least)
         } else {
             (per_block.saturating_sub(fixed) / stage).clamp(2, 8).max(self.stages as usize)
         };
@@ -133,7 +135,6 @@ impl TileConfig {
         let wanted = OVERRIDE.get_or_init(|| {
             std::env::var("RADIX_SPARSE_FP8_KV_STAGES").ok().and_then(|v| v.parse().ok())
         });
-        let least = if self.key_split { 3 } else { 2 };
         let stages = wanted.filter(|&s| (least..=8).contains(&s) && fit(s)).unwrap_or(auto);
         TileConfig { stages: stages as u32, ..self }
     }
@@ -586,6 +587,14 @@ mod fp8_pipeline_tests {
         }
         // A GPU with 99 KiB a block: one block per SM, the configuration's own depth.
         assert_eq!(TileConfig::DECODE_SMALL.fp8_pipeline(128, 99 * 1024).stages, 3);
+        // There `plan_batch` gives key-split tiles 2 stages (16-bit K/V do not fit 3); over
+        // an FP8 pool they take 3 again (the epilogue's warp states need them).
+        let two = TileConfig { stages: 2, ..TileConfig::DECODE_SMALL };
+        for d in [64, 128] {
+            let t = two.fp8_pipeline(d, 99 * 1024);
+            assert_eq!(t.stages, 3, "at {d}");
+            assert!(t.smem_bytes_fp8_kv(d) <= 99 * 1024);
+        }
     }
 }
 

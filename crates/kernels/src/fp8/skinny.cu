@@ -43,6 +43,7 @@ constexpr int NT = N_TILES;
 constexpr int WARPS = 4 * WG;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block
+constexpr int MAX_SPLITS = 16;          // K splits a launch at most (mirrors skinny.rs)
 static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
 // WGMMA (sm_90a): the same block of 64 weight rows on Hopper's FP8 tensor cores (no
 // conversions: wgmma m64nNk32 e4m3, N the 8 * N_TILES tokens), the weight rows and the
@@ -321,13 +322,48 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
   __threadfence();
   const int row0 = blockIdx.x * BLOCK_ROWS;
   const int rows = min(BLOCK_ROWS, p.n - row0);
-  for (int i = threadIdx.x; i < p.m * BLOCK_ROWS; i += THREADS) {
-    const int m = i / BLOCK_ROWS, r = i % BLOCK_ROWS;
-    if (r >= rows) continue;
-    const long long at = (long long)m * p.n + row0 + r;
-    float s = 0.f;
-    for (int y = 0; y < (int)gridDim.y; ++y) s += __ldcg(p.partial + (long long)y * p.m * p.n + at);
-    store_out(p, m, row0 + r, s);
+  const long long plane = (long long)p.m * p.n;  // one split's partial sums
+  const int splits = gridDim.y;
+  if ((p.n & 3) == 0) {
+    // Four rows an item (16-byte loads; rows and row0 are multiples of 4 here), every
+    // split's load of an item issued together (unrolled to MAX_SPLITS, predicated), then
+    // added in split order: the same bits as the one-at-a-time loop below. That loop kept
+    // each load a round trip apart (a runtime trip count, and the store between outputs
+    // that the compiler cannot move a later load above), which grew with the rows: most
+    // of a 64-row launch's time.
+    for (int i = threadIdx.x; i < p.m * (BLOCK_ROWS / 4); i += THREADS) {
+      const int m = i / (BLOCK_ROWS / 4), r = (i % (BLOCK_ROWS / 4)) * 4;
+      if (r >= rows) continue;
+      const float* src = p.partial + (long long)m * p.n + row0 + r;
+      float4 v[MAX_SPLITS];
+#pragma unroll
+      for (int y = 0; y < MAX_SPLITS; ++y) {
+        if (y < splits) v[y] = __ldcg(reinterpret_cast<const float4*>(src + y * plane));
+      }
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int y = 0; y < MAX_SPLITS; ++y) {
+        if (y < splits) {
+          sum.x += v[y].x;
+          sum.y += v[y].y;
+          sum.z += v[y].z;
+          sum.w += v[y].w;
+        }
+      }
+      store_out(p, m, row0 + r, sum.x);
+      store_out(p, m, row0 + r + 1, sum.y);
+      store_out(p, m, row0 + r + 2, sum.z);
+      store_out(p, m, row0 + r + 3, sum.w);
+    }
+  } else {
+    for (int i = threadIdx.x; i < p.m * BLOCK_ROWS; i += THREADS) {
+      const int m = i / BLOCK_ROWS, r = i % BLOCK_ROWS;
+      if (r >= rows) continue;
+      const long long at = (long long)m * p.n + row0 + r;
+      float s = 0.f;
+      for (int y = 0; y < splits; ++y) s += __ldcg(p.partial + y * plane + at);
+      store_out(p, m, row0 + r, s);
+    }
   }
   if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next launch
 }

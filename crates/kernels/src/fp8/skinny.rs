@@ -19,12 +19,11 @@ pub const DEFAULT_ROWS: usize = MAX_ROWS;
 /// Rows up to which the mma.sync variant beat cuBLASLt on every Llama-3-8B shape (H200):
 /// where the wgmma variant cannot run.
 const MMA_ROWS: usize = 8;
-/// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, 1.2-2.3x
-/// at 1-8 rows, where it also beat the mma.sync variant by 1.16-1.35x; 1.11-1.60x at 16),
-/// and up to which it beat it on the large products only (17-32 rows: gate|up and down
-/// 1.33-1.39x; q|k|v and o 0.80-0.93x; 33-64 rows with two warpgroups a block: gate|up
-/// 1.18-1.35x, down 1.05-1.19x, q|k|v and o 0.44-0.69x).
-const WGMMA_ALL_ROWS: usize = 16;
+/// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, back to
+/// back, once the split-K sum issued every split's loads together: 1.5-2.3x at 1-16 rows,
+/// 1.07-1.42x at 24-32), and up to which it beat it on the large products only (48-64 rows
+/// with two warpgroups a block: gate|up 1.21-1.27x, down 1.27-1.43x; q|k|v and o 0.71-0.88x).
+const WGMMA_ALL_ROWS: usize = 32;
 const WGMMA_LARGE_ROWS: usize = MAX_ROWS;
 /// Weight elements from which a product counts as large (down is 58.7 M, o 16.8 M).
 const LARGE_WEIGHTS: usize = 48 << 20;
@@ -75,11 +74,11 @@ pub fn wgmma_variant(m: usize) -> Variant {
     }
 }
 /// Rows from which the wgmma variant runs two warpgroups a block: at 48 and 64 rows they
-/// took gate|up from 45.5-47.9 to 34.6-35.6 us and down from 36.2-41.4 to 31.4-35.9 us
+/// took gate|up from 50.0-50.5 to 36.5-37.1 us and down from 32.4-34.9 to 26.2-29.5 us
 /// back to back on the H200 (the 64-row blocks read as many token bytes as weight
-/// bytes); at 24-32 rows the two were within 3% of each other, at 8-16 one warpgroup won
-/// by up to 15%.
-const WGMMA128_ROWS: usize = 33;
+/// bytes); at 24-32 rows they were 1-4% ahead on all but down (1% behind), at 1-16 one
+/// warpgroup won by up to 7%.
+const WGMMA128_ROWS: usize = 17;
 
 /// Dynamic shared memory of a wgmma variant for `m` rows: its stages of 64 or 128 weight
 /// rows and the token rows (8, 16, 32 or 64) of 128 bytes, and 1 KiB to align them.
@@ -87,7 +86,8 @@ fn wgmma_smem(m: usize, variant: Variant) -> usize {
     let tokens = 8 * m.div_ceil(8).next_power_of_two().clamp(1, MAX_ROWS / 8);
     WGMMA_STAGES * (variant.block_rows() + tokens) * WGMMA_SEG + 1024
 }
-/// Splits of K at most: more would leave each warp too few steps to hide a load.
+/// Splits of K at most (`MAX_SPLITS` in skinny.cu): more would leave each warp too few steps
+/// to hide a load.
 const MAX_SPLITS: usize = 16;
 
 /// The specialisation for up to `m` rows (rounded up to 8, 16, 32 or 64), output `T`.
@@ -121,7 +121,7 @@ pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
 
 /// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`, or
 /// `None` (cuBLASLt's FP8 GEMM is faster there). From the H200's measurements of
-/// 2026-11-30 (bench/NOTES.md): on Hopper wgmma up to 16 rows, and at 17-64 rows on the
+/// 2026-11-30 (bench/NOTES.md): on Hopper wgmma up to 32 rows, and at 33-64 rows on the
 /// large products; elsewhere mma.sync up to 8 rows.
 pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<Variant> {
     if !fits(m, n, k) {
@@ -381,14 +381,15 @@ mod tests {
                 assert_eq!(engine_variant(hopper, m, n, k), Some(Variant::Wgmma64), "{m}x{n}x{k}");
             }
         }
-        // 17-64 rows: only the large products, from 33 rows two warpgroups a block.
-        assert_eq!(engine_variant(hopper, 32, gate_up.0, gate_up.1), Some(Variant::Wgmma64));
-        assert_eq!(engine_variant(hopper, 32, down.0, down.1), Some(Variant::Wgmma64));
+        // 17-32 rows: every product on two warpgroups a block; 33-64 the large ones only.
+        for (n, k) in [qkv, o, gate_up, down] {
+            assert_eq!(engine_variant(hopper, 32, n, k), Some(Variant::Wgmma128), "32x{n}x{k}");
+        }
         assert_eq!(engine_variant(hopper, 33, gate_up.0, gate_up.1), Some(Variant::Wgmma128));
         assert_eq!(engine_variant(hopper, 64, down.0, down.1), Some(Variant::Wgmma128));
         assert_eq!(engine_variant(hopper, 64, o.0, o.1), None);
-        assert_eq!(engine_variant(hopper, 32, qkv.0, qkv.1), None);
-        assert_eq!(engine_variant(hopper, 17, o.0, o.1), None);
+        assert_eq!(engine_variant(hopper, 33, qkv.0, qkv.1), None);
+        assert_eq!(engine_variant(hopper, 17, o.0, o.1), Some(Variant::Wgmma128));
         // K not in whole 128-byte stages: the mma.sync variant up to 8 rows.
         assert_eq!(engine_variant(hopper, 8, 4096, 4160), Some(Variant::Mma));
         assert_eq!(engine_variant(hopper, 9, 4096, 4160), None);

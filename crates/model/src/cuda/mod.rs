@@ -139,7 +139,7 @@ pub struct CudaBackend {
     /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) may run our skinny
     /// FP8 GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-65% of
     /// the copy bandwidth; `skinny::engine_variant` picks the variant or cuBLASLt per shape
-    /// (on Hopper wgmma up to 16 rows and at 17-64 on the large products, elsewhere
+    /// (on Hopper wgmma up to 32 rows and at 33-64 on the large products, elsewhere
     /// mma.sync up to 8: where each won on the H200; bench/NOTES.md).
     /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most and by default 64).
     fp8_skinny_rows: usize,
