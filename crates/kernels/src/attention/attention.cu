@@ -773,7 +773,6 @@ __device__ void produce_kv(const AttentionParams& p, int b, int kvh, int kv_begi
 
 #endif
 
-
 // One K/V tile's step of the online softmax, on a warp's S accumulators: masks keys at or
 // past each row's limit (the item's end, and when causal the row's token) if `need_mask`
 // (`key0`: the key of column 0), then in the exp2 domain turns S into P (unnormalised),
