@@ -30,21 +30,9 @@ use radix_model::{Backend, CpuBackend, CudaBackend, KvPoolSpec, ModelSource};
 
 use numerics::rel_err;
 use paged_batch::{Batch, PS};
-use smollm2_model::smollm2_path;
+use smollm2_model::{chat_prompts, smollm2_path};
 
 const STEPS: usize = 32;
-
-/// Each question as a one-message chat, rendered with the model's template and tokenized.
-fn chat_prompts(source: &ModelSource, questions: &[&str]) -> Vec<Vec<u32>> {
-    questions
-        .iter()
-        .map(|q| {
-            let msgs = [radix_model::ChatMessage::new("user", *q)];
-            let text = source.chat_template.render(&msgs, true).unwrap();
-            source.tokenizer.encode(&text, false).unwrap()
-        })
-        .collect()
-}
 
 /// Total variation distance between the softmax distributions of two logit rows.
 fn total_variation(a: &[f32], b: &[f32]) -> f64 {

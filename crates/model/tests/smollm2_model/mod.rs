@@ -18,3 +18,16 @@ pub fn smollm2_path() -> String {
     );
     path.to_str().expect("a UTF-8 path").to_string()
 }
+
+/// Each question as a one-message chat, rendered with the model's template and tokenized.
+#[allow(dead_code)] // not every test target that includes this module uses it
+pub fn chat_prompts(source: &radix_model::ModelSource, questions: &[&str]) -> Vec<Vec<u32>> {
+    questions
+        .iter()
+        .map(|q| {
+            let msgs = [radix_model::ChatMessage::new("user", *q)];
+            let text = source.chat_template.render(&msgs, true).unwrap();
+            source.tokenizer.encode(&text, false).unwrap()
+        })
+        .collect()
+}
