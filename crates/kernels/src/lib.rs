@@ -98,17 +98,15 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, hopper));
             }
             // Key-split blocks' other ways to widen (RADIX_SPARSE_FP8_WIDEN; spec_fp8_kv
-            // has the default, 3), and their 128-key tiles (`bench decode --tiles ks,128`).
+            // has the default), and their 128-key tiles (`bench decode --tiles ks,128`).
             if tiles.key_split {
+                use attention::Fp8Widen;
                 let wide = attention::TileConfig { block_n: 128, ..tiles };
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, wide));
-                for widen in [0, 1, 2] {
-                    specs.push(
-                        attention::spec::<bf16>(head_dim, true, hopper)
-                            .define("KV_FP8", 1)
-                            .define("FP8_CVT", widen)
-                            .min_arch(radix_gpu::Arch::SM89),
-                    );
+                for widen in [Fp8Widen::BitMoves, Fp8Widen::ConvertKeys, Fp8Widen::ConvertValues] {
+                    specs.push(attention::spec_fp8_kv_widened::<bf16>(
+                        head_dim, true, hopper, widen,
+                    ));
                 }
             }
         }
@@ -136,9 +134,10 @@ pub fn catalog() -> Vec<KernelSpec> {
         specs.push(gemv::spec_stream_built::<f16>(x_src, false, false));
     }
     for m in [8, 16, 32, 64] {
-        specs.push(fp8::skinny::spec::<bf16>(m));
-        specs.push(fp8::skinny::spec_wgmma::<bf16>(m));
-        specs.push(fp8::skinny::spec_variant::<bf16>(m, fp8::skinny::Variant::Wgmma128));
+        use fp8::skinny::Variant;
+        for variant in [Variant::Mma, Variant::Wgmma64, Variant::Wgmma128] {
+            specs.push(fp8::skinny::spec_variant::<bf16>(m, variant));
+        }
     }
     specs.push(fp8::spec::<f16>());
     specs.push(fp8::spec::<bf16>());

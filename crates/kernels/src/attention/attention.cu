@@ -490,7 +490,7 @@ __device__ __forceinline__ void widen_kv_tile(const KvCursor& cur, u32 fk, u32 f
   }
 }
 
-// Key-split blocks (FP8_REGS) skip the widened tiles: each warp reads its WK = 16 keys'
+// Key-split blocks (FP8_REGS) skip the widened tiles: each warp reads its WK keys'
 // bytes from the stage straight into MMA fragments, and widens them in registers. (The
 // widened tiles' 16-byte stores, two-way bank conflicted, and their ldmatrix reads were
 // about three quarters of a tile's shared-memory traffic: per SM more than the time the

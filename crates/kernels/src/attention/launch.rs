@@ -249,9 +249,19 @@ pub fn prefill_tiles(
 /// The specialisation reading an FP8 (e4m3) K/V pool (hardware e4m3 conversion: sm_89+).
 /// Key-split tiles widen in registers the way `fp8_widen()` says.
 pub fn spec_fp8_kv<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> KernelSpec {
+    spec_fp8_kv_widened::<T>(head_dim, paged, tiles, fp8_widen())
+}
+
+/// `spec_fp8_kv` with key-split tiles widening the way `widen` says.
+pub fn spec_fp8_kv_widened<T: HalfFloat>(
+    head_dim: usize,
+    paged: bool,
+    tiles: TileConfig,
+    widen: Fp8Widen,
+) -> KernelSpec {
     let spec =
         spec::<T>(head_dim, paged, tiles).define("KV_FP8", 1).min_arch(radix_gpu::Arch::SM89);
-    if tiles.key_split { spec.define("FP8_CVT", fp8_widen() as u8) } else { spec }
+    if tiles.key_split { spec.define("FP8_CVT", widen as u8) } else { spec }
 }
 
 /// How key-split decode blocks widen e4m3 bytes to f16 (attention.cu's FP8_CVT): bit moves

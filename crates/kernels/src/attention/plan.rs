@@ -227,19 +227,8 @@ impl TileConfig {
     /// for the key-split decode tiles (`DECODE_SMALL` unless given).
     pub fn parse(s: &str) -> Result<TileConfig, String> {
         if let Some(rest) = s.strip_prefix("ks").filter(|r| r.is_empty() || r.starts_with(',')) {
-            let v: Vec<u32> = rest
-                .split(',')
-                .filter(|x| !x.trim().is_empty())
-                .map(|x| x.trim().parse())
-                .collect::<Result<_, _>>()
-                .map_err(|_| format!("bad tile config {s:?}: expected ks[,BLOCK_N[,STAGES]]"))?;
             let base = Self::DECODE_SMALL;
-            let (block_n, stages) = match v[..] {
-                [] => (base.block_n, base.stages),
-                [n] => (n, base.stages),
-                [n, st] => (n, st),
-                _ => (0, 0),
-            };
+            let (block_n, stages) = block_n_and_stages(s, rest, base, "ks")?;
             return if [64, 128].contains(&block_n) && (2..=4).contains(&stages) {
                 Ok(TileConfig { block_n, stages, ..base })
             } else {
@@ -277,19 +266,8 @@ impl TileConfig {
             }
         }
         if let Some(rest) = s.strip_prefix("wgmma") {
-            let v: Vec<u32> = rest
-                .split(',')
-                .filter(|x| !x.trim().is_empty())
-                .map(|x| x.trim().parse())
-                .collect::<Result<_, _>>()
-                .map_err(|_| format!("bad tile config {s:?}: expected wgmma[,BLOCK_N[,STAGES]]"))?;
             let base = Self::PREFILL_SM90;
-            let (block_n, stages) = match v[..] {
-                [] => (base.block_n, base.stages),
-                [n] => (n, base.stages),
-                [n, st] => (n, st),
-                _ => (0, 0),
-            };
+            let (block_n, stages) = block_n_and_stages(s, rest, base, "wgmma")?;
             return if block_n == 128 && (2..=3).contains(&stages) {
                 Ok(TileConfig { block_n, stages, ..base })
             } else {
@@ -429,6 +407,29 @@ pub fn step_work_bound(
         merge_items: 2 * per_head * num_kv_heads.max(1),
         partial_rows,
     }
+}
+
+/// The `[,BLOCK_N[,STAGES]]` after a tile spec's name (`form`) in `TileConfig::parse`,
+/// `base`'s where not given; (0, 0) when there are more, for the caller's range check to
+/// refuse.
+fn block_n_and_stages(
+    s: &str,
+    rest: &str,
+    base: TileConfig,
+    form: &str,
+) -> Result<(u32, u32), String> {
+    let v: Vec<u32> = rest
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad tile config {s:?}: expected {form}[,BLOCK_N[,STAGES]]"))?;
+    Ok(match v[..] {
+        [] => (base.block_n, base.stages),
+        [n] => (n, base.stages),
+        [n, st] => (n, st),
+        _ => (0, 0),
+    })
 }
 
 /// Decode chunks over page tables from the kernel before that are shorter than this many
