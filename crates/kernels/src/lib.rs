@@ -20,6 +20,7 @@ pub const HEADERS: &[SourceFile] = &[
     SourceFile { path: "common/key_bounds.cuh", code: include_str!("common/key_bounds.cuh") },
     SourceFile { path: "common/fp8.cuh", code: include_str!("common/fp8.cuh") },
     SourceFile { path: "common/wgmma.cuh", code: include_str!("common/wgmma.cuh") },
+    SourceFile { path: "common/cluster.cuh", code: include_str!("common/cluster.cuh") },
     // The TMA pipeline and the persistent TMA variant of attention.cu (included by it).
     SourceFile {
         path: "attention/tma_pipeline.cuh",

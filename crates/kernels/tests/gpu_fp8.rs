@@ -300,7 +300,9 @@ fn fp8_gemv_matches_the_dequantized_product() {
 /// and the 16-row warp tile, K split unevenly (6144x4096: 5 splits, the last shorter) and
 /// not at all (28672 rows fill the GPU alone), with bias; f16 output too. Each
 /// product runs twice: the split-K counters must be back at zero, so the second run
-/// equals the first bit for bit.
+/// equals the first bit for bit. On Hopper the wgmma variant adds up its splits in a
+/// cluster from 33 rows; run again with `RADIX_SPARSE_FP8_SKINNY_CLUSTER=1` (always) and
+/// `=0` (never).
 #[test]
 fn skinny_fp8_gemm_matches_the_dequantized_product() {
     use radix_kernels::fp8::skinny::{self, SkinnyScratch};
@@ -320,6 +322,7 @@ fn skinny_fp8_gemm_matches_the_dequantized_product() {
         (33, 200, 192),
         (64, 4096, 4096),
         (3, 28672, 4096),
+        (48, 301, 4096),
     ];
     let mut bad = Vec::new();
     for (i, &(m, n, k)) in cases.iter().enumerate() {

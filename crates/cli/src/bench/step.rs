@@ -84,9 +84,14 @@ fn step_at(
         (indptr, indices, last)
     };
     let slot = |b: usize, pos: usize| ((b * per_seq + pos / ps) * ps + pos % ps) as i32;
-    // Fill every context with prefill chunks of about 8K tokens.
+    // Fill every context with prefill chunks of about 8K tokens; every chunk after the first
+    // is profiled (where a prompt step's time goes).
     let seqs_per_chunk = (8192 / context.max(1)).max(1);
+    let chunks = batch.div_ceil(seqs_per_chunk);
     for first in (0..batch).step_by(seqs_per_chunk) {
+        if first == seqs_per_chunk {
+            model.backend.set_profiling(true);
+        }
         let ids: Vec<usize> = (first..(first + seqs_per_chunk).min(batch)).collect();
         let tokens: Vec<u32> = ids
             .iter()
@@ -108,6 +113,25 @@ fn step_at(
             kv_keep: Vec::new(),
         };
         model.forward(&step)?;
+    }
+    if let Some(times) = model.backend.op_times_now()? {
+        model.backend.set_profiling(false);
+        let n = (chunks - 1) as f64;
+        println!(
+            "prefill chunks of {} tokens ({} profiled, eager): {:.3} ms each on the GPU",
+            seqs_per_chunk * context,
+            chunks - 1,
+            times.total_ms() / n
+        );
+        for (name, ms) in [
+            ("GEMMs", times.gemm_ms),
+            ("attention", times.attention_ms),
+            ("KV append", times.kv_append_ms),
+            ("norms", times.norm_ms),
+            ("other ops", times.other_ms),
+        ] {
+            println!("  {name:<18} {:8.3} ms", ms / n);
+        }
     }
 
     let params = SamplingParams::greedy();

@@ -18,7 +18,11 @@
 // blocks split K (grid.y) when the rows alone do not fill the GPU: each split writes f32
 // partial sums and the last block of a row group to finish adds them up (a counter per
 // row group, reset by that block, so the kernel needs no second launch and replays in a
-// CUDA graph).
+// CUDA graph). On Hopper (wgmma variant, `cluster_sum`) the splits of a row group are
+// instead one thread-block cluster along grid.x: each leaves its sums in its own shared
+// memory and, after a cluster barrier, block y adds up slice y of the outputs from every
+// split's shared memory. No partial sums go through global memory (at 64 rows and 8
+// splits they were half the weights' bytes) and no counters.
 //
 // Loads: a dot product does not care in which order its k terms come, as long as both
 // operands use the same order. So a thread loads 16 consecutive bytes of its weight row
@@ -26,6 +30,7 @@
 // MMAs as their k-slots (4c..4c+3 and 16+4c..16+4c+3 of each k32 step, c = lane % 4):
 // full 16-byte loads, no shuffles, no shared memory. U segments are in flight per thread,
 // double-buffered in registers.
+#include "common/cluster.cuh"
 #include "common/fp8.cuh"
 #include "common/mma.cuh"
 #include "common/wgmma.cuh"
@@ -44,7 +49,6 @@ constexpr int WARPS = 4 * WG;
 constexpr int THREADS = WARPS * 32;
 constexpr int BLOCK_ROWS = 16 * WARPS;  // weight rows per block
 constexpr int MAX_SPLITS = 16;          // K splits a launch at most (mirrors skinny.rs)
-static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
 // WGMMA (sm_90a): the same block of 64 weight rows on Hopper's FP8 tensor cores (no
 // conversions: wgmma m64nNk32 e4m3, N the 8 * N_TILES tokens), the weight rows and the
 // tokens staged through shared memory in K steps of 128 bytes (one 128-byte swizzled row
@@ -54,6 +58,7 @@ static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
 #define WGMMA 0
 #endif
 static_assert(WG == 1 || (WGMMA && WG == 2), "two warpgroups a block in the wgmma variant only");
+static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "N_TILES 1, 2, 4 or 8");
 #if !WGMMA
 constexpr int SEG = 64;  // K bytes of one warp step: two k32 MMAs
 constexpr int U = 4;     // segments per thread in flight
@@ -73,6 +78,8 @@ struct SkinnyParams {
   int n;
   int k;                    // a multiple of SEG
   int k_split;              // K bytes per split (a multiple of SEG)
+  int cluster_sum;          // splits along grid.x, one cluster (wgmma only); else grid.y
+  int reserved;
 };
 
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -166,6 +173,11 @@ __device__ __forceinline__ void load_stage_tokens(const SkinnyParams& p, u32 bas
     cp_async_16(base + W_BYTES + r * KB + ((ch ^ (r & 7)) << 4), src, r < p.m);
   }
 }
+
+// Row pitch (floats) of a block's sums in shared memory for the cluster sum: 4 more than
+// the weight rows, so a warp's stores (8 rows x 4 token pairs) hit 32 banks.
+constexpr int SUM_PITCH = BLOCK_ROWS + 4;
+static_assert(TOK * SUM_PITCH * 4 <= STAGES * STAGE_BYTES, "the sums fit in the stages");
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __grid_constant__ SkinnyParams p) {
@@ -175,12 +187,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
   __shared__ int last_split;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
-  const int f0 = blockIdx.x * BLOCK_ROWS + warp * 16;
-  const int kb = blockIdx.y * p.k_split;
+  // Row group and split: grid.x and .y, swapped under the cluster sum (clusters run along
+  // x).
+  const bool by_cluster = WGMMA && p.cluster_sum;
+  const int group = by_cluster ? blockIdx.y : blockIdx.x;
+  const int split = by_cluster ? blockIdx.x : blockIdx.y;
+  const int splits = by_cluster ? gridDim.x : gridDim.y;
+  const int f0 = group * BLOCK_ROWS + warp * 16;
+  const int kb = split * p.k_split;
 #if WGMMA
   extern __shared__ unsigned char dyn_smem[];
   const u32 s0 = (smem_addr(dyn_smem) + 1023u) & ~1023u;  // the swizzle atoms' alignment
-  const int f_block = blockIdx.x * BLOCK_ROWS;
+  const int f_block = group * BLOCK_ROWS;
   const int steps = max(0, min(p.k_split, p.k - kb)) / KB;
   // Each stage's 128 K bytes accumulate in the tensor cores (d), then into f32 here
   // (acc): Hopper's FP8 wgmma keeps fewer bits than f32 while it accumulates, so a chain
@@ -292,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
 
   // acc[t] holds rows f0 + g (0, 1) and f0 + g + 8 (2, 3), tokens t * 8 + 2c (0, 2) and
   // t * 8 + 2c + 1 (1, 3).
-  if (gridDim.y == 1) {
+  if (splits == 1) {
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -302,7 +320,52 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       }
     return;
   }
-  float* part = p.partial + (long long)blockIdx.y * p.m * p.n;
+  const int row0 = group * BLOCK_ROWS;
+  const int rows = min(BLOCK_ROWS, p.n - row0);
+#if WGMMA
+  if (by_cluster) {
+    // Every warpgroup is done with the stages: the sums go where they were.
+    __syncthreads();
+    float* sums = reinterpret_cast<float*>(dyn_smem + (s0 - smem_addr(dyn_smem)));
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        sums[(t * 8 + 2 * c + (i & 1)) * SUM_PITCH + warp * 16 + g + 8 * (i >> 1)] = acc[t][i];
+    cluster_sync();
+    // Block `split` adds up every splits-th item of four rows, all splits' loads issued
+    // together, added in split order.
+    for (int i = split * THREADS + threadIdx.x; i < p.m * (BLOCK_ROWS / 4); i += splits * THREADS) {
+      const int m = i / (BLOCK_ROWS / 4), r = (i % (BLOCK_ROWS / 4)) * 4;
+      if (r >= rows) continue;
+      const float* at = sums + m * SUM_PITCH + r;
+      float4 v[MAX_SPLITS];
+#pragma unroll
+      for (int y = 0; y < MAX_SPLITS; ++y) {
+        if (y < splits) v[y] = ld_cluster_f4(in_rank(at, y));
+      }
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int y = 0; y < MAX_SPLITS; ++y) {
+        if (y < splits) {
+          sum.x += v[y].x;
+          sum.y += v[y].y;
+          sum.z += v[y].z;
+          sum.w += v[y].w;
+        }
+      }
+      const int f = row0 + r;
+      store_out(p, m, f, sum.x);
+      if (r + 1 < rows) store_out(p, m, f + 1, sum.y);
+      if (r + 2 < rows) store_out(p, m, f + 2, sum.z);
+      if (r + 3 < rows) store_out(p, m, f + 3, sum.w);
+    }
+    // A block's shared memory stays until every block of the cluster has read it.
+    cluster_sync();
+    return;
+  }
+#endif
+  float* part = p.partial + (long long)split * p.m * p.n;
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -311,19 +374,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       if (m < p.m && f < p.n) part[(long long)m * p.n + f] = acc[t][i];
     }
   // Publish this split's partials, then count it; the last split of the row group sums.
+  int* counter = p.counters + group;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int done = atomicAdd(&p.counters[blockIdx.x], 1);
-    last_split = done == (int)gridDim.y - 1;
+    const int done = atomicAdd(counter, 1);
+    last_split = done == splits - 1;
   }
   __syncthreads();
   if (!last_split) return;
   __threadfence();
-  const int row0 = blockIdx.x * BLOCK_ROWS;
-  const int rows = min(BLOCK_ROWS, p.n - row0);
   const long long plane = (long long)p.m * p.n;  // one split's partial sums
-  const int splits = gridDim.y;
   if ((p.n & 3) == 0) {
     // Four rows an item (16-byte loads; rows and row0 are multiples of 4 here), every
     // split's load of an item issued together (unrolled to MAX_SPLITS, predicated), then
@@ -365,7 +426,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       store_out(p, m, row0 + r, s);
     }
   }
-  if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;  // ready for the next launch
+  if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
 }
 
-static_assert(sizeof(SkinnyParams) == 80, "SkinnyParams mirrors fp8/skinny.rs");
+static_assert(sizeof(SkinnyParams) == 88, "SkinnyParams mirrors fp8/skinny.rs");

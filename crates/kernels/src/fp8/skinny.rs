@@ -20,13 +20,10 @@ pub const DEFAULT_ROWS: usize = MAX_ROWS;
 /// where the wgmma variant cannot run.
 const MMA_ROWS: usize = 8;
 /// Rows up to which the wgmma variant beat cuBLASLt on every Llama-3-8B shape (H200, back to
-/// back, once the split-K sum issued every split's loads together: 1.5-2.3x at 1-16 rows,
-/// 1.07-1.42x at 24-32), and up to which it beat it on the large products only (48-64 rows
-/// with two warpgroups a block: gate|up 1.21-1.27x, down 1.27-1.43x; q|k|v and o 0.71-0.88x).
+/// back: 1.5-2.7x at 1-16 rows, 1.26-1.82x at 24-32). At 48-64 rows (splits in clusters)
+/// it beat it on o (1.09-1.15x), down (1.39-1.41x) and gate|up (1.21-1.23x), not on q|k|v
+/// (0.84-0.91x).
 const WGMMA_ALL_ROWS: usize = 32;
-const WGMMA_LARGE_ROWS: usize = MAX_ROWS;
-/// Weight elements from which a product counts as large (down is 58.7 M, o 16.8 M).
-const LARGE_WEIGHTS: usize = 48 << 20;
 /// Weight rows per block (`BLOCK_ROWS` in skinny.cu) of the mma.sync variant and the
 /// one-warpgroup wgmma variant: one counter each when K is split (the two-warpgroup
 /// variant's blocks take 128 rows, so they need half as many).
@@ -58,10 +55,13 @@ impl Variant {
     }
 }
 
-/// The wgmma variant for `m` rows: two warpgroups a block from `WGMMA128_ROWS` rows (their
-/// blocks share each stage of tokens between 128 weight rows), or as
-/// `RADIX_SPARSE_FP8_SKINNY_WG` (1 or 2) says, for comparisons.
-pub fn wgmma_variant(m: usize) -> Variant {
+/// The wgmma variant for an `n`-row weight: two warpgroups a block (128 weight rows share
+/// each stage of tokens) where the 128-row groups alone fill the GPU (`WIDE_ROWS`), one
+/// elsewhere (more row groups, fewer K splits); or as `RADIX_SPARSE_FP8_SKINNY_WG` (1 or
+/// 2) says, for comparisons. On the H200, back to back (bench/NOTES.md): gate|up on two
+/// warpgroups 34.9 / 35.7 us at 48 / 64 rows against 47.0 / 49.9 on one (even at 1-32);
+/// q|k|v, o and down on one warpgroup 1-12% faster at every row count from 1 to 64.
+pub fn wgmma_variant(n: usize) -> Variant {
     static WG: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let forced = WG.get_or_init(|| {
         std::env::var("RADIX_SPARSE_FP8_SKINNY_WG").ok().and_then(|v| v.trim().parse().ok())
@@ -69,16 +69,13 @@ pub fn wgmma_variant(m: usize) -> Variant {
     match forced {
         Some(1) => Variant::Wgmma64,
         Some(2) => Variant::Wgmma128,
-        _ if m >= WGMMA128_ROWS => Variant::Wgmma128,
+        _ if n >= WIDE_ROWS => Variant::Wgmma128,
         _ => Variant::Wgmma64,
     }
 }
-/// Rows from which the wgmma variant runs two warpgroups a block: at 48 and 64 rows they
-/// took gate|up from 50.0-50.5 to 36.5-37.1 us and down from 32.4-34.9 to 26.2-29.5 us
-/// back to back on the H200 (the 64-row blocks read as many token bytes as weight
-/// bytes); at 24-32 rows they were 1-4% ahead on all but down (1% behind), at 1-16 one
-/// warpgroup won by up to 7%.
-const WGMMA128_ROWS: usize = 17;
+/// Weight rows from which a product is wide: 128 groups of 128 rows (Llama-3-8B's gate|up
+/// has 28,672).
+const WIDE_ROWS: usize = 16384;
 
 /// Dynamic shared memory of a wgmma variant for `m` rows: its stages of 64 or 128 weight
 /// rows and the token rows (8, 16, 32 or 64) of 128 bytes, and 1 KiB to align them.
@@ -89,6 +86,25 @@ fn wgmma_smem(m: usize, variant: Variant) -> usize {
 /// Splits of K at most (`MAX_SPLITS` in skinny.cu): more would leave each warp too few steps
 /// to hide a load.
 const MAX_SPLITS: usize = 16;
+
+/// Whether the wgmma variant adds up its K splits for `m` rows in a thread-block cluster
+/// (through distributed shared memory) rather than through f32 partial sums in global
+/// memory and counters: from `CLUSTER_ROWS` rows, where the partial sums grow large;
+/// `RADIX_SPARSE_FP8_SKINNY_CLUSTER=0` never, `=1` always (for comparisons). On the H200,
+/// back to back (bench/NOTES.md): at 64 rows o 13.6 us in clusters against 23.1 through
+/// global memory, down 27.3 against 37.5, q|k|v 18.3 against 24.7; at 32 rows q|k|v 14.4
+/// against 15.7; but at 1-16 rows clusters were 1-6 us slower on all but gate|up (q|k|v
+/// 13.5 against 9.4 at one row).
+fn cluster_sum(m: usize) -> bool {
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        std::env::var("RADIX_SPARSE_FP8_SKINNY_CLUSTER").ok().map(|v| v.trim() != "0")
+    });
+    forced.unwrap_or(m >= CLUSTER_ROWS)
+}
+const CLUSTER_ROWS: usize = 32;
+/// Splits a cluster sum takes at most: the portable cluster size.
+const CLUSTER_SPLITS: usize = 8;
 
 /// The specialisation for up to `m` rows (rounded up to 8, 16, 32 or 64), output `T`.
 pub fn spec<T: HalfFloat>(m: usize) -> KernelSpec {
@@ -122,15 +138,14 @@ pub fn wgmma_runs(arch: Arch, k: usize) -> bool {
 /// Which variant the engine runs for `m` rows against an `n x k` FP8 weight on `arch`, or
 /// `None` (cuBLASLt's FP8 GEMM is faster there). From the H200's measurements of
 /// 2026-11-30 (bench/NOTES.md): on Hopper wgmma up to 32 rows, and at 33-64 rows on the
-/// large products; elsewhere mma.sync up to 8 rows.
+/// products at least as deep as wide (o, down) or wide (gate|up), not on q|k|v; elsewhere
+/// mma.sync up to 8 rows.
 pub fn engine_variant(arch: Arch, m: usize, n: usize, k: usize) -> Option<Variant> {
     if !fits(m, n, k) {
         return None;
     }
-    if wgmma_runs(arch, k)
-        && (m <= WGMMA_ALL_ROWS || (m <= WGMMA_LARGE_ROWS && n * k >= LARGE_WEIGHTS))
-    {
-        return Some(wgmma_variant(m));
+    if wgmma_runs(arch, k) && (m <= WGMMA_ALL_ROWS || n <= k || n >= WIDE_ROWS) {
+        return Some(wgmma_variant(n));
     }
     (m <= MMA_ROWS).then_some(Variant::Mma)
 }
@@ -151,12 +166,14 @@ struct SkinnyParams {
     n: i32,
     k: i32,
     k_split: i32,
+    cluster_sum: i32,
+    reserved: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
 unsafe impl DeviceRepr for SkinnyParams {}
 
-const _: () = assert!(std::mem::size_of::<SkinnyParams>() == 80);
+const _: () = assert!(std::mem::size_of::<SkinnyParams>() == 88);
 
 /// Whether the kernel takes this product: 1..=64 rows, K in whole 64-byte steps, sizes
 /// in i32.
@@ -178,22 +195,22 @@ pub fn plan(
     target_blocks: usize,
     partial_cap: usize,
 ) -> (usize, usize) {
-    plan_steps(m, n, k, target_blocks, partial_cap, SEG, BLOCK_ROWS)
+    plan_steps((m, n, k), target_blocks, partial_cap, SEG, BLOCK_ROWS, MAX_SPLITS)
 }
 
-/// `plan` in steps of `seg` K bytes, blocks of `block_rows` weight rows.
+/// `plan` in steps of `seg` K bytes, blocks of `block_rows` weight rows, at most
+/// `max_splits` splits.
 fn plan_steps(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     target_blocks: usize,
     partial_cap: usize,
     seg: usize,
     block_rows: usize,
+    max_splits: usize,
 ) -> (usize, usize) {
     let groups = n.div_ceil(block_rows);
     let steps = k / seg;
-    let mut splits = (target_blocks / groups).clamp(1, MAX_SPLITS.min(steps));
+    let mut splits = (target_blocks / groups).clamp(1, max_splits.min(steps));
     while splits > 1 && splits * m * n > partial_cap {
         splits -= 1;
     }
@@ -215,8 +232,9 @@ pub fn target_blocks(sm_count: usize) -> usize {
     per_sm * sm_count
 }
 
-/// The scratch of a launch that splits K: f32 partial sums and one counter per 64 weight
-/// rows, all zero before the first launch (the kernel leaves the counters zero).
+/// The scratch of a launch that splits K through global memory: f32 partial sums and one
+/// counter per 64 weight rows, all zero before the first launch (the kernel leaves the
+/// counters zero).
 pub struct SkinnyScratch<'a> {
     pub partial: &'a mut DeviceBuffer<f32>,
     pub counters: &'a mut DeviceBuffer<i32>,
@@ -276,7 +294,7 @@ pub fn gemm_with<T: HalfFloat>(
     let sms = device.info().sm_count as usize;
     let arch = device.info().arch();
     let variant = variant
-        .unwrap_or_else(|| if wgmma_runs(arch, k) { wgmma_variant(m) } else { Variant::Mma });
+        .unwrap_or_else(|| if wgmma_runs(arch, k) { wgmma_variant(n) } else { Variant::Mma });
     let wgmma = variant.is_wgmma();
     ensure!(
         !wgmma || wgmma_runs(arch, k),
@@ -285,20 +303,35 @@ pub fn gemm_with<T: HalfFloat>(
     );
     let seg = if wgmma { WGMMA_SEG } else { SEG };
     let rows = variant.block_rows();
+    let groups = n.div_ceil(rows);
+    let kernel = jit.kernel(device, &spec_variant::<T>(m, variant), "fp8_gemm_skinny")?;
+    let smem = if wgmma { wgmma_smem(m, variant) } else { 0 };
+    kernel.set_max_dynamic_smem(device, smem)?;
+    let block = (2 * rows as u32, 1, 1);
+    // The splits in one cluster where asked for and the device takes clusters that large.
+    let cluster_splits = if wgmma && cluster_sum(m) {
+        let cfg =
+            LaunchConfig { grid_dim: (1, 1, 1), block_dim: block, shared_mem_bytes: smem as u32 };
+        (kernel.max_cluster_size(device, cfg)? as usize).min(CLUSTER_SPLITS)
+    } else {
+        0
+    };
     // (Blocks of two warpgroups: half as many, the same warps an SM.)
     let target = target_blocks(sms) * BLOCK_ROWS / rows;
-    let (k_split, splits) = plan_steps(m, n, k, target, scratch.partial.len(), seg, rows);
-    let groups = n.div_ceil(rows);
-    if splits > 1 {
+    let (max_splits, cap) = if cluster_splits >= 2 {
+        (cluster_splits, usize::MAX)
+    } else {
+        (MAX_SPLITS, scratch.partial.len())
+    };
+    let (k_split, splits) = plan_steps((m, n, k), target, cap, seg, rows, max_splits);
+    let by_cluster = cluster_splits >= 2 && splits > 1;
+    if splits > 1 && !by_cluster {
         ensure!(
             scratch.counters.len() >= groups,
             "skinny FP8 GEMM: {} counters for {groups} row groups",
             scratch.counters.len()
         );
     }
-    let kernel = jit.kernel(device, &spec_variant::<T>(m, variant), "fp8_gemm_skinny")?;
-    let smem = if wgmma { wgmma_smem(m, variant) } else { 0 };
-    kernel.set_max_dynamic_smem(device, smem)?;
     let params = SkinnyParams {
         x: xq.ptr(),
         x_scales: xs.ptr(),
@@ -312,16 +345,25 @@ pub fn gemm_with<T: HalfFloat>(
         n: n as i32,
         k: k as i32,
         k_split: k_split as i32,
+        cluster_sum: by_cluster as i32,
+        reserved: 0,
     };
+    let grid = if by_cluster { (splits, groups) } else { (groups, splits) };
     let cfg = LaunchConfig {
-        grid_dim: (groups as u32, splits as u32, 1),
-        block_dim: (2 * rows as u32, 1, 1),
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: block,
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: sizes checked above; the kernel reads rows < n of w and ws, rows < m of x
-    // and xs, writes out[m, n] and, with splits > 1, partial[splits, m, n] (plan keeps it
-    // within the buffer) and counters[groups].
-    unsafe { kernel.launch(device, cfg, &params) }
+    // and xs, writes out[m, n] and, with splits > 1 outside a cluster, partial[splits, m,
+    // n] (plan keeps it within the buffer) and counters[groups].
+    unsafe {
+        if by_cluster {
+            kernel.launch_cluster(device, cfg, splits as u32, &params)
+        } else {
+            kernel.launch(device, cfg, &params)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -366,30 +408,43 @@ mod tests {
         assert_eq!(wgmma_smem(64, two), 4 * 192 * 128 + 1024);
         assert!(2 * (wgmma_smem(64, two) + 1024) <= 228 * 1024);
         // Splits in whole 128-byte stages.
-        assert_eq!(plan_steps(1, 4096, 4096, 528, 1 << 22, WGMMA_SEG, 64), (512, 8));
-        assert_eq!(plan_steps(8, 4096, 14336, 528, 1 << 22, WGMMA_SEG, 64), (1792, 8));
+        assert_eq!(plan_steps((1, 4096, 4096), 528, 1 << 22, WGMMA_SEG, 64, MAX_SPLITS), (512, 8));
+        assert_eq!(
+            plan_steps((8, 4096, 14336), 528, 1 << 22, WGMMA_SEG, 64, MAX_SPLITS),
+            (1792, 8)
+        );
         // 128-row blocks, half the target: the o projection's 32 groups split 8 ways.
-        assert_eq!(plan_steps(64, 4096, 4096, 264, 1 << 22, WGMMA_SEG, 128), (512, 8));
+        assert_eq!(
+            plan_steps((64, 4096, 4096), 264, 1 << 22, WGMMA_SEG, 128, MAX_SPLITS),
+            (512, 8)
+        );
+        // In a cluster: at most CLUSTER_SPLITS, no partial sums to fit.
+        let cluster =
+            |m, n, k| plan_steps((m, n, k), 264, usize::MAX, WGMMA_SEG, 128, CLUSTER_SPLITS);
+        assert_eq!(cluster(64, 4096, 4096), (512, 8));
+        assert_eq!(cluster(64, 28672, 4096), (4096, 1));
+        assert_eq!(cluster(48, 6144, 4096), (896, 5));
     }
 
     #[test]
     fn the_engine_picks_the_variant_that_won_on_the_h200() {
         let (hopper, ampere) = (Arch::SM90A, Arch::SM89);
         let (qkv, o, gate_up, down) = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336));
-        for m in [1, 2, 8, 16] {
-            for (n, k) in [qkv, o, gate_up, down] {
+        // One warpgroup a block up to 32 rows, two on the wide product (gate|up).
+        for m in [1, 2, 8, 16, 17, 32] {
+            for (n, k) in [qkv, o, down] {
                 assert_eq!(engine_variant(hopper, m, n, k), Some(Variant::Wgmma64), "{m}x{n}x{k}");
             }
+            let (n, k) = gate_up;
+            assert_eq!(engine_variant(hopper, m, n, k), Some(Variant::Wgmma128), "{m}x{n}x{k}");
         }
-        // 17-32 rows: every product on two warpgroups a block; 33-64 the large ones only.
-        for (n, k) in [qkv, o, gate_up, down] {
-            assert_eq!(engine_variant(hopper, 32, n, k), Some(Variant::Wgmma128), "32x{n}x{k}");
+        // 33-64 rows: all but q|k|v.
+        for m in [33, 64] {
+            assert_eq!(engine_variant(hopper, m, o.0, o.1), Some(Variant::Wgmma64));
+            assert_eq!(engine_variant(hopper, m, down.0, down.1), Some(Variant::Wgmma64));
+            assert_eq!(engine_variant(hopper, m, gate_up.0, gate_up.1), Some(Variant::Wgmma128));
+            assert_eq!(engine_variant(hopper, m, qkv.0, qkv.1), None);
         }
-        assert_eq!(engine_variant(hopper, 33, gate_up.0, gate_up.1), Some(Variant::Wgmma128));
-        assert_eq!(engine_variant(hopper, 64, down.0, down.1), Some(Variant::Wgmma128));
-        assert_eq!(engine_variant(hopper, 64, o.0, o.1), None);
-        assert_eq!(engine_variant(hopper, 33, qkv.0, qkv.1), None);
-        assert_eq!(engine_variant(hopper, 17, o.0, o.1), Some(Variant::Wgmma128));
         // K not in whole 128-byte stages: the mma.sync variant up to 8 rows.
         assert_eq!(engine_variant(hopper, 8, 4096, 4160), Some(Variant::Mma));
         assert_eq!(engine_variant(hopper, 9, 4096, 4160), None);

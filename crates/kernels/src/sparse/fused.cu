@@ -23,6 +23,7 @@
 // The page tables, lengths and keep counts are the host's: with meta_early they are read
 // before pdl_wait(), while the kernel before (RoPE and the KV append) finishes. Queries,
 // bounds and every write come after it.
+#include "common/cluster.cuh"
 #include "common/key_bounds.cuh"
 #include "common/mma.cuh"
 #include "sparse/select.cuh"
@@ -71,40 +72,6 @@ struct FusedParams {
   int meta_early;               // tables and keep counts came from the host
   int reserved;
 };
-
-__device__ __forceinline__ u32 cluster_rank() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ u32 cluster_blocks() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
-  return r;
-}
-// A barrier of every thread of the cluster: writes before it (shared memory included) are
-// visible to every block after it. Arrive and wait apart let a block do work in between.
-__device__ __forceinline__ void cluster_arrive() {
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  cluster_arrive();
-  cluster_wait();
-}
-// The address of this block's shared variable `p` in block `rank` of the cluster.
-__device__ __forceinline__ u32 in_rank(const void* p, u32 rank) {
-  u32 r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_addr(p)), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ u32 ld_cluster(u32 addr) {
-  u32 v;
-  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
-  return v;
-}
 
 // One page's bytes for one lane: D/8 dims of lo and of hi, and their exponents.
 template <int N> struct Lane;

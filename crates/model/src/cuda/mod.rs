@@ -139,8 +139,8 @@ pub struct CudaBackend {
     /// FP8 layers on at most this many rows (beyond `fp8_gemv_rows`) may run our skinny
     /// FP8 GEMM instead of cuBLASLt's, which reads the weights of a few rows at 26-65% of
     /// the copy bandwidth; `skinny::engine_variant` picks the variant or cuBLASLt per shape
-    /// (on Hopper wgmma up to 32 rows and at 33-64 on the large products, elsewhere
-    /// mma.sync up to 8: where each won on the H200; bench/NOTES.md).
+    /// (on Hopper wgmma up to 32 rows and at 33-64 on all but q|k|v, elsewhere mma.sync up
+    /// to 8: where each won on the H200; bench/NOTES.md).
     /// `RADIX_SPARSE_FP8_SKINNY_ROWS` sets it (0: never, at most and by default 64).
     fp8_skinny_rows: usize,
     /// The log has said how FP8 weights run.
@@ -518,9 +518,19 @@ impl CudaBackend {
         self.profiler = on.then(Profiler::default);
     }
 
-    /// GPU time per op category since profiling was turned on.
+    /// GPU time per op category since profiling was turned on, as of the last sampled step.
     pub fn op_times(&self) -> Option<OpTimes> {
         self.profiler.as_ref().map(|p| p.times().clone())
+    }
+
+    /// `op_times` with every op launched so far (waits for the stream): for steps that
+    /// sample nothing, such as prefill chunks.
+    pub fn op_times_now(&mut self) -> Result<Option<OpTimes>> {
+        if let Some(prof) = &mut self.profiler {
+            self.device.synchronize()?;
+            prof.collect()?;
+        }
+        Ok(self.op_times())
     }
 
     /// Runs `f` between two timing events when profiling (the caller's op is `op`).
