@@ -207,7 +207,7 @@ fn fused_norm_and_silu_quantize_as_the_quantizer_does() {
             .unwrap();
         fused_vs_apart(&out, &q, &s, rows, hidden, "add_rms_norm");
     }
-    for (rows, inter) in [(1, 1536), (4, 14336), (2, 16384)] {
+    for (rows, inter) in [(1, 1536), (4, 14336), (2, 16384), (3, 8), (5, 4104)] {
         let gu: Vec<bf16> = activations(&mut rng, rows, 2 * inter);
         let dgu = dev.upload(&gu).unwrap();
         let mut out: DeviceBuffer<bf16> = dev.alloc(rows * inter).unwrap();

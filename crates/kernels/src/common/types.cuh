@@ -85,13 +85,13 @@ typedef bfloat16_t elem_t;
 
 #if defined(DTYPE)
 // Eight elements of a 16-byte vector as floats, and back (rounded to elem_t).
-__device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) {
-  vec16 v = *(const vec16*)p;
+__device__ __forceinline__ void unpack8(const vec16& v, float (&f)[8]) {
   unpack2<elem_t>(v.x, f[0], f[1]);
   unpack2<elem_t>(v.y, f[2], f[3]);
   unpack2<elem_t>(v.z, f[4], f[5]);
   unpack2<elem_t>(v.w, f[6], f[7]);
 }
+__device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) { unpack8(*(const vec16*)p, f); }
 __device__ __forceinline__ void store8(elem_t* p, const float (&f)[8]) {
   vec16 v;
   v.x = pack2<elem_t>(f[0], f[1]);

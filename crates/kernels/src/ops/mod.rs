@@ -86,7 +86,8 @@ impl Fp8Out<'_> {
 /// Rows RMSNorm keeps in registers (`NORM_VECS` 16-byte vectors of 256 threads), the only
 /// ones it quantizes itself.
 pub const NORM_FP8_MAX: usize = 8192;
-/// The longest row `silu_mul_fp8` takes (`SILU_FP8_VECS` in ops.cu).
+/// The longest row `silu_mul_fp8` takes (`SILU_FP8_VECS` 16-byte vectors of its 512 threads
+/// in ops.cu).
 pub const SILU_FP8_MAX: usize = 16384;
 params!(GatherParams { x: u64, rows: u64, out: u64, count: i32, cols: i32 });
 params!(SampleParams {
@@ -324,8 +325,11 @@ pub fn silu_mul_fp8<T: HalfFloat>(
         inter: inter as i32,
     };
     // SAFETY: sizes checked above; one block per row.
-    unsafe { k.launch(gate_up.device(), rows_cfg(rows, 256), &p) }
+    unsafe { k.launch(gate_up.device(), rows_cfg(rows, SILU_FP8_THREADS), &p) }
 }
+
+/// Threads of a `silu_mul_fp8` block (`SILU_FP8_THREADS` in ops.cu).
+const SILU_FP8_THREADS: u32 = 512;
 
 /// `out[i] = x[rows[i]]` for `count` rows of `cols`; `rows[i] < x.len() / cols` is the
 /// caller's promise (checked on the host when the row list was made).
