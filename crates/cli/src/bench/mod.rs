@@ -32,7 +32,8 @@ pub enum BenchCommand {
     Decode(decode::DecodeArgs),
     /// Offline throughput: a whole dataset through the engine at once.
     Offline(offline::OfflineArgs),
-    /// One decode step of a full batch, split by op, against its memory floor (CUDA).
+    /// One decode step of a full batch, split by op, against its memory floor (CUDA); the
+    /// prefill chunks that fill the contexts are split by op too.
     Step(step::StepArgs),
     /// Online serving benchmark of a running server (throughput, TTFT, TPOT, ITL).
     Serve(serve::ServeBenchArgs),
