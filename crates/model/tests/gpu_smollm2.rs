@@ -131,7 +131,8 @@ fn smollm2_fp8_agrees_with_bf16_over_256_greedy_steps() {
     let vocab = cfg.vocab_size;
     let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
     let (mut same, mut total) = (0usize, 0usize);
-    let argmax = |r: &[f32]| (0..r.len()).max_by(|&x, &y| r[x].total_cmp(&r[y])).unwrap() as u32;
+    // (The engine's greedy choice: the first largest logit.)
+    use radix_model::sampling::argmax;
     for i in 0..FP8_STEPS {
         let b16 = batch.step(&mut bf16);
         let f8 = batch.step(&mut fp8);

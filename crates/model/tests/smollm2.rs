@@ -350,7 +350,8 @@ fn fp8_weights_and_kv_agree_with_f32_over_256_greedy_steps() {
     let mut both = with_pool(fp8_source().load(CpuBackend::new()).unwrap(), true);
     let vocab = cfg.vocab_size;
     let mut batch = Batch { computed: vec![0; seqs.len()], seqs, sparse: None };
-    let argmax = |r: &[f32]| (0..r.len()).max_by(|&x, &y| r[x].total_cmp(&r[y])).unwrap() as u32;
+    // (The engine's greedy choice: the first largest logit.)
+    use radix_model::sampling::argmax;
     let (mut same_w, mut same_b, mut total) = (0usize, 0usize, 0usize);
     for i in 0..STEPS {
         let want = batch.step(&mut f32_model);

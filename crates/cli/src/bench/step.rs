@@ -5,6 +5,7 @@
 //! timed replayed from a CUDA graph, as the engine runs them.
 
 use clap::Args;
+use radix_model::cuda::OpTimes;
 use radix_model::{
     Backend, CudaBackend, KvPoolSpec, LlamaModel, ModelConfig, SampleRequest, SamplingParams, Step,
     TokenCounts,
@@ -123,15 +124,7 @@ fn step_at(
             chunks - 1,
             times.total_ms() / n
         );
-        for (name, ms) in [
-            ("GEMMs", times.gemm_ms),
-            ("attention", times.attention_ms),
-            ("KV append", times.kv_append_ms),
-            ("norms", times.norm_ms),
-            ("other ops", times.other_ms),
-        ] {
-            println!("  {name:<18} {:8.3} ms", ms / n);
-        }
+        print_op_split(&times, n, false);
     }
 
     let params = SamplingParams::greedy();
@@ -206,16 +199,7 @@ fn step_at(
         batch as f64 / graph_wall * 1e3
     );
     println!("  wall, eager        {wall:8.3} ms   (profiled; split below)");
-    for (name, ms) in [
-        ("GEMMs", times.gemm_ms),
-        ("attention", times.attention_ms),
-        ("KV append", times.kv_append_ms),
-        ("norms", times.norm_ms),
-        ("sampling", times.sample_ms),
-        ("other ops", times.other_ms),
-    ] {
-        println!("  {name:<18} {:8.3} ms", ms / n);
-    }
+    print_op_split(&times, n, true);
     println!("  host gaps, eager   {:8.3} ms", wall - gpu);
     println!("  graph vs GPU sum   {:8.3} ms", graph_wall - gpu);
     println!(
@@ -254,4 +238,21 @@ fn step_at(
             "kv_gb": kv_bytes / 1e9,
         })),
     })
+}
+
+/// GPU time per op category of `times`, per one of `n` steps (with `sampling`: its line too;
+/// prefill chunks sample nothing).
+fn print_op_split(times: &OpTimes, n: f64, sampling: bool) {
+    for (name, ms) in [
+        ("GEMMs", Some(times.gemm_ms)),
+        ("attention", Some(times.attention_ms)),
+        ("KV append", Some(times.kv_append_ms)),
+        ("norms", Some(times.norm_ms)),
+        ("sampling", sampling.then_some(times.sample_ms)),
+        ("other ops", Some(times.other_ms)),
+    ] {
+        if let Some(ms) = ms {
+            println!("  {name:<18} {:8.3} ms", ms / n);
+        }
+    }
 }

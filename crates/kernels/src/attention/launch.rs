@@ -384,8 +384,10 @@ pub fn plan_batch(
         // (graphs, % of copy, beside 64-key tiles): 64@4096 101.8 / 95.2, 256@1024 92.7 /
         // 85.1, 128@2048 96.1 / 91.5, mixed:64:100:16000 98.6 / 89.7, 1@8192 9.2 / 10.5 us;
         // but 8@16384 79.1 / 70.1 us: the plan below counts blocks an SM by the 16-bit
-        // tiles' shared memory (one of these), not their FP8 stages' (two). (With the
-        // widened tiles in shared memory 128 keys had lost.)
+        // tiles' shared memory (one of these), not their FP8 stages' (two). Counting two
+        // took 8@16384 to 65.9 us but mixed to 92.6% and 1@8192 to 11.2 us (more, shorter
+        // splits), so it stays (bench/NOTES.md). (With the widened tiles in shared memory
+        // 128 keys had lost.)
         let wide = TileConfig { block_n: 128, ..chosen };
         if shape.kv_fp8
             && chosen.key_split

@@ -103,6 +103,22 @@ __device__ __forceinline__ uint4 load_stream(const unsigned char* p) {
   return v;
 }
 
+// The first `splits` of a (row group, token)'s per-split sums, added in split order (both
+// ways of summing the splits give the same bits).
+__device__ __forceinline__ float4 add_in_split_order(const float4 (&v)[MAX_SPLITS], int splits) {
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int y = 0; y < MAX_SPLITS; ++y) {
+    if (y < splits) {
+      sum.x += v[y].x;
+      sum.y += v[y].y;
+      sum.z += v[y].z;
+      sum.w += v[y].w;
+    }
+  }
+  return sum;
+}
+
 // The block's result for (token m, weight row f) from the raw sum: scales, bias, dtype.
 __device__ __forceinline__ void store_out(const SkinnyParams& p, int m, int f, float s) {
   s *= p.x_scales[m] * p.w_scales[f];
@@ -344,16 +360,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       for (int y = 0; y < MAX_SPLITS; ++y) {
         if (y < splits) v[y] = ld_cluster_f4(in_rank(at, y));
       }
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int y = 0; y < MAX_SPLITS; ++y) {
-        if (y < splits) {
-          sum.x += v[y].x;
-          sum.y += v[y].y;
-          sum.z += v[y].z;
-          sum.w += v[y].w;
-        }
-      }
+      const float4 sum = add_in_split_order(v, splits);
       const int f = row0 + r;
       store_out(p, m, f, sum.x);
       if (r + 1 < rows) store_out(p, m, f + 1, sum.y);
@@ -401,16 +408,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fp8_gemm_skinny(const __gr
       for (int y = 0; y < MAX_SPLITS; ++y) {
         if (y < splits) v[y] = __ldcg(reinterpret_cast<const float4*>(src + y * plane));
       }
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int y = 0; y < MAX_SPLITS; ++y) {
-        if (y < splits) {
-          sum.x += v[y].x;
-          sum.y += v[y].y;
-          sum.z += v[y].z;
-          sum.w += v[y].w;
-        }
-      }
+      const float4 sum = add_in_split_order(v, splits);
       store_out(p, m, row0 + r, sum.x);
       store_out(p, m, row0 + r + 1, sum.y);
       store_out(p, m, row0 + r + 2, sum.z);
