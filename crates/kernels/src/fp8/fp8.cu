@@ -14,8 +14,27 @@ struct QuantizeParams {
 
 constexpr int QUANT_THREADS = 256;
 
-// grid rows, block 256: one pass for the row's largest magnitude, one to write the bytes
-// (the row is at most a few tens of KB: the second read comes from L1/L2).
+__device__ __forceinline__ float amax8(const vec16& v) {
+  float y[8], m = 0.f;
+  unpack8(v, y);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(y[e]));
+  return m;
+}
+
+// The row's scale from its largest magnitude (thread 0 writes it); the inverse to multiply by.
+__device__ __forceinline__ float row_scale_inv(const QuantizeParams& p, float amax, float* scratch) {
+  float scale;
+  const float inv = fp8_row_inv(block_max(amax, scratch), &scale);
+  if (threadIdx.x == 0) p.scales[blockIdx.x] = scale;
+  return inv;
+}
+
+// grid rows, block 256: one pass for the row's largest magnitude, one to write the bytes.
+// Rows of up to QUANT_VECS 16-byte vectors a thread (8192 elements) stay in registers
+// between the two, all their loads issued together; longer ones are read again (from
+// L1/L2), a vector at a time.
+constexpr int QUANT_VECS = 4;
 extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 quantize_rows(const __grid_constant__ QuantizeParams p) {
   pdl_wait();
@@ -24,26 +43,33 @@ quantize_rows(const __grid_constant__ QuantizeParams p) {
   const vec16* x = (const vec16*)(p.x + base);
   const int nvec = p.cols / 8;
   float amax = 0.f;
-  for (int i = threadIdx.x; i < nvec; i += QUANT_THREADS) {
-    vec16 v = x[i];
-    const u32 w[4] = {v.x, v.y, v.z, v.w};
+  if (nvec <= QUANT_THREADS * QUANT_VECS) {
+    vec16 xr[QUANT_VECS];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float a, b;
-      unpack2<elem_t>(w[j], a, b);
-      amax = fmaxf(amax, fmaxf(fabsf(a), fabsf(b)));
+    for (int j = 0; j < QUANT_VECS; ++j) {
+      const int i = threadIdx.x + j * QUANT_THREADS;
+      if (i < nvec) xr[j] = x[i];
     }
+#pragma unroll
+    for (int j = 0; j < QUANT_VECS; ++j) {
+      if (threadIdx.x + j * QUANT_THREADS < nvec) amax = fmaxf(amax, amax8(xr[j]));
+    }
+    const float inv = row_scale_inv(p, amax, scratch);
+#pragma unroll
+    for (int j = 0; j < QUANT_VECS; ++j) {
+      const int i = threadIdx.x + j * QUANT_THREADS;
+      if (i >= nvec) break;
+      float y[8];
+      unpack8(xr[j], y);
+      store_e4m3x8(p.q + base + i * 8, y, inv);
+    }
+    return;
   }
-  float scale;
-  const float inv = fp8_row_inv(block_max(amax, scratch), &scale);
-  if (threadIdx.x == 0) p.scales[blockIdx.x] = scale;
+  for (int i = threadIdx.x; i < nvec; i += QUANT_THREADS) amax = fmaxf(amax, amax8(x[i]));
+  const float inv = row_scale_inv(p, amax, scratch);
   for (int i = threadIdx.x; i < nvec; i += QUANT_THREADS) {
-    vec16 v = x[i];
     float y[8];
-    unpack2<elem_t>(v.x, y[0], y[1]);
-    unpack2<elem_t>(v.y, y[2], y[3]);
-    unpack2<elem_t>(v.z, y[4], y[5]);
-    unpack2<elem_t>(v.w, y[6], y[7]);
+    unpack8(x[i], y);
     store_e4m3x8(p.q + base + i * 8, y, inv);
   }
 }

@@ -259,7 +259,7 @@ unsafe fn launch_norm<T: HalfFloat>(
         reserved: 0,
     };
     // SAFETY: sizes checked here and by the callers.
-    unsafe { k.launch(weight.device(), rows_cfg(rows, 256), &p) }
+    unsafe { k.launch(weight.device(), rows_cfg(rows, NORM_THREADS), &p) }
 }
 
 /// `out = silu(gate) * up` from `[rows, gate | up]`.
@@ -328,6 +328,8 @@ pub fn silu_mul_fp8<T: HalfFloat>(
     unsafe { k.launch(gate_up.device(), rows_cfg(rows, SILU_FP8_THREADS), &p) }
 }
 
+/// Threads of an `rms_norm` block (`NORM_THREADS` in ops.cu).
+const NORM_THREADS: u32 = 256;
 /// Threads of a `silu_mul_fp8` block (`SILU_FP8_THREADS` in ops.cu).
 const SILU_FP8_THREADS: u32 = 512;
 

@@ -47,24 +47,36 @@ constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: h
 
 // grid rows, block 256. residual (+= delta, rounded to elem_t as the stream is stored),
 // then out = residual / rms(residual) * weight. Rows of up to 8192 elements (a multiple of
-// 8) stay in registers between the two passes; longer ones are read twice (and are never
-// asked for FP8: the launcher quantizes them apart).
+// 8) stay in registers between the two passes, every load of the row (residual, delta,
+// weight) issued before the first store (a store between them, to memory the compiler
+// cannot tell apart, kept each load a round trip apart); longer ones are read twice (and
+// are never asked for FP8: the launcher quantizes them apart).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid_constant__ NormParams p) {
   pdl_wait();
   __shared__ float scratch[32];
   const long long base = (long long)blockIdx.x * p.hidden;
   const int nvec = p.hidden / 8;
   if (p.hidden % 8 == 0 && nvec <= NORM_THREADS * NORM_VECS) {
+    vec16 xr[NORM_VECS], dr[NORM_VECS], wr[NORM_VECS];
+#pragma unroll
+    for (int j = 0; j < NORM_VECS; ++j) {
+      const int v = threadIdx.x + j * NORM_THREADS;
+      if (v < nvec) {
+        xr[j] = *(const vec16*)(p.residual + base + v * 8);
+        if (p.delta) dr[j] = *(const vec16*)(p.delta + base + v * 8);
+        wr[j] = *(const vec16*)(p.weight + v * 8);
+      }
+    }
     float x[NORM_VECS][8];
     float sq = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VECS; ++j) {
       const int v = threadIdx.x + j * NORM_THREADS;
       if (v >= nvec) break;
-      load8(p.residual + base + v * 8, x[j]);
+      unpack8(xr[j], x[j]);
       if (p.delta) {
         float d[8];
-        load8(p.delta + base + v * 8, d);
+        unpack8(dr[j], d);
 #pragma unroll
         for (int e = 0; e < 8; ++e) x[j][e] = to_float(from_float<elem_t>(x[j][e] + d[e]));  // as stored
         store8(p.residual + base + v * 8, x[j]);
@@ -79,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid
       const int v = threadIdx.x + j * NORM_THREADS;
       if (v >= nvec) break;
       float w[8];
-      load8(p.weight + v * 8, w);
+      unpack8(wr[j], w);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         x[j][e] = to_float(from_float<elem_t>(x[j][e] * inv * w[e]));  // as stored
