@@ -34,7 +34,7 @@ pub use graph::Graph;
 pub use jit::{Jit, Kernel, KernelSpec, Module, SourceFile};
 pub use nccl::NcclGroup;
 pub use staging::{PinnedStaging, StagedUploader};
-pub use timing::{GpuTimer, Timings, time_back_to_back, time_graph, time_runs};
+pub use timing::{GpuTimer, Timings, profiler_range, time_back_to_back, time_graph, time_runs};
 
 /// Re-exported so kernel crates can implement `DeviceRepr` for their parameter structs
 /// and build `LaunchConfig`s without a second cudarc dependency line.

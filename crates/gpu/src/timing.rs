@@ -157,3 +157,19 @@ mod tests {
         assert_eq!(t.mean_ms, 2.5);
     }
 }
+
+/// Brackets work for an external profiler started with `--profile-from-start off` (Nsight
+/// Compute's `ncu`, Nsight Systems): `cuProfilerStart` / `cuProfilerStop` on the device's
+/// context. Outside a profiler both are no-ops.
+pub fn profiler_range(device: &Device, start: bool) -> Result<()> {
+    device.context().bind_to_thread().call("cuCtxSetCurrent")?;
+    // SAFETY: no arguments; the context is current on this thread.
+    let r = unsafe {
+        if start {
+            cudarc::driver::sys::cuProfilerStart()
+        } else {
+            cudarc::driver::sys::cuProfilerStop()
+        }
+    };
+    r.result().call(if start { "cuProfilerStart" } else { "cuProfilerStop" })
+}

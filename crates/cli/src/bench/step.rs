@@ -35,6 +35,10 @@ pub struct StepArgs {
     quantization: Option<crate::engine_args::Quantization>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Brackets the last graph-replayed step of each shape with cuProfilerStart/Stop, for
+    /// a profiler started with `--profile-from-start off` (`ncu` times each kernel of it).
+    #[arg(long)]
+    profile_step: bool,
 }
 
 pub fn run(a: StepArgs) -> anyhow::Result<()> {
@@ -158,10 +162,17 @@ fn step_at(
             logit_rows: (0..batch as u32).collect(),
             kv_keep: Vec::new(),
         };
+        let bracket = a.profile_step && s + 1 == graph_start + a.steps;
+        if bracket {
+            radix_gpu::profiler_range(model.backend.device(), true)?;
+        }
         let t = std::time::Instant::now();
         model.forward(&step)?;
         model.sample(&requests)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
+        if bracket {
+            radix_gpu::profiler_range(model.backend.device(), false)?;
+        }
         if (1..=a.steps).contains(&s) {
             walls.push(ms);
         }
