@@ -349,8 +349,11 @@ fn launch_append<T: HalfFloat>(
         k_scale,
         v_scale,
     };
-    let cfg =
-        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (APPEND_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: sizes checked above; slots were validated against the pool on upload.
     unsafe { kernel.launch(device, cfg, &params) }?;
 
@@ -376,6 +379,9 @@ fn launch_append<T: HalfFloat>(
     }
     Ok(())
 }
+
+/// Threads of a `kv_append` block (`APPEND_THREADS` in kv_append.cu).
+const APPEND_THREADS: u32 = 256;
 
 // Keep the host structs the size the kernel expects.
 const _: () = assert!(std::mem::size_of::<AppendParams>() == 88);
