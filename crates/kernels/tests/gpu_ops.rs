@@ -314,3 +314,67 @@ fn radix_kernels_argmax(row: &[f32]) -> usize {
     }
     best
 }
+
+/// Rows with nothing to filter, edit or report (greedy, plain temperature) take the
+/// sampler's one-pass path: the same tokens and log-probabilities as the filtered path
+/// (forced here by a filter that removes nothing, or by one alternative), at a vocabulary
+/// of whole 16-byte vectors and one off them, with -inf and NaN logits in some rows.
+#[test]
+fn sampler_one_pass_rows_match_the_filtered_path() {
+    let jit = Jit::new(None);
+    let mut rng = SmallRng::seed_from_u64(21);
+    for vocab in [128_256usize, 32_001] {
+        let rows = 6;
+        let mut logits: Vec<f32> =
+            (0..rows * vocab).map(|_| rng.random_range(-8.0f32..8.0)).collect();
+        for i in (0..vocab).step_by(3) {
+            logits[vocab + i] = f32::NEG_INFINITY; // row 1: a third of the tokens masked out
+        }
+        logits[2 * vocab + 77] = f32::NAN; // row 2: a NaN logit
+        for x in &mut logits[3 * vocab..4 * vocab] {
+            *x = f32::NEG_INFINITY; // row 3: nothing but -inf
+        }
+        let plain: Vec<SampleRow> = (0..rows)
+            .map(|r| SampleRow {
+                temperature: if r % 2 == 0 { 0.0 } else { 0.7 },
+                seed: 5,
+                index: r as u64,
+                ..Default::default()
+            })
+            .collect();
+        // min_p 1e-30 keeps every token here; greedy rows ignore filters, so one
+        // alternative sends them down the filtered path instead.
+        let filtered: Vec<SampleRow> = plain
+            .iter()
+            .map(|r| {
+                if r.temperature > 0.0 {
+                    SampleRow { min_p: 1e-30, ..*r }
+                } else {
+                    SampleRow { top_n: 1, ..*r }
+                }
+            })
+            .collect();
+        let (tok, lp) = sample(&jit, &logits, vocab, &plain);
+        let (want_tok, want_lp, _, _) = sample_with(&jit, &logits, vocab, &filtered, &[], &[], 1);
+        assert_eq!(tok, want_tok, "vocab {vocab}");
+        for r in 0..rows {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            if r == 2 || r == 3 {
+                // NaN in the row, or no finite logit: no log-probability to report.
+                assert!(lp[r].is_nan() && want_lp[r].is_nan(), "vocab {vocab} row {r}: {}", lp[r]);
+                continue;
+            }
+            let ls = log_softmax(row);
+            let t = tok[r] as usize;
+            assert!(row[t].is_finite(), "vocab {vocab} row {r} drew a -inf token {t}");
+            assert!(
+                (lp[r] as f64 - ls[t]).abs() < 1e-4,
+                "vocab {vocab} row {r}: {} vs {}",
+                lp[r],
+                ls[t]
+            );
+            assert!((lp[r] - want_lp[r]).abs() < 1e-5, "vocab {vocab} row {r}");
+        }
+        assert_eq!(tok[0] as usize, radix_kernels_argmax(&logits[..vocab]));
+    }
+}
