@@ -144,20 +144,6 @@ pub fn time_graph(
     Ok(Timings::from_samples(out))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        let t = Timings::from_samples(vec![3.0, 1.0, 2.0]);
-        assert_eq!((t.median_ms, t.min_ms, t.runs), (2.0, 1.0, 3));
-        let t = Timings::from_samples(vec![4.0, 1.0, 2.0, 3.0]);
-        assert_eq!(t.median_ms, 2.5);
-        assert_eq!(t.mean_ms, 2.5);
-    }
-}
-
 /// Brackets work for an external profiler started with `--profile-from-start off` (Nsight
 /// Compute's `ncu`, Nsight Systems): `cuProfilerStart` / `cuProfilerStop` on the device's
 /// context. Outside a profiler both are no-ops.
@@ -172,4 +158,18 @@ pub fn profiler_range(device: &Device, start: bool) -> Result<()> {
         }
     };
     r.result().call(if start { "cuProfilerStart" } else { "cuProfilerStop" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let t = Timings::from_samples(vec![3.0, 1.0, 2.0]);
+        assert_eq!((t.median_ms, t.min_ms, t.runs), (2.0, 1.0, 3));
+        let t = Timings::from_samples(vec![4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(t.median_ms, 2.5);
+        assert_eq!(t.mean_ms, 2.5);
+    }
 }
