@@ -40,11 +40,18 @@ fn pool<T: HalfFloat>(
     PoolShape::new(kv, num_pages, hq).unwrap()
 }
 
-fn case<T: HalfFloat>(head_dim: usize, page_size: usize, rope: RopeConfig, seed: u64) {
+/// `heads`: (query heads, kv heads).
+fn case<T: HalfFloat>(
+    head_dim: usize,
+    page_size: usize,
+    heads: (usize, usize),
+    rope: RopeConfig,
+    seed: u64,
+) {
     let dev = require_gpu();
     let jit = Jit::new(None);
     let mut rng = SmallRng::seed_from_u64(seed);
-    let shape = pool::<T>(40, page_size, 8, 2, head_dim);
+    let shape = pool::<T>(40, page_size, heads.0, heads.1, head_dim);
     let inv_freq = rope.inv_freq();
     let mut k_pool: Vec<T> = random(&mut rng, shape.pool_elems());
     let mut v_pool: Vec<T> = random(&mut rng, shape.pool_elems());
@@ -155,10 +162,20 @@ fn append_rope_and_bounds_match_reference() {
             for scaling in [None, Some(llama3)] {
                 seed += 1;
                 let rope = RopeConfig { head_dim, theta: 500000.0, llama3: scaling };
-                case::<bf16>(head_dim, page_size, rope, seed);
-                case::<f16>(head_dim, page_size, rope, seed);
+                case::<bf16>(head_dim, page_size, (8, 2), rope, seed);
+                case::<f16>(head_dim, page_size, (8, 2), rope, seed);
             }
         }
+    }
+}
+
+/// Tokens with more 16-byte items than a block takes in one round (512): Llama-3-70B's 64
+/// query and 8 kv heads at head dim 128 (704 items), 128 and 8 at 64 (608).
+#[test]
+fn append_takes_tokens_over_several_rounds() {
+    for (head_dim, heads, seed) in [(128, (64, 8), 101), (64, (128, 8), 102)] {
+        let rope = RopeConfig { head_dim, theta: 500000.0, llama3: None };
+        case::<bf16>(head_dim, 16, heads, rope, seed);
     }
 }
 
