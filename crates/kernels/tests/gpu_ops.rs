@@ -377,4 +377,24 @@ fn sampler_one_pass_rows_match_the_filtered_path() {
         }
         assert_eq!(tok[0] as usize, radix_kernels_argmax(&logits[..vocab]));
     }
+    // A NaN that a thread sees among nothing but -inf (or alone) still poisons the row's
+    // log-probability, as in the filtered path; the token is the best finite one.
+    let inf = f32::INFINITY;
+    for row in
+        [vec![f32::NAN, 1.0, 2.0, 3.0, 4.0], vec![f32::NAN, -inf, -inf, -inf, 0.0, 0.5, 0.0, 0.0]]
+    {
+        let vocab = row.len();
+        let greedy = [SampleRow::default()];
+        let (tok, lp) = sample(&jit, &row, vocab, &greedy);
+        let (want_tok, want_lp, _, _) =
+            sample_with(&jit, &row, vocab, &[SampleRow { top_n: 1, ..greedy[0] }], &[], &[], 1);
+        assert_eq!(tok, want_tok, "vocab {vocab}");
+        assert_eq!(tok[0] as usize, if vocab == 5 { 4 } else { 5 }, "vocab {vocab}");
+        assert!(
+            lp[0].is_nan() && want_lp[0].is_nan(),
+            "vocab {vocab}: {} and {}",
+            lp[0],
+            want_lp[0]
+        );
+    }
 }

@@ -35,8 +35,8 @@ pub struct StepArgs {
     quantization: Option<crate::engine_args::Quantization>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Brackets the last graph-replayed step of each shape with cuProfilerStart/Stop, for
-    /// a profiler started with `--profile-from-start off` (`ncu` times each kernel of it).
+    /// Replays one more graph step of each shape, untimed, between cuProfilerStart/Stop,
+    /// for a profiler started with `--profile-from-start off` (`ncu` times each kernel).
     #[arg(long)]
     profile_step: bool,
 }
@@ -141,7 +141,9 @@ fn step_at(
     // Step 0 warms up; 1..=steps are profiled (eager); two more warm up and capture the
     // graph; the last `steps` replay it.
     let graph_start = a.steps + 3;
-    for s in 0..graph_start + a.steps {
+    // With --profile-step, one more replay, bracketed for the profiler and not timed.
+    let profiled = graph_start + a.steps;
+    for s in 0..profiled + usize::from(a.profile_step) {
         if s == 1 {
             model.backend.set_profiling(true);
         }
@@ -162,7 +164,7 @@ fn step_at(
             logit_rows: (0..batch as u32).collect(),
             kv_keep: Vec::new(),
         };
-        let bracket = a.profile_step && s + 1 == graph_start + a.steps;
+        let bracket = s == profiled;
         if bracket {
             radix_gpu::profiler_range(model.backend.device(), true)?;
         }
@@ -176,7 +178,7 @@ fn step_at(
         if (1..=a.steps).contains(&s) {
             walls.push(ms);
         }
-        if s >= graph_start {
+        if s >= graph_start && !bracket {
             graph_walls.push(ms);
         }
         if s == a.steps {

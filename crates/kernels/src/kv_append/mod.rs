@@ -323,6 +323,18 @@ fn launch_append<T: HalfFloat>(
             shape.bounds_bytes()
         );
     }
+    // The kernel moves 16-byte items (8-byte ones into an FP8 pool) and reads inv_freq as
+    // float4s.
+    let pool_align = if fp8.is_some() { 8 } else { 16 };
+    ensure!(
+        qkv.ptr().is_multiple_of(16)
+            && q_out.ptr().is_multiple_of(16)
+            && inputs.inv_freq.ptr().is_multiple_of(16)
+            && pool.k.0.is_multiple_of(pool_align)
+            && pool.v.0.is_multiple_of(pool_align),
+        "kv_append: qkv, q_out and inv_freq must be 16-byte aligned and the K/V pools \
+         {pool_align}-byte aligned"
+    );
     if n == 0 {
         return Ok(());
     }

@@ -469,6 +469,12 @@ pub fn sample_rows(
         tokens.len() >= rows && logprobs.len() >= rows,
         "sample_rows: outputs too small for {rows} rows"
     );
+    // One-pass rows read a vocabulary of whole float4s 16 bytes at a time.
+    ensure!(
+        !vocab.is_multiple_of(4) || logits.ptr().is_multiple_of(16),
+        "sample_rows: logits at {:#x} are not 16-byte aligned",
+        logits.ptr()
+    );
     let input_len = 2 * extras.bias_len + extras.mask_rows * extras.mask_words;
     ensure!(
         extras.inputs.map_or(input_len == 0, |b| b.len() >= input_len),

@@ -161,8 +161,9 @@ __device__ void sample_plain(const SampleParams& p, const SampleRow& prm, const 
     for (int i = threadIdx.x; i < p.vocab; i += THREADS) visit(l[i], i, greedy, t, prm, m, z, best, best_i);
   }
   const float row_m = reduce_max(m, sv);
-  // A thread that saw only -inf has z = 0 and adds nothing (exp(-inf - -inf) would be NaN).
-  const float row_z = reduce_sum(m == -inf ? 0.f : z * __expf(m - row_m), sv);
+  // A thread whose maximum is still -inf saw only -inf (z = 0: adds nothing) or NaN too
+  // (z = NaN: poisons the row, as in the full path); rescaling would give NaN either way.
+  const float row_z = reduce_sum(m == -inf ? z : z * __expf(m - row_m), sv);
   reduce_argmax(best, best_i, sv, si);
   if (threadIdx.x == 0) {
     const int tok = best_i < p.vocab ? best_i : 0;
