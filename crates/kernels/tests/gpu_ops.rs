@@ -373,7 +373,7 @@ fn sampler_one_pass_rows_match_the_filtered_path() {
                 lp[r],
                 ls[t]
             );
-            assert!((lp[r] - want_lp[r]).abs() < 1e-5, "vocab {vocab} row {r}");
+            assert!((lp[r] - want_lp[r]).abs() < 5e-5, "vocab {vocab} row {r}");
         }
         assert_eq!(tok[0] as usize, radix_kernels_argmax(&logits[..vocab]));
     }
