@@ -144,14 +144,17 @@ pub fn paged_attention(
                 Some(sel) => sel.clone(),
                 None => (0..n).collect(),
             };
-            // This kv head's keys and values of the chosen pages, in sequence order.
-            let mut keys = Vec::new();
-            let mut values = Vec::new();
+            // This kv head's keys and values of the chosen pages, in sequence order, into
+            // buffers sized once (grown page by page, their reallocations and copies took
+            // as long as the gather itself).
+            let filled = |p: usize| if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
+            let total = chosen.iter().map(|&p| filled(p)).sum::<usize>() * d;
+            let mut keys = Vec::with_capacity(total);
+            let mut values = Vec::with_capacity(total);
             for &p in &chosen {
-                let filled = if p + 1 == n { t.kv_last_page_len[b] as usize } else { ps };
                 let at = (pages[p] as usize * hkv + kvh) * ps * d;
-                keys.extend_from_slice(&k[at..at + filled * d]);
-                values.extend_from_slice(&v[at..at + filled * d]);
+                keys.extend_from_slice(&k[at..at + filled(p) * d]);
+                values.extend_from_slice(&v[at..at + filled(p) * d]);
             }
             let kv_len = keys.len() / d;
             // Query row (i, h) is token i0 + i, query head h of this kv head's group.
