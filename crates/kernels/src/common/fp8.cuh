@@ -64,14 +64,31 @@ __device__ __forceinline__ float fp8_row_inv(float amax, float* scale) {
   return __fdiv_rn(E4M3_MAX, amax);
 }
 
-// Eight values times `inv` as eight e4m3 bytes at `dst` (8-byte aligned).
-__device__ __forceinline__ void store_e4m3x8(unsigned char* dst, const float (&y)[8], float inv) {
+// Eight values, already scaled, as eight e4m3 bytes at `dst` (8-byte aligned).
+__device__ __forceinline__ void store_e4m3x8_scaled(unsigned char* dst, const float (&s)[8]) {
   u32 w[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const float* v = y + 4 * j;
-    w[j] = (u32)e4m3x2(__fmul_rn(v[0], inv), __fmul_rn(v[1], inv)) |
-           ((u32)e4m3x2(__fmul_rn(v[2], inv), __fmul_rn(v[3], inv)) << 16);
+    const float* v = s + 4 * j;
+    w[j] = (u32)e4m3x2(v[0], v[1]) | ((u32)e4m3x2(v[2], v[3]) << 16);
   }
   *(uint2*)dst = make_uint2(w[0], w[1]);
+}
+
+// Eight values times `inv` as eight e4m3 bytes at `dst` (8-byte aligned).
+__device__ __forceinline__ void store_e4m3x8(unsigned char* dst, const float (&y)[8], float inv) {
+  float s[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s[e] = __fmul_rn(y[e], inv);
+  store_e4m3x8_scaled(dst, s);
+}
+
+// The row's multiplier from this thread's part of its largest magnitude: the block's
+// maximum (block_max; `scratch` 32 floats) through fp8_row_inv; thread 0 writes the scale
+// to `*scale`.
+__device__ __forceinline__ float fp8_block_row_inv(float amax, float* scratch, float* scale) {
+  float s;
+  const float inv = fp8_row_inv(block_max(amax, scratch), &s);
+  if (threadIdx.x == 0) *scale = s;
+  return inv;
 }

@@ -92,6 +92,17 @@ __device__ __forceinline__ void unpack8(const vec16& v, float (&f)[8]) {
   unpack2<elem_t>(v.w, f[6], f[7]);
 }
 __device__ __forceinline__ void load8(const elem_t* p, float (&f)[8]) { unpack8(*(const vec16*)p, f); }
+// A row's 16-byte vectors v = threadIdx.x + j * THREADS (j < VECS, v < nvec) into registers,
+// every load issued before the caller's first store (a store between them, to memory the
+// compiler cannot tell apart from `row`, would keep each load a round trip apart).
+template <int VECS, int THREADS>
+__device__ __forceinline__ void load_row_vecs(const elem_t* row, int nvec, vec16 (&out)[VECS]) {
+#pragma unroll
+  for (int j = 0; j < VECS; ++j) {
+    const int v = threadIdx.x + j * THREADS;
+    if (v < nvec) out[j] = *(const vec16*)(row + v * 8);
+  }
+}
 __device__ __forceinline__ void store8(elem_t* p, const float (&f)[8]) {
   vec16 v;
   v.x = pack2<elem_t>(f[0], f[1]);

@@ -22,14 +22,6 @@ __device__ __forceinline__ float amax8(const vec16& v) {
   return m;
 }
 
-// The row's scale from its largest magnitude (thread 0 writes it); the inverse to multiply by.
-__device__ __forceinline__ float row_scale_inv(const QuantizeParams& p, float amax, float* scratch) {
-  float scale;
-  const float inv = fp8_row_inv(block_max(amax, scratch), &scale);
-  if (threadIdx.x == 0) p.scales[blockIdx.x] = scale;
-  return inv;
-}
-
 // grid rows, block 256: one pass for the row's largest magnitude, one to write the bytes.
 // Rows of up to QUANT_VECS 16-byte vectors a thread (8192 elements) stay in registers
 // between the two, all their loads issued together; longer ones are read again (from
@@ -45,16 +37,12 @@ quantize_rows(const __grid_constant__ QuantizeParams p) {
   float amax = 0.f;
   if (nvec <= QUANT_THREADS * QUANT_VECS) {
     vec16 xr[QUANT_VECS];
-#pragma unroll
-    for (int j = 0; j < QUANT_VECS; ++j) {
-      const int i = threadIdx.x + j * QUANT_THREADS;
-      if (i < nvec) xr[j] = x[i];
-    }
+    load_row_vecs<QUANT_VECS, QUANT_THREADS>(p.x + base, nvec, xr);
 #pragma unroll
     for (int j = 0; j < QUANT_VECS; ++j) {
       if (threadIdx.x + j * QUANT_THREADS < nvec) amax = fmaxf(amax, amax8(xr[j]));
     }
-    const float inv = row_scale_inv(p, amax, scratch);
+    const float inv = fp8_block_row_inv(amax, scratch, p.scales + blockIdx.x);
 #pragma unroll
     for (int j = 0; j < QUANT_VECS; ++j) {
       const int i = threadIdx.x + j * QUANT_THREADS;
@@ -66,7 +54,7 @@ quantize_rows(const __grid_constant__ QuantizeParams p) {
     return;
   }
   for (int i = threadIdx.x; i < nvec; i += QUANT_THREADS) amax = fmaxf(amax, amax8(x[i]));
-  const float inv = row_scale_inv(p, amax, scratch);
+  const float inv = fp8_block_row_inv(amax, scratch, p.scales + blockIdx.x);
   for (int i = threadIdx.x; i < nvec; i += QUANT_THREADS) {
     float y[8];
     unpack8(x[i], y);

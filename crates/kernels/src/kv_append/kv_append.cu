@@ -64,14 +64,10 @@ __device__ __forceinline__ void rope_pair(float x1, float x2, float c, float s, 
 // division, as the CPU reference divides) or elem_t.
 __device__ __forceinline__ void store_kv8(kv_t* dst, const float (&y)[8], float scale) {
 #if KV_FP8
-  u32 w[2];
+  float s[8];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const float* v = y + 4 * j;
-    w[j] = (u32)e4m3x2(__fdiv_rn(v[0], scale), __fdiv_rn(v[1], scale)) |
-           ((u32)e4m3x2(__fdiv_rn(v[2], scale), __fdiv_rn(v[3], scale)) << 16);
-  }
-  *(uint2*)dst = make_uint2(w[0], w[1]);
+  for (int e = 0; e < 8; ++e) s[e] = __fdiv_rn(y[e], scale);
+  store_e4m3x8_scaled(dst, s);
 #else
   store8(dst, y);
 #endif

@@ -48,8 +48,7 @@ constexpr int NORM_VECS = 4;  // 16-byte vectors per thread held in registers: h
 // grid rows, block 256. residual (+= delta, rounded to elem_t as the stream is stored),
 // then out = residual / rms(residual) * weight. Rows of up to 8192 elements (a multiple of
 // 8) stay in registers between the two passes, every load of the row (residual, delta,
-// weight) issued before the first store (a store between them, to memory the compiler
-// cannot tell apart, kept each load a round trip apart); longer ones are read twice (and
+// weight) issued before the first store (load_row_vecs); longer ones are read twice (and
 // are never asked for FP8: the launcher quantizes them apart).
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid_constant__ NormParams p) {
   pdl_wait();
@@ -58,15 +57,9 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid
   const int nvec = p.hidden / 8;
   if (p.hidden % 8 == 0 && nvec <= NORM_THREADS * NORM_VECS) {
     vec16 xr[NORM_VECS], dr[NORM_VECS], wr[NORM_VECS];
-#pragma unroll
-    for (int j = 0; j < NORM_VECS; ++j) {
-      const int v = threadIdx.x + j * NORM_THREADS;
-      if (v < nvec) {
-        xr[j] = *(const vec16*)(p.residual + base + v * 8);
-        if (p.delta) dr[j] = *(const vec16*)(p.delta + base + v * 8);
-        wr[j] = *(const vec16*)(p.weight + v * 8);
-      }
-    }
+    load_row_vecs<NORM_VECS, NORM_THREADS>(p.residual + base, nvec, xr);
+    if (p.delta) load_row_vecs<NORM_VECS, NORM_THREADS>(p.delta + base, nvec, dr);
+    load_row_vecs<NORM_VECS, NORM_THREADS>(p.weight, nvec, wr);
     float x[NORM_VECS][8];
     float sq = 0.f;
 #pragma unroll
@@ -100,9 +93,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm(const __grid
       store8(p.out + base + v * 8, x[j]);
     }
     if (p.q) {
-      float scale;
-      const float qinv = fp8_row_inv(block_max(amax, scratch), &scale);
-      if (threadIdx.x == 0) p.q_scales[blockIdx.x] = scale;
+      const float qinv = fp8_block_row_inv(amax, scratch, p.q_scales + blockIdx.x);
 #pragma unroll
       for (int j = 0; j < NORM_VECS; ++j) {
         const int v = threadIdx.x + j * NORM_THREADS;
@@ -155,14 +146,8 @@ extern "C" __global__ void __launch_bounds__(SILU_FP8_THREADS) silu_mul_fp8(cons
   const elem_t* gate = p.gate_up + r * 2 * p.inter;
   const elem_t* up = gate + p.inter;
   vec16 g[SILU_FP8_VECS], u[SILU_FP8_VECS];
-#pragma unroll
-  for (int j = 0; j < SILU_FP8_VECS; ++j) {
-    const int v = threadIdx.x + j * SILU_FP8_THREADS;
-    if (v < nvec) {
-      g[j] = *(const vec16*)(gate + v * 8);
-      u[j] = *(const vec16*)(up + v * 8);
-    }
-  }
+  load_row_vecs<SILU_FP8_VECS, SILU_FP8_THREADS>(gate, nvec, g);
+  load_row_vecs<SILU_FP8_VECS, SILU_FP8_THREADS>(up, nvec, u);
   float y[SILU_FP8_VECS][8];
   float amax = 0.f;
 #pragma unroll
@@ -179,9 +164,7 @@ extern "C" __global__ void __launch_bounds__(SILU_FP8_THREADS) silu_mul_fp8(cons
     }
     store8(p.out + r * p.inter + v * 8, y[j]);
   }
-  float scale;
-  const float inv = fp8_row_inv(block_max(amax, scratch), &scale);
-  if (threadIdx.x == 0) p.q_scales[r] = scale;
+  const float inv = fp8_block_row_inv(amax, scratch, p.q_scales + r);
 #pragma unroll
   for (int j = 0; j < SILU_FP8_VECS; ++j) {
     const int v = threadIdx.x + j * SILU_FP8_THREADS;
