@@ -104,6 +104,14 @@ pub fn catalog() -> Vec<KernelSpec> {
                 use attention::Fp8Widen;
                 let wide = attention::TileConfig { block_n: 128, ..tiles };
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, wide));
+                // Merging more than 16 splits of a row (long contexts at batch 1).
+                for paged in [false, true] {
+                    specs.push(attention::wide_merge(attention::spec::<bf16>(
+                        head_dim, paged, tiles,
+                    )));
+                }
+                let fp8 = attention::spec_fp8_kv::<bf16>(head_dim, true, wide);
+                specs.push(attention::wide_merge(fp8));
                 for widen in [Fp8Widen::BitMoves, Fp8Widen::ConvertKeys, Fp8Widen::ConvertValues] {
                     specs.push(attention::spec_fp8_kv_widened::<bf16>(
                         head_dim, true, hopper, widen,

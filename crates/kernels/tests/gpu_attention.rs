@@ -7,7 +7,8 @@
 use half::{bf16, f16};
 use radix_gpu::{Device, Element, HalfFloat, Jit, require_gpu};
 use radix_kernels::attention::{
-    AttentionBatch, AttentionShape, BatchMeta, KvSource, TileConfig, attention_reference,
+    AttentionBatch, AttentionShape, BatchMeta, DECODE_CLUSTER, KvSource, TileConfig,
+    attention_reference, plan_batch,
 };
 use radix_kernels::relative_error;
 use rand::seq::SliceRandom;
@@ -195,7 +196,8 @@ fn run_case_with<T: HalfFloat>(
         .map(|(g, w)| if g.is_finite() { (*g as f64 - w).abs() } else { f64::INFINITY })
         .fold(0.0, f64::max);
     let what = format!(
-        "{} {:?} d={} hq={} hkv={} causal={} kv={:?} q_lens={:?} kv_lens={:?} merge entries={}",
+        "{} {:?} d={} hq={} hkv={} causal={} kv={:?} q_lens={:?} kv_lens={:?} merge entries={} \
+         cluster={}",
         T::DTYPE,
         batch.tiles(),
         c.d,
@@ -205,7 +207,8 @@ fn run_case_with<T: HalfFloat>(
         c.kv,
         c.q_lens,
         c.kv_lens,
-        batch.work().merge.len()
+        batch.work().merge.len(),
+        batch.work().cluster
     );
     assert!(err <= tol::<T>(), "{what}: rel err {err:.3e}");
     assert!(lse_err <= 1e-3, "{what}: lse err {lse_err:.3e}");
@@ -326,6 +329,53 @@ fn decode_64k_context_and_batch_mixes() {
             kv: Kv::Paged(16),
         };
         run_case::<bf16>(&dev, &jit, &c, 500 + i as u64);
+    }
+}
+
+/// Short decode of up to 2 sequences (8 kv heads) runs each sequence's keys as one
+/// thread-block cluster of chunks on Hopper, combined through distributed shared memory;
+/// longer or more sequences, and other GPUs, split across SMs and merge in the last split.
+/// Both against the reference, and the plan says which ran.
+#[test]
+fn short_decode_runs_in_clusters_on_hopper() {
+    let dev = require_gpu();
+    let jit = Jit::new(None);
+    let hopper = dev.info().arch() == radix_gpu::Arch::SM90A;
+    let cases = [
+        (vec![2048], hopper),
+        (vec![1500, 30], hopper),
+        (vec![5], hopper),
+        (vec![9000], false),
+        (vec![40000, 1, 300, 4099, 17, 9000], false),
+    ];
+    for (i, (kv_lens, clustered)) in cases.into_iter().enumerate() {
+        let mut indptr = vec![0i32];
+        for &l in &kv_lens {
+            indptr.push(indptr.last().unwrap() + l as i32);
+        }
+        let qo: Vec<i32> = (0..=kv_lens.len() as i32).collect();
+        let meta = BatchMeta::new(qo, KvSource::Contiguous { kv_indptr: indptr }, true).unwrap();
+        for d in [64, 128] {
+            let shape = AttentionShape::new(32, 8, d, true);
+            let (_, work) = plan_batch(&dev, &shape, &meta, None, None).unwrap();
+            let want = if clustered { DECODE_CLUSTER } else { 0 };
+            assert_eq!(work.cluster, want, "{kv_lens:?}");
+            if clustered {
+                assert_eq!(work.work.len(), DECODE_CLUSTER * kv_lens.len());
+            } else {
+                assert!(work.work.iter().any(|w| w.partial_row >= 0), "{kv_lens:?}: keys split");
+            }
+            let c = Case {
+                q_lens: vec![1; kv_lens.len()],
+                kv_lens: kv_lens.clone(),
+                hq: 32,
+                hkv: 8,
+                d,
+                causal: true,
+                kv: Kv::Paged(16),
+            };
+            both_dtypes(&dev, &jit, &c, 600 + i as u64);
+        }
     }
 }
 

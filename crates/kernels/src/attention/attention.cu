@@ -201,6 +201,19 @@ constexpr int KV_SMEM = KV_FP8 ? (FP8_REGS ? 0 : 2 * BN * D * 2) + 2 * ST * BN *
 // memory (see the epilogue for why 8, and 4 over FP8 pools, more than D).
 constexpr int SO_PITCH = FP8_REGS ? D + 4 : D + 8;
 static_assert(!KS || WARPS * 16 * (SO_PITCH + 2) * 4 <= KV_SMEM, "the warps' states (O rows, max, sum) fit the K/V stages");
+// Key-split decode blocks on Hopper may run in clusters (p.cluster, plan.rs): the CLUSTER
+// chunks of one (sequence, kv head) combine their states through distributed shared
+// memory (cluster_merge) instead of the last split reading every split's partial from
+// global memory.
+#if KEY_SPLIT && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define CLUSTER_MERGE 1
+#include "common/cluster.cuh"
+#else
+#define CLUSTER_MERGE 0
+#endif
+constexpr int CLUSTER = 8;  // mirrors plan.rs DECODE_CLUSTER
+static_assert(!KS || WARPS * 16 * (SO_PITCH + 2) * 4 + (16 * D + 16) * 4 <= KV_SMEM,
+              "the warps' states and the block's state for its cluster fit the K/V stages");
 static_assert((TMA || (BN * DC) % THREADS == 0) && (BM * DC) % THREADS == 0, "tiles split evenly");
 
 // One unit of work; mirrors WorkItem in plan.rs.
@@ -259,6 +272,8 @@ struct AttentionParams {
                               // each sequence's last q_len (which the KV append just before
                               // writes), are older than the kernel before, so the first
                               // tiles of those keys load before pdl_wait() (mma.sync kernels)
+  int cluster;                // CLUSTER_MERGE: the launch runs clusters of CLUSTER blocks,
+                              // each the chunks of one (sequence, kv head) (plan.rs)
 };
 
 // The kernel's one parameter: with TMA also the task count (of the persistent variant) and
@@ -642,8 +657,14 @@ __device__ __forceinline__ void fp8_pv(float (&o)[MT][ON][4], const float (&s)[M
 // LSEs, 8 at a time). Later splits' rows go out 8 at a time. Reads bypass L1
 // (ld.global.cg): other blocks wrote them during this launch.
 // (Key-split decode blocks only: elsewhere the rows' registers would spill in the wgmma
-// kernels, whose splits are long prefill chunks, not latency-bound.)
-constexpr int MERGE_AHEAD = KS ? 16 : 1;
+// kernels, whose splits are long prefill chunks, not latency-bound.) WIDE_MERGE, for plans
+// with more than 16 splits of a row (launch.rs): 32 ahead. On the H200 1@8192 (32 splits)
+// took 12.0 us against 12.8 with 16, but plans of few splits ran 0.4-0.5 us slower with
+// it (8@1024, 16@2048, 1@4096: bench/NOTES.md), so it is an image of its own.
+#ifndef WIDE_MERGE
+#define WIDE_MERGE 0
+#endif
+constexpr int MERGE_AHEAD = KS ? (WIDE_MERGE ? 32 : 16) : 1;
 template <int PER> struct MergeVec { typedef float2 type; };  // a lane's D / 32 values
 template <> struct MergeVec<4> { typedef float4 type; };
 __device__ __forceinline__ void add_scaled(float (&acc)[4], float w, float4 v) {
@@ -706,6 +727,65 @@ __device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row
     }
   }
 }
+
+#if CLUSTER_MERGE
+// The chunks of one (sequence, kv head)'s keys in one cluster (CLUSTER blocks, consecutive
+// along x: plan.rs's plan_clustered). Every block has written its state (`cs`: 16 rows of D
+// normalised floats, then their 16 natural-log LSEs) to its shared memory; after one
+// cluster barrier rank r combines columns [r SLICE, (r + 1) SLICE) of every row from all of
+// them (distributed shared memory) and writes them out. No partials, counts or merge
+// through global memory: on the H200 at 1,024 keys (bench/NOTES.md) those round trips were
+// a third of a launch. A block's shared memory must outlive its peers' reads: each one
+// arrives once done reading and waits for the others before it exits.
+__device__ void cluster_merge(const AttentionParams& p, const float* cs, int row0, int rows, int kvh, int qo_start) {
+  constexpr int SLICE = D / CLUSTER;  // columns a rank combines
+  constexpr int VECS = SLICE / 4;     // float4 of them a row
+  static_assert(16 * VECS <= THREADS, "a thread per float4 of the slice's 16 rows");
+  constexpr float LOG2E = 1.4426950408889634f;
+  const u32 rank = cluster_rank();
+  const int rr = threadIdx.x / VECS, col = rank * SLICE + (threadIdx.x % VECS) * 4;
+  const int gr = row0 + rr;
+  const bool mine = threadIdx.x < 16 * VECS && gr < rows;
+  cluster_sync();  // every block's state is in its shared memory
+  if (mine) {
+    float l[CLUSTER];
+    float4 v[CLUSTER];
+#pragma unroll
+    for (int j = 0; j < CLUSTER; ++j) {
+      l[j] = __uint_as_float(ld_cluster(in_rank(cs + 16 * D + rr, j)));
+      v[j] = ld_cluster_f4(in_rank(cs + rr * D + col, j));
+    }
+    float mx = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < CLUSTER; ++j) mx = fmaxf(mx, l[j]);
+    float wsum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (mx != NEG_INF) {  // (all chunks empty: no keys, which BatchMeta refuses)
+#pragma unroll
+      for (int j = 0; j < CLUSTER; ++j) {
+        const float wj = fast_exp2((l[j] - mx) * LOG2E);  // 0 for an empty chunk
+        wsum += wj;
+        acc.x += wj * v[j].x; acc.y += wj * v[j].y; acc.z += wj * v[j].z; acc.w += wj * v[j].w;
+      }
+    }
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    const int t = gr / p.group, head = kvh * p.group + gr % p.group;
+    elem_t* dst = p.o + (long long)(qo_start + t) * p.o_stride + (long long)head * D + col;
+    *reinterpret_cast<uint2*>(dst) =
+        make_uint2(pack2<elem_t>(acc.x * inv, acc.y * inv), pack2<elem_t>(acc.z * inv, acc.w * inv));
+    if (p.lse && col == 0) {
+      p.lse[(long long)(qo_start + t) * p.num_qo_heads + head] = wsum > 0.f ? mx + __logf(wsum) : NEG_INF;
+    }
+  }
+  cluster_arrive();  // done with the peers' shared memory
+  TRACE_MARK(6);
+#if TRACE
+  TRACE_AT(7, 0ull);
+  TRACE_AT(9, global_ns());
+#endif
+  cluster_wait();  // the peers are done with this block's shared memory
+}
+#endif
 
 #if WGMMA
 // Issues O += P V for one tile (PK k16 steps) as one wgmma group: P from registers (the
@@ -1382,7 +1462,13 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       TRACE_MARK(13);
       const int t = gr / p.group, head = kvh * p.group + gr % p.group;
       const float lse = l > 0.f ? (mx + __log2f(l)) * LN2 : NEG_INF;
-      if (partial) {
+      if (CLUSTER_MERGE && p.cluster) {
+        // The block's state for its cluster: rows of D floats, then the rows' LSEs.
+        float* cs = sl + WARPS * 16;
+#pragma unroll
+        for (int k = 0; k < CHUNKS; ++k) *reinterpret_cast<float4*>(cs + r * D + c0 + 4 * TPR * k) = x[k];
+        if (threadIdx.x % TPR == 0) cs[16 * D + r] = lse;
+      } else if (partial) {
         float* dst = p.partial_o + ((long long)(w.partial_row + t) * p.num_qo_heads + head) * D + c0;
 #pragma unroll
         for (int k = 0; k < CHUNKS; ++k) *reinterpret_cast<float4*>(dst + 4 * TPR * k) = x[k];
@@ -1398,6 +1484,12 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
       }
     }
     TRACE_MARK(5);
+#if CLUSTER_MERGE
+    if (p.cluster) {
+      cluster_merge(p, sl + WARPS * 16, row0, rows, kvh, qo_start);
+      return;
+    }
+#endif
 #if TRACE
     if (!partial) TRACE_AT(9, global_ns());
 #endif
@@ -1461,21 +1553,21 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
     }
   }
   // The last split of this (query tile, kv head) to finish merges them all. The block's
-  // barrier orders every thread's partial writes before thread 0's fence and count (the
-  // fence is cumulative: it publishes what the barrier made thread 0 see, as cooperative
-  // groups' grid barrier does); the block that completes the count fences again before
-  // its threads read the others' partials.
+  // barrier orders every thread's partial writes before thread 0's count, an acquire-
+  // release atomic at GPU scope: its release is cumulative (it publishes what the barrier
+  // made thread 0 see, as CUTLASS's split-K semaphore does with fence.acq_rel and a
+  // relaxed add), and its acquire orders the last block's reads of the others' partials
+  // after their counts, through the barrier below. (A __threadfence is fence.sc, a
+  // stronger and slower fence, and the last block paid two on the launch's critical path.)
   __shared__ int is_last;
   MergeItem* m = p.merge + w.merge + kvh;
   block_sync();
   if (threadIdx.x == 0) {
-    __threadfence();
-    const int done = atomicAdd(&m->arrived, 1) + 1;
-    is_last = done == m->num_splits;
-    if (is_last) {
-      atomicExch(&m->arrived, 0);  // all have arrived: ready for the next launch
-      __threadfence();
-    }
+    int before;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(&m->arrived) : "memory");
+    is_last = before + 1 == m->num_splits;
+    // All have arrived: ready for the next launch (which starts after this grid ends).
+    if (is_last) asm volatile("st.relaxed.gpu.global.s32 [%0], 0;\n" ::"l"(&m->arrived) : "memory");
   }
   block_sync();
   TRACE_MARK(6);
@@ -1496,6 +1588,6 @@ attention_kernel(const __grid_constant__ KernelParams kp) {
 
 #endif  // PERSISTENT
 
-static_assert(sizeof(AttentionParams) == 184, "AttentionParams mirrors launch.rs");
-static_assert(sizeof(KernelParams) == (TMA ? 512 : 184), "KernelParams mirrors launch.rs");
+static_assert(sizeof(AttentionParams) == 192, "AttentionParams mirrors launch.rs");
+static_assert(sizeof(KernelParams) == (TMA ? 512 : 192), "KernelParams mirrors launch.rs");
 static_assert(sizeof(WorkItem) == 24 && sizeof(MergeItem) == 16, "plan.rs mirrors");

@@ -6,8 +6,13 @@ use radix_gpu::{Device, DeviceBuffer, HalfFloat, Jit, KernelSpec, Result, ensure
 
 use super::SOURCE;
 use super::batch::{AttentionShape, BatchMeta, KvSource};
-use super::plan::{MergeItem, TileConfig, WorkItem, WorkList, plan};
+use super::plan::{
+    DECODE_CLUSTER, MergeItem, TileConfig, WorkItem, WorkList, clusters_apply, plan, plan_clustered,
+};
 use crate::{HEADERS, dtype_define, env_flag};
+
+/// The fewest keys a split of a sequence's keys reads (`plan`, `clusters_apply`).
+const MIN_CHUNK: usize = 256;
 
 /// Whether the attention kernel reads host-written metadata before `pdl_wait()`:
 /// `RADIX_SPARSE_ATTN_EARLY_META=0` turns it off (to compare in one run).
@@ -21,6 +26,14 @@ pub(crate) fn early_meta() -> bool {
 fn early_kv() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     !env_flag(&OFF, "RADIX_SPARSE_ATTN_KV_EARLY", |v| v.trim() == "0")
+}
+
+/// Whether key-split decode on Hopper runs its splits in thread-block clusters that merge
+/// through distributed shared memory (`plan_clustered`): `RADIX_SPARSE_DECODE_CLUSTER=0`
+/// turns it off (to compare in one run).
+fn decode_clusters() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !env_flag(&OFF, "RADIX_SPARSE_DECODE_CLUSTER", |v| v.trim() == "0")
 }
 
 /// Mirrors `AttentionParams` in attention.cu field for field.
@@ -56,6 +69,7 @@ pub(crate) struct AttentionParams {
     v_scale: f32,
     meta_early: i32,
     kv_early: i32,
+    cluster: i32,
 }
 
 // SAFETY: plain data mirroring the kernel's parameter struct.
@@ -164,6 +178,12 @@ pub fn spec<T: HalfFloat>(head_dim: usize, paged: bool, tiles: TileConfig) -> Ke
     let spec =
         if tiles.tma && !tiles.persistent && wg_skip { spec.define("WG_SKIP", 1) } else { spec };
     if tiles.num_warps > 8 && pingpong { spec.define("PINGPONG", 1) } else { spec }
+}
+
+/// A key-split kernel specialisation that merges more than `WIDE_MERGE_SPLITS` splits of a
+/// row (attention.cu's WIDE_MERGE).
+pub fn wide_merge(spec: KernelSpec) -> KernelSpec {
+    spec.define("WIDE_MERGE", 1)
 }
 
 /// The prefill kernels `RADIX_SPARSE_PREFILL_KERNEL` chooses between on Hopper.
@@ -437,6 +457,14 @@ pub fn plan_batch(
     });
     // Sparse paging's per-head tables come from the kernel before (no K/V before the wait).
     let late_tables = matches!(meta.kv, KvSource::Paged { head_tables: true, .. });
+    let hopper = device.info().arch() == radix_gpu::Arch::SM90A;
+    let cluster = if hopper && decode_clusters() { DECODE_CLUSTER } else { 0 };
+    let max_kv = meta.kv_lens.iter().copied().max().unwrap_or(0);
+    let (batch, heads) = (meta.batch(), shape.num_kv_heads);
+    if clusters_apply(batch, max_kv, heads, tiles, target_blocks, MIN_CHUNK, cluster) {
+        let plan = plan_clustered(&meta.q_lens, &meta.kv_lens, shape.group(), tiles, cluster);
+        return Ok((tiles, plan));
+    }
     let plan = plan(
         &meta.q_lens,
         &meta.kv_lens,
@@ -444,7 +472,7 @@ pub fn plan_batch(
         shape.num_kv_heads,
         tiles,
         target_blocks,
-        256,
+        MIN_CHUNK,
         late_tables,
     );
     Ok((tiles, plan))
@@ -556,11 +584,41 @@ impl AttentionBatch {
             "attention buffers too small for a batch of {batch} with {} work items",
             plan.work.len()
         );
+        if plan.cluster > 1 {
+            ensure!(
+                plan.cluster == DECODE_CLUSTER
+                    && tiles.key_split
+                    && !plan.heads_inner
+                    && plan.work.len().is_multiple_of(plan.cluster)
+                    && device.info().arch() == radix_gpu::Arch::SM90A,
+                "a plan in clusters of {} runs key-split tiles on Hopper, in whole clusters of \
+                 {DECODE_CLUSTER} items ({} items, tiles {tiles:?})",
+                plan.cluster,
+                plan.work.len()
+            );
+            // Every block of a cluster meets at its barriers: the items of one are the same
+            // query tile (or all padding), so they all return early or none does.
+            let same =
+                |c: &[WorkItem]| c.iter().all(|w| (w.batch, w.q_tile) == (c[0].batch, c[0].q_tile));
+            ensure!(
+                plan.work.chunks(plan.cluster).all(same),
+                "a clustered plan mixes query tiles within a cluster of {}",
+                plan.cluster
+            );
+        }
         Ok(Self { device: device.clone(), shape, tiles, meta, plan, buffers, trace: None })
     }
 
     pub fn work(&self) -> &WorkList {
         &self.plan
+    }
+
+    /// What of the launch's shape and kernel image the plan chose, beyond the tiles: bit 0
+    /// clusters, bit 1 the wide merge. A CUDA graph replays the launch it recorded, so the
+    /// backend keys its graphs by this too.
+    pub fn launch_variant(&self) -> u8 {
+        (self.plan.cluster > 1) as u8
+            | ((self.tiles.key_split && self.plan.wide_merge()) as u8) << 1
     }
 
     pub fn meta(&self) -> &BatchMeta {
@@ -690,6 +748,7 @@ impl AttentionBatch {
             KvSource::Paged { page_size, head_tables, .. } => (*page_size, true, *head_tables),
             KvSource::Contiguous { .. } => (1, false, false),
         };
+        let wide = self.tiles.key_split && self.plan.wide_merge();
         let (spec, smem, threads) = match kv.fp8 {
             None => {
                 let spec = spec::<T>(d, paged, self.tiles);
@@ -720,6 +779,7 @@ impl AttentionBatch {
                 (spec_fp8_kv::<T>(d, paged, tiles), tiles.smem_bytes_fp8_kv(d), tiles.threads())
             }
         };
+        let spec = if wide { wide_merge(spec) } else { spec };
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
         kernel.set_max_dynamic_smem(&self.device, smem)?;
         let lse_ptr = match lse {
@@ -768,6 +828,7 @@ impl AttentionBatch {
             // tokens only), so their first tiles may load before pdl_wait() (`run`'s
             // contract).
             kv_early: (paged && !head_tables && early_kv()) as i32,
+            cluster: if self.plan.cluster > 1 { self.plan.cluster as i32 } else { 0 },
         };
         let cfg = LaunchConfig {
             grid_dim: if self.plan.heads_inner {
@@ -803,6 +864,13 @@ impl AttentionBatch {
             // SAFETY: as below; the maps cover exactly the K/V buffers checked above, and
             // the kernel reads work items below num_tasks / num_kv_heads only.
             unsafe { kernel.launch(&self.device, cfg, &params) }?;
+            return Ok(());
+        }
+        if self.plan.cluster > 1 {
+            // SAFETY: as below; `from_parts` checked the clustered plan's shape (key-split
+            // tiles on Hopper, whole clusters of items along x), which the kernel's cluster
+            // merge relies on: every block of a cluster reaches its barriers.
+            unsafe { kernel.launch_cluster(&self.device, cfg, self.plan.cluster as u32, &params) }?;
             return Ok(());
         }
         // SAFETY: params mirrors the kernel's struct; the buffer sizes were checked above
@@ -847,7 +915,7 @@ struct KvRead {
 }
 
 // Keep the host structs the size the kernels expect.
-const _: () = assert!(std::mem::size_of::<AttentionParams>() == 184);
+const _: () = assert!(std::mem::size_of::<AttentionParams>() == 192);
 const _: () = assert!(std::mem::size_of::<TmaKernelParams>() == 512);
 const _: () = assert!(std::mem::size_of::<WorkItem>() == 24);
 const _: () = assert!(std::mem::size_of::<MergeItem>() == 16);

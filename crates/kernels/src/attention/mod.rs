@@ -11,11 +11,11 @@ pub use batch::{AttentionShape, BatchMeta, KvSource};
 pub use launch::{
     AttentionBatch, AttentionBuffers, Fp8Widen, KvFp8Scales, PERSISTENT_MAX_MEAN_KEYS,
     TMA3_MIN_MEAN_KEYS, TRACE_SLOTS, default_target_blocks, fp8_widen, plan_batch, prefill_tiles,
-    set_fp8_widen, spec, spec_fp8_kv, spec_fp8_kv_widened,
+    set_fp8_widen, spec, spec_fp8_kv, spec_fp8_kv_widened, wide_merge,
 };
 pub use plan::{
-    MergeItem, StepWorkBound, TileConfig, WorkItem, WorkList, decode_work_bound, plan,
-    step_work_bound,
+    DECODE_CLUSTER, MergeItem, StepWorkBound, TileConfig, WIDE_MERGE_SPLITS, WorkItem, WorkList,
+    clusters_apply, decode_work_bound, plan, plan_clustered, step_work_bound,
 };
 pub use reference::{Reference, attention_reference};
 

@@ -320,9 +320,21 @@ pub struct WorkList {
     /// the same keys, run side by side (prefill). Fixed by the batch's shape alone, so a
     /// graph's captured launch and every plan it replays agree.
     pub heads_inner: bool,
+    /// Greater than 1: the launch runs clusters of this many blocks along x, each the
+    /// chunks of one sequence's keys (`plan_clustered`).
+    pub cluster: usize,
 }
 
+/// Splits of a row above which a key-split launch merges with the image that loads 32
+/// splits' rows at once (attention.cu's WIDE_MERGE).
+pub const WIDE_MERGE_SPLITS: usize = 16;
+
 impl WorkList {
+    /// Whether some row's splits are more than `WIDE_MERGE_SPLITS`.
+    pub fn wide_merge(&self) -> bool {
+        self.merge.iter().any(|m| m.num_splits as usize > WIDE_MERGE_SPLITS)
+    }
+
     /// The work list as the kernel reads it, 6 words per item.
     pub fn work_words(&self) -> impl Iterator<Item = i32> + '_ {
         self.work
@@ -338,7 +350,10 @@ impl WorkList {
     /// Pads the work list to exactly `work` items with items the kernel skips, so that a
     /// launch captured in a CUDA graph (whose grid is fixed) covers any plan that fits.
     /// Fails if the plan is already longer. (The merge list sets no grid: it needs none.)
+    /// A clustered plan pads to the next multiple of its cluster, in whole clusters of items
+    /// the kernel skips.
     pub fn pad_to(&mut self, work: usize) -> Result<(), String> {
+        let work = if self.cluster > 1 { work.next_multiple_of(self.cluster) } else { work };
         if self.work.len() > work {
             return Err(format!("plan of {} work items does not fit {work}", self.work.len()));
         }
@@ -397,13 +412,14 @@ pub fn step_work_bound(
     let partial_rows = 4 * per_head * bm_max.div_ceil(group);
     let q_tiles = max_tokens * group.div_ceil(bm_min);
     StepWorkBound {
+        // (+ DECODE_CLUSTER: a clustered plan pads the decode bound to whole clusters.)
         work_items: (q_tiles + 4 * per_head).max(decode_work_bound(
             max_seqs,
             group,
             num_kv_heads,
             TileConfig::DECODE,
             target_blocks,
-        )),
+        )) + DECODE_CLUSTER,
         merge_items: 2 * per_head * num_kv_heads.max(1),
         partial_rows,
     }
@@ -564,6 +580,74 @@ pub fn plan(
     // Heaviest items first, so a long tail of small ones fills in behind them. Under a
     // causal mask later tiles see more keys, so q_tile breaks ties the same way.
     out.work.sort_by_key(|w| std::cmp::Reverse(((w.kv_end - w.kv_begin) as i64, w.q_tile)));
+    out
+}
+
+/// Blocks a cluster of a clustered decode plan (`plan_clustered`) holds: attention.cu's
+/// CLUSTER, the portable cluster size.
+pub const DECODE_CLUSTER: usize = 8;
+
+/// Whether a batch runs its decode splits in clusters of `cluster` blocks (0: none) that
+/// combine them through distributed shared memory (attention.cu's cluster_merge): key-split
+/// tiles (one query tile a sequence), at most half a wave of `target_blocks` over the kv
+/// heads in clusters, and every sequence short enough (`max_kv_len` at most `cluster`
+/// chunks of `min_chunk` keys) that one cluster of splits reads it as fast as more splits
+/// merged through global memory would. On the H200 (1@N, CUDA graphs, bench/NOTES.md) one
+/// cluster took 4.4 us at 1,024 keys and 5.5 at 2,048 against 6.3 and 6.6 without, but 9.2
+/// at 4,096 against 8.0; and longer sequences need more splits than a cluster holds, whose
+/// clusters' results then meet in global memory again (measured no faster than the last
+/// split's merge, and 32 clusters of 8 did not all fit on the GPU at once).
+///
+/// A CUDA graph replays one launch shape: the backend keys its graphs by this answer too.
+pub fn clusters_apply(
+    batch: usize,
+    max_kv_len: usize,
+    num_kv_heads: usize,
+    tiles: TileConfig,
+    target_blocks: usize,
+    min_chunk: usize,
+    cluster: usize,
+) -> bool {
+    cluster > 1
+        && tiles.key_split
+        && batch > 0
+        && 2 * batch * cluster * num_kv_heads.max(1) <= target_blocks
+        && max_kv_len <= cluster * min_chunk
+}
+
+/// `plan` for a batch `clusters_apply` takes: each sequence's keys in `cluster` chunks of
+/// whole tiles (trailing ones empty when it has fewer tiles), consecutive along x from a
+/// multiple of `cluster`, so the chunks of a (sequence, kv head) run as one cluster and
+/// combine there: no partial rows, no merge entries. The grid is (items, kv heads).
+pub fn plan_clustered(
+    q_lens: &[usize],
+    kv_lens: &[usize],
+    group: usize,
+    tiles: TileConfig,
+    cluster: usize,
+) -> WorkList {
+    debug_assert!(
+        q_lens.iter().all(|&q| q * group <= tiles.block_m()),
+        "one query tile a sequence"
+    );
+    let bn = tiles.block_n as usize;
+    let mut out = WorkList { cluster, ..WorkList::default() };
+    for (b, (&q_len, &kv_len)) in q_lens.iter().zip(kv_lens).enumerate() {
+        if q_len == 0 {
+            continue;
+        }
+        let per = kv_len.div_ceil(bn).div_ceil(cluster).max(1) * bn;
+        for s in 0..cluster {
+            out.work.push(WorkItem {
+                batch: b as i32,
+                q_tile: 0,
+                kv_begin: (s * per).min(kv_len) as i32,
+                kv_end: ((s + 1) * per).min(kv_len) as i32,
+                partial_row: -1,
+                merge: -1,
+            });
+        }
+    }
     out
 }
 
@@ -771,6 +855,43 @@ mod tests {
             assert!(splits.iter().all(|o| o.merge == w.merge));
         }
         assert!(p.work.iter().filter(|w| w.partial_row < 0).all(|w| w.merge < 0));
+    }
+
+    #[test]
+    fn clusters_apply_to_short_key_split_decode_of_few_sequences() {
+        let ks = TileConfig::DECODE_SMALL;
+        let apply =
+            |batch, kv, tiles, cluster| clusters_apply(batch, kv, 8, tiles, 264, 256, cluster);
+        // 8 kv heads, 264 slots: half a wave is 2 sequences of 8 chunks; 8 chunks of 256 keys.
+        assert!(apply(1, 2048, ks, DECODE_CLUSTER) && apply(2, 1, ks, DECODE_CLUSTER));
+        assert!(!apply(3, 1000, ks, DECODE_CLUSTER));
+        assert!(!apply(1, 2049, ks, DECODE_CLUSTER));
+        assert!(!apply(1, 1000, TileConfig::DECODE, DECODE_CLUSTER));
+        assert!(!apply(1, 1000, ks, 0) && !apply(0, 1000, ks, DECODE_CLUSTER));
+        assert!(clusters_apply(8, 2048, 2, ks, 264, 256, DECODE_CLUSTER));
+    }
+
+    #[test]
+    fn clustered_plans_cut_each_sequence_into_one_cluster_of_chunks() {
+        let ks = TileConfig::DECODE_SMALL;
+        let mut p = plan_clustered(&[1, 0, 4], &[2048, 7, 100], 4, ks, DECODE_CLUSTER);
+        assert_eq!((p.work.len(), p.cluster, p.heads_inner), (16, DECODE_CLUSTER, false));
+        assert!(p.merge.is_empty() && p.partial_rows == 0);
+        assert!(p.work.iter().all(|w| w.partial_row < 0 && w.merge < 0 && w.q_tile == 0));
+        // 2,048 keys: 8 chunks of 4 tiles, in order.
+        assert!(p.work[..8].iter().enumerate().all(|(s, w)| w.batch == 0
+            && (w.kv_begin, w.kv_end) == (256 * s as i32, 256 * s as i32 + 256)));
+        // 100 keys (the sequence of no queries takes none): one tile, a partial one, six
+        // empty chunks.
+        let ranges: Vec<(i32, i32)> = p.work[8..].iter().map(|w| (w.kv_begin, w.kv_end)).collect();
+        assert_eq!(ranges[..2], [(0, 64), (64, 100)]);
+        assert!(ranges[2..].iter().all(|&r| r == (100, 100)));
+        assert!(p.work[8..].iter().all(|w| w.batch == 2));
+        // A graph bucket's bound pads in whole clusters, within the step's bound.
+        let bound = decode_work_bound(3, 4, 8, ks, 264);
+        p.pad_to(bound).unwrap();
+        assert_eq!(p.work.len(), bound.next_multiple_of(DECODE_CLUSTER));
+        assert!(p.work.len() <= step_work_bound(6, 3, 4, 8, 264).work_items);
     }
 
     #[test]

@@ -130,12 +130,16 @@ enum BucketGraph {
     Failed,
 }
 
-/// A graph's key: its bucket, and whether the step has sparse layers (they launch more
-/// kernels, so they have graphs of their own).
+/// A graph's key: its bucket, whether the step has sparse layers (they launch more
+/// kernels, so they have graphs of their own), and what its attention plans chose of the
+/// launch beyond the tiles, which a replay cannot change (`AttentionBatch::launch_variant`
+/// of the dense layers, and of the sparse ones shifted by 2: clusters for short contexts
+/// of small batches, the wide merge for long ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GraphKey {
     pub bucket: usize,
     pub sparse: bool,
+    pub variant: u8,
 }
 
 /// The decode graphs of a backend and where each one is in its life: unseen, warm
@@ -184,7 +188,8 @@ impl DecodeGraphs {
         if !is_decode_step(s) {
             return None;
         }
-        let key = GraphKey { bucket: bucket_for(s.num_tokens(), self.max_batch)?, sparse };
+        let bucket = bucket_for(s.num_tokens(), self.max_batch)?;
+        let key = GraphKey { bucket, sparse, variant: 0 };
         match self.buckets.get(&key) {
             Some(BucketGraph::Failed) => None,
             _ => Some(key),
@@ -260,11 +265,12 @@ impl DecodeGraphs {
         }
     }
 
-    /// The dense buckets that have no graph yet (what warm-up captures).
+    /// The dense buckets that have no graph yet, of any launch shape (what warm-up
+    /// captures).
     pub fn missing_dense_buckets(&self) -> Vec<usize> {
         all_buckets(self.max_batch)
             .into_iter()
-            .filter(|&b| !self.buckets.contains_key(&GraphKey { bucket: b, sparse: false }))
+            .filter(|&b| !self.buckets.keys().any(|k| k.bucket == b && !k.sparse))
             .collect()
     }
 }

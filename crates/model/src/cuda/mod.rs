@@ -800,6 +800,12 @@ impl Backend for CudaBackend {
         let staged = self.stage(&padded, s.logit_rows.len(), Some(key.bucket), sparse);
         self.graphs.return_padded(padded);
         staged?;
+        // The staged plans' launch variants (clusters, the wide merge) have graphs of their own.
+        let key = {
+            let st = self.step()?;
+            let sparse = st.sparse.as_ref().map_or(0, |t| t.attention.launch_variant());
+            GraphKey { variant: st.attention.launch_variant() | sparse << 2, ..key }
+        };
         let mode = match &self.group {
             None => self.graphs.enter(&self.device, key)?,
             // A replay runs the collectives it recorded: only while the communicators
