@@ -106,9 +106,10 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, wide));
                 // Merging more than 16 splits of a row (long contexts at batch 1).
                 for paged in [false, true] {
-                    specs.push(attention::wide_merge(attention::spec::<bf16>(
-                        head_dim, paged, tiles,
-                    )));
+                    let wide_16 = attention::spec::<f16>(head_dim, paged, tiles);
+                    specs.push(attention::wide_merge(wide_16));
+                    let wide_bf16 = attention::spec::<bf16>(head_dim, paged, tiles);
+                    specs.push(attention::wide_merge(wide_bf16));
                 }
                 let fp8 = attention::spec_fp8_kv::<bf16>(head_dim, true, wide);
                 specs.push(attention::wide_merge(fp8));

@@ -615,10 +615,12 @@ pub fn clusters_apply(
         && max_kv_len <= cluster * min_chunk
 }
 
-/// `plan` for a batch `clusters_apply` takes: each sequence's keys in `cluster` chunks of
-/// whole tiles (trailing ones empty when it has fewer tiles), consecutive along x from a
-/// multiple of `cluster`, so the chunks of a (sequence, kv head) run as one cluster and
-/// combine there: no partial rows, no merge entries. The grid is (items, kv heads).
+/// `plan` for a batch `clusters_apply` takes: each query tile's keys in `cluster` chunks of
+/// whole tiles (trailing ones empty when the sequence has fewer tiles), consecutive along x
+/// from a multiple of `cluster`, so the chunks of a (query tile, kv head) run as one cluster
+/// and combine there: no partial rows, no merge entries. The grid is (items, kv heads).
+/// (Decode has one query tile a sequence; forced key-split tiles on more rows get one
+/// cluster a tile.)
 pub fn plan_clustered(
     q_lens: &[usize],
     kv_lens: &[usize],
@@ -626,26 +628,21 @@ pub fn plan_clustered(
     tiles: TileConfig,
     cluster: usize,
 ) -> WorkList {
-    debug_assert!(
-        q_lens.iter().all(|&q| q * group <= tiles.block_m()),
-        "one query tile a sequence"
-    );
-    let bn = tiles.block_n as usize;
+    let (bm, bn) = (tiles.block_m(), tiles.block_n as usize);
     let mut out = WorkList { cluster, ..WorkList::default() };
     for (b, (&q_len, &kv_len)) in q_lens.iter().zip(kv_lens).enumerate() {
-        if q_len == 0 {
-            continue;
-        }
         let per = kv_len.div_ceil(bn).div_ceil(cluster).max(1) * bn;
-        for s in 0..cluster {
-            out.work.push(WorkItem {
-                batch: b as i32,
-                q_tile: 0,
-                kv_begin: (s * per).min(kv_len) as i32,
-                kv_end: ((s + 1) * per).min(kv_len) as i32,
-                partial_row: -1,
-                merge: -1,
-            });
+        for tile in 0..(q_len * group).div_ceil(bm) {
+            for s in 0..cluster {
+                out.work.push(WorkItem {
+                    batch: b as i32,
+                    q_tile: tile as i32,
+                    kv_begin: (s * per).min(kv_len) as i32,
+                    kv_end: ((s + 1) * per).min(kv_len) as i32,
+                    partial_row: -1,
+                    merge: -1,
+                });
+            }
         }
     }
     out
@@ -887,6 +884,10 @@ mod tests {
         assert_eq!(ranges[..2], [(0, 64), (64, 100)]);
         assert!(ranges[2..].iter().all(|&r| r == (100, 100)));
         assert!(p.work[8..].iter().all(|w| w.batch == 2));
+        // Forced key-split tiles on 40 rows (q_len 5, group 8): a cluster a query tile.
+        let p5 = plan_clustered(&[5], &[300], 8, ks, DECODE_CLUSTER);
+        let tiles: Vec<i32> = p5.work.iter().map(|w| w.q_tile).collect();
+        assert_eq!(tiles, [[0; 8], [1; 8], [2; 8]].concat());
         // A graph bucket's bound pads in whole clusters, within the step's bound.
         let bound = decode_work_bound(3, 4, 8, ks, 264);
         p.pad_to(bound).unwrap();

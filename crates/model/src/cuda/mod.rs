@@ -836,8 +836,14 @@ impl Backend for CudaBackend {
         use radix_kernels::attention::{PERSISTENT_MAX_MEAN_KEYS, TMA3_MIN_MEAN_KEYS};
         let long_prefix = PERSISTENT_MAX_MEAN_KEYS.max(TMA3_MIN_MEAN_KEYS).ceil() as usize + 256;
         let long_fits = (long_prefix + 256).div_ceil(page_size) < kv.shape.num_pages();
+        // One decode step after a long context, whose plan takes other attention launch
+        // variants than the warm-up buckets' one-token contexts (no clusters, the wide-merge
+        // image): their kernels compile here, not in a request's step.
+        const LONG_DECODE: usize = 8192;
+        let long_decode = LONG_DECODE.div_ceil(page_size) < kv.shape.num_pages();
         std::iter::once(scratch_prefill(256, 0, scratch, page_size))
             .chain(long_fits.then(|| scratch_prefill(256, long_prefix, scratch, page_size)))
+            .chain(long_decode.then(|| scratch_prefill(1, LONG_DECODE - 1, scratch, page_size)))
             .chain(
                 self.graphs
                     .missing_dense_buckets()
