@@ -273,7 +273,7 @@ struct AttentionParams {
                               // writes), are older than the kernel before, so the first
                               // tiles of those keys load before pdl_wait() (mma.sync kernels)
   int cluster;                // CLUSTER_MERGE: the launch runs clusters of CLUSTER blocks,
-                              // each the chunks of one (sequence, kv head) (plan.rs)
+                              // each the chunks of one (query tile, kv head) (plan.rs)
 };
 
 // The kernel's one parameter: with TMA also the task count (of the persistent variant) and
@@ -729,7 +729,7 @@ __device__ void merge_rows(const AttentionParams& p, const MergeItem& m, int row
 }
 
 #if CLUSTER_MERGE
-// The chunks of one (sequence, kv head)'s keys in one cluster (CLUSTER blocks, consecutive
+// The chunks of one (query tile, kv head)'s keys in one cluster (CLUSTER blocks, consecutive
 // along x: plan.rs's plan_clustered). Every block has written its state (`cs`: 16 rows of D
 // normalised floats, then their 16 natural-log LSEs) to its shared memory; after one
 // cluster barrier rank r combines columns [r SLICE, (r + 1) SLICE) of every row from all of

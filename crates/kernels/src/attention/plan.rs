@@ -321,7 +321,7 @@ pub struct WorkList {
     /// graph's captured launch and every plan it replays agree.
     pub heads_inner: bool,
     /// Greater than 1: the launch runs clusters of this many blocks along x, each the
-    /// chunks of one sequence's keys (`plan_clustered`).
+    /// chunks of one query tile's keys (`plan_clustered`).
     pub cluster: usize,
 }
 
