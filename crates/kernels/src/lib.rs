@@ -106,8 +106,8 @@ pub fn catalog() -> Vec<KernelSpec> {
                 specs.push(attention::spec_fp8_kv::<bf16>(head_dim, true, wide));
                 // Merging more than 16 splits of a row (long contexts at batch 1).
                 for paged in [false, true] {
-                    let wide_16 = attention::spec::<f16>(head_dim, paged, tiles);
-                    specs.push(attention::wide_merge(wide_16));
+                    let wide_f16 = attention::spec::<f16>(head_dim, paged, tiles);
+                    specs.push(attention::wide_merge(wide_f16));
                     let wide_bf16 = attention::spec::<bf16>(head_dim, paged, tiles);
                     specs.push(attention::wide_merge(wide_bf16));
                 }

@@ -617,8 +617,13 @@ impl AttentionBatch {
     /// clusters, bit 1 the wide merge. A CUDA graph replays the launch it recorded, so the
     /// backend keys its graphs by this too.
     pub fn launch_variant(&self) -> u8 {
-        (self.plan.cluster > 1) as u8
-            | ((self.tiles.key_split && self.plan.wide_merge()) as u8) << 1
+        (self.plan.cluster > 1) as u8 | (self.wide_merge_image() as u8) << 1
+    }
+
+    /// Whether launches run the wide-merge image (`wide_merge`): key-split tiles whose plan
+    /// merges more than `WIDE_MERGE_SPLITS` splits of a row.
+    fn wide_merge_image(&self) -> bool {
+        self.tiles.key_split && self.plan.wide_merge()
     }
 
     pub fn meta(&self) -> &BatchMeta {
@@ -748,7 +753,6 @@ impl AttentionBatch {
             KvSource::Paged { page_size, head_tables, .. } => (*page_size, true, *head_tables),
             KvSource::Contiguous { .. } => (1, false, false),
         };
-        let wide = self.tiles.key_split && self.plan.wide_merge();
         let (spec, smem, threads) = match kv.fp8 {
             None => {
                 let spec = spec::<T>(d, paged, self.tiles);
@@ -779,7 +783,7 @@ impl AttentionBatch {
                 (spec_fp8_kv::<T>(d, paged, tiles), tiles.smem_bytes_fp8_kv(d), tiles.threads())
             }
         };
-        let spec = if wide { wide_merge(spec) } else { spec };
+        let spec = if self.wide_merge_image() { wide_merge(spec) } else { spec };
         let kernel = jit.kernel(&self.device, &spec, "attention_kernel")?;
         kernel.set_max_dynamic_smem(&self.device, smem)?;
         let lse_ptr = match lse {
