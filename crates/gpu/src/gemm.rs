@@ -84,9 +84,7 @@ impl Gemm {
     }
 
     /// The FP8 GEMM of `matmul_fp8_raw(m, n, k, ..)` (no bias) runs the heuristic's
-    /// candidate `index` from now on (0: its first choice); returns how many there are and
-    /// the chosen one's split-K factor, or None when the shape has not run yet. For
-    /// benchmarks that time every candidate.
+    /// candidate `index` from now on (see [`Gemm::choose_candidate`]).
     pub fn choose_fp8_candidate(
         &self,
         m: usize,
@@ -103,8 +101,16 @@ impl Gemm {
             b_layout: BLayout::NK,
             bias: false,
         };
+        self.choose_candidate(&shape, index)
+    }
+
+    /// The GEMM of `shape` runs the heuristic's candidate `index` from now on (0: its first
+    /// choice; past the last: the last); returns how many there are and the chosen one's
+    /// split-K factor, or None when the shape has not run yet. For benchmarks that time
+    /// every candidate (`bench gemm --candidates`).
+    pub fn choose_candidate(&self, shape: &GemmShape, index: usize) -> Option<(usize, u32)> {
         let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = plans.get(&shape)?;
+        let plan = plans.get(shape)?;
         let count = plan.candidates.len();
         let index = index.min(count - 1);
         plan.chosen.store(index, std::sync::atomic::Ordering::Relaxed);
@@ -349,8 +355,8 @@ struct CachedMatmul {
     layout_b: sys::cublasLtMatrixLayout_t,
     /// Our out ([M,N] row-major): column-major N x M.
     layout_out: sys::cublasLtMatrixLayout_t,
-    /// The heuristic's algorithms that fit (FP8: up to 8, best first) and which of them
-    /// runs (`Gemm::choose_fp8_candidate`).
+    /// The heuristic's algorithms that fit (up to 8, best first) and which of them runs
+    /// (`Gemm::choose_candidate`).
     candidates: Vec<sys::cublasLtMatmulAlgo_t>,
     chosen: std::sync::atomic::AtomicUsize,
 }
@@ -456,9 +462,9 @@ impl CachedMatmul {
         }
         .call("cublasLtMatmulPreferenceSetAttribute")?;
         tracing::trace!("cuBLASLt: heuristic query");
-        // FP8: several candidates, so that `RADIX_SPARSE_FP8_NO_SPLITK=1` can prefer one
-        // without split-K (see `split_k`).
-        let want = if fp8 { 8 } else { 1 };
+        // Several candidates: `RADIX_SPARSE_FP8_NO_SPLITK=1` can prefer one without split-K
+        // (see `split_k`), and `choose_candidate` another than the heuristic's first.
+        let want = 8;
         // SAFETY: plain C structs; cuBLASLt fills the first `found`.
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
             (0..want).map(|_| unsafe { std::mem::zeroed() }).collect();

@@ -41,10 +41,11 @@ pub struct GemmArgs {
     /// Llama-3-8B's projections and LM head).
     #[arg(long)]
     gemv: bool,
-    /// With --dtype fp8: also time every algorithm cuBLASLt's heuristic offers for each
-    /// shape (up to 8), not only its first choice.
-    #[arg(long)]
-    fp8_candidates: bool,
+    /// Also time every algorithm cuBLASLt's heuristic offers for each shape (up to 8), not
+    /// only its first choice; bf16 and f16 back to back over weight copies beyond the L2,
+    /// as a decode step reads them.
+    #[arg(long, alias = "fp8-candidates")]
+    candidates: bool,
 }
 
 /// M ∈ {1, 2, 4, 8} against Llama-3-8B's (N, K): qkv, o, gate|up, down, LM head.
@@ -112,6 +113,7 @@ fn run_typed<T: HalfFloat>(
     };
     let bar = progress(shapes.len(), "gemm");
     let mut rows = Vec::new();
+    let mut copy = None; // the copy bandwidth, measured once if candidates are timed
     println!("{:<28} {:>10} {:>10}", "shape (MxNxK)", "median ms", "TFLOP/s");
     for &(m, n, k) in shapes {
         let a = random(m * k)?;
@@ -120,15 +122,80 @@ fn run_typed<T: HalfFloat>(
         let t = time_runs(&device, args.warmup, args.runs, |_| {
             gemm.matmul::<T, T>(m, n, k, &a, &b, BLayout::NK, None, 0.0, &mut out)
         })?;
-        let row = gemm_row(&device, (m, n, k), T::DTYPE, t.median_ms, None);
+        let extra = if args.candidates {
+            let copy = *copy.get_or_insert(super::decode::copy_bandwidth(&device)?);
+            Some(candidates_beyond_l2(
+                args,
+                &device,
+                &gemm,
+                copy,
+                (m, n, k),
+                &mut random,
+                &a,
+                &mut out,
+            )?)
+        } else {
+            None
+        };
+        let row = gemm_row(&device, (m, n, k), T::DTYPE, t.median_ms, extra);
         bar.suspend(|| {
-            println!("{:<28} {:>10.4} {:>10.1}", format!("{m}x{n}x{k}"), t.median_ms, row.ours)
+            println!("{:<28} {:>10.4} {:>10.1}", format!("{m}x{n}x{k}"), t.median_ms, row.ours);
+            for c in row.extra.as_ref().and_then(|e| e["cublaslt_candidates"].as_array()).into_iter().flatten() {
+                println!(
+                    "    cuBLASLt candidate {}: {:.2} us back to back beyond L2 ({:.0} TFLOP/s, {:.1}% of copy for the weights), split-K {}",
+                    c["index"], c["us"].as_f64().unwrap_or(f64::NAN), c["tflops"].as_f64().unwrap_or(f64::NAN),
+                    c["copy_pct"].as_f64().unwrap_or(f64::NAN), c["split_k"]
+                );
+            }
         });
         rows.push(row);
         bar.inc(1);
     }
     bar.finish_and_clear();
     write_json(args.json.as_ref(), &rows)
+}
+
+/// Every candidate of cuBLASLt's heuristic for one 16-bit shape, back to back over copies
+/// of the weight that together exceed the L2 (as a decode step's layers read them): time,
+/// TFLOP/s and the weight read's share of the copy bandwidth. Leaves the first chosen.
+#[allow(clippy::too_many_arguments)]
+fn candidates_beyond_l2<T: HalfFloat>(
+    args: &GemmArgs,
+    device: &Device,
+    gemm: &Gemm,
+    copy: f64,
+    (m, n, k): (usize, usize, usize),
+    random: &mut impl FnMut(usize) -> anyhow::Result<radix_gpu::DeviceBuffer<T>>,
+    a: &radix_gpu::DeviceBuffer<T>,
+    out: &mut radix_gpu::DeviceBuffer<T>,
+) -> anyhow::Result<serde_json::Value> {
+    let bytes = n * k * std::mem::size_of::<T>();
+    let copies = (256usize << 20).div_ceil(bytes).clamp(1, 16);
+    let weights: Vec<_> = (0..copies).map(|_| random(n * k)).collect::<anyhow::Result<_>>()?;
+    let shape = radix_gpu::GemmShape {
+        m,
+        n,
+        k,
+        input: T::DTYPE,
+        output: T::DTYPE,
+        b_layout: BLayout::NK,
+        bias: false,
+    };
+    let count = gemm.choose_candidate(&shape, 0).map_or(0, |c| c.0);
+    let mut list = Vec::new();
+    for i in 0..count {
+        let split_k = gemm.choose_candidate(&shape, i).map_or(0, |c| c.1);
+        let t = time_back_to_back(device, args.warmup, 5, args.runs, |r| {
+            gemm.matmul::<T, T>(m, n, k, a, &weights[r % copies], BLayout::NK, None, 0.0, out)
+        })?;
+        list.push(serde_json::json!({
+            "index": i, "us": t.median_ms * 1e3, "split_k": split_k,
+            "tflops": tflops((m, n, k), t.median_ms),
+            "copy_pct": 100.0 * bytes as f64 / (t.median_ms * 1e-3) / copy,
+        }));
+    }
+    gemm.choose_candidate(&shape, 0);
+    Ok(serde_json::json!({ "cublaslt_candidates": list, "copy_gbps": copy / 1e9 }))
 }
 
 /// TFLOP/s of an MxNxK product taking `median_ms`.
@@ -217,7 +284,7 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             }
         })?;
         let mut candidates = Vec::new();
-        if args.fp8_candidates {
+        if args.candidates {
             let count = gemm.choose_fp8_candidate(m, n, k, 0).map_or(0, |c| c.0);
             for i in 0..count {
                 let split_k = gemm.choose_fp8_candidate(m, n, k, i).map_or(0, |c| c.1);

@@ -21,8 +21,9 @@
 // them with the f64 reference, and slices longer than the shared key cache read them back.
 //
 // The page tables, lengths and keep counts are the host's: with meta_early they are read
-// before pdl_wait(), while the kernel before (RoPE and the KV append) finishes. Queries,
-// bounds and every write come after it.
+// before pdl_wait(), while the kernel before (RoPE and the KV append) finishes, and so are
+// the first rounds' bounds of pages before the query tokens' (no kernel of the step writes
+// those). Queries, the query tokens' pages' bounds and every write come after it.
 #include "common/cluster.cuh"
 #include "common/key_bounds.cuh"
 #include "common/mma.cuh"
@@ -150,7 +151,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
     for (int i = s_begin + threadIdx.x; i < s_end; i += THREADS) p.out_indices[out_first + i] = pages[i];
     return;
   }
-  // The first rounds' page ids, before the wait when the tables are the host's.
+  // The first rounds' page ids, before the wait when the tables are the host's; pages
+  // before `stable` hold no query token.
+  const int stable = p.meta_early ? n - (p.qo_indptr[b + 1] - p.qo_indptr[b]) : 0;
   int pid[UNROLL];
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -158,15 +161,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
     pid[u] = i < s_end ? pages[i] : -1;
   }
   const int pages_total = p.kv_indptr[p.batch];
-  if (p.meta_early) pdl_wait();
-  // The first rounds' bounds, in flight while the queries arrive.
+  // The bounds of the rounds from `base`: of pages before `stable` (EARLY), from it on
+  // (LATE), or all (ALL).
+  enum Which { EARLY, LATE, ALL };
   LaneBytes x[UNROLL];
-  auto load_rounds = [&]() {
+  auto load_rounds = [&](int base, Which which) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-      if (pid[u] >= 0) load_lane(p.bounds + ((long long)pid[u] * p.num_kv_heads + kvh) * RECORD, l8, x[u]);
+    for (int u = 0; u < UNROLL; ++u) {
+      const bool late = base + u * ROUND + slot >= stable;
+      if (pid[u] >= 0 && (which == ALL || late == (which == LATE)))
+        load_lane(p.bounds + ((long long)pid[u] * p.num_kv_heads + kvh) * RECORD, l8, x[u]);
+    }
   };
-  load_rounds();
+  // The first rounds' bounds are in flight while the kernel before finishes, except the
+  // query tokens' pages' (at most the last q_len pages: the KV append before writes their
+  // bounds, and no kernel of the step writes the others'), and then while the queries arrive.
+  load_rounds(s_begin, EARLY);
+  if (p.meta_early) pdl_wait();
+  load_rounds(s_begin, LATE);
 
   // The group's queries, folded (not fmaxf/fminf: a NaN query must give a NaN score,
   // ranked last, as the unfolded sum does).
@@ -199,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   const bool cached = s_end - s_begin <= KEY_CACHE;
   float* scores = p.scores + (long long)kvh * pages_total + first;
   for (int base = s_begin; base < s_end; base += UNROLL * ROUND) {
-    if (base > s_begin) load_rounds();
+    if (base > s_begin) load_rounds(base, ALL);
     int next[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
