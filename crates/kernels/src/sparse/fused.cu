@@ -125,6 +125,7 @@ __device__ __forceinline__ float lane_score(const LaneBytes& x, const float (&po
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __grid_constant__ FusedParams p) {
   __shared__ u32 keys[KEY_CACHE];
+  __shared__ int ids[KEY_CACHE];  // the keys' page ids: the table's writes need no global read
   __shared__ int hist[2][BINS];  // a pass's counts (by parity), cluster-read
   __shared__ int warp_sums[WARPS];
   __shared__ u32 s_prefix, s_digit;
@@ -229,40 +230,46 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
       if (pid[u] >= 0 && l8 == 0) {
         const u32 key = score_key(s);
         scores[i] = s;
-        if (cached) keys[i - s_begin] = key;
+        if (cached) {
+          keys[i - s_begin] = key;
+          ids[i - s_begin] = pid[u];
+        }
       }
       pid[u] = next[u];
     }
   }
   auto key_at = [&](int i) { return cached ? keys[i - s_begin] : score_key(scores[i]); };
+  // Page ids from shared memory where this block scored them (its slice: with the sink
+  // pages in rank 0's and the window's in the last rank's, unless slices are that short).
+  auto page_at = [&](int i) { return cached && i >= s_begin && i < s_end ? ids[i - s_begin] : pages[i]; };
   const int c_begin = max(s_begin, mid_begin), c_end = min(s_end, mid_end);  // this block's middle
 
   const int k_mid = keep - p.sink - p.window;
-  __syncthreads();  // keys and scores written
+  // The select's state, and the first pass's bins (each pass clears the next one's).
+  if (threadIdx.x == 0) {
+    s_prefix = 0u;
+    s_remaining = k_mid;
+    s_gt_before = s_eq_before = 0;
+  }
+  if (threadIdx.x < BINS) hist[0][threadIdx.x] = 0;
+  __syncthreads();  // keys, scores, the state and the bins written
 
   // Radix select over four fixed 8-bit digits, from the top: each pass adds up the
   // cluster's histograms of the keys matching the prefix so far (hist[parity]: a block
-  // clears the one of two passes ago, which every block finished reading before the last
-  // pass's barrier), and every block finds the same digit. Reading the other blocks' bins
+  // clears the next pass's after this pass's cluster barrier, when every block has finished
+  // reading it two passes ago), and every block finds the same digit. Reading the other blocks' bins
   // anyway, a block also adds up the lower ranks' alone: their keys above the threshold
   // (above this pass's digit, within the prefix) and, after the last pass, equal to it,
   // which is where its own chosen pages start in the table. Passes stop once the digit's
   // keys are all taken (the threshold compares the bits fixed so far). (11-bit digits,
   // three passes, measured slower: 20.3 us against 13.4 at 1@32768, eight times the bins
   // to gather.)
-  if (threadIdx.x == 0) {
-    s_prefix = 0u;
-    s_remaining = k_mid;
-    s_gt_before = s_eq_before = 0;
-  }
   u32 mask = 0u;  // the bits the prefix fixes
   int parity = 0;
   // Thread t < BINS owns digit BINS - 1 - t (descending: thread 0 the largest).
   const int my_bin = BINS - 1 - (int)threadIdx.x;
   for (int sh = 24; sh >= 0 && k_mid > 0; sh -= 8) {
-    int* h = hist[parity];
-    if (my_bin >= 0) h[my_bin] = 0;
-    __syncthreads();
+    int* h = hist[parity];  // cleared before the last pass's closing barrier
     const u32 prefix = s_prefix;
     const int need = s_remaining;
     for (int base = c_begin; base < c_end; base += THREADS) {  // whole warps: hist_add
@@ -271,6 +278,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
       hist_add(h, i < c_end && (key & mask) == prefix, (key >> sh) & 0xffu);
     }
     cluster_sync();
+    // The next pass's bins, which every block finished reading (two passes ago) before
+    // this barrier; the barriers below order the clearing before the next pass's adds.
+    if (my_bin >= 0) hist[parity ^ 1][my_bin] = 0;
     int tot = 0, low = 0;
     if (my_bin >= 0) {
       u32 v[MAX_CLUSTER];
@@ -313,14 +323,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
 
   int* out = p.out_indices + out_first;
   if (rank == 0)
-    for (int i = threadIdx.x; i < p.sink; i += THREADS) out[i] = pages[i];
+    for (int i = threadIdx.x; i < p.sink; i += THREADS) out[i] = page_at(i);
   if (rank == csize - 1)
-    for (int i = threadIdx.x; i < p.window; i += THREADS) out[keep - p.window + i] = pages[mid_end + i];
+    for (int i = threadIdx.x; i < p.window; i += THREADS) out[keep - p.window + i] = page_at(mid_end + i);
   // Ordered compaction of this block's chosen middle pages (keys compared on the bits the
   // passes fixed).
   if (k_mid > 0)
-    compact_chosen<WARPS, THREADS>(c_begin, c_end, [&](int i) { return key_at(i) & mask; }, thresh, my_take_equal,
-                                   pages, out + p.sink, offset, warp_sums);
+    compact_chosen<WARPS, THREADS>(
+        c_begin, c_end, [&](int i) { return key_at(i) & mask; }, thresh, my_take_equal,
+        page_at, out + p.sink, offset, warp_sums);
   // No block leaves while another may still read its shared memory.
   cluster_wait();
 }

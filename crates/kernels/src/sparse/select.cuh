@@ -48,13 +48,13 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int& 
   return before + x - v;
 }
 
-// Ordered compaction of one block's positions [begin, end): page `pages[i]` of every
+// Ordered compaction of one block's positions [begin, end): page `page_at(i)` of every
 // chosen position goes to out[written + its rank among the chosen], in position order. A
 // key (`key_at(i)`) is chosen above `thresh`, or equal to it among the first `take_equal`
 // equal ones (the earlier pages). Every thread of the block calls it.
-template <int WARPS, int THREADS, typename KeyAt>
+template <int WARPS, int THREADS, typename KeyAt, typename PageAt>
 __device__ __forceinline__ void compact_chosen(int begin, int end, KeyAt key_at, u32 thresh, int take_equal,
-                                               const int* pages, int* out, int written, int* warp_sums) {
+                                               PageAt page_at, int* out, int written, int* warp_sums) {
   int equal_seen = 0;
   for (int base = begin; base < end; base += THREADS) {
     const int i = base + threadIdx.x;
@@ -66,7 +66,7 @@ __device__ __forceinline__ void compact_chosen(int begin, int end, KeyAt key_at,
     const int chosen = in && (key > thresh || (is_eq && eq_rank < take_equal));
     int chosen_total;
     const int at = written + block_exclusive_scan<WARPS>(chosen, warp_sums, chosen_total);
-    if (chosen) out[at] = pages[i];
+    if (chosen) out[at] = page_at(i);
     written += chosen_total;
     equal_seen += eq_total;
   }

@@ -288,7 +288,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS, 1) select_pages(const 
   for (int i = threadIdx.x; i < p.window; i += SEL_THREADS) out[keep - p.window + i] = pages[mid_end + i];
   // Ordered compaction of the chosen middle pages into out[sink .. keep - window).
   if (k_mid > 0)
-    compact_chosen<SEL_WARPS, SEL_THREADS>(mid_begin, mid_end, key_at, thresh, take_equal, pages, out + p.sink, 0,
+    compact_chosen<SEL_WARPS, SEL_THREADS>(mid_begin, mid_end, key_at, thresh, take_equal,
+                                         [&](int i) { return pages[i]; }, out + p.sink, 0,
                                            warp_sums);
 }
 
