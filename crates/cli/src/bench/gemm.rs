@@ -42,8 +42,9 @@ pub struct GemmArgs {
     #[arg(long)]
     gemv: bool,
     /// Also time every algorithm cuBLASLt's heuristic offers for each shape (up to 8), not
-    /// only its first choice; bf16 and f16 back to back over weight copies beyond the L2,
-    /// as a decode step reads them.
+    /// only its first choice: bf16 and f16 back to back over weight copies beyond the L2
+    /// (weights of 4 MiB and more), as a decode step reads them; fp8 one at a time, the
+    /// weight in the L2 (so the two sets of figures do not compare).
     #[arg(long, alias = "fp8-candidates")]
     candidates: bool,
 }
@@ -123,7 +124,10 @@ fn run_typed<T: HalfFloat>(
             gemm.matmul::<T, T>(m, n, k, &a, &b, BLayout::NK, None, 0.0, &mut out)
         })?;
         let extra = if args.candidates {
-            let copy = *copy.get_or_insert(super::decode::copy_bandwidth(&device)?);
+            let copy = match copy {
+                Some(c) => c,
+                None => *copy.insert(super::decode::copy_bandwidth(&device)?),
+            };
             Some(candidates_beyond_l2(
                 args,
                 &device,
@@ -170,7 +174,7 @@ fn candidates_beyond_l2<T: HalfFloat>(
     out: &mut radix_gpu::DeviceBuffer<T>,
 ) -> anyhow::Result<serde_json::Value> {
     let bytes = n * k * std::mem::size_of::<T>();
-    let copies = (256usize << 20).div_ceil(bytes).clamp(1, 16);
+    let copies = (256usize << 20).div_ceil(bytes).clamp(1, 64);
     let weights: Vec<_> = (0..copies).map(|_| random(n * k)).collect::<anyhow::Result<_>>()?;
     let shape = radix_gpu::GemmShape {
         m,

@@ -286,10 +286,10 @@ pub fn silu_mul<T: HalfFloat>(
         rows: rows as i32,
         inter: inter as i32,
     };
-    // A thread a 16-byte vector of 8 outputs where rows allow (else an element): sized by
+    // A thread a 16-byte vector of 8 outputs where `inter` allows (else an element): sized by
     // elements, 7 in 8 blocks had nothing to do, and at 256 rows the launch took 22 us on
     // the H200 where its bytes take 5 (bench/NOTES.md).
-    let items = if inter % 8 == 0 { rows * inter / 8 } else { rows * inter };
+    let items = if inter.is_multiple_of(8) { rows * inter / 8 } else { rows * inter };
     let blocks = items.div_ceil(256).min(65535) as u32;
     let cfg =
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -71,7 +71,7 @@ struct FusedParams {
   int sink;
   int window;
   int meta_early;               // tables and keep counts came from the host
-  int reserved;
+  int bounds_early;             // with meta_early: stable pages' bounds load before pdl_wait()
 };
 
 // One page's bytes for one lane: D/8 dims of lo and of hi, and their exponents.
@@ -86,15 +86,18 @@ template <> struct Lane<8> {
 };
 typedef Lane<DPL> LaneBytes;
 
+// Through L2 only (ld.global.cg): loads issued before pdl_wait() must not leave in L1 a
+// sector of a neighbouring record that the kernel before is still writing (272-byte records
+// share 32-byte sectors).
 __device__ __forceinline__ void load_lane(const unsigned char* rec, int l8, LaneBytes& out) {
 #if HEAD_DIM == 128
-  out.lo = *reinterpret_cast<const uint4*>(rec + l8 * DPL);
-  out.hi = *reinterpret_cast<const uint4*>(rec + D + l8 * DPL);
-  out.ex = *reinterpret_cast<const u16*>(rec + 2 * D + l8 * EXPS);
+  out.lo = __ldcg(reinterpret_cast<const uint4*>(rec + l8 * DPL));
+  out.hi = __ldcg(reinterpret_cast<const uint4*>(rec + D + l8 * DPL));
+  out.ex = __ldcg(reinterpret_cast<const unsigned short*>(rec + 2 * D + l8 * EXPS));
 #else
-  out.lo = *reinterpret_cast<const uint2*>(rec + l8 * DPL);
-  out.hi = *reinterpret_cast<const uint2*>(rec + D + l8 * DPL);
-  out.ex = rec[2 * D + l8 * EXPS];
+  out.lo = __ldcg(reinterpret_cast<const uint2*>(rec + l8 * DPL));
+  out.hi = __ldcg(reinterpret_cast<const uint2*>(rec + D + l8 * DPL));
+  out.ex = __ldcg(rec + 2 * D + l8 * EXPS);
 #endif
 }
 
@@ -125,7 +128,7 @@ __device__ __forceinline__ float lane_score(const LaneBytes& x, const float (&po
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __grid_constant__ FusedParams p) {
   __shared__ u32 keys[KEY_CACHE];
-  __shared__ int ids[KEY_CACHE];  // the keys' page ids: the table's writes need no global read
+  __shared__ int ids[KEY_CACHE];  // the keys' page ids, for the table's writes (cached slices)
   __shared__ int hist[2][BINS];  // a pass's counts (by parity), cluster-read
   __shared__ int warp_sums[WARPS];
   __shared__ u32 s_prefix, s_digit;
@@ -154,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   }
   // The first rounds' page ids, before the wait when the tables are the host's; pages
   // before `stable` hold no query token.
-  const int stable = p.meta_early ? n - (p.qo_indptr[b + 1] - p.qo_indptr[b]) : 0;
+  const int stable = p.meta_early && p.bounds_early ? n - (p.qo_indptr[b + 1] - p.qo_indptr[b]) : 0;
   int pid[UNROLL];
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
@@ -255,10 +258,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   __syncthreads();  // keys, scores, the state and the bins written
 
   // Radix select over four fixed 8-bit digits, from the top: each pass adds up the
-  // cluster's histograms of the keys matching the prefix so far (hist[parity]: a block
-  // clears the next pass's after this pass's cluster barrier, when every block has finished
-  // reading it two passes ago), and every block finds the same digit. Reading the other blocks' bins
-  // anyway, a block also adds up the lower ranks' alone: their keys above the threshold
+  // cluster's histograms of the keys matching the prefix so far (hist[parity]; a block
+  // clears the next pass's after this pass's cluster barrier, every block having read it
+  // in the previous pass, before that barrier), and every block finds the same digit.
+  // Reading the other blocks' bins anyway, a block also adds up the lower ranks' alone: their keys above the threshold
   // (above this pass's digit, within the prefix) and, after the last pass, equal to it,
   // which is where its own chosen pages start in the table. Passes stop once the digit's
   // keys are all taken (the threshold compares the bits fixed so far). (11-bit digits,
@@ -269,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
   // Thread t < BINS owns digit BINS - 1 - t (descending: thread 0 the largest).
   const int my_bin = BINS - 1 - (int)threadIdx.x;
   for (int sh = 24; sh >= 0 && k_mid > 0; sh -= 8) {
-    int* h = hist[parity];  // cleared before the last pass's closing barrier
+    int* h = hist[parity];  // cleared (and the clearing ordered) before this pass
     const u32 prefix = s_prefix;
     const int need = s_remaining;
     for (int base = c_begin; base < c_end; base += THREADS) {  // whole warps: hist_add
@@ -278,8 +281,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) score_select(const __gr
       hist_add(h, i < c_end && (key & mask) == prefix, (key >> sh) & 0xffu);
     }
     cluster_sync();
-    // The next pass's bins, which every block finished reading (two passes ago) before
-    // this barrier; the barriers below order the clearing before the next pass's adds.
+    // The next pass's bins, which every block read in the previous pass, before this
+    // barrier; the barriers below order the clearing before the next pass's adds.
     if (my_bin >= 0) hist[parity ^ 1][my_bin] = 0;
     int tot = 0, low = 0;
     if (my_bin >= 0) {

@@ -191,10 +191,19 @@ struct FusedParams {
     sink: i32,
     window: i32,
     meta_early: i32,
-    reserved: i32,
+    bounds_early: i32,
 }
 // SAFETY: plain data mirroring the kernel's struct.
 unsafe impl DeviceRepr for FusedParams {}
+
+/// Whether the one-launch selection loads the key bounds of pages before the query tokens'
+/// before `pdl_wait()` (with the host's tables): `RADIX_SPARSE_SELECT_BOUNDS_EARLY=0` turns
+/// it off (to compare in one run, or for a caller whose kernel just before writes other
+/// pages' bounds).
+fn bounds_early() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !crate::env_flag(&OFF, "RADIX_SPARSE_SELECT_BOUNDS_EARLY", |v| v.trim() == "0")
+}
 
 const _: () = assert!(std::mem::size_of::<FusedParams>() == 104);
 const _: () = assert!(std::mem::size_of::<ScoreParams>() == 80);
@@ -349,6 +358,10 @@ pub fn cluster_fit<T: HalfFloat>(
 /// `q` (`[tokens, num_qo_heads, head_dim]`, RoPE applied) and key `bounds` (a
 /// `kv_append::bounds` record per (page, kv head)), then writes every sequence's per-head table
 /// into `bufs.out_indices`.
+///
+/// Under programmatic dependent launch with the host's tables, the one-launch kernel reads
+/// the bounds of every page but each sequence's last q_len before the kernel just before it
+/// on the stream has finished: that kernel may write only those (as the KV append does).
 pub fn select<T: HalfFloat>(
     jit: &Jit,
     shape: &SparseShape,
@@ -413,7 +426,7 @@ pub fn select_with<T: HalfFloat>(
         sink: shape.sink_pages as i32,
         window: shape.window_pages as i32,
         meta_early: crate::attention::launch::early_meta() as i32,
-        reserved: 0,
+        bounds_early: bounds_early() as i32,
     };
     let cfg = fused_config(cluster, sizes.batch, shape.num_kv_heads);
     // SAFETY: as `launch_split`: the tables index pages inside `bounds`, out_indptr comes

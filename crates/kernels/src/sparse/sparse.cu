@@ -289,8 +289,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS, 1) select_pages(const 
   // Ordered compaction of the chosen middle pages into out[sink .. keep - window).
   if (k_mid > 0)
     compact_chosen<SEL_WARPS, SEL_THREADS>(mid_begin, mid_end, key_at, thresh, take_equal,
-                                         [&](int i) { return pages[i]; }, out + p.sink, 0,
-                                           warp_sums);
+                                           [&](int i) { return pages[i]; }, out + p.sink, 0, warp_sums);
 }
 
 static_assert(sizeof(ScoreParams) == 80, "ScoreParams mirrors sparse/mod.rs");
