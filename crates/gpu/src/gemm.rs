@@ -64,6 +64,9 @@ pub struct Gemm {
     handle: Handle,
     workspace: DeviceBuffer<u8>,
     plans: Mutex<HashMap<GemmShape, Arc<CachedMatmul>>>,
+    /// 16-bit plans keep all of the heuristic's candidates, not only its first
+    /// (`keep_all_candidates`; FP8 plans always do).
+    all_candidates: bool,
 }
 
 impl Gemm {
@@ -76,32 +79,24 @@ impl Gemm {
         // NVIDIA's guidance: 32 MiB of workspace on Hopper, 4 MiB before it.
         let ws_bytes = if device.arch().is_hopper() { 32 << 20 } else { 4 << 20 };
         let workspace = device.alloc_zeros::<u8>(ws_bytes)?;
-        Ok(Self { device: device.clone(), handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            device: device.clone(),
+            handle,
+            workspace,
+            plans: Mutex::new(HashMap::new()),
+            all_candidates: false,
+        })
+    }
+
+    /// From now on 16-bit plans ask the heuristic for up to 8 candidates, for
+    /// `choose_candidate` (benchmarks that time each). The engine leaves it off: its mixed
+    /// steps plan a new shape for every token count, and one candidate is all they run.
+    pub fn keep_all_candidates(&mut self) {
+        self.all_candidates = true;
     }
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-
-    /// The FP8 GEMM of `matmul_fp8_raw(m, n, k, ..)` (no bias) runs the heuristic's
-    /// candidate `index` from now on (see [`Gemm::choose_candidate`]).
-    pub fn choose_fp8_candidate(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        index: usize,
-    ) -> Option<(usize, u32)> {
-        let shape = GemmShape {
-            m,
-            n,
-            k,
-            input: DType::F8E4M3,
-            output: DType::BF16,
-            b_layout: BLayout::NK,
-            bias: false,
-        };
-        self.choose_candidate(&shape, index)
     }
 
     /// The GEMM of `shape` runs the heuristic's candidate `index` from now on (0: its first
@@ -295,21 +290,24 @@ impl Gemm {
         let plan = if shape.input == DType::F8E4M3 {
             // Exact accumulation first (torch._scaled_mm's default); cuBLASLt builds that
             // refuse it for outer-vector scales take fast accumulation.
-            let exact = CachedMatmul::new(self.handle.0, shape, ws, scales, false);
+            let exact = CachedMatmul::new(self.handle.0, shape, ws, scales, false, 8);
             match exact {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(?shape, error = %e, "cuBLASLt FP8: trying fast accumulation");
-                    CachedMatmul::new(self.handle.0, shape, ws, scales, true).map_err(|fast| {
-                        GpuError::Invalid(format!(
-                            "cuBLASLt has no FP8 GEMM with per-row scales for {shape:?}: {e}; \
+                    CachedMatmul::new(self.handle.0, shape, ws, scales, true, 8).map_err(
+                        |fast| {
+                            GpuError::Invalid(format!(
+                                "cuBLASLt has no FP8 GEMM with per-row scales for {shape:?}: {e}; \
                              with fast accumulation: {fast}"
-                        ))
-                    })?
+                            ))
+                        },
+                    )?
                 }
             }
         } else {
-            CachedMatmul::new(self.handle.0, shape, ws, None, false)?
+            let want = if self.all_candidates { 8 } else { 1 };
+            CachedMatmul::new(self.handle.0, shape, ws, None, false, want)?
         };
         let plan = Arc::new(plan);
         tracing::trace!(?shape, "cuBLASLt: plan ready");
@@ -355,8 +353,8 @@ struct CachedMatmul {
     layout_b: sys::cublasLtMatrixLayout_t,
     /// Our out ([M,N] row-major): column-major N x M.
     layout_out: sys::cublasLtMatrixLayout_t,
-    /// The heuristic's algorithms that fit (up to 8, best first) and which of them runs
-    /// (`Gemm::choose_candidate`).
+    /// The heuristic's algorithms that fit (up to the `want` asked for, best first) and
+    /// which of them runs (`Gemm::choose_candidate`).
     candidates: Vec<sys::cublasLtMatmulAlgo_t>,
     chosen: std::sync::atomic::AtomicUsize,
 }
@@ -373,6 +371,7 @@ impl CachedMatmul {
         workspace: usize,
         scales: Option<(u64, u64)>,
         fast_accum: bool,
+        want: usize,
     ) -> Result<CachedMatmul> {
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
         let in_t = cuda_type(s.input)?;
@@ -462,9 +461,8 @@ impl CachedMatmul {
         }
         .call("cublasLtMatmulPreferenceSetAttribute")?;
         tracing::trace!("cuBLASLt: heuristic query");
-        // Several candidates: `RADIX_SPARSE_FP8_NO_SPLITK=1` can prefer one without split-K
-        // (see `split_k`), and `choose_candidate` another than the heuristic's first.
-        let want = 8;
+        // `want` candidates (FP8: 8, so that `RADIX_SPARSE_FP8_NO_SPLITK=1` can prefer one
+        // without split-K, see `split_k`), for `choose_candidate` to pick among.
         // SAFETY: plain C structs; cuBLASLt fills the first `found`.
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
             (0..want).map(|_| unsafe { std::mem::zeroed() }).collect();

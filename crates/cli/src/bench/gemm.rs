@@ -106,7 +106,10 @@ fn run_typed<T: HalfFloat>(
         return run_gemv::<T>(args, shapes);
     }
     let device = Device::open(0)?;
-    let gemm = Gemm::new(&device)?;
+    let mut gemm = Gemm::new(&device)?;
+    if args.candidates {
+        gemm.keep_all_candidates();
+    }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut random = |len: usize| -> anyhow::Result<radix_gpu::DeviceBuffer<T>> {
         let host: Vec<T> = (0..len).map(|_| T::from_f64(rng.random_range(-1.0..1.0))).collect();
@@ -185,21 +188,39 @@ fn candidates_beyond_l2<T: HalfFloat>(
         b_layout: BLayout::NK,
         bias: false,
     };
-    let count = gemm.choose_candidate(&shape, 0).map_or(0, |c| c.0);
-    let mut list = Vec::new();
-    for i in 0..count {
-        let split_k = gemm.choose_candidate(&shape, i).map_or(0, |c| c.1);
+    let mut list = each_candidate(gemm, &shape, || {
         let t = time_back_to_back(device, args.warmup, 5, args.runs, |r| {
             gemm.matmul::<T, T>(m, n, k, a, &weights[r % copies], BLayout::NK, None, 0.0, out)
         })?;
+        Ok(t.median_ms)
+    })?;
+    for c in &mut list {
+        let ms = c["us"].as_f64().unwrap_or(f64::NAN) * 1e-3;
+        c["copy_pct"] = (100.0 * bytes as f64 / (ms * 1e-3) / copy).into();
+    }
+    Ok(serde_json::json!({ "cublaslt_candidates": list, "copy_gbps": copy / 1e9 }))
+}
+
+/// Runs `time` (a median in ms) with each of the heuristic's candidates for `shape` chosen
+/// in turn, then the first again: a JSON object a candidate (index, us, split-K, TFLOP/s).
+fn each_candidate(
+    gemm: &Gemm,
+    shape: &radix_gpu::GemmShape,
+    mut time: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let count = gemm.choose_candidate(shape, 0).map_or(0, |c| c.0);
+    let mut list = Vec::with_capacity(count);
+    for i in 0..count {
+        let split_k = gemm.choose_candidate(shape, i).map_or(0, |c| c.1);
+        let ms = time();
+        gemm.choose_candidate(shape, 0);
+        let ms = ms?;
         list.push(serde_json::json!({
-            "index": i, "us": t.median_ms * 1e3, "split_k": split_k,
-            "tflops": tflops((m, n, k), t.median_ms),
-            "copy_pct": 100.0 * bytes as f64 / (t.median_ms * 1e-3) / copy,
+            "index": i, "us": ms * 1e3, "split_k": split_k,
+            "tflops": tflops((shape.m, shape.n, shape.k), ms),
         }));
     }
-    gemm.choose_candidate(&shape, 0);
-    Ok(serde_json::json!({ "cublaslt_candidates": list, "copy_gbps": copy / 1e9 }))
+    Ok(list)
 }
 
 /// TFLOP/s of an MxNxK product taking `median_ms`.
@@ -287,11 +308,17 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                 )
             }
         })?;
-        let mut candidates = Vec::new();
-        if args.candidates {
-            let count = gemm.choose_fp8_candidate(m, n, k, 0).map_or(0, |c| c.0);
-            for i in 0..count {
-                let split_k = gemm.choose_fp8_candidate(m, n, k, i).map_or(0, |c| c.1);
+        let candidates = if args.candidates {
+            let shape = radix_gpu::GemmShape {
+                m,
+                n,
+                k,
+                input: DType::F8E4M3,
+                output: DType::BF16,
+                b_layout: BLayout::NK,
+                bias: false,
+            };
+            each_candidate(&gemm, &shape, || {
                 let t = time_runs(&device, args.warmup, args.runs, |_| {
                     // SAFETY: every buffer was allocated at the size the shape names.
                     unsafe {
@@ -299,13 +326,11 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
                         gemm.matmul_fp8_raw(m, n, k, a.0, a.1, b.0, b.1, 0, out.ptr_mut())
                     }
                 })?;
-                candidates.push(serde_json::json!({
-                    "index": i, "us": t.median_ms * 1e3, "split_k": split_k,
-                    "tflops": tflops((m, n, k), t.median_ms),
-                }));
-            }
-            gemm.choose_fp8_candidate(m, n, k, 0);
-        }
+                Ok(t.median_ms)
+            })?
+        } else {
+            Vec::new()
+        };
         let quant = time_runs(&device, args.warmup, args.runs, |_| {
             quantize_rows(&jit, &x, m, k, &mut xq, &mut xs)
         })?;
@@ -348,7 +373,10 @@ fn run_fp8(args: &GemmArgs, shapes: &[(usize, usize, usize)]) -> anyhow::Result<
             for c in &candidates {
                 println!(
                     "    cuBLASLt candidate {}: {:.2} us ({:.0} TFLOP/s), split-K {}",
-                    c["index"], c["us"], c["tflops"], c["split_k"]
+                    c["index"],
+                    c["us"].as_f64().unwrap_or(f64::NAN),
+                    c["tflops"].as_f64().unwrap_or(f64::NAN),
+                    c["split_k"]
                 );
             }
         });
